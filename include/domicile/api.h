@@ -1,0 +1,25 @@
+/*
+ * The API: the method table (every rpc of proto/, with its handler or the issue that will
+ * build it) and the service modules behind it.
+ */
+#ifndef DOMICILE_API_H
+#define DOMICILE_API_H
+
+#include "domicile/app.h"
+#include "domicile/server.h"
+
+/** The method table, in proto order. Static storage. */
+const dm_method_t *dm_api_methods(size_t *n);
+
+/** Health service state. Created before the server starts; it watches the regions. */
+dm_health_t *dm_health_create(dm_app_t *app);
+/** Shutdown began: every service reports NOT_SERVING and Watch streams end. */
+void dm_health_shutdown(void *health);
+void dm_health_destroy(dm_health_t *h);
+/** Region-change listener to pass to dm_regions_on_change(). */
+void dm_health_region_changed(void *health, dm_region_t *region, bool serving);
+
+void dm_health_check(dm_call_t *call);
+void dm_health_watch(dm_call_t *call);
+
+#endif

@@ -1,0 +1,78 @@
+/*
+ * Gateway configuration (one libconfig file) and region definitions (one file per region in
+ * regions_dir). A key table drives parsing, validation, defaults and --check-config output.
+ * Errors name the file, the line and the key. Unknown keys and out-of-range values are errors.
+ *
+ * Ownership: a dm_config_t and everything it points to is owned by the config; free it with
+ * dm_config_free(). A loaded config is immutable, so it can be read from any thread.
+ */
+#ifndef DOMICILE_CONFIG_H
+#define DOMICILE_CONFIG_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+#include "domicile/status.h"
+
+#define DM_MAX_REGIONS      16
+#define DM_MAX_REGION_HOSTS 8
+#define DM_REGION_CODE_MAX  16
+
+typedef struct dm_region_config {
+    char *source; /* file it was read from */
+    char *code;   /* [a-z][a-z0-9]{1,15}, equals the file's base name */
+    char *name;
+    char *jurisdiction;
+    char **hosts; /* "host:port" entries, in libpq failover order */
+    size_t n_hosts;
+    char *database;
+    char *user;
+    char *password_file; /* secret: mode 0600 checked, contents never printed */
+    char *ssl_mode;      /* only "verify-full" is accepted */
+    char *ssl_root_cert;
+    char *kek_file; /* secret: mode 0600 checked */
+    int pool_size;
+    int connect_timeout_ms;
+} dm_region_config_t;
+
+typedef struct dm_config {
+    char *source;
+    char *listen;    /* "host:port"; port 0 = ephemeral (tests) */
+    char *transport; /* "plaintext" | "tls": required, never implied */
+    char *gateway_region;
+    char *regions_dir;
+    char **regions;
+    size_t n_regions;
+    char *subject_pepper_file;
+    int threads;
+    int max_receive_message_bytes;
+    int max_send_message_bytes;
+    int max_metadata_bytes;
+    int max_concurrent_streams;
+    int shutdown_grace_ms;
+    int health_interval_ms;
+    char *log_level;
+
+    dm_region_config_t *region_cfgs; /* n_regions entries, in `regions` order */
+} dm_config_t;
+
+/**
+ * Load and validate the gateway config at `path` and every region file it names.
+ * On success *out is a new config owned by the caller. On failure *out is untouched and the
+ * status (INVALID_ARGUMENT) says "file:line: key \"k\": what is wrong".
+ */
+dm_status_t *dm_config_load(const char *path, dm_config_t **out) DM_WARN_UNUSED;
+/** Print the effective configuration (every key, defaults included, no secrets). */
+void dm_config_print(const dm_config_t *cfg, FILE *f);
+/** Free a config; NULL is allowed. */
+void dm_config_free(dm_config_t *cfg);
+/** The region config with this code, or NULL. */
+const dm_region_config_t *dm_config_region(const dm_config_t *cfg, const char *code);
+/**
+ * Read a secret file of at most `max` bytes that must be a regular file with no group/other
+ * permission bits. *buf (caller frees, cleanse first) and *len receive its contents.
+ */
+dm_status_t *dm_config_read_secret(const char *path, size_t max, unsigned char **buf,
+                                   size_t *len) DM_WARN_UNUSED;
+
+#endif

@@ -1,0 +1,104 @@
+/*
+ * The gRPC server on the core C API: one completion queue per thread, a per-call state machine,
+ * unary, server-streaming and (later) client-streaming calls, graceful shutdown.
+ *
+ * A handler receives a call whose request is already decoded. It must eventually end the call
+ * exactly once, with dm_call_reply() (unary) or dm_call_finish() (any kind), from any thread.
+ * After that it must not touch the call. Server-streaming handlers send messages with
+ * dm_call_send(); the server keeps one SEND_MESSAGE in flight and buffers the rest, and calls
+ * the drain callback when its queue is empty so a producer can make more (flow control: a slow
+ * reader slows the producer, memory stays bounded).
+ */
+#ifndef DOMICILE_SERVER_H
+#define DOMICILE_SERVER_H
+
+#include <grpc/grpc.h>
+#include <protobuf-c/protobuf-c.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "domicile/config.h"
+#include "domicile/status.h"
+
+typedef struct dm_server dm_server_t;
+typedef struct dm_call dm_call_t;
+
+typedef enum {
+    DM_RPC_UNARY,
+    DM_RPC_SERVER_STREAM,
+    DM_RPC_CLIENT_STREAM,
+} dm_rpc_kind_t;
+
+typedef void (*dm_handler_fn)(dm_call_t *call);
+typedef void (*dm_call_cb)(dm_call_t *call, void *arg);
+
+/** One row of the method table: every rpc of proto/ has exactly one (checked by a unit test). */
+typedef struct dm_method {
+    const char *path; /* "/domicile.v1.Records/GetRecord" */
+    dm_rpc_kind_t kind;
+    const ProtobufCMessageDescriptor *input;
+    const ProtobufCMessageDescriptor *output;
+    dm_handler_fn handler;     /* NULL: answered UNIMPLEMENTED, naming the method and issue */
+    const char *pending_issue; /* when handler is NULL: the issue that builds it */
+} dm_method_t;
+
+/**
+ * Create a server for `cfg` serving `methods` (the table must outlive the server). `app` is an
+ * opaque pointer handed to handlers through dm_call_app(). Nothing listens until start.
+ */
+dm_status_t *dm_server_create(const dm_config_t *cfg, const dm_method_t *methods, size_t n_methods,
+                              void *app, dm_server_t **out) DM_WARN_UNUSED;
+/** Bind, start the threads, post the requests. *port receives the bound port. */
+dm_status_t *dm_server_start(dm_server_t *srv, int *port) DM_WARN_UNUSED;
+/** Register a function run once when shutdown begins (before in-flight calls drain). */
+void dm_server_on_shutdown(dm_server_t *srv, void (*fn)(void *arg), void *arg);
+/**
+ * Stop accepting calls, let in-flight calls finish for up to `grace_ms`, then cancel the rest
+ * and wait for them. Blocking; call from the main thread. Afterwards the app must stop every
+ * thread of its own that could still touch a call, then call dm_server_destroy().
+ */
+void dm_server_shutdown(dm_server_t *srv, int grace_ms);
+/** Shut down the completion queues, join the threads, free everything. */
+void dm_server_destroy(dm_server_t *srv);
+/** Calls alive right now (diagnostics, tests). */
+int dm_server_live_calls(dm_server_t *srv);
+
+/** The app pointer given to dm_server_create(). */
+void *dm_call_app(dm_call_t *call);
+/** The method being called. */
+const dm_method_t *dm_call_method(dm_call_t *call);
+/** The decoded request (owned by the call). NULL for client-streaming methods. */
+const ProtobufCMessage *dm_call_request(dm_call_t *call);
+/**
+ * First value of request metadata `key` (lower case). Returns a pointer into the call's own
+ * storage, valid until the call ends, NOT NUL-terminated; *len receives its length. NULL when
+ * absent.
+ */
+const char *dm_call_metadata(dm_call_t *call, const char *key, size_t *len);
+/** Milliseconds left before the client's deadline; INT64_MAX when it set none. */
+int64_t dm_call_deadline_left_ms(dm_call_t *call);
+/** True once the client cancelled, the deadline passed, or the transport broke. */
+bool dm_call_cancelled(dm_call_t *call);
+/**
+ * Queue one message of a server stream. Returns false (and sends nothing) when the call is
+ * already dead; the handler should then stop producing and call dm_call_finish().
+ */
+bool dm_call_send(dm_call_t *call, const ProtobufCMessage *msg);
+/** Messages queued and not yet handed to the transport. */
+size_t dm_call_queued(dm_call_t *call);
+/**
+ * Run `fn` on a completion-queue thread whenever the send queue becomes empty, so a producer
+ * can queue more. Set before the first send.
+ */
+void dm_call_on_drain(dm_call_t *call, dm_call_cb fn, void *arg);
+/** Run `fn` once if the call is cancelled (now, on this thread, if it already was). */
+void dm_call_on_cancel(dm_call_t *call, dm_call_cb fn, void *arg);
+/** End the call with `st` (NULL = OK). Takes ownership of `st`. Exactly once per call. */
+void dm_call_finish(dm_call_t *call, dm_status_t *st);
+/** Unary success: send `msg` and OK in one batch (same as send + finish(NULL)). */
+void dm_call_reply(dm_call_t *call, const ProtobufCMessage *msg);
+/** Attach data freed with `free_fn` when the call is destroyed. */
+void dm_call_set_data(dm_call_t *call, void *data, void (*free_fn)(void *));
+void *dm_call_data(dm_call_t *call);
+
+#endif

@@ -1,0 +1,536 @@
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <libconfig.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+
+#include "domicile/config.h"
+#include "domicile/log.h"
+
+typedef enum {
+    KT_STRING, /* free text, 1..max bytes */
+    KT_PATH,   /* file path, relative to the config file's directory */
+    KT_INT,    /* integer in [min, max] */
+    KT_ENUM,   /* one of `choices`, separated by '|' */
+    KT_LIST,   /* list of 1..max strings */
+} key_type_t;
+
+typedef struct {
+    const char *name;
+    key_type_t type;
+    size_t off;       /* field in the target struct */
+    size_t count_off; /* KT_LIST: its size_t count field */
+    const char *def;  /* default as text; NULL = required */
+    long long min, max;
+    const char *choices;
+    bool reloadable;
+    const char *doc;
+} key_desc_t;
+
+#define F(type, field) offsetof(type, field)
+#define NOCOUNT        0
+#define STR_MAX        4096
+#define GW(field)      F(dm_config_t, field)
+#define RG(field)      F(dm_region_config_t, field)
+
+/* The gateway file. Reloadable is informational until SIGHUP reload lands (issue 9). */
+static const key_desc_t gateway_keys[] = {
+    {"listen", KT_STRING, GW(listen), NOCOUNT, NULL, 1, 256, NULL, false,
+     "address the gRPC server listens on, host:port (port 0 = any free port)"},
+    {"transport", KT_ENUM, GW(transport), NOCOUNT, NULL, 0, 0, "plaintext|tls", false,
+     "gRPC transport security; must be stated explicitly"},
+    {"gateway_region", KT_STRING, GW(gateway_region), NOCOUNT, NULL, 1, DM_REGION_CODE_MAX, NULL,
+     false, "region this gateway instance runs in (one of `regions`)"},
+    {"regions_dir", KT_PATH, GW(regions_dir), NOCOUNT, NULL, 1, STR_MAX, NULL, false,
+     "directory holding one <code>.conf per region"},
+    {"regions", KT_LIST, GW(regions), GW(n_regions), NULL, 1, DM_MAX_REGIONS, NULL, false,
+     "region codes to load from regions_dir"},
+    {"subject_pepper_file", KT_PATH, GW(subject_pepper_file), NOCOUNT, NULL, 1, STR_MAX, NULL,
+     false, "secret (0600) keying the HMAC of data subjects"},
+    {"threads", KT_INT, GW(threads), NOCOUNT, "2", 1, 64, NULL, false,
+     "completion-queue threads serving gRPC"},
+    {"max_receive_message_bytes", KT_INT, GW(max_receive_message_bytes), NOCOUNT, "4194304", 1024,
+     64 << 20, NULL, false, "largest request message accepted (RESOURCE_EXHAUSTED above)"},
+    {"max_send_message_bytes", KT_INT, GW(max_send_message_bytes), NOCOUNT, "4194304", 1024,
+     64 << 20, NULL, false, "largest response message sent"},
+    {"max_metadata_bytes", KT_INT, GW(max_metadata_bytes), NOCOUNT, "16384", 1024, 1 << 20, NULL,
+     false, "largest request metadata (headers) accepted"},
+    {"max_concurrent_streams", KT_INT, GW(max_concurrent_streams), NOCOUNT, "1000", 1, 100000, NULL,
+     false, "HTTP/2 concurrent streams per connection"},
+    {"shutdown_grace_ms", KT_INT, GW(shutdown_grace_ms), NOCOUNT, "5000", 0, 600000, NULL, true,
+     "time in-flight calls get to finish on SIGTERM before they are cancelled"},
+    {"health_interval_ms", KT_INT, GW(health_interval_ms), NOCOUNT, "1000", 50, 60000, NULL, true,
+     "how often each region is probed for health"},
+    {"log_level", KT_ENUM, GW(log_level), NOCOUNT, "info", 0, 0, "debug|info|warn|error", true,
+     "minimum level logged"},
+};
+
+static const key_desc_t region_keys[] = {
+    {"code", KT_STRING, RG(code), NOCOUNT, NULL, 2, DM_REGION_CODE_MAX, NULL, false,
+     "region code, equals the file name"},
+    {"name", KT_STRING, RG(name), NOCOUNT, NULL, 1, 128, NULL, false, "display name"},
+    {"jurisdiction", KT_STRING, RG(jurisdiction), NOCOUNT, NULL, 1, 128, NULL, false,
+     "legal jurisdiction"},
+    {"hosts", KT_LIST, RG(hosts), RG(n_hosts), NULL, 1, DM_MAX_REGION_HOSTS, NULL, false,
+     "PostgreSQL host:port list, primary first (libpq multi-host)"},
+    {"database", KT_STRING, RG(database), NOCOUNT, "domicile", 1, 63, NULL, false, "database name"},
+    {"user", KT_STRING, RG(user), NOCOUNT, "domicile_gateway", 1, 63, NULL, false,
+     "database role of the gateway"},
+    {"password_file", KT_PATH, RG(password_file), NOCOUNT, NULL, 1, STR_MAX, NULL, false,
+     "secret (0600): the role's password"},
+    {"ssl_mode", KT_ENUM, RG(ssl_mode), NOCOUNT, "verify-full", 0, 0, "verify-full", false,
+     "libpq sslmode; only verify-full is accepted"},
+    {"ssl_root_cert", KT_PATH, RG(ssl_root_cert), NOCOUNT, NULL, 1, STR_MAX, NULL, false,
+     "CA certificate that signs the region's server certificates"},
+    {"kek_file", KT_PATH, RG(kek_file), NOCOUNT, NULL, 1, STR_MAX, NULL, false,
+     "secret (0600): the region's 32-byte key-encryption key"},
+    {"pool_size", KT_INT, RG(pool_size), NOCOUNT, "3", 1, 16, NULL, false,
+     "database connections per region"},
+    {"connect_timeout_ms", KT_INT, RG(connect_timeout_ms), NOCOUNT, "2000", 100, 60000, NULL, false,
+     "libpq connect timeout (rounded up to whole seconds)"},
+};
+
+static dm_status_t *cf_error(const char *file, int line, const char *key, const char *fmt, ...)
+    DM_PRINTF(4, 5);
+
+static dm_status_t *cf_error(const char *file, int line, const char *key, const char *fmt, ...)
+{
+    char what[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof(what), fmt, ap);
+    va_end(ap);
+    if (line > 0 && key)
+        return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "%s:%d: key \"%s\": %s", file, line, key,
+                             what);
+    if (key)
+        return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "%s: key \"%s\": %s", file, key, what);
+    if (line > 0)
+        return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "%s:%d: %s", file, line, what);
+    return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "%s: %s", file, what);
+}
+
+static char *dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        return dm_strdup(".");
+    if (slash == path)
+        return dm_strdup("/");
+    return dm_strndup(path, (size_t)(slash - path));
+}
+
+static char *resolve_path(const char *base_dir, const char *p)
+{
+    if (p[0] == '/')
+        return dm_strdup(p);
+    return dm_sprintf("%s/%s", base_dir, p);
+}
+
+static bool choice_ok(const char *choices, const char *v)
+{
+    size_t n = strlen(v);
+    for (const char *c = choices; *c;) {
+        const char *bar = strchr(c, '|');
+        size_t len = bar ? (size_t)(bar - c) : strlen(c);
+        if (len == n && strncmp(c, v, n) == 0)
+            return true;
+        if (!bar)
+            break;
+        c = bar + 1;
+    }
+    return false;
+}
+
+static bool text_ok(const char *s)
+{
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+        if (*p < 0x20 || *p == 0x7f)
+            return false;
+    return true;
+}
+
+static dm_status_t *store_string(const key_desc_t *k, void *target, const char *file, int line,
+                                 const char *base_dir, const char *v)
+{
+    char **field = (char **)((char *)target + k->off);
+    size_t n = strlen(v);
+    if (k->type == KT_ENUM) {
+        if (!choice_ok(k->choices, v))
+            return cf_error(file, line, k->name, "must be one of %s (got \"%s\")", k->choices, v);
+    } else if ((long long)n < k->min || (long long)n > k->max) {
+        return cf_error(file, line, k->name, "length must be between %lld and %lld (got %zu)",
+                        k->min, k->max, n);
+    } else if (!text_ok(v)) {
+        return cf_error(file, line, k->name, "must not contain control characters");
+    }
+    free(*field);
+    *field = k->type == KT_PATH ? resolve_path(base_dir, v) : dm_strdup(v);
+    return NULL;
+}
+
+static dm_status_t *store_int(const key_desc_t *k, void *target, const char *file, int line,
+                              long long v)
+{
+    if (v < k->min || v > k->max)
+        return cf_error(file, line, k->name, "must be between %lld and %lld (got %lld)", k->min,
+                        k->max, v);
+    *(int *)((char *)target + k->off) = (int)v;
+    return NULL;
+}
+
+static dm_status_t *store_setting(const key_desc_t *k, void *target, const char *file,
+                                  const char *base_dir, config_setting_t *s)
+{
+    int line = (int)config_setting_source_line(s);
+    int t = config_setting_type(s);
+
+    switch (k->type) {
+    case KT_STRING:
+    case KT_PATH:
+    case KT_ENUM:
+        if (t != CONFIG_TYPE_STRING)
+            return cf_error(file, line, k->name, "must be a string in double quotes");
+        return store_string(k, target, file, line, base_dir, config_setting_get_string(s));
+    case KT_INT:
+        if (t != CONFIG_TYPE_INT && t != CONFIG_TYPE_INT64)
+            return cf_error(file, line, k->name, "must be an integer");
+        return store_int(k, target, file, line, config_setting_get_int64(s));
+    case KT_LIST: {
+        if (t != CONFIG_TYPE_LIST && t != CONFIG_TYPE_ARRAY)
+            return cf_error(file, line, k->name, "must be a list of strings: [ \"a\", \"b\" ]");
+        int n = config_setting_length(s);
+        if (n < k->min || n > k->max)
+            return cf_error(file, line, k->name, "must have between %lld and %lld entries (got %d)",
+                            k->min, k->max, n);
+        char ***field = (char ***)((char *)target + k->off);
+        size_t *count = (size_t *)((char *)target + k->count_off);
+        char **items = dm_calloc((size_t)n, sizeof(char *));
+        for (int i = 0; i < n; i++) {
+            config_setting_t *e = config_setting_get_elem(s, (unsigned)i);
+            const char *v = e ? config_setting_get_string(e) : NULL;
+            if (!v || !*v || strlen(v) > 256 || !text_ok(v)) {
+                for (int j = 0; j < i; j++)
+                    free(items[j]);
+                free(items);
+                return cf_error(file, line, k->name,
+                                "entry %d must be a non-empty string of at most 256 bytes", i + 1);
+            }
+            items[i] = dm_strdup(v);
+        }
+        for (size_t j = 0; j < *count; j++)
+            free((*field)[j]);
+        free(*field);
+        *field = items;
+        *count = (size_t)n;
+        return NULL;
+    }
+    }
+    return cf_error(file, line, k->name, "unsupported key type");
+}
+
+/* Parse one libconfig file against a key table into `target`. */
+static dm_status_t *parse_file(const char *file, const key_desc_t *keys, size_t n_keys,
+                               void *target)
+{
+    config_t cf;
+    dm_status_t *st = NULL;
+    char *base_dir = dir_of(file);
+    bool *seen = dm_calloc(n_keys, sizeof(bool));
+
+    config_init(&cf);
+    config_set_include_dir(&cf, base_dir);
+    if (config_read_file(&cf, file) != CONFIG_TRUE) {
+        if (config_error_type(&cf) == CONFIG_ERR_FILE_IO)
+            st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "%s: cannot read file: %s", file,
+                               strerror(errno ? errno : ENOENT));
+        else
+            st = cf_error(config_error_file(&cf) ? config_error_file(&cf) : file,
+                          config_error_line(&cf), NULL, "syntax error: %s", config_error_text(&cf));
+        goto out;
+    }
+
+    config_setting_t *root = config_root_setting(&cf);
+    int n = config_setting_length(root);
+    for (int i = 0; i < n && !st; i++) {
+        config_setting_t *s = config_setting_get_elem(root, (unsigned)i);
+        const char *name = config_setting_name(s);
+        size_t j;
+        for (j = 0; j < n_keys; j++)
+            if (strcmp(keys[j].name, name) == 0)
+                break;
+        if (j == n_keys) {
+            st = cf_error(file, (int)config_setting_source_line(s), name, "unknown key");
+            break;
+        }
+        seen[j] = true;
+        st = store_setting(&keys[j], target, file, base_dir, s);
+    }
+    for (size_t j = 0; j < n_keys && !st; j++) {
+        if (seen[j])
+            continue;
+        const key_desc_t *k = &keys[j];
+        if (!k->def) {
+            st = cf_error(file, 0, k->name, "missing (required)");
+        } else if (k->type == KT_INT) {
+            st = store_int(k, target, file, 0, strtoll(k->def, NULL, 10));
+        } else {
+            st = store_string(k, target, file, 0, base_dir, k->def);
+        }
+    }
+out:
+    config_destroy(&cf);
+    free(seen);
+    free(base_dir);
+    return st;
+}
+
+dm_status_t *dm_config_read_secret(const char *path, size_t max, unsigned char **buf, size_t *len)
+{
+    struct stat sb;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return dm_status_new(GRPC_STATUS_FAILED_PRECONDITION, "cannot open secret file \"%s\": %s",
+                             path, strerror(errno));
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        close(fd);
+        return dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                             "secret file \"%s\" is not a regular file", path);
+    }
+    if (sb.st_mode & (S_IRWXG | S_IRWXO)) {
+        close(fd);
+        return dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                             "secret file \"%s\" must not be accessible by group or others "
+                             "(mode %03o, want 0600)",
+                             path, (unsigned)(sb.st_mode & 0777));
+    }
+    if ((size_t)sb.st_size > max || sb.st_size == 0) {
+        close(fd);
+        return dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                             "secret file \"%s\" must hold 1 to %zu bytes (has %lld)", path, max,
+                             (long long)sb.st_size);
+    }
+    unsigned char *b = dm_malloc((size_t)sb.st_size + 1);
+    size_t got = 0;
+    while (got < (size_t)sb.st_size) {
+        ssize_t r = read(fd, b + got, (size_t)sb.st_size - got);
+        if (r <= 0) {
+            OPENSSL_cleanse(b, (size_t)sb.st_size);
+            free(b);
+            close(fd);
+            return dm_status_new(GRPC_STATUS_FAILED_PRECONDITION, "cannot read secret file \"%s\"",
+                                 path);
+        }
+        got += (size_t)r;
+    }
+    close(fd);
+    b[got] = '\0';
+    *buf = b;
+    *len = got;
+    return NULL;
+}
+
+static dm_status_t *check_secret(const char *file, const char *key, const char *path, size_t max)
+{
+    unsigned char *buf = NULL;
+    size_t len = 0;
+    dm_status_t *st = dm_config_read_secret(path, max, &buf, &len);
+    if (st) {
+        dm_status_t *e = cf_error(file, 0, key, "%s", st->message);
+        dm_status_free(st);
+        return e;
+    }
+    OPENSSL_cleanse(buf, len);
+    free(buf);
+    return NULL;
+}
+
+static bool code_ok(const char *c)
+{
+    if (!(c[0] >= 'a' && c[0] <= 'z'))
+        return false;
+    for (const char *p = c; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9')))
+            return false;
+    return true;
+}
+
+static dm_status_t *check_host_port(const char *file, const char *key, const char *hp,
+                                    bool allow_zero)
+{
+    const char *colon = strrchr(hp, ':');
+    char *end = NULL;
+    if (!colon || colon == hp)
+        return cf_error(file, 0, key, "\"%s\" must be host:port", hp);
+    errno = 0;
+    long port = strtol(colon + 1, &end, 10);
+    if (errno || *end || end == colon + 1 || port < (allow_zero ? 0 : 1) || port > 65535)
+        return cf_error(file, 0, key, "\"%s\": port must be %d..65535", hp, allow_zero ? 0 : 1);
+    return NULL;
+}
+
+static dm_status_t *load_region(const dm_config_t *cfg, const char *code, dm_region_config_t *r)
+{
+    dm_status_t *st;
+    char *file = dm_sprintf("%s/%s.conf", cfg->regions_dir, code);
+    r->source = file;
+    st = parse_file(file, region_keys, DM_ARRAY_LEN(region_keys), r);
+    if (st)
+        return st;
+    if (strcmp(r->code, code) != 0)
+        return cf_error(file, 0, "code", "must equal the file's region \"%s\" (got \"%s\")", code,
+                        r->code);
+    for (size_t i = 0; i < r->n_hosts; i++)
+        if ((st = check_host_port(file, "hosts", r->hosts[i], false)))
+            return st;
+    if ((st = check_secret(file, "password_file", r->password_file, 1024)))
+        return st;
+    if ((st = check_secret(file, "kek_file", r->kek_file, 32)))
+        return st;
+    if (access(r->ssl_root_cert, R_OK) != 0)
+        return cf_error(file, 0, "ssl_root_cert", "cannot read \"%s\": %s", r->ssl_root_cert,
+                        strerror(errno));
+    return NULL;
+}
+
+dm_status_t *dm_config_load(const char *path, dm_config_t **out)
+{
+    dm_status_t *st;
+    dm_config_t *cfg = dm_calloc(1, sizeof(*cfg));
+    cfg->source = dm_strdup(path);
+
+    st = parse_file(path, gateway_keys, DM_ARRAY_LEN(gateway_keys), cfg);
+    if (st)
+        goto fail;
+    if ((st = check_host_port(path, "listen", cfg->listen, true)))
+        goto fail;
+    if (strcmp(cfg->transport, "tls") == 0) {
+        st = cf_error(path, 0, "transport",
+                      "\"tls\" is not available yet (issue 4); say "
+                      "\"plaintext\" explicitly for local use");
+        goto fail;
+    }
+    if ((st = check_secret(path, "subject_pepper_file", cfg->subject_pepper_file, 1024)))
+        goto fail;
+    cfg->region_cfgs = dm_calloc(cfg->n_regions, sizeof(dm_region_config_t));
+    for (size_t i = 0; i < cfg->n_regions; i++) {
+        const char *code = cfg->regions[i];
+        if (!code_ok(code) || strlen(code) < 2 || strlen(code) > DM_REGION_CODE_MAX) {
+            st = cf_error(path, 0, "regions",
+                          "\"%s\" is not a region code (2-16 of [a-z0-9], starting with a letter)",
+                          code);
+            goto fail;
+        }
+        for (size_t j = 0; j < i; j++) {
+            if (strcmp(cfg->regions[j], code) == 0) {
+                st = cf_error(path, 0, "regions", "\"%s\" is listed twice", code);
+                goto fail;
+            }
+        }
+        if ((st = load_region(cfg, code, &cfg->region_cfgs[i])))
+            goto fail;
+    }
+    if (!dm_config_region(cfg, cfg->gateway_region)) {
+        st = cf_error(path, 0, "gateway_region", "\"%s\" is not one of the configured regions",
+                      cfg->gateway_region);
+        goto fail;
+    }
+    *out = cfg;
+    return NULL;
+fail:
+    dm_config_free(cfg);
+    return st;
+}
+
+const dm_region_config_t *dm_config_region(const dm_config_t *cfg, const char *code)
+{
+    if (!cfg->region_cfgs)
+        return NULL;
+    for (size_t i = 0; i < cfg->n_regions; i++)
+        if (cfg->region_cfgs[i].code && strcmp(cfg->region_cfgs[i].code, code) == 0)
+            return &cfg->region_cfgs[i];
+    return NULL;
+}
+
+static void print_keys(FILE *f, const key_desc_t *keys, size_t n, const void *target)
+{
+    for (size_t i = 0; i < n; i++) {
+        const key_desc_t *k = &keys[i];
+        const char *p = (const char *)target + k->off;
+        fprintf(f, "%s = ", k->name);
+        switch (k->type) {
+        case KT_INT:
+            fprintf(f, "%d;", *(const int *)p);
+            break;
+        case KT_LIST: {
+            char *const *items = *(char *const *const *)p;
+            size_t cnt = *(const size_t *)((const char *)target + k->count_off);
+            fputs("[ ", f);
+            for (size_t j = 0; j < cnt; j++)
+                fprintf(f, "%s\"%s\"", j ? ", " : "", items[j]);
+            fputs(" ];", f);
+            break;
+        }
+        default:
+            fprintf(f, "\"%s\";", *(char *const *)p ? *(char *const *)p : "");
+            break;
+        }
+        fprintf(f, "%s  # %s%s\n", "", k->doc, k->reloadable ? " (reloadable)" : "");
+    }
+}
+
+void dm_config_print(const dm_config_t *cfg, FILE *f)
+{
+    fprintf(f,
+            "# effective gateway configuration from %s (secret files are named, never read "
+            "out)\n",
+            cfg->source);
+    print_keys(f, gateway_keys, DM_ARRAY_LEN(gateway_keys), cfg);
+    for (size_t i = 0; i < cfg->n_regions; i++) {
+        fprintf(f, "\n# region \"%s\" from %s\n", cfg->region_cfgs[i].code,
+                cfg->region_cfgs[i].source);
+        print_keys(f, region_keys, DM_ARRAY_LEN(region_keys), &cfg->region_cfgs[i]);
+    }
+}
+
+static void free_fields(const key_desc_t *keys, size_t n, void *target)
+{
+    for (size_t i = 0; i < n; i++) {
+        char *p = (char *)target + keys[i].off;
+        if (keys[i].type == KT_INT)
+            continue;
+        if (keys[i].type == KT_LIST) {
+            char **items = *(char ***)p;
+            size_t cnt = *(size_t *)((char *)target + keys[i].count_off);
+            for (size_t j = 0; j < cnt; j++)
+                free(items[j]);
+            free(items);
+            continue;
+        }
+        free(*(char **)p);
+    }
+}
+
+void dm_config_free(dm_config_t *cfg)
+{
+    if (!cfg)
+        return;
+    if (cfg->region_cfgs) {
+        for (size_t i = 0; i < cfg->n_regions; i++) {
+            free_fields(region_keys, DM_ARRAY_LEN(region_keys), &cfg->region_cfgs[i]);
+            free(cfg->region_cfgs[i].source);
+        }
+        free(cfg->region_cfgs);
+    }
+    free_fields(gateway_keys, DM_ARRAY_LEN(gateway_keys), cfg);
+    free(cfg->source);
+    free(cfg);
+}
