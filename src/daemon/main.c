@@ -1,0 +1,169 @@
+/*
+ * domiciled: the Domicile gateway daemon.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <grpc/grpc.h>
+
+#include "domicile/api.h"
+#include "domicile/log.h"
+
+static void usage(FILE *f)
+{
+    fputs("usage: domiciled --config FILE [options]\n"
+          "  -c, --config FILE     gateway configuration (libconfig syntax)\n"
+          "      --check-config    validate the configuration, print it (no secrets), exit\n"
+          "      --listen ADDR     override `listen` (host:port, port 0 = any free port)\n"
+          "      --ready-fd N      write \"READY <port>\\n\" to fd N once serving, then close it\n"
+          "      --list-methods    print every rpc with its kind and exit\n"
+          "  -V, --version         print the version and exit\n",
+          f);
+}
+
+static const char *kind_name(dm_rpc_kind_t k)
+{
+    switch (k) {
+    case DM_RPC_UNARY:
+        return "unary";
+    case DM_RPC_SERVER_STREAM:
+        return "server-stream";
+    case DM_RPC_CLIENT_STREAM:
+        return "client-stream";
+    }
+    return "?";
+}
+
+static void signal_ready(int fd, int port)
+{
+    char line[32];
+    int n = snprintf(line, sizeof(line), "READY %d\n", port);
+    if (write(fd, line, (size_t)n) != n)
+        dm_warn("main", "cannot write the readiness line to fd %d: %s", fd, strerror(errno));
+    close(fd);
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"config", required_argument, NULL, 'c'}, {"check-config", no_argument, NULL, 'k'},
+        {"listen", required_argument, NULL, 'l'}, {"ready-fd", required_argument, NULL, 'r'},
+        {"list-methods", no_argument, NULL, 'm'}, {"version", no_argument, NULL, 'V'},
+        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
+    };
+    const char *config_path = NULL, *listen = NULL;
+    bool check_only = false;
+    int ready_fd = -1, opt, port = 0, rc = 1;
+    dm_app_t app = {0};
+    dm_status_t *st = NULL;
+    sigset_t sigs;
+
+    while ((opt = getopt_long(argc, argv, "c:Vh", opts, NULL)) != -1) {
+        switch (opt) {
+        case 'c':
+            config_path = optarg;
+            break;
+        case 'k':
+            check_only = true;
+            break;
+        case 'l':
+            listen = optarg;
+            break;
+        case 'r':
+            ready_fd = atoi(optarg);
+            break;
+        case 'm': {
+            size_t n;
+            const dm_method_t *m = dm_api_methods(&n);
+            for (size_t i = 0; i < n; i++)
+                printf("%s %s %s\n", m[i].path, kind_name(m[i].kind),
+                       m[i].handler ? "implemented" : "unimplemented");
+            return 0;
+        }
+        case 'V':
+            printf("domiciled %s (grpc core %s)\n", DM_VERSION, grpc_version_string());
+            return 0;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (!config_path || optind != argc) {
+        usage(stderr);
+        return 2;
+    }
+
+    /* Block the signals before any thread exists (gRPC's included): only sigwait sees them. */
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    if ((st = dm_config_load(config_path, &app.cfg))) {
+        fprintf(stderr, "domiciled: invalid configuration: %s\n", st->message);
+        dm_status_free(st);
+        return 2;
+    }
+    if (listen) {
+        free(app.cfg->listen);
+        app.cfg->listen = dm_strdup(listen);
+    }
+    if (check_only) {
+        dm_config_print(app.cfg, stdout);
+        dm_config_free(app.cfg);
+        return 0;
+    }
+    dm_log_level_t level = DM_LOG_INFO;
+    dm_log_level_parse(app.cfg->log_level, &level);
+    dm_log_set_level(level);
+
+    grpc_init();
+    size_t n_methods;
+    const dm_method_t *methods = dm_api_methods(&n_methods);
+    if ((st = dm_regions_create(app.cfg, &app.regions)))
+        goto out;
+    app.health = dm_health_create(&app);
+    dm_regions_on_change(app.regions, dm_health_region_changed, app.health);
+    if ((st = dm_server_create(app.cfg, methods, n_methods, &app, &app.server)))
+        goto out;
+    dm_server_on_shutdown(app.server, dm_health_shutdown, app.health);
+    dm_regions_start(app.regions);
+    if ((st = dm_server_start(app.server, &port)))
+        goto out;
+    dm_info("main", "domiciled %s serving on %s (port %d), gateway region \"%s\", %zu regions",
+            DM_VERSION, app.cfg->listen, port, app.cfg->gateway_region, app.cfg->n_regions);
+    if (ready_fd >= 0)
+        signal_ready(ready_fd, port);
+
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    dm_info("main", "received %s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    dm_server_shutdown(app.server, app.cfg->shutdown_grace_ms);
+    rc = 0;
+out:
+    if (st) {
+        dm_error("main", "cannot start: %s%s%s", st->message, st->detail ? ": " : "",
+                 st->detail ? st->detail : "");
+        dm_status_free(st);
+    }
+    /* Order matters: nothing that can start a batch may outlive the completion queues. */
+    if (app.regions)
+        dm_regions_stop(app.regions);
+    dm_server_destroy(app.server);
+    dm_health_destroy(app.health);
+    dm_regions_destroy(app.regions);
+    grpc_shutdown();
+    dm_config_free(app.cfg);
+    if (rc == 0)
+        dm_info("main", "exiting cleanly");
+    return rc;
+}

@@ -1,0 +1,755 @@
+/*
+ * gRPC core server. See include/domicile/server.h for the contract and src/server/README.md for
+ * the call state machine.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/time.h>
+
+#include "domicile/log.h"
+#include "domicile/server.h"
+
+/* Requests kept posted per method per completion queue: enough that a burst of new calls does
+ * not wait for a re-post, few enough that idle memory stays small. */
+#define POSTED_PER_METHOD 4
+#define POSTED_GENERIC    2
+
+typedef enum {
+    TAG_NEW,      /* request_(registered_)call completed: a new call or shutdown */
+    TAG_CLOSE,    /* RECV_CLOSE_ON_SERVER completed */
+    TAG_SEND,     /* a send batch (message and/or status) completed */
+    TAG_SHUTDOWN, /* grpc_server_shutdown_and_notify completed */
+} tag_kind_t;
+
+typedef struct {
+    tag_kind_t kind;
+    dm_call_t *call;
+} dm_tag_t;
+
+typedef struct outmsg {
+    grpc_byte_buffer *bb;
+    struct outmsg *next;
+} outmsg_t;
+
+typedef struct {
+    dm_server_t *srv;
+    int index;
+    grpc_completion_queue *cq;
+    pthread_t thread;
+} cq_worker_t;
+
+struct dm_server {
+    const dm_config_t *cfg;
+    const dm_method_t *methods;
+    size_t n_methods;
+    void **registered; /* grpc handle per method */
+    void *app;
+    grpc_server *server;
+    cq_worker_t *workers;
+    int n_workers;
+    pthread_rwlock_t post_lock; /* write-held while shutdown begins: no re-post after it */
+    bool shutting_down;
+    dm_tag_t shutdown_tag;
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    bool shutdown_done;
+    atomic_int live_calls;   /* posted requests + active calls */
+    atomic_int active_calls; /* calls that arrived and have not been freed */
+    struct hook {
+        void (*fn)(void *);
+        void *arg;
+    } hooks[8];
+    int n_hooks;
+};
+
+struct dm_call {
+    dm_server_t *srv;
+    cq_worker_t *worker;
+    const dm_method_t *method; /* NULL for an unregistered (generic) call */
+    size_t method_index;
+    grpc_call *call;
+    gpr_timespec deadline;
+    grpc_metadata_array md;
+    grpc_call_details details; /* generic calls only */
+    grpc_byte_buffer *payload;
+    ProtobufCMessage *request;
+
+    dm_tag_t t_new, t_close, t_send;
+    atomic_int refs; /* 1 owner (until finish) + 1 per batch in flight */
+    int close_cancelled;
+
+    pthread_mutex_t mu; /* guards everything below */
+    atomic_bool cancelled;
+    bool dead;         /* a batch failed: the transport is gone */
+    bool send_pending; /* one send batch in flight */
+    bool initial_md_sent;
+    bool finish_requested;
+    bool status_sent;
+    grpc_status_code final_code;
+    grpc_slice final_details;
+    outmsg_t *q_head, *q_tail;
+    size_t q_len;
+    grpc_byte_buffer *inflight_bb;
+    dm_call_cb on_drain, on_cancel;
+    void *drain_arg, *cancel_arg;
+    bool cancel_fired;
+
+    void *data;
+    void (*data_free)(void *);
+    bool active;
+};
+
+static void post_request(cq_worker_t *w, size_t method_index, bool generic);
+
+static void call_unref(dm_call_t *c)
+{
+    if (atomic_fetch_sub(&c->refs, 1) != 1)
+        return;
+    for (outmsg_t *m = c->q_head; m;) {
+        outmsg_t *next = m->next;
+        grpc_byte_buffer_destroy(m->bb);
+        free(m);
+        m = next;
+    }
+    if (c->inflight_bb)
+        grpc_byte_buffer_destroy(c->inflight_bb);
+    if (c->payload)
+        grpc_byte_buffer_destroy(c->payload);
+    if (c->request)
+        protobuf_c_message_free_unpacked(c->request, NULL);
+    if (c->data_free)
+        c->data_free(c->data);
+    grpc_slice_unref(c->final_details);
+    grpc_metadata_array_destroy(&c->md);
+    if (!c->method)
+        grpc_call_details_destroy(&c->details);
+    if (c->call)
+        grpc_call_unref(c->call);
+    pthread_mutex_destroy(&c->mu);
+    atomic_fetch_sub(&c->srv->live_calls, 1);
+    if (c->active)
+        atomic_fetch_sub(&c->srv->active_calls, 1);
+    free(c);
+}
+
+static dm_call_t *call_new(cq_worker_t *w, size_t method_index, bool generic)
+{
+    dm_call_t *c = dm_calloc(1, sizeof(*c));
+    c->srv = w->srv;
+    c->worker = w;
+    c->method_index = method_index;
+    c->method = generic ? NULL : &w->srv->methods[method_index];
+    c->t_new = (dm_tag_t){TAG_NEW, c};
+    c->t_close = (dm_tag_t){TAG_CLOSE, c};
+    c->t_send = (dm_tag_t){TAG_SEND, c};
+    atomic_init(&c->refs, 1);
+    atomic_init(&c->cancelled, false);
+    c->final_details = grpc_empty_slice();
+    pthread_mutex_init(&c->mu, NULL);
+    grpc_metadata_array_init(&c->md);
+    if (generic)
+        grpc_call_details_init(&c->details);
+    atomic_fetch_add(&w->srv->live_calls, 1);
+    return c;
+}
+
+/* A failed start_batch leaves the call wedged (GRPC_CORE.md §4): cancel it and treat it as
+ * dead. Called with c->mu held. */
+static void batch_failed(dm_call_t *c, grpc_call_error err, const char *what)
+{
+    dm_error("server", "start_batch(%s) failed with %d; cancelling the call", what, (int)err);
+    grpc_call_cancel_with_status(c->call, GRPC_STATUS_INTERNAL, "internal error", NULL);
+    c->dead = true;
+}
+
+/* Start the next send batch if none is in flight. Called with c->mu held. */
+static void pump_locked(dm_call_t *c)
+{
+    grpc_op ops[3];
+    size_t n = 0;
+    grpc_byte_buffer *bb = NULL;
+
+    if (c->send_pending || c->dead || c->status_sent)
+        return;
+    memset(ops, 0, sizeof(ops));
+    if (c->q_head) {
+        outmsg_t *m = c->q_head;
+        c->q_head = m->next;
+        if (!c->q_head)
+            c->q_tail = NULL;
+        c->q_len--;
+        bb = m->bb;
+        free(m);
+    } else if (!c->finish_requested) {
+        return;
+    }
+    if (!c->initial_md_sent) {
+        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        n++;
+    }
+    if (bb) {
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n].data.send_message.send_message = bb;
+        n++;
+    }
+    /* The status rides with the last message: a unary reply is one batch. */
+    if (c->finish_requested && !c->q_head) {
+        ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+        ops[n].data.send_status_from_server.status = c->final_code;
+        ops[n].data.send_status_from_server.status_details = &c->final_details;
+        n++;
+        c->status_sent = true;
+    }
+    c->initial_md_sent = true;
+    c->send_pending = true;
+    c->inflight_bb = bb;
+    atomic_fetch_add(&c->refs, 1);
+    grpc_call_error err = grpc_call_start_batch(c->call, ops, n, &c->t_send, NULL);
+    if (err != GRPC_CALL_OK) {
+        batch_failed(c, err, "send");
+        c->send_pending = false;
+        c->inflight_bb = NULL;
+        if (bb)
+            grpc_byte_buffer_destroy(bb);
+        atomic_fetch_sub(&c->refs, 1); /* never the last: the caller holds one */
+    }
+}
+
+static grpc_byte_buffer *pack(const ProtobufCMessage *msg)
+{
+    size_t len = protobuf_c_message_get_packed_size(msg);
+    grpc_slice s = grpc_slice_malloc(len);
+    protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(s));
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
+}
+
+bool dm_call_send(dm_call_t *c, const ProtobufCMessage *msg)
+{
+    grpc_byte_buffer *bb = pack(msg);
+    pthread_mutex_lock(&c->mu);
+    if (c->dead || c->finish_requested || atomic_load(&c->cancelled)) {
+        pthread_mutex_unlock(&c->mu);
+        grpc_byte_buffer_destroy(bb);
+        return false;
+    }
+    outmsg_t *m = dm_malloc(sizeof(*m));
+    m->bb = bb;
+    m->next = NULL;
+    if (c->q_tail)
+        c->q_tail->next = m;
+    else
+        c->q_head = m;
+    c->q_tail = m;
+    c->q_len++;
+    pump_locked(c);
+    pthread_mutex_unlock(&c->mu);
+    return true;
+}
+
+size_t dm_call_queued(dm_call_t *c)
+{
+    pthread_mutex_lock(&c->mu);
+    size_t n = c->q_len;
+    pthread_mutex_unlock(&c->mu);
+    return n;
+}
+
+void dm_call_finish(dm_call_t *c, dm_status_t *st)
+{
+    pthread_mutex_lock(&c->mu);
+    if (c->finish_requested) {
+        pthread_mutex_unlock(&c->mu);
+        dm_error("server", "call finished twice (bug); ignoring the second status");
+        dm_status_free(st);
+        return;
+    }
+    c->finish_requested = true;
+    c->final_code = st ? st->code : GRPC_STATUS_OK;
+    if (st) {
+        grpc_slice_unref(c->final_details);
+        c->final_details = grpc_slice_from_copied_string(st->message);
+    }
+    pump_locked(c);
+    pthread_mutex_unlock(&c->mu);
+    if (st && st->code == GRPC_STATUS_INTERNAL)
+        dm_error("server", "%s: internal error: %s%s%s", c->method ? c->method->path : "?",
+                 st->message, st->detail ? " | " : "", st->detail ? st->detail : "");
+    else if (st && st->detail)
+        dm_debug("server", "%s: %s: %s | %s", c->method ? c->method->path : "?",
+                 dm_status_code_name(st->code), st->message, st->detail);
+    dm_status_free(st);
+    call_unref(c); /* the owner's reference */
+}
+
+void dm_call_reply(dm_call_t *c, const ProtobufCMessage *msg)
+{
+    grpc_byte_buffer *bb = pack(msg);
+    pthread_mutex_lock(&c->mu);
+    if (!c->dead && !c->finish_requested) {
+        outmsg_t *m = dm_malloc(sizeof(*m));
+        m->bb = bb;
+        m->next = NULL;
+        if (c->q_tail)
+            c->q_tail->next = m;
+        else
+            c->q_head = m;
+        c->q_tail = m;
+        c->q_len++;
+        bb = NULL;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (bb)
+        grpc_byte_buffer_destroy(bb);
+    dm_call_finish(c, NULL);
+}
+
+void dm_call_on_drain(dm_call_t *c, dm_call_cb fn, void *arg)
+{
+    pthread_mutex_lock(&c->mu);
+    c->on_drain = fn;
+    c->drain_arg = arg;
+    pthread_mutex_unlock(&c->mu);
+}
+
+void dm_call_on_cancel(dm_call_t *c, dm_call_cb fn, void *arg)
+{
+    bool fire_now = false;
+    pthread_mutex_lock(&c->mu);
+    c->on_cancel = fn;
+    c->cancel_arg = arg;
+    if (atomic_load(&c->cancelled) && !c->cancel_fired) {
+        c->cancel_fired = true;
+        fire_now = true;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (fire_now)
+        fn(c, arg);
+}
+
+static void mark_cancelled(dm_call_t *c)
+{
+    dm_call_cb fn = NULL;
+    void *arg = NULL;
+    pthread_mutex_lock(&c->mu);
+    atomic_store(&c->cancelled, true);
+    /* After finish the handler has let go of the call: its cancel hook may be stale. */
+    if (c->on_cancel && !c->cancel_fired && !c->finish_requested) {
+        c->cancel_fired = true;
+        fn = c->on_cancel;
+        arg = c->cancel_arg;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (fn)
+        fn(c, arg);
+}
+
+static void on_send_done(dm_call_t *c, bool ok)
+{
+    dm_call_cb drain = NULL;
+    void *arg = NULL;
+    bool fire_cancel = false;
+
+    pthread_mutex_lock(&c->mu);
+    c->send_pending = false;
+    if (c->inflight_bb) {
+        grpc_byte_buffer_destroy(c->inflight_bb);
+        c->inflight_bb = NULL;
+    }
+    if (!ok) {
+        /* The call is gone (cancel, deadline, reset): send nothing more. */
+        c->dead = true;
+        fire_cancel = !atomic_load(&c->cancelled);
+    } else {
+        pump_locked(c);
+        if (!c->send_pending && !c->finish_requested && c->on_drain) {
+            drain = c->on_drain;
+            arg = c->drain_arg;
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (fire_cancel)
+        mark_cancelled(c);
+    if (drain)
+        drain(c, arg);
+}
+
+void *dm_call_app(dm_call_t *c)
+{
+    return c->srv->app;
+}
+
+const dm_method_t *dm_call_method(dm_call_t *c)
+{
+    return c->method;
+}
+
+const ProtobufCMessage *dm_call_request(dm_call_t *c)
+{
+    return c->request;
+}
+
+const char *dm_call_metadata(dm_call_t *c, const char *key, size_t *len)
+{
+    for (size_t i = 0; i < c->md.count; i++) {
+        if (grpc_slice_str_cmp(c->md.metadata[i].key, key) == 0) {
+            *len = GRPC_SLICE_LENGTH(c->md.metadata[i].value);
+            return (const char *)GRPC_SLICE_START_PTR(c->md.metadata[i].value);
+        }
+    }
+    *len = 0;
+    return NULL;
+}
+
+int64_t dm_call_deadline_left_ms(dm_call_t *c)
+{
+    if (gpr_time_cmp(c->deadline, gpr_inf_future(c->deadline.clock_type)) == 0)
+        return INT64_MAX;
+    return gpr_time_to_millis(gpr_time_sub(c->deadline, gpr_now(c->deadline.clock_type)));
+}
+
+bool dm_call_cancelled(dm_call_t *c)
+{
+    return atomic_load(&c->cancelled);
+}
+
+void dm_call_set_data(dm_call_t *c, void *data, void (*free_fn)(void *))
+{
+    c->data = data;
+    c->data_free = free_fn;
+}
+
+void *dm_call_data(dm_call_t *c)
+{
+    return c->data;
+}
+
+static bool decode_request(dm_call_t *c)
+{
+    const dm_method_t *m = c->method;
+    grpc_byte_buffer_reader r;
+
+    if (!c->payload) {
+        /* HEADERS arrived but the stream was reset (or carried no message) before DATA. */
+        dm_call_finish(c, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "missing request message %s",
+                                        m->input->name));
+        return false;
+    }
+    if (!grpc_byte_buffer_reader_init(&r, c->payload)) {
+        dm_call_finish(c, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                        "cannot read request message (bad compression)"));
+        return false;
+    }
+    grpc_slice s = grpc_byte_buffer_reader_readall(&r);
+    grpc_byte_buffer_reader_destroy(&r);
+    c->request =
+        protobuf_c_message_unpack(m->input, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+    grpc_slice_unref(s);
+    grpc_byte_buffer_destroy(c->payload);
+    c->payload = NULL;
+    if (!c->request) {
+        dm_call_finish(c, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                        "cannot parse request: not a valid %s message",
+                                        m->input->name));
+        return false;
+    }
+    return true;
+}
+
+static void start_call(dm_call_t *c)
+{
+    grpc_op op;
+
+    /* RECV_CLOSE first, in its own batch, so cancellation is seen while we work. */
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &c->close_cancelled;
+    atomic_fetch_add(&c->refs, 1);
+    grpc_call_error err = grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL);
+    if (err != GRPC_CALL_OK) {
+        pthread_mutex_lock(&c->mu);
+        batch_failed(c, err, "recv_close");
+        pthread_mutex_unlock(&c->mu);
+        atomic_fetch_sub(&c->refs, 1);
+        dm_call_finish(c, NULL);
+        return;
+    }
+
+    if (!c->method) {
+        char *method = dm_strndup((const char *)GRPC_SLICE_START_PTR(c->details.method),
+                                  GRPC_SLICE_LENGTH(c->details.method));
+        dm_call_finish(c, dm_status_new(GRPC_STATUS_UNIMPLEMENTED,
+                                        "unknown method %.200s: not part of the domicile API",
+                                        method));
+        free(method);
+        return;
+    }
+    if (!c->method->handler) {
+        dm_call_finish(
+            c, dm_status_new(GRPC_STATUS_UNIMPLEMENTED, "method %s is not implemented yet (%s)",
+                             c->method->path,
+                             c->method->pending_issue ? c->method->pending_issue : "planned"));
+        return;
+    }
+    if (c->method->kind != DM_RPC_CLIENT_STREAM && !decode_request(c))
+        return;
+    c->method->handler(c);
+}
+
+static void handle_new(cq_worker_t *w, dm_call_t *c, bool ok)
+{
+    if (!ok) {
+        /* Shutdown: the posted request is returned unused. Do not re-post. */
+        call_unref(c);
+        return;
+    }
+    c->active = true;
+    atomic_fetch_add(&w->srv->active_calls, 1);
+    if (!c->method)
+        c->deadline = c->details.deadline;
+    post_request(w, c->method_index, c->method == NULL);
+    start_call(c);
+}
+
+static void *worker_main(void *arg)
+{
+    cq_worker_t *w = arg;
+    for (;;) {
+        grpc_event ev =
+            grpc_completion_queue_next(w->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN)
+            break;
+        if (ev.type != GRPC_OP_COMPLETE)
+            continue;
+        dm_tag_t *t = ev.tag;
+        dm_call_t *c = t->call;
+        switch (t->kind) {
+        case TAG_NEW:
+            handle_new(w, c, ev.success);
+            break;
+        case TAG_CLOSE:
+            if (c->close_cancelled)
+                mark_cancelled(c);
+            call_unref(c);
+            break;
+        case TAG_SEND:
+            on_send_done(c, ev.success);
+            call_unref(c);
+            break;
+        case TAG_SHUTDOWN: {
+            dm_server_t *srv = w->srv;
+            pthread_mutex_lock(&srv->mu);
+            srv->shutdown_done = true;
+            pthread_cond_broadcast(&srv->cond);
+            pthread_mutex_unlock(&srv->mu);
+            break;
+        }
+        }
+    }
+    return NULL;
+}
+
+static void post_request(cq_worker_t *w, size_t method_index, bool generic)
+{
+    dm_server_t *srv = w->srv;
+    grpc_call_error err;
+
+    pthread_rwlock_rdlock(&srv->post_lock);
+    if (srv->shutting_down) {
+        pthread_rwlock_unlock(&srv->post_lock);
+        return;
+    }
+    dm_call_t *c = call_new(w, method_index, generic);
+    if (generic) {
+        err = grpc_server_request_call(srv->server, &c->call, &c->details, &c->md, w->cq, w->cq,
+                                       &c->t_new);
+    } else {
+        bool with_payload = srv->methods[method_index].kind != DM_RPC_CLIENT_STREAM;
+        err = grpc_server_request_registered_call(
+            srv->server, srv->registered[method_index], &c->call, &c->deadline, &c->md,
+            with_payload ? &c->payload : NULL, w->cq, w->cq, &c->t_new);
+    }
+    pthread_rwlock_unlock(&srv->post_lock);
+    if (err != GRPC_CALL_OK) {
+        dm_error("server", "cannot post a request (error %d)", (int)err);
+        call_unref(c);
+    }
+}
+
+dm_status_t *dm_server_create(const dm_config_t *cfg, const dm_method_t *methods, size_t n_methods,
+                              void *app, dm_server_t **out)
+{
+    dm_server_t *srv = dm_calloc(1, sizeof(*srv));
+    grpc_arg args[4];
+
+    srv->cfg = cfg;
+    srv->methods = methods;
+    srv->n_methods = n_methods;
+    srv->app = app;
+    srv->n_workers = cfg->threads;
+    pthread_rwlock_init(&srv->post_lock, NULL);
+    pthread_mutex_init(&srv->mu, NULL);
+    pthread_cond_init(&srv->cond, NULL);
+    atomic_init(&srv->live_calls, 0);
+    atomic_init(&srv->active_calls, 0);
+    srv->shutdown_tag = (dm_tag_t){TAG_SHUTDOWN, NULL};
+
+    memset(args, 0, sizeof(args));
+    args[0].type = GRPC_ARG_INTEGER;
+    args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[0].value.integer = cfg->max_receive_message_bytes;
+    args[1].type = GRPC_ARG_INTEGER;
+    args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+    args[1].value.integer = cfg->max_send_message_bytes;
+    args[2].type = GRPC_ARG_INTEGER;
+    args[2].key = GRPC_ARG_MAX_METADATA_SIZE;
+    args[2].value.integer = cfg->max_metadata_bytes;
+    args[3].type = GRPC_ARG_INTEGER;
+    args[3].key = GRPC_ARG_MAX_CONCURRENT_STREAMS;
+    args[3].value.integer = cfg->max_concurrent_streams;
+    grpc_channel_args chargs = {DM_ARRAY_LEN(args), args};
+    srv->server = grpc_server_create(&chargs, NULL);
+
+    srv->workers = dm_calloc((size_t)srv->n_workers, sizeof(cq_worker_t));
+    for (int i = 0; i < srv->n_workers; i++) {
+        srv->workers[i].srv = srv;
+        srv->workers[i].index = i;
+        srv->workers[i].cq = grpc_completion_queue_create_for_next(NULL);
+        grpc_server_register_completion_queue(srv->server, srv->workers[i].cq, NULL);
+    }
+    srv->registered = dm_calloc(n_methods, sizeof(void *));
+    for (size_t i = 0; i < n_methods; i++) {
+        grpc_server_register_method_payload_handling ph =
+            methods[i].kind == DM_RPC_CLIENT_STREAM ? GRPC_SRM_PAYLOAD_NONE
+                                                    : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER;
+        srv->registered[i] = grpc_server_register_method(srv->server, methods[i].path, NULL, ph, 0);
+        if (!srv->registered[i]) {
+            dm_status_t *st =
+                dm_status_new(GRPC_STATUS_INTERNAL, "cannot register method %s", methods[i].path);
+            dm_server_destroy(srv);
+            return st;
+        }
+    }
+    *out = srv;
+    return NULL;
+}
+
+dm_status_t *dm_server_start(dm_server_t *srv, int *port)
+{
+    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    int bound = grpc_server_add_http2_port(srv->server, srv->cfg->listen, creds);
+    grpc_server_credentials_release(creds);
+    if (bound == 0)
+        return dm_status_new(GRPC_STATUS_UNAVAILABLE, "cannot listen on %s", srv->cfg->listen);
+    dm_warn("server", "transport is plaintext (config says transport = \"plaintext\"): use only on "
+                      "a trusted network");
+    grpc_server_start(srv->server);
+    for (int i = 0; i < srv->n_workers; i++) {
+        cq_worker_t *w = &srv->workers[i];
+        for (size_t m = 0; m < srv->n_methods; m++)
+            for (int k = 0; k < POSTED_PER_METHOD; k++)
+                post_request(w, m, false);
+        for (int k = 0; k < POSTED_GENERIC; k++)
+            post_request(w, 0, true);
+        if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
+            abort();
+    }
+    *port = bound;
+    return NULL;
+}
+
+void dm_server_on_shutdown(dm_server_t *srv, void (*fn)(void *arg), void *arg)
+{
+    if (srv->n_hooks < (int)DM_ARRAY_LEN(srv->hooks))
+        srv->hooks[srv->n_hooks++] = (struct hook){fn, arg};
+}
+
+static bool wait_shutdown_tag(dm_server_t *srv, int timeout_ms)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&srv->mu);
+    while (!srv->shutdown_done) {
+        if (pthread_cond_timedwait(&srv->cond, &srv->mu, &until) == ETIMEDOUT)
+            break;
+    }
+    bool done = srv->shutdown_done;
+    pthread_mutex_unlock(&srv->mu);
+    return done;
+}
+
+void dm_server_shutdown(dm_server_t *srv, int grace_ms)
+{
+    pthread_rwlock_wrlock(&srv->post_lock);
+    srv->shutting_down = true;
+    grpc_server_shutdown_and_notify(srv->server, srv->workers[0].cq, &srv->shutdown_tag);
+    pthread_rwlock_unlock(&srv->post_lock);
+    dm_info("server", "shutting down: no new calls; %d in flight get %d ms to finish",
+            atomic_load(&srv->active_calls), grace_ms);
+    for (int i = 0; i < srv->n_hooks; i++)
+        srv->hooks[i].fn(srv->hooks[i].arg);
+    if (!wait_shutdown_tag(srv, grace_ms)) {
+        dm_warn("server", "grace period over: cancelling the calls still in flight");
+        grpc_server_cancel_all_calls(srv->server);
+        while (!wait_shutdown_tag(srv, 1000))
+            dm_warn("server", "still waiting for %d calls to end", atomic_load(&srv->active_calls));
+    }
+    dm_info("server", "server stopped");
+}
+
+void dm_server_destroy(dm_server_t *srv)
+{
+    if (!srv)
+        return;
+    bool started = false;
+    for (int i = 0; i < srv->n_workers; i++)
+        if (srv->workers[i].thread)
+            started = true;
+    if (started) {
+        for (int i = 0; i < srv->n_workers; i++)
+            grpc_completion_queue_shutdown(srv->workers[i].cq);
+        for (int i = 0; i < srv->n_workers; i++)
+            pthread_join(srv->workers[i].thread, NULL);
+    } else if (srv->workers) {
+        /* Never started: drain what is there. */
+        for (int i = 0; i < srv->n_workers; i++) {
+            grpc_completion_queue_shutdown(srv->workers[i].cq);
+            while (grpc_completion_queue_next(srv->workers[i].cq,
+                                              gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL)
+                       .type != GRPC_QUEUE_SHUTDOWN)
+                ;
+        }
+    }
+    if (atomic_load(&srv->live_calls) != 0)
+        dm_error("server", "%d calls still alive at destroy (bug)", atomic_load(&srv->live_calls));
+    if (srv->server)
+        grpc_server_destroy(srv->server);
+    for (int i = 0; i < srv->n_workers; i++)
+        grpc_completion_queue_destroy(srv->workers[i].cq);
+    free(srv->workers);
+    free(srv->registered);
+    pthread_rwlock_destroy(&srv->post_lock);
+    pthread_mutex_destroy(&srv->mu);
+    pthread_cond_destroy(&srv->cond);
+    free(srv);
+}
+
+int dm_server_live_calls(dm_server_t *srv)
+{
+    return atomic_load(&srv->live_calls);
+}
