@@ -20,6 +20,14 @@ void dm_health_destroy(dm_health_t *h);
 void dm_health_region_changed(void *health, dm_region_t *region, bool serving);
 
 void dm_health_check(dm_call_t *call);
+void dm_records_put(dm_call_t *call);
+void dm_records_get(dm_call_t *call);
+void dm_records_list(dm_call_t *call);
+void dm_records_delete(dm_call_t *call);
+void dm_records_bulk_put(dm_call_t *call);
+void dm_customers_register(dm_call_t *call);
+void dm_customers_get(dm_call_t *call);
+void dm_customers_close(dm_call_t *call);
 void dm_health_watch(dm_call_t *call);
 
 #endif

@@ -6,6 +6,9 @@
 #define DOMICILE_APP_H
 
 #include "domicile/config.h"
+#include "domicile/crypto.h"
+#include "domicile/directory.h"
+#include "domicile/keycache.h"
 #include "domicile/region.h"
 #include "domicile/server.h"
 
@@ -14,8 +17,20 @@ typedef struct dm_health dm_health_t;
 typedef struct dm_app {
     dm_config_t *cfg;
     dm_regions_t *regions;
+    dm_directory_t *directory;
+    dm_keycache_t *keys;
+    dm_kek_t *keks[DM_MAX_REGIONS]; /* by region index */
+    unsigned char *pepper;          /* subject pepper (cleansed at exit) */
+    size_t pepper_len;
     dm_health_t *health;
     dm_server_t *server;
 } dm_app_t;
+
+/** Load the secrets and build the directory and caches (before the server starts). */
+dm_status_t *dm_app_init(dm_app_t *app) DM_WARN_UNUSED;
+/** Free what dm_app_init() built (after the server and regions stopped). */
+void dm_app_dispose(dm_app_t *app);
+/** Index of region `r` in the configuration (for keks[]). */
+size_t dm_app_region_index(dm_app_t *app, dm_region_t *r);
 
 #endif

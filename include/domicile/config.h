@@ -52,6 +52,10 @@ typedef struct dm_config {
     int shutdown_grace_ms;
     int health_interval_ms;
     char *log_level;
+    int customer_retention_days;
+    int directory_cache_entries;
+    int key_cache_entries;
+    int key_cache_ttl_ms;
 
     dm_region_config_t *region_cfgs; /* n_regions entries, in `regions` order */
 } dm_config_t;

@@ -1,9 +1,15 @@
 /*
- * Runtime regions: one per region file. For now each region has a monitor thread that keeps
- * one libpq connection (verify-full TLS, multi-host, read-write target) and probes it; it knows
- * whether the region answers and checks that the database really is the region it claims to
- * be (domicile.region_identity), so a misconfigured host list fails closed instead of placing
- * data in the wrong jurisdiction.
+ * Runtime regions: one per region file. Each region has an executor pool: pool_size threads,
+ * each owning one libpq connection (verify-full TLS, multi-host, read-write target) in
+ * pipeline mode. Jobs (one prepared statement each) are queued to the region; an executor
+ * takes what is queued, sends it as one pipeline and completes the jobs from the results.
+ * Batchable writes taken together share one transaction, hence one durable commit.
+ * Completion-queue threads only queue jobs; they never wait on a database.
+ *
+ * Every new connection checks that the database identifies as the region it meant to reach
+ * (domicile.region_identity): a mis-pointed host list fails closed instead of placing data in
+ * the wrong jurisdiction. A region with no live connection fails its jobs at once with
+ * UNAVAILABLE; the other regions are untouched.
  *
  * Thread-safety: every function may be called from any thread after dm_regions_start().
  */
@@ -14,10 +20,50 @@
 #include <stddef.h>
 
 #include "domicile/config.h"
+#include "domicile/server.h"
+#include "domicile/sql.h"
 #include "domicile/status.h"
 
 typedef struct dm_region dm_region_t;
 typedef struct dm_regions dm_regions_t;
+typedef struct dm_job dm_job_t;
+
+#define DM_JOB_MAX_PARAMS 16
+
+/**
+ * Job completion: exactly one of `res` (the statement's result, owned by the executor and
+ * cleared after the callback returns) and `err` (owned by the callback) is set. Runs on an
+ * executor thread, or on the submitting thread when the region fails the job at once. The
+ * callback may submit further jobs, and may free the job.
+ */
+typedef void (*dm_job_fn)(dm_job_t *job, PGresult *res, dm_status_t *err);
+
+/**
+ * One statement for a region. Owned by the submitter (usually embedded in a per-call
+ * context); parameter buffers must stay valid until `done` runs. Results are binary format.
+ */
+struct dm_job {
+    dm_sql_id_t stmt;
+    int n_params;
+    const char *values[DM_JOB_MAX_PARAMS];
+    int lengths[DM_JOB_MAX_PARAMS];
+    int formats[DM_JOB_MAX_PARAMS]; /* 0 text, 1 binary */
+    bool batchable; /* may share a transaction with other batchable jobs: the statement must
+                       report expected failures in its result, never raise them */
+    dm_job_fn done;
+    void *arg;
+    dm_call_t *call; /* optional: a job whose call is dead is not sent */
+
+    /* executor-private */
+    dm_job_t *next;
+    bool solo;
+    PGresult *held;
+};
+
+/** Set parameter i (text, NUL-terminated; NULL = SQL NULL). */
+void dm_job_param_text(dm_job_t *job, int i, const char *v);
+/** Set parameter i (binary bytes, e.g. bytea). */
+void dm_job_param_bin(dm_job_t *job, int i, const void *v, int len);
 
 /** Called on a monitor thread when a region starts or stops answering. Must not block. */
 typedef void (*dm_region_change_fn)(void *arg, dm_region_t *region, bool serving);
@@ -40,8 +86,13 @@ dm_region_t *dm_regions_find(dm_regions_t *rs, const char *code);
 
 const char *dm_region_code(const dm_region_t *r);
 const dm_region_config_t *dm_region_config(const dm_region_t *r);
-/** True when the last probe reached the region's primary and its identity matched. */
+/** True while at least one executor holds a verified connection to the region's primary. */
 bool dm_region_serving(dm_region_t *r);
+/**
+ * Queue a job. When the region has no live connection the job fails at once (UNAVAILABLE,
+ * naming the region) on this thread.
+ */
+void dm_region_submit(dm_region_t *r, dm_job_t *job);
 /** Copy of the last connection or probe error ("" when none) into buf. */
 void dm_region_last_error(dm_region_t *r, char *buf, size_t len);
 

@@ -97,6 +97,15 @@ void dm_call_on_cancel(dm_call_t *call, dm_call_cb fn, void *arg);
 void dm_call_finish(dm_call_t *call, dm_status_t *st);
 /** Unary success: send `msg` and OK in one batch (same as send + finish(NULL)). */
 void dm_call_reply(dm_call_t *call, const ProtobufCMessage *msg);
+/**
+ * Client-streaming: called with the next client message (owned by the callback: free with
+ * protobuf_c_message_free_unpacked), or msg NULL and err NULL at the end of the stream, or
+ * err set (INVALID_ARGUMENT for an undecodable message, CANCELLED when the call broke).
+ * Runs on a completion-queue thread.
+ */
+typedef void (*dm_recv_fn)(dm_call_t *call, ProtobufCMessage *msg, dm_status_t *err, void *arg);
+/** Read the next client message; one read at a time. */
+void dm_call_recv(dm_call_t *call, dm_recv_fn fn, void *arg);
 /** Attach data freed with `free_fn` when the call is destroyed. */
 void dm_call_set_data(dm_call_t *call, void *data, void (*free_fn)(void *));
 void *dm_call_data(dm_call_t *call);

@@ -71,6 +71,14 @@ static const key_desc_t gateway_keys[] = {
      "how often each region is probed for health"},
     {"log_level", KT_ENUM, GW(log_level), NOCOUNT, "info", 0, 0, "debug|info|warn|error", true,
      "minimum level logged"},
+    {"customer_retention_days", KT_INT, GW(customer_retention_days), NOCOUNT, "30", 0, 3650, NULL,
+     true, "days a closed customer's data is kept before it is purged"},
+    {"directory_cache_entries", KT_INT, GW(directory_cache_entries), NOCOUNT, "4000000", 1000,
+     100000000, NULL, false, "customers whose region is kept in memory"},
+    {"key_cache_entries", KT_INT, GW(key_cache_entries), NOCOUNT, "100000", 0, 10000000, NULL,
+     false, "unwrapped data keys kept in memory (0 = none)"},
+    {"key_cache_ttl_ms", KT_INT, GW(key_cache_ttl_ms), NOCOUNT, "300000", 0, 86400000, NULL,
+     false, "how long an unwrapped data key stays in memory"},
 };
 
 static const key_desc_t region_keys[] = {

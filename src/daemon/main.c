@@ -131,6 +131,8 @@ int main(int argc, char **argv)
     const dm_method_t *methods = dm_api_methods(&n_methods);
     if ((st = dm_regions_create(app.cfg, &app.regions)))
         goto out;
+    if ((st = dm_app_init(&app)))
+        goto out;
     app.health = dm_health_create(&app);
     dm_regions_on_change(app.regions, dm_health_region_changed, app.health);
     if ((st = dm_server_create(app.cfg, methods, n_methods, &app, &app.server)))
@@ -161,6 +163,7 @@ out:
     dm_server_destroy(app.server);
     dm_health_destroy(app.health);
     dm_regions_destroy(app.regions);
+    dm_app_dispose(&app);
     grpc_shutdown();
     dm_config_free(app.cfg);
     if (rc == 0)

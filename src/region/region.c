@@ -1,3 +1,6 @@
+/*
+ * Region executors. See include/domicile/region.h and src/region/README.md.
+ */
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -12,7 +15,30 @@
 #include "domicile/log.h"
 #include "domicile/region.h"
 
-#define BACKOFF_MAX_MS 5000
+#define BACKOFF_MIN_MS    100
+#define BACKOFF_MAX_MS    5000
+#define MAX_BATCH_JOBS    64
+#define MAX_BATCH_BYTES   (8 << 20)
+#define PURGE_INTERVAL_MS 60000
+#define RESULT_TIMEOUT_MS 30000 /* a region that answers nothing for this long is dead */
+
+typedef enum {
+    EX_CONNECTING_FIRST, /* first attempt since start: jobs may wait for it */
+    EX_UP,               /* verified connection in pipeline mode */
+    EX_DOWN,             /* no connection; retrying with backoff */
+} exec_state_t;
+
+typedef struct executor {
+    dm_region_t *region;
+    int index;
+    pthread_t thread;
+    bool started;
+    PGconn *conn;
+    exec_state_t state; /* region->mu */
+    int backoff_ms;
+    struct timespec last_activity;
+    struct timespec last_purge;
+} executor_t;
 
 struct dm_region {
     dm_regions_t *set;
@@ -23,11 +49,15 @@ struct dm_region {
     char *connect_timeout_s;
     char component[32];
 
-    pthread_t thread;
-    bool started;
+    executor_t *execs;
+    int n_execs;
+
+    pthread_mutex_t mu; /* queue, exec states, last_error */
+    pthread_cond_t cond;
+    dm_job_t *q_head, *q_tail;
+    int n_up, n_first;
     atomic_bool serving;
-    bool reported;      /* monitor thread only */
-    pthread_mutex_t mu; /* last_error */
+    bool reported;
     char last_error[256];
 };
 
@@ -37,45 +67,113 @@ struct dm_regions {
     size_t n;
     dm_region_change_fn on_change;
     void *on_change_arg;
-
-    pthread_mutex_t mu;
-    pthread_cond_t cond;
     atomic_bool stopping;
 };
 
-static void set_error(dm_region_t *r, const char *msg)
+void dm_job_param_text(dm_job_t *job, int i, const char *v)
 {
-    pthread_mutex_lock(&r->mu);
+    job->values[i] = v;
+    job->lengths[i] = 0;
+    job->formats[i] = 0;
+    if (i >= job->n_params)
+        job->n_params = i + 1;
+}
+
+void dm_job_param_bin(dm_job_t *job, int i, const void *v, int len)
+{
+    job->values[i] = v;
+    job->lengths[i] = len;
+    job->formats[i] = 1;
+    if (i >= job->n_params)
+        job->n_params = i + 1;
+}
+
+static int64_t elapsed_ms(const struct timespec *since)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)(now.tv_sec - since->tv_sec) * 1000 + (now.tv_nsec - since->tv_nsec) / 1000000;
+}
+
+/* Called with r->mu held. */
+static void set_error_locked(dm_region_t *r, const char *msg)
+{
     snprintf(r->last_error, sizeof(r->last_error), "%s", msg);
-    /* libpq messages end with a newline; keep log lines one line. */
+    /* libpq messages end with a newline and may span lines; keep log lines one line. */
     size_t n = strlen(r->last_error);
     while (n && (r->last_error[n - 1] == '\n' || r->last_error[n - 1] == ' '))
         r->last_error[--n] = '\0';
     for (char *p = r->last_error; *p; p++)
-        if (*p == '\n')
+        if (*p == '\n' || *p == '\t')
             *p = ' ';
+}
+
+static void set_error(dm_region_t *r, const char *msg)
+{
+    pthread_mutex_lock(&r->mu);
+    set_error_locked(r, msg);
     pthread_mutex_unlock(&r->mu);
 }
 
-static void set_serving(dm_region_t *r, bool serving)
+static dm_status_t *unavailable(dm_region_t *r)
 {
-    bool was = atomic_exchange(&r->serving, serving);
-    if (was == serving && r->reported)
-        return;
-    r->reported = true; /* the first probe is always logged, success or not */
-    if (serving) {
-        dm_info(r->component, "region is serving");
-    } else {
-        char err[256];
-        dm_region_last_error(r, err, sizeof(err));
-        dm_warn(r->component, "region is not serving: %s", err);
-    }
-    if (r->set->on_change)
-        r->set->on_change(r->set->on_change_arg, r, serving);
+    char err[256];
+    dm_region_last_error(r, err, sizeof(err));
+    return dm_status_detail(
+        dm_status_new(GRPC_STATUS_UNAVAILABLE, "region \"%s\" is unavailable", r->cfg->code), "%s",
+        err);
 }
 
-/* Wait up to ms, or until stop. Returns false when stopping. */
-static bool pause_ms(dm_regions_t *rs, int ms)
+static void fail_job(dm_job_t *job, dm_status_t *st)
+{
+    job->next = NULL;
+    job->done(job, NULL, st);
+}
+
+/* Change an executor's state; report region up/down transitions. */
+static void exec_set_state(executor_t *e, exec_state_t to)
+{
+    dm_region_t *r = e->region;
+    dm_job_t *orphans = NULL;
+
+    pthread_mutex_lock(&r->mu);
+    if (e->state == EX_UP)
+        r->n_up--;
+    if (e->state == EX_CONNECTING_FIRST)
+        r->n_first--;
+    e->state = to;
+    if (to == EX_UP)
+        r->n_up++;
+    bool serving = r->n_up > 0;
+    if (!serving && r->n_first == 0) {
+        /* Nobody can run what is queued: fail it now rather than at its deadline. */
+        orphans = r->q_head;
+        r->q_head = r->q_tail = NULL;
+    }
+    bool was = atomic_exchange(&r->serving, serving);
+    bool report = was != serving || !r->reported;
+    r->reported = r->reported || to != EX_CONNECTING_FIRST;
+    char err[256];
+    snprintf(err, sizeof(err), "%s", r->last_error);
+    pthread_mutex_unlock(&r->mu);
+
+    while (orphans) {
+        dm_job_t *next = orphans->next;
+        fail_job(orphans, unavailable(r));
+        orphans = next;
+    }
+    if (report) {
+        if (serving)
+            dm_info(r->component, "region is serving");
+        else
+            dm_warn(r->component, "region is not serving: %s", err);
+        if (was != serving && r->set->on_change)
+            r->set->on_change(r->set->on_change_arg, r, serving);
+    }
+}
+
+/* Wait up to ms or until stop. Returns false when stopping. */
+static bool pause_ms(dm_region_t *r, int ms)
 {
     struct timespec until;
     clock_gettime(CLOCK_REALTIME, &until);
@@ -85,17 +183,57 @@ static bool pause_ms(dm_regions_t *rs, int ms)
         until.tv_sec++;
         until.tv_nsec -= 1000000000L;
     }
-    pthread_mutex_lock(&rs->mu);
-    while (!atomic_load(&rs->stopping))
-        if (pthread_cond_timedwait(&rs->cond, &rs->mu, &until) == ETIMEDOUT)
+    pthread_mutex_lock(&r->mu);
+    while (!atomic_load(&r->set->stopping))
+        if (pthread_cond_timedwait(&r->cond, &r->mu, &until) == ETIMEDOUT)
             break;
-    bool go_on = !atomic_load(&rs->stopping);
-    pthread_mutex_unlock(&rs->mu);
-    return go_on;
+    pthread_mutex_unlock(&r->mu);
+    return !atomic_load(&r->set->stopping);
 }
 
-static PGconn *connect_region(dm_region_t *r)
+/* Wait for the connection to become readable, up to timeout_ms. */
+static bool wait_readable(PGconn *conn, int timeout_ms)
 {
+    struct pollfd pfd = {.fd = PQsocket(conn), .events = POLLIN};
+    for (;;) {
+        int rc = poll(&pfd, 1, timeout_ms);
+        if (rc > 0)
+            return true;
+        if (rc == 0 || errno != EINTR)
+            return false;
+    }
+}
+
+/* Next result of the pipeline, waiting at most RESULT_TIMEOUT_MS. *timed_out tells a
+ * black-holed server from a NULL separator. */
+static PGresult *next_result(PGconn *conn, bool *timed_out)
+{
+    *timed_out = false;
+    while (PQisBusy(conn)) {
+        if (!wait_readable(conn, RESULT_TIMEOUT_MS)) {
+            *timed_out = true;
+            return NULL;
+        }
+        if (!PQconsumeInput(conn))
+            return NULL;
+    }
+    return PQgetResult(conn);
+}
+
+static void drop_conn(executor_t *e, const char *why)
+{
+    if (why)
+        set_error(e->region, why);
+    if (e->conn) {
+        PQfinish(e->conn);
+        e->conn = NULL;
+    }
+    exec_set_state(e, EX_DOWN);
+}
+
+static bool exec_connect(executor_t *e)
+{
+    dm_region_t *r = e->region;
     const char *keys[] = {"host",
                           "port",
                           "dbname",
@@ -116,109 +254,427 @@ static PGconn *connect_region(dm_region_t *r)
                           r->cfg->ssl_root_cert,
                           r->connect_timeout_s,
                           "read-write",
-                          "domiciled-monitor",
+                          "domiciled",
                           NULL};
-    return PQconnectdbParams(keys, vals, 0);
-}
+    PGconn *conn = PQconnectdbParams(keys, vals, 0);
+    PGresult *res = NULL;
+    char msg[256];
 
-/* Run one query with a time limit; a black-holed server must not stall the monitor forever.
- * Returns the single result (caller clears) or NULL with the error recorded. */
-static PGresult *query_timed(dm_region_t *r, PGconn *conn, const char *sql, int timeout_ms)
-{
-    if (!PQsendQueryParams(conn, sql, 0, NULL, NULL, NULL, NULL, 0)) {
-        set_error(r, PQerrorMessage(conn));
-        return NULL;
+    if (PQstatus(conn) != CONNECTION_OK) {
+        snprintf(msg, sizeof(msg), "%s", PQerrorMessage(conn));
+        goto fail;
     }
-    int sock = PQsocket(conn);
-    struct pollfd pfd = {.fd = sock, .events = POLLIN};
-    while (PQisBusy(conn)) {
-        int rc = poll(&pfd, 1, timeout_ms);
-        if (rc == 0) {
-            set_error(r, "probe timed out");
-            return NULL;
-        }
-        if (rc < 0 && errno != EINTR) {
-            set_error(r, strerror(errno));
-            return NULL;
-        }
-        if (!PQconsumeInput(conn)) {
-            set_error(r, PQerrorMessage(conn));
-            return NULL;
-        }
+    res = PQexec(conn, "SELECT code FROM domicile.region_identity");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        snprintf(msg, sizeof(msg), "cannot read the region identity: %s",
+                 PQresultErrorMessage(res));
+        goto fail;
     }
-    PGresult *res = PQgetResult(conn);
-    PGresult *extra;
-    while ((extra = PQgetResult(conn)))
-        PQclear(extra);
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        set_error(r, res ? PQresultErrorMessage(res) : PQerrorMessage(conn));
+    if (PQntuples(res) != 1 || strcmp(PQgetvalue(res, 0, 0), r->cfg->code) != 0) {
+        snprintf(msg, sizeof(msg),
+                 "database identifies as region \"%.16s\", not \"%s\": refusing it",
+                 PQntuples(res) == 1 ? PQgetvalue(res, 0, 0) : "(none)", r->cfg->code);
+        dm_error(r->component, "%s", msg);
+        goto fail;
+    }
+    PQclear(res);
+    res = NULL;
+    for (int i = 0; i < DM_SQL__COUNT; i++) {
+        res = PQprepare(conn, dm_sql[i].name, dm_sql[i].text, dm_sql[i].n_params, NULL);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+            snprintf(msg, sizeof(msg), "cannot prepare %s: %s (schema not migrated?)",
+                     dm_sql[i].name, PQresultErrorMessage(res));
+            dm_error(r->component, "%s", msg);
+            goto fail;
+        }
         PQclear(res);
-        return NULL;
+        res = NULL;
     }
-    return res;
+    if (!PQenterPipelineMode(conn)) {
+        snprintf(msg, sizeof(msg), "cannot enter pipeline mode: %s", PQerrorMessage(conn));
+        goto fail;
+    }
+    e->conn = conn;
+    e->backoff_ms = BACKOFF_MIN_MS;
+    clock_gettime(CLOCK_MONOTONIC, &e->last_activity);
+    set_error(r, "");
+    exec_set_state(e, EX_UP);
+    return true;
+fail:
+    PQclear(res);
+    PQfinish(conn);
+    set_error(r, msg);
+    exec_set_state(e, EX_DOWN);
+    return false;
 }
 
-static void *monitor_main(void *arg)
+static dm_status_t *status_from_result(dm_region_t *r, const PGresult *res, PGconn *conn)
 {
-    dm_region_t *r = arg;
-    dm_regions_t *rs = r->set;
-    PGconn *conn = NULL;
-    int backoff = 100;
-    int probe_timeout = r->cfg->connect_timeout_ms;
+    const char *sqlstate = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    const char *text = res ? PQresultErrorMessage(res) : PQerrorMessage(conn);
+    grpc_status_code code = dm_status_code_from_sqlstate(sqlstate);
+    dm_status_t *st;
+    if (code == GRPC_STATUS_UNAVAILABLE)
+        st = dm_status_new(code, "region \"%s\" is unavailable", r->cfg->code);
+    else if (code == GRPC_STATUS_INTERNAL)
+        st = dm_status_new(code, "internal error in region \"%s\"", r->cfg->code);
+    else
+        st = dm_status_new(code, "region \"%s\" refused the statement", r->cfg->code);
+    if (sqlstate)
+        snprintf(st->sqlstate, sizeof(st->sqlstate), "%s", sqlstate);
+    return dm_status_detail(st, "%s%s", sqlstate ? sqlstate : "", text ? text : "");
+}
 
-    while (!atomic_load(&rs->stopping)) {
-        if (!conn) {
-            conn = connect_region(r);
-            if (PQstatus(conn) != CONNECTION_OK) {
-                set_error(r, PQerrorMessage(conn));
-                PQfinish(conn);
-                conn = NULL;
-                set_serving(r, false);
-                if (!pause_ms(rs, backoff))
-                    break;
-                backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
-                continue;
-            }
-            PGresult *res =
-                query_timed(r, conn, "SELECT code FROM domicile.region_identity", probe_timeout);
-            bool ok =
-                res && PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), r->cfg->code) == 0;
-            if (res && !ok) {
-                char msg[200];
-                snprintf(msg, sizeof(msg),
-                         "database identifies as region \"%.16s\", not \"%s\": refusing it",
-                         PQntuples(res) == 1 ? PQgetvalue(res, 0, 0) : "(none)", r->cfg->code);
-                set_error(r, msg);
-                dm_error(r->component, "%s", msg);
-            }
+static bool job_dead(dm_job_t *job, dm_status_t **why)
+{
+    if (!job->call)
+        return false;
+    if (dm_call_cancelled(job->call)) {
+        *why = dm_status_new(GRPC_STATUS_CANCELLED, "call cancelled");
+        return true;
+    }
+    if (dm_call_deadline_left_ms(job->call) <= 0) {
+        *why = dm_status_new(GRPC_STATUS_DEADLINE_EXCEEDED, "deadline exceeded before the "
+                                                            "statement was sent");
+        return true;
+    }
+    return false;
+}
+
+static bool send_job(executor_t *e, dm_job_t *job)
+{
+    return PQsendQueryPrepared(e->conn, dm_sql[job->stmt].name, job->n_params, job->values,
+                               job->lengths, job->formats, 1) == 1;
+}
+
+/* Put jobs back at the head of the queue (to be run alone). */
+static void requeue_front(dm_region_t *r, dm_job_t *list)
+{
+    if (!list)
+        return;
+    dm_job_t *tail = list;
+    while (tail->next)
+        tail = tail->next;
+    pthread_mutex_lock(&r->mu);
+    tail->next = r->q_head;
+    r->q_head = list;
+    if (!r->q_tail)
+        r->q_tail = tail;
+    pthread_cond_signal(&r->cond);
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* Connection lost: every job not yet completed fails UNAVAILABLE. A write among them may
+ * have committed before the connection broke; its client retries with the same request_id
+ * and gets the stored result (never a duplicate). */
+static void fail_all(executor_t *e, dm_job_t *list, const char *why)
+{
+    drop_conn(e, why);
+    while (list) {
+        dm_job_t *next = list->next;
+        if (list->held) {
+            PQclear(list->held);
+            list->held = NULL;
+        }
+        fail_job(list, unavailable(e->region));
+        list = next;
+    }
+}
+
+/* Run one round: `alone` jobs each in their own implicit transaction, `batch` jobs together
+ * in one (one commit, one wait for the synchronous standby). Results are delivered only
+ * after the Sync that commits them arrived. */
+static void run_round(executor_t *e, dm_job_t *alone, dm_job_t *batch)
+{
+    dm_region_t *r = e->region;
+    PGconn *conn = e->conn;
+    bool timed_out = false;
+    int n_batch = 0;
+
+    for (dm_job_t *j = alone; j; j = j->next)
+        if (!send_job(e, j) || !PQpipelineSync(conn))
+            goto broken;
+    for (dm_job_t *j = batch; j; j = j->next, n_batch++)
+        if (!send_job(e, j))
+            goto broken;
+    if (batch && !PQpipelineSync(conn))
+        goto broken;
+    clock_gettime(CLOCK_MONOTONIC, &e->last_activity);
+
+    while (alone) {
+        dm_job_t *j = alone;
+        PGresult *res = next_result(conn, &timed_out);
+        if (!res)
+            goto broken;
+        ExecStatusType rs = PQresultStatus(res);
+        if (rs == PGRES_FATAL_ERROR) {
+            dm_status_t *st = status_from_result(r, res, conn);
             PQclear(res);
-            if (!ok) {
-                PQfinish(conn);
-                conn = NULL;
-                set_serving(r, false);
-                if (!pause_ms(rs, backoff))
-                    break;
-                backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
-                continue;
+            if (st->code == GRPC_STATUS_UNAVAILABLE) {
+                /* e.g. 25006: we reached a standby that was a primary; reconnect. */
+                dm_status_free(st);
+                goto broken;
             }
-            backoff = 100;
-            set_error(r, "");
-            set_serving(r, true);
-        } else {
-            PGresult *res = query_timed(r, conn, "SELECT 1", probe_timeout);
-            if (!res) {
-                PQfinish(conn);
-                conn = NULL;
-                set_serving(r, false);
-                continue; /* reconnect at once: the standby may already be promoted */
+            j->held = NULL;
+            if (next_result(conn, &timed_out) != NULL)
+                goto broken_st;
+            PGresult *sync = next_result(conn, &timed_out);
+            if (!sync || PQresultStatus(sync) != PGRES_PIPELINE_SYNC) {
+                PQclear(sync);
+                goto broken_st;
             }
+            PQclear(sync);
+            alone = j->next;
+            fail_job(j, st);
+            continue;
+        broken_st:
+            dm_status_free(st);
+            goto broken;
+        }
+        if (rs != PGRES_TUPLES_OK && rs != PGRES_COMMAND_OK) {
+            PQclear(res);
+            goto broken;
+        }
+        if (next_result(conn, &timed_out) != NULL) {
+            PQclear(res);
+            goto broken;
+        }
+        PGresult *sync = next_result(conn, &timed_out);
+        if (!sync || PQresultStatus(sync) != PGRES_PIPELINE_SYNC) {
+            PQclear(sync);
+            PQclear(res);
+            goto broken;
+        }
+        PQclear(sync);
+        alone = j->next;
+        j->next = NULL;
+        j->done(j, res, NULL);
+        PQclear(res);
+    }
+
+    if (batch) {
+        bool failed = false;
+        dm_status_t *first_err = NULL;
+        for (dm_job_t *j = batch; j; j = j->next) {
+            PGresult *res = next_result(conn, &timed_out);
+            if (!res)
+                goto broken;
+            ExecStatusType rs = PQresultStatus(res);
+            if (rs == PGRES_TUPLES_OK || rs == PGRES_COMMAND_OK) {
+                j->held = res;
+            } else {
+                if (rs == PGRES_FATAL_ERROR && !first_err)
+                    first_err = status_from_result(r, res, conn);
+                PQclear(res);
+                failed = true;
+            }
+            if (next_result(conn, &timed_out) != NULL) {
+                dm_status_free(first_err);
+                goto broken;
+            }
+        }
+        PGresult *sync = next_result(conn, &timed_out);
+        bool synced = sync && PQresultStatus(sync) == PGRES_PIPELINE_SYNC;
+        PQclear(sync);
+        if (!synced || (first_err && first_err->code == GRPC_STATUS_UNAVAILABLE)) {
+            dm_status_free(first_err);
+            goto broken;
+        }
+        if (failed) {
+            /* One statement raised, so the whole transaction rolled back: results of the
+             * others are void. Run each alone; the guilty one fails on its own. */
+            dm_debug(r->component, "batch of %d rolled back (%s); retrying its jobs alone", n_batch,
+                     first_err ? first_err->detail : "?");
+            dm_status_free(first_err);
+            for (dm_job_t *j = batch; j; j = j->next) {
+                if (j->held) {
+                    PQclear(j->held);
+                    j->held = NULL;
+                }
+                j->solo = true;
+            }
+            requeue_front(r, batch);
+            return;
+        }
+        while (batch) {
+            dm_job_t *j = batch;
+            batch = j->next;
+            j->next = NULL;
+            PGresult *res = j->held;
+            j->held = NULL;
+            j->done(j, res, NULL);
             PQclear(res);
         }
-        if (!pause_ms(rs, rs->cfg->health_interval_ms))
+    }
+    return;
+
+broken:;
+    char why[256];
+    snprintf(why, sizeof(why), "%s",
+             timed_out ? "region did not answer in time" : PQerrorMessage(conn));
+    if (!why[0])
+        snprintf(why, sizeof(why), "connection lost");
+    dm_warn(r->component, "executor %d: connection lost: %s", e->index, why);
+    /* Join what is left of both lists and fail them. */
+    if (alone) {
+        dm_job_t *t = alone;
+        while (t->next)
+            t = t->next;
+        t->next = batch;
+        fail_all(e, alone, why);
+    } else {
+        fail_all(e, batch, why);
+    }
+}
+
+static void probe(executor_t *e)
+{
+    PGresult *res;
+    bool timed_out;
+    if (!PQsendQueryPrepared(e->conn, dm_sql[DM_SQL_PROBE].name, 0, NULL, NULL, NULL, 1) ||
+        !PQpipelineSync(e->conn))
+        goto broken;
+    res = next_result(e->conn, &timed_out);
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        PQclear(res);
+        goto broken;
+    }
+    PQclear(res);
+    if (next_result(e->conn, &timed_out) != NULL)
+        goto broken;
+    res = next_result(e->conn, &timed_out);
+    bool ok = res && PQresultStatus(res) == PGRES_PIPELINE_SYNC;
+    PQclear(res);
+    if (!ok)
+        goto broken;
+    clock_gettime(CLOCK_MONOTONIC, &e->last_activity);
+    return;
+broken:
+    dm_warn(e->region->component, "executor %d: probe failed: %s", e->index,
+            PQerrorMessage(e->conn));
+    drop_conn(e, PQerrorMessage(e->conn));
+}
+
+static void purge_due(executor_t *e)
+{
+    /* Closed customers past their retention window lose their records and keys. */
+    const char *limit = "100";
+    bool timed_out;
+    clock_gettime(CLOCK_MONOTONIC, &e->last_purge);
+    if (!PQsendQueryPrepared(e->conn, dm_sql[DM_SQL_PURGE_DUE].name, 1, &limit, NULL, NULL, 1) ||
+        !PQpipelineSync(e->conn)) {
+        drop_conn(e, PQerrorMessage(e->conn));
+        return;
+    }
+    PGresult *res = next_result(e->conn, &timed_out);
+    if (res && PQresultStatus(res) == PGRES_TUPLES_OK && dm_pg_int4(res, 0, 0) > 0)
+        dm_info(e->region->component, "purged %d closed customers past retention",
+                dm_pg_int4(res, 0, 0));
+    else if (res && PQresultStatus(res) != PGRES_TUPLES_OK)
+        dm_warn(e->region->component, "purge failed: %s", PQresultErrorMessage(res));
+    PQclear(res);
+    PGresult *x;
+    while ((x = next_result(e->conn, &timed_out)) != NULL) {
+        bool sync = PQresultStatus(x) == PGRES_PIPELINE_SYNC;
+        PQclear(x);
+        if (sync)
             break;
     }
-    if (conn)
-        PQfinish(conn);
+    if (timed_out)
+        drop_conn(e, "region did not answer in time");
+}
+
+static size_t job_bytes(const dm_job_t *j)
+{
+    size_t n = 0;
+    for (int i = 0; i < j->n_params; i++)
+        n += j->formats[i] ? (size_t)j->lengths[i] : 0;
+    return n;
+}
+
+static void *executor_main(void *arg)
+{
+    executor_t *e = arg;
+    dm_region_t *r = e->region;
+    int idle_ms = r->set->cfg->health_interval_ms;
+
+    clock_gettime(CLOCK_MONOTONIC, &e->last_purge);
+    while (!atomic_load(&r->set->stopping)) {
+        if (!e->conn) {
+            if (!exec_connect(e)) {
+                if (!pause_ms(r, e->backoff_ms))
+                    break;
+                /* Exponential backoff with jitter, so the pool does not reconnect in step. */
+                int next = e->backoff_ms * 2 + (int)(random() % BACKOFF_MIN_MS);
+                e->backoff_ms = next > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : next;
+                continue;
+            }
+        }
+
+        dm_job_t *alone = NULL, **alone_tail = &alone;
+        dm_job_t *batch = NULL, **batch_tail = &batch;
+        dm_job_t *dead = NULL;
+        int taken = 0;
+        size_t bytes = 0;
+
+        pthread_mutex_lock(&r->mu);
+        if (!r->q_head && !atomic_load(&r->set->stopping)) {
+            struct timespec until;
+            clock_gettime(CLOCK_REALTIME, &until);
+            until.tv_sec += idle_ms / 1000;
+            until.tv_nsec += (long)(idle_ms % 1000) * 1000000L;
+            if (until.tv_nsec >= 1000000000L) {
+                until.tv_sec++;
+                until.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&r->cond, &r->mu, &until);
+        }
+        while (r->q_head && taken < MAX_BATCH_JOBS && bytes < MAX_BATCH_BYTES) {
+            dm_job_t *j = r->q_head;
+            r->q_head = j->next;
+            if (!r->q_head)
+                r->q_tail = NULL;
+            j->next = NULL;
+            taken++;
+            bytes += job_bytes(j);
+            dm_status_t *why = NULL;
+            if (job_dead(j, &why)) {
+                j->next = dead;
+                dead = j;
+                dm_status_free(why);
+            } else if (j->batchable && !j->solo) {
+                *batch_tail = j;
+                batch_tail = &j->next;
+            } else {
+                *alone_tail = j;
+                alone_tail = &j->next;
+            }
+        }
+        /* More queued: wake a sibling to take the next round in parallel. */
+        if (r->q_head)
+            pthread_cond_signal(&r->cond);
+        pthread_mutex_unlock(&r->mu);
+
+        while (dead) {
+            dm_job_t *next = dead->next;
+            dm_status_t *why = NULL;
+            job_dead(dead, &why);
+            fail_job(dead, why ? why : dm_status_new(GRPC_STATUS_CANCELLED, "call ended"));
+            dead = next;
+        }
+        if (alone || batch) {
+            run_round(e, alone, batch);
+        } else if (!atomic_load(&r->set->stopping)) {
+            if (e->conn && elapsed_ms(&e->last_activity) >= idle_ms)
+                probe(e);
+            if (e->conn && e->index == 0 && elapsed_ms(&e->last_purge) >= PURGE_INTERVAL_MS)
+                purge_due(e);
+        }
+    }
+    if (e->conn) {
+        PQfinish(e->conn);
+        e->conn = NULL;
+    }
     return NULL;
 }
 
@@ -246,8 +702,7 @@ dm_status_t *dm_regions_create(const dm_config_t *cfg, dm_regions_t **out)
     rs->cfg = cfg;
     rs->n = cfg->n_regions;
     rs->regions = dm_calloc(rs->n, sizeof(dm_region_t));
-    pthread_mutex_init(&rs->mu, NULL);
-    pthread_cond_init(&rs->cond, NULL);
+    atomic_init(&rs->stopping, false);
     for (size_t i = 0; i < rs->n; i++) {
         dm_region_t *r = &rs->regions[i];
         unsigned char *pw = NULL;
@@ -255,11 +710,22 @@ dm_status_t *dm_regions_create(const dm_config_t *cfg, dm_regions_t **out)
         r->set = rs;
         r->cfg = &cfg->region_cfgs[i];
         pthread_mutex_init(&r->mu, NULL);
+        pthread_cond_init(&r->cond, NULL);
         atomic_init(&r->serving, false);
         snprintf(r->component, sizeof(r->component), "region %s", r->cfg->code);
         r->hosts_csv = join_hosts(r->cfg, false);
         r->ports_csv = join_hosts(r->cfg, true);
         r->connect_timeout_s = dm_sprintf("%d", (r->cfg->connect_timeout_ms + 999) / 1000);
+        r->n_execs = r->cfg->pool_size;
+        r->execs = dm_calloc((size_t)r->n_execs, sizeof(executor_t));
+        for (int k = 0; k < r->n_execs; k++) {
+            r->execs[k].region = r;
+            r->execs[k].index = k;
+            r->execs[k].backoff_ms = BACKOFF_MIN_MS;
+            r->execs[k].state = EX_CONNECTING_FIRST;
+        }
+        r->n_first = r->n_execs;
+        snprintf(r->last_error, sizeof(r->last_error), "not connected yet");
         dm_status_t *st = dm_config_read_secret(r->cfg->password_file, 1024, &pw, &len);
         if (st) {
             dm_regions_destroy(rs);
@@ -268,7 +734,6 @@ dm_status_t *dm_regions_create(const dm_config_t *cfg, dm_regions_t **out)
         while (len && (pw[len - 1] == '\n' || pw[len - 1] == '\r'))
             pw[--len] = '\0';
         r->password = (char *)pw;
-        set_error(r, "not probed yet");
     }
     *out = rs;
     return NULL;
@@ -283,22 +748,41 @@ void dm_regions_on_change(dm_regions_t *rs, dm_region_change_fn fn, void *arg)
 void dm_regions_start(dm_regions_t *rs)
 {
     for (size_t i = 0; i < rs->n; i++) {
-        if (pthread_create(&rs->regions[i].thread, NULL, monitor_main, &rs->regions[i]) != 0)
-            abort();
-        rs->regions[i].started = true;
+        dm_region_t *r = &rs->regions[i];
+        for (int k = 0; k < r->n_execs; k++) {
+            if (pthread_create(&r->execs[k].thread, NULL, executor_main, &r->execs[k]) != 0)
+                abort();
+            r->execs[k].started = true;
+        }
     }
 }
 
 void dm_regions_stop(dm_regions_t *rs)
 {
-    pthread_mutex_lock(&rs->mu);
     atomic_store(&rs->stopping, true);
-    pthread_cond_broadcast(&rs->cond);
-    pthread_mutex_unlock(&rs->mu);
     for (size_t i = 0; i < rs->n; i++) {
-        if (rs->regions[i].started) {
-            pthread_join(rs->regions[i].thread, NULL);
-            rs->regions[i].started = false;
+        dm_region_t *r = &rs->regions[i];
+        pthread_mutex_lock(&r->mu);
+        pthread_cond_broadcast(&r->cond);
+        pthread_mutex_unlock(&r->mu);
+    }
+    for (size_t i = 0; i < rs->n; i++) {
+        dm_region_t *r = &rs->regions[i];
+        for (int k = 0; k < r->n_execs; k++) {
+            if (r->execs[k].started) {
+                pthread_join(r->execs[k].thread, NULL);
+                r->execs[k].started = false;
+            }
+        }
+        /* Jobs still queued belong to calls the server already cancelled: end them. */
+        pthread_mutex_lock(&r->mu);
+        dm_job_t *left = r->q_head;
+        r->q_head = r->q_tail = NULL;
+        pthread_mutex_unlock(&r->mu);
+        while (left) {
+            dm_job_t *next = left->next;
+            fail_job(left, dm_status_new(GRPC_STATUS_UNAVAILABLE, "gateway is shutting down"));
+            left = next;
         }
     }
 }
@@ -317,12 +801,33 @@ void dm_regions_destroy(dm_regions_t *rs)
         free(r->hosts_csv);
         free(r->ports_csv);
         free(r->connect_timeout_s);
+        free(r->execs);
         pthread_mutex_destroy(&r->mu);
+        pthread_cond_destroy(&r->cond);
     }
     free(rs->regions);
-    pthread_mutex_destroy(&rs->mu);
-    pthread_cond_destroy(&rs->cond);
     free(rs);
+}
+
+void dm_region_submit(dm_region_t *r, dm_job_t *job)
+{
+    job->next = NULL;
+    job->held = NULL;
+    pthread_mutex_lock(&r->mu);
+    if (atomic_load(&r->set->stopping) || (r->n_up == 0 && r->n_first == 0)) {
+        pthread_mutex_unlock(&r->mu);
+        fail_job(job, atomic_load(&r->set->stopping)
+                          ? dm_status_new(GRPC_STATUS_UNAVAILABLE, "gateway is shutting down")
+                          : unavailable(r));
+        return;
+    }
+    if (r->q_tail)
+        r->q_tail->next = job;
+    else
+        r->q_head = job;
+    r->q_tail = job;
+    pthread_cond_signal(&r->cond);
+    pthread_mutex_unlock(&r->mu);
 }
 
 size_t dm_regions_count(const dm_regions_t *rs)

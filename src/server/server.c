@@ -26,6 +26,7 @@ typedef enum {
     TAG_NEW,      /* request_(registered_)call completed: a new call or shutdown */
     TAG_CLOSE,    /* RECV_CLOSE_ON_SERVER completed */
     TAG_SEND,     /* a send batch (message and/or status) completed */
+    TAG_RECV,     /* RECV_MESSAGE completed (client streaming) */
     TAG_SHUTDOWN, /* grpc_server_shutdown_and_notify completed */
 } tag_kind_t;
 
@@ -82,7 +83,10 @@ struct dm_call {
     grpc_byte_buffer *payload;
     ProtobufCMessage *request;
 
-    dm_tag_t t_new, t_close, t_send;
+    dm_tag_t t_new, t_close, t_send, t_recv;
+    grpc_byte_buffer *recv_bb;
+    dm_recv_fn recv_fn;
+    void *recv_arg;
     atomic_int refs; /* 1 owner (until finish) + 1 per batch in flight */
     int close_cancelled;
 
@@ -123,6 +127,8 @@ static void call_unref(dm_call_t *c)
         grpc_byte_buffer_destroy(c->inflight_bb);
     if (c->payload)
         grpc_byte_buffer_destroy(c->payload);
+    if (c->recv_bb)
+        grpc_byte_buffer_destroy(c->recv_bb);
     if (c->request)
         protobuf_c_message_free_unpacked(c->request, NULL);
     if (c->data_free)
@@ -150,6 +156,7 @@ static dm_call_t *call_new(cq_worker_t *w, size_t method_index, bool generic)
     c->t_new = (dm_tag_t){TAG_NEW, c};
     c->t_close = (dm_tag_t){TAG_CLOSE, c};
     c->t_send = (dm_tag_t){TAG_SEND, c};
+    c->t_recv = (dm_tag_t){TAG_RECV, c};
     atomic_init(&c->refs, 1);
     atomic_init(&c->cancelled, false);
     c->final_details = grpc_empty_slice();
@@ -383,6 +390,60 @@ static void on_send_done(dm_call_t *c, bool ok)
         drain(c, arg);
 }
 
+void dm_call_recv(dm_call_t *c, dm_recv_fn fn, void *arg)
+{
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &c->recv_bb;
+    c->recv_fn = fn;
+    c->recv_arg = arg;
+    atomic_fetch_add(&c->refs, 1);
+    /* Receive batches are serialised among themselves by the one-read-at-a-time rule and
+     * may run beside send batches (grpc.h). */
+    grpc_call_error err = grpc_call_start_batch(c->call, &op, 1, &c->t_recv, NULL);
+    if (err != GRPC_CALL_OK) {
+        atomic_fetch_sub(&c->refs, 1);
+        fn(c, NULL, dm_status_new(GRPC_STATUS_INTERNAL, "cannot read the request stream"), arg);
+    }
+}
+
+static void on_recv_done(dm_call_t *c, bool ok)
+{
+    grpc_byte_buffer *bb = c->recv_bb;
+    c->recv_bb = NULL;
+    if (!ok) {
+        if (bb)
+            grpc_byte_buffer_destroy(bb);
+        c->recv_fn(c, NULL, dm_status_new(GRPC_STATUS_CANCELLED, "request stream broken"),
+                   c->recv_arg);
+        return;
+    }
+    if (!bb) {
+        c->recv_fn(c, NULL, NULL, c->recv_arg); /* half-close: end of the client stream */
+        return;
+    }
+    grpc_byte_buffer_reader r;
+    ProtobufCMessage *msg = NULL;
+    if (grpc_byte_buffer_reader_init(&r, bb)) {
+        grpc_slice s = grpc_byte_buffer_reader_readall(&r);
+        grpc_byte_buffer_reader_destroy(&r);
+        msg = protobuf_c_message_unpack(c->method->input, NULL, GRPC_SLICE_LENGTH(s),
+                                        GRPC_SLICE_START_PTR(s));
+        grpc_slice_unref(s);
+    }
+    grpc_byte_buffer_destroy(bb);
+    if (!msg) {
+        c->recv_fn(c, NULL,
+                   dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                 "cannot parse a stream message: not a valid %s message",
+                                 c->method->input->name),
+                   c->recv_arg);
+        return;
+    }
+    c->recv_fn(c, msg, NULL, c->recv_arg);
+}
+
 void *dm_call_app(dm_call_t *c)
 {
     return c->srv->app;
@@ -543,6 +604,10 @@ static void *worker_main(void *arg)
             break;
         case TAG_SEND:
             on_send_done(c, ev.success);
+            call_unref(c);
+            break;
+        case TAG_RECV:
+            on_recv_done(c, ev.success);
             call_unref(c);
             break;
         case TAG_SHUTDOWN: {

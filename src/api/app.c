@@ -1,0 +1,50 @@
+#include <string.h>
+
+#include <openssl/crypto.h>
+
+#include "domicile/app.h"
+
+dm_status_t *dm_app_init(dm_app_t *app)
+{
+    dm_status_t *st;
+    for (size_t i = 0; i < app->cfg->n_regions; i++) {
+        st = dm_kek_load(app->cfg->region_cfgs[i].kek_file, &app->keks[i]);
+        if (st)
+            return dm_status_detail(st, "region \"%s\"", app->cfg->region_cfgs[i].code);
+    }
+    st = dm_config_read_secret(app->cfg->subject_pepper_file, 1024, &app->pepper, &app->pepper_len);
+    if (st)
+        return st;
+    if (app->pepper_len < 16)
+        return dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                             "subject pepper \"%s\" must hold at least 16 bytes",
+                             app->cfg->subject_pepper_file);
+    app->directory = dm_directory_create(app->regions, (size_t)app->cfg->directory_cache_entries);
+    app->keys = dm_keycache_create((size_t)app->cfg->key_cache_entries, app->cfg->key_cache_ttl_ms);
+    return NULL;
+}
+
+void dm_app_dispose(dm_app_t *app)
+{
+    for (size_t i = 0; i < DM_MAX_REGIONS; i++) {
+        dm_kek_free(app->keks[i]);
+        app->keks[i] = NULL;
+    }
+    if (app->pepper) {
+        OPENSSL_cleanse(app->pepper, app->pepper_len);
+        free(app->pepper);
+        app->pepper = NULL;
+    }
+    dm_directory_destroy(app->directory);
+    app->directory = NULL;
+    dm_keycache_destroy(app->keys);
+    app->keys = NULL;
+}
+
+size_t dm_app_region_index(dm_app_t *app, dm_region_t *r)
+{
+    for (size_t i = 0; i < dm_regions_count(app->regions); i++)
+        if (dm_regions_at(app->regions, i) == r)
+            return i;
+    return 0;
+}

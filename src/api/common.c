@@ -1,0 +1,120 @@
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#include "domicile/v1/customers.pb-c.h"
+
+#include "internal.h"
+
+char *dm_labels_to_json(size_t n, void *const *entries)
+{
+    json_t *o = json_object();
+    for (size_t i = 0; i < n; i++) {
+        const dm_label_entry_t *e = entries[i];
+        json_object_set_new(o, e->key, json_string(e->value));
+    }
+    char *s = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(o);
+    if (!s)
+        abort(); /* values were validated as UTF-8 */
+    return s;
+}
+
+bool dm_labels_from_json(const char *text, size_t len, const ProtobufCMessageDescriptor *desc,
+                         size_t *n_out, void ***out)
+{
+    json_error_t jerr;
+    json_t *o = json_loadb(text, len, 0, &jerr);
+    if (!o || !json_is_object(o)) {
+        json_decref(o);
+        return false;
+    }
+    size_t n = json_object_size(o), i = 0;
+    void **entries = n ? dm_calloc(n, sizeof(void *)) : NULL;
+    const char *k;
+    json_t *v;
+    json_object_foreach(o, k, v)
+    {
+        dm_label_entry_t *e = dm_calloc(1, desc->sizeof_message);
+        protobuf_c_message_init(desc, e);
+        e->key = dm_strdup(k);
+        e->value = dm_strdup(json_is_string(v) ? json_string_value(v) : "");
+        entries[i++] = e;
+    }
+    json_decref(o);
+    *n_out = n;
+    *out = entries;
+    return true;
+}
+
+void dm_labels_free(size_t n, void **entries)
+{
+    for (size_t i = 0; i < n; i++) {
+        dm_label_entry_t *e = entries[i];
+        free(e->key);
+        free(e->value);
+        free(e);
+    }
+    free(entries);
+}
+
+void dm_fingerprint(unsigned char out[32], size_t n_parts, const dm_aad_part_t *parts)
+{
+    size_t len;
+    unsigned char *enc = dm_aad(&len, n_parts, parts);
+    unsigned int olen = 32;
+    if (!EVP_Digest(enc, len, out, &olen, EVP_sha256(), NULL))
+        abort();
+    OPENSSL_cleanse(enc, len); /* may hold a payload */
+    free(enc);
+}
+
+dm_status_t *dm_subject_to_key(dm_app_t *app, const char *field, const char *subject, bool *has,
+                               unsigned char key[DM_SUBJECT_KEY_LEN])
+{
+    char *norm = NULL;
+    *has = false;
+    if (subject[0] == '\0')
+        return NULL;
+    dm_status_t *st = dm_subject_normalize(subject, &norm);
+    if (st) {
+        dm_status_t *out =
+            dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                          "%s: must be 1..%d bytes of UTF-8 after trimming", field, DM_SUBJECT_MAX);
+        dm_status_free(st);
+        return out;
+    }
+    dm_subject_key(app->pepper, app->pepper_len, norm, key);
+    OPENSSL_cleanse(norm, strlen(norm));
+    free(norm);
+    *has = true;
+    return NULL;
+}
+
+unsigned char *dm_key_aad(const char *region, const char *customer, const unsigned char *sk,
+                          size_t sk_len, size_t *len)
+{
+    return DM_AAD(len, DM_AAD_STR("domicile-dek-v1"), DM_AAD_STR(region), DM_AAD_STR(customer),
+                  DM_AAD_BYTES(sk ? (const void *)sk : "", sk ? sk_len : 0));
+}
+
+unsigned char *dm_record_aad(const char *region, const char *customer, const char *record_id,
+                             size_t *len)
+{
+    return DM_AAD(len, DM_AAD_STR("domicile-record-v1"), DM_AAD_STR(region), DM_AAD_STR(customer),
+                  DM_AAD_STR(record_id));
+}
+
+int dm_customer_state_enum(const char *s, size_t len)
+{
+    if (len == 6 && memcmp(s, "active", 6) == 0)
+        return DOMICILE__V1__CUSTOMER_STATE__CUSTOMER_STATE_ACTIVE;
+    if (len == 6 && memcmp(s, "closed", 6) == 0)
+        return DOMICILE__V1__CUSTOMER_STATE__CUSTOMER_STATE_CLOSED;
+    if (len == 6 && memcmp(s, "purged", 6) == 0)
+        return DOMICILE__V1__CUSTOMER_STATE__CUSTOMER_STATE_PURGED;
+    return DOMICILE__V1__CUSTOMER_STATE__CUSTOMER_STATE_UNSPECIFIED;
+}

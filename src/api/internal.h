@@ -1,0 +1,45 @@
+/*
+ * Helpers shared by the service files of src/api/. Not a public header.
+ */
+#ifndef DOMICILE_API_INTERNAL_H
+#define DOMICILE_API_INTERNAL_H
+
+#include <protobuf-c/protobuf-c.h>
+
+#include "domicile/api.h"
+#include "domicile/crypto.h"
+#include "domicile/validate.h"
+
+#define APP(call) ((dm_app_t *)dm_call_app(call))
+
+/** Labels (protobuf-c map entries) as a compact JSON object with sorted keys; caller frees. */
+char *dm_labels_to_json(size_t n, void *const *entries);
+/**
+ * JSON object text (as stored) -> newly allocated map entries of `entry_desc` (all values
+ * strings). Free with dm_labels_free(). Returns false when the text is not such an object.
+ */
+bool dm_labels_from_json(const char *json, size_t len, const ProtobufCMessageDescriptor *entry_desc,
+                         size_t *n_out, void ***out);
+void dm_labels_free(size_t n, void **entries);
+
+/** SHA-256 over the unambiguous encoding of `parts` (request fingerprints). */
+void dm_fingerprint(unsigned char out[32], size_t n_parts, const dm_aad_part_t *parts);
+#define DM_FINGERPRINT(out, ...)                                                                   \
+    dm_fingerprint((out), sizeof((dm_aad_part_t[]){__VA_ARGS__}) / sizeof(dm_aad_part_t),          \
+                   (dm_aad_part_t[]){__VA_ARGS__})
+
+/** Subject (may be empty) -> *has and its HMAC key; INVALID_ARGUMENT naming `field`. */
+dm_status_t *dm_subject_to_key(dm_app_t *app, const char *field, const char *subject, bool *has,
+                               unsigned char key[DM_SUBJECT_KEY_LEN]) DM_WARN_UNUSED;
+
+/** AAD of a wrapped data key: region, customer, subject key (empty for the customer key). */
+unsigned char *dm_key_aad(const char *region, const char *customer, const unsigned char *sk,
+                          size_t sk_len, size_t *len);
+/** AAD of a record payload: region, customer, record id. */
+unsigned char *dm_record_aad(const char *region, const char *customer, const char *record_id,
+                             size_t *len);
+
+/** "active" | "closed" | "purged" text -> enum. */
+int dm_customer_state_enum(const char *s, size_t len);
+
+#endif

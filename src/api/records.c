@@ -1,0 +1,979 @@
+/*
+ * domicile.v1.Records: validate -> resolve the customer's region -> one statement in that
+ * region (and nowhere else) -> reply from the executor thread. Payloads are sealed here with
+ * the customer's (or subject's) data key before they leave for the database, and opened here
+ * after they come back.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+
+#include "domicile/v1/records.pb-c.h"
+
+#include "domicile/log.h"
+#include "internal.h"
+
+#define LIST_DEFAULT_PAGE  100
+#define LIST_MAX_PAGE      1000
+#define LIST_CHUNK_PLAIN   200 /* rows per query without payloads */
+#define LIST_CHUNK_PAYLOAD 16  /* rows per query with payloads: <= 16 MiB in memory */
+#define PAGE_TOKEN_PREFIX  "r1."
+#define KEY_RETRIES        2
+
+typedef Domicile__V1__PutRecordRequest put_req_t;
+
+typedef struct bulk bulk_t;
+
+typedef struct rec_ctx {
+    dm_call_t *call;
+    bulk_t *bulk; /* BulkPutRecords: this put is one message of the stream */
+    int index;
+    put_req_t *put_req; /* PutRecord: the call's request; bulk: owned by this context */
+    dm_app_t *app;
+    dm_region_t *region;
+    const char *region_code;
+    bool has_subject;
+    unsigned char subject_key[DM_SUBJECT_KEY_LEN];
+    unsigned char fingerprint[32];
+    dm_job_t job;
+
+    /* PutRecord */
+    int64_t key_id;
+    unsigned char dek[DM_KEY_LEN];
+    unsigned char *wrapped;
+    size_t wrapped_len;
+    unsigned char *ct;
+    size_t ct_len;
+    char *labels_json;
+    char key_id_s[24], size_s[16], expected_s[24];
+    int key_tries;
+
+    /* ListRecords */
+    char *after; /* last record id sent */
+    int remaining;
+    char limit_s[16];
+    bool with_payload;
+    atomic_bool awaiting_drain;
+} rec_ctx_t;
+
+static void ctx_free(void *p)
+{
+    rec_ctx_t *c = p;
+    OPENSSL_cleanse(c->dek, sizeof(c->dek));
+    free(c->wrapped);
+    free(c->ct);
+    free(c->labels_json);
+    free(c->after);
+    free(c);
+}
+
+static rec_ctx_t *ctx_new(dm_call_t *call)
+{
+    rec_ctx_t *c = dm_calloc(1, sizeof(*c));
+    c->call = call;
+    c->app = APP(call);
+    dm_call_set_data(call, c, ctx_free);
+    return c;
+}
+
+static void set_region(rec_ctx_t *c, dm_region_t *r)
+{
+    c->region = r;
+    c->region_code = dm_region_code(r);
+}
+
+static const dm_kek_t *kek_of(rec_ctx_t *c)
+{
+    return c->app->keks[dm_app_region_index(c->app, c->region)];
+}
+
+static void job_init(rec_ctx_t *c, dm_sql_id_t stmt, dm_job_fn done, bool batchable)
+{
+    memset(&c->job, 0, sizeof(c->job));
+    c->job.stmt = stmt;
+    c->job.done = done;
+    c->job.arg = c;
+    c->job.call = c->call;
+    c->job.batchable = batchable;
+}
+
+static bool expected_of(int32_t has_case, int32_t want_case, int64_t v, int64_t *out,
+                        dm_status_t **st)
+{
+    if (has_case != want_case)
+        return false;
+    if (v < 0) {
+        *st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "expected_version: must be >= 0");
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+/* Fill a Record from a row of get_record/list_records (column order: sql.c RECORD_COLUMNS). */
+static void record_from_row(Domicile__V1__Record *rec, const PGresult *res, int row,
+                            const char *customer, const char *region, char *sk_hex)
+{
+    int len;
+    rec->customer_id = (char *)customer;
+    rec->record_id = (char *)dm_pg_bytes(res, row, 0, &len);
+    rec->kind = (char *)dm_pg_bytes(res, row, 1, &len);
+    if (!dm_pg_isnull(res, row, 2)) {
+        const char *sk = dm_pg_bytes(res, row, 2, &len);
+        if (len == DM_SUBJECT_KEY_LEN) {
+            dm_hex_encode((const unsigned char *)sk, DM_SUBJECT_KEY_LEN, sk_hex);
+            rec->has_subject = true;
+            rec->subject_key_hex = sk_hex;
+        }
+    }
+    rec->content_type = (char *)dm_pg_bytes(res, row, 3, &len);
+    const char *labels = dm_pg_jsonb(res, row, 4, &len);
+    size_t n = 0;
+    void **entries = NULL;
+    if (dm_labels_from_json(labels, (size_t)len, &domicile__v1__record__labels_entry__descriptor,
+                            &n, &entries)) {
+        rec->n_labels = n;
+        rec->labels = (Domicile__V1__Record__LabelsEntry **)entries;
+    }
+    rec->version = dm_pg_int8(res, row, 5);
+    rec->restricted = dm_pg_bool(res, row, 6);
+    rec->created_at_unix_ms = dm_pg_time_ms(res, row, 7);
+    rec->updated_at_unix_ms = dm_pg_time_ms(res, row, 8);
+    rec->payload_size = dm_pg_int4(res, row, 9);
+    rec->region = (char *)region;
+}
+
+static void record_dispose(Domicile__V1__Record *rec)
+{
+    dm_labels_free(rec->n_labels, (void **)rec->labels);
+    rec->labels = NULL;
+    rec->n_labels = 0;
+    if (rec->payload.data) {
+        OPENSSL_cleanse(rec->payload.data, rec->payload.len);
+        free(rec->payload.data);
+        rec->payload.data = NULL;
+    }
+}
+
+/* Open a row's payload: unwrap its key (columns 2 subject, 12 wrapped) and the ciphertext
+ * (column 11) under the AAD of (region, customer, record id). */
+static dm_status_t *open_payload(rec_ctx_t *c, const PGresult *res, int row, const char *customer,
+                                 Domicile__V1__Record *rec)
+{
+    int sk_len = 0, w_len, ct_len;
+    const unsigned char *sk = NULL;
+    if (!dm_pg_isnull(res, row, 2))
+        sk = (const unsigned char *)dm_pg_bytes(res, row, 2, &sk_len);
+    const unsigned char *w = (const unsigned char *)dm_pg_bytes(res, row, 12, &w_len);
+    const unsigned char *ct = (const unsigned char *)dm_pg_bytes(res, row, 11, &ct_len);
+    unsigned char dek[DM_KEY_LEN];
+    size_t aad_len;
+    unsigned char *aad = dm_key_aad(c->region_code, customer, sk, (size_t)sk_len, &aad_len);
+    dm_status_t *st = dm_dek_unwrap(kek_of(c), w, (size_t)w_len, aad, aad_len, dek);
+    free(aad);
+    if (st)
+        return st;
+    aad = dm_record_aad(c->region_code, customer, rec->record_id, &aad_len);
+    unsigned char *pt = NULL;
+    size_t pt_len = 0;
+    st = dm_open(dek, aad, aad_len, ct, (size_t)ct_len, &pt, &pt_len);
+    OPENSSL_cleanse(dek, sizeof(dek));
+    free(aad);
+    if (st)
+        return st;
+    rec->payload.data = pt;
+    rec->payload.len = pt_len;
+    return NULL;
+}
+
+static void log_data_loss(rec_ctx_t *c, const char *record_id)
+{
+    dm_error("records",
+             "region %s: stored ciphertext of record %.64s does not authenticate: moved "
+             "between rows or regions, or tampered with",
+             c->region_code, record_id);
+}
+
+/* ---- PutRecord ----------------------------------------------------------------------- */
+
+static void put_with_key(rec_ctx_t *c);
+static void put_start(rec_ctx_t *c, bool has_expected, int64_t expected);
+static void bulk_op_done(rec_ctx_t *op, dm_status_t *st, Domicile__V1__PutRecordResponse *rep);
+
+static void put_fail(rec_ctx_t *c, dm_status_t *st)
+{
+    if (c->bulk)
+        bulk_op_done(c, st, NULL);
+    else
+        dm_call_finish(c->call, st);
+}
+
+static void put_ok(rec_ctx_t *c, Domicile__V1__PutRecordResponse *rep)
+{
+    if (c->bulk)
+        bulk_op_done(c, NULL, rep);
+    else
+        dm_call_reply(c->call, &rep->base);
+}
+
+static dm_status_t *validate_put(const put_req_t *r)
+{
+    dm_status_t *st;
+    if ((st = dm_check_request_id("request_id", r->request_id)) ||
+        (st = dm_check_customer_id("customer_id", r->customer_id)) ||
+        (st = dm_check_record_id("record_id", r->record_id)) ||
+        (st = dm_check_kind("kind", r->kind, false)) ||
+        (st = dm_check_payload("payload", r->payload.len)) ||
+        (st = dm_check_content_type("content_type", r->content_type)) ||
+        (st = dm_check_labels("labels", r->n_labels, (void *const *)r->labels)))
+        return st;
+    if (r->subject[0] && !dm_utf8_valid(r->subject, strlen(r->subject)))
+        return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                             "subject: must be 1..%d bytes of UTF-8 after trimming",
+                             DM_SUBJECT_MAX);
+    return NULL;
+}
+
+static void put_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    rec_ctx_t *c = job->arg;
+    const put_req_t *req = c->put_req;
+    if (err) {
+        put_fail(c, err);
+        return;
+    }
+    int len;
+    const char *status = dm_pg_bytes(res, 0, 0, &len);
+    if (strcmp(status, "ok") == 0 || strcmp(status, "replayed") == 0) {
+        Domicile__V1__PutRecordResponse rep = DOMICILE__V1__PUT_RECORD_RESPONSE__INIT;
+        Domicile__V1__Record rec = DOMICILE__V1__RECORD__INIT;
+        char sk_hex[2 * DM_SUBJECT_KEY_LEN + 1];
+        rec.customer_id = req->customer_id;
+        rec.record_id = req->record_id;
+        rec.kind = req->kind;
+        if (c->has_subject) {
+            dm_hex_encode(c->subject_key, DM_SUBJECT_KEY_LEN, sk_hex);
+            rec.has_subject = true;
+            rec.subject_key_hex = sk_hex;
+        }
+        rec.content_type = req->content_type;
+        rec.n_labels = req->n_labels;
+        rec.labels = (Domicile__V1__Record__LabelsEntry **)req->labels;
+        rec.version = dm_pg_int8(res, 0, 1);
+        rec.created_at_unix_ms = dm_pg_time_ms(res, 0, 3);
+        rec.updated_at_unix_ms = dm_pg_time_ms(res, 0, 4);
+        rec.restricted = dm_pg_bool(res, 0, 5);
+        rec.payload_size = (int64_t)req->payload.len;
+        rec.region = (char *)c->region_code;
+        rep.record = &rec;
+        rep.created = dm_pg_bool(res, 0, 2);
+        rep.replayed = status[0] == 'r';
+        put_ok(c, &rep);
+    } else if (strcmp(status, "version_mismatch") == 0) {
+        put_fail(c, dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                                  "record version is %lld, expected_version was %s",
+                                  (long long)dm_pg_int8(res, 0, 1), c->expected_s));
+    } else if (strcmp(status, "key_gone") == 0 && c->key_tries < KEY_RETRIES) {
+        /* The data key was destroyed (an erasure) since we cached it: never write under a
+         * key that no longer exists; fetch (or create) the current one and seal again. */
+        dm_keycache_forget(c->app->keys, c->region_code, req->customer_id,
+                           c->has_subject ? c->subject_key : NULL);
+        put_with_key(c);
+    } else if (strcmp(status, "customer_closed") == 0) {
+        put_fail(c, dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                                  "customer is closed: records are read-only"));
+    } else if (strcmp(status, "no_customer") == 0) {
+        put_fail(c, dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found"));
+    } else if (strcmp(status, "request_id_reused") == 0) {
+        put_fail(c, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                  "request_id: already used for a different request"));
+    } else {
+        put_fail(c, dm_status_new(GRPC_STATUS_INTERNAL, "unexpected put_record outcome \"%.32s\"",
+                                  status));
+    }
+}
+
+static void put_submit(rec_ctx_t *c)
+{
+    const put_req_t *req = c->put_req;
+    size_t aad_len;
+    unsigned char *aad = dm_record_aad(c->region_code, req->customer_id, req->record_id, &aad_len);
+    free(c->ct);
+    c->ct = NULL;
+    dm_status_t *st =
+        dm_seal(c->dek, aad, aad_len, req->payload.data, req->payload.len, &c->ct, &c->ct_len);
+    free(aad);
+    if (st) {
+        put_fail(c, st);
+        return;
+    }
+    job_init(c, DM_SQL_PUT_RECORD, put_done, true);
+    snprintf(c->key_id_s, sizeof(c->key_id_s), "%lld", (long long)c->key_id);
+    snprintf(c->size_s, sizeof(c->size_s), "%zu", req->payload.len);
+    dm_job_param_text(&c->job, 0, req->customer_id);
+    dm_job_param_text(&c->job, 1, req->request_id);
+    dm_job_param_bin(&c->job, 2, c->fingerprint, sizeof(c->fingerprint));
+    dm_job_param_text(&c->job, 3, req->record_id);
+    dm_job_param_text(&c->job, 4, req->kind);
+    if (c->has_subject)
+        dm_job_param_bin(&c->job, 5, c->subject_key, DM_SUBJECT_KEY_LEN);
+    else
+        dm_job_param_text(&c->job, 5, NULL);
+    dm_job_param_text(&c->job, 6, c->key_id_s);
+    dm_job_param_bin(&c->job, 7, c->ct, (int)c->ct_len);
+    dm_job_param_text(&c->job, 8, c->size_s);
+    dm_job_param_text(&c->job, 9, req->content_type);
+    dm_job_param_text(&c->job, 10, c->labels_json);
+    dm_job_param_text(&c->job, 11, c->expected_s[0] ? c->expected_s : NULL);
+    dm_region_submit(c->region, &c->job);
+}
+
+static void key_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    rec_ctx_t *c = job->arg;
+    const put_req_t *req = c->put_req;
+    if (err) {
+        put_fail(c, err);
+        return;
+    }
+    int len, w_len;
+    const char *status = dm_pg_bytes(res, 0, 0, &len);
+    if (strcmp(status, "ok") != 0) {
+        put_fail(c, dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found"));
+        return;
+    }
+    c->key_id = dm_pg_int8(res, 0, 1);
+    const unsigned char *w = (const unsigned char *)dm_pg_bytes(res, 0, 2, &w_len);
+    size_t aad_len;
+    unsigned char *aad =
+        dm_key_aad(c->region_code, req->customer_id, c->has_subject ? c->subject_key : NULL,
+                   c->has_subject ? DM_SUBJECT_KEY_LEN : 0, &aad_len);
+    /* The stored key may be another gateway's candidate: always unwrap what came back. */
+    dm_status_t *st = dm_dek_unwrap(kek_of(c), w, (size_t)w_len, aad, aad_len, c->dek);
+    free(aad);
+    if (st) {
+        dm_error("records", "region %s: a stored data key does not unwrap (wrong KEK?)",
+                 c->region_code);
+        put_fail(c, st);
+        return;
+    }
+    dm_keycache_put(c->app->keys, c->region_code, req->customer_id,
+                    c->has_subject ? c->subject_key : NULL, c->key_id, c->dek);
+    put_submit(c);
+}
+
+static void put_with_key(rec_ctx_t *c)
+{
+    const put_req_t *req = c->put_req;
+    const unsigned char *sk = c->has_subject ? c->subject_key : NULL;
+    c->key_tries++;
+    if (dm_keycache_get(c->app->keys, c->region_code, req->customer_id, sk, &c->key_id, c->dek)) {
+        put_submit(c);
+        return;
+    }
+    /* Miss: offer a fresh key; the region keeps whichever key it already had. */
+    unsigned char cand[DM_KEY_LEN];
+    size_t aad_len;
+    dm_random_bytes(cand, sizeof(cand));
+    unsigned char *aad =
+        dm_key_aad(c->region_code, req->customer_id, sk, sk ? DM_SUBJECT_KEY_LEN : 0, &aad_len);
+    free(c->wrapped);
+    c->wrapped = NULL;
+    dm_status_t *st = dm_dek_wrap(kek_of(c), cand, aad, aad_len, &c->wrapped, &c->wrapped_len);
+    OPENSSL_cleanse(cand, sizeof(cand));
+    free(aad);
+    if (st) {
+        put_fail(c, st);
+        return;
+    }
+    job_init(c, DM_SQL_GET_OR_CREATE_KEY, key_done, false);
+    dm_job_param_text(&c->job, 0, req->customer_id);
+    dm_job_param_bin(&c->job, 1, sk ? (const void *)sk : "", sk ? DM_SUBJECT_KEY_LEN : 0);
+    dm_job_param_bin(&c->job, 2, c->wrapped, (int)c->wrapped_len);
+    dm_region_submit(c->region, &c->job);
+}
+
+static void put_resolved(void *arg, dm_region_t *r, const char *state, dm_status_t *err)
+{
+    rec_ctx_t *c = arg;
+    if (err) {
+        put_fail(c, err);
+        return;
+    }
+    set_region(c, r);
+    put_with_key(c);
+}
+
+/* Validate a put and its expected_version. */
+static dm_status_t *check_put(const put_req_t *req, bool *has_expected, int64_t *expected)
+{
+    dm_status_t *st = validate_put(req);
+    *has_expected = !st && expected_of(req->expected_case,
+                                       DOMICILE__V1__PUT_RECORD_REQUEST__EXPECTED_EXPECTED_VERSION,
+                                       req->expected_version, expected, &st);
+    return st;
+}
+
+/* Subject key, fingerprint, then resolution; completes through put_ok/put_fail. */
+static void put_start(rec_ctx_t *c, bool has_expected, int64_t expected)
+{
+    const put_req_t *req = c->put_req;
+    dm_status_t *st =
+        dm_subject_to_key(c->app, "subject", req->subject, &c->has_subject, c->subject_key);
+    if (st) {
+        put_fail(c, st);
+        return;
+    }
+    if (has_expected)
+        snprintf(c->expected_s, sizeof(c->expected_s), "%lld", (long long)expected);
+    c->labels_json = dm_labels_to_json(req->n_labels, (void *const *)req->labels);
+    /* Same request_id with other content must not replay: fingerprint every field. */
+    DM_FINGERPRINT(c->fingerprint, DM_AAD_STR("PutRecord"), DM_AAD_STR(req->customer_id),
+                   DM_AAD_STR(req->record_id), DM_AAD_STR(req->kind),
+                   DM_AAD_BYTES(c->subject_key, c->has_subject ? DM_SUBJECT_KEY_LEN : 0),
+                   DM_AAD_BYTES(req->payload.data, req->payload.len), DM_AAD_STR(req->content_type),
+                   DM_AAD_STR(c->labels_json), DM_AAD_STR(c->expected_s));
+    dm_directory_resolve(c->app->directory, req->customer_id, c->call, put_resolved, c);
+}
+
+void dm_records_put(dm_call_t *call)
+{
+    put_req_t *req = (put_req_t *)dm_call_request(call);
+    bool has_expected;
+    int64_t expected = 0;
+    dm_status_t *st = check_put(req, &has_expected, &expected);
+    if (st) {
+        dm_call_finish(call, st);
+        return;
+    }
+    rec_ctx_t *c = ctx_new(call);
+    c->put_req = req;
+    put_start(c, has_expected, expected);
+}
+
+/* ---- BulkPutRecords ------------------------------------------------------------------ */
+
+#define BULK_MAX_MESSAGES 10000
+#define BULK_WINDOW       64   /* puts in flight per stream: enough to fill a batch */
+#define BULK_MAX_FAILURES 1000 /* failures reported in detail; the rest are counted */
+
+struct bulk {
+    dm_call_t *call;
+    dm_app_t *app;
+    pthread_mutex_t mu; /* everything below */
+    int received, in_flight;
+    int64_t written, replayed, created, failed;
+    bool eof, reading, done;
+    dm_status_t *fatal;
+    size_t n_failures;
+    Domicile__V1__BulkPutFailure **failures;
+};
+
+static void bulk_free(void *p)
+{
+    bulk_t *b = p;
+    for (size_t i = 0; i < b->n_failures; i++) {
+        free(b->failures[i]->record_id);
+        free(b->failures[i]->message);
+        free(b->failures[i]);
+    }
+    free(b->failures);
+    dm_status_free(b->fatal);
+    pthread_mutex_destroy(&b->mu);
+    free(b);
+}
+
+static void bulk_on_message(dm_call_t *call, ProtobufCMessage *msg, dm_status_t *err, void *arg);
+
+/* Called with b->mu held; returns true when the call should end now. */
+static bool bulk_should_end(bulk_t *b)
+{
+    return !b->done && b->in_flight == 0 && !b->reading && (b->eof || b->fatal);
+}
+
+static void bulk_end(bulk_t *b)
+{
+    if (b->fatal) {
+        dm_status_t *st = b->fatal;
+        b->fatal = NULL;
+        dm_call_finish(b->call, st);
+        return;
+    }
+    Domicile__V1__BulkPutRecordsResponse rep = DOMICILE__V1__BULK_PUT_RECORDS_RESPONSE__INIT;
+    rep.written = b->written;
+    rep.replayed = b->replayed;
+    rep.created = b->created;
+    rep.n_failures = b->n_failures;
+    rep.failures = b->failures;
+    dm_info("records", "bulk put: %d messages, %lld written, %lld replayed, %lld failed",
+            b->received, (long long)b->written, (long long)b->replayed, (long long)b->failed);
+    dm_call_reply(b->call, &rep.base);
+}
+
+static char *safe_id(const char *id)
+{
+    /* Echo the id back readable: invalid UTF-8 would make the response unparseable. */
+    size_t n = strnlen(id, DM_RECORD_ID_MAX);
+    if (dm_utf8_valid(id, n))
+        return dm_strndup(id, n);
+    char *out = dm_strndup(id, n);
+    for (char *p = out; *p; p++)
+        if ((unsigned char)*p >= 0x80 || (unsigned char)*p < 0x20)
+            *p = '?';
+    return out;
+}
+
+static void bulk_note_failure_locked(bulk_t *b, int index, const char *record_id,
+                                     const dm_status_t *st)
+{
+    b->failed++;
+    if (b->n_failures >= BULK_MAX_FAILURES)
+        return;
+    Domicile__V1__BulkPutFailure *f = dm_malloc(sizeof(*f));
+    domicile__v1__bulk_put_failure__init(f);
+    f->index = index;
+    f->record_id = safe_id(record_id);
+    f->code = (int32_t)st->code;
+    f->message = dm_strdup(st->message);
+    b->failures = dm_realloc(b->failures, (b->n_failures + 1) * sizeof(*b->failures));
+    b->failures[b->n_failures++] = f;
+}
+
+/* Read more while the window has room. Called with b->mu held; returns whether to read. */
+static bool bulk_want_read_locked(bulk_t *b)
+{
+    if (b->reading || b->eof || b->fatal || b->in_flight >= BULK_WINDOW)
+        return false;
+    b->reading = true;
+    return true;
+}
+
+static void op_free(rec_ctx_t *op)
+{
+    protobuf_c_message_free_unpacked(&op->put_req->base, NULL);
+    ctx_free(op);
+}
+
+static void bulk_op_done(rec_ctx_t *op, dm_status_t *st, Domicile__V1__PutRecordResponse *rep)
+{
+    bulk_t *b = op->bulk;
+    pthread_mutex_lock(&b->mu);
+    b->in_flight--;
+    if (st) {
+        bulk_note_failure_locked(b, op->index, op->put_req->record_id, st);
+    } else if (rep->replayed) {
+        b->replayed++;
+    } else {
+        b->written++;
+        b->created += rep->created;
+    }
+    bool read = bulk_want_read_locked(b);
+    bool end = bulk_should_end(b);
+    if (end)
+        b->done = true;
+    pthread_mutex_unlock(&b->mu);
+    dm_status_free(st);
+    op_free(op);
+    if (read)
+        dm_call_recv(b->call, bulk_on_message, b);
+    else if (end)
+        bulk_end(b);
+}
+
+static void bulk_on_message(dm_call_t *call, ProtobufCMessage *msg, dm_status_t *err, void *arg)
+{
+    bulk_t *b = arg;
+    pthread_mutex_lock(&b->mu);
+    b->reading = false;
+    if (err) {
+        if (!b->fatal)
+            b->fatal = err;
+        else
+            dm_status_free(err);
+    } else if (!msg) {
+        b->eof = true;
+    } else if (b->received >= BULK_MAX_MESSAGES) {
+        protobuf_c_message_free_unpacked(msg, NULL);
+        msg = NULL;
+        if (!b->fatal)
+            b->fatal = dm_status_new(GRPC_STATUS_RESOURCE_EXHAUSTED,
+                                     "stream: at most %d messages per BulkPutRecords call "
+                                     "(the first %d were processed)",
+                                     BULK_MAX_MESSAGES, BULK_MAX_MESSAGES);
+    }
+    if (!msg || b->fatal) {
+        if (msg)
+            protobuf_c_message_free_unpacked(msg, NULL);
+        bool end = bulk_should_end(b);
+        if (end)
+            b->done = true;
+        pthread_mutex_unlock(&b->mu);
+        if (end)
+            bulk_end(b);
+        return;
+    }
+    int index = b->received++;
+    put_req_t *req = (put_req_t *)msg;
+    bool has_expected;
+    int64_t expected = 0;
+    dm_status_t *st = check_put(req, &has_expected, &expected);
+    if (st) {
+        bulk_note_failure_locked(b, index, req->record_id, st);
+        dm_status_free(st);
+        protobuf_c_message_free_unpacked(msg, NULL);
+        b->reading = true; /* next message at once */
+        pthread_mutex_unlock(&b->mu);
+        dm_call_recv(call, bulk_on_message, b);
+        return;
+    }
+    b->in_flight++;
+    bool read = bulk_want_read_locked(b);
+    pthread_mutex_unlock(&b->mu);
+
+    rec_ctx_t *op = dm_calloc(1, sizeof(*op));
+    op->call = call;
+    op->app = b->app;
+    op->bulk = b;
+    op->index = index;
+    op->put_req = req;
+    if (read)
+        dm_call_recv(call, bulk_on_message, b);
+    put_start(op, has_expected, expected);
+}
+
+void dm_records_bulk_put(dm_call_t *call)
+{
+    bulk_t *b = dm_calloc(1, sizeof(*b));
+    b->call = call;
+    b->app = APP(call);
+    pthread_mutex_init(&b->mu, NULL);
+    b->reading = true;
+    dm_call_set_data(call, b, bulk_free);
+    dm_call_recv(call, bulk_on_message, b);
+}
+
+/* ---- GetRecord ----------------------------------------------------------------------- */
+
+static void get_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    rec_ctx_t *c = job->arg;
+    const Domicile__V1__GetRecordRequest *req =
+        (const Domicile__V1__GetRecordRequest *)dm_call_request(c->call);
+    if (err) {
+        dm_call_finish(c->call, err);
+        return;
+    }
+    if (PQntuples(res) != 1) {
+        dm_call_finish(c->call, dm_status_new(GRPC_STATUS_NOT_FOUND, "record not found"));
+        return;
+    }
+    if (dm_pg_bool(res, 0, 6)) {
+        dm_call_finish(c->call, dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                                              "record is restricted: processing of its data "
+                                              "subject's data is restricted"));
+        return;
+    }
+    Domicile__V1__Record rec = DOMICILE__V1__RECORD__INIT;
+    char sk_hex[2 * DM_SUBJECT_KEY_LEN + 1];
+    record_from_row(&rec, res, 0, req->customer_id, c->region_code, sk_hex);
+    dm_status_t *st = open_payload(c, res, 0, req->customer_id, &rec);
+    if (st) {
+        log_data_loss(c, rec.record_id);
+        record_dispose(&rec);
+        dm_call_finish(c->call, st);
+        return;
+    }
+    dm_call_reply(c->call, &rec.base);
+    record_dispose(&rec);
+}
+
+static void get_resolved(void *arg, dm_region_t *r, const char *state, dm_status_t *err)
+{
+    rec_ctx_t *c = arg;
+    const Domicile__V1__GetRecordRequest *req =
+        (const Domicile__V1__GetRecordRequest *)dm_call_request(c->call);
+    if (err) {
+        dm_call_finish(c->call, err);
+        return;
+    }
+    set_region(c, r);
+    job_init(c, DM_SQL_GET_RECORD, get_done, false);
+    dm_job_param_text(&c->job, 0, req->customer_id);
+    dm_job_param_text(&c->job, 1, req->record_id);
+    dm_region_submit(r, &c->job);
+}
+
+void dm_records_get(dm_call_t *call)
+{
+    const Domicile__V1__GetRecordRequest *req =
+        (const Domicile__V1__GetRecordRequest *)dm_call_request(call);
+    dm_status_t *st;
+    if ((st = dm_check_customer_id("customer_id", req->customer_id)) ||
+        (st = dm_check_record_id("record_id", req->record_id))) {
+        dm_call_finish(call, st);
+        return;
+    }
+    rec_ctx_t *c = ctx_new(call);
+    dm_directory_resolve(c->app->directory, req->customer_id, call, get_resolved, c);
+}
+
+/* ---- ListRecords --------------------------------------------------------------------- */
+
+static void list_next(rec_ctx_t *c);
+
+static bool send_end(rec_ctx_t *c, const char *token)
+{
+    Domicile__V1__ListRecordsResponse msg = DOMICILE__V1__LIST_RECORDS_RESPONSE__INIT;
+    Domicile__V1__ListRecordsPage end = DOMICILE__V1__LIST_RECORDS_PAGE__INIT;
+    end.next_page_token = (char *)token;
+    msg.item_case = DOMICILE__V1__LIST_RECORDS_RESPONSE__ITEM_END;
+    msg.end = &end;
+    return dm_call_send(c->call, &msg.base);
+}
+
+static char *make_token(const char *last)
+{
+    size_t n = strlen(last);
+    char *hex = dm_malloc(2 * n + 1);
+    dm_hex_encode((const unsigned char *)last, n, hex);
+    char *tok = dm_sprintf(PAGE_TOKEN_PREFIX "%s", hex);
+    free(hex);
+    return tok;
+}
+
+static dm_status_t *parse_token(const char *tok, char **after)
+{
+    size_t n = strlen(tok);
+    *after = NULL;
+    if (n == 0) {
+        *after = dm_strdup("");
+        return NULL;
+    }
+    size_t plen = strlen(PAGE_TOKEN_PREFIX);
+    size_t hlen = n - plen;
+    if (n > 1024 || n <= plen || strncmp(tok, PAGE_TOKEN_PREFIX, plen) != 0 || hlen % 2 != 0 ||
+        hlen / 2 > DM_RECORD_ID_MAX)
+        return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                             "page_token: not a token returned by ListRecords");
+    char *id = dm_calloc(1, hlen / 2 + 1);
+    if (!dm_hex_decode(tok + plen, (unsigned char *)id, hlen / 2) || strlen(id) != hlen / 2) {
+        free(id);
+        return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                             "page_token: not a token returned by ListRecords");
+    }
+    *after = id;
+    return NULL;
+}
+
+static void list_maybe_next(rec_ctx_t *c)
+{
+    /* Flow control: the next query runs only when what we queued has been taken by the
+     * transport, so a slow reader slows the database reads and memory stays bounded. */
+    if (dm_call_queued(c->call) == 0 && atomic_exchange(&c->awaiting_drain, false))
+        list_next(c);
+}
+
+static void list_drained(dm_call_t *call, void *arg)
+{
+    list_maybe_next(arg);
+}
+
+static void list_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    rec_ctx_t *c = job->arg;
+    const Domicile__V1__ListRecordsRequest *req =
+        (const Domicile__V1__ListRecordsRequest *)dm_call_request(c->call);
+    if (err) {
+        dm_call_finish(c->call, err);
+        return;
+    }
+    int chunk = atoi(c->limit_s) - 1; /* we asked for one more row than we send */
+    int rows = PQntuples(res);
+    int to_send = rows > chunk ? chunk : rows;
+    for (int i = 0; i < to_send; i++) {
+        Domicile__V1__Record rec = DOMICILE__V1__RECORD__INIT;
+        Domicile__V1__ListRecordsResponse msg = DOMICILE__V1__LIST_RECORDS_RESPONSE__INIT;
+        char sk_hex[2 * DM_SUBJECT_KEY_LEN + 1];
+        record_from_row(&rec, res, i, req->customer_id, c->region_code, sk_hex);
+        if (c->with_payload && !rec.restricted) {
+            dm_status_t *st = open_payload(c, res, i, req->customer_id, &rec);
+            if (st) {
+                log_data_loss(c, rec.record_id);
+                record_dispose(&rec);
+                dm_call_finish(c->call, st);
+                return;
+            }
+        }
+        msg.item_case = DOMICILE__V1__LIST_RECORDS_RESPONSE__ITEM_RECORD;
+        msg.record = &rec;
+        bool alive = dm_call_send(c->call, &msg.base);
+        if (i == to_send - 1) {
+            free(c->after);
+            c->after = dm_strdup(rec.record_id);
+        }
+        record_dispose(&rec);
+        if (!alive) {
+            dm_call_finish(c->call, dm_status_new(GRPC_STATUS_CANCELLED, "stream cancelled"));
+            return;
+        }
+    }
+    c->remaining -= to_send;
+    bool more = rows > chunk;
+    if (!more || c->remaining == 0) {
+        char *tok = more ? make_token(c->after) : dm_strdup("");
+        send_end(c, tok);
+        free(tok);
+        dm_call_finish(c->call, NULL);
+        return;
+    }
+    atomic_store(&c->awaiting_drain, true);
+    list_maybe_next(c);
+}
+
+static void list_next(rec_ctx_t *c)
+{
+    const Domicile__V1__ListRecordsRequest *req =
+        (const Domicile__V1__ListRecordsRequest *)dm_call_request(c->call);
+    int chunk = c->with_payload ? LIST_CHUNK_PAYLOAD : LIST_CHUNK_PLAIN;
+    if (chunk > c->remaining)
+        chunk = c->remaining;
+    snprintf(c->limit_s, sizeof(c->limit_s), "%d", chunk + 1);
+    job_init(c, DM_SQL_LIST_RECORDS, list_done, false);
+    dm_job_param_text(&c->job, 0, req->customer_id);
+    dm_job_param_text(&c->job, 1, req->kind);
+    if (c->has_subject)
+        dm_job_param_bin(&c->job, 2, c->subject_key, DM_SUBJECT_KEY_LEN);
+    else
+        dm_job_param_text(&c->job, 2, NULL);
+    dm_job_param_text(&c->job, 3, c->after);
+    dm_job_param_text(&c->job, 4, c->limit_s);
+    dm_job_param_text(&c->job, 5, c->with_payload ? "true" : "false");
+    dm_region_submit(c->region, &c->job);
+}
+
+static void list_resolved(void *arg, dm_region_t *r, const char *state, dm_status_t *err)
+{
+    rec_ctx_t *c = arg;
+    if (err) {
+        dm_call_finish(c->call, err);
+        return;
+    }
+    set_region(c, r);
+    dm_call_on_drain(c->call, list_drained, c);
+    list_next(c);
+}
+
+void dm_records_list(dm_call_t *call)
+{
+    const Domicile__V1__ListRecordsRequest *req =
+        (const Domicile__V1__ListRecordsRequest *)dm_call_request(call);
+    dm_status_t *st;
+    char *after = NULL;
+    if ((st = dm_check_customer_id("customer_id", req->customer_id)) ||
+        (st = dm_check_kind("kind", req->kind, true)) ||
+        (st = dm_check_page_size("page_size", req->page_size, LIST_MAX_PAGE)) ||
+        (st = parse_token(req->page_token, &after))) {
+        dm_call_finish(call, st);
+        return;
+    }
+    rec_ctx_t *c = ctx_new(call);
+    c->after = after;
+    c->remaining = req->page_size ? req->page_size : LIST_DEFAULT_PAGE;
+    c->with_payload = req->include_payload;
+    if ((st =
+             dm_subject_to_key(c->app, "subject", req->subject, &c->has_subject, c->subject_key))) {
+        dm_call_finish(call, st);
+        return;
+    }
+    dm_directory_resolve(c->app->directory, req->customer_id, call, list_resolved, c);
+}
+
+/* ---- DeleteRecord -------------------------------------------------------------------- */
+
+static void delete_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    rec_ctx_t *c = job->arg;
+    if (err) {
+        dm_call_finish(c->call, err);
+        return;
+    }
+    int len;
+    const char *status = dm_pg_bytes(res, 0, 0, &len);
+    if (strcmp(status, "ok") == 0 || strcmp(status, "replayed") == 0) {
+        Domicile__V1__DeleteRecordResponse rep = DOMICILE__V1__DELETE_RECORD_RESPONSE__INIT;
+        rep.deleted = dm_pg_bool(res, 0, 1);
+        rep.version = dm_pg_int8(res, 0, 2);
+        rep.replayed = status[0] == 'r';
+        dm_call_reply(c->call, &rep.base);
+    } else if (strcmp(status, "version_mismatch") == 0) {
+        dm_call_finish(c->call, dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                                              "record version is %lld, expected_version was %s",
+                                              (long long)dm_pg_int8(res, 0, 2), c->expected_s));
+    } else if (strcmp(status, "customer_closed") == 0) {
+        dm_call_finish(c->call, dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                                              "customer is closed: records are read-only"));
+    } else if (strcmp(status, "no_customer") == 0) {
+        dm_call_finish(c->call, dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found"));
+    } else if (strcmp(status, "request_id_reused") == 0) {
+        dm_call_finish(c->call, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                              "request_id: already used for a different request"));
+    } else {
+        dm_call_finish(c->call,
+                       dm_status_new(GRPC_STATUS_INTERNAL,
+                                     "unexpected delete_record outcome \"%.32s\"", status));
+    }
+}
+
+static void delete_resolved(void *arg, dm_region_t *r, const char *state, dm_status_t *err)
+{
+    rec_ctx_t *c = arg;
+    const Domicile__V1__DeleteRecordRequest *req =
+        (const Domicile__V1__DeleteRecordRequest *)dm_call_request(c->call);
+    if (err) {
+        dm_call_finish(c->call, err);
+        return;
+    }
+    set_region(c, r);
+    job_init(c, DM_SQL_DELETE_RECORD, delete_done, true);
+    dm_job_param_text(&c->job, 0, req->customer_id);
+    dm_job_param_text(&c->job, 1, req->request_id);
+    dm_job_param_bin(&c->job, 2, c->fingerprint, sizeof(c->fingerprint));
+    dm_job_param_text(&c->job, 3, req->record_id);
+    dm_job_param_text(&c->job, 4, c->expected_s[0] ? c->expected_s : NULL);
+    dm_region_submit(r, &c->job);
+}
+
+void dm_records_delete(dm_call_t *call)
+{
+    const Domicile__V1__DeleteRecordRequest *req =
+        (const Domicile__V1__DeleteRecordRequest *)dm_call_request(call);
+    dm_status_t *st;
+    int64_t expected = 0;
+    if ((st = dm_check_request_id("request_id", req->request_id)) ||
+        (st = dm_check_customer_id("customer_id", req->customer_id)) ||
+        (st = dm_check_record_id("record_id", req->record_id))) {
+        dm_call_finish(call, st);
+        return;
+    }
+    bool has_expected = expected_of(req->expected_case,
+                                    DOMICILE__V1__DELETE_RECORD_REQUEST__EXPECTED_EXPECTED_VERSION,
+                                    req->expected_version, &expected, &st);
+    if (!st && has_expected && expected == 0)
+        st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                           "expected_version: must be >= 1 when set (a record that does not "
+                           "exist cannot be deleted)");
+    if (st) {
+        dm_call_finish(call, st);
+        return;
+    }
+    rec_ctx_t *c = ctx_new(call);
+    if (has_expected)
+        snprintf(c->expected_s, sizeof(c->expected_s), "%lld", (long long)expected);
+    DM_FINGERPRINT(c->fingerprint, DM_AAD_STR("DeleteRecord"), DM_AAD_STR(req->customer_id),
+                   DM_AAD_STR(req->record_id), DM_AAD_STR(c->expected_s));
+    dm_directory_resolve(c->app->directory, req->customer_id, call, delete_resolved, c);
+}
