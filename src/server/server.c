@@ -16,6 +16,7 @@
 
 #include "domicile/log.h"
 #include "domicile/server.h"
+#include "wire.h"
 
 /* Requests kept posted per method per completion queue: enough that a burst of new calls does
  * not wait for a re-post, few enough that idle memory stays small. */
@@ -390,6 +391,31 @@ static void on_send_done(dm_call_t *c, bool ok)
         drain(c, arg);
 }
 
+/* Bytes -> message: decompressed, strings checked on the wire (wire.c), then unpacked. */
+static dm_status_t *decode_bb(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb,
+                              ProtobufCMessage **out)
+{
+    grpc_byte_buffer_reader r;
+    const char *bad = NULL;
+    *out = NULL;
+    if (!grpc_byte_buffer_reader_init(&r, bb))
+        return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                             "cannot read request message (bad compression)");
+    grpc_slice s = grpc_byte_buffer_reader_readall(&r);
+    grpc_byte_buffer_reader_destroy(&r);
+    if (!dm_wire_strings_ok(d, GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s), &bad)) {
+        grpc_slice_unref(s);
+        return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                             "%s: must be valid UTF-8 without NUL characters", bad);
+    }
+    *out = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+    grpc_slice_unref(s);
+    if (!*out)
+        return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                             "cannot parse request: not a valid %s message", d->name);
+    return NULL;
+}
+
 void dm_call_recv(dm_call_t *c, dm_recv_fn fn, void *arg)
 {
     grpc_op op;
@@ -423,22 +449,11 @@ static void on_recv_done(dm_call_t *c, bool ok)
         c->recv_fn(c, NULL, NULL, c->recv_arg); /* half-close: end of the client stream */
         return;
     }
-    grpc_byte_buffer_reader r;
     ProtobufCMessage *msg = NULL;
-    if (grpc_byte_buffer_reader_init(&r, bb)) {
-        grpc_slice s = grpc_byte_buffer_reader_readall(&r);
-        grpc_byte_buffer_reader_destroy(&r);
-        msg = protobuf_c_message_unpack(c->method->input, NULL, GRPC_SLICE_LENGTH(s),
-                                        GRPC_SLICE_START_PTR(s));
-        grpc_slice_unref(s);
-    }
+    dm_status_t *st = decode_bb(c->method->input, bb, &msg);
     grpc_byte_buffer_destroy(bb);
-    if (!msg) {
-        c->recv_fn(c, NULL,
-                   dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
-                                 "cannot parse a stream message: not a valid %s message",
-                                 c->method->input->name),
-                   c->recv_arg);
+    if (st) {
+        c->recv_fn(c, NULL, st, c->recv_arg);
         return;
     }
     c->recv_fn(c, msg, NULL, c->recv_arg);
@@ -496,31 +511,17 @@ void *dm_call_data(dm_call_t *c)
 
 static bool decode_request(dm_call_t *c)
 {
-    const dm_method_t *m = c->method;
-    grpc_byte_buffer_reader r;
-
     if (!c->payload) {
         /* HEADERS arrived but the stream was reset (or carried no message) before DATA. */
         dm_call_finish(c, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "missing request message %s",
-                                        m->input->name));
+                                        c->method->input->name));
         return false;
     }
-    if (!grpc_byte_buffer_reader_init(&r, c->payload)) {
-        dm_call_finish(c, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
-                                        "cannot read request message (bad compression)"));
-        return false;
-    }
-    grpc_slice s = grpc_byte_buffer_reader_readall(&r);
-    grpc_byte_buffer_reader_destroy(&r);
-    c->request =
-        protobuf_c_message_unpack(m->input, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
-    grpc_slice_unref(s);
+    dm_status_t *st = decode_bb(c->method->input, c->payload, &c->request);
     grpc_byte_buffer_destroy(c->payload);
     c->payload = NULL;
-    if (!c->request) {
-        dm_call_finish(c, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
-                                        "cannot parse request: not a valid %s message",
-                                        m->input->name));
+    if (st) {
+        dm_call_finish(c, st);
         return false;
     }
     return true;
