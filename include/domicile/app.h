@@ -5,6 +5,7 @@
 #ifndef DOMICILE_APP_H
 #define DOMICILE_APP_H
 
+#include "domicile/auth.h"
 #include "domicile/config.h"
 #include "domicile/crypto.h"
 #include "domicile/directory.h"
@@ -22,9 +23,18 @@ typedef struct dm_app {
     dm_kek_t *keks[DM_MAX_REGIONS]; /* by region index */
     unsigned char *pepper;          /* subject pepper (cleansed at exit) */
     size_t pepper_len;
+    dm_principals_t *principals;
     dm_health_t *health;
     dm_server_t *server;
 } dm_app_t;
+
+/** The server's authorizer (src/auth/authorize.c); `arg` is the dm_app_t. */
+dm_status_t *dm_authorize(dm_call_t *call, void *arg);
+/** The principal of an authorised call (never NULL for a non-public method). */
+static inline const dm_principal_t *dm_call_principal_of(dm_call_t *call)
+{
+    return (const dm_principal_t *)dm_call_principal(call);
+}
 
 /** Load the secrets and build the directory and caches (before the server starts). */
 dm_status_t *dm_app_init(dm_app_t *app) DM_WARN_UNUSED;

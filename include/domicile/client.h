@@ -19,6 +19,12 @@ typedef struct dm_client_md {
 
 /** Connect (lazily) to `target` ("host:port") over plaintext. */
 dm_client_t *dm_client_create(const char *target);
+/**
+ * Connect over TLS: `ca_pem` verifies the server (NULL = system roots); `cert_pem` and
+ * `key_pem` (both or neither) are the client certificate for mTLS. PEM texts are copied.
+ */
+dm_client_t *dm_client_create_tls(const char *target, const char *ca_pem, const char *cert_pem,
+                                  const char *key_pem);
 void dm_client_destroy(dm_client_t *c);
 /** Extra metadata sent with every call (e.g. authorization); copied. */
 void dm_client_add_metadata(dm_client_t *c, const char *key, const char *value);

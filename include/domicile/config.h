@@ -39,6 +39,11 @@ typedef struct dm_config {
     char *source;
     char *listen;    /* "host:port"; port 0 = ephemeral (tests) */
     char *transport; /* "plaintext" | "tls": required, never implied */
+    char *tls_cert_file;
+    char *tls_key_file; /* secret: mode 0600 checked */
+    char *mtls;         /* "off" | "request" | "require" */
+    char *tls_client_ca_file;
+    char *principals_file;
     char *gateway_region;
     char *regions_dir;
     char **regions;
@@ -68,6 +73,12 @@ typedef struct dm_config {
 dm_status_t *dm_config_load(const char *path, dm_config_t **out) DM_WARN_UNUSED;
 /** Print the effective configuration (every key, defaults included, no secrets). */
 void dm_config_print(const dm_config_t *cfg, FILE *f);
+/**
+ * A configuration error: INVALID_ARGUMENT "file:line: key \"k\": what" (line <= 0 or key
+ * NULL leave those parts out). For every loader of config-like files.
+ */
+dm_status_t *dm_config_error(const char *file, int line, const char *key, const char *fmt, ...)
+    DM_PRINTF(4, 5);
 /** Free a config; NULL is allowed. */
 void dm_config_free(dm_config_t *cfg);
 /** The region config with this code, or NULL. */

@@ -39,6 +39,7 @@ typedef struct dm_method {
     const ProtobufCMessageDescriptor *input;
     const ProtobufCMessageDescriptor *output;
     dm_handler_fn handler;     /* NULL: answered UNIMPLEMENTED, naming the method and issue */
+    unsigned roles;            /* dm_role_t bits allowed to call it; 0 = public (health) */
     const char *pending_issue; /* when handler is NULL: the issue that builds it */
 } dm_method_t;
 
@@ -50,6 +51,12 @@ dm_status_t *dm_server_create(const dm_config_t *cfg, const dm_method_t *methods
                               void *app, dm_server_t **out) DM_WARN_UNUSED;
 /** Bind, start the threads, post the requests. *port receives the bound port. */
 dm_status_t *dm_server_start(dm_server_t *srv, int *port) DM_WARN_UNUSED;
+/**
+ * Run `fn` on every call before its request is decoded; a non-NULL status ends the call with
+ * it (the handler never runs). Set before start.
+ */
+typedef dm_status_t *(*dm_authorize_fn)(dm_call_t *call, void *arg);
+void dm_server_set_authorizer(dm_server_t *srv, dm_authorize_fn fn, void *arg);
 /** Register a function run once when shutdown begins (before in-flight calls drain). */
 void dm_server_on_shutdown(dm_server_t *srv, void (*fn)(void *arg), void *arg);
 /**
@@ -106,6 +113,15 @@ void dm_call_reply(dm_call_t *call, const ProtobufCMessage *msg);
 typedef void (*dm_recv_fn)(dm_call_t *call, ProtobufCMessage *msg, dm_status_t *err, void *arg);
 /** Read the next client message; one read at a time. */
 void dm_call_recv(dm_call_t *call, dm_recv_fn fn, void *arg);
+/** The authenticated caller (set by the authorizer; opaque to the server), or NULL. */
+const void *dm_call_principal(dm_call_t *call);
+void dm_call_set_principal(dm_call_t *call, const void *principal);
+/** Purpose of access of this call (x-purpose or the principal's default); "" when none. */
+const char *dm_call_purpose(dm_call_t *call);
+/** Set the purpose (copied; at most 64 bytes). */
+void dm_call_set_purpose(dm_call_t *call, const char *purpose);
+/** The verified client certificate's subject ("CN=…") into buf; false when none. */
+bool dm_call_peer_subject(dm_call_t *call, char *buf, size_t len);
 /** Attach data freed with `free_fn` when the call is destroyed. */
 void dm_call_set_data(dm_call_t *call, void *data, void (*free_fn)(void *));
 void *dm_call_data(dm_call_t *call);

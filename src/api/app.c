@@ -19,6 +19,8 @@ dm_status_t *dm_app_init(dm_app_t *app)
         return dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
                              "subject pepper \"%s\" must hold at least 16 bytes",
                              app->cfg->subject_pepper_file);
+    if ((st = dm_principals_load(app->cfg->principals_file, app->cfg, &app->principals)))
+        return st;
     app->directory = dm_directory_create(app->regions, (size_t)app->cfg->directory_cache_entries);
     app->keys = dm_keycache_create((size_t)app->cfg->key_cache_entries, app->cfg->key_cache_ttl_ms);
     return NULL;
@@ -35,6 +37,8 @@ void dm_app_dispose(dm_app_t *app)
         free(app->pepper);
         app->pepper = NULL;
     }
+    dm_principals_free(app->principals);
+    app->principals = NULL;
     dm_directory_destroy(app->directory);
     app->directory = NULL;
     dm_keycache_destroy(app->keys);

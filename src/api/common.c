@@ -118,3 +118,34 @@ int dm_customer_state_enum(const char *s, size_t len)
         return DOMICILE__V1__CUSTOMER_STATE__CUSTOMER_STATE_PURGED;
     return DOMICILE__V1__CUSTOMER_STATE__CUSTOMER_STATE_UNSPECIFIED;
 }
+
+typedef struct scoped {
+    dm_resolve_fn fn;
+    void *arg;
+} scoped_t;
+
+static void scoped_done(void *arg, dm_region_t *region, const char *state, dm_status_t *err)
+{
+    scoped_t sc = *(scoped_t *)arg;
+    free(arg);
+    /* An error (NOT_FOUND, UNAVAILABLE) is what a missing customer would get too. */
+    if (!err)
+        err = dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found");
+    sc.fn(sc.arg, NULL, NULL, err);
+}
+
+void dm_api_resolve(dm_call_t *call, const char *customer_id, dm_resolve_fn fn, void *arg)
+{
+    const dm_principal_t *p = dm_call_principal_of(call);
+    dm_app_t *app = APP(call);
+    if (!p || dm_principal_in_scope(p, customer_id)) {
+        dm_directory_resolve(app->directory, customer_id, call, fn, arg);
+        return;
+    }
+    /* Outside the scope: do the same directory work, then answer as for a missing customer,
+     * so neither the status, the message nor the kind of work done tells them apart. */
+    scoped_t *sc = dm_malloc(sizeof(*sc));
+    sc->fn = fn;
+    sc->arg = arg;
+    dm_directory_resolve(app->directory, customer_id, call, scoped_done, sc);
+}

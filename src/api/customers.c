@@ -131,7 +131,7 @@ void dm_customers_get(dm_call_t *call)
         return;
     }
     cust_ctx_t *c = ctx_new(call, req->customer_id);
-    dm_directory_resolve(c->app->directory, req->customer_id, call, get_resolved, c);
+    dm_api_resolve(call, req->customer_id, get_resolved, c);
 }
 
 /* ---- RegisterCustomer ---------------------------------------------------------------- */
@@ -259,6 +259,12 @@ void dm_customers_register(dm_call_t *call)
         dm_call_finish(call, st);
         return;
     }
+    const dm_principal_t *p = dm_call_principal_of(call);
+    if (p && !dm_principal_in_scope(p, req->customer_id)) {
+        dm_call_finish(call, dm_status_new(GRPC_STATUS_PERMISSION_DENIED,
+                                           "customer_id: outside the caller's tenant scope"));
+        return;
+    }
     dm_region_t *home = req->residency[0] ? dm_regions_find(app->regions, req->residency) : NULL;
     if (!home) {
         dm_call_finish(call, req->residency[0]
@@ -334,5 +340,5 @@ void dm_customers_close(dm_call_t *call)
         return;
     }
     cust_ctx_t *c = ctx_new(call, req->customer_id);
-    dm_directory_resolve(c->app->directory, req->customer_id, call, close_resolved, c);
+    dm_api_resolve(call, req->customer_id, close_resolved, c);
 }

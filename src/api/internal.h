@@ -7,6 +7,7 @@
 #include <protobuf-c/protobuf-c.h>
 
 #include "domicile/api.h"
+#include "domicile/app.h"
 #include "domicile/crypto.h"
 #include "domicile/validate.h"
 
@@ -38,6 +39,13 @@ unsigned char *dm_key_aad(const char *region, const char *customer, const unsign
 /** AAD of a record payload: region, customer, record id. */
 unsigned char *dm_record_aad(const char *region, const char *customer, const char *record_id,
                              size_t *len);
+
+/**
+ * Resolve `customer_id` for `call`, within the caller's tenant scope: a customer outside the
+ * scope answers exactly like a missing one (NOT_FOUND "customer not found", after the same
+ * directory work). `fn` as for dm_directory_resolve().
+ */
+void dm_api_resolve(dm_call_t *call, const char *customer_id, dm_resolve_fn fn, void *arg);
 
 /** "active" | "closed" | "purged" text -> enum. */
 int dm_customer_state_enum(const char *s, size_t len);

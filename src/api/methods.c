@@ -1,10 +1,11 @@
 /*
- * The method table: every rpc of proto/ once, with its kind and handler. Methods whose issue has
- * not landed answer UNIMPLEMENTED naming themselves and the issue. tests/unit/test_methods.c
- * checks this table against the protobuf-c service descriptors, and the integration suite
- * checks the streaming kinds against the Python descriptors (domiciled --list-methods).
+ * The method table: every rpc of proto/ once, with its kind, handler and roles. Methods whose
+ * issue has not landed answer UNIMPLEMENTED naming themselves and the issue.
+ * tests/unit/test_methods.c checks this table against the protobuf-c service descriptors,
+ * and the integration suite checks kinds and roles against the proto (--list-methods).
  */
 #include "domicile/api.h"
+#include "domicile/auth.h"
 
 #include "domicile/v1/customers.pb-c.h"
 #include "domicile/v1/records.pb-c.h"
@@ -13,77 +14,80 @@
 #include "domicile/v1/transfers.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
 
-#define U DM_RPC_UNARY
-#define S DM_RPC_SERVER_STREAM
-#define C DM_RPC_CLIENT_STREAM
-#define M(svc, name, kind, in, out, handler, issue)                                                \
+#define U     DM_RPC_UNARY
+#define S     DM_RPC_SERVER_STREAM
+#define C     DM_RPC_CLIENT_STREAM
+#define V1(x) &domicile__v1__##x##__descriptor
+#define HC(x) &grpc__health__v1__##x##__descriptor
+#define M(svc, name, kind, in, out, handler, issue, roles)                                         \
     {                                                                                              \
-        "/" svc "/" name, kind, in, out, handler, issue                                            \
+        "/" svc "/" name, kind, in, out, handler, roles, issue                                     \
     }
-#define V1(x)          &domicile__v1__##x##__descriptor
-#define HC(x)          &grpc__health__v1__##x##__descriptor
-#define ISSUE_ROUTING  "issue 3: residency routing"
 #define ISSUE_LEDGER   "issue 5: transfer ledger"
 #define ISSUE_DSR      "issue 6: data-subject rights"
 #define ISSUE_FAILOVER "issue 7: region failover"
+/* Roles per method, as stated in the proto's "Roles:" comments (a test checks both agree). */
+#define PUBLIC     DM_ROLES_PUBLIC
+#define R_SVC      (DM_ROLE_SERVICE | DM_ROLE_ADMIN)
+#define R_SVC_READ (DM_ROLE_SERVICE | DM_ROLE_READER | DM_ROLE_ADMIN)
+#define R_PO       (DM_ROLE_PRIVACY_OFFICER | DM_ROLE_ADMIN)
+#define R_PO_AUD   (DM_ROLE_PRIVACY_OFFICER | DM_ROLE_AUDITOR | DM_ROLE_ADMIN)
+#define R_AUD      (DM_ROLE_AUDITOR | DM_ROLE_ADMIN)
+#define R_OPS      (DM_ROLE_OPERATOR | DM_ROLE_ADMIN)
 
 static const dm_method_t methods[] = {
     M("grpc.health.v1.Health", "Check", U, HC(health_check_request), HC(health_check_response),
-      dm_health_check, NULL),
+      dm_health_check, NULL, PUBLIC),
     M("grpc.health.v1.Health", "Watch", S, HC(health_check_request), HC(health_check_response),
-      dm_health_watch, NULL),
-
+      dm_health_watch, NULL, PUBLIC),
     M("domicile.v1.Customers", "RegisterCustomer", U, V1(register_customer_request), V1(customer),
-      dm_customers_register, NULL),
+      dm_customers_register, NULL, R_SVC),
     M("domicile.v1.Customers", "GetCustomer", U, V1(get_customer_request), V1(customer),
-      dm_customers_get, NULL),
+      dm_customers_get, NULL, R_SVC_READ),
     M("domicile.v1.Customers", "CloseCustomer", U, V1(close_customer_request), V1(customer),
-      dm_customers_close, NULL),
-
+      dm_customers_close, NULL, R_SVC),
     M("domicile.v1.Records", "PutRecord", U, V1(put_record_request), V1(put_record_response),
-      dm_records_put, NULL),
+      dm_records_put, NULL, R_SVC),
     M("domicile.v1.Records", "GetRecord", U, V1(get_record_request), V1(record), dm_records_get,
-      NULL),
+      NULL, R_SVC_READ),
     M("domicile.v1.Records", "ListRecords", S, V1(list_records_request), V1(list_records_response),
-      dm_records_list, NULL),
+      dm_records_list, NULL, R_SVC_READ),
     M("domicile.v1.Records", "DeleteRecord", U, V1(delete_record_request),
-      V1(delete_record_response), dm_records_delete, NULL),
+      V1(delete_record_response), dm_records_delete, NULL, R_SVC),
     M("domicile.v1.Records", "BulkPutRecords", C, V1(put_record_request),
-      V1(bulk_put_records_response), dm_records_bulk_put, NULL),
-
-    M("domicile.v1.SubjectRights", "Erase", U, V1(erase_request), V1(dsr_request), NULL, ISSUE_DSR),
+      V1(bulk_put_records_response), dm_records_bulk_put, NULL, R_SVC),
+    M("domicile.v1.SubjectRights", "Erase", U, V1(erase_request), V1(dsr_request), NULL, ISSUE_DSR,
+      R_PO),
     M("domicile.v1.SubjectRights", "Export", S, V1(export_request), V1(export_chunk), NULL,
-      ISSUE_DSR),
+      ISSUE_DSR, R_PO),
     M("domicile.v1.SubjectRights", "RestrictProcessing", U, V1(restrict_request), V1(dsr_request),
-      NULL, ISSUE_DSR),
+      NULL, ISSUE_DSR, R_PO),
     M("domicile.v1.SubjectRights", "UnrestrictProcessing", U, V1(unrestrict_request),
-      V1(dsr_request), NULL, ISSUE_DSR),
+      V1(dsr_request), NULL, ISSUE_DSR, R_PO),
     M("domicile.v1.SubjectRights", "Object", U, V1(object_request), V1(dsr_request), NULL,
-      ISSUE_DSR),
+      ISSUE_DSR, R_PO),
     M("domicile.v1.SubjectRights", "Withdraw", U, V1(withdraw_request), V1(dsr_request), NULL,
-      ISSUE_DSR),
+      ISSUE_DSR, R_PO),
     M("domicile.v1.SubjectRights", "GetRequest", U, V1(get_request_request), V1(dsr_request), NULL,
-      ISSUE_DSR),
+      ISSUE_DSR, R_PO_AUD),
     M("domicile.v1.SubjectRights", "ListRequests", S, V1(list_requests_request),
-      V1(list_requests_response), NULL, ISSUE_DSR),
+      V1(list_requests_response), NULL, ISSUE_DSR, R_PO_AUD),
     M("domicile.v1.SubjectRights", "ExtendDeadline", U, V1(extend_deadline_request),
-      V1(dsr_request), NULL, ISSUE_DSR),
+      V1(dsr_request), NULL, ISSUE_DSR, R_PO),
     M("domicile.v1.SubjectRights", "Locate", U, V1(locate_request), V1(locate_response), NULL,
-      ISSUE_DSR),
-
+      ISSUE_DSR, R_PO),
     M("domicile.v1.Transfers", "ListTransfers", S, V1(list_transfers_request),
-      V1(list_transfers_response), NULL, ISSUE_LEDGER),
+      V1(list_transfers_response), NULL, ISSUE_LEDGER, R_AUD),
     M("domicile.v1.Transfers", "Report", U, V1(report_request), V1(transfer_report), NULL,
-      ISSUE_LEDGER),
+      ISSUE_LEDGER, R_AUD),
     M("domicile.v1.Transfers", "VerifyLedger", U, V1(verify_ledger_request),
-      V1(verify_ledger_response), NULL, ISSUE_LEDGER),
-
+      V1(verify_ledger_response), NULL, ISSUE_LEDGER, R_AUD),
     M("domicile.v1.Regions", "ListRegions", U, V1(list_regions_request), V1(list_regions_response),
-      NULL, ISSUE_FAILOVER),
-    M("domicile.v1.Regions", "Fence", U, V1(fence_request), V1(region_status), NULL,
-      ISSUE_FAILOVER),
+      NULL, ISSUE_FAILOVER, R_OPS),
+    M("domicile.v1.Regions", "Fence", U, V1(fence_request), V1(region_status), NULL, ISSUE_FAILOVER,
+      R_OPS),
     M("domicile.v1.Regions", "Unfence", U, V1(unfence_request), V1(region_status), NULL,
-      ISSUE_FAILOVER),
+      ISSUE_FAILOVER, R_OPS),
 };
 
 const dm_method_t *dm_api_methods(size_t *n)

@@ -437,7 +437,7 @@ static void put_start(rec_ctx_t *c, bool has_expected, int64_t expected)
                    DM_AAD_BYTES(c->subject_key, c->has_subject ? DM_SUBJECT_KEY_LEN : 0),
                    DM_AAD_BYTES(req->payload.data, req->payload.len), DM_AAD_STR(req->content_type),
                    DM_AAD_STR(c->labels_json), DM_AAD_STR(c->expected_s));
-    dm_directory_resolve(c->app->directory, req->customer_id, c->call, put_resolved, c);
+    dm_api_resolve(c->call, req->customer_id, put_resolved, c);
 }
 
 void dm_records_put(dm_call_t *call)
@@ -718,7 +718,7 @@ void dm_records_get(dm_call_t *call)
         return;
     }
     rec_ctx_t *c = ctx_new(call);
-    dm_directory_resolve(c->app->directory, req->customer_id, call, get_resolved, c);
+    dm_api_resolve(call, req->customer_id, get_resolved, c);
 }
 
 /* ---- ListRecords --------------------------------------------------------------------- */
@@ -889,7 +889,7 @@ void dm_records_list(dm_call_t *call)
         dm_call_finish(call, st);
         return;
     }
-    dm_directory_resolve(c->app->directory, req->customer_id, call, list_resolved, c);
+    dm_api_resolve(call, req->customer_id, list_resolved, c);
 }
 
 /* ---- DeleteRecord -------------------------------------------------------------------- */
@@ -975,5 +975,5 @@ void dm_records_delete(dm_call_t *call)
         snprintf(c->expected_s, sizeof(c->expected_s), "%lld", (long long)expected);
     DM_FINGERPRINT(c->fingerprint, DM_AAD_STR("DeleteRecord"), DM_AAD_STR(req->customer_id),
                    DM_AAD_STR(req->record_id), DM_AAD_STR(c->expected_s));
-    dm_directory_resolve(c->app->directory, req->customer_id, call, delete_resolved, c);
+    dm_api_resolve(call, req->customer_id, delete_resolved, c);
 }

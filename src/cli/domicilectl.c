@@ -8,7 +8,13 @@
 
 #include <grpc/grpc.h>
 
+#include "domicile/v1/customers.pb-c.h"
+#include "domicile/v1/records.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
+
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "domicile/client.h"
 
@@ -17,12 +23,23 @@
 
 static void usage(FILE *f)
 {
-    fputs("usage: domicilectl [--addr HOST:PORT] [--timeout MS] COMMAND [ARGS]\n"
+    fputs("usage: domicilectl [options] COMMAND [ARGS]\n"
           "  --addr HOST:PORT   gateway address (default $DOMICILE_ADDR or 127.0.0.1:50051)\n"
           "  --timeout MS       deadline of each call (default 5000)\n"
+          "  --token TOKEN      bearer token (default $DOMICILE_TOKEN); --token-file FILE\n"
+          "  --purpose P        x-purpose of the calls (default: the principal's)\n"
+          "  --cacert FILE      use TLS, verifying the gateway with this CA\n"
+          "  --cert FILE --key FILE   client certificate (mTLS)\n"
           "commands:\n"
           "  health [SERVICE]   grpc.health.v1 Check: \"\" = gateway, domicile.region.<code>\n"
-          "  watch [SERVICE]    grpc.health.v1 Watch: print every status change\n",
+          "  watch [SERVICE]    grpc.health.v1 Watch: print every status change\n"
+          "  customer register ID RESIDENCY [DISPLAY_NAME]\n"
+          "  customer get ID\n"
+          "  customer close ID REASON\n"
+          "  record put CUSTOMER RECORD_ID KIND [SUBJECT]   payload read from stdin\n"
+          "  record get CUSTOMER RECORD_ID                  payload written to stdout\n"
+          "  record list CUSTOMER [KIND]\n"
+          "  record delete CUSTOMER RECORD_ID\n",
           f);
 }
 
@@ -72,16 +89,201 @@ static int cmd_health(dm_client_t *c, int argc, char **argv, int timeout_ms, boo
     return s == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING ? 0 : 3;
 }
 
+static int timeout_g = 5000;
+
+static char *new_request_id(void)
+{
+    /* Unique per invocation: a retry of the same command is a new request by design. */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return dm_sprintf("ctl-%d-%lld%09ld", (int)getpid(), (long long)ts.tv_sec, ts.tv_nsec);
+}
+
+static int print_customer(ProtobufCMessage *m)
+{
+    Domicile__V1__Customer *c = (Domicile__V1__Customer *)m;
+    const ProtobufCEnumValue *st =
+        protobuf_c_enum_descriptor_get_value(&domicile__v1__customer_state__descriptor, c->state);
+    printf("customer %s residency %s state %s created_at_ms %lld\n", c->customer_id, c->residency,
+           st ? st->name : "?", (long long)c->created_at_unix_ms);
+    protobuf_c_message_free_unpacked(m, NULL);
+    return 0;
+}
+
+static int cmd_customer(dm_client_t *c, int argc, char **argv)
+{
+    ProtobufCMessage *resp = NULL;
+    dm_status_t *st;
+    if (argc >= 3 && strcmp(argv[0], "register") == 0) {
+        Domicile__V1__RegisterCustomerRequest r = DOMICILE__V1__REGISTER_CUSTOMER_REQUEST__INIT;
+        char *rid = new_request_id();
+        r.request_id = rid;
+        r.customer_id = argv[1];
+        r.residency = argv[2];
+        r.display_name = argc > 3 ? argv[3] : "";
+        st = dm_client_unary(c, "/domicile.v1.Customers/RegisterCustomer", &r.base,
+                             &domicile__v1__customer__descriptor, timeout_g, &resp);
+        free(rid);
+    } else if (argc == 2 && strcmp(argv[0], "get") == 0) {
+        Domicile__V1__GetCustomerRequest r = DOMICILE__V1__GET_CUSTOMER_REQUEST__INIT;
+        r.customer_id = argv[1];
+        st = dm_client_unary(c, "/domicile.v1.Customers/GetCustomer", &r.base,
+                             &domicile__v1__customer__descriptor, timeout_g, &resp);
+    } else if (argc == 3 && strcmp(argv[0], "close") == 0) {
+        Domicile__V1__CloseCustomerRequest r = DOMICILE__V1__CLOSE_CUSTOMER_REQUEST__INIT;
+        char *rid = new_request_id();
+        r.request_id = rid;
+        r.customer_id = argv[1];
+        r.reason = argv[2];
+        st = dm_client_unary(c, "/domicile.v1.Customers/CloseCustomer", &r.base,
+                             &domicile__v1__customer__descriptor, timeout_g, &resp);
+        free(rid);
+    } else {
+        usage(stderr);
+        return 2;
+    }
+    return st ? fail(st) : print_customer(resp);
+}
+
+static unsigned char *read_stdin(size_t *len)
+{
+    size_t cap = 65536, n = 0;
+    unsigned char *buf = dm_malloc(cap);
+    for (;;) {
+        if (n == cap)
+            buf = dm_realloc(buf, cap *= 2);
+        ssize_t r = read(0, buf + n, cap - n);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        n += (size_t)r;
+        if (n > (2u << 20))
+            break; /* the gateway refuses more than 1 MiB anyway */
+    }
+    *len = n;
+    return buf;
+}
+
+static bool print_listed(const ProtobufCMessage *m, void *arg)
+{
+    const Domicile__V1__ListRecordsResponse *r = (const Domicile__V1__ListRecordsResponse *)m;
+    if (r->item_case == DOMICILE__V1__LIST_RECORDS_RESPONSE__ITEM_RECORD)
+        printf("%s\t%s\tv%lld\t%lld bytes%s\n", r->record->record_id, r->record->kind,
+               (long long)r->record->version, (long long)r->record->payload_size,
+               r->record->restricted ? "\trestricted" : "");
+    else if (r->item_case == DOMICILE__V1__LIST_RECORDS_RESPONSE__ITEM_END &&
+             r->end->next_page_token[0])
+        printf("# more: next page token %s\n", r->end->next_page_token);
+    return true;
+}
+
+static int cmd_record(dm_client_t *c, int argc, char **argv)
+{
+    ProtobufCMessage *resp = NULL;
+    dm_status_t *st;
+    if ((argc == 4 || argc == 5) && strcmp(argv[0], "put") == 0) {
+        Domicile__V1__PutRecordRequest r = DOMICILE__V1__PUT_RECORD_REQUEST__INIT;
+        char *rid = new_request_id();
+        size_t len;
+        unsigned char *data = read_stdin(&len);
+        r.request_id = rid;
+        r.customer_id = argv[1];
+        r.record_id = argv[2];
+        r.kind = argv[3];
+        r.subject = argc == 5 ? argv[4] : "";
+        r.payload.data = data;
+        r.payload.len = len;
+        st = dm_client_unary(c, "/domicile.v1.Records/PutRecord", &r.base,
+                             &domicile__v1__put_record_response__descriptor, timeout_g, &resp);
+        free(rid);
+        free(data);
+        if (st)
+            return fail(st);
+        Domicile__V1__PutRecordResponse *p = (Domicile__V1__PutRecordResponse *)resp;
+        printf("record %s version %lld in region %s%s\n", p->record->record_id,
+               (long long)p->record->version, p->record->region, p->created ? " (created)" : "");
+        protobuf_c_message_free_unpacked(resp, NULL);
+        return 0;
+    }
+    if (argc == 3 && strcmp(argv[0], "get") == 0) {
+        Domicile__V1__GetRecordRequest r = DOMICILE__V1__GET_RECORD_REQUEST__INIT;
+        r.customer_id = argv[1];
+        r.record_id = argv[2];
+        st = dm_client_unary(c, "/domicile.v1.Records/GetRecord", &r.base,
+                             &domicile__v1__record__descriptor, timeout_g, &resp);
+        if (st)
+            return fail(st);
+        Domicile__V1__Record *rec = (Domicile__V1__Record *)resp;
+        fwrite(rec->payload.data, 1, rec->payload.len, stdout);
+        protobuf_c_message_free_unpacked(resp, NULL);
+        return 0;
+    }
+    if ((argc == 2 || argc == 3) && strcmp(argv[0], "list") == 0) {
+        Domicile__V1__ListRecordsRequest r = DOMICILE__V1__LIST_RECORDS_REQUEST__INIT;
+        r.customer_id = argv[1];
+        r.kind = argc == 3 ? argv[2] : "";
+        r.page_size = 1000;
+        st = dm_client_server_stream(c, "/domicile.v1.Records/ListRecords", &r.base,
+                                     &domicile__v1__list_records_response__descriptor, timeout_g,
+                                     print_listed, NULL);
+        return st ? fail(st) : 0;
+    }
+    if (argc == 3 && strcmp(argv[0], "delete") == 0) {
+        Domicile__V1__DeleteRecordRequest r = DOMICILE__V1__DELETE_RECORD_REQUEST__INIT;
+        char *rid = new_request_id();
+        r.request_id = rid;
+        r.customer_id = argv[1];
+        r.record_id = argv[2];
+        st = dm_client_unary(c, "/domicile.v1.Records/DeleteRecord", &r.base,
+                             &domicile__v1__delete_record_response__descriptor, timeout_g, &resp);
+        free(rid);
+        if (st)
+            return fail(st);
+        printf("%s\n",
+               ((Domicile__V1__DeleteRecordResponse *)resp)->deleted ? "deleted" : "not found");
+        protobuf_c_message_free_unpacked(resp, NULL);
+        return 0;
+    }
+    usage(stderr);
+    return 2;
+}
+
+static char *slurp(const char *path, bool strip)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "domicilectl: cannot read %s: %s\n", path, strerror(errno));
+        exit(2);
+    }
+    size_t cap = 8192, n = 0;
+    char *buf = dm_malloc(cap);
+    size_t r;
+    while ((r = fread(buf + n, 1, cap - n - 1, f)) > 0) {
+        n += r;
+        if (n + 1 >= cap)
+            buf = dm_realloc(buf, cap *= 2);
+    }
+    fclose(f);
+    buf[n] = '\0';
+    while (strip && n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
+        buf[--n] = '\0';
+    return buf;
+}
+
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"addr", required_argument, NULL, 'a'},
-        {"timeout", required_argument, NULL, 't'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        {"addr", required_argument, NULL, 'a'},    {"timeout", required_argument, NULL, 't'},
+        {"token", required_argument, NULL, 'T'},   {"token-file", required_argument, NULL, 'F'},
+        {"purpose", required_argument, NULL, 'P'}, {"cacert", required_argument, NULL, 'C'},
+        {"cert", required_argument, NULL, 'c'},    {"key", required_argument, NULL, 'k'},
+        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
     };
     const char *addr = getenv("DOMICILE_ADDR") ? getenv("DOMICILE_ADDR") : "127.0.0.1:50051";
     int timeout_ms = 5000, opt, rc;
+    char *token = getenv("DOMICILE_TOKEN") ? dm_strdup(getenv("DOMICILE_TOKEN")) : NULL;
+    const char *purpose = NULL, *cacert = NULL, *cert = NULL, *key = NULL;
 
     while ((opt = getopt_long(argc, argv, "+a:t:h", opts, NULL)) != -1) {
         switch (opt) {
@@ -95,6 +297,26 @@ int main(int argc, char **argv)
                 return 2;
             }
             break;
+        case 'T':
+            free(token);
+            token = dm_strdup(optarg);
+            break;
+        case 'F':
+            free(token);
+            token = slurp(optarg, true);
+            break;
+        case 'P':
+            purpose = optarg;
+            break;
+        case 'C':
+            cacert = optarg;
+            break;
+        case 'c':
+            cert = optarg;
+            break;
+        case 'k':
+            key = optarg;
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -103,17 +325,44 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    if ((cert != NULL) != (key != NULL) || (cert && !cacert)) {
+        fprintf(stderr, "domicilectl: --cert and --key go together, with --cacert\n");
+        return 2;
+    }
+    timeout_g = timeout_ms;
     if (optind >= argc) {
         usage(stderr);
         return 2;
     }
     const char *cmd = argv[optind++];
     grpc_init();
-    dm_client_t *c = dm_client_create(addr);
+    dm_client_t *c;
+    if (cacert) {
+        char *ca = slurp(cacert, false), *crt = cert ? slurp(cert, false) : NULL;
+        char *k = key ? slurp(key, false) : NULL;
+        c = dm_client_create_tls(addr, ca, crt, k);
+        free(ca);
+        free(crt);
+        free(k);
+    } else {
+        c = dm_client_create(addr);
+    }
+    if (token) {
+        char *h = dm_sprintf("Bearer %s", token);
+        dm_client_add_metadata(c, "authorization", h);
+        free(h);
+        free(token);
+    }
+    if (purpose)
+        dm_client_add_metadata(c, "x-purpose", purpose);
     if (strcmp(cmd, "health") == 0) {
         rc = cmd_health(c, argc - optind, argv + optind, timeout_ms, false);
     } else if (strcmp(cmd, "watch") == 0) {
         rc = cmd_health(c, argc - optind, argv + optind, 0, true);
+    } else if (strcmp(cmd, "customer") == 0) {
+        rc = cmd_customer(c, argc - optind, argv + optind);
+    } else if (strcmp(cmd, "record") == 0) {
+        rc = cmd_record(c, argc - optind, argv + optind);
     } else {
         fprintf(stderr, "domicilectl: unknown command \"%s\"\n", cmd);
         usage(stderr);

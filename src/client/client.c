@@ -24,6 +24,18 @@ dm_client_t *dm_client_create(const char *target)
     return c;
 }
 
+dm_client_t *dm_client_create_tls(const char *target, const char *ca_pem, const char *cert_pem,
+                                  const char *key_pem)
+{
+    dm_client_t *c = dm_calloc(1, sizeof(*c));
+    grpc_ssl_pem_key_cert_pair pair = {key_pem, cert_pem};
+    grpc_channel_credentials *creds =
+        grpc_ssl_credentials_create_ex(ca_pem, cert_pem && key_pem ? &pair : NULL, NULL, NULL);
+    c->channel = grpc_channel_create(target, creds, NULL);
+    grpc_channel_credentials_release(creds);
+    return c;
+}
+
 void dm_client_destroy(dm_client_t *c)
 {
     if (!c)

@@ -47,6 +47,16 @@ static const key_desc_t gateway_keys[] = {
      "address the gRPC server listens on, host:port (port 0 = any free port)"},
     {"transport", KT_ENUM, GW(transport), NOCOUNT, NULL, 0, 0, "plaintext|tls", false,
      "gRPC transport security; must be stated explicitly"},
+    {"tls_cert_file", KT_PATH, GW(tls_cert_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
+     "server certificate chain (PEM); required with transport = \"tls\""},
+    {"tls_key_file", KT_PATH, GW(tls_key_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
+     "secret (0600): the server's private key (PEM)"},
+    {"mtls", KT_ENUM, GW(mtls), NOCOUNT, "off", 0, 0, "off|request|require", false,
+     "client certificates: not asked, verified when sent, or required"},
+    {"tls_client_ca_file", KT_PATH, GW(tls_client_ca_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
+     "CA that signs client certificates; required when mtls is not off"},
+    {"principals_file", KT_PATH, GW(principals_file), NOCOUNT, NULL, 1, STR_MAX, NULL, true,
+     "who may call: names, roles, tenant scope, region, tokens (SHA-256) or cert subjects"},
     {"gateway_region", KT_STRING, GW(gateway_region), NOCOUNT, NULL, 1, DM_REGION_CODE_MAX, NULL,
      false, "region this gateway instance runs in (one of `regions`)"},
     {"regions_dir", KT_PATH, GW(regions_dir), NOCOUNT, NULL, 1, STR_MAX, NULL, false,
@@ -77,8 +87,8 @@ static const key_desc_t gateway_keys[] = {
      100000000, NULL, false, "customers whose region is kept in memory"},
     {"key_cache_entries", KT_INT, GW(key_cache_entries), NOCOUNT, "100000", 0, 10000000, NULL,
      false, "unwrapped data keys kept in memory (0 = none)"},
-    {"key_cache_ttl_ms", KT_INT, GW(key_cache_ttl_ms), NOCOUNT, "300000", 0, 86400000, NULL,
-     false, "how long an unwrapped data key stays in memory"},
+    {"key_cache_ttl_ms", KT_INT, GW(key_cache_ttl_ms), NOCOUNT, "300000", 0, 86400000, NULL, false,
+     "how long an unwrapped data key stays in memory"},
 };
 
 static const key_desc_t region_keys[] = {
@@ -106,10 +116,9 @@ static const key_desc_t region_keys[] = {
      "libpq connect timeout (rounded up to whole seconds)"},
 };
 
-static dm_status_t *cf_error(const char *file, int line, const char *key, const char *fmt, ...)
-    DM_PRINTF(4, 5);
+#define cf_error dm_config_error
 
-static dm_status_t *cf_error(const char *file, int line, const char *key, const char *fmt, ...)
+dm_status_t *dm_config_error(const char *file, int line, const char *key, const char *fmt, ...)
 {
     char what[512];
     va_list ap;
@@ -181,7 +190,7 @@ static dm_status_t *store_string(const key_desc_t *k, void *target, const char *
         return cf_error(file, line, k->name, "must not contain control characters");
     }
     free(*field);
-    *field = k->type == KT_PATH ? resolve_path(base_dir, v) : dm_strdup(v);
+    *field = k->type == KT_PATH && *v ? resolve_path(base_dir, v) : dm_strdup(v);
     return NULL;
 }
 
@@ -421,9 +430,31 @@ dm_status_t *dm_config_load(const char *path, dm_config_t **out)
     if ((st = check_host_port(path, "listen", cfg->listen, true)))
         goto fail;
     if (strcmp(cfg->transport, "tls") == 0) {
-        st = cf_error(path, 0, "transport",
-                      "\"tls\" is not available yet (issue 4); say "
-                      "\"plaintext\" explicitly for local use");
+        if (!cfg->tls_cert_file[0] || !cfg->tls_key_file[0]) {
+            st = cf_error(path, 0, "tls_cert_file",
+                          "transport = \"tls\" needs tls_cert_file and tls_key_file");
+            goto fail;
+        }
+        if (access(cfg->tls_cert_file, R_OK) != 0) {
+            st = cf_error(path, 0, "tls_cert_file", "cannot read \"%s\": %s", cfg->tls_cert_file,
+                          strerror(errno));
+            goto fail;
+        }
+        if ((st = check_secret(path, "tls_key_file", cfg->tls_key_file, 1 << 16)))
+            goto fail;
+        if (strcmp(cfg->mtls, "off") != 0 &&
+            (!cfg->tls_client_ca_file[0] || access(cfg->tls_client_ca_file, R_OK) != 0)) {
+            st = cf_error(path, 0, "tls_client_ca_file",
+                          "mtls = \"%s\" needs a readable tls_client_ca_file", cfg->mtls);
+            goto fail;
+        }
+    } else if (strcmp(cfg->mtls, "off") != 0) {
+        st = cf_error(path, 0, "mtls", "client certificates need transport = \"tls\"");
+        goto fail;
+    }
+    if (access(cfg->principals_file, R_OK) != 0) {
+        st = cf_error(path, 0, "principals_file", "cannot read \"%s\": %s", cfg->principals_file,
+                      strerror(errno));
         goto fail;
     }
     if ((st = check_secret(path, "subject_pepper_file", cfg->subject_pepper_file, 1024)))

@@ -80,9 +80,16 @@ int main(int argc, char **argv)
         case 'm': {
             size_t n;
             const dm_method_t *m = dm_api_methods(&n);
-            for (size_t i = 0; i < n; i++)
-                printf("%s %s %s\n", m[i].path, kind_name(m[i].kind),
-                       m[i].handler ? "implemented" : "unimplemented");
+            for (size_t i = 0; i < n; i++) {
+                char roles[128];
+                dm_roles_format(m[i].roles, roles, sizeof(roles));
+                for (char *r = roles; *r; r++)
+                    if (*r == ' ')
+                        memmove(r, r + 1, strlen(r));
+                printf("%s %s %s roles=%s\n", m[i].path, kind_name(m[i].kind),
+                       m[i].handler ? "implemented" : "unimplemented",
+                       m[i].roles ? roles : "public");
+            }
             return 0;
         }
         case 'V':
@@ -118,7 +125,16 @@ int main(int argc, char **argv)
         app.cfg->listen = dm_strdup(listen);
     }
     if (check_only) {
+        dm_principals_t *ps = NULL;
+        if ((st = dm_principals_load(app.cfg->principals_file, app.cfg, &ps))) {
+            fprintf(stderr, "domiciled: invalid principals: %s\n", st->message);
+            dm_status_free(st);
+            dm_config_free(app.cfg);
+            return 2;
+        }
         dm_config_print(app.cfg, stdout);
+        printf("\n# %zu principals from %s\n", ps->n, ps->source);
+        dm_principals_free(ps);
         dm_config_free(app.cfg);
         return 0;
     }
@@ -138,6 +154,7 @@ int main(int argc, char **argv)
     if ((st = dm_server_create(app.cfg, methods, n_methods, &app, &app.server)))
         goto out;
     dm_server_on_shutdown(app.server, dm_health_shutdown, app.health);
+    dm_server_set_authorizer(app.server, dm_authorize, &app);
     dm_regions_start(app.regions);
     if ((st = dm_server_start(app.server, &port)))
         goto out;

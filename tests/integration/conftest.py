@@ -66,6 +66,7 @@ SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 STATUS_NAME = health_pb2.HealthCheckResponse.ServingStatus.Name
 
 REGION_CODES = ("us", "eu", "in")
+REGIONS_STATE = []  # the session's deploy/local state directory, once created
 READY_TIMEOUT = 10.0
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +295,7 @@ def regions():
         else:
             raise RuntimeError(f"domicile-local up failed three times:\n{last_error}")
         _REGIONS = r
+        REGIONS_STATE[:] = [state]
         yield r
     finally:
         _REGIONS = None
@@ -320,6 +322,60 @@ def _kill_leftovers():
 
 class GatewayError(RuntimeError):
     pass
+
+
+def demo_token(config_path, name):
+    """The bearer token of demo principal `name`, next to the state the config came from
+    (STATE/etc/domiciled.conf -> STATE/secrets/tokens/<name>.token), or a literal token when
+    `name` is not a demo principal's file."""
+    state = os.path.dirname(os.path.dirname(os.path.abspath(config_path)))
+    for base in (state, os.path.dirname(state)):
+        path = os.path.join(base, "secrets", "tokens", f"{name}.token")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return f.read().strip()
+    if REGIONS_STATE:
+        path = os.path.join(REGIONS_STATE[0], "secrets", "tokens", f"{name}.token")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return f.read().strip()
+    return name
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, metadata):
+        self.method = d.method
+        self.timeout = d.timeout
+        self.metadata = metadata
+        self.credentials = d.credentials
+        self.wait_for_ready = getattr(d, "wait_for_ready", None)
+        self.compression = getattr(d, "compression", None)
+
+
+class BearerAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the principal's bearer token unless the call already sends an authorization."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def _details(self, d):
+        md = list(d.metadata or [])
+        if not any(k == "authorization" for k, _ in md):
+            md.append(("authorization", f"Bearer {self.token}"))
+        return _Details(d, md)
+
+    def intercept_unary_unary(self, cont, d, req):
+        return cont(self._details(d), req)
+
+    def intercept_unary_stream(self, cont, d, req):
+        return cont(self._details(d), req)
+
+    def intercept_stream_unary(self, cont, d, it):
+        return cont(self._details(d), it)
+
+    def intercept_stream_stream(self, cont, d, it):
+        return cont(self._details(d), it)
 
 
 class Gateway:
@@ -393,10 +449,15 @@ class Gateway:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
-    def channel(self, options=None):
+    def channel(self, options=None, token="admin"):
+        """A plaintext channel whose calls carry `authorization: Bearer <token>` of the named
+        demo principal (deploy/local writes one token per principal); token=None sends no
+        credentials."""
         ch = grpc.insecure_channel(self.address, options=options or [])
         self._channels.append(ch)
-        return ch
+        if token is None:
+            return ch
+        return grpc.intercept_channel(ch, BearerAuth(demo_token(self.config, token)))
 
     @property
     def log(self):

@@ -55,8 +55,8 @@ def list_methods():
     assert p.returncode == 0, p.stderr
     rows = [line.split() for line in p.stdout.splitlines() if line.strip()]
     for r in rows:
-        assert len(r) == 3, f"malformed --list-methods line {r!r}"
-    return rows
+        assert len(r) == 4 and r[3].startswith("roles="), f"malformed --list-methods line {r!r}"
+    return [r[:3] for r in rows]
 
 
 def descriptor_methods():
