@@ -5,7 +5,7 @@
  *
  *   loadgen --addr H:P --scenario get|put|health --concurrency N --duration S
  *           [--threads T] [--warmup S] [--customer ID] [--records K] [--payload BYTES]
- *           [--prefix P]
+ *           [--prefix P] [--token BEARER_TOKEN]
  *
  * get: GetRecord of record "<prefix><i mod K>"; put: PutRecord of a new record each call
  * (unique request_id and record_id, durable on the synchronous standby when acknowledged);
@@ -38,8 +38,8 @@ static struct {
     scenario_t sc;
     int concurrency, threads, records, payload;
     double duration, warmup;
-    const char *customer, *prefix;
-} opt = {"127.0.0.1:50051", SC_HEALTH, 8, 1, 1000, 100, 10, 2, "bench", "r"};
+    const char *customer, *prefix, *token;
+} opt = {"127.0.0.1:50051", SC_HEALTH, 8, 1, 1000, 100, 10, 2, "bench", "r", NULL};
 
 static atomic_long seq;
 static atomic_int phase; /* 0 warm-up, 1 measuring, 2 stop */
@@ -63,6 +63,8 @@ typedef struct worker {
     long *lat_us;
     long n_lat;
     long err_by_code[17];
+    grpc_metadata md[1];
+    size_t n_md;
 } worker_t;
 
 static double now_s(void)
@@ -145,6 +147,8 @@ static void start_call(slot_t *s)
     s->recv = NULL;
     memset(ops, 0, sizeof(ops));
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = w->n_md;
+    ops[0].data.send_initial_metadata.metadata = w->md;
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = s->send;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -223,17 +227,12 @@ static int cmp_long(const void *a, const void *b)
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"addr", required_argument, NULL, 'a'},
-        {"scenario", required_argument, NULL, 's'},
-        {"concurrency", required_argument, NULL, 'c'},
-        {"threads", required_argument, NULL, 't'},
-        {"duration", required_argument, NULL, 'd'},
-        {"warmup", required_argument, NULL, 'w'},
-        {"customer", required_argument, NULL, 'u'},
-        {"records", required_argument, NULL, 'r'},
-        {"payload", required_argument, NULL, 'p'},
-        {"prefix", required_argument, NULL, 'x'},
-        {NULL, 0, NULL, 0},
+        {"addr", required_argument, NULL, 'a'},        {"scenario", required_argument, NULL, 's'},
+        {"concurrency", required_argument, NULL, 'c'}, {"threads", required_argument, NULL, 't'},
+        {"duration", required_argument, NULL, 'd'},    {"warmup", required_argument, NULL, 'w'},
+        {"customer", required_argument, NULL, 'u'},    {"records", required_argument, NULL, 'r'},
+        {"payload", required_argument, NULL, 'p'},     {"prefix", required_argument, NULL, 'x'},
+        {"token", required_argument, NULL, 'k'},       {NULL, 0, NULL, 0},
     };
     int o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -271,6 +270,9 @@ int main(int argc, char **argv)
         case 'x':
             opt.prefix = optarg;
             break;
+        case 'k':
+            opt.token = optarg;
+            break;
         default:
             fprintf(stderr, "usage: see the comment at the top of tests/bench/loadgen.c\n");
             return 2;
@@ -289,6 +291,13 @@ int main(int argc, char **argv)
         ws[i].cq = grpc_completion_queue_create_for_next(NULL);
         ws[i].n_slots = opt.concurrency / opt.threads + (i < opt.concurrency % opt.threads);
         ws[i].lat_us = malloc(sizeof(long) * MAX_LAT);
+        if (opt.token) {
+            char hdr[600];
+            snprintf(hdr, sizeof(hdr), "Bearer %s", opt.token);
+            ws[i].md[0].key = grpc_slice_from_static_string("authorization");
+            ws[i].md[0].value = grpc_slice_from_copied_string(hdr);
+            ws[i].n_md = 1;
+        }
         pthread_create(&ws[i].thread, NULL, worker_main, &ws[i]);
     }
     grpc_channel_credentials_release(cr);
