@@ -495,6 +495,13 @@ static bool bulk_should_end(bulk_t *b)
     return !b->done && b->in_flight == 0 && !b->reading && (b->eof || b->fatal);
 }
 
+static int cmp_failure(const void *a, const void *b)
+{
+    const Domicile__V1__BulkPutFailure *x = *(Domicile__V1__BulkPutFailure *const *)a;
+    const Domicile__V1__BulkPutFailure *y = *(Domicile__V1__BulkPutFailure *const *)b;
+    return (x->index > y->index) - (x->index < y->index);
+}
+
 static void bulk_end(bulk_t *b)
 {
     if (b->fatal) {
@@ -504,6 +511,9 @@ static void bulk_end(bulk_t *b)
         return;
     }
     Domicile__V1__BulkPutRecordsResponse rep = DOMICILE__V1__BULK_PUT_RECORDS_RESPONSE__INIT;
+    /* Failures are noted as they happen (invalid ones at once, others when their write
+     * ends): report them in stream order. */
+    qsort(b->failures, b->n_failures, sizeof(*b->failures), cmp_failure);
     rep.written = b->written;
     rep.replayed = b->replayed;
     rep.created = b->created;
@@ -516,15 +526,12 @@ static void bulk_end(bulk_t *b)
 
 static char *safe_id(const char *id)
 {
-    /* Echo the id back readable: invalid UTF-8 would make the response unparseable. */
+    /* Decoded ids are valid UTF-8 (the wire check); an over-long one is cut at a character
+     * boundary so the response stays parseable. */
     size_t n = strnlen(id, DM_RECORD_ID_MAX);
-    if (dm_utf8_valid(id, n))
-        return dm_strndup(id, n);
-    char *out = dm_strndup(id, n);
-    for (char *p = out; *p; p++)
-        if ((unsigned char)*p >= 0x80 || (unsigned char)*p < 0x20)
-            *p = '?';
-    return out;
+    while (n > 0 && !dm_utf8_valid(id, n))
+        n--;
+    return dm_strndup(id, n);
 }
 
 static void bulk_note_failure_locked(bulk_t *b, int index, const char *record_id,
@@ -589,6 +596,16 @@ static void bulk_on_message(dm_call_t *call, ProtobufCMessage *msg, dm_status_t 
     bulk_t *b = arg;
     pthread_mutex_lock(&b->mu);
     b->reading = false;
+    if (err && err->code == GRPC_STATUS_INVALID_ARGUMENT && b->received < BULK_MAX_MESSAGES) {
+        /* One undecodable message (bad UTF-8, garbage) is that message's failure, not the
+         * stream's: note it and read on. */
+        bulk_note_failure_locked(b, b->received++, "", err);
+        dm_status_free(err);
+        b->reading = true;
+        pthread_mutex_unlock(&b->mu);
+        dm_call_recv(call, bulk_on_message, b);
+        return;
+    }
     if (err) {
         if (!b->fatal)
             b->fatal = err;

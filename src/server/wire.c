@@ -5,12 +5,16 @@
  * later check; this catches it before the message is decoded.
  */
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "domicile/validate.h"
 #include "wire.h"
 
 #define MAX_DEPTH 32
+
+/* The offending field's path ("labels.key"), per thread: the caller formats it at once. */
+static __thread char bad_path[160];
 
 static bool read_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
 {
@@ -62,8 +66,19 @@ static bool walk(const ProtobufCMessageDescriptor *d, const uint8_t *p, const ui
                     return false;
                 }
             } else if (f && f->type == PROTOBUF_C_TYPE_MESSAGE) {
-                if (!walk(f->descriptor, p, p + len, depth + 1, bad))
+                if (!walk(f->descriptor, p, p + len, depth + 1, bad)) {
+                    /* Name the path from the outer field ("labels.key"), not the leaf. */
+                    char inner[sizeof(bad_path)];
+                    size_t n = strlen(f->name);
+                    snprintf(inner, sizeof(inner), "%s", *bad);
+                    if (n + 1 + strlen(inner) < sizeof(bad_path)) {
+                        memcpy(bad_path, f->name, n);
+                        bad_path[n] = '.';
+                        memcpy(bad_path + n + 1, inner, strlen(inner) + 1);
+                    }
+                    *bad = bad_path;
                     return false;
+                }
             }
             p += len;
             break;

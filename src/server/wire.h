@@ -10,7 +10,8 @@
 /**
  * True when every string field of the encoded message `buf` (of type `d`, nested messages
  * included) is valid UTF-8 without NUL. Otherwise false and *bad_field names the first
- * offending field (static storage). Malformed encodings are not judged here.
+ * offending field, as a path for nested ones ("labels.key"; thread-local storage, valid
+ * until the next call on this thread). Malformed encodings are not judged here.
  */
 bool dm_wire_strings_ok(const ProtobufCMessageDescriptor *d, const uint8_t *buf, size_t len,
                         const char **bad_field);

@@ -573,9 +573,10 @@ def gateway(session_gateway):
 
 @pytest.fixture
 def channel(gateway):
-    ch = grpc.insecure_channel(gateway.address)
-    yield ch
-    ch.close()
+    """A channel to the session gateway carrying the admin principal's token."""
+    raw = grpc.insecure_channel(gateway.address)
+    yield grpc.intercept_channel(raw, BearerAuth(demo_token(gateway.config, "admin")))
+    raw.close()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import re
+import threading
 import time
 import uuid
 
@@ -440,7 +441,7 @@ def _timed(fn, *args, **kw):
         return None, e, time.monotonic() - t0
 
 
-def test_eu_outage_fails_eu_calls_fast_and_leaves_us_and_in_serving(regions, gateways):
+def test_eu_outage_fails_eu_calls_fast_and_leaves_us_and_in_serving(regions, gateways, channel):
     gw = gateways.start(name="outage")
     ch = gw.channel()
     api = Api(ch)
@@ -450,6 +451,26 @@ def test_eu_outage_fails_eu_calls_fast_and_leaves_us_and_in_serving(regions, gat
     cu, ce, ci = (register(api, r) for r in REGION_CODES)
     put(api, ce, "before", b"eu before the outage", request_id="eu-before")
     deadline_s = 5.0
+
+    # US and IN traffic from before the stop until after the restart: none of it may fail.
+    done = threading.Event()
+    background = {"ok": 0, "errors": []}
+
+    def us_and_in_traffic():
+        n = 0
+        while not done.is_set():
+            for cid in (cu, ci):
+                rid = f"bg-{n}"
+                try:
+                    put(api, cid, rid, b"bg", timeout=deadline_s)
+                    assert api.get(GetReq(customer_id=cid, record_id=rid), timeout=deadline_s).payload == b"bg"
+                    background["ok"] += 1
+                except (grpc.RpcError, AssertionError) as e:
+                    background["errors"].append((cid, rid, repr(e)))
+            n += 1
+
+    traffic = threading.Thread(target=us_and_in_traffic, daemon=True)
+    traffic.start()
     stopped = False
     try:
         regions.stop("eu")
@@ -505,9 +526,16 @@ def test_eu_outage_fails_eu_calls_fast_and_leaves_us_and_in_serving(regions, gat
         rep = put(api, ce, "after", b"eu after", timeout=deadline_s)
         assert rep.record.region == "eu"
     finally:
+        done.set()
+        traffic.join(timeout=60)
         if stopped:
             regions.start("eu")
+        # The session gateway lost eu too: the next tests need it back.
+        wait_health(channel, "domicile.region.eu", SERVING, timeout=60)
     assert gw.alive() and gw.pid == pid
+    assert not traffic.is_alive()
+    assert background["errors"] == [], background["errors"][:5]
+    assert background["ok"] >= 40, background
 
     # Nothing meant for EU went anywhere else.
     for r in ("us", "in"):
@@ -515,7 +543,8 @@ def test_eu_outage_fails_eu_calls_fast_and_leaves_us_and_in_serving(regions, gat
     got = [x[0] for x in rows(regions, "eu", f"SELECT record_id FROM domicile.records WHERE customer_id = {lit(ce)} ORDER BY 1")]
     assert got == ["after", "before", "during"]
     for cid, region in ((cu, "us"), (ci, "in")):
-        assert int(scalar(regions, region, f"SELECT count(*) FROM domicile.records WHERE customer_id = {lit(cid)}")) == 20
+        got = int(scalar(regions, region, f"SELECT count(*) FROM domicile.records WHERE customer_id = {lit(cid)} AND record_id LIKE 'during-%'"))
+        assert got == 20, (region, got)
 
 
 # --------------------------------------------------------------------------------------------
@@ -687,48 +716,52 @@ PUT_LIMITS = [
     ("request_id-non-ascii", _put_case(request_id="réq"), "request_id", 128),
     ("request_id-control", _put_case(request_id="a\tb"), "request_id", 128),
     ("request_id-del", _put_case(request_id="a\x7fb"), "request_id", 128),
-    ("request_id-invalid-utf8", _put_raw(1, b"r\xff"), "request_id", 128),
+    ("request_id-invalid-utf8", _put_raw(1, b"r\xff"), "request_id", "UTF-8"),
+    ("request_id-nul", _put_case(request_id="r\x00x"), "request_id", "UTF-8"),
     ("customer_id-empty", _put_case(customer_id=""), "customer_id", 128),
     ("customer_id-129", _put_case(customer_id="c" * 129), "customer_id", 128),
     ("customer_id-slash", _put_case(customer_id="a/b"), "customer_id", 128),
     ("customer_id-space", _put_case(customer_id="a b"), "customer_id", 128),
     ("customer_id-non-ascii", _put_case(customer_id="cüst"), "customer_id", 128),
-    ("customer_id-invalid-utf8", _put_raw(2, b"c\xc3"), "customer_id", 128),
-    ("customer_id-nul", lambda cid: _put_case(customer_id=cid + "\x00x")(cid), "customer_id", 128),
+    ("customer_id-invalid-utf8", _put_raw(2, b"c\xc3"), "customer_id", "UTF-8"),
+    ("customer_id-nul", lambda cid: _put_case(customer_id=cid + "\x00x")(cid), "customer_id", "UTF-8"),
     ("record_id-empty", _put_case(record_id=""), "record_id", 256),
     ("record_id-257-bytes", _put_case(record_id="é" * 128 + "x"), "record_id", 256),
     ("record_id-control", _put_case(record_id="a\x01b"), "record_id", 256),
     ("record_id-newline", _put_case(record_id="a\nb"), "record_id", 256),
     ("record_id-del", _put_case(record_id="a\x7fb"), "record_id", 256),
-    ("record_id-nul", _put_case(record_id="rec\x00hidden"), "record_id", 256),
-    ("record_id-invalid-utf8-ff", _put_raw(3, b"rec\xff"), "record_id", 256),
-    ("record_id-invalid-utf8-overlong", _put_raw(3, b"rec\xc0\xaf"), "record_id", 256),
-    ("record_id-invalid-utf8-surrogate", _put_raw(3, b"rec\xed\xa0\x80"), "record_id", 256),
-    ("record_id-invalid-utf8-truncated", _put_raw(3, b"rec\xe2\x82"), "record_id", 256),
-    ("record_id-invalid-utf8-above-10ffff", _put_raw(3, b"rec\xf4\x90\x80\x80"), "record_id", 256),
+    ("record_id-nul", _put_case(record_id="rec\x00hidden"), "record_id", "UTF-8"),
+    ("record_id-invalid-utf8-ff", _put_raw(3, b"rec\xff"), "record_id", "UTF-8"),
+    ("record_id-invalid-utf8-overlong", _put_raw(3, b"rec\xc0\xaf"), "record_id", "UTF-8"),
+    ("record_id-invalid-utf8-surrogate", _put_raw(3, b"rec\xed\xa0\x80"), "record_id", "UTF-8"),
+    ("record_id-invalid-utf8-truncated", _put_raw(3, b"rec\xe2\x82"), "record_id", "UTF-8"),
+    ("record_id-invalid-utf8-above-10ffff", _put_raw(3, b"rec\xf4\x90\x80\x80"), "record_id", "UTF-8"),
     ("kind-empty", _put_case(kind=""), "kind", 64),
     ("kind-65", _put_case(kind="k" * 65), "kind", 64),
     ("kind-upper", _put_case(kind="Note"), "kind", 64),
     ("kind-space", _put_case(kind="a b"), "kind", 64),
     ("kind-colon", _put_case(kind="a:b"), "kind", 64),
-    ("kind-invalid-utf8", _put_raw(4, b"k\xff"), "kind", 64),
+    ("kind-invalid-utf8", _put_raw(4, b"k\xff"), "kind", "UTF-8"),
+    ("kind-nul", _put_case(kind="note\x00x"), "kind", "UTF-8"),
     ("subject-321-bytes", _put_case(subject="s" * 321), "subject", 320),
     ("subject-blank", _put_case(subject="   "), "subject", 320),
-    ("subject-invalid-utf8", _put_raw(5, b"alice\xff@example.com"), "subject", 320),
+    ("subject-invalid-utf8", _put_raw(5, b"alice\xff@example.com"), "subject", "UTF-8"),
+    ("subject-nul", _put_case(subject="bob@example.com\x00mallory@example.com"), "subject", "UTF-8"),
     ("payload-1048577", _put_case(payload=b"\0" * (PAYLOAD_MAX + 1)), "payload", PAYLOAD_MAX),
     ("content_type-129", _put_case(content_type="t" * 129), "content_type", 128),
     ("content_type-control", _put_case(content_type="text/plain\n"), "content_type", 128),
     ("content_type-non-ascii", _put_case(content_type="text/plaîn"), "content_type", 128),
-    ("content_type-invalid-utf8", _put_raw(7, b"text\xff"), "content_type", 128),
+    ("content_type-invalid-utf8", _put_raw(7, b"text\xff"), "content_type", "UTF-8"),
+    ("content_type-nul", _put_case(content_type="text/plain\x00x"), "content_type", "UTF-8"),
     ("labels-33", _put_case(labels={f"k{i}": "v" for i in range(33)}), "labels", 32),
     ("labels-key-empty", _put_case(labels={"": "v"}), "labels", 63),
     ("labels-key-64", _put_case(labels={"k" * 64: "v"}), "labels", 63),
     ("labels-key-upper", _put_case(labels={"Key": "v"}), "labels", 63),
-    ("labels-key-invalid-utf8", _put_raw_label(b"k\xff", b"v"), "labels", 63),
+    ("labels-key-invalid-utf8", _put_raw_label(b"k\xff", b"v"), "labels", "UTF-8"),
     ("labels-value-257-bytes", _put_case(labels={"k": "é" * 128 + "x"}), "labels", 256),
     ("labels-value-control", _put_case(labels={"k": "a\x01b"}), "labels", 256),
-    ("labels-value-nul", _put_case(labels={"k": "a\x00b"}), "labels", 256),
-    ("labels-value-invalid-utf8", _put_raw_label(b"k", b"v\xff"), "labels", 256),
+    ("labels-value-nul", _put_case(labels={"k": "a\x00b"}), "labels", "UTF-8"),
+    ("labels-value-invalid-utf8", _put_raw_label(b"k", b"v\xff"), "labels", "UTF-8"),
     ("expected_version-negative", _put_case(expected_version=-1), "expected_version", 0),
 ]
 
@@ -739,27 +772,43 @@ def _assert_untouched(regions, cid):
 
 @pytest.mark.parametrize("case,build,field,limit", PUT_LIMITS, ids=[c[0] for c in PUT_LIMITS])
 def test_put_record_limits(regions, api, limits_customer, case, build, field, limit):
+    cid = limits_customer
     put_raw = api.raw_unary("Records", "PutRecord", records_pb2.PutRecordResponse)
-    body = build(limits_customer)
+    body = build(cid)
     e = rpc_error(put_raw, body, timeout=15)
     assert_invalid(e, field, limit)
-    _assert_untouched(regions, limits_customer)
-    # The same message inside a bulk stream fails alone, with the same status.
-    rep = api.raw_bulk()(iter([body]), timeout=15)
-    assert (rep.written, rep.replayed, len(rep.failures)) == (0, 0, 1), rep
+    _assert_untouched(regions, cid)
+    # The same message inside a bulk stream, between two good ones: it fails alone, with the
+    # same status, and does not stop the others (records.proto, BulkPutRecords).
+    good = [_put_base(cid) for _ in range(2)]
+    for i, m in enumerate(good):
+        m.record_id = f"good-{i}"
+    stream = [good[0].SerializeToString(), body, good[1].SerializeToString()]
+    try:
+        rep = api.raw_bulk()(iter(stream), timeout=15)
+    except grpc.RpcError as e:
+        pytest.fail(f"the bad message ended the whole BulkPutRecords call: {e.code()} {e.details()!r}")
+    assert (rep.written, rep.replayed, len(rep.failures)) == (2, 0, 1), rep
     f = rep.failures[0]
-    assert (f.index, f.code) == (0, grpc.StatusCode.INVALID_ARGUMENT.value[0]), f
+    assert (f.index, f.code) == (1, SC.INVALID_ARGUMENT.value[0]), f
     assert field in f.message, f
-    _assert_untouched(regions, limits_customer)
+    got = rows(regions, "us", f"SELECT record_id FROM domicile.records WHERE customer_id = {lit(cid)} ORDER BY 1")
+    assert got == [["good-0"], ["good-1"]]
+    assert footprint(regions, "us", cid)["idempotency"] == 2
 
 
-def test_bulk_failure_echoes_invalid_utf8_record_id_readably(regions, api, limits_customer):
+def test_bulk_failure_of_undecodable_message_is_reported(regions, api, limits_customer):
     body = with_raw_field(_put_base(limits_customer), 3, b"bad\xffid")
-    rep = api.raw_bulk()(iter([body]), timeout=15)  # the response parses: valid UTF-8
+    try:
+        rep = api.raw_bulk()(iter([body]), timeout=15)  # the response parses: valid UTF-8
+    except grpc.RpcError as e:
+        pytest.fail(f"the bad message ended the whole BulkPutRecords call: {e.code()} {e.details()!r}")
     assert len(rep.failures) == 1 and rep.failures[0].code == 3
-    assert rep.failures[0].record_id.startswith("bad") and rep.failures[0].record_id.endswith("id")
-    # proto: "with invalid UTF-8 replaced by U+FFFD"
-    assert rep.failures[0].record_id == "bad\ufffdid", rep.failures[0].record_id
+    assert rep.failures[0].index == 0
+    # proto: a message refused before decoding (invalid UTF-8 in any string field) reports an
+    # empty record_id; the message names the field.
+    assert rep.failures[0].record_id == "", rep.failures[0].record_id
+    assert "record_id" in rep.failures[0].message and "UTF-8" in rep.failures[0].message
     _assert_untouched(regions, limits_customer)
 
 
@@ -771,13 +820,13 @@ GET_LIMITS = [
     ("customer_id-empty", lambda cid: GetReq(customer_id="", record_id="rec").SerializeToString(), "customer_id", 128),
     ("customer_id-129", lambda cid: GetReq(customer_id="c" * 129, record_id="rec").SerializeToString(), "customer_id", 128),
     ("customer_id-bad-char", lambda cid: GetReq(customer_id="c*", record_id="rec").SerializeToString(), "customer_id", 128),
-    ("customer_id-invalid-utf8", _get_raw(1, b"\xff"), "customer_id", 128),
+    ("customer_id-invalid-utf8", _get_raw(1, b"\xff"), "customer_id", "UTF-8"),
     ("record_id-empty", lambda cid: GetReq(customer_id=cid, record_id="").SerializeToString(), "record_id", 256),
     ("record_id-257", lambda cid: GetReq(customer_id=cid, record_id="r" * 257).SerializeToString(), "record_id", 256),
     ("record_id-control", lambda cid: GetReq(customer_id=cid, record_id="r\x1b").SerializeToString(), "record_id", 256),
-    ("record_id-invalid-utf8", _get_raw(2, b"rec\xff"), "record_id", 256),
-    ("record_id-nul", lambda cid: GetReq(customer_id=cid, record_id="rec\x00x").SerializeToString(), "record_id", 256),
-    ("customer_id-nul", lambda cid: GetReq(customer_id=cid + "\x00x", record_id="rec").SerializeToString(), "customer_id", 128),
+    ("record_id-invalid-utf8", _get_raw(2, b"rec\xff"), "record_id", "UTF-8"),
+    ("record_id-nul", lambda cid: GetReq(customer_id=cid, record_id="rec\x00x").SerializeToString(), "record_id", "UTF-8"),
+    ("customer_id-nul", lambda cid: GetReq(customer_id=cid + "\x00x", record_id="rec").SerializeToString(), "customer_id", "UTF-8"),
 ]
 
 
@@ -798,7 +847,9 @@ LIST_LIMITS = [
     ("kind-upper", _list_case(kind="Note"), "kind", 64),
     ("subject-321", _list_case(subject="s" * 321), "subject", 320),
     ("subject-blank", _list_case(subject=" \t "), "subject", 320),
-    ("subject-invalid-utf8", lambda cid: with_raw_field(ListReq(customer_id=cid), 3, b"a\xff"), "subject", 320),
+    ("subject-invalid-utf8", lambda cid: with_raw_field(ListReq(customer_id=cid), 3, b"a\xff"), "subject", "UTF-8"),
+    ("subject-nul", _list_case(subject="bob@example.com\x00x"), "subject", "UTF-8"),
+    ("kind-nul", _list_case(kind="note\x00x"), "kind", "UTF-8"),
     ("page_size-negative", _list_case(page_size=-1), "page_size", 1000),
     ("page_size-1001", _list_case(page_size=1001), "page_size", 1000),
     ("page_token-garbage", _list_case(page_token="garbage"), "page_token", None),
@@ -806,8 +857,8 @@ LIST_LIMITS = [
     ("page_token-odd-hex", _list_case(page_token="r1.abc"), "page_token", None),
     ("page_token-not-hex", _list_case(page_token="r1.zz"), "page_token", None),
     ("page_token-1025", _list_case(page_token="r1." + "61" * 511), "page_token", None),
-    ("page_token-nul", _list_case(page_token="r1.6100"), "page_token", None),
-    ("page_token-invalid-utf8", lambda cid: with_raw_field(ListReq(customer_id=cid), 5, b"r1.\xff"), "page_token", None),
+    ("page_token-hex-of-nul", _list_case(page_token="r1.6100"), "page_token", None),
+    ("page_token-invalid-utf8", lambda cid: with_raw_field(ListReq(customer_id=cid), 5, b"r1.\xff"), "page_token", "UTF-8"),
 ]
 
 
@@ -834,7 +885,7 @@ DELETE_LIMITS = [
     ("customer_id-bad-char", _del_case(customer_id="a/b"), "customer_id", 128),
     ("record_id-empty", _del_case(record_id=""), "record_id", 256),
     ("record_id-257", _del_case(record_id="r" * 257), "record_id", 256),
-    ("record_id-invalid-utf8", lambda cid: with_raw_field(DelReq(request_id="x", customer_id=cid, record_id="rec"), 3, b"\xc3("), "record_id", 256),
+    ("record_id-invalid-utf8", lambda cid: with_raw_field(DelReq(request_id="x", customer_id=cid, record_id="rec"), 3, b"\xc3("), "record_id", "UTF-8"),
     ("expected_version-0", _del_case(expected_version=0), "expected_version", 1),
     ("expected_version-negative", _del_case(expected_version=-3), "expected_version", None),
 ]
@@ -899,11 +950,13 @@ def test_limits_at_their_maximum_are_accepted(regions, api):
     assert api.get(GetReq(customer_id=cid, record_id="empty"), timeout=10).payload == b""
 
 
-def test_request_id_may_contain_a_space(regions, api):
-    """common.proto: request_id is 1..128 bytes of printable ASCII (0x20..0x7E)."""
+def test_request_id_refuses_whitespace(regions, api):
+    """common.proto: request_id is 1..128 bytes of printable ASCII without space (0x21..0x7E):
+    an idempotency key that differs only in a trailing blank must not look like another."""
     cid = register(api, "us")
-    rep = put(api, cid, "doc", b"x", request_id="retry 1 of job 7")
-    assert rep.record.version == 1
+    e = rpc_error(put, api, cid, "doc", b"x", request_id="retry 1 of job 7")
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in e.details()
+    assert put(api, cid, "doc", b"x", request_id="retry-1-of-job-7").record.version == 1
 
 
 # --------------------------------------------------------------------------------------------
