@@ -10,6 +10,7 @@
 #include "domicile/crypto.h"
 #include "domicile/directory.h"
 #include "domicile/keycache.h"
+#include "domicile/ledger.h"
 #include "domicile/region.h"
 #include "domicile/server.h"
 
@@ -24,6 +25,8 @@ typedef struct dm_app {
     unsigned char *pepper;          /* subject pepper (cleansed at exit) */
     size_t pepper_len;
     dm_principals_t *principals;
+    dm_policy_t *policy;
+    unsigned char ledger_keys[DM_MAX_REGIONS][32]; /* by region index (cleansed at exit) */
     dm_health_t *health;
     dm_server_t *server;
 } dm_app_t;

@@ -30,7 +30,8 @@ typedef struct dm_region_config {
     char *password_file; /* secret: mode 0600 checked, contents never printed */
     char *ssl_mode;      /* only "verify-full" is accepted */
     char *ssl_root_cert;
-    char *kek_file; /* secret: mode 0600 checked */
+    char *kek_file;        /* secret: mode 0600 checked */
+    char *ledger_key_file; /* secret: mode 0600 checked */
     int pool_size;
     int connect_timeout_ms;
 } dm_region_config_t;
@@ -57,6 +58,10 @@ typedef struct dm_config {
     int shutdown_grace_ms;
     int health_interval_ms;
     char *log_level;
+    char *bases_file;
+    char *routes_file;
+    int ledger_retention_days;
+    int ledger_seal_interval_ms;
     int customer_retention_days;
     int directory_cache_entries;
     int key_cache_entries;

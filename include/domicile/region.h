@@ -28,7 +28,7 @@ typedef struct dm_region dm_region_t;
 typedef struct dm_regions dm_regions_t;
 typedef struct dm_job dm_job_t;
 
-#define DM_JOB_MAX_PARAMS 16
+#define DM_JOB_MAX_PARAMS 24
 
 /**
  * Job completion: exactly one of `res` (the statement's result, owned by the executor and

@@ -23,8 +23,43 @@ typedef enum {
     DM_SQL_GET_RECORD,        /* (customer, record_id) -> record + wrapped key */
     DM_SQL_LIST_RECORDS,      /* (customer, kind, subject_key, after, limit, with_payload) */
     DM_SQL_DELETE_RECORD,     /* (customer, request_id, fingerprint, record_id, expected) */
+    DM_SQL_LEDGER_APPEND,     /* 18 fields -> entry_id */
+    DM_SQL_LEDGER_HEAD,       /* () -> seq, chain_hash of the chain's last link */
+    DM_SQL_LEDGER_UNSEALED,   /* (limit) -> entry_id, entry_mac */
+    DM_SQL_LEDGER_SEAL,       /* (seqs[], entry_ids[], hashes[]) */
+    DM_SQL_LEDGER_CHECKPOINT, /* () -> upto_seq, chain_hash, purged_before, mac */
+    DM_SQL_LEDGER_VERIFY,     /* (after_seq, limit) -> seq, entry_id, chain_hash, LEDGER_COLUMNS */
+    DM_SQL_LEDGER_LOOSE,      /* (limit) -> LEDGER_COLUMNS of rows not chained yet */
+    DM_SQL_LEDGER_LIST,       /* filters, after entry_id, limit -> LEDGER_COLUMNS, seq */
+    DM_SQL_LEDGER_REPORT,     /* (from_ms, to_ms, basis, purpose) -> grouped rows */
+    DM_SQL_LEDGER_PURGE_UPTO, /* (before_ms) -> seq, chain_hash of the last purgeable link */
+    DM_SQL_LEDGER_PURGE,      /* (upto_seq, chain_hash, before_ms, mac) -> rows purged */
     DM_SQL__COUNT
 } dm_sql_id_t;
+
+/* Column order of a ledger row in every ledger result (after any leading columns). */
+enum {
+    DM_LC_UUID,
+    DM_LC_AT,
+    DM_LC_REQUEST_ID,
+    DM_LC_PRINCIPAL,
+    DM_LC_METHOD,
+    DM_LC_CUSTOMER,
+    DM_LC_SUBJECT,
+    DM_LC_RECORDS,
+    DM_LC_BYTES,
+    DM_LC_FROM,
+    DM_LC_TO,
+    DM_LC_DIRECTION,
+    DM_LC_PURPOSE,
+    DM_LC_BASIS,
+    DM_LC_OUTCOME,
+    DM_LC_REFUSAL,
+    DM_LC_RECORD_IDS,
+    DM_LC_MAC,
+    DM_LC_ENTRY_ID,
+    DM_LC__COUNT
+};
 
 typedef struct dm_sql {
     const char *name;

@@ -1,3 +1,4 @@
+#include <stdlib.h>
 #include <string.h>
 
 #include <openssl/crypto.h>
@@ -21,6 +22,25 @@ dm_status_t *dm_app_init(dm_app_t *app)
                              app->cfg->subject_pepper_file);
     if ((st = dm_principals_load(app->cfg->principals_file, app->cfg, &app->principals)))
         return st;
+    if ((st = dm_policy_load(app->cfg->bases_file, app->cfg->routes_file, app->cfg, &app->policy)))
+        return st;
+    for (size_t i = 0; i < app->cfg->n_regions; i++) {
+        unsigned char *k = NULL;
+        size_t len = 0;
+        st = dm_config_read_secret(app->cfg->region_cfgs[i].ledger_key_file, 32, &k, &len);
+        if (st)
+            return st;
+        if (len != 32) {
+            OPENSSL_cleanse(k, len);
+            free(k);
+            return dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                                 "ledger key \"%s\" must hold exactly 32 bytes",
+                                 app->cfg->region_cfgs[i].ledger_key_file);
+        }
+        memcpy(app->ledger_keys[i], k, 32);
+        OPENSSL_cleanse(k, len);
+        free(k);
+    }
     app->directory = dm_directory_create(app->regions, (size_t)app->cfg->directory_cache_entries);
     app->keys = dm_keycache_create((size_t)app->cfg->key_cache_entries, app->cfg->key_cache_ttl_ms);
     return NULL;
@@ -39,6 +59,9 @@ void dm_app_dispose(dm_app_t *app)
     }
     dm_principals_free(app->principals);
     app->principals = NULL;
+    dm_policy_free(app->policy);
+    app->policy = NULL;
+    OPENSSL_cleanse(app->ledger_keys, sizeof(app->ledger_keys));
     dm_directory_destroy(app->directory);
     app->directory = NULL;
     dm_keycache_destroy(app->keys);

@@ -47,6 +47,39 @@ unsigned char *dm_record_aad(const char *region, const char *customer, const cha
  */
 void dm_api_resolve(dm_call_t *call, const char *customer_id, dm_resolve_fn fn, void *arg);
 
+/* ---- transfers (src/api/transfer.c) ---- */
+
+#define DM_XFER_ID_LEN 129
+
+/** A call's transfer, filled by the caller (dir, method, customer, subject, request id) and
+ * by dm_xfer_gate() (the rest). Lives in the call's context. */
+typedef struct dm_xfer {
+    dm_transfer_dir_t dir;
+    const char *method;
+    const char *customer_id;
+    const unsigned char *subject_key; /* NULL: none */
+    char request_id[DM_XFER_ID_LEN];
+    /* set by the gate */
+    dm_region_t *region;
+    bool cross;
+    const char *from, *to;
+    const dm_basis_t *basis;
+} dm_xfer_t;
+
+typedef void (*dm_xfer_fn)(void *arg, dm_status_t *err);
+
+/** The call's request id for the ledger: `given`, else x-request-id metadata, else generated. */
+void dm_xfer_request_id(dm_call_t *call, const char *given, char out[DM_XFER_ID_LEN]);
+/**
+ * Decide whether the call may move data of `region` (DESIGN.md §5). `fn` gets NULL to go on
+ * (x->cross tells whether dm_xfer_log() is due) or PERMISSION_DENIED; a refused cross-border
+ * transfer is logged in the region's ledger before `fn` runs.
+ */
+void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn fn, void *arg);
+/** Log an allowed cross-border transfer; `done` runs once it is committed (or failed). */
+void dm_xfer_log(dm_call_t *call, const dm_xfer_t *x, int64_t records, int64_t bytes,
+                 const char *record_ids, dm_ledger_done_fn done, void *arg);
+
 /** "active" | "closed" | "purged" text -> enum. */
 int dm_customer_state_enum(const char *s, size_t len);
 

@@ -52,6 +52,13 @@ typedef struct rec_ctx {
     char key_id_s[24], size_s[16], expected_s[24];
     int key_tries;
 
+    /* Transfers: the gate's decision, and a read's result held until its entry commits */
+    dm_xfer_t xfer;
+    PGresult *held;
+    Domicile__V1__Record rec; /* GetRecord: the decrypted record waiting for its entry */
+    char sk_hex[2 * DM_SUBJECT_KEY_LEN + 1];
+    unsigned char row_subject[DM_SUBJECT_KEY_LEN];
+
     /* ListRecords */
     char *after; /* last record id sent */
     int remaining;
@@ -60,9 +67,13 @@ typedef struct rec_ctx {
     atomic_bool awaiting_drain;
 } rec_ctx_t;
 
+static void record_dispose(Domicile__V1__Record *rec);
+
 static void ctx_free(void *p)
 {
     rec_ctx_t *c = p;
+    record_dispose(&c->rec);
+    PQclear(c->held);
     OPENSSL_cleanse(c->dek, sizeof(c->dek));
     free(c->wrapped);
     free(c->ct);
@@ -201,6 +212,7 @@ static void log_data_loss(rec_ctx_t *c, const char *record_id)
 /* ---- PutRecord ----------------------------------------------------------------------- */
 
 static void put_with_key(rec_ctx_t *c);
+static void list_drained(dm_call_t *call, void *arg);
 static void put_start(rec_ctx_t *c, bool has_expected, int64_t expected);
 static void bulk_op_done(rec_ctx_t *op, dm_status_t *st, Domicile__V1__PutRecordResponse *rep);
 
@@ -397,6 +409,32 @@ static void put_with_key(rec_ctx_t *c)
     dm_region_submit(c->region, &c->job);
 }
 
+static void put_logged(void *arg, dm_status_t *err)
+{
+    rec_ctx_t *c = arg;
+    if (err) {
+        put_fail(c, err); /* not logged: the payload is not sent */
+        return;
+    }
+    put_with_key(c);
+}
+
+static void put_gated(void *arg, dm_status_t *err)
+{
+    rec_ctx_t *c = arg;
+    if (err) {
+        put_fail(c, err);
+        return;
+    }
+    if (!c->xfer.cross) {
+        put_with_key(c);
+        return;
+    }
+    /* Write-ahead: the write's entry is committed in the customer's region first. */
+    dm_xfer_log(c->call, &c->xfer, 1, (int64_t)c->put_req->payload.len, c->put_req->record_id,
+                put_logged, c);
+}
+
 static void put_resolved(void *arg, dm_region_t *r, const char *state, dm_status_t *err)
 {
     rec_ctx_t *c = arg;
@@ -405,7 +443,12 @@ static void put_resolved(void *arg, dm_region_t *r, const char *state, dm_status
         return;
     }
     set_region(c, r);
-    put_with_key(c);
+    c->xfer.dir = DM_TRANSFER_WRITE;
+    c->xfer.method = c->bulk ? "BulkPutRecords" : "PutRecord";
+    c->xfer.customer_id = c->put_req->customer_id;
+    c->xfer.subject_key = c->has_subject ? c->subject_key : NULL;
+    dm_xfer_request_id(c->call, c->put_req->request_id, c->xfer.request_id);
+    dm_xfer_gate(c->call, r, &c->xfer, put_gated, c);
 }
 
 /* Validate a put and its expected_version. */
@@ -675,6 +718,16 @@ void dm_records_bulk_put(dm_call_t *call)
 
 /* ---- GetRecord ----------------------------------------------------------------------- */
 
+static void get_logged(void *arg, dm_status_t *err)
+{
+    rec_ctx_t *c = arg;
+    if (err) {
+        dm_call_finish(c->call, err); /* not logged: not sent */
+        return;
+    }
+    dm_call_reply(c->call, &c->rec.base);
+}
+
 static void get_done(dm_job_t *job, PGresult *res, dm_status_t *err)
 {
     rec_ctx_t *c = job->arg;
@@ -694,18 +747,43 @@ static void get_done(dm_job_t *job, PGresult *res, dm_status_t *err)
                                               "subject's data is restricted"));
         return;
     }
-    Domicile__V1__Record rec = DOMICILE__V1__RECORD__INIT;
-    char sk_hex[2 * DM_SUBJECT_KEY_LEN + 1];
-    record_from_row(&rec, res, 0, req->customer_id, c->region_code, sk_hex);
-    dm_status_t *st = open_payload(c, res, 0, req->customer_id, &rec);
+    /* The record (pointing into the result) waits in the context until it may leave. */
+    c->held = PQcopyResult(res, PG_COPYRES_ATTRS | PG_COPYRES_TUPLES);
+    Domicile__V1__Record *rec = &c->rec;
+    domicile__v1__record__init(rec);
+    record_from_row(rec, c->held, 0, req->customer_id, c->region_code, c->sk_hex);
+    dm_status_t *st = open_payload(c, c->held, 0, req->customer_id, rec);
     if (st) {
-        log_data_loss(c, rec.record_id);
-        record_dispose(&rec);
+        log_data_loss(c, rec->record_id);
         dm_call_finish(c->call, st);
         return;
     }
-    dm_call_reply(c->call, &rec.base);
-    record_dispose(&rec);
+    if (!c->xfer.cross) {
+        dm_call_reply(c->call, &rec->base);
+        return;
+    }
+    if (rec->has_subject) {
+        int len;
+        memcpy(c->row_subject, dm_pg_bytes(c->held, 0, 2, &len), DM_SUBJECT_KEY_LEN);
+        c->xfer.subject_key = c->row_subject;
+    }
+    /* Write-ahead: the entry is committed in the record's region before the reply leaves. */
+    dm_xfer_log(c->call, &c->xfer, 1, (int64_t)rec->payload.len, rec->record_id, get_logged, c);
+}
+
+static void get_gated(void *arg, dm_status_t *err)
+{
+    rec_ctx_t *c = arg;
+    const Domicile__V1__GetRecordRequest *req =
+        (const Domicile__V1__GetRecordRequest *)dm_call_request(c->call);
+    if (err) {
+        dm_call_finish(c->call, err);
+        return;
+    }
+    job_init(c, DM_SQL_GET_RECORD, get_done, false);
+    dm_job_param_text(&c->job, 0, req->customer_id);
+    dm_job_param_text(&c->job, 1, req->record_id);
+    dm_region_submit(c->region, &c->job);
 }
 
 static void get_resolved(void *arg, dm_region_t *r, const char *state, dm_status_t *err)
@@ -718,10 +796,11 @@ static void get_resolved(void *arg, dm_region_t *r, const char *state, dm_status
         return;
     }
     set_region(c, r);
-    job_init(c, DM_SQL_GET_RECORD, get_done, false);
-    dm_job_param_text(&c->job, 0, req->customer_id);
-    dm_job_param_text(&c->job, 1, req->record_id);
-    dm_region_submit(r, &c->job);
+    c->xfer.dir = DM_TRANSFER_READ;
+    c->xfer.method = "GetRecord";
+    c->xfer.customer_id = req->customer_id;
+    dm_xfer_request_id(c->call, NULL, c->xfer.request_id);
+    dm_xfer_gate(c->call, r, &c->xfer, get_gated, c);
 }
 
 void dm_records_get(dm_call_t *call)
@@ -799,15 +878,12 @@ static void list_drained(dm_call_t *call, void *arg)
     list_maybe_next(arg);
 }
 
-static void list_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+/* Send the rows of one chunk (c->held), then the end or the next chunk. */
+static void list_emit(rec_ctx_t *c)
 {
-    rec_ctx_t *c = job->arg;
     const Domicile__V1__ListRecordsRequest *req =
         (const Domicile__V1__ListRecordsRequest *)dm_call_request(c->call);
-    if (err) {
-        dm_call_finish(c->call, err);
-        return;
-    }
+    PGresult *res = c->held;
     int chunk = atoi(c->limit_s) - 1; /* we asked for one more row than we send */
     int rows = PQntuples(res);
     int to_send = rows > chunk ? chunk : rows;
@@ -838,6 +914,8 @@ static void list_done(dm_job_t *job, PGresult *res, dm_status_t *err)
             return;
         }
     }
+    PQclear(c->held);
+    c->held = NULL;
     c->remaining -= to_send;
     bool more = rows > chunk;
     if (!more || c->remaining == 0) {
@@ -849,6 +927,54 @@ static void list_done(dm_job_t *job, PGresult *res, dm_status_t *err)
     }
     atomic_store(&c->awaiting_drain, true);
     list_maybe_next(c);
+}
+
+static void list_logged(void *arg, dm_status_t *err)
+{
+    rec_ctx_t *c = arg;
+    if (err) {
+        dm_call_finish(c->call, err); /* not logged: this chunk is not sent */
+        return;
+    }
+    list_emit(c);
+}
+
+static void list_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    rec_ctx_t *c = job->arg;
+    if (err) {
+        dm_call_finish(c->call, err);
+        return;
+    }
+    c->held = PQcopyResult(res, PG_COPYRES_ATTRS | PG_COPYRES_TUPLES);
+    int chunk = atoi(c->limit_s) - 1;
+    int rows = PQntuples(res);
+    int to_send = rows > chunk ? chunk : rows;
+    if (!c->xfer.cross || to_send == 0) {
+        list_emit(c);
+        return;
+    }
+    /* One entry per chunk, committed before the chunk is sent: its records, their payload
+     * bytes (when payloads go out) and their ids. */
+    int64_t bytes = 0;
+    size_t ids_len = 0;
+    for (int i = 0; i < to_send; i++) {
+        if (c->with_payload && !dm_pg_bool(res, i, 6))
+            bytes += dm_pg_int4(res, i, 9);
+        ids_len += (size_t)PQgetlength(res, i, 0) + 1;
+    }
+    char *ids = dm_malloc(ids_len + 1), *p = ids;
+    for (int i = 0; i < to_send; i++) {
+        int len;
+        const char *id = dm_pg_bytes(res, i, 0, &len);
+        if (i)
+            *p++ = '\x1f';
+        memcpy(p, id, (size_t)len);
+        p += len;
+    }
+    *p = '\0';
+    dm_xfer_log(c->call, &c->xfer, to_send, bytes, ids, list_logged, c);
+    free(ids);
 }
 
 static void list_next(rec_ctx_t *c)
@@ -872,16 +998,33 @@ static void list_next(rec_ctx_t *c)
     dm_region_submit(c->region, &c->job);
 }
 
-static void list_resolved(void *arg, dm_region_t *r, const char *state, dm_status_t *err)
+static void list_gated(void *arg, dm_status_t *err)
 {
     rec_ctx_t *c = arg;
     if (err) {
         dm_call_finish(c->call, err);
         return;
     }
-    set_region(c, r);
     dm_call_on_drain(c->call, list_drained, c);
     list_next(c);
+}
+
+static void list_resolved(void *arg, dm_region_t *r, const char *state, dm_status_t *err)
+{
+    rec_ctx_t *c = arg;
+    const Domicile__V1__ListRecordsRequest *req =
+        (const Domicile__V1__ListRecordsRequest *)dm_call_request(c->call);
+    if (err) {
+        dm_call_finish(c->call, err);
+        return;
+    }
+    set_region(c, r);
+    c->xfer.dir = DM_TRANSFER_READ;
+    c->xfer.method = "ListRecords";
+    c->xfer.customer_id = req->customer_id;
+    c->xfer.subject_key = c->has_subject ? c->subject_key : NULL;
+    dm_xfer_request_id(c->call, NULL, c->xfer.request_id);
+    dm_xfer_gate(c->call, r, &c->xfer, list_gated, c);
 }
 
 void dm_records_list(dm_call_t *call)

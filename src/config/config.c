@@ -81,6 +81,14 @@ static const key_desc_t gateway_keys[] = {
      "how often each region is probed for health"},
     {"log_level", KT_ENUM, GW(log_level), NOCOUNT, "info", 0, 0, "debug|info|warn|error", true,
      "minimum level logged"},
+    {"bases_file", KT_PATH, GW(bases_file), NOCOUNT, NULL, 1, STR_MAX, NULL, true,
+     "catalogue of legal bases for transfers (regions/bases.conf)"},
+    {"routes_file", KT_PATH, GW(routes_file), NOCOUNT, NULL, 1, STR_MAX, NULL, true,
+     "transfer routes and forbidden purposes (regions/routes.conf)"},
+    {"ledger_retention_days", KT_INT, GW(ledger_retention_days), NOCOUNT, "730", 0, 36500, NULL,
+     true, "ledger entries older than this are purged behind a signed checkpoint (0 = keep)"},
+    {"ledger_seal_interval_ms", KT_INT, GW(ledger_seal_interval_ms), NOCOUNT, "200", 10, 60000,
+     NULL, true, "how often committed ledger entries are chained"},
     {"customer_retention_days", KT_INT, GW(customer_retention_days), NOCOUNT, "30", 0, 3650, NULL,
      true, "days a closed customer's data is kept before it is purged"},
     {"directory_cache_entries", KT_INT, GW(directory_cache_entries), NOCOUNT, "4000000", 1000,
@@ -110,6 +118,8 @@ static const key_desc_t region_keys[] = {
      "CA certificate that signs the region's server certificates"},
     {"kek_file", KT_PATH, RG(kek_file), NOCOUNT, NULL, 1, STR_MAX, NULL, false,
      "secret (0600): the region's 32-byte key-encryption key"},
+    {"ledger_key_file", KT_PATH, RG(ledger_key_file), NOCOUNT, NULL, 1, STR_MAX, NULL, false,
+     "secret (0600): the 32-byte HMAC key of the region's transfer ledger (not in the database)"},
     {"pool_size", KT_INT, RG(pool_size), NOCOUNT, "3", 1, 16, NULL, false,
      "database connections per region"},
     {"connect_timeout_ms", KT_INT, RG(connect_timeout_ms), NOCOUNT, "2000", 100, 60000, NULL, false,
@@ -411,6 +421,8 @@ static dm_status_t *load_region(const dm_config_t *cfg, const char *code, dm_reg
     if ((st = check_secret(file, "password_file", r->password_file, 1024)))
         return st;
     if ((st = check_secret(file, "kek_file", r->kek_file, 32)))
+        return st;
+    if ((st = check_secret(file, "ledger_key_file", r->ledger_key_file, 32)))
         return st;
     if (access(r->ssl_root_cert, R_OK) != 0)
         return cf_error(file, 0, "ssl_root_cert", "cannot read \"%s\": %s", r->ssl_root_cert,

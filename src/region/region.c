@@ -72,6 +72,8 @@ struct dm_regions {
 
 void dm_job_param_text(dm_job_t *job, int i, const char *v)
 {
+    if (i < 0 || i >= DM_JOB_MAX_PARAMS)
+        abort(); /* a statement with more parameters than a job holds: a bug */
     job->values[i] = v;
     job->lengths[i] = 0;
     job->formats[i] = 0;
@@ -81,6 +83,8 @@ void dm_job_param_text(dm_job_t *job, int i, const char *v)
 
 void dm_job_param_bin(dm_job_t *job, int i, const void *v, int len)
 {
+    if (i < 0 || i >= DM_JOB_MAX_PARAMS)
+        abort();
     job->values[i] = v;
     job->lengths[i] = len;
     job->formats[i] = 1;

@@ -7,6 +7,12 @@
     "r.record_id, r.kind, r.subject_key, r.content_type, r.labels, r.version, r.restricted, "      \
     "r.created_at, r.updated_at, r.payload_size, r.key_id"
 
+#define LEDGER_COLUMNS                                                                             \
+    "l.entry_uuid, l.at, l.request_id, l.principal, l.method, l.customer_id, l.subject_key, "      \
+    "l.record_count, l.bytes, l.from_region, l.to_region, l.direction, l.purpose, l.basis_id, "    \
+    "l.outcome, l.refusal_reason, l.record_ids, l.entry_mac, l.entry_id"
+#define MS(p) "(timestamptz 'epoch' + " p "::bigint * interval '1 millisecond')"
+
 const dm_sql_t dm_sql[DM_SQL__COUNT] = {
     [DM_SQL_PROBE] = {"probe", "SELECT 1", 0},
     [DM_SQL_REGISTER_BEGIN] = {"register_begin",
@@ -45,6 +51,80 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                              "AND ($3::bytea IS NULL OR r.subject_key = $3) "
                              "AND r.record_id > $4 ORDER BY r.record_id LIMIT $5",
                              6},
+    [DM_SQL_LEDGER_APPEND] = {"ledger_append",
+                              "INSERT INTO domicile.ledger (entry_uuid, at, request_id, principal, "
+                              "method, customer_id, subject_key, record_count, bytes, from_region, "
+                              "to_region, direction, purpose, basis_id, outcome, refusal_reason, "
+                              "record_ids, entry_mac) VALUES ($1, " MS(
+                                  "$2") ", $3, $4, $5, $6, "
+                                        "$7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) "
+                                        "RETURNING entry_id",
+                              18},
+    [DM_SQL_LEDGER_HEAD] = {"ledger_head",
+                            "SELECT seq, chain_hash FROM (SELECT seq, chain_hash FROM "
+                            "domicile.ledger_chain ORDER BY seq DESC LIMIT 1) c UNION ALL "
+                            "SELECT upto_seq, chain_hash FROM (SELECT upto_seq, chain_hash FROM "
+                            "domicile.ledger_checkpoints ORDER BY upto_seq DESC LIMIT 1) k "
+                            "ORDER BY 1 DESC LIMIT 1",
+                            0},
+    [DM_SQL_LEDGER_UNSEALED] = {"ledger_unsealed",
+                                "SELECT entry_id, entry_mac FROM domicile.ledger_unsealed($1)", 1},
+    [DM_SQL_LEDGER_SEAL] = {"ledger_seal",
+                            "SELECT domicile.ledger_seal($1::bigint[], $2::bigint[], "
+                            "$3::bytea[])",
+                            3},
+    [DM_SQL_LEDGER_CHECKPOINT] = {"ledger_checkpoint",
+                                  "SELECT upto_seq, chain_hash, purged_before, mac FROM "
+                                  "domicile.ledger_checkpoints ORDER BY upto_seq DESC LIMIT 1",
+                                  0},
+    [DM_SQL_LEDGER_VERIFY] = {"ledger_verify",
+                              "SELECT c.seq, c.entry_id, c.chain_hash, " LEDGER_COLUMNS
+                              " FROM domicile.ledger_chain c LEFT JOIN domicile.ledger l "
+                              "ON l.entry_id = c.entry_id WHERE c.seq > $1 ORDER BY c.seq "
+                              "LIMIT $2",
+                              2},
+    [DM_SQL_LEDGER_LOOSE] = {"ledger_loose",
+                             "SELECT " LEDGER_COLUMNS " FROM domicile.ledger_unsealed($1) l", 1},
+    [DM_SQL_LEDGER_LIST] =
+        {"ledger_list",
+         "SELECT " LEDGER_COLUMNS ", c.seq FROM domicile.ledger l "
+         "LEFT JOIN domicile.ledger_chain c ON c.entry_id = l.entry_id "
+         "WHERE ($1::bigint = 0 OR l.at >= " MS(
+             "$1") ") "
+                   "AND ($2::bigint = 0 OR l.at < " MS(
+                       "$2") ") "
+                             "AND ($3 = '' OR l.from_region = $3) AND ($4 = '' OR l.to_region = "
+                             "$4) "
+                             "AND ($5 = '' OR l.basis_id = $5) AND ($6 = '' OR l.purpose = $6) "
+                             "AND ($7 = '' OR l.outcome = $7) AND ($8 = '' OR l.customer_id = $8) "
+                             "AND l.entry_id > $9 ORDER BY l.entry_id LIMIT $10",
+         10},
+    [DM_SQL_LEDGER_REPORT] =
+        {"ledger_report",
+         "SELECT to_char(l.at AT TIME ZONE 'UTC', 'YYYY-MM'), l.from_region, "
+         "l.to_region, l.basis_id, l.purpose, "
+         "count(*) FILTER (WHERE l.outcome = 'allowed'), "
+         "coalesce(sum(l.record_count) FILTER (WHERE l.outcome = 'allowed'), "
+         "0)::bigint, coalesce(sum(l.bytes) FILTER (WHERE l.outcome = "
+         "'allowed'), 0)::bigint, count(*) FILTER (WHERE l.outcome = "
+         "'refused') FROM domicile.ledger l "
+         "WHERE ($1::bigint = 0 OR l.at >= " MS(
+             "$1") ") "
+                   "AND ($2::bigint = 0 OR l.at < " MS(
+                       "$2") ") "
+                             "AND ($3 = '' OR l.basis_id = $3) AND ($4 = '' OR l.purpose = $4) "
+                             "GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5",
+         4},
+    [DM_SQL_LEDGER_PURGE_UPTO] = {"ledger_purge_upto",
+                                  "SELECT c.seq, c.chain_hash FROM domicile.ledger_chain c "
+                                  "WHERE c.seq < coalesce((SELECT min(y.seq) FROM "
+                                  "domicile.ledger_chain y JOIN domicile.ledger l "
+                                  "ON l.entry_id = y.entry_id WHERE l.at >= " MS(
+                                      "$1") "), "
+                                            "9223372036854775807) ORDER BY c.seq DESC LIMIT 1",
+                                  1},
+    [DM_SQL_LEDGER_PURGE] = {"ledger_purge",
+                             "SELECT domicile.ledger_purge($1, $2, " MS("$3") ", $4)", 4},
     [DM_SQL_DELETE_RECORD] = {"delete_record",
                               "SELECT * FROM domicile.delete_record($1, $2, $3, $4, $5)", 5},
 };

@@ -34,7 +34,10 @@ static const char *gw_good = "listen = \"127.0.0.1:0\";\n"
                              "gateway_region = \"eu\";\n"
                              "regions_dir = \"regions\";\n"
                              "regions = [ \"eu\", \"in\" ];\n"
-                             "subject_pepper_file = \"pepper\";\n";
+                             "subject_pepper_file = \"pepper\";\n"
+                             "principals_file = \"pepper\";\n"
+                             "bases_file = \"pepper\";\n"
+                             "routes_file = \"pepper\";\n";
 static const char *threads3 = "threads = 3;\n";
 
 static void write_region(const char *code, const char *extra)
@@ -44,7 +47,7 @@ static void write_region(const char *code, const char *extra)
              "code = \"%s\";\nname = \"Region %s\";\njurisdiction = \"J\";\n"
              "hosts = [ \"localhost:5432\", \"127.0.0.1:5433\" ];\n"
              "password_file = \"../pw\";\nssl_root_cert = \"../ca.crt\";\n"
-             "kek_file = \"../kek\";\n%s",
+             "kek_file = \"../kek\";\nledger_key_file = \"../kek\";\n%s",
              code, code, extra);
     snprintf(name, sizeof(name), "regions/%s.conf", code);
     write_file(name, text, 0644);
@@ -160,7 +163,9 @@ static void test_cross_checks(void **state)
 {
     char buf[1024];
     const char *base = "listen = \"127.0.0.1:0\";\ntransport = \"plaintext\";\n"
-                       "regions_dir = \"regions\";\nsubject_pepper_file = \"pepper\";\n";
+                       "regions_dir = \"regions\";\nsubject_pepper_file = \"pepper\";\n"
+                       "principals_file = \"pepper\";\nbases_file = \"pepper\";\n"
+                       "routes_file = \"pepper\";\n";
     snprintf(buf, sizeof(buf), "%sgateway_region = \"us\";\nregions = [ \"eu\" ];\n", base);
     expect_error(buf, "key \"gateway_region\"", "not one of the configured regions");
     snprintf(buf, sizeof(buf), "%sgateway_region = \"eu\";\nregions = [ \"eu\", \"eu\" ];\n", base);
@@ -179,7 +184,7 @@ static void test_region_errors(void **state)
     write_file("regions/in.conf", "code = \"eu\";\n", 0644);
     expect_error(gw_good, "in.conf", NULL); /* missing keys or wrong code */
     write_region("in", "code2 = 1;\n");
-    expect_error(gw_good, "regions/in.conf:8: key \"code2\": unknown key", NULL);
+    expect_error(gw_good, "regions/in.conf:9: key \"code2\": unknown key", NULL);
     write_region("in", "pool_size = 0;\n");
     expect_error(gw_good, "key \"pool_size\"", "between 1 and 16");
     write_region("in", "ssl_mode = \"disable\";\n");

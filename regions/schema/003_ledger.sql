@@ -1,0 +1,127 @@
+-- 003_ledger: the transfer ledger of this region. Every cross-border movement of this region's
+-- data (reads by principals elsewhere, writes from elsewhere) and every refused attempt has one
+-- row, appended (committed) before the data leaves the gateway.
+--
+-- Tamper evidence without a database-held secret: each row carries entry_mac =
+-- HMAC(ledger key, canonical fields), computed by the gateway before the insert; a sealer
+-- (in the gateway) chains committed rows in batches into ledger_chain:
+--     chain_hash[seq] = HMAC(key, chain_hash[seq-1] || seq || entry_id || entry_mac).
+-- Appends are plain inserts (no lock, nothing serialised); only sealing is sequential.
+-- VerifyLedger recomputes both: an edited row fails its MAC, a forged row has no valid MAC,
+-- a deleted row leaves a chain link without its row, a reordering breaks the chain hashes.
+-- The gateway's role can only INSERT and SELECT here; purging old rows goes through
+-- ledger_purge(), which first stores a signed checkpoint so the rest still verifies.
+SET LOCAL ROLE domicile_owner;
+
+CREATE TABLE domicile.ledger (
+    entry_id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    entry_uuid     bytea NOT NULL UNIQUE,
+    at             timestamptz NOT NULL,
+    request_id     text NOT NULL,
+    principal      text NOT NULL,
+    method         text NOT NULL,
+    customer_id    text NOT NULL,
+    subject_key    bytea,
+    record_count   bigint NOT NULL CHECK (record_count >= 0),
+    bytes          bigint NOT NULL CHECK (bytes >= 0),
+    from_region    text NOT NULL,
+    to_region      text NOT NULL,
+    direction      text NOT NULL CHECK (direction IN ('read', 'write')),
+    purpose        text NOT NULL,
+    basis_id       text NOT NULL,
+    outcome        text NOT NULL CHECK (outcome IN ('allowed', 'refused')),
+    refusal_reason text NOT NULL DEFAULT '',
+    record_ids     text NOT NULL DEFAULT '', -- record ids joined by U+001F (ids hold no control characters)
+    entry_mac      bytea NOT NULL
+);
+CREATE INDEX ledger_by_time ON domicile.ledger (at);
+CREATE INDEX ledger_by_basis ON domicile.ledger (basis_id, at);
+CREATE INDEX ledger_by_customer ON domicile.ledger (customer_id, at);
+
+CREATE TABLE domicile.ledger_chain (
+    seq        bigint PRIMARY KEY CHECK (seq >= 1),
+    entry_id   bigint NOT NULL UNIQUE,
+    chain_hash bytea NOT NULL,
+    sealed_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- A purge keeps the chain verifiable: the checkpoint says "the chain up to upto_seq ended in
+-- chain_hash", signed with the ledger key (mac), so verification resumes from there.
+CREATE TABLE domicile.ledger_checkpoints (
+    checkpoint_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    upto_seq      bigint NOT NULL,
+    chain_hash    bytea NOT NULL,
+    purged_before timestamptz NOT NULL,
+    at            timestamptz NOT NULL DEFAULT now(),
+    mac           bytea NOT NULL
+);
+
+REVOKE ALL ON domicile.ledger, domicile.ledger_chain, domicile.ledger_checkpoints
+    FROM domicile_gateway;
+GRANT SELECT, INSERT ON domicile.ledger, domicile.ledger_chain, domicile.ledger_checkpoints
+    TO domicile_gateway;
+
+-- Sealing: the unsealed rows in entry order, with the last link to chain from.
+CREATE FUNCTION domicile.ledger_unsealed(p_limit integer)
+RETURNS SETOF domicile.ledger
+LANGUAGE sql STABLE AS $$
+    SELECT l.* FROM domicile.ledger l
+    WHERE NOT EXISTS (SELECT 1 FROM domicile.ledger_chain c WHERE c.entry_id = l.entry_id)
+    ORDER BY l.entry_id LIMIT p_limit
+$$;
+
+-- Store a batch of links computed by the sealer (arrays of equal length, seq consecutive
+-- after the current head). Two sealers racing: the second fails on the primary key and
+-- tries again later. Refuses links that do not continue the chain.
+CREATE FUNCTION domicile.ledger_seal(p_seqs bigint[], p_entry_ids bigint[], p_hashes bytea[])
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    head bigint;
+BEGIN
+    SELECT coalesce(max(seq), (SELECT coalesce(max(upto_seq), 0) FROM domicile.ledger_checkpoints))
+    INTO head FROM domicile.ledger_chain;
+    IF p_seqs[1] <> head + 1 THEN
+        RAISE EXCEPTION 'ledger_seal: chain head is %, links start at %', head, p_seqs[1]
+            USING ERRCODE = '40001';
+    END IF;
+    INSERT INTO domicile.ledger_chain (seq, entry_id, chain_hash)
+    SELECT * FROM unnest(p_seqs, p_entry_ids, p_hashes);
+    RETURN cardinality(p_seqs);
+END $$;
+
+-- Retention: delete rows sealed before `p_before`, up to link `p_upto_seq`, after storing the
+-- gateway-signed checkpoint of that link. Runs with the owner's rights (the gateway cannot
+-- delete ledger rows itself) and refuses anything but a prefix of old, sealed rows.
+CREATE FUNCTION domicile.ledger_purge(p_upto_seq bigint, p_chain_hash bytea,
+                                      p_before timestamptz, p_mac bytea)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, domicile AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF p_before > now() THEN
+        RAISE EXCEPTION 'ledger_purge: cut-off % is in the future', p_before;
+    END IF;
+    IF EXISTS (SELECT 1 FROM domicile.ledger_chain c JOIN domicile.ledger l USING (entry_id)
+               WHERE c.seq <= p_upto_seq AND l.at >= p_before) THEN
+        RAISE EXCEPTION 'ledger_purge: entries up to % are not all older than %',
+            p_upto_seq, p_before;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM domicile.ledger_chain
+                   WHERE seq = p_upto_seq AND chain_hash = p_chain_hash) THEN
+        RAISE EXCEPTION 'ledger_purge: link % does not have the given hash', p_upto_seq;
+    END IF;
+    INSERT INTO domicile.ledger_checkpoints (upto_seq, chain_hash, purged_before, mac)
+    VALUES (p_upto_seq, p_chain_hash, p_before, p_mac);
+    DELETE FROM domicile.ledger l USING domicile.ledger_chain c
+    WHERE c.entry_id = l.entry_id AND c.seq <= p_upto_seq;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DELETE FROM domicile.ledger_chain WHERE seq <= p_upto_seq;
+    RETURN n;
+END $$;
+REVOKE ALL ON FUNCTION domicile.ledger_purge(bigint, bytea, timestamptz, bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION domicile.ledger_unsealed(integer),
+                          domicile.ledger_seal(bigint[], bigint[], bytea[]),
+                          domicile.ledger_purge(bigint, bytea, timestamptz, bytea)
+    TO domicile_gateway;
