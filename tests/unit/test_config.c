@@ -197,7 +197,7 @@ static void test_region_errors(void **state)
         "regions/eu.conf",
         "code = \"eu\";\nname = \"E\";\njurisdiction = \"J\";\nhosts = [ \"h:99999\" ];\n"
         "password_file = \"../pw\";\nssl_root_cert = \"../ca.crt\";\nkek_file = \"../kek\";\n"
-               "ledger_key_file = \"../kek\";\n",
+        "ledger_key_file = \"../kek\";\n",
         0644);
     expect_error(gw_good, "key \"hosts\"", "port must be");
     write_region("eu", "");
