@@ -28,6 +28,9 @@ void dm_records_bulk_put(dm_call_t *call);
 void dm_customers_register(dm_call_t *call);
 void dm_customers_get(dm_call_t *call);
 void dm_customers_close(dm_call_t *call);
+void dm_transfers_list(dm_call_t *call);
+void dm_transfers_report(dm_call_t *call);
+void dm_transfers_verify(dm_call_t *call);
 void dm_health_watch(dm_call_t *call);
 
 #endif

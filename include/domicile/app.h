@@ -27,6 +27,7 @@ typedef struct dm_app {
     dm_principals_t *principals;
     dm_policy_t *policy;
     unsigned char ledger_keys[DM_MAX_REGIONS][32]; /* by region index (cleansed at exit) */
+    dm_ledger_ctx_t ledger;                        /* the sealer's view of the above */
     dm_health_t *health;
     dm_server_t *server;
 } dm_app_t;

@@ -106,4 +106,22 @@ void dm_ledger_checkpoint_mac(const unsigned char key[32], int64_t upto_seq,
                               const unsigned char hash[32], int64_t before_ms,
                               unsigned char out[32]);
 
+/** What the sealer needs (the app owns it). last_purge_ms is touched by executor threads,
+ * one region each. */
+typedef struct dm_ledger_ctx {
+    dm_regions_t *regions;
+    const unsigned char (*keys)[32]; /* by region index */
+    int retention_days;              /* 0 = keep forever */
+    int64_t last_purge_ms[DM_MAX_REGIONS];
+} dm_ledger_ctx_t;
+
+/** The regions' idle task: seal committed entries, purge past retention. arg: dm_ledger_ctx_t. */
+void dm_ledger_idle(dm_region_t *r, dm_exec_t *x, void *arg);
+
+/**
+ * Wall-clock now in ms, shifted by DOMICILE_TEST_CLOCK_OFFSET_MS when that variable is set
+ * (tests only: it lets a test gateway live in the past or the future).
+ */
+int64_t dm_now_ms(void);
+
 #endif

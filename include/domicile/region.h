@@ -70,6 +70,21 @@ typedef void (*dm_region_change_fn)(void *arg, dm_region_t *region, bool serving
 
 /** Build the regions of `cfg` (reads the password files). `cfg` must outlive the set. */
 dm_status_t *dm_regions_create(const dm_config_t *cfg, dm_regions_t **out) DM_WARN_UNUSED;
+/**
+ * Maintenance work run on one executor of every region when it is idle and `interval_ms` has
+ * passed: it may run statements synchronously with dm_region_exec(). Set before start.
+ */
+typedef struct dm_exec dm_exec_t;
+typedef void (*dm_idle_fn)(dm_region_t *r, dm_exec_t *x, void *arg);
+void dm_regions_set_idle_task(dm_regions_t *rs, dm_idle_fn fn, void *arg, int interval_ms);
+/**
+ * Inside an idle task: run one prepared statement in its own transaction and wait for it.
+ * Returns the result (caller clears) or NULL when the statement failed (*err set, caller
+ * frees) — after a connection failure the connection is dropped and later calls fail too.
+ */
+PGresult *dm_region_exec(dm_exec_t *x, dm_sql_id_t stmt, int n, const char *const *values,
+                         const int *lengths, const int *formats, dm_status_t **err);
+
 /** Set the change listener (before start). */
 void dm_regions_on_change(dm_regions_t *rs, dm_region_change_fn fn, void *arg);
 /** Start the monitor threads. */

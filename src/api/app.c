@@ -41,6 +41,11 @@ dm_status_t *dm_app_init(dm_app_t *app)
         OPENSSL_cleanse(k, len);
         free(k);
     }
+    app->ledger.regions = app->regions;
+    app->ledger.keys = (const unsigned char(*)[32])app->ledger_keys;
+    app->ledger.retention_days = app->cfg->ledger_retention_days;
+    dm_regions_set_idle_task(app->regions, dm_ledger_idle, &app->ledger,
+                             app->cfg->ledger_seal_interval_ms);
     app->directory = dm_directory_create(app->regions, (size_t)app->cfg->directory_cache_entries);
     app->keys = dm_keycache_create((size_t)app->cfg->key_cache_entries, app->cfg->key_cache_ttl_ms);
     return NULL;

@@ -23,7 +23,6 @@
     {                                                                                              \
         "/" svc "/" name, kind, in, out, handler, roles, issue                                     \
     }
-#define ISSUE_LEDGER   "issue 5: transfer ledger"
 #define ISSUE_DSR      "issue 6: data-subject rights"
 #define ISSUE_FAILOVER "issue 7: region failover"
 /* Roles per method, as stated in the proto's "Roles:" comments (a test checks both agree). */
@@ -77,11 +76,11 @@ static const dm_method_t methods[] = {
     M("domicile.v1.SubjectRights", "Locate", U, V1(locate_request), V1(locate_response), NULL,
       ISSUE_DSR, R_PO),
     M("domicile.v1.Transfers", "ListTransfers", S, V1(list_transfers_request),
-      V1(list_transfers_response), NULL, ISSUE_LEDGER, R_AUD),
-    M("domicile.v1.Transfers", "Report", U, V1(report_request), V1(transfer_report), NULL,
-      ISSUE_LEDGER, R_AUD),
+      V1(list_transfers_response), dm_transfers_list, NULL, R_AUD),
+    M("domicile.v1.Transfers", "Report", U, V1(report_request), V1(transfer_report),
+      dm_transfers_report, NULL, R_AUD),
     M("domicile.v1.Transfers", "VerifyLedger", U, V1(verify_ledger_request),
-      V1(verify_ledger_response), NULL, ISSUE_LEDGER, R_AUD),
+      V1(verify_ledger_response), dm_transfers_verify, NULL, R_AUD),
     M("domicile.v1.Regions", "ListRegions", U, V1(list_regions_request), V1(list_regions_response),
       NULL, ISSUE_FAILOVER, R_OPS),
     M("domicile.v1.Regions", "Fence", U, V1(fence_request), V1(region_status), NULL, ISSUE_FAILOVER,

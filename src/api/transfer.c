@@ -15,13 +15,6 @@
 #include "domicile/log.h"
 #include "internal.h"
 
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 void dm_xfer_request_id(dm_call_t *call, const char *given, char out[DM_XFER_ID_LEN])
 {
     size_t len = 0;
@@ -91,7 +84,7 @@ void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn
         fn(arg, NULL);
         return;
     }
-    x->basis = dm_policy_decide(app->policy, x->from, x->to, purpose, now_ms(), &why);
+    x->basis = dm_policy_decide(app->policy, x->from, x->to, purpose, dm_now_ms(), &why);
     if (x->basis) {
         fn(arg, NULL);
         return;

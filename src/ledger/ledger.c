@@ -86,6 +86,20 @@ void dm_ledger_checkpoint_mac(const unsigned char key[32], int64_t upto_seq,
     free(enc);
 }
 
+int64_t dm_now_ms(void)
+{
+    static int64_t offset = -1;
+    static bool loaded;
+    struct timespec ts;
+    if (!__atomic_load_n(&loaded, __ATOMIC_ACQUIRE)) {
+        const char *v = getenv("DOMICILE_TEST_CLOCK_OFFSET_MS");
+        __atomic_store_n(&offset, v ? strtoll(v, NULL, 10) : 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&loaded, true, __ATOMIC_RELEASE);
+    }
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000 + offset;
+}
+
 /* ---- append -------------------------------------------------------------------------- */
 
 typedef struct append {
@@ -136,15 +150,12 @@ void dm_ledger_append(dm_region_t *r, const unsigned char key[32], const dm_tran
                       dm_call_t *call, dm_ledger_done_fn done, void *arg)
 {
     append_t *a = dm_calloc(1, sizeof(*a));
-    struct timespec ts;
     fields_t f;
 
     a->done = done;
     a->arg = arg;
     dm_random_bytes(a->uuid, sizeof(a->uuid));
-    clock_gettime(CLOCK_REALTIME, &ts);
-    snprintf(a->at, sizeof(a->at), "%lld",
-             (long long)ts.tv_sec * 1000 + (long long)(ts.tv_nsec / 1000000));
+    snprintf(a->at, sizeof(a->at), "%lld", (long long)dm_now_ms());
     snprintf(a->records, sizeof(a->records), "%lld", (long long)t->record_count);
     snprintf(a->bytes, sizeof(a->bytes), "%lld", (long long)t->bytes);
     a->text[T_REQ] = dm_strdup(t->request_id);

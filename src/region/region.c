@@ -28,6 +28,10 @@ typedef enum {
     EX_DOWN,             /* no connection; retrying with backoff */
 } exec_state_t;
 
+struct dm_exec {
+    struct executor *e;
+};
+
 typedef struct executor {
     dm_region_t *region;
     int index;
@@ -38,6 +42,7 @@ typedef struct executor {
     int backoff_ms;
     struct timespec last_activity;
     struct timespec last_purge;
+    struct timespec last_idle_task;
 } executor_t;
 
 struct dm_region {
@@ -67,6 +72,9 @@ struct dm_regions {
     size_t n;
     dm_region_change_fn on_change;
     void *on_change_arg;
+    dm_idle_fn idle_fn;
+    void *idle_arg;
+    int idle_interval_ms;
     atomic_bool stopping;
 };
 
@@ -588,6 +596,55 @@ static void purge_due(executor_t *e)
         drop_conn(e, "region did not answer in time");
 }
 
+PGresult *dm_region_exec(dm_exec_t *x, dm_sql_id_t stmt, int n, const char *const *values,
+                         const int *lengths, const int *formats, dm_status_t **err)
+{
+    executor_t *e = x->e;
+    bool timed_out = false;
+    PGresult *res = NULL, *r;
+    *err = NULL;
+    if (!e->conn) {
+        *err = unavailable(e->region);
+        return NULL;
+    }
+    if (!PQsendQueryPrepared(e->conn, dm_sql[stmt].name, n, values, lengths, formats, 1) ||
+        !PQpipelineSync(e->conn))
+        goto broken;
+    res = next_result(e->conn, &timed_out);
+    if (!res)
+        goto broken;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK && PQresultStatus(res) != PGRES_COMMAND_OK) {
+        *err = status_from_result(e->region, res, e->conn);
+        PQclear(res);
+        res = NULL;
+    }
+    /* Drain to the Sync that ends this statement's transaction. */
+    while ((r = next_result(e->conn, &timed_out)) != NULL || !timed_out) {
+        if (!r)
+            continue;
+        bool sync = PQresultStatus(r) == PGRES_PIPELINE_SYNC;
+        PQclear(r);
+        if (sync) {
+            clock_gettime(CLOCK_MONOTONIC, &e->last_activity);
+            return res;
+        }
+    }
+broken:
+    PQclear(res);
+    dm_status_free(*err);
+    *err = dm_status_new(GRPC_STATUS_UNAVAILABLE, "region \"%s\" is unavailable",
+                         e->region->cfg->code);
+    drop_conn(e, timed_out ? "region did not answer in time" : PQerrorMessage(e->conn));
+    return NULL;
+}
+
+void dm_regions_set_idle_task(dm_regions_t *rs, dm_idle_fn fn, void *arg, int interval_ms)
+{
+    rs->idle_fn = fn;
+    rs->idle_arg = arg;
+    rs->idle_interval_ms = interval_ms;
+}
+
 static size_t job_bytes(const dm_job_t *j)
 {
     size_t n = 0;
@@ -601,6 +658,8 @@ static void *executor_main(void *arg)
     executor_t *e = arg;
     dm_region_t *r = e->region;
     int idle_ms = r->set->cfg->health_interval_ms;
+    if (r->set->idle_fn && r->set->idle_interval_ms < idle_ms && e->index == r->n_execs - 1)
+        idle_ms = r->set->idle_interval_ms;
 
     clock_gettime(CLOCK_MONOTONIC, &e->last_purge);
     while (!atomic_load(&r->set->stopping)) {
@@ -673,6 +732,16 @@ static void *executor_main(void *arg)
                 probe(e);
             if (e->conn && e->index == 0 && elapsed_ms(&e->last_purge) >= PURGE_INTERVAL_MS)
                 purge_due(e);
+        }
+        /* The last executor does the periodic work (sealing the ledger), busy or not, so a
+         * steady load never starves it; with a pool of two or more the first executor and
+         * the purge are never delayed by it. */
+        if (e->conn && e->index == r->n_execs - 1 && r->set->idle_fn &&
+            !atomic_load(&r->set->stopping) &&
+            elapsed_ms(&e->last_idle_task) >= r->set->idle_interval_ms) {
+            dm_exec_t x = {e};
+            clock_gettime(CLOCK_MONOTONIC, &e->last_idle_task);
+            r->set->idle_fn(r, &x, r->set->idle_arg);
         }
     }
     if (e->conn) {
