@@ -14,6 +14,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "domicile/clock.h"
 #include "domicile/config.h"
 #include "domicile/crypto.h"
 #include "domicile/region.h"
@@ -98,6 +99,8 @@ void dm_ledger_append(dm_region_t *r, const unsigned char key[32], const dm_tran
 /** MAC of a stored entry (columns in the order of DM_SQL_LEDGER_* results, see sql.c). */
 void dm_ledger_entry_mac(const unsigned char key[32], const PGresult *res, int row, int col0,
                          unsigned char out[32]);
+/** True when the stored entry_mac of the row verifies under `key`. */
+bool dm_ledger_entry_verifies(const unsigned char key[32], const PGresult *res, int row, int col0);
 /** chain_hash[seq] = HMAC(key, prev || seq || entry_id || entry_mac). */
 void dm_ledger_chain_hash(const unsigned char key[32], const unsigned char prev[32], int64_t seq,
                           int64_t entry_id, const unsigned char mac[32], unsigned char out[32]);
@@ -117,11 +120,5 @@ typedef struct dm_ledger_ctx {
 
 /** The regions' idle task: seal committed entries, purge past retention. arg: dm_ledger_ctx_t. */
 void dm_ledger_idle(dm_region_t *r, dm_exec_t *x, void *arg);
-
-/**
- * Wall-clock now in ms, shifted by DOMICILE_TEST_CLOCK_OFFSET_MS when that variable is set
- * (tests only: it lets a test gateway live in the past or the future).
- */
-int64_t dm_now_ms(void);
 
 #endif

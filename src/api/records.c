@@ -209,6 +209,19 @@ static void log_data_loss(rec_ctx_t *c, const char *record_id)
              c->region_code, record_id);
 }
 
+/* A read of region r's data: through the transfer gate, then `next`. */
+static void read_gate(rec_ctx_t *c, dm_region_t *r, const char *method, const char *customer,
+                      dm_xfer_fn next)
+{
+    set_region(c, r);
+    c->xfer.dir = DM_TRANSFER_READ;
+    c->xfer.method = method;
+    c->xfer.customer_id = customer;
+    c->xfer.subject_key = c->has_subject ? c->subject_key : NULL;
+    dm_xfer_request_id(c->call, NULL, c->xfer.request_id);
+    dm_xfer_gate(c->call, r, &c->xfer, next, c);
+}
+
 /* ---- PutRecord ----------------------------------------------------------------------- */
 
 static void put_with_key(rec_ctx_t *c);
@@ -795,12 +808,7 @@ static void get_resolved(void *arg, dm_region_t *r, const char *state, dm_status
         dm_call_finish(c->call, err);
         return;
     }
-    set_region(c, r);
-    c->xfer.dir = DM_TRANSFER_READ;
-    c->xfer.method = "GetRecord";
-    c->xfer.customer_id = req->customer_id;
-    dm_xfer_request_id(c->call, NULL, c->xfer.request_id);
-    dm_xfer_gate(c->call, r, &c->xfer, get_gated, c);
+    read_gate(c, r, "GetRecord", req->customer_id, get_gated);
 }
 
 void dm_records_get(dm_call_t *call)
@@ -1018,13 +1026,7 @@ static void list_resolved(void *arg, dm_region_t *r, const char *state, dm_statu
         dm_call_finish(c->call, err);
         return;
     }
-    set_region(c, r);
-    c->xfer.dir = DM_TRANSFER_READ;
-    c->xfer.method = "ListRecords";
-    c->xfer.customer_id = req->customer_id;
-    c->xfer.subject_key = c->has_subject ? c->subject_key : NULL;
-    dm_xfer_request_id(c->call, NULL, c->xfer.request_id);
-    dm_xfer_gate(c->call, r, &c->xfer, list_gated, c);
+    read_gate(c, r, "ListRecords", req->customer_id, list_gated);
 }
 
 void dm_records_list(dm_call_t *call)

@@ -76,11 +76,7 @@ static void verify_loose_done(dm_job_t *job, PGresult *res, dm_status_t *err)
     /* Rows outside the chain: committed but not sealed yet, or forged (no valid MAC). */
     int n = PQntuples(res);
     for (int i = 0; i < n; i++) {
-        unsigned char mac[32];
-        int len;
-        const char *stored = dm_pg_bytes(res, i, DM_LC_MAC, &len);
-        dm_ledger_entry_mac(v->key, res, i, 0, mac);
-        if (len != 32 || CRYPTO_memcmp(mac, stored, 32) != 0)
+        if (!dm_ledger_entry_verifies(v->key, res, i, 0))
             set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_INSERTED, v->expected,
                        "entry %lld carries no valid MAC: inserted outside the gateway",
                        (long long)dm_pg_int8(res, i, DM_LC_ENTRY_ID));
@@ -112,11 +108,10 @@ static void verify_chain_done(dm_job_t *job, PGresult *res, dm_status_t *err)
             set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, seq,
                        "entry %lld (link %lld) was deleted", (long long)entry_id, (long long)seq);
         } else {
-            unsigned char mac[32], h[32];
+            unsigned char h[32];
             int mlen;
             const char *stored = dm_pg_bytes(res, i, 3 + DM_LC_MAC, &mlen);
-            dm_ledger_entry_mac(v->key, res, i, 3, mac);
-            if (mlen != 32 || CRYPTO_memcmp(mac, stored, 32) != 0)
+            if (!dm_ledger_entry_verifies(v->key, res, i, 3))
                 set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_EDITED, seq,
                            "entry %lld (link %lld) was changed after it was written",
                            (long long)entry_id, (long long)seq);

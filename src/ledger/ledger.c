@@ -59,6 +59,15 @@ void dm_ledger_entry_mac(const unsigned char key[32], const PGresult *res, int r
     mac_fields(key, &f, out);
 }
 
+bool dm_ledger_entry_verifies(const unsigned char key[32], const PGresult *res, int row, int col0)
+{
+    unsigned char mac[32];
+    int len;
+    const char *stored = dm_pg_bytes(res, row, col0 + DM_LC_MAC, &len);
+    dm_ledger_entry_mac(key, res, row, col0, mac);
+    return len == 32 && CRYPTO_memcmp(mac, stored, 32) == 0;
+}
+
 void dm_ledger_chain_hash(const unsigned char key[32], const unsigned char prev[32], int64_t seq,
                           int64_t entry_id, const unsigned char mac[32], unsigned char out[32])
 {
@@ -84,20 +93,6 @@ void dm_ledger_checkpoint_mac(const unsigned char key[32], int64_t upto_seq,
                                 DM_AAD_BYTES(hash, 32), DM_AAD_STR(b));
     hmac(key, enc, len, out);
     free(enc);
-}
-
-int64_t dm_now_ms(void)
-{
-    static int64_t offset = -1;
-    static bool loaded;
-    struct timespec ts;
-    if (!__atomic_load_n(&loaded, __ATOMIC_ACQUIRE)) {
-        const char *v = getenv("DOMICILE_TEST_CLOCK_OFFSET_MS");
-        __atomic_store_n(&offset, v ? strtoll(v, NULL, 10) : 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&loaded, true, __ATOMIC_RELEASE);
-    }
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000 + offset;
 }
 
 /* ---- append -------------------------------------------------------------------------- */

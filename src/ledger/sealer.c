@@ -18,13 +18,6 @@
 #define SEAL_ROUNDS    8 /* at most 4000 entries per tick, so one tick stays short */
 #define PURGE_EVERY_MS 60000
 
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static size_t region_index(dm_ledger_ctx_t *ctx, dm_region_t *r)
 {
     for (size_t i = 0; i < dm_regions_count(ctx->regions); i++)
@@ -102,12 +95,11 @@ static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32])
     strcpy(ids, "{");
     strcpy(hashes, "{");
     for (int i = 0; i < n; i++) {
-        unsigned char mac[32], h[32];
+        unsigned char h[32];
         int len;
-        const char *stored = dm_pg_bytes(rows, i, DM_LC_MAC, &len);
+        const unsigned char *mac = (const unsigned char *)dm_pg_bytes(rows, i, DM_LC_MAC, &len);
         int64_t entry_id = dm_pg_int8(rows, i, DM_LC_ENTRY_ID);
-        dm_ledger_entry_mac(key, rows, i, 0, mac);
-        if (len != 32 || CRYPTO_memcmp(mac, stored, 32) != 0) {
+        if (!dm_ledger_entry_verifies(key, rows, i, 0)) {
             /* Not written by a gateway holding the key: never chain it. VerifyLedger
              * reports it as inserted. */
             dm_error("ledger", "region %s: ledger entry %lld has an invalid MAC; not chaining it",
@@ -206,8 +198,8 @@ void dm_ledger_idle(dm_region_t *r, dm_exec_t *x, void *arg)
     for (int round = 0; round < SEAL_ROUNDS; round++)
         if (seal_batch(r, x, key) < SEAL_BATCH)
             break;
-    if (ctx->retention_days > 0 && mono_ms() - ctx->last_purge_ms[i] >= PURGE_EVERY_MS) {
-        ctx->last_purge_ms[i] = mono_ms();
+    if (ctx->retention_days > 0 && dm_mono_ms() - ctx->last_purge_ms[i] >= PURGE_EVERY_MS) {
+        ctx->last_purge_ms[i] = dm_mono_ms();
         /* Seal first, so that a purge never leaves old entries outside the chain. */
         purge(ctx, r, x, key);
     }

@@ -12,6 +12,7 @@
 #include <libpq-fe.h>
 #include <openssl/crypto.h>
 
+#include "domicile/clock.h"
 #include "domicile/log.h"
 #include "domicile/region.h"
 
@@ -187,14 +188,7 @@ static void exec_set_state(executor_t *e, exec_state_t to)
 /* Wait up to ms or until stop. Returns false when stopping. */
 static bool pause_ms(dm_region_t *r, int ms)
 {
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += ms / 1000;
-    until.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    struct timespec until = dm_abstime_in_ms(ms);
     pthread_mutex_lock(&r->mu);
     while (!atomic_load(&r->set->stopping))
         if (pthread_cond_timedwait(&r->cond, &r->mu, &until) == ETIMEDOUT)
@@ -682,14 +676,7 @@ static void *executor_main(void *arg)
 
         pthread_mutex_lock(&r->mu);
         if (!r->q_head && !atomic_load(&r->set->stopping)) {
-            struct timespec until;
-            clock_gettime(CLOCK_REALTIME, &until);
-            until.tv_sec += idle_ms / 1000;
-            until.tv_nsec += (long)(idle_ms % 1000) * 1000000L;
-            if (until.tv_nsec >= 1000000000L) {
-                until.tv_sec++;
-                until.tv_nsec -= 1000000000L;
-            }
+            struct timespec until = dm_abstime_in_ms(idle_ms);
             pthread_cond_timedwait(&r->cond, &r->mu, &until);
         }
         while (r->q_head && taken < MAX_BATCH_JOBS && bytes < MAX_BATCH_BYTES) {

@@ -16,6 +16,7 @@
 #include <openssl/crypto.h>
 #include <stdio.h>
 
+#include "domicile/clock.h"
 #include "domicile/log.h"
 #include "domicile/server.h"
 #include "wire.h"
@@ -247,15 +248,9 @@ static grpc_byte_buffer *pack(const ProtobufCMessage *msg)
     return bb;
 }
 
-bool dm_call_send(dm_call_t *c, const ProtobufCMessage *msg)
+/* Append a packed message to the send queue. Called with c->mu held. */
+static void enqueue_locked(dm_call_t *c, grpc_byte_buffer *bb)
 {
-    grpc_byte_buffer *bb = pack(msg);
-    pthread_mutex_lock(&c->mu);
-    if (c->dead || c->finish_requested || atomic_load(&c->cancelled)) {
-        pthread_mutex_unlock(&c->mu);
-        grpc_byte_buffer_destroy(bb);
-        return false;
-    }
     outmsg_t *m = dm_malloc(sizeof(*m));
     m->bb = bb;
     m->next = NULL;
@@ -265,6 +260,18 @@ bool dm_call_send(dm_call_t *c, const ProtobufCMessage *msg)
         c->q_head = m;
     c->q_tail = m;
     c->q_len++;
+}
+
+bool dm_call_send(dm_call_t *c, const ProtobufCMessage *msg)
+{
+    grpc_byte_buffer *bb = pack(msg);
+    pthread_mutex_lock(&c->mu);
+    if (c->dead || c->finish_requested || atomic_load(&c->cancelled)) {
+        pthread_mutex_unlock(&c->mu);
+        grpc_byte_buffer_destroy(bb);
+        return false;
+    }
+    enqueue_locked(c, bb);
     pump_locked(c);
     pthread_mutex_unlock(&c->mu);
     return true;
@@ -310,15 +317,7 @@ void dm_call_reply(dm_call_t *c, const ProtobufCMessage *msg)
     grpc_byte_buffer *bb = pack(msg);
     pthread_mutex_lock(&c->mu);
     if (!c->dead && !c->finish_requested) {
-        outmsg_t *m = dm_malloc(sizeof(*m));
-        m->bb = bb;
-        m->next = NULL;
-        if (c->q_tail)
-            c->q_tail->next = m;
-        else
-            c->q_head = m;
-        c->q_tail = m;
-        c->q_len++;
+        enqueue_locked(c, bb);
         bb = NULL;
     }
     pthread_mutex_unlock(&c->mu);
@@ -858,14 +857,7 @@ void dm_server_on_shutdown(dm_server_t *srv, void (*fn)(void *arg), void *arg)
 
 static bool wait_shutdown_tag(dm_server_t *srv, int timeout_ms)
 {
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    struct timespec until = dm_abstime_in_ms(timeout_ms);
     pthread_mutex_lock(&srv->mu);
     while (!srv->shutdown_done) {
         if (pthread_cond_timedwait(&srv->cond, &srv->mu, &until) == ETIMEDOUT)
