@@ -9,6 +9,7 @@
 #include "domicile/config.h"
 #include "domicile/crypto.h"
 #include "domicile/directory.h"
+#include "domicile/dsr.h"
 #include "domicile/keycache.h"
 #include "domicile/ledger.h"
 #include "domicile/region.h"
@@ -28,6 +29,7 @@ typedef struct dm_app {
     dm_policy_t *policy;
     unsigned char ledger_keys[DM_MAX_REGIONS][32]; /* by region index (cleansed at exit) */
     dm_ledger_ctx_t ledger;                        /* the sealer's view of the above */
+    dm_dsr_ctx_t dsr;                              /* the data-subject request worker */
     dm_health_t *health;
     dm_server_t *server;
 } dm_app_t;

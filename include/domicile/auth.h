@@ -65,6 +65,13 @@ const dm_principal_t *dm_principals_by_subject(const dm_principals_t *p, const c
 
 /** Parse "Bearer <token>" (scheme case-insensitive, one space). False when malformed. */
 bool dm_auth_parse_bearer(const char *value, size_t len, const char **token, size_t *token_len);
+/**
+ * Check an x-purpose metadata value (`len` bytes, not NUL-terminated) and copy it, terminated,
+ * into `out`. NULL when valid; else INVALID_ARGUMENT "x-purpose: …" (a NUL byte inside is
+ * refused: the call must not run as the value's prefix).
+ */
+dm_status_t *dm_auth_parse_purpose(const char *value, size_t len,
+                                   char out[DM_PURPOSE_MAX_LEN + 1]) DM_WARN_UNUSED;
 /** Role name <-> bit; names are service, reader, privacy-officer, auditor, operator, admin. */
 bool dm_role_parse(const char *name, unsigned *bit);
 /** "service, admin" style list of the roles in `mask`, into buf. */

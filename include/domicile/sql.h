@@ -20,13 +20,13 @@ typedef enum {
     DM_SQL_PURGE_DUE,         /* (limit) -> n */
     DM_SQL_GET_OR_CREATE_KEY, /* (customer, subject_key, candidate) -> status, key_id, wrapped */
     DM_SQL_PUT_RECORD,        /* see regions/schema/002_records.sql */
-    DM_SQL_GET_RECORD,        /* (customer, record_id) -> record + wrapped key */
-    DM_SQL_LIST_RECORDS,      /* (customer, kind, subject_key, after, limit, with_payload) */
-    DM_SQL_DELETE_RECORD,     /* (customer, request_id, fingerprint, record_id, expected) */
-    DM_SQL_LEDGER_APPEND,     /* 18 fields -> entry_id */
-    DM_SQL_LEDGER_HEAD,       /* () -> seq, chain_hash of the chain's last link */
-    DM_SQL_LEDGER_UNSEALED,   /* (limit) -> entry_id, entry_mac */
-    DM_SQL_LEDGER_SEAL,       /* (seqs[], entry_ids[], hashes[]) */
+    DM_SQL_GET_RECORD,        /* (customer, record_id, purpose) -> record, payload, key, objected */
+    DM_SQL_LIST_RECORDS,    /* (customer, kind, subject_key, after, limit, with_payload, purpose) */
+    DM_SQL_DELETE_RECORD,   /* (customer, request_id, fingerprint, record_id, expected) */
+    DM_SQL_LEDGER_APPEND,   /* 18 fields -> entry_id */
+    DM_SQL_LEDGER_HEAD,     /* () -> seq, chain_hash of the chain's last link */
+    DM_SQL_LEDGER_UNSEALED, /* (limit) -> entry_id, entry_mac */
+    DM_SQL_LEDGER_SEAL,     /* (seqs[], entry_ids[], hashes[]) */
     DM_SQL_LEDGER_CHECKPOINT, /* () -> upto_seq, chain_hash, purged_before, mac */
     DM_SQL_LEDGER_VERIFY,     /* (after_seq, limit) -> seq, entry_id, chain_hash, LEDGER_COLUMNS */
     DM_SQL_LEDGER_LOOSE,      /* (limit) -> LEDGER_COLUMNS of rows not chained yet */
@@ -34,8 +34,51 @@ typedef enum {
     DM_SQL_LEDGER_REPORT,     /* (from_ms, to_ms, basis, purpose) -> grouped rows */
     DM_SQL_LEDGER_PURGE_UPTO, /* (before_ms) -> seq, chain_hash of the last purgeable link */
     DM_SQL_LEDGER_PURGE,      /* (upto_seq, chain_hash, before_ms, mac) -> rows purged */
+    DM_SQL_DSR_RECEIVE,       /* header + this region's leg (11 fields) -> status */
+    DM_SQL_DSR_SET_MISSING,   /* (request_id, regions[]) */
+    DM_SQL_DSR_STATUS,        /* (request_id) -> DSR_COLUMNS */
+    DM_SQL_DSR_LIST,          /* (kind, customer, limit) -> DSR_COLUMNS */
+    DM_SQL_DSR_CLAIM,         /* (me, lease_s, limit) -> request_id, kind */
+    DM_SQL_DSR_RUN,           /* (request_id, me) -> state, matched, deleted, keys */
+    DM_SQL_DSR_FAIL,          /* (request_id, me, error, backoff_ms) */
+    DM_SQL_DSR_MISSING,       /* () -> headers still missing somewhere */
+    DM_SQL_DSR_DROP_MISSING,  /* (request_id, region) */
+    DM_SQL_DSR_EXTEND,        /* (request_id, reason, until_ms) -> status */
+    DM_SQL_DSR_FINISH_EXPORT, /* (request_id, records, ok, error) */
+    DM_SQL_LOCATE,            /* (subject_key, customer) -> records, bytes */
+    DM_SQL_EXPORT_RECORDS,    /* (subject_key, customer, after_customer, after_record, limit) */
     DM_SQL__COUNT
 } dm_sql_id_t;
+
+/* Columns of DM_SQL_DSR_STATUS / DM_SQL_DSR_LIST. */
+enum {
+    DM_DC_KIND,
+    DM_DC_SUBJECT,
+    DM_DC_CUSTOMER,
+    DM_DC_PURPOSE,
+    DM_DC_REASON,
+    DM_DC_PRINCIPAL,
+    DM_DC_RECEIVED,
+    DM_DC_DUE,
+    DM_DC_GDPR_DUE,
+    DM_DC_EXTENDED_DUE,
+    DM_DC_EXTENSION_REASON,
+    DM_DC_EXTENDED_AT,
+    DM_DC_STATE,
+    DM_DC_ATTEMPTS,
+    DM_DC_LAST_ERROR,
+    DM_DC_NEXT_ATTEMPT,
+    DM_DC_STARTED,
+    DM_DC_FINISHED,
+    DM_DC_MATCHED,
+    DM_DC_DELETED,
+    DM_DC_KEYS,
+    DM_DC_RECEIPT,
+    DM_DC_CLAIMED_BY,
+    DM_DC_LEASE,
+    DM_DC_REQUEST_ID,
+    DM_DC__COUNT
+};
 
 /* Column order of a ledger row in every ledger result (after any leading columns). */
 enum {

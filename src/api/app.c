@@ -5,6 +5,14 @@
 
 #include "domicile/app.h"
 
+/* The regions' maintenance: seal the ledger, run data-subject request legs. */
+static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
+{
+    dm_app_t *app = arg;
+    dm_ledger_idle(r, x, &app->ledger);
+    dm_dsr_idle(&app->dsr, r, dm_app_region_index(app, r), x);
+}
+
 dm_status_t *dm_app_init(dm_app_t *app)
 {
     dm_status_t *st;
@@ -44,8 +52,8 @@ dm_status_t *dm_app_init(dm_app_t *app)
     app->ledger.regions = app->regions;
     app->ledger.keys = (const unsigned char(*)[32])app->ledger_keys;
     app->ledger.retention_days = app->cfg->ledger_retention_days;
-    dm_regions_set_idle_task(app->regions, dm_ledger_idle, &app->ledger,
-                             app->cfg->ledger_seal_interval_ms);
+    dm_dsr_ctx_init(&app->dsr, app->regions);
+    dm_regions_set_idle_task(app->regions, app_idle, app, app->cfg->ledger_seal_interval_ms);
     app->directory = dm_directory_create(app->regions, (size_t)app->cfg->directory_cache_entries);
     app->keys = dm_keycache_create((size_t)app->cfg->key_cache_entries, app->cfg->key_cache_ttl_ms);
     return NULL;

@@ -80,6 +80,29 @@ void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn
 void dm_xfer_log(dm_call_t *call, const dm_xfer_t *x, int64_t records, int64_t bytes,
                  const char *record_ids, dm_ledger_done_fn done, void *arg);
 
+/* ---- fan-out (src/api/fanout.c) ---- */
+
+/** Every region's answer to one statement: res[i] (owned) or err[i] (owned). */
+typedef struct dm_fanout {
+    size_t n;
+    dm_region_t *region[DM_MAX_REGIONS];
+    PGresult *res[DM_MAX_REGIONS];
+    dm_status_t *err[DM_MAX_REGIONS];
+    struct dm_fanout_priv *priv;
+} dm_fanout_t;
+
+typedef void (*dm_fanout_fn)(dm_fanout_t *f, void *arg);
+
+/**
+ * Run `stmt` with the given parameters (copied) in every region; `done` runs once with all
+ * answers (on an executor thread, or this one) and must free `f` with dm_fanout_free().
+ * `formats` may be NULL (all text).
+ */
+void dm_fanout_start(dm_call_t *call, dm_regions_t *regions, dm_sql_id_t stmt, int n,
+                     const char *const *values, const int *lengths, const int *formats,
+                     dm_fanout_fn done, void *arg);
+void dm_fanout_free(dm_fanout_t *f);
+
 /** "active" | "closed" | "purged" text -> enum. */
 int dm_customer_state_enum(const char *s, size_t len);
 

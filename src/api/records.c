@@ -569,7 +569,8 @@ static void bulk_end(bulk_t *b)
     Domicile__V1__BulkPutRecordsResponse rep = DOMICILE__V1__BULK_PUT_RECORDS_RESPONSE__INIT;
     /* Failures are noted as they happen (invalid ones at once, others when their write
      * ends): report them in stream order. */
-    qsort(b->failures, b->n_failures, sizeof(*b->failures), cmp_failure);
+    if (b->n_failures > 1) /* qsort(NULL, 0, ...) is undefined (UBSan nonnull-attribute) */
+        qsort(b->failures, b->n_failures, sizeof(*b->failures), cmp_failure);
     rep.written = b->written;
     rep.replayed = b->replayed;
     rep.created = b->created;
@@ -760,6 +761,14 @@ static void get_done(dm_job_t *job, PGresult *res, dm_status_t *err)
                                               "subject's data is restricted"));
         return;
     }
+    if (dm_pg_bool(res, 0, 13)) {
+        dm_call_finish(c->call,
+                       dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                                     "the record's data subject objected to processing for "
+                                     "purpose \"%s\"",
+                                     dm_call_purpose(c->call)));
+        return;
+    }
     /* The record (pointing into the result) waits in the context until it may leave. */
     c->held = PQcopyResult(res, PG_COPYRES_ATTRS | PG_COPYRES_TUPLES);
     Domicile__V1__Record *rec = &c->rec;
@@ -796,6 +805,7 @@ static void get_gated(void *arg, dm_status_t *err)
     job_init(c, DM_SQL_GET_RECORD, get_done, false);
     dm_job_param_text(&c->job, 0, req->customer_id);
     dm_job_param_text(&c->job, 1, req->record_id);
+    dm_job_param_text(&c->job, 2, dm_call_purpose(c->call));
     dm_region_submit(c->region, &c->job);
 }
 
@@ -900,7 +910,8 @@ static void list_emit(rec_ctx_t *c)
         Domicile__V1__ListRecordsResponse msg = DOMICILE__V1__LIST_RECORDS_RESPONSE__INIT;
         char sk_hex[2 * DM_SUBJECT_KEY_LEN + 1];
         record_from_row(&rec, res, i, req->customer_id, c->region_code, sk_hex);
-        if (c->with_payload && !rec.restricted) {
+        rec.purpose_objected = dm_pg_bool(res, i, 13);
+        if (c->with_payload && !rec.restricted && !rec.purpose_objected) {
             dm_status_t *st = open_payload(c, res, i, req->customer_id, &rec);
             if (st) {
                 log_data_loss(c, rec.record_id);
@@ -967,7 +978,7 @@ static void list_done(dm_job_t *job, PGresult *res, dm_status_t *err)
     int64_t bytes = 0;
     size_t ids_len = 0;
     for (int i = 0; i < to_send; i++) {
-        if (c->with_payload && !dm_pg_bool(res, i, 6))
+        if (c->with_payload && !dm_pg_bool(res, i, 6) && !dm_pg_bool(res, i, 13))
             bytes += dm_pg_int4(res, i, 9);
         ids_len += (size_t)PQgetlength(res, i, 0) + 1;
     }
@@ -1003,6 +1014,7 @@ static void list_next(rec_ctx_t *c)
     dm_job_param_text(&c->job, 3, c->after);
     dm_job_param_text(&c->job, 4, c->limit_s);
     dm_job_param_text(&c->job, 5, c->with_payload ? "true" : "false");
+    dm_job_param_text(&c->job, 6, dm_call_purpose(c->call));
     dm_region_submit(c->region, &c->job);
 }
 

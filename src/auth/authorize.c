@@ -52,13 +52,8 @@ dm_status_t *dm_authorize(dm_call_t *call, void *arg)
     const char *purpose = dm_call_metadata(call, "x-purpose", &len);
     if (purpose) {
         char buf[DM_PURPOSE_MAX_LEN + 1];
-        dm_status_t *st;
-        if (len == 0 || len > DM_PURPOSE_MAX_LEN)
-            return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
-                                 "x-purpose: must be 1..64 bytes of [a-z0-9-]");
-        memcpy(buf, purpose, len);
-        buf[len] = '\0';
-        if ((st = dm_check_purpose("x-purpose", buf, false)))
+        dm_status_t *st = dm_auth_parse_purpose(purpose, len, buf);
+        if (st)
             return st;
         dm_call_set_purpose(call, buf);
     } else {

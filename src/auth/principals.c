@@ -264,6 +264,16 @@ bool dm_auth_parse_bearer(const char *v, size_t len, const char **token, size_t 
     return true;
 }
 
+dm_status_t *dm_auth_parse_purpose(const char *v, size_t len, char out[DM_PURPOSE_MAX_LEN + 1])
+{
+    if (len == 0 || len > DM_PURPOSE_MAX_LEN || memchr(v, '\0', len))
+        return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                             "x-purpose: must be 1..64 bytes of [a-z0-9-]");
+    memcpy(out, v, len);
+    out[len] = '\0';
+    return dm_check_purpose("x-purpose", out, false);
+}
+
 bool dm_principal_in_scope(const dm_principal_t *p, const char *customer_id)
 {
     if (p->all_tenants)

@@ -12,6 +12,17 @@
     "l.record_count, l.bytes, l.from_region, l.to_region, l.direction, l.purpose, l.basis_id, "    \
     "l.outcome, l.refusal_reason, l.record_ids, l.entry_mac, l.entry_id"
 #define MS(p) "(timestamptz 'epoch' + " p "::bigint * interval '1 millisecond')"
+/* The subject objected to this purpose ($n) for this customer, or for all. */
+#define OBJECTED(p)                                                                                \
+    "EXISTS (SELECT 1 FROM domicile.subject_objections o WHERE o.subject_key = r.subject_key "     \
+    "AND o.customer_id IN ('', r.customer_id) AND o.purpose = " p ")"
+#define DSR_COLUMNS                                                                                \
+    "r.kind, r.subject_key, r.customer_id, r.purpose, r.reason, r.principal, r.received_at, "      \
+    "r.due_at, r.gdpr_due_at, r.extended_due_at, r.extension_reason, r.extended_at, l.state, "     \
+    "l.attempts, l.last_error, l.next_attempt_at, l.started_at, l.finished_at, "                   \
+    "l.records_matched, l.records_deleted, l.keys_destroyed, l.receipt_sha256, l.claimed_by, "     \
+    "l.lease_expires_at, r.request_id"
+#define EPOCH_MS(c) "(extract(epoch FROM " c ") * 1000)::bigint"
 
 const dm_sql_t dm_sql[DM_SQL__COUNT] = {
     [DM_SQL_PROBE] = {"probe", "SELECT 1", 0},
@@ -35,22 +46,24 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                            "SELECT * FROM domicile.put_record($1, $2, $3, $4, $5, $6, $7, $8, "
                            "$9, $10, $11, $12)",
                            12},
-    [DM_SQL_GET_RECORD] = {"get_record",
-                           "SELECT " RECORD_COLUMNS ", r.payload, k.wrapped "
-                           "FROM domicile.records r JOIN domicile.data_keys k USING (key_id) "
-                           "WHERE r.customer_id = $1 AND r.record_id = $2",
-                           2},
+    [DM_SQL_GET_RECORD] =
+        {"get_record",
+         "SELECT " RECORD_COLUMNS ", r.payload, k.wrapped, " OBJECTED(
+             "$3") " FROM domicile.records r JOIN domicile.data_keys k USING (key_id) "
+                   "WHERE r.customer_id = $1 AND r.record_id = $2",
+         3},
     /* The payload and key are fetched only when asked for ($6): a listing without payloads
      * moves no ciphertext. */
-    [DM_SQL_LIST_RECORDS] = {"list_records",
-                             "SELECT " RECORD_COLUMNS ", "
-                             "CASE WHEN $6::boolean THEN r.payload END, "
-                             "CASE WHEN $6::boolean THEN k.wrapped END "
-                             "FROM domicile.records r JOIN domicile.data_keys k USING (key_id) "
-                             "WHERE r.customer_id = $1 AND ($2 = '' OR r.kind = $2) "
-                             "AND ($3::bytea IS NULL OR r.subject_key = $3) "
-                             "AND r.record_id > $4 ORDER BY r.record_id LIMIT $5",
-                             6},
+    [DM_SQL_LIST_RECORDS] =
+        {"list_records",
+         "SELECT " RECORD_COLUMNS ", "
+         "CASE WHEN $6::boolean THEN r.payload END, "
+         "CASE WHEN $6::boolean THEN k.wrapped END, " OBJECTED(
+             "$7") " FROM domicile.records r JOIN domicile.data_keys k USING (key_id) "
+                   "WHERE r.customer_id = $1 AND ($2 = '' OR r.kind = $2) "
+                   "AND ($3::bytea IS NULL OR r.subject_key = $3) "
+                   "AND r.record_id > $4 ORDER BY r.record_id LIMIT $5",
+         7},
     [DM_SQL_LEDGER_APPEND] = {"ledger_append",
                               "INSERT INTO domicile.ledger (entry_uuid, at, request_id, principal, "
                               "method, customer_id, subject_key, record_count, bytes, from_region, "
@@ -125,6 +138,52 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                   1},
     [DM_SQL_LEDGER_PURGE] = {"ledger_purge",
                              "SELECT domicile.ledger_purge($1, $2, " MS("$3") ", $4)", 4},
+    [DM_SQL_DSR_RECEIVE] = {"dsr_receive",
+                            "SELECT * FROM domicile.dsr_receive($1, $2, $3, $4, $5, $6, $7, $8, "
+                            "$9, $10, $11)",
+                            11},
+    [DM_SQL_DSR_SET_MISSING] = {"dsr_set_missing",
+                                "SELECT domicile.dsr_set_missing($1, $2::text[])", 2},
+    [DM_SQL_DSR_STATUS] = {"dsr_status",
+                           "SELECT " DSR_COLUMNS " FROM domicile.dsr_requests r "
+                           "JOIN domicile.dsr_legs l USING (request_id) WHERE r.request_id = $1",
+                           1},
+    [DM_SQL_DSR_LIST] = {"dsr_list",
+                         "SELECT " DSR_COLUMNS " FROM domicile.dsr_requests r "
+                         "JOIN domicile.dsr_legs l USING (request_id) "
+                         "WHERE ($1 = '' OR r.kind = $1) AND ($2 = '' OR r.customer_id = $2) "
+                         "ORDER BY r.received_at DESC, r.request_id LIMIT $3",
+                         3},
+    [DM_SQL_DSR_CLAIM] = {"dsr_claim", "SELECT * FROM domicile.dsr_claim($1, $2, $3)", 3},
+    [DM_SQL_DSR_RUN] = {"dsr_run", "SELECT * FROM domicile.dsr_run_leg($1, $2)", 2},
+    [DM_SQL_DSR_FAIL] = {"dsr_fail", "SELECT domicile.dsr_fail_leg($1, $2, $3, $4)", 4},
+    [DM_SQL_DSR_MISSING] =
+        {"dsr_missing",
+         "SELECT request_id, kind, fingerprint, subject_key, customer_id, "
+         "purpose, reason, principal, " EPOCH_MS("received_at") ", " EPOCH_MS(
+             "due_at") ", " EPOCH_MS("gdpr_due_at") ", array_to_string(missing, ',') "
+                                                    "FROM domicile.dsr_requests WHERE "
+                                                    "cardinality(missing) > 0 "
+                                                    "ORDER BY received_at LIMIT 50",
+         0},
+    [DM_SQL_DSR_DROP_MISSING] = {"dsr_drop_missing",
+                                 "UPDATE domicile.dsr_requests SET missing = "
+                                 "array_remove(missing, $2) WHERE request_id = $1",
+                                 2},
+    [DM_SQL_DSR_EXTEND] = {"dsr_extend", "SELECT * FROM domicile.dsr_extend($1, $2, $3)", 3},
+    [DM_SQL_DSR_FINISH_EXPORT] = {"dsr_finish_export",
+                                  "SELECT domicile.dsr_finish_export($1, $2, $3, $4)", 4},
+    [DM_SQL_LOCATE] = {"locate",
+                       "SELECT count(*), coalesce(sum(payload_size), 0)::bigint FROM "
+                       "domicile.records WHERE subject_key = $1 AND ($2 = '' OR customer_id = $2)",
+                       2},
+    [DM_SQL_EXPORT_RECORDS] = {"export_records",
+                               "SELECT r.customer_id, " RECORD_COLUMNS ", r.payload, k.wrapped "
+                               "FROM domicile.records r JOIN domicile.data_keys k USING (key_id) "
+                               "WHERE r.subject_key = $1 AND ($2 = '' OR r.customer_id = $2) "
+                               "AND (r.customer_id, r.record_id) > ($3, $4::text COLLATE \"C\") "
+                               "ORDER BY r.customer_id, r.record_id LIMIT $5",
+                               5},
     [DM_SQL_DELETE_RECORD] = {"delete_record",
                               "SELECT * FROM domicile.delete_record($1, $2, $3, $4, $5)", 5},
 };

@@ -1,0 +1,261 @@
+-- 004_dsr: data-subject requests. Every region holds a copy of each request's header and
+-- its own leg of it; gateways' workers claim legs here (FOR UPDATE SKIP LOCKED + a lease
+-- that expires if the claimant dies: the coordination lives in PostgreSQL), run them as one
+-- transaction each, and retry failures with backoff. A region that was down when a request
+-- arrived is listed in the header's `missing` of the regions that took it; workers copy the
+-- header there when it returns.
+SET LOCAL ROLE domicile_owner;
+
+CREATE TABLE domicile.dsr_requests (
+    request_id       text PRIMARY KEY,
+    kind             text NOT NULL
+        CHECK (kind IN ('erase', 'export', 'restrict', 'unrestrict', 'object', 'withdraw')),
+    fingerprint      bytea NOT NULL,
+    subject_key      bytea NOT NULL,
+    customer_id      text NOT NULL DEFAULT '', -- '' = every customer of the caller's scope
+    purpose          text NOT NULL DEFAULT '',
+    reason           text NOT NULL DEFAULT '',
+    principal        text NOT NULL,
+    received_at      timestamptz NOT NULL,
+    due_at           timestamptz NOT NULL,     -- policy: 30 days
+    gdpr_due_at      timestamptz NOT NULL,     -- GDPR Art. 12(3): one calendar month
+    extended_due_at  timestamptz,
+    extension_reason text,
+    extended_at      timestamptz,
+    missing          text[] NOT NULL DEFAULT '{}' -- regions that have not received it yet
+);
+CREATE INDEX dsr_requests_missing ON domicile.dsr_requests (request_id)
+    WHERE cardinality(missing) > 0;
+
+CREATE TABLE domicile.dsr_legs (
+    request_id       text PRIMARY KEY REFERENCES domicile.dsr_requests,
+    state            text NOT NULL
+        CHECK (state IN ('pending', 'running', 'done', 'failed', 'skipped')),
+    attempts         integer NOT NULL DEFAULT 0,
+    last_error       text NOT NULL DEFAULT '',
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    claimed_by       text NOT NULL DEFAULT '',
+    lease_expires_at timestamptz,
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    records_matched  bigint NOT NULL DEFAULT 0,
+    records_deleted  bigint NOT NULL DEFAULT 0,
+    keys_destroyed   bigint NOT NULL DEFAULT 0,
+    receipt_sha256   bytea
+);
+CREATE INDEX dsr_legs_due ON domicile.dsr_legs (next_attempt_at)
+    WHERE state IN ('pending', 'failed', 'running');
+
+CREATE TABLE domicile.subject_restrictions (
+    subject_key bytea NOT NULL,
+    customer_id text NOT NULL, -- '' = every customer
+    request_id  text NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (subject_key, customer_id)
+);
+
+CREATE TABLE domicile.subject_objections (
+    subject_key bytea NOT NULL,
+    customer_id text NOT NULL, -- '' = every customer
+    purpose     text NOT NULL,
+    request_id  text NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (subject_key, customer_id, purpose)
+);
+
+-- Store a request here (header + this region's leg). Idempotent by request_id: the same
+-- request again answers 'exists'; another request under the same id 'request_id_reused'.
+CREATE FUNCTION domicile.dsr_receive(p_request_id text, p_kind text, p_fingerprint bytea,
+                                     p_subject_key bytea, p_customer text, p_purpose text,
+                                     p_reason text, p_principal text, p_received_ms bigint,
+                                     p_due_ms bigint, p_gdpr_due_ms bigint)
+RETURNS TABLE (status text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    fp bytea;
+BEGIN
+    INSERT INTO domicile.dsr_requests (request_id, kind, fingerprint, subject_key, customer_id,
+                                       purpose, reason, principal, received_at, due_at,
+                                       gdpr_due_at)
+    VALUES (p_request_id, p_kind, p_fingerprint, p_subject_key, p_customer, p_purpose, p_reason,
+            p_principal, timestamptz 'epoch' + p_received_ms * interval '1 millisecond',
+            timestamptz 'epoch' + p_due_ms * interval '1 millisecond',
+            timestamptz 'epoch' + p_gdpr_due_ms * interval '1 millisecond')
+    ON CONFLICT (request_id) DO NOTHING;
+    IF NOT FOUND THEN
+        SELECT r.fingerprint INTO fp FROM domicile.dsr_requests r
+        WHERE r.request_id = p_request_id;
+        RETURN QUERY SELECT CASE WHEN fp = p_fingerprint THEN 'exists'
+                                 ELSE 'request_id_reused' END;
+        RETURN;
+    END IF;
+    -- An export's leg is run by the exporting call itself, not by workers.
+    INSERT INTO domicile.dsr_legs (request_id, state, claimed_by, lease_expires_at)
+    VALUES (p_request_id, CASE WHEN p_kind = 'export' THEN 'running' ELSE 'pending' END,
+            CASE WHEN p_kind = 'export' THEN 'export-stream' ELSE '' END,
+            CASE WHEN p_kind = 'export' THEN now() + interval '1 hour' END);
+    RETURN QUERY SELECT 'created'::text;
+END $$;
+
+-- Remember which regions did not get the request, so workers copy it there later.
+CREATE FUNCTION domicile.dsr_set_missing(p_request_id text, p_missing text[])
+RETURNS void LANGUAGE sql AS $$
+    UPDATE domicile.dsr_requests SET missing = p_missing WHERE request_id = p_request_id
+$$;
+
+-- Claim up to p_limit legs that are due: pending, failed and past their backoff, or running
+-- with an expired lease (the claimant died). Claims do not block each other (SKIP LOCKED).
+CREATE FUNCTION domicile.dsr_claim(p_me text, p_lease_s integer, p_limit integer)
+RETURNS TABLE (request_id text, kind text, attempts integer)
+LANGUAGE sql AS $$
+    UPDATE domicile.dsr_legs l
+    SET state = 'running', claimed_by = p_me, attempts = l.attempts + 1,
+        lease_expires_at = now() + p_lease_s * interval '1 second',
+        started_at = coalesce(l.started_at, now())
+    FROM domicile.dsr_requests r
+    WHERE r.request_id = l.request_id AND l.request_id IN (
+        SELECT c.request_id FROM domicile.dsr_legs c
+        JOIN domicile.dsr_requests q ON q.request_id = c.request_id
+        WHERE q.kind <> 'export'
+          AND ((c.state IN ('pending', 'failed') AND c.next_attempt_at <= now())
+               OR (c.state = 'running' AND c.lease_expires_at < now()))
+        ORDER BY c.next_attempt_at LIMIT p_limit
+        FOR UPDATE OF c SKIP LOCKED)
+    RETURNING l.request_id, r.kind, l.attempts
+$$;
+
+-- Run this region's leg of a claimed request in one transaction. Erasure deletes the
+-- subject's records and destroys the subject's data keys (crypto-shredding: ciphertext left
+-- in backups and WAL no longer decrypts), holding each (customer, subject) lock exclusively
+-- so no write of that subject interleaves. Returns the leg's new state.
+CREATE FUNCTION domicile.dsr_run_leg(p_request_id text, p_me text)
+RETURNS TABLE (state text, records_matched bigint, records_deleted bigint, keys_destroyed bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    q domicile.dsr_requests;
+    l domicile.dsr_legs;
+    c text;
+    matched bigint := 0;
+    deleted bigint := 0;
+    keys bigint := 0;
+    n bigint;
+    region text;
+    final text;
+BEGIN
+    SELECT * INTO l FROM domicile.dsr_legs WHERE request_id = p_request_id FOR UPDATE;
+    IF NOT FOUND OR l.state <> 'running' OR l.claimed_by <> p_me THEN
+        RETURN QUERY SELECT 'lost'::text, 0::bigint, 0::bigint, 0::bigint;
+        RETURN;
+    END IF;
+    SELECT * INTO q FROM domicile.dsr_requests WHERE request_id = p_request_id;
+    SELECT code INTO region FROM domicile.region_identity;
+    IF q.kind = 'erase' THEN
+        FOR c IN SELECT DISTINCT x.customer_id FROM (
+                     SELECT customer_id FROM domicile.records WHERE subject_key = q.subject_key
+                     UNION SELECT customer_id FROM domicile.data_keys
+                           WHERE subject_key = q.subject_key) x
+                 WHERE q.customer_id = '' OR x.customer_id = q.customer_id
+                 ORDER BY 1
+        LOOP
+            PERFORM pg_advisory_xact_lock(domicile.subject_lock_key(c, q.subject_key));
+            DELETE FROM domicile.records WHERE customer_id = c AND subject_key = q.subject_key;
+            GET DIAGNOSTICS n = ROW_COUNT;
+            deleted := deleted + n;
+            DELETE FROM domicile.data_keys WHERE customer_id = c AND subject_key = q.subject_key;
+            GET DIAGNOSTICS n = ROW_COUNT;
+            keys := keys + n;
+        END LOOP;
+        matched := deleted;
+    ELSIF q.kind IN ('restrict', 'unrestrict') THEN
+        IF q.kind = 'restrict' THEN
+            INSERT INTO domicile.subject_restrictions (subject_key, customer_id, request_id)
+            VALUES (q.subject_key, q.customer_id, q.request_id) ON CONFLICT DO NOTHING;
+        ELSE
+            DELETE FROM domicile.subject_restrictions
+            WHERE subject_key = q.subject_key AND customer_id = q.customer_id;
+        END IF;
+        -- A record is restricted while any restriction covers it (its customer, or all).
+        UPDATE domicile.records t
+        SET restricted = EXISTS (SELECT 1 FROM domicile.subject_restrictions s
+                                 WHERE s.subject_key = t.subject_key
+                                   AND s.customer_id IN ('', t.customer_id))
+        WHERE t.subject_key = q.subject_key
+          AND (q.customer_id = '' OR t.customer_id = q.customer_id);
+        GET DIAGNOSTICS matched = ROW_COUNT;
+    ELSIF q.kind = 'object' THEN
+        INSERT INTO domicile.subject_objections (subject_key, customer_id, purpose, request_id)
+        VALUES (q.subject_key, q.customer_id, q.purpose, q.request_id) ON CONFLICT DO NOTHING;
+        SELECT count(*) INTO matched FROM domicile.records t
+        WHERE t.subject_key = q.subject_key AND (q.customer_id = '' OR t.customer_id = q.customer_id);
+    ELSIF q.kind = 'withdraw' THEN
+        DELETE FROM domicile.subject_objections
+        WHERE subject_key = q.subject_key AND customer_id = q.customer_id AND purpose = q.purpose;
+        SELECT count(*) INTO matched FROM domicile.records t
+        WHERE t.subject_key = q.subject_key AND (q.customer_id = '' OR t.customer_id = q.customer_id);
+    END IF;
+    final := CASE WHEN q.kind = 'erase' AND deleted = 0 AND keys = 0 THEN 'skipped' ELSE 'done' END;
+    UPDATE domicile.dsr_legs SET
+        state = final, finished_at = now(), lease_expires_at = NULL, last_error = '',
+        records_matched = matched, records_deleted = deleted, keys_destroyed = keys,
+        receipt_sha256 = sha256(convert_to(concat_ws('|', 'domicile-receipt-v1', p_request_id,
+                                                     region, q.kind, matched, deleted, keys,
+                                                     (extract(epoch FROM now()) * 1000)::bigint),
+                                           'UTF8'))
+    WHERE request_id = p_request_id;
+    RETURN QUERY SELECT final, matched, deleted, keys;
+END $$;
+
+CREATE FUNCTION domicile.dsr_fail_leg(p_request_id text, p_me text, p_error text,
+                                      p_backoff_ms bigint)
+RETURNS void LANGUAGE sql AS $$
+    UPDATE domicile.dsr_legs
+    SET state = 'failed', last_error = p_error, lease_expires_at = NULL,
+        next_attempt_at = now() + p_backoff_ms * interval '1 millisecond'
+    WHERE request_id = p_request_id AND claimed_by = p_me AND state = 'running'
+$$;
+
+-- Export legs are finished by the exporting call.
+CREATE FUNCTION domicile.dsr_finish_export(p_request_id text, p_records bigint, p_ok boolean,
+                                           p_error text)
+RETURNS void LANGUAGE sql AS $$
+    UPDATE domicile.dsr_legs
+    SET state = CASE WHEN p_ok THEN 'done' ELSE 'failed' END, finished_at = now(),
+        records_matched = p_records, last_error = p_error, lease_expires_at = NULL,
+        next_attempt_at = 'infinity'
+    WHERE request_id = p_request_id
+$$;
+
+CREATE FUNCTION domicile.dsr_extend(p_request_id text, p_reason text, p_until_ms bigint)
+RETURNS TABLE (status text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    UPDATE domicile.dsr_requests
+    SET extended_due_at = timestamptz 'epoch' + p_until_ms * interval '1 millisecond',
+        extension_reason = p_reason, extended_at = now()
+    WHERE request_id = p_request_id AND extended_at IS NULL;
+    IF FOUND THEN
+        RETURN QUERY SELECT 'ok'::text;
+    ELSIF EXISTS (SELECT 1 FROM domicile.dsr_requests WHERE request_id = p_request_id) THEN
+        RETURN QUERY SELECT 'already_extended'::text;
+    ELSE
+        RETURN QUERY SELECT 'missing'::text;
+    END IF;
+END $$;
+
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA domicile TO domicile_gateway;
+
+-- A record of a restricted subject is stored restricted, whoever writes it: the flag follows
+-- the restrictions on every insert and on every change of the record's subject.
+CREATE FUNCTION domicile.records_set_restricted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.restricted := NEW.subject_key IS NOT NULL AND EXISTS (
+        SELECT 1 FROM domicile.subject_restrictions s
+        WHERE s.subject_key = NEW.subject_key AND s.customer_id IN ('', NEW.customer_id));
+    RETURN NEW;
+END $$;
+CREATE TRIGGER records_restricted BEFORE INSERT OR UPDATE OF subject_key ON domicile.records
+    FOR EACH ROW EXECUTE FUNCTION domicile.records_set_restricted();

@@ -1,0 +1,733 @@
+/*
+ * domicile.v1.SubjectRights. A request is stored in every reachable region (header + that
+ * region's leg) before it is acknowledged; workers (src/dsr/worker.c) run the legs in each
+ * region and copy requests to regions that were down when they arrived. Status is read from
+ * every region at once: a leg shows what its own region says about it.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <jansson.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#include "domicile/v1/subject_rights.pb-c.h"
+
+#include "domicile/clock.h"
+#include "domicile/dsr.h"
+#include "domicile/log.h"
+#include "internal.h"
+
+#define REASON_MAX      1024
+#define POLICY_DAYS     30
+#define EXTENSION_MONTH 2
+#define LIST_MAX        1000
+#define DAY_MS          86400000LL
+
+static const char *const kind_names[] = {
+    [DOMICILE__V1__DSR_KIND__DSR_KIND_ERASE] = "erase",
+    [DOMICILE__V1__DSR_KIND__DSR_KIND_EXPORT] = "export",
+    [DOMICILE__V1__DSR_KIND__DSR_KIND_RESTRICT] = "restrict",
+    [DOMICILE__V1__DSR_KIND__DSR_KIND_UNRESTRICT] = "unrestrict",
+    [DOMICILE__V1__DSR_KIND__DSR_KIND_OBJECT] = "object",
+    [DOMICILE__V1__DSR_KIND__DSR_KIND_WITHDRAW] = "withdraw",
+};
+
+static int kind_from_name(const char *s, int len)
+{
+    for (size_t i = 1; i < DM_ARRAY_LEN(kind_names); i++)
+        if ((int)strlen(kind_names[i]) == len && memcmp(kind_names[i], s, (size_t)len) == 0)
+            return (int)i;
+    return 0;
+}
+
+int64_t dm_add_months_ms(int64_t ms, int months)
+{
+    /* Calendar months (GDPR Art. 12(3)): 31 Jan + 1 month = 28/29 Feb, never 2/3 March. */
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    int day = tm.tm_mday;
+    tm.tm_mday = 1;
+    tm.tm_mon += months;
+    time_t first = timegm(&tm);
+    gmtime_r(&first, &tm);
+    static const int mdays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    int y = tm.tm_year + 1900;
+    int last =
+        mdays[tm.tm_mon] + (tm.tm_mon == 1 && ((y % 4 == 0 && y % 100 != 0) || y % 400 == 0));
+    tm.tm_mday = day < last ? day : last;
+    return (int64_t)timegm(&tm) * 1000 + ms % 1000;
+}
+
+/* ---- the status of a request, from every region ------------------------------------- */
+
+typedef struct leg_view {
+    Domicile__V1__DsrLeg leg;
+    Domicile__V1__Receipt receipt;
+    char receipt_hex[65];
+} leg_view_t;
+
+typedef struct req_view {
+    Domicile__V1__DsrRequest req;
+    leg_view_t legs[DM_MAX_REGIONS];
+    Domicile__V1__DsrLeg *legp[DM_MAX_REGIONS];
+    char sk_hex[65];
+    int64_t effective_due;
+} req_view_t;
+
+static int leg_state(const char *s)
+{
+    if (strcmp(s, "pending") == 0)
+        return DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_PENDING;
+    if (strcmp(s, "running") == 0)
+        return DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_RUNNING;
+    if (strcmp(s, "done") == 0)
+        return DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_DONE;
+    if (strcmp(s, "failed") == 0)
+        return DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_FAILED;
+    return DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_SKIPPED;
+}
+
+/* Fill the header from a DSR_COLUMNS row (pointers into `res`). */
+static void header_from_row(req_view_t *v, const PGresult *res, int row)
+{
+    Domicile__V1__DsrRequest *q = &v->req;
+    int len;
+    q->request_id = (char *)dm_pg_bytes(res, row, DM_DC_REQUEST_ID, &len);
+    const char *kind = dm_pg_bytes(res, row, DM_DC_KIND, &len);
+    q->kind = kind_from_name(kind, len);
+    const char *sk = dm_pg_bytes(res, row, DM_DC_SUBJECT, &len);
+    if (len == DM_SUBJECT_KEY_LEN)
+        dm_hex_encode((const unsigned char *)sk, DM_SUBJECT_KEY_LEN, v->sk_hex);
+    q->subject_key_hex = v->sk_hex;
+    q->customer_id = (char *)dm_pg_bytes(res, row, DM_DC_CUSTOMER, &len);
+    q->purpose = (char *)dm_pg_bytes(res, row, DM_DC_PURPOSE, &len);
+    q->reason = (char *)dm_pg_bytes(res, row, DM_DC_REASON, &len);
+    q->principal = (char *)dm_pg_bytes(res, row, DM_DC_PRINCIPAL, &len);
+    q->received_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_RECEIVED);
+    q->due_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_DUE);
+    q->gdpr_due_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_GDPR_DUE);
+    q->extended = !dm_pg_isnull(res, row, DM_DC_EXTENDED_AT);
+    q->extended_due_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_EXTENDED_DUE);
+    q->extended_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_EXTENDED_AT);
+    q->extension_reason = dm_pg_isnull(res, row, DM_DC_EXTENSION_REASON)
+                              ? ""
+                              : (char *)dm_pg_bytes(res, row, DM_DC_EXTENSION_REASON, &len);
+}
+
+static void leg_from_row(leg_view_t *l, const PGresult *res, int row)
+{
+    int len;
+    l->leg.state = leg_state(dm_pg_bytes(res, row, DM_DC_STATE, &len));
+    l->leg.attempts = dm_pg_int4(res, row, DM_DC_ATTEMPTS);
+    l->leg.last_error = (char *)dm_pg_bytes(res, row, DM_DC_LAST_ERROR, &len);
+    l->leg.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_NEXT_ATTEMPT);
+    l->leg.started_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_STARTED);
+    l->leg.finished_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_FINISHED);
+    l->leg.claimed_by = (char *)dm_pg_bytes(res, row, DM_DC_CLAIMED_BY, &len);
+    l->leg.lease_expires_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_LEASE);
+    if (l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_DONE ||
+        l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_SKIPPED) {
+        l->receipt.records_matched = dm_pg_int8(res, row, DM_DC_MATCHED);
+        l->receipt.records_deleted = dm_pg_int8(res, row, DM_DC_DELETED);
+        l->receipt.keys_destroyed = dm_pg_int8(res, row, DM_DC_KEYS);
+        l->receipt.finished_at_unix_ms = l->leg.finished_at_unix_ms;
+        const char *h = dm_pg_bytes(res, row, DM_DC_RECEIPT, &len);
+        if (!dm_pg_isnull(res, row, DM_DC_RECEIPT) && len == 32)
+            dm_hex_encode((const unsigned char *)h, 32, l->receipt_hex);
+        l->receipt.receipt_sha256_hex = l->receipt_hex;
+        l->leg.receipt = &l->receipt;
+    }
+}
+
+/* Overall state, completion, overdue. */
+static void summarise(req_view_t *v, size_t n)
+{
+    Domicile__V1__DsrRequest *q = &v->req;
+    int done = 0, started = 0, failed = 0;
+    int64_t completed = 0;
+    for (size_t i = 0; i < n; i++) {
+        const Domicile__V1__DsrLeg *l = &v->legs[i].leg;
+        if (l->state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_DONE ||
+            l->state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_SKIPPED) {
+            done++;
+            if (l->finished_at_unix_ms > completed)
+                completed = l->finished_at_unix_ms;
+        }
+        if (l->state != DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_PENDING)
+            started++;
+        failed += l->state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_FAILED;
+    }
+    if ((size_t)done == n) {
+        q->state = DOMICILE__V1__DSR_STATE__DSR_STATE_DONE;
+        q->completed_at_unix_ms = completed;
+    } else if (failed && q->kind == DOMICILE__V1__DSR_KIND__DSR_KIND_EXPORT) {
+        q->state = DOMICILE__V1__DSR_STATE__DSR_STATE_FAILED; /* an export is not retried */
+    } else {
+        q->state = started ? DOMICILE__V1__DSR_STATE__DSR_STATE_IN_PROGRESS
+                           : DOMICILE__V1__DSR_STATE__DSR_STATE_RECEIVED;
+    }
+    /* The deadline that binds: the stricter of the policy's 30 days and the GDPR month,
+     * or the extended one. */
+    v->effective_due = q->extended                                  ? q->extended_due_at_unix_ms
+                       : q->due_at_unix_ms < q->gdpr_due_at_unix_ms ? q->due_at_unix_ms
+                                                                    : q->gdpr_due_at_unix_ms;
+    q->overdue =
+        q->state != DOMICILE__V1__DSR_STATE__DSR_STATE_DONE && dm_now_ms() > v->effective_due;
+    q->n_legs = n;
+    q->legs = v->legp;
+}
+
+static void view_init(req_view_t *v, size_t n, dm_regions_t *regions)
+{
+    domicile__v1__dsr_request__init(&v->req);
+    v->sk_hex[0] = '\0';
+    for (size_t i = 0; i < n; i++) {
+        domicile__v1__dsr_leg__init(&v->legs[i].leg);
+        domicile__v1__receipt__init(&v->legs[i].receipt);
+        v->legs[i].leg.region = (char *)dm_region_code(dm_regions_at(regions, i));
+        v->legs[i].leg.state = DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_PENDING;
+        v->legs[i].leg.last_error = "not received yet: the region was unreachable; a worker "
+                                    "delivers it when the region is back";
+        v->legs[i].receipt_hex[0] = '\0';
+        v->legp[i] = &v->legs[i].leg;
+    }
+}
+
+/* Build the request's view from a fan-out of DSR_STATUS. NULL status: *v is filled. */
+static dm_status_t *view_from_fanout(req_view_t *v, dm_fanout_t *f, dm_regions_t *regions)
+{
+    bool found = false, unanswered = false;
+    view_init(v, f->n, regions);
+    for (size_t i = 0; i < f->n; i++) {
+        if (f->err[i]) {
+            unanswered = true;
+            v->legs[i].leg.last_error = "region unreachable: state unknown until it answers";
+            continue;
+        }
+        if (PQntuples(f->res[i]) != 1)
+            continue;
+        if (!found)
+            header_from_row(v, f->res[i], 0);
+        found = true;
+        leg_from_row(&v->legs[i], f->res[i], 0);
+    }
+    if (!found)
+        return unanswered ? dm_status_new(GRPC_STATUS_UNAVAILABLE,
+                                          "a region could not be asked about the request")
+                          : dm_status_new(GRPC_STATUS_NOT_FOUND, "request not found");
+    summarise(v, f->n);
+    return NULL;
+}
+
+typedef struct status_ctx {
+    dm_call_t *call;
+    dm_app_t *app;
+    char request_id[DM_REQUEST_ID_MAX + 1];
+    /* creation */
+    int kind;
+    unsigned char sk[DM_SUBJECT_KEY_LEN];
+    char customer[DM_CUSTOMER_ID_MAX + 1];
+    char purpose[DM_PURPOSE_MAX + 1];
+    char *reason;
+    unsigned char fp[32];
+    int64_t received, due, gdpr_due;
+    char missing[DM_MAX_REGIONS * (DM_REGION_CODE_MAX + 1) + 3];
+    /* extension */
+    char until_s[24];
+} status_ctx_t;
+
+static void status_ctx_free(void *p)
+{
+    status_ctx_t *c = p;
+    free(c->reason);
+    free(c);
+}
+
+static void status_done(dm_fanout_t *f, void *arg)
+{
+    status_ctx_t *c = arg;
+    req_view_t *v = dm_calloc(1, sizeof(*v));
+    dm_status_t *st = view_from_fanout(v, f, c->app->regions);
+    if (st)
+        dm_call_finish(c->call, st);
+    else
+        dm_call_reply(c->call, &v->req.base);
+    free(v);
+    dm_fanout_free(f);
+}
+
+static void start_status(status_ctx_t *c)
+{
+    const char *vals[1] = {c->request_id};
+    dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_STATUS, 1, vals, NULL, NULL, status_done,
+                    c);
+}
+
+void dm_dsr_get(dm_call_t *call)
+{
+    const Domicile__V1__GetRequestRequest *req =
+        (const Domicile__V1__GetRequestRequest *)dm_call_request(call);
+    dm_status_t *st = dm_check_request_id("request_id", req->request_id);
+    if (st) {
+        dm_call_finish(call, st);
+        return;
+    }
+    status_ctx_t *c = dm_calloc(1, sizeof(*c));
+    c->call = call;
+    c->app = APP(call);
+    snprintf(c->request_id, sizeof(c->request_id), "%s", req->request_id);
+    dm_call_set_data(call, c, status_ctx_free);
+    start_status(c);
+}
+
+/* ---- creating a request -------------------------------------------------------------- */
+
+static void missing_done(dm_fanout_t *f, void *arg)
+{
+    /* Regions that took the request now know where it is still missing; then reply. */
+    dm_fanout_free(f);
+    start_status(arg);
+}
+
+static void receive_done(dm_fanout_t *f, void *arg)
+{
+    status_ctx_t *c = arg;
+    size_t stored = 0;
+    bool reused = false;
+    dm_status_t *first_err = NULL;
+    c->missing[0] = '{';
+    size_t ml = 1;
+    for (size_t i = 0; i < f->n; i++) {
+        if (f->err[i]) {
+            const char *code = dm_region_code(f->region[i]);
+            ml += (size_t)snprintf(c->missing + ml, sizeof(c->missing) - ml, "%s%s",
+                                   ml > 1 ? "," : "", code);
+            if (!first_err) {
+                first_err = f->err[i];
+                f->err[i] = NULL;
+            }
+            continue;
+        }
+        int len;
+        const char *s = dm_pg_bytes(f->res[i], 0, 0, &len);
+        if (strcmp(s, "request_id_reused") == 0)
+            reused = true;
+        else
+            stored++;
+    }
+    snprintf(c->missing + ml, sizeof(c->missing) - ml, "}");
+    dm_fanout_free(f);
+    if (reused) {
+        dm_status_free(first_err);
+        dm_call_finish(c->call, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                              "request_id: already used for a different "
+                                              "request"));
+        return;
+    }
+    if (stored == 0) {
+        /* Not stored anywhere: not acknowledged. */
+        dm_status_t *st =
+            dm_status_new(GRPC_STATUS_UNAVAILABLE, "no region could store the request; retry");
+        if (first_err)
+            dm_status_detail(st, "%s", first_err->detail ? first_err->detail : first_err->message);
+        dm_status_free(first_err);
+        dm_call_finish(c->call, st);
+        return;
+    }
+    dm_status_free(first_err);
+    if (ml > 1) {
+        dm_info("dsr", "request stored in %zu regions; missing %s (delivered when they return)",
+                stored, c->missing);
+        const char *vals[2] = {c->request_id, c->missing};
+        dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_SET_MISSING, 2, vals, NULL, NULL,
+                        missing_done, c);
+        return;
+    }
+    start_status(c);
+}
+
+static void start_receive(status_ctx_t *c)
+{
+    const dm_principal_t *p = dm_call_principal_of(c->call);
+    char received[24], due[24], gdpr[24];
+    snprintf(received, sizeof(received), "%lld", (long long)c->received);
+    snprintf(due, sizeof(due), "%lld", (long long)c->due);
+    snprintf(gdpr, sizeof(gdpr), "%lld", (long long)c->gdpr_due);
+    const char *vals[11] = {c->request_id,
+                            kind_names[c->kind],
+                            (const char *)c->fp,
+                            (const char *)c->sk,
+                            c->customer,
+                            c->purpose,
+                            c->reason,
+                            p ? p->name : "",
+                            received,
+                            due,
+                            gdpr};
+    int lens[11] = {0, 0, 32, DM_SUBJECT_KEY_LEN, 0, 0, 0, 0, 0, 0, 0};
+    int fmts[11] = {0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0};
+    dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_RECEIVE, 11, vals, lens, fmts,
+                    receive_done, c);
+}
+
+/* Validate and store a request of `kind`; replies with its status. */
+static void create(dm_call_t *call, int kind, const char *request_id, const char *subject,
+                   const char *customer, const char *purpose, const char *reason)
+{
+    dm_app_t *app = APP(call);
+    const dm_principal_t *p = dm_call_principal_of(call);
+    dm_status_t *st;
+    bool has;
+    status_ctx_t *c = dm_calloc(1, sizeof(*c));
+    c->call = call;
+    c->app = app;
+    c->kind = kind;
+    dm_call_set_data(call, c, status_ctx_free);
+
+    if ((st = dm_check_request_id("request_id", request_id)) ||
+        (st = dm_check_text("reason", reason, 0, REASON_MAX)) ||
+        (customer[0] && (st = dm_check_customer_id("customer_id", customer))) ||
+        (purpose && (st = dm_check_purpose("purpose", purpose, false))) ||
+        (st = dm_subject_to_key(app, "subject", subject, &has, c->sk))) {
+        dm_call_finish(call, st);
+        return;
+    }
+    if (!has) {
+        dm_call_finish(call,
+                       dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                     "subject: required (1..%d bytes of UTF-8)", DM_SUBJECT_MAX));
+        return;
+    }
+    if (p && !p->all_tenants && !customer[0]) {
+        dm_call_finish(call, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                           "customer_id: required for a principal whose scope "
+                                           "is limited to some customers"));
+        return;
+    }
+    if (p && customer[0] && !dm_principal_in_scope(p, customer)) {
+        dm_call_finish(call, dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found"));
+        return;
+    }
+    snprintf(c->request_id, sizeof(c->request_id), "%s", request_id);
+    snprintf(c->customer, sizeof(c->customer), "%s", customer);
+    snprintf(c->purpose, sizeof(c->purpose), "%s", purpose ? purpose : "");
+    c->reason = dm_strdup(reason);
+    c->received = dm_now_ms();
+    c->due = c->received + POLICY_DAYS * DAY_MS;
+    c->gdpr_due = dm_add_months_ms(c->received, 1);
+    DM_FINGERPRINT(c->fp, DM_AAD_STR("dsr"), DM_AAD_STR(kind_names[kind]),
+                   DM_AAD_BYTES(c->sk, sizeof(c->sk)), DM_AAD_STR(c->customer),
+                   DM_AAD_STR(c->purpose));
+    start_receive(c);
+}
+
+void dm_dsr_erase(dm_call_t *call)
+{
+    const Domicile__V1__EraseRequest *r = (const Domicile__V1__EraseRequest *)dm_call_request(call);
+    create(call, DOMICILE__V1__DSR_KIND__DSR_KIND_ERASE, r->request_id, r->subject, r->customer_id,
+           NULL, r->reason);
+}
+
+void dm_dsr_restrict(dm_call_t *call)
+{
+    const Domicile__V1__RestrictRequest *r =
+        (const Domicile__V1__RestrictRequest *)dm_call_request(call);
+    create(call, DOMICILE__V1__DSR_KIND__DSR_KIND_RESTRICT, r->request_id, r->subject,
+           r->customer_id, NULL, r->reason);
+}
+
+void dm_dsr_unrestrict(dm_call_t *call)
+{
+    const Domicile__V1__UnrestrictRequest *r =
+        (const Domicile__V1__UnrestrictRequest *)dm_call_request(call);
+    create(call, DOMICILE__V1__DSR_KIND__DSR_KIND_UNRESTRICT, r->request_id, r->subject,
+           r->customer_id, NULL, r->reason);
+}
+
+void dm_dsr_object(dm_call_t *call)
+{
+    const Domicile__V1__ObjectRequest *r =
+        (const Domicile__V1__ObjectRequest *)dm_call_request(call);
+    create(call, DOMICILE__V1__DSR_KIND__DSR_KIND_OBJECT, r->request_id, r->subject, r->customer_id,
+           r->purpose, r->reason);
+}
+
+void dm_dsr_withdraw(dm_call_t *call)
+{
+    const Domicile__V1__WithdrawRequest *r =
+        (const Domicile__V1__WithdrawRequest *)dm_call_request(call);
+    create(call, DOMICILE__V1__DSR_KIND__DSR_KIND_WITHDRAW, r->request_id, r->subject,
+           r->customer_id, r->purpose, r->reason);
+}
+
+/* ---- ExtendDeadline -------------------------------------------------------------------- */
+
+static void extend_done(dm_fanout_t *f, void *arg)
+{
+    status_ctx_t *c = arg;
+    bool ok = false, already = false;
+    for (size_t i = 0; i < f->n; i++) {
+        if (f->err[i] || PQntuples(f->res[i]) != 1)
+            continue;
+        int len;
+        const char *s = dm_pg_bytes(f->res[i], 0, 0, &len);
+        ok = ok || strcmp(s, "ok") == 0;
+        already = already || strcmp(s, "already_extended") == 0;
+    }
+    dm_fanout_free(f);
+    if (!ok && already) {
+        dm_call_finish(c->call, dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                                              "the deadline was already extended once"));
+        return;
+    }
+    if (!ok) {
+        dm_call_finish(c->call, dm_status_new(GRPC_STATUS_UNAVAILABLE,
+                                              "no region could record the extension; retry"));
+        return;
+    }
+    start_status(c);
+}
+
+static void extend_found(dm_fanout_t *f, void *arg)
+{
+    status_ctx_t *c = arg;
+    req_view_t *v = dm_calloc(1, sizeof(*v));
+    dm_status_t *st = view_from_fanout(v, f, c->app->regions);
+    if (!st && v->req.extended)
+        st = dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                           "the deadline was already extended once");
+    if (!st && v->req.state == DOMICILE__V1__DSR_STATE__DSR_STATE_DONE)
+        st = dm_status_new(GRPC_STATUS_FAILED_PRECONDITION, "the request is already done");
+    int64_t until = st ? 0 : dm_add_months_ms(v->req.gdpr_due_at_unix_ms, EXTENSION_MONTH);
+    free(v);
+    dm_fanout_free(f);
+    if (st) {
+        dm_call_finish(c->call, st);
+        return;
+    }
+    /* GDPR Art. 12(3): two further months on top of the first month. */
+    snprintf(c->until_s, sizeof(c->until_s), "%lld", (long long)until);
+    const char *vals[3] = {c->request_id, c->reason, c->until_s};
+    dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_EXTEND, 3, vals, NULL, NULL, extend_done,
+                    c);
+}
+
+void dm_dsr_extend(dm_call_t *call)
+{
+    const Domicile__V1__ExtendDeadlineRequest *req =
+        (const Domicile__V1__ExtendDeadlineRequest *)dm_call_request(call);
+    dm_status_t *st;
+    if ((st = dm_check_request_id("request_id", req->request_id)) ||
+        (st = dm_check_text("reason", req->reason, 1, REASON_MAX))) {
+        dm_call_finish(call, st);
+        return;
+    }
+    status_ctx_t *c = dm_calloc(1, sizeof(*c));
+    c->call = call;
+    c->app = APP(call);
+    c->reason = dm_strdup(req->reason);
+    snprintf(c->request_id, sizeof(c->request_id), "%s", req->request_id);
+    dm_call_set_data(call, c, status_ctx_free);
+    const char *vals[1] = {c->request_id};
+    dm_fanout_start(call, c->app->regions, DM_SQL_DSR_STATUS, 1, vals, NULL, NULL, extend_found, c);
+}
+
+/* ---- ListRequests ---------------------------------------------------------------------- */
+
+typedef struct row_ref {
+    const char *id;
+    size_t region;
+    const PGresult *res;
+    int row;
+} row_ref_t;
+
+static int cmp_ref(const void *a, const void *b)
+{
+    const row_ref_t *x = a, *y = b;
+    int c = strcmp(x->id, y->id);
+    return c ? c : (x->region > y->region) - (x->region < y->region);
+}
+
+typedef struct list_ctx {
+    dm_call_t *call;
+    dm_app_t *app;
+    char limit_s[16];
+} list_ctx_t;
+
+static void list_done(dm_fanout_t *f, void *arg)
+{
+    list_ctx_t *c = arg;
+    const Domicile__V1__ListRequestsRequest *req =
+        (const Domicile__V1__ListRequestsRequest *)dm_call_request(c->call);
+    size_t total = 0, unanswered = 0;
+    for (size_t i = 0; i < f->n; i++) {
+        if (f->err[i])
+            unanswered++;
+        else
+            total += (size_t)PQntuples(f->res[i]);
+    }
+    if (unanswered == f->n) {
+        dm_fanout_free(f);
+        dm_call_finish(c->call, dm_status_new(GRPC_STATUS_UNAVAILABLE,
+                                              "no region could be asked for requests"));
+        return;
+    }
+    row_ref_t *refs = dm_calloc(total + 1, sizeof(*refs));
+    size_t k = 0;
+    for (size_t i = 0; i < f->n; i++) {
+        for (int r = 0; !f->err[i] && r < PQntuples(f->res[i]); r++) {
+            int len;
+            refs[k].id = dm_pg_bytes(f->res[i], r, DM_DC_REQUEST_ID, &len);
+            refs[k].region = i;
+            refs[k].res = f->res[i];
+            refs[k].row = r;
+            k++;
+        }
+    }
+    qsort(refs, k, sizeof(*refs), cmp_ref);
+    int64_t skip = 0, sent = 0;
+    if (req->page_token[0] && sscanf(req->page_token, "o%lld", (long long *)&skip) != 1)
+        skip = -1;
+    if (skip < 0 || strlen(req->page_token) > 32) {
+        free(refs);
+        dm_fanout_free(f);
+        dm_call_finish(c->call, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                              "page_token: not a token returned by "
+                                              "ListRequests"));
+        return;
+    }
+    int64_t page = req->page_size ? req->page_size : 100, matched = 0;
+    bool more = false;
+    int64_t now = dm_now_ms();
+    req_view_t *v = dm_calloc(1, sizeof(*v));
+    for (size_t a = 0; a < k && !more;) {
+        size_t b = a;
+        while (b < k && strcmp(refs[b].id, refs[a].id) == 0)
+            b++;
+        view_init(v, f->n, c->app->regions);
+        for (size_t i = 0; i < f->n; i++)
+            if (f->err[i])
+                v->legs[i].leg.last_error = "region unreachable: state unknown";
+        header_from_row(v, refs[a].res, refs[a].row);
+        for (size_t j = a; j < b; j++)
+            leg_from_row(&v->legs[refs[j].region], refs[j].res, refs[j].row);
+        summarise(v, f->n);
+        a = b;
+        Domicile__V1__DsrRequest *q = &v->req;
+        if ((req->state && (int)q->state != (int)req->state) ||
+            (req->overdue_only && !q->overdue) ||
+            (req->due_within_days > 0 &&
+             (q->state == DOMICILE__V1__DSR_STATE__DSR_STATE_DONE ||
+              v->effective_due > now + (int64_t)req->due_within_days * DAY_MS)))
+            continue;
+        if (matched++ < skip)
+            continue;
+        if (sent == page) {
+            more = true;
+            break;
+        }
+        Domicile__V1__ListRequestsResponse msg = DOMICILE__V1__LIST_REQUESTS_RESPONSE__INIT;
+        msg.item_case = DOMICILE__V1__LIST_REQUESTS_RESPONSE__ITEM_REQUEST;
+        msg.request = q;
+        if (!dm_call_send(c->call, &msg.base))
+            break;
+        sent++;
+    }
+    free(v);
+    free(refs);
+    dm_fanout_free(f);
+    Domicile__V1__ListRequestsResponse msg = DOMICILE__V1__LIST_REQUESTS_RESPONSE__INIT;
+    Domicile__V1__ListRequestsPage end = DOMICILE__V1__LIST_REQUESTS_PAGE__INIT;
+    char tok[32] = "";
+    if (more)
+        snprintf(tok, sizeof(tok), "o%lld", (long long)(skip + sent));
+    end.next_page_token = tok;
+    msg.item_case = DOMICILE__V1__LIST_REQUESTS_RESPONSE__ITEM_END;
+    msg.end = &end;
+    dm_call_send(c->call, &msg.base);
+    dm_call_finish(c->call, NULL);
+}
+
+void dm_dsr_list(dm_call_t *call)
+{
+    const Domicile__V1__ListRequestsRequest *req =
+        (const Domicile__V1__ListRequestsRequest *)dm_call_request(call);
+    dm_status_t *st = dm_check_page_size("page_size", req->page_size, LIST_MAX);
+    if (!st && req->customer_id[0])
+        st = dm_check_customer_id("customer_id", req->customer_id);
+    if (!st && (req->due_within_days < 0 || req->due_within_days > 3650))
+        st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "due_within_days: must be 0..3650");
+    if (!st && ((size_t)req->kind >= DM_ARRAY_LEN(kind_names) || (int)req->state < 0 ||
+                (int)req->state > DOMICILE__V1__DSR_STATE__DSR_STATE_FAILED))
+        st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "kind/state: unknown value");
+    if (st) {
+        dm_call_finish(call, st);
+        return;
+    }
+    list_ctx_t *c = dm_calloc(1, sizeof(*c));
+    c->call = call;
+    c->app = APP(call);
+    dm_call_set_data(call, c, free);
+    /* Each region answers its newest 10000: enough for any page a privacy office reads. */
+    snprintf(c->limit_s, sizeof(c->limit_s), "%d", 10000);
+    const char *vals[3] = {req->kind ? kind_names[req->kind] : "", req->customer_id, c->limit_s};
+    dm_fanout_start(call, c->app->regions, DM_SQL_DSR_LIST, 3, vals, NULL, NULL, list_done, c);
+}
+
+/* ---- Locate ---------------------------------------------------------------------------- */
+
+static void locate_done(dm_fanout_t *f, void *arg)
+{
+    dm_call_t *call = arg;
+    Domicile__V1__LocateResponse rep = DOMICILE__V1__LOCATE_RESPONSE__INIT;
+    Domicile__V1__RegionCount counts[DM_MAX_REGIONS], *cp[DM_MAX_REGIONS];
+    char *unreachable[DM_MAX_REGIONS];
+    for (size_t i = 0; i < f->n; i++) {
+        if (f->err[i]) {
+            unreachable[rep.n_unreachable_regions++] = (char *)dm_region_code(f->region[i]);
+            continue;
+        }
+        Domicile__V1__RegionCount *c = &counts[rep.n_counts];
+        domicile__v1__region_count__init(c);
+        c->region = (char *)dm_region_code(f->region[i]);
+        c->records = dm_pg_int8(f->res[i], 0, 0);
+        c->bytes = dm_pg_int8(f->res[i], 0, 1);
+        cp[rep.n_counts++] = c;
+    }
+    rep.counts = cp;
+    rep.unreachable_regions = unreachable;
+    dm_call_reply(call, &rep.base);
+    dm_fanout_free(f);
+}
+
+void dm_dsr_locate(dm_call_t *call)
+{
+    const Domicile__V1__LocateRequest *req =
+        (const Domicile__V1__LocateRequest *)dm_call_request(call);
+    const dm_principal_t *p = dm_call_principal_of(call);
+    unsigned char sk[DM_SUBJECT_KEY_LEN];
+    bool has;
+    dm_status_t *st = dm_subject_to_key(APP(call), "subject", req->subject, &has, sk);
+    if (!st && !has)
+        st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "subject: required");
+    if (!st && req->customer_id[0])
+        st = dm_check_customer_id("customer_id", req->customer_id);
+    if (!st && p && !p->all_tenants && !req->customer_id[0])
+        st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                           "customer_id: required for a principal whose scope is limited");
+    if (!st && p && req->customer_id[0] && !dm_principal_in_scope(p, req->customer_id))
+        st = dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found");
+    if (st) {
+        dm_call_finish(call, st);
+        return;
+    }
+    const char *vals[2] = {(const char *)sk, req->customer_id};
+    int lens[2] = {DM_SUBJECT_KEY_LEN, 0};
+    int fmts[2] = {1, 0};
+    dm_fanout_start(call, APP(call)->regions, DM_SQL_LOCATE, 2, vals, lens, fmts, locate_done,
+                    call);
+}
