@@ -23,7 +23,6 @@
     {                                                                                              \
         "/" svc "/" name, kind, in, out, handler, roles, issue                                     \
     }
-#define ISSUE_DSR      "issue 6: data-subject rights"
 #define ISSUE_FAILOVER "issue 7: region failover"
 /* Roles per method, as stated in the proto's "Roles:" comments (a test checks both agree). */
 #define PUBLIC     DM_ROLES_PUBLIC
@@ -57,8 +56,8 @@ static const dm_method_t methods[] = {
       V1(bulk_put_records_response), dm_records_bulk_put, NULL, R_SVC),
     M("domicile.v1.SubjectRights", "Erase", U, V1(erase_request), V1(dsr_request), dm_dsr_erase,
       NULL, R_PO),
-    M("domicile.v1.SubjectRights", "Export", S, V1(export_request), V1(export_chunk), NULL,
-      ISSUE_DSR, R_PO),
+    M("domicile.v1.SubjectRights", "Export", S, V1(export_request), V1(export_chunk), dm_dsr_export,
+      NULL, R_PO),
     M("domicile.v1.SubjectRights", "RestrictProcessing", U, V1(restrict_request), V1(dsr_request),
       dm_dsr_restrict, NULL, R_PO),
     M("domicile.v1.SubjectRights", "UnrestrictProcessing", U, V1(unrestrict_request),

@@ -4,6 +4,7 @@
  * region and copy requests to regions that were down when they arrived. Status is read from
  * every region at once: a leg shows what its own region says about it.
  */
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -730,4 +731,476 @@ void dm_dsr_locate(dm_call_t *call)
     int fmts[2] = {1, 0};
     dm_fanout_start(call, APP(call)->regions, DM_SQL_LOCATE, 2, vals, lens, fmts, locate_done,
                     call);
+}
+
+/* ---- Export -------------------------------------------------------------------------- */
+
+#define EXPORT_CHUNK   16 /* records per query: with payloads, at most 16 MiB in memory */
+#define EXPORT_PURPOSE "dsr-export"
+
+typedef struct export_ctx {
+    dm_call_t *call;
+    dm_app_t *app;
+    const Domicile__V1__ExportRequest *req;
+    status_ctx_t st;              /* the request as stored (kind export) */
+    size_t order[DM_MAX_REGIONS]; /* region indexes in region code order */
+    size_t n, pos;                /* position in `order` */
+    bool unreachable[DM_MAX_REGIONS];
+    int64_t records[DM_MAX_REGIONS], bytes[DM_MAX_REGIONS];
+    EVP_MD_CTX *sha;
+    dm_job_t job;
+    dm_xfer_t xfer;
+    PGresult *held;
+    char after_customer[DM_CUSTOMER_ID_MAX + 1];
+    char after_record[DM_RECORD_ID_MAX + 1];
+    char limit_s[16];
+    atomic_bool awaiting_drain;
+    char count_s[24];
+} export_ctx_t;
+
+static void export_free(void *p)
+{
+    export_ctx_t *e = p;
+    EVP_MD_CTX_free(e->sha);
+    PQclear(e->held);
+    free(e->st.reason);
+    free(e);
+}
+
+static void export_region(export_ctx_t *e);
+static void export_next_chunk(export_ctx_t *e);
+
+static char *b64(const unsigned char *in, size_t n)
+{
+    char *out = dm_malloc(4 * ((n + 2) / 3) + 1);
+    EVP_EncodeBlock((unsigned char *)out, in, (int)n);
+    return out;
+}
+
+static bool textual(const char *content_type, const unsigned char *p, size_t n)
+{
+    bool text_type = strncmp(content_type, "text/", 5) == 0 ||
+                     strncmp(content_type, "application/json", 16) == 0;
+    return text_type && dm_utf8_valid((const char *)p, n);
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* One JSON Lines line for a record (keys in the order the proto states). Caller frees. */
+static char *export_line(const char *region, const char *customer, const char *record_id,
+                         const char *kind, const char *content_type, const char *labels_json,
+                         size_t labels_len, int64_t version, int64_t created, int64_t updated,
+                         bool restricted, const unsigned char *payload, size_t payload_len)
+{
+    json_t *o = json_object(), *labels = json_object();
+    json_error_t jerr;
+    json_t *stored = json_loadb(labels_json, labels_len, 0, &jerr);
+    if (stored && json_is_object(stored)) {
+        size_t n = json_object_size(stored), k = 0;
+        const char **keys = dm_calloc(n + 1, sizeof(char *));
+        const char *key;
+        json_t *val;
+        json_object_foreach(stored, key, val) keys[k++] = key;
+        qsort(keys, n, sizeof(char *), cmp_str);
+        for (size_t i = 0; i < n; i++)
+            json_object_set(labels, keys[i], json_object_get(stored, keys[i]));
+        free(keys);
+    }
+    json_decref(stored);
+    json_object_set_new(o, "region", json_string(region));
+    json_object_set_new(o, "customer_id", json_string(customer));
+    json_object_set_new(o, "record_id", json_string(record_id));
+    json_object_set_new(o, "kind", json_string(kind));
+    json_object_set_new(o, "content_type", json_string(content_type));
+    json_object_set_new(o, "labels", labels);
+    json_object_set_new(o, "version", json_integer(version));
+    json_object_set_new(o, "created_at_unix_ms", json_integer(created));
+    json_object_set_new(o, "updated_at_unix_ms", json_integer(updated));
+    json_object_set_new(o, "restricted", json_boolean(restricted));
+    if (textual(content_type, payload, payload_len)) {
+        json_object_set_new(o, "payload_text", json_stringn((const char *)payload, payload_len));
+    } else {
+        char *enc = b64(payload, payload_len);
+        json_object_set_new(o, "payload_base64", json_string(enc));
+        free(enc);
+    }
+    char *s = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref(o);
+    char *line = dm_sprintf("%s\n", s);
+    free(s);
+    return line;
+}
+
+static void export_manifest(export_ctx_t *e)
+{
+    Domicile__V1__ExportManifest m = DOMICILE__V1__EXPORT_MANIFEST__INIT;
+    Domicile__V1__RegionCount counts[DM_MAX_REGIONS], *cp[DM_MAX_REGIONS];
+    char *unreachable[DM_MAX_REGIONS];
+    unsigned char digest[32];
+    char hex[65];
+    unsigned int dl = 32;
+    EVP_DigestFinal_ex(e->sha, digest, &dl);
+    dm_hex_encode(digest, 32, hex);
+    for (size_t k = 0; k < e->n; k++) {
+        size_t i = e->order[k];
+        const char *code = dm_region_code(dm_regions_at(e->app->regions, i));
+        if (e->unreachable[i]) {
+            unreachable[m.n_unreachable_regions++] = (char *)code;
+            continue;
+        }
+        Domicile__V1__RegionCount *c = &counts[m.n_regions];
+        domicile__v1__region_count__init(c);
+        c->region = (char *)code;
+        c->records = e->records[i];
+        c->bytes = e->bytes[i];
+        m.total_records += c->records;
+        m.total_bytes += c->bytes;
+        cp[m.n_regions++] = c;
+    }
+    m.request_id = e->st.request_id;
+    m.regions = cp;
+    m.unreachable_regions = unreachable;
+    m.sha256_hex = hex;
+    m.generated_at_unix_ms = dm_now_ms();
+    m.complete = m.n_unreachable_regions == 0;
+    Domicile__V1__ExportChunk chunk = DOMICILE__V1__EXPORT_CHUNK__INIT;
+    chunk.item_case = DOMICILE__V1__EXPORT_CHUNK__ITEM_MANIFEST;
+    chunk.manifest = &m;
+    dm_call_send(e->call, &chunk.base);
+    dm_call_finish(e->call, NULL);
+}
+
+/* A region could not deliver its part: fail the stream, or note it and go on. */
+static void export_region_failed(export_ctx_t *e, dm_status_t *err)
+{
+    size_t i = e->order[e->pos];
+    if (!e->req->allow_partial || err->code == GRPC_STATUS_PERMISSION_DENIED ||
+        err->code == GRPC_STATUS_CANCELLED || err->code == GRPC_STATUS_DEADLINE_EXCEEDED) {
+        dm_status_t *st = err->code == GRPC_STATUS_UNAVAILABLE
+                              ? dm_status_new(GRPC_STATUS_UNAVAILABLE,
+                                              "region \"%s\" is unavailable: its part of the "
+                                              "export cannot be sent (retry, or set "
+                                              "allow_partial)",
+                                              dm_region_code(dm_regions_at(e->app->regions, i)))
+                              : NULL;
+        if (st)
+            dm_status_free(err);
+        dm_call_finish(e->call, st ? st : err);
+        return;
+    }
+    dm_status_free(err);
+    e->unreachable[i] = true;
+    e->pos++;
+    export_region(e);
+}
+
+static void export_leg_finished(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    export_ctx_t *e = job->arg;
+    dm_status_free(err); /* the part was sent; a lost leg update only leaves it RUNNING */
+    e->pos++;
+    export_region(e);
+}
+
+static void export_emit(export_ctx_t *e)
+{
+    size_t i = e->order[e->pos];
+    dm_region_t *r = dm_regions_at(e->app->regions, i);
+    const char *code = dm_region_code(r);
+    PGresult *res = e->held;
+    int rows = PQntuples(res), to_send = rows > EXPORT_CHUNK ? EXPORT_CHUNK : rows;
+    const dm_kek_t *kek = e->app->keks[i];
+    for (int k = 0; k < to_send; k++) {
+        int len, sk_len, w_len, ct_len, labels_len;
+        const char *customer = dm_pg_bytes(res, k, 0, &len);
+        const char *record_id = dm_pg_bytes(res, k, 1, &len);
+        const unsigned char *sk = (const unsigned char *)dm_pg_bytes(res, k, 3, &sk_len);
+        const unsigned char *w = (const unsigned char *)dm_pg_bytes(res, k, 13, &w_len);
+        const unsigned char *ct = (const unsigned char *)dm_pg_bytes(res, k, 12, &ct_len);
+        unsigned char dek[DM_KEY_LEN], *pt = NULL;
+        size_t aad_len, pt_len = 0;
+        unsigned char *aad = dm_key_aad(code, customer, sk, (size_t)sk_len, &aad_len);
+        dm_status_t *st = dm_dek_unwrap(kek, w, (size_t)w_len, aad, aad_len, dek);
+        free(aad);
+        if (!st) {
+            aad = dm_record_aad(code, customer, record_id, &aad_len);
+            st = dm_open(dek, aad, aad_len, ct, (size_t)ct_len, &pt, &pt_len);
+            free(aad);
+        }
+        OPENSSL_cleanse(dek, sizeof(dek));
+        if (st) {
+            dm_error("dsr", "region %s: a record of the export does not decrypt", code);
+            dm_call_finish(e->call, st);
+            return;
+        }
+        const char *labels = dm_pg_jsonb(res, k, 5, &labels_len);
+        char *line = export_line(code, customer, record_id, dm_pg_bytes(res, k, 2, &len),
+                                 dm_pg_bytes(res, k, 4, &len), labels, (size_t)labels_len,
+                                 dm_pg_int8(res, k, 6), dm_pg_time_ms(res, k, 8),
+                                 dm_pg_time_ms(res, k, 9), dm_pg_bool(res, k, 7), pt, pt_len);
+        OPENSSL_cleanse(pt, pt_len);
+        free(pt);
+        size_t line_len = strlen(line);
+        EVP_DigestUpdate(e->sha, line, line_len);
+        e->records[i]++;
+        e->bytes[i] += (int64_t)line_len;
+        Domicile__V1__ExportLine el = DOMICILE__V1__EXPORT_LINE__INIT;
+        Domicile__V1__ExportChunk chunk = DOMICILE__V1__EXPORT_CHUNK__INIT;
+        el.line.data = (uint8_t *)line;
+        el.line.len = line_len;
+        el.region = (char *)code;
+        el.record_id = (char *)record_id;
+        el.customer_id = (char *)customer;
+        chunk.item_case = DOMICILE__V1__EXPORT_CHUNK__ITEM_LINE;
+        chunk.line = &el;
+        bool alive = dm_call_send(e->call, &chunk.base);
+        OPENSSL_cleanse(line, line_len);
+        free(line);
+        if (k == to_send - 1) {
+            snprintf(e->after_customer, sizeof(e->after_customer), "%s", customer);
+            snprintf(e->after_record, sizeof(e->after_record), "%s", record_id);
+        }
+        if (!alive) {
+            dm_call_finish(e->call, dm_status_new(GRPC_STATUS_CANCELLED, "stream cancelled"));
+            return;
+        }
+    }
+    PQclear(e->held);
+    e->held = NULL;
+    if (rows > EXPORT_CHUNK) {
+        atomic_store(&e->awaiting_drain, true);
+        if (dm_call_queued(e->call) == 0 && atomic_exchange(&e->awaiting_drain, false))
+            export_next_chunk(e);
+        return;
+    }
+    /* This region's part is complete: finish its leg there. */
+    snprintf(e->count_s, sizeof(e->count_s), "%lld", (long long)e->records[i]);
+    memset(&e->job, 0, sizeof(e->job));
+    e->job.stmt = DM_SQL_DSR_FINISH_EXPORT;
+    e->job.done = export_leg_finished;
+    e->job.arg = e;
+    dm_job_param_text(&e->job, 0, e->st.request_id);
+    dm_job_param_text(&e->job, 1, e->count_s);
+    dm_job_param_text(&e->job, 2, "true");
+    dm_job_param_text(&e->job, 3, "");
+    dm_region_submit(r, &e->job);
+}
+
+static void export_logged(void *arg, dm_status_t *err)
+{
+    export_ctx_t *e = arg;
+    if (err) {
+        export_region_failed(e, err); /* not logged: this part is not sent */
+        return;
+    }
+    export_emit(e);
+}
+
+static void export_chunk_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    export_ctx_t *e = job->arg;
+    if (err) {
+        export_region_failed(e, err);
+        return;
+    }
+    e->held = PQcopyResult(res, PG_COPYRES_ATTRS | PG_COPYRES_TUPLES);
+    int rows = PQntuples(res), to_send = rows > EXPORT_CHUNK ? EXPORT_CHUNK : rows;
+    if (!e->xfer.cross || to_send == 0) {
+        export_emit(e);
+        return;
+    }
+    /* The part leaves its region: one ledger entry per chunk, committed first. */
+    int64_t bytes = 0;
+    size_t ids_len = 1;
+    for (int k = 0; k < to_send; k++) {
+        bytes += dm_pg_int4(res, k, 10);
+        ids_len += (size_t)PQgetlength(res, k, 1) + 1;
+    }
+    char *ids = dm_calloc(1, ids_len), *p = ids;
+    for (int k = 0; k < to_send; k++) {
+        int len;
+        const char *id = dm_pg_bytes(res, k, 1, &len);
+        if (k)
+            *p++ = '\x1f';
+        memcpy(p, id, (size_t)len);
+        p += len;
+    }
+    dm_xfer_log(e->call, &e->xfer, to_send, bytes, ids, export_logged, e);
+    free(ids);
+}
+
+static void export_next_chunk(export_ctx_t *e)
+{
+    dm_region_t *r = dm_regions_at(e->app->regions, e->order[e->pos]);
+    memset(&e->job, 0, sizeof(e->job));
+    e->job.stmt = DM_SQL_EXPORT_RECORDS;
+    e->job.done = export_chunk_done;
+    e->job.arg = e;
+    e->job.call = e->call;
+    snprintf(e->limit_s, sizeof(e->limit_s), "%d", EXPORT_CHUNK + 1);
+    dm_job_param_bin(&e->job, 0, e->st.sk, DM_SUBJECT_KEY_LEN);
+    dm_job_param_text(&e->job, 1, e->st.customer);
+    dm_job_param_text(&e->job, 2, e->after_customer);
+    dm_job_param_text(&e->job, 3, e->after_record);
+    dm_job_param_text(&e->job, 4, e->limit_s);
+    dm_region_submit(r, &e->job);
+}
+
+static void export_drained(dm_call_t *call, void *arg)
+{
+    export_ctx_t *e = arg;
+    if (dm_call_queued(call) == 0 && atomic_exchange(&e->awaiting_drain, false))
+        export_next_chunk(e);
+}
+
+static void export_gated(void *arg, dm_status_t *err)
+{
+    export_ctx_t *e = arg;
+    if (err) {
+        export_region_failed(e, err);
+        return;
+    }
+    export_next_chunk(e);
+}
+
+static void export_region(export_ctx_t *e)
+{
+    while (e->pos < e->n && e->unreachable[e->order[e->pos]])
+        e->pos++;
+    if (e->pos == e->n) {
+        export_manifest(e);
+        return;
+    }
+    dm_region_t *r = dm_regions_at(e->app->regions, e->order[e->pos]);
+    e->after_customer[0] = '\0';
+    e->after_record[0] = '\0';
+    memset(&e->xfer, 0, sizeof(e->xfer));
+    e->xfer.dir = DM_TRANSFER_READ;
+    e->xfer.method = "Export";
+    e->xfer.customer_id = e->st.customer[0] ? e->st.customer : "*";
+    e->xfer.subject_key = e->st.sk;
+    snprintf(e->xfer.request_id, sizeof(e->xfer.request_id), "%s", e->st.request_id);
+    dm_xfer_gate(e->call, r, &e->xfer, export_gated, e);
+}
+
+static int cmp_region_code(const void *a, const void *b, void *arg)
+{
+    dm_regions_t *rs = arg;
+    return strcmp(dm_region_code(dm_regions_at(rs, *(const size_t *)a)),
+                  dm_region_code(dm_regions_at(rs, *(const size_t *)b)));
+}
+
+static void export_received(dm_fanout_t *f, void *arg)
+{
+    export_ctx_t *e = arg;
+    size_t stored = 0;
+    bool reused = false;
+    for (size_t i = 0; i < f->n; i++) {
+        if (f->err[i]) {
+            e->unreachable[i] = true;
+            continue;
+        }
+        int len;
+        reused = reused || strcmp(dm_pg_bytes(f->res[i], 0, 0, &len), "request_id_reused") == 0;
+        stored++;
+    }
+    dm_fanout_free(f);
+    if (reused) {
+        dm_call_finish(e->call, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                              "request_id: already used for a different "
+                                              "request"));
+        return;
+    }
+    if (stored == 0) {
+        dm_call_finish(e->call, dm_status_new(GRPC_STATUS_UNAVAILABLE,
+                                              "no region could store the request; retry"));
+        return;
+    }
+    for (size_t i = 0; i < e->n && !e->req->allow_partial; i++) {
+        if (e->unreachable[i]) {
+            dm_call_finish(e->call,
+                           dm_status_new(GRPC_STATUS_UNAVAILABLE,
+                                         "region \"%s\" is unavailable: the export would be "
+                                         "incomplete (retry, or set allow_partial)",
+                                         dm_region_code(dm_regions_at(e->app->regions, i))));
+            return;
+        }
+    }
+    dm_call_on_drain(e->call, export_drained, e);
+    export_region(e);
+}
+
+void dm_dsr_export(dm_call_t *call)
+{
+    const Domicile__V1__ExportRequest *req =
+        (const Domicile__V1__ExportRequest *)dm_call_request(call);
+    dm_app_t *app = APP(call);
+    const dm_principal_t *p = dm_call_principal_of(call);
+    dm_status_t *st;
+    bool has;
+    export_ctx_t *e = dm_calloc(1, sizeof(*e));
+    e->call = call;
+    e->app = app;
+    e->req = req;
+    e->st.call = call;
+    e->st.app = app;
+    e->st.kind = DOMICILE__V1__DSR_KIND__DSR_KIND_EXPORT;
+    e->sha = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(e->sha, EVP_sha256(), NULL);
+    dm_call_set_data(call, e, export_free);
+    if ((st = dm_check_request_id("request_id", req->request_id)) ||
+        (st = dm_check_text("reason", req->reason, 0, REASON_MAX)) ||
+        (req->customer_id[0] && (st = dm_check_customer_id("customer_id", req->customer_id))) ||
+        (st = dm_subject_to_key(app, "subject", req->subject, &has, e->st.sk))) {
+        dm_call_finish(call, st);
+        return;
+    }
+    if (!has || (p && !p->all_tenants && !req->customer_id[0]) ||
+        (p && req->customer_id[0] && !dm_principal_in_scope(p, req->customer_id))) {
+        dm_call_finish(call, !has ? dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "subject: required")
+                             : req->customer_id[0]
+                                 ? dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found")
+                                 : dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                                 "customer_id: required for a principal whose "
+                                                 "scope is limited"));
+        return;
+    }
+    /* Each part that leaves its region is a transfer for the purpose of the export. */
+    dm_call_set_purpose(call, EXPORT_PURPOSE);
+    snprintf(e->st.request_id, sizeof(e->st.request_id), "%s", req->request_id);
+    snprintf(e->st.customer, sizeof(e->st.customer), "%s", req->customer_id);
+    e->st.reason = dm_strdup(req->reason);
+    e->st.received = dm_now_ms();
+    e->st.due = e->st.received + POLICY_DAYS * DAY_MS;
+    e->st.gdpr_due = dm_add_months_ms(e->st.received, 1);
+    DM_FINGERPRINT(e->st.fp, DM_AAD_STR("dsr"), DM_AAD_STR("export"),
+                   DM_AAD_BYTES(e->st.sk, sizeof(e->st.sk)), DM_AAD_STR(e->st.customer),
+                   DM_AAD_STR(""));
+    e->n = dm_regions_count(app->regions);
+    for (size_t i = 0; i < e->n; i++)
+        e->order[i] = i;
+    qsort_r(e->order, e->n, sizeof(size_t), cmp_region_code, app->regions);
+    const dm_principal_t *pr = p;
+    char received[24], due[24], gdpr[24];
+    snprintf(received, sizeof(received), "%lld", (long long)e->st.received);
+    snprintf(due, sizeof(due), "%lld", (long long)e->st.due);
+    snprintf(gdpr, sizeof(gdpr), "%lld", (long long)e->st.gdpr_due);
+    const char *vals[11] = {e->st.request_id,
+                            "export",
+                            (const char *)e->st.fp,
+                            (const char *)e->st.sk,
+                            e->st.customer,
+                            "",
+                            e->st.reason,
+                            pr ? pr->name : "",
+                            received,
+                            due,
+                            gdpr};
+    int lens[11] = {0, 0, 32, DM_SUBJECT_KEY_LEN, 0, 0, 0, 0, 0, 0, 0};
+    int fmts[11] = {0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0};
+    dm_fanout_start(call, app->regions, DM_SQL_DSR_RECEIVE, 11, vals, lens, fmts, export_received,
+                    e);
 }

@@ -706,7 +706,7 @@ static void render_markdown(sb_t *b, const Domicile__V1__TransferReport *r)
         sb_putc(b, '|');
         md_cell(b, s->region);
         md_cell(b, yes_no(s->reachable));
-        md_cell(b, !s->reachable ? "unknown" : s->verified ? "yes" : "**NO**");
+        sb_puts(b, !s->reachable ? " unknown |" : s->verified ? " yes |" : " **NO** |");
         if (s->reachable)
             sb_printf(b, " %lld |", (long long)s->entries);
         else
@@ -828,8 +828,16 @@ static int64_t tick_step(int64_t max)
 
 static void render_svg(sb_t *b, const chart_t *c)
 {
-    double bw = c->nroutes <= 4 ? 22.0 : (c->nroutes <= 10 ? 12.0 : 6.0);
-    double gw = (double)c->nroutes * bw + 24.0;
+    /* Bars are packed per month, so the busiest month sets the width of the groups. */
+    size_t most = 0;
+    for (size_t m = 0; m < c->nmonths; m++) {
+        size_t present = 0;
+        for (size_t ri = 0; ri < c->nroutes; ri++)
+            present += c->value[m * c->nroutes + ri] > 0;
+        most = present > most ? present : most;
+    }
+    double bw = most <= 4 ? 24.0 : (most <= 10 ? 14.0 : 8.0);
+    double gw = (double)most * bw + 24.0;
     size_t groups = c->nmonths ? c->nmonths : 1;
     if (gw < 64.0)
         gw = 64.0;
@@ -887,7 +895,11 @@ static void render_svg(sb_t *b, const chart_t *c)
     }
     for (size_t m = 0; m < c->nmonths; m++) {
         double gx = SVG_ML + (double)m * gw;
-        double x0 = gx + (gw - (double)c->nroutes * bw) / 2.0;
+        size_t present = 0, slot = 0;
+        for (size_t ri = 0; ri < c->nroutes; ri++)
+            present += c->value[m * c->nroutes + ri] > 0;
+        /* A month's bars sit together, centred: the colour, not the slot, names the route. */
+        double x0 = gx + (gw - (double)present * bw) / 2.0;
         for (size_t ri = 0; ri < c->nroutes; ri++) {
             int64_t v = c->value[m * c->nroutes + ri];
             if (v <= 0)
@@ -900,13 +912,20 @@ static void render_svg(sb_t *b, const chart_t *c)
             sb_printf(b,
                       "<rect class=\"bar\" x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" "
                       "fill=\"%s\" data-month=\"",
-                      x0 + (double)ri * bw, base - h, bw - 2.0, h, colour);
+                      x0 + (double)slot++ * bw + 1.0, base - h, bw - 2.0, h, colour);
             put_text(b, c->months[m], TEXT_XML);
             sb_printf(b, "\" data-route=\"%s\" data-transfers=\"%lld\"><title>", label[ri],
                       (long long)v);
             put_text(b, c->months[m], TEXT_XML);
             sb_printf(b, " %s: %lld transfer%s</title></rect>\n", label[ri], (long long)v,
                       v == 1 ? "" : "s");
+            char num[24];
+            int digits = snprintf(num, sizeof(num), "%lld", (long long)v);
+            if ((double)digits * 6.0 <= bw) /* the count over its bar, where it fits */
+                sb_printf(b,
+                          "<text class=\"value\" x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" "
+                          "font-size=\"10\">%s</text>\n",
+                          x0 + (double)(slot - 1) * bw + bw / 2.0, base - h - 3.0, num);
         }
         sb_printf(b, "<text class=\"month\" x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">",
                   gx + gw / 2.0, base + 18.0);
