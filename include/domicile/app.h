@@ -30,6 +30,7 @@ typedef struct dm_app {
     unsigned char ledger_keys[DM_MAX_REGIONS][32]; /* by region index (cleansed at exit) */
     dm_ledger_ctx_t ledger;                        /* the sealer's view of the above */
     dm_dsr_ctx_t dsr;                              /* the data-subject request worker */
+    dm_webhooks_t *webhooks;                       /* NULL without webhook_url */
     dm_health_t *health;
     dm_server_t *server;
 } dm_app_t;

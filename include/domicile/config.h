@@ -62,6 +62,9 @@ typedef struct dm_config {
     char *routes_file;
     int ledger_retention_days;
     int ledger_seal_interval_ms;
+    char *webhook_url; /* "" = none */
+    char *webhook_secret_file;
+    int webhook_timeout_ms;
     int customer_retention_days;
     int directory_cache_entries;
     int key_cache_entries;

@@ -6,14 +6,27 @@
 #define DOMICILE_DSR_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "domicile/region.h"
 
+typedef struct dm_webhooks dm_webhooks_t;
+
+struct dm_app;
+/** Start the webhook thread when webhook_url is set (*out NULL otherwise). */
+dm_status_t *dm_webhooks_create(struct dm_app *app, dm_webhooks_t **out) DM_WARN_UNUSED;
+/** Stop the thread (before the regions stop: it runs statements). Idempotent; NULL is ok. */
+void dm_webhooks_stop(dm_webhooks_t *w);
+void dm_webhooks_destroy(dm_webhooks_t *w);
+/** Hand a request whose webhook is due to the webhook thread; false when not queued. */
+bool dm_webhooks_enqueue(dm_webhooks_t *w, const char *request_id, size_t region);
+
 /** What the worker needs; owned by the app. */
 typedef struct dm_dsr_ctx {
     dm_regions_t *regions;
-    char me[96]; /* claimant id: host, pid, random (leases name it) */
+    dm_webhooks_t *webhooks; /* NULL: no webhook configured */
+    char me[96];             /* claimant id: host, pid, random (leases name it) */
     int64_t last_run_ms[DM_MAX_REGIONS];
     atomic_int propagating[DM_MAX_REGIONS];
 } dm_dsr_ctx_t;

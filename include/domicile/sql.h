@@ -34,7 +34,7 @@ typedef enum {
     DM_SQL_LEDGER_REPORT,     /* (from_ms, to_ms, basis, purpose) -> grouped rows */
     DM_SQL_LEDGER_PURGE_UPTO, /* (before_ms) -> seq, chain_hash of the last purgeable link */
     DM_SQL_LEDGER_PURGE,      /* (upto_seq, chain_hash, before_ms, mac) -> rows purged */
-    DM_SQL_DSR_RECEIVE,       /* header + this region's leg (11 fields) -> status */
+    DM_SQL_DSR_RECEIVE,       /* header + this region's leg (13 fields) -> status */
     DM_SQL_DSR_SET_MISSING,   /* (request_id, regions[]) */
     DM_SQL_DSR_STATUS,        /* (request_id) -> DSR_COLUMNS */
     DM_SQL_DSR_LIST,          /* (kind, customer, limit) -> DSR_COLUMNS */
@@ -47,6 +47,8 @@ typedef enum {
     DM_SQL_DSR_FINISH_EXPORT, /* (request_id, records, ok, error) */
     DM_SQL_LOCATE,            /* (subject_key, customer) -> records, bytes */
     DM_SQL_EXPORT_RECORDS,    /* (subject_key, customer, after_customer, after_record, limit) */
+    DM_SQL_DSR_WEBHOOK_DUE,   /* (notify_region, limit) -> request_id */
+    DM_SQL_DSR_WEBHOOK_MARK,  /* (request_id, state, error, delay_ms, attempted) */
     DM_SQL__COUNT
 } dm_sql_id_t;
 
@@ -77,6 +79,11 @@ enum {
     DM_DC_CLAIMED_BY,
     DM_DC_LEASE,
     DM_DC_REQUEST_ID,
+    DM_DC_WEBHOOK_STATE,
+    DM_DC_WEBHOOK_ATTEMPTS,
+    DM_DC_WEBHOOK_ERROR,
+    DM_DC_WEBHOOK_NEXT,
+    DM_DC_WEBHOOK_DELIVERED,
     DM_DC__COUNT
 };
 

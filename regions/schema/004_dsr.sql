@@ -22,8 +22,19 @@ CREATE TABLE domicile.dsr_requests (
     extended_due_at  timestamptz,
     extension_reason text,
     extended_at      timestamptz,
-    missing          text[] NOT NULL DEFAULT '{}' -- regions that have not received it yet
+    missing          text[] NOT NULL DEFAULT '{}', -- regions that have not received it yet
+    -- Completion webhook, sent by the workers of notify_region (the receiving gateway's
+    -- region) once every leg is done: 'none' when no webhook is configured.
+    notify_region    text NOT NULL DEFAULT '',
+    webhook_state    text NOT NULL DEFAULT 'none'
+        CHECK (webhook_state IN ('none', 'pending', 'delivered', 'failed')),
+    webhook_attempts integer NOT NULL DEFAULT 0,
+    webhook_error    text NOT NULL DEFAULT '',
+    webhook_next_at  timestamptz NOT NULL DEFAULT now(),
+    webhook_delivered_at timestamptz
 );
+CREATE INDEX dsr_requests_webhook ON domicile.dsr_requests (notify_region, webhook_next_at)
+    WHERE webhook_state IN ('pending', 'failed');
 CREATE INDEX dsr_requests_missing ON domicile.dsr_requests (request_id)
     WHERE cardinality(missing) > 0;
 
@@ -68,7 +79,8 @@ CREATE TABLE domicile.subject_objections (
 CREATE FUNCTION domicile.dsr_receive(p_request_id text, p_kind text, p_fingerprint bytea,
                                      p_subject_key bytea, p_customer text, p_purpose text,
                                      p_reason text, p_principal text, p_received_ms bigint,
-                                     p_due_ms bigint, p_gdpr_due_ms bigint)
+                                     p_due_ms bigint, p_gdpr_due_ms bigint,
+                                     p_notify_region text, p_webhook text)
 RETURNS TABLE (status text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -77,11 +89,12 @@ DECLARE
 BEGIN
     INSERT INTO domicile.dsr_requests (request_id, kind, fingerprint, subject_key, customer_id,
                                        purpose, reason, principal, received_at, due_at,
-                                       gdpr_due_at)
+                                       gdpr_due_at, notify_region, webhook_state)
     VALUES (p_request_id, p_kind, p_fingerprint, p_subject_key, p_customer, p_purpose, p_reason,
             p_principal, timestamptz 'epoch' + p_received_ms * interval '1 millisecond',
             timestamptz 'epoch' + p_due_ms * interval '1 millisecond',
-            timestamptz 'epoch' + p_gdpr_due_ms * interval '1 millisecond')
+            timestamptz 'epoch' + p_gdpr_due_ms * interval '1 millisecond', p_notify_region,
+            p_webhook)
     ON CONFLICT (request_id) DO NOTHING;
     IF NOT FOUND THEN
         SELECT r.fingerprint INTO fp FROM domicile.dsr_requests r
@@ -244,6 +257,18 @@ BEGIN
         RETURN QUERY SELECT 'missing'::text;
     END IF;
 END $$;
+
+-- Webhook bookkeeping of the requests this region notifies about.
+CREATE FUNCTION domicile.dsr_webhook_mark(p_request_id text, p_state text, p_error text,
+                                          p_delay_ms bigint, p_attempted boolean)
+RETURNS void LANGUAGE sql AS $$
+    UPDATE domicile.dsr_requests
+    SET webhook_state = p_state, webhook_error = p_error,
+        webhook_attempts = webhook_attempts + CASE WHEN p_attempted THEN 1 ELSE 0 END,
+        webhook_next_at = now() + p_delay_ms * interval '1 millisecond',
+        webhook_delivered_at = CASE WHEN p_state = 'delivered' THEN now() END
+    WHERE request_id = p_request_id
+$$;
 
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA domicile TO domicile_gateway;
 

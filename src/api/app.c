@@ -4,6 +4,7 @@
 #include <openssl/crypto.h>
 
 #include "domicile/app.h"
+#include "internal.h"
 
 /* The regions' maintenance: seal the ledger, run data-subject request legs. */
 static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
@@ -53,6 +54,9 @@ dm_status_t *dm_app_init(dm_app_t *app)
     app->ledger.keys = (const unsigned char(*)[32])app->ledger_keys;
     app->ledger.retention_days = app->cfg->ledger_retention_days;
     dm_dsr_ctx_init(&app->dsr, app->regions);
+    if ((st = dm_webhooks_create(app, &app->webhooks)))
+        return st;
+    app->dsr.webhooks = app->webhooks;
     dm_regions_set_idle_task(app->regions, app_idle, app, app->cfg->ledger_seal_interval_ms);
     app->directory = dm_directory_create(app->regions, (size_t)app->cfg->directory_cache_entries);
     app->keys = dm_keycache_create((size_t)app->cfg->key_cache_entries, app->cfg->key_cache_ttl_ms);
@@ -70,6 +74,8 @@ void dm_app_dispose(dm_app_t *app)
         free(app->pepper);
         app->pepper = NULL;
     }
+    dm_webhooks_destroy(app->webhooks);
+    app->webhooks = NULL;
     dm_principals_free(app->principals);
     app->principals = NULL;
     dm_policy_free(app->policy);

@@ -11,6 +11,8 @@
 #include "domicile/crypto.h"
 #include "domicile/validate.h"
 
+#include "domicile/v1/subject_rights.pb-c.h"
+
 #define APP(call) ((dm_app_t *)dm_call_app(call))
 
 /** Labels (protobuf-c map entries) as a compact JSON object with sorted keys; caller frees. */
@@ -102,6 +104,17 @@ void dm_fanout_start(dm_call_t *call, dm_regions_t *regions, dm_sql_id_t stmt, i
                      const char *const *values, const int *lengths, const int *formats,
                      dm_fanout_fn done, void *arg);
 void dm_fanout_free(dm_fanout_t *f);
+
+/* ---- data-subject requests (src/api/subject_rights.c, webhook.c) ---- */
+
+/**
+ * The request as every region describes it (fan-out of DM_SQL_DSR_STATUS): *out is a new view
+ * (free with dm_dsr_view_free; it points into f's results, so free it before f);
+ * *webhook_attempts the notify region's count. NOT_FOUND / UNAVAILABLE when no region has it.
+ */
+dm_status_t *dm_dsr_view(dm_fanout_t *f, dm_regions_t *regions, Domicile__V1__DsrRequest **out,
+                         int *webhook_attempts);
+void dm_dsr_view_free(Domicile__V1__DsrRequest *q);
 
 /** "active" | "closed" | "purged" text -> enum. */
 int dm_customer_state_enum(const char *s, size_t len);

@@ -72,7 +72,8 @@ typedef struct leg_view {
 } leg_view_t;
 
 typedef struct req_view {
-    Domicile__V1__DsrRequest req;
+    Domicile__V1__DsrRequest req; /* first: a view is freed through &req */
+    Domicile__V1__WebhookDelivery webhook;
     leg_view_t legs[DM_MAX_REGIONS];
     Domicile__V1__DsrLeg *legp[DM_MAX_REGIONS];
     char sk_hex[65];
@@ -117,6 +118,18 @@ static void header_from_row(req_view_t *v, const PGresult *res, int row)
     q->extension_reason = dm_pg_isnull(res, row, DM_DC_EXTENSION_REASON)
                               ? ""
                               : (char *)dm_pg_bytes(res, row, DM_DC_EXTENSION_REASON, &len);
+    const char *wh = dm_pg_bytes(res, row, DM_DC_WEBHOOK_STATE, &len);
+    domicile__v1__webhook_delivery__init(&v->webhook);
+    v->webhook.state =
+        strcmp(wh, "pending") == 0     ? DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_PENDING
+        : strcmp(wh, "delivered") == 0 ? DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_DELIVERED
+        : strcmp(wh, "failed") == 0    ? DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_FAILED
+                                       : DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_NOT_CONFIGURED;
+    v->webhook.attempts = dm_pg_int4(res, row, DM_DC_WEBHOOK_ATTEMPTS);
+    v->webhook.last_error = (char *)dm_pg_bytes(res, row, DM_DC_WEBHOOK_ERROR, &len);
+    v->webhook.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_WEBHOOK_NEXT);
+    v->webhook.delivered_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_WEBHOOK_DELIVERED);
+    q->webhook = &v->webhook;
 }
 
 static void leg_from_row(leg_view_t *l, const PGresult *res, int row)
@@ -222,6 +235,21 @@ static dm_status_t *view_from_fanout(req_view_t *v, dm_fanout_t *f, dm_regions_t
                           : dm_status_new(GRPC_STATUS_NOT_FOUND, "request not found");
     summarise(v, f->n);
     return NULL;
+}
+
+dm_status_t *dm_dsr_view(dm_fanout_t *f, dm_regions_t *regions, Domicile__V1__DsrRequest **out,
+                         int *webhook_attempts)
+{
+    req_view_t *v = dm_calloc(1, sizeof(*v));
+    dm_status_t *st = view_from_fanout(v, f, regions);
+    *out = &v->req;
+    *webhook_attempts = st ? 0 : v->webhook.attempts;
+    return st;
+}
+
+void dm_dsr_view_free(Domicile__V1__DsrRequest *q)
+{
+    free(q); /* the view's first member */
 }
 
 typedef struct status_ctx {
@@ -351,28 +379,37 @@ static void receive_done(dm_fanout_t *f, void *arg)
     start_status(c);
 }
 
-static void start_receive(status_ctx_t *c)
+/* Store the request (header + leg) in every region; `done` sees each region's answer. */
+static void receive_fanout(status_ctx_t *c, dm_fanout_fn done, void *arg)
 {
     const dm_principal_t *p = dm_call_principal_of(c->call);
+    const dm_config_t *cfg = c->app->cfg;
     char received[24], due[24], gdpr[24];
     snprintf(received, sizeof(received), "%lld", (long long)c->received);
     snprintf(due, sizeof(due), "%lld", (long long)c->due);
     snprintf(gdpr, sizeof(gdpr), "%lld", (long long)c->gdpr_due);
-    const char *vals[11] = {c->request_id,
+    /* The receiving gateway's region notifies (webhook) when every leg is done. */
+    const char *vals[13] = {c->request_id,
                             kind_names[c->kind],
                             (const char *)c->fp,
                             (const char *)c->sk,
                             c->customer,
                             c->purpose,
-                            c->reason,
+                            c->reason ? c->reason : "",
                             p ? p->name : "",
                             received,
                             due,
-                            gdpr};
-    int lens[11] = {0, 0, 32, DM_SUBJECT_KEY_LEN, 0, 0, 0, 0, 0, 0, 0};
-    int fmts[11] = {0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0};
-    dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_RECEIVE, 11, vals, lens, fmts,
-                    receive_done, c);
+                            gdpr,
+                            cfg->gateway_region,
+                            cfg->webhook_url[0] ? "pending" : "none"};
+    int lens[13] = {0, 0, 32, DM_SUBJECT_KEY_LEN};
+    int fmts[13] = {0, 0, 1, 1};
+    dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_RECEIVE, 13, vals, lens, fmts, done, arg);
+}
+
+static void start_receive(status_ctx_t *c)
+{
+    receive_fanout(c, receive_done, c);
 }
 
 /* Validate and store a request of `kind`; replies with its status. */
@@ -1183,24 +1220,5 @@ void dm_dsr_export(dm_call_t *call)
     for (size_t i = 0; i < e->n; i++)
         e->order[i] = i;
     qsort_r(e->order, e->n, sizeof(size_t), cmp_region_code, app->regions);
-    const dm_principal_t *pr = p;
-    char received[24], due[24], gdpr[24];
-    snprintf(received, sizeof(received), "%lld", (long long)e->st.received);
-    snprintf(due, sizeof(due), "%lld", (long long)e->st.due);
-    snprintf(gdpr, sizeof(gdpr), "%lld", (long long)e->st.gdpr_due);
-    const char *vals[11] = {e->st.request_id,
-                            "export",
-                            (const char *)e->st.fp,
-                            (const char *)e->st.sk,
-                            e->st.customer,
-                            "",
-                            e->st.reason,
-                            pr ? pr->name : "",
-                            received,
-                            due,
-                            gdpr};
-    int lens[11] = {0, 0, 32, DM_SUBJECT_KEY_LEN, 0, 0, 0, 0, 0, 0, 0};
-    int fmts[11] = {0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0};
-    dm_fanout_start(call, app->regions, DM_SQL_DSR_RECEIVE, 11, vals, lens, fmts, export_received,
-                    e);
+    receive_fanout(&e->st, export_received, e);
 }

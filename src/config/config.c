@@ -89,6 +89,12 @@ static const key_desc_t gateway_keys[] = {
      true, "ledger entries older than this are purged behind a signed checkpoint (0 = keep)"},
     {"ledger_seal_interval_ms", KT_INT, GW(ledger_seal_interval_ms), NOCOUNT, "200", 10, 60000,
      NULL, true, "how often committed ledger entries are chained"},
+    {"webhook_url", KT_STRING, GW(webhook_url), NOCOUNT, "", 0, 2048, NULL, false,
+     "http(s) URL receiving a signed POST when a data-subject request is done (\"\" = none)"},
+    {"webhook_secret_file", KT_PATH, GW(webhook_secret_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
+     "secret (0600) keying the webhook's HMAC-SHA256 signature"},
+    {"webhook_timeout_ms", KT_INT, GW(webhook_timeout_ms), NOCOUNT, "5000", 100, 60000, NULL, false,
+     "time one webhook delivery may take"},
     {"customer_retention_days", KT_INT, GW(customer_retention_days), NOCOUNT, "30", 0, 3650, NULL,
      true, "days a closed customer's data is kept before it is purged"},
     {"directory_cache_entries", KT_INT, GW(directory_cache_entries), NOCOUNT, "4000000", 1000,
@@ -463,6 +469,19 @@ dm_status_t *dm_config_load(const char *path, dm_config_t **out)
     } else if (strcmp(cfg->mtls, "off") != 0) {
         st = cf_error(path, 0, "mtls", "client certificates need transport = \"tls\"");
         goto fail;
+    }
+    if (cfg->webhook_url[0]) {
+        if (strncmp(cfg->webhook_url, "http://", 7) != 0 &&
+            strncmp(cfg->webhook_url, "https://", 8) != 0) {
+            st = cf_error(path, 0, "webhook_url", "must start with http:// or https://");
+            goto fail;
+        }
+        if (!cfg->webhook_secret_file[0]) {
+            st = cf_error(path, 0, "webhook_secret_file", "required with webhook_url");
+            goto fail;
+        }
+        if ((st = check_secret(path, "webhook_secret_file", cfg->webhook_secret_file, 1024)))
+            goto fail;
     }
     if (access(cfg->principals_file, R_OK) != 0) {
         st = cf_error(path, 0, "principals_file", "cannot read \"%s\": %s", cfg->principals_file,

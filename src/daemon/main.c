@@ -175,6 +175,7 @@ out:
         dm_status_free(st);
     }
     /* Order matters: nothing that can start a batch may outlive the completion queues. */
+    dm_webhooks_stop(app.webhooks); /* it runs statements: before the regions stop */
     if (app.regions)
         dm_regions_stop(app.regions);
     dm_server_destroy(app.server);

@@ -16,11 +16,12 @@
 #include "domicile/log.h"
 #include "domicile/sql.h"
 
-#define RUN_EVERY_MS   500
-#define CLAIM_LIMIT    "5"
-#define LEASE_S        "30"
-#define BACKOFF_MAX_MS 300000
-#define PROPAGATE_MAX  50
+#define RUN_EVERY_MS       500
+#define CLAIM_LIMIT        "5"
+#define LEASE_S            "30"
+#define BACKOFF_MAX_MS     300000
+#define PROPAGATE_MAX      50
+#define DSR_RECEIVE_PARAMS 13
 
 void dm_dsr_ctx_init(dm_dsr_ctx_t *ctx, dm_regions_t *regions)
 {
@@ -76,16 +77,16 @@ typedef struct prop {
     dm_dsr_ctx_t *ctx;
     size_t src_i;
     dm_region_t *src;
-    char *vals[11];
-    int lens[11];
-    int fmts[11];
+    char *vals[DSR_RECEIVE_PARAMS];
+    int lens[DSR_RECEIVE_PARAMS];
+    int fmts[DSR_RECEIVE_PARAMS];
     char code[DM_REGION_CODE_MAX + 1];
 } prop_t;
 
 static void prop_free(prop_t *p)
 {
     atomic_fetch_sub(&p->ctx->propagating[p->src_i], 1);
-    for (int i = 0; i < 11; i++)
+    for (int i = 0; i < DSR_RECEIVE_PARAMS; i++)
         free(p->vals[i]);
     free(p);
 }
@@ -126,11 +127,10 @@ static void propagate(dm_dsr_ctx_t *ctx, dm_region_t *r, size_t ri, dm_exec_t *x
         dm_status_free(err);
         return;
     }
-    /* Columns: request_id, kind, fingerprint, subject_key, customer_id, purpose, reason,
-     * principal, received_ms, due_ms, gdpr_due_ms (the dsr_receive parameters), missing. */
+    /* Columns: the dsr_receive parameters (received, due, gdpr_due as ms), then missing. */
     for (int row = 0; row < PQntuples(res) && row < PROPAGATE_MAX; row++) {
         int len;
-        char *missing = dm_strdup(dm_pg_bytes(res, row, 11, &len));
+        char *missing = dm_strdup(dm_pg_bytes(res, row, DSR_RECEIVE_PARAMS, &len));
         for (char *save = NULL, *code = strtok_r(missing, ",", &save); code;
              code = strtok_r(NULL, ",", &save)) {
             dm_region_t *dst = dm_regions_find(ctx->regions, code);
@@ -141,11 +141,11 @@ static void propagate(dm_dsr_ctx_t *ctx, dm_region_t *r, size_t ri, dm_exec_t *x
             p->src_i = ri;
             p->src = r;
             snprintf(p->code, sizeof(p->code), "%s", code);
-            for (int c = 0; c < 11; c++) {
+            for (int c = 0; c < DSR_RECEIVE_PARAMS; c++) {
                 char num[24];
                 const char *v;
                 int l;
-                if (c >= 8) {
+                if (c >= 8 && c <= 10) {
                     snprintf(num, sizeof(num), "%lld", (long long)dm_pg_int8(res, row, c));
                     v = num;
                     l = (int)strlen(num);
@@ -169,6 +169,23 @@ static void propagate(dm_dsr_ctx_t *ctx, dm_region_t *r, size_t ri, dm_exec_t *x
             dm_region_submit(dst, &p->job);
         }
         free(missing);
+    }
+    PQclear(res);
+}
+
+/* Requests this region notifies about whose webhook is due: to the webhook thread. */
+static void webhooks_due(dm_dsr_ctx_t *ctx, dm_region_t *r, size_t ri, dm_exec_t *x)
+{
+    dm_status_t *err = NULL;
+    const char *vals[2] = {dm_region_code(r), "20"};
+    PGresult *res = dm_region_exec(x, DM_SQL_DSR_WEBHOOK_DUE, 2, vals, NULL, NULL, &err);
+    if (!res) {
+        dm_status_free(err);
+        return;
+    }
+    for (int i = 0; i < PQntuples(res); i++) {
+        int len;
+        dm_webhooks_enqueue(ctx->webhooks, dm_pg_bytes(res, i, 0, &len), ri);
     }
     PQclear(res);
 }
@@ -197,4 +214,6 @@ void dm_dsr_idle(dm_dsr_ctx_t *ctx, dm_region_t *r, size_t ri, dm_exec_t *x)
     }
     PQclear(res);
     propagate(ctx, r, ri, x);
+    if (ctx->webhooks)
+        webhooks_due(ctx, r, ri, x);
 }

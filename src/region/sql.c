@@ -21,7 +21,8 @@
     "r.due_at, r.gdpr_due_at, r.extended_due_at, r.extension_reason, r.extended_at, l.state, "     \
     "l.attempts, l.last_error, l.next_attempt_at, l.started_at, l.finished_at, "                   \
     "l.records_matched, l.records_deleted, l.keys_destroyed, l.receipt_sha256, l.claimed_by, "     \
-    "l.lease_expires_at, r.request_id"
+    "l.lease_expires_at, r.request_id, r.webhook_state, r.webhook_attempts, r.webhook_error, "     \
+    "r.webhook_next_at, r.webhook_delivered_at"
 #define EPOCH_MS(c) "(extract(epoch FROM " c ") * 1000)::bigint"
 
 const dm_sql_t dm_sql[DM_SQL__COUNT] = {
@@ -140,8 +141,8 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                              "SELECT domicile.ledger_purge($1, $2, " MS("$3") ", $4)", 4},
     [DM_SQL_DSR_RECEIVE] = {"dsr_receive",
                             "SELECT * FROM domicile.dsr_receive($1, $2, $3, $4, $5, $6, $7, $8, "
-                            "$9, $10, $11)",
-                            11},
+                            "$9, $10, $11, $12, $13)",
+                            13},
     [DM_SQL_DSR_SET_MISSING] = {"dsr_set_missing",
                                 "SELECT domicile.dsr_set_missing($1, $2::text[])", 2},
     [DM_SQL_DSR_STATUS] = {"dsr_status",
@@ -157,15 +158,15 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
     [DM_SQL_DSR_CLAIM] = {"dsr_claim", "SELECT * FROM domicile.dsr_claim($1, $2, $3)", 3},
     [DM_SQL_DSR_RUN] = {"dsr_run", "SELECT * FROM domicile.dsr_run_leg($1, $2)", 2},
     [DM_SQL_DSR_FAIL] = {"dsr_fail", "SELECT domicile.dsr_fail_leg($1, $2, $3, $4)", 4},
-    [DM_SQL_DSR_MISSING] =
-        {"dsr_missing",
-         "SELECT request_id, kind, fingerprint, subject_key, customer_id, "
-         "purpose, reason, principal, " EPOCH_MS("received_at") ", " EPOCH_MS(
-             "due_at") ", " EPOCH_MS("gdpr_due_at") ", array_to_string(missing, ',') "
-                                                    "FROM domicile.dsr_requests WHERE "
-                                                    "cardinality(missing) > 0 "
-                                                    "ORDER BY received_at LIMIT 50",
-         0},
+    /* The dsr_receive parameters (8..10 as ms), then the regions still missing it. */
+    [DM_SQL_DSR_MISSING] = {"dsr_missing",
+                            "SELECT request_id, kind, fingerprint, subject_key, customer_id, "
+                            "purpose, reason, principal, " EPOCH_MS("received_at") ", "
+                            EPOCH_MS("due_at") ", " EPOCH_MS("gdpr_due_at") ", notify_region, "
+                            "webhook_state, array_to_string(missing, ',') FROM "
+                            "domicile.dsr_requests WHERE cardinality(missing) > 0 "
+                            "ORDER BY received_at LIMIT 50",
+                            0},
     [DM_SQL_DSR_DROP_MISSING] = {"dsr_drop_missing",
                                  "UPDATE domicile.dsr_requests SET missing = "
                                  "array_remove(missing, $2) WHERE request_id = $1",
@@ -184,6 +185,13 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                "AND (r.customer_id, r.record_id) > ($3, $4::text COLLATE \"C\") "
                                "ORDER BY r.customer_id, r.record_id LIMIT $5",
                                5},
+    [DM_SQL_DSR_WEBHOOK_DUE] = {"dsr_webhook_due",
+                                "SELECT request_id FROM domicile.dsr_requests WHERE "
+                                "notify_region = $1 AND webhook_state IN ('pending', 'failed') "
+                                "AND webhook_next_at <= now() ORDER BY webhook_next_at LIMIT $2",
+                                2},
+    [DM_SQL_DSR_WEBHOOK_MARK] = {"dsr_webhook_mark",
+                                 "SELECT domicile.dsr_webhook_mark($1, $2, $3, $4, $5)", 5},
     [DM_SQL_DELETE_RECORD] = {"delete_record",
                               "SELECT * FROM domicile.delete_record($1, $2, $3, $4, $5)", 5},
 };

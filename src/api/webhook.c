@@ -1,0 +1,284 @@
+/*
+ * Completion webhooks of data-subject requests. The workers of a request's notify region
+ * hand due requests here; this thread (never a completion-queue thread) reads the request
+ * from every region, and once every leg is done POSTs a JSON summary with
+ *     X-Domicile-Timestamp: <unix seconds>
+ *     X-Domicile-Signature: sha256=<hex HMAC-SHA256(secret, timestamp "." body)>
+ * to webhook_url with libcurl. Failures are retried with backoff (the state lives in the
+ * notify region's copy of the request, so another gateway or a restart carries on).
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <curl/curl.h>
+#include <jansson.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include "domicile/v1/subject_rights.pb-c.h"
+
+#include "domicile/clock.h"
+#include "domicile/log.h"
+#include "internal.h"
+
+#define QUEUE_MAX   256
+#define NOT_DONE_MS 2000
+#define BACKOFF_MAX 600000
+
+typedef struct item {
+    char id[DM_REQUEST_ID_MAX + 1];
+    size_t region;
+} item_t;
+
+struct dm_webhooks {
+    dm_app_t *app;
+    unsigned char *secret;
+    size_t secret_len;
+    pthread_t thread;
+    bool started;
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    item_t q[QUEUE_MAX];
+    size_t head, len;
+    bool stopping;
+    /* the fan-out answer the thread waits for */
+    dm_fanout_t *answer;
+};
+
+bool dm_webhooks_enqueue(dm_webhooks_t *w, const char *request_id, size_t region)
+{
+    if (!w)
+        return false;
+    pthread_mutex_lock(&w->mu);
+    bool queued = false;
+    for (size_t i = 0; i < w->len; i++) /* already waiting: once is enough */
+        if (strcmp(w->q[(w->head + i) % QUEUE_MAX].id, request_id) == 0)
+            queued = true;
+    if (!queued && w->len < QUEUE_MAX && !w->stopping) {
+        item_t *it = &w->q[(w->head + w->len) % QUEUE_MAX];
+        snprintf(it->id, sizeof(it->id), "%s", request_id);
+        it->region = region;
+        w->len++;
+        queued = true;
+        pthread_cond_signal(&w->cond);
+    }
+    pthread_mutex_unlock(&w->mu);
+    return queued;
+}
+
+static void got_answer(dm_fanout_t *f, void *arg)
+{
+    dm_webhooks_t *w = arg;
+    pthread_mutex_lock(&w->mu);
+    w->answer = f;
+    pthread_cond_broadcast(&w->cond);
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* Run one statement everywhere and wait for it (this thread may block). */
+static dm_fanout_t *fanout_wait(dm_webhooks_t *w, dm_sql_id_t stmt, int n, const char *const *v)
+{
+    dm_fanout_start(NULL, w->app->regions, stmt, n, v, NULL, NULL, got_answer, w);
+    pthread_mutex_lock(&w->mu);
+    while (!w->answer)
+        pthread_cond_wait(&w->cond, &w->mu);
+    dm_fanout_t *f = w->answer;
+    w->answer = NULL;
+    pthread_mutex_unlock(&w->mu);
+    return f;
+}
+
+static void mark(dm_webhooks_t *w, const item_t *it, const char *state, const char *error,
+                 int64_t delay_ms, bool attempted)
+{
+    char delay[24];
+    snprintf(delay, sizeof(delay), "%lld", (long long)delay_ms);
+    const char *vals[5] = {it->id, state, error, delay, attempted ? "true" : "false"};
+    /* Only the notify region's copy matters; writing it everywhere is harmless and simple. */
+    dm_fanout_free(fanout_wait(w, DM_SQL_DSR_WEBHOOK_MARK, 5, vals));
+}
+
+static size_t discard(char *p, size_t size, size_t n, void *arg)
+{
+    return size * n;
+}
+
+/* POST body; 0 on a 2xx answer, else a short reason in err. */
+static int post(dm_webhooks_t *w, const char *body, char *err, size_t err_len)
+{
+    char ts[24], sig[65], hdr_ts[64], hdr_sig[128];
+    unsigned char mac[32];
+    unsigned int mlen = 32;
+    snprintf(ts, sizeof(ts), "%lld", (long long)(dm_now_ms() / 1000));
+    char *signed_text = dm_sprintf("%s.%s", ts, body);
+    HMAC(EVP_sha256(), w->secret, (int)w->secret_len, (const unsigned char *)signed_text,
+         strlen(signed_text), mac, &mlen);
+    free(signed_text);
+    dm_hex_encode(mac, 32, sig);
+    snprintf(hdr_ts, sizeof(hdr_ts), "X-Domicile-Timestamp: %s", ts);
+    snprintf(hdr_sig, sizeof(hdr_sig), "X-Domicile-Signature: sha256=%s", sig);
+
+    CURL *curl = curl_easy_init();
+    struct curl_slist *h = NULL;
+    h = curl_slist_append(h, "Content-Type: application/json");
+    h = curl_slist_append(h, hdr_ts);
+    h = curl_slist_append(h, hdr_sig);
+    curl_easy_setopt(curl, CURLOPT_URL, w->app->cfg->webhook_url);
+    curl_easy_setopt(curl, CURLOPT_HTTPHEADER, h);
+    curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body);
+    curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, (long)w->app->cfg->webhook_timeout_ms);
+    curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, discard);
+    curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
+    CURLcode rc = curl_easy_perform(curl);
+    long status = 0;
+    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+    curl_slist_free_all(h);
+    curl_easy_cleanup(curl);
+    if (rc != CURLE_OK) {
+        snprintf(err, err_len, "%s", curl_easy_strerror(rc));
+        return -1;
+    }
+    if (status < 200 || status > 299) {
+        snprintf(err, err_len, "receiver answered HTTP %ld", status);
+        return -1;
+    }
+    return 0;
+}
+
+static char *summary_json(const Domicile__V1__DsrRequest *q)
+{
+    json_t *o = json_object(), *legs = json_array();
+    json_object_set_new(o, "request_id", json_string(q->request_id));
+    const ProtobufCEnumValue *k =
+        protobuf_c_enum_descriptor_get_value(&domicile__v1__dsr_kind__descriptor, q->kind);
+    json_object_set_new(o, "kind", json_string(k ? k->name : "?"));
+    json_object_set_new(o, "state", json_string("DSR_STATE_DONE"));
+    json_object_set_new(o, "subject_key_hex", json_string(q->subject_key_hex));
+    json_object_set_new(o, "customer_id", json_string(q->customer_id));
+    json_object_set_new(o, "received_at_unix_ms", json_integer(q->received_at_unix_ms));
+    json_object_set_new(o, "completed_at_unix_ms", json_integer(q->completed_at_unix_ms));
+    for (size_t i = 0; i < q->n_legs; i++) {
+        const Domicile__V1__DsrLeg *l = q->legs[i];
+        json_t *lj = json_object();
+        const ProtobufCEnumValue *s = protobuf_c_enum_descriptor_get_value(
+            &domicile__v1__dsr_leg_state__descriptor, l->state);
+        json_object_set_new(lj, "region", json_string(l->region));
+        json_object_set_new(lj, "state", json_string(s ? s->name : "?"));
+        if (l->receipt) {
+            json_object_set_new(lj, "records_deleted", json_integer(l->receipt->records_deleted));
+            json_object_set_new(lj, "keys_destroyed", json_integer(l->receipt->keys_destroyed));
+            json_object_set_new(lj, "receipt_sha256_hex",
+                                json_string(l->receipt->receipt_sha256_hex));
+        }
+        json_array_append_new(legs, lj);
+    }
+    json_object_set_new(o, "legs", legs);
+    char *out = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref(o);
+    return out;
+}
+
+static void deliver(dm_webhooks_t *w, const item_t *it)
+{
+    const char *vals[1] = {it->id};
+    dm_fanout_t *f = fanout_wait(w, DM_SQL_DSR_STATUS, 1, vals);
+    Domicile__V1__DsrRequest *q = NULL;
+    int attempts = 0;
+    dm_status_t *st = dm_dsr_view(f, w->app->regions, &q, &attempts);
+    if (st || q->state != DOMICILE__V1__DSR_STATE__DSR_STATE_DONE) {
+        /* Not done (or a region not answering): look again shortly, not an attempt. */
+        dm_status_free(st);
+        dm_dsr_view_free(q);
+        dm_fanout_free(f);
+        mark(w, it, "pending", "", NOT_DONE_MS, false);
+        return;
+    }
+    char *body = summary_json(q);
+    dm_dsr_view_free(q);
+    dm_fanout_free(f);
+    char err[256] = "";
+    if (post(w, body, err, sizeof(err)) == 0) {
+        dm_info("dsr", "webhook for request %s delivered", it->id);
+        mark(w, it, "delivered", "", 0, true);
+    } else {
+        int64_t backoff = 1000LL << (attempts < 9 ? attempts : 9);
+        if (backoff > BACKOFF_MAX)
+            backoff = BACKOFF_MAX;
+        dm_warn("dsr", "webhook for request %s failed (attempt %d, retry in %lld ms): %s", it->id,
+                attempts + 1, (long long)backoff, err);
+        mark(w, it, "failed", err, backoff, true);
+    }
+    free(body);
+}
+
+static void *webhook_main(void *arg)
+{
+    dm_webhooks_t *w = arg;
+    for (;;) {
+        pthread_mutex_lock(&w->mu);
+        while (!w->stopping && w->len == 0)
+            pthread_cond_wait(&w->cond, &w->mu);
+        if (w->stopping) {
+            pthread_mutex_unlock(&w->mu);
+            break;
+        }
+        item_t it = w->q[w->head];
+        w->head = (w->head + 1) % QUEUE_MAX;
+        w->len--;
+        pthread_mutex_unlock(&w->mu);
+        deliver(w, &it);
+    }
+    return NULL;
+}
+
+dm_status_t *dm_webhooks_create(dm_app_t *app, dm_webhooks_t **out)
+{
+    *out = NULL;
+    if (!app->cfg->webhook_url[0])
+        return NULL;
+    dm_webhooks_t *w = dm_calloc(1, sizeof(*w));
+    w->app = app;
+    dm_status_t *st =
+        dm_config_read_secret(app->cfg->webhook_secret_file, 1024, &w->secret, &w->secret_len);
+    if (st) {
+        free(w);
+        return st;
+    }
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cond, NULL);
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    if (pthread_create(&w->thread, NULL, webhook_main, w) != 0)
+        abort();
+    w->started = true;
+    *out = w;
+    return NULL;
+}
+
+void dm_webhooks_stop(dm_webhooks_t *w)
+{
+    if (!w || !w->started)
+        return;
+    pthread_mutex_lock(&w->mu);
+    w->stopping = true;
+    pthread_cond_broadcast(&w->cond);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->thread, NULL);
+    w->started = false;
+}
+
+void dm_webhooks_destroy(dm_webhooks_t *w)
+{
+    if (!w)
+        return;
+    dm_webhooks_stop(w);
+    OPENSSL_cleanse(w->secret, w->secret_len);
+    free(w->secret);
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cond);
+    curl_global_cleanup();
+    free(w);
+}
