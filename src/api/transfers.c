@@ -530,8 +530,16 @@ struct report {
     atomic_int pending;
     char from_s[24], to_s[24];
     size_t n;
+    size_t order[DM_MAX_REGIONS]; /* ledgers are reported in region code order */
     report_part_t parts[DM_MAX_REGIONS];
 };
+
+static int cmp_code(const void *a, const void *b, void *arg)
+{
+    report_t *r = arg;
+    return strcmp(dm_region_code(r->parts[*(const size_t *)a].region),
+                  dm_region_code(r->parts[*(const size_t *)b].region));
+}
 
 static void report_free(void *p)
 {
@@ -566,21 +574,23 @@ static void report_finish(report_t *r)
     Domicile__V1__LedgerState **statep = dm_calloc(r->n, sizeof(*statep));
     size_t k = 0;
     bool complete = true;
-    for (size_t i = 0; i < r->n; i++) {
+    for (size_t o = 0; o < r->n; o++) {
+        size_t i = r->order[o];
         report_part_t *p = &r->parts[i];
-        Domicile__V1__LedgerState *s = &states[i];
+        Domicile__V1__LedgerState *s = &states[o];
         domicile__v1__ledger_state__init(s);
         s->region = (char *)dm_region_code(p->region);
         s->reachable = p->reachable;
         complete = complete && p->reachable;
         if (p->reachable) {
             s->verified = p->verify.damage == DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_NONE;
+            s->damage = p->verify.damage;
             s->entries = p->verify.checked + p->verify.unsealed;
             s->first_bad_seq = s->verified ? 0 : p->verify.bad_seq;
             s->sealed_up_to_seq = p->verify.expected - 1;
             s->detail = p->verify.detail;
         }
-        statep[i] = s;
+        statep[o] = s;
         for (int j = 0; p->rows && j < PQntuples(p->rows); j++) {
             Domicile__V1__ReportRow *row = &rows[k];
             int len;
@@ -687,6 +697,9 @@ void dm_transfers_report(dm_call_t *call)
         dm_job_param_text(&p->job, 2, req->basis_id);
         dm_job_param_text(&p->job, 3, req->purpose);
     }
+    for (size_t i = 0; i < r->n; i++)
+        r->order[i] = i;
+    qsort_r(r->order, r->n, sizeof(size_t), cmp_code, r);
     /* Submitting may complete parts at once (a region down): count first, then submit. */
     for (size_t i = 0; i < r->n; i++)
         dm_region_submit(r->parts[i].region, &r->parts[i].job);

@@ -300,14 +300,23 @@ typedef struct totals {
     int64_t transfers, records, bytes, refusals;
 } totals_t;
 
+/* Sums of counts a server sent: saturate rather than overflow (UB) on absurd values. */
+static int64_t sat_add(int64_t a, int64_t b)
+{
+    int64_t r;
+    if (__builtin_add_overflow(a, b, &r))
+        return b > 0 ? INT64_MAX : INT64_MIN;
+    return r;
+}
+
 static totals_t totals_of(const Domicile__V1__TransferReport *r)
 {
     totals_t t = {0, 0, 0, 0};
     for (size_t i = 0; i < r->n_rows; i++) {
-        t.transfers += r->rows[i]->transfers;
-        t.records += r->rows[i]->records;
-        t.bytes += r->rows[i]->bytes;
-        t.refusals += r->rows[i]->refusals;
+        t.transfers = sat_add(t.transfers, r->rows[i]->transfers);
+        t.records = sat_add(t.records, r->rows[i]->records);
+        t.bytes = sat_add(t.bytes, r->rows[i]->bytes);
+        t.refusals = sat_add(t.refusals, r->rows[i]->refusals);
     }
     return t;
 }
@@ -784,8 +793,10 @@ static void chart_init(chart_t *c, const Domicile__V1__TransferReport *r)
         const Domicile__V1__ReportRow *w = r->rows[i];
         ssize_t ri = find_route(c, w->from_region, w->to_region);
         const char **m = bsearch(&w->month, c->months, c->nmonths, sizeof(*c->months), cmp_str);
-        if (ri >= 0 && m && w->transfers > 0)
-            c->value[(size_t)(m - c->months) * c->nroutes + (size_t)ri] += w->transfers;
+        if (ri >= 0 && m && w->transfers > 0) {
+            int64_t *v = &c->value[(size_t)(m - c->months) * c->nroutes + (size_t)ri];
+            *v = sat_add(*v, w->transfers);
+        }
     }
 }
 
@@ -807,14 +818,15 @@ static void route_colour(size_t i, char *buf, size_t size)
         snprintf(buf, size, "hsl(%u,55%%,45%%)", (unsigned)((i * 137) % 360));
 }
 
-/* Smallest step of 1, 2, 5 x 10^k that covers `max` in at most 5 ticks. */
+/* Smallest step of 1, 2, 5 x 10^k that covers `max` (>= 1) in at most 5 ticks. Written so
+ * that no intermediate overflows, whatever the counts: base stays <= 10^18. */
 static int64_t tick_step(int64_t max)
 {
+    static const int64_t mult[] = {1, 2, 5};
     for (int64_t base = 1;; base *= 10) {
-        static const int mult[] = {1, 2, 5};
         for (size_t i = 0; i < DM_ARRAY_LEN(mult); i++) {
             int64_t s = base * mult[i];
-            if ((max + s - 1) / s <= 5)
+            if ((max - 1) / s + 1 <= 5)
                 return s;
         }
     }
@@ -873,7 +885,8 @@ static void render_svg(sb_t *b, const chart_t *c)
         if (c->value[i] > vmax)
             vmax = c->value[i];
     int64_t step = tick_step(vmax > 0 ? vmax : 1);
-    int64_t ymax = vmax > 0 ? (vmax + step - 1) / step * step : step;
+    int64_t ticks = vmax > 0 ? (vmax - 1) / step + 1 : 1;
+    double ymax = (double)ticks * (double)step; /* in double: 5 x 2*10^18 overflows int64 */
 
     sb_printf(b,
               "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"chart\" width=\"%.0f\" "
@@ -885,13 +898,13 @@ static void render_svg(sb_t *b, const chart_t *c)
               "<rect class=\"plot\" x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" "
               "fill=\"#fafafa\"/>\n",
               SVG_ML, SVG_MT, pw, SVG_PH);
-    for (int64_t v = 0; v <= ymax; v += step) {
-        double y = base - (double)v * SVG_PH / (double)ymax;
+    for (int64_t k = 0; k <= ticks; k++) {
+        double v = (double)k * (double)step, y = base - v * SVG_PH / ymax;
         sb_printf(b,
                   "<line class=\"grid\" x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" "
                   "stroke=\"#dddddd\"/>\n<text class=\"tick\" x=\"%.1f\" y=\"%.1f\" "
-                  "text-anchor=\"end\">%lld</text>\n",
-                  SVG_ML, y, SVG_ML + pw, y, SVG_ML - 6.0, y + 4.0, (long long)v);
+                  "text-anchor=\"end\">%.0f</text>\n",
+                  SVG_ML, y, SVG_ML + pw, y, SVG_ML - 6.0, y + 4.0, v);
     }
     for (size_t m = 0; m < c->nmonths; m++) {
         double gx = SVG_ML + (double)m * gw;
@@ -904,7 +917,7 @@ static void render_svg(sb_t *b, const chart_t *c)
             int64_t v = c->value[m * c->nroutes + ri];
             if (v <= 0)
                 continue;
-            double h = (double)v * SVG_PH / (double)ymax;
+            double h = (double)v * SVG_PH / ymax;
             if (h < 1.0)
                 h = 1.0; /* a small count against a large one stays visible */
             char colour[32];
