@@ -31,6 +31,7 @@ typedef struct dm_app {
     dm_ledger_ctx_t ledger;                        /* the sealer's view of the above */
     dm_dsr_ctx_t dsr;                              /* the data-subject request worker */
     dm_webhooks_t *webhooks;                       /* NULL without webhook_url */
+    int64_t fences_read_ms[DM_MAX_REGIONS];        /* maintenance: last read of each region */
     dm_health_t *health;
     dm_server_t *server;
 } dm_app_t;

@@ -111,4 +111,28 @@ void dm_region_submit(dm_region_t *r, dm_job_t *job);
 /** Copy of the last connection or probe error ("" when none) into buf. */
 void dm_region_last_error(dm_region_t *r, char *buf, size_t len);
 
+/** A snapshot of a region's state for ListRegions (and metrics). */
+typedef struct dm_region_info {
+    bool reachable;
+    char primary[128];
+    int pool_size, pool_in_use, queued;
+    bool breaker_open;
+    int64_t breaker_changed_ms;
+    bool fenced;
+    char fence_reason[256], fenced_by[72];
+    int64_t fenced_at_ms;
+    char last_error[256];
+    int64_t last_error_ms;
+} dm_region_info_t;
+
+void dm_region_info(dm_region_t *r, dm_region_info_t *out);
+/**
+ * Fence or unfence a region. A fence is in force while any region (bit = its index) holds it
+ * in its `fences` table: `source_bits` are added (fenced) or removed (!fenced); with
+ * replace_bits they become the whole set (0 = unfenced everywhere). While in force, the
+ * region's calls fail at once with UNAVAILABLE naming the reason.
+ */
+void dm_region_fence(dm_region_t *r, bool fenced, const char *reason, const char *by, int64_t at_ms,
+                     unsigned source_bits, bool replace_bits);
+
 #endif

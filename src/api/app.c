@@ -6,12 +6,19 @@
 #include "domicile/app.h"
 #include "internal.h"
 
-/* The regions' maintenance: seal the ledger, run data-subject request legs. */
+#define FENCE_REFRESH_MS 1000
+
+/* The regions' maintenance: seal the ledger, run data-subject request legs, read fences. */
 static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
 {
     dm_app_t *app = arg;
+    size_t i = dm_app_region_index(app, r);
     dm_ledger_idle(r, x, &app->ledger);
-    dm_dsr_idle(&app->dsr, r, dm_app_region_index(app, r), x);
+    dm_dsr_idle(&app->dsr, r, i, x);
+    if (dm_mono_ms() - app->fences_read_ms[i] >= FENCE_REFRESH_MS) {
+        app->fences_read_ms[i] = dm_mono_ms();
+        dm_regions_refresh_fences(app, r, x);
+    }
 }
 
 dm_status_t *dm_app_init(dm_app_t *app)

@@ -116,6 +116,9 @@ dm_status_t *dm_dsr_view(dm_fanout_t *f, dm_regions_t *regions, Domicile__V1__Ds
                          int *webhook_attempts);
 void dm_dsr_view_free(Domicile__V1__DsrRequest *q);
 
+/** The regions' maintenance task: apply the fences that region `src` holds. */
+void dm_regions_refresh_fences(dm_app_t *app, dm_region_t *src, dm_exec_t *x);
+
 /** "active" | "closed" | "purged" text -> enum. */
 int dm_customer_state_enum(const char *s, size_t len);
 

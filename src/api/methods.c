@@ -23,7 +23,6 @@
     {                                                                                              \
         "/" svc "/" name, kind, in, out, handler, roles, issue                                     \
     }
-#define ISSUE_FAILOVER "issue 7: region failover"
 /* Roles per method, as stated in the proto's "Roles:" comments (a test checks both agree). */
 #define PUBLIC     DM_ROLES_PUBLIC
 #define R_SVC      (DM_ROLE_SERVICE | DM_ROLE_ADMIN)
@@ -81,11 +80,11 @@ static const dm_method_t methods[] = {
     M("domicile.v1.Transfers", "VerifyLedger", U, V1(verify_ledger_request),
       V1(verify_ledger_response), dm_transfers_verify, NULL, R_AUD),
     M("domicile.v1.Regions", "ListRegions", U, V1(list_regions_request), V1(list_regions_response),
-      NULL, ISSUE_FAILOVER, R_OPS),
-    M("domicile.v1.Regions", "Fence", U, V1(fence_request), V1(region_status), NULL, ISSUE_FAILOVER,
-      R_OPS),
-    M("domicile.v1.Regions", "Unfence", U, V1(unfence_request), V1(region_status), NULL,
-      ISSUE_FAILOVER, R_OPS),
+      dm_regions_list, NULL, R_OPS),
+    M("domicile.v1.Regions", "Fence", U, V1(fence_request), V1(region_status), dm_regions_fence,
+      NULL, R_OPS),
+    M("domicile.v1.Regions", "Unfence", U, V1(unfence_request), V1(region_status),
+      dm_regions_unfence, NULL, R_OPS),
 };
 
 const dm_method_t *dm_api_methods(size_t *n)

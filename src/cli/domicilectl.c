@@ -10,12 +10,17 @@
 
 #include "domicile/v1/customers.pb-c.h"
 #include "domicile/v1/records.pb-c.h"
+#include "domicile/v1/subject_rights.pb-c.h"
 #include "domicile/v1/transfers.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
 
 #include "domicile/client.h"
 #include "domicile/report.h"
@@ -53,6 +58,26 @@ static void usage(FILE *f)
           "      one tab-separated line per entry: region seq time route basis purpose\n"
           "      outcome records bytes method principal (seq - while not sealed)\n"
           "  transfers verify REGION   exit status 4 when the ledger does not verify\n"
+          "  dsr erase SUBJECT [--customer C] [--reason R] [--request-id ID]\n"
+          "  dsr restrict|unrestrict SUBJECT [--customer C] [--reason R] [--request-id ID]\n"
+          "  dsr object|withdraw SUBJECT PURPOSE [--customer C] [--reason R] [--request-id ID]\n"
+          "      file a data-subject request (stored in every reachable region) and print it;\n"
+          "      a new request id is generated unless --request-id repeats an earlier one\n"
+          "  dsr export SUBJECT [--customer C] [--output FILE] [--allow-partial] [--reason R]\n"
+          "                     [--request-id ID]\n"
+          "      the subject's records from every region as JSON Lines to FILE (mode 0600) or\n"
+          "      stdout, with a progress line on a terminal; then checks the manifest (SHA-256\n"
+          "      and counts of the lines written): exit status 5 when they differ or no\n"
+          "      manifest came (FILE removed), 6 when regions are missing (--allow-partial)\n"
+          "  dsr status REQUEST_ID      the request and each region's leg\n"
+          "  dsr list [--overdue] [--due-within DAYS] [--state received|in_progress|done|failed]\n"
+          "           [--kind K] [--customer C] [--limit N]\n"
+          "      one tab-separated line per request: id kind state received_at effective_due\n"
+          "      overdue customer legs\n"
+          "  dsr locate SUBJECT [--customer C]   records and payload bytes per region; exit\n"
+          "      status 3 when a region could not answer\n"
+          "  dsr extend REQUEST_ID REASON   extend the deadline once, by two months\n"
+          "      SUBJECT \"-\" reads the subject from the first line of stdin\n"
           "(calls that read whole ledgers default to a 60 s deadline unless --timeout is given)\n",
           f);
 }
@@ -631,6 +656,818 @@ static int cmd_transfers(dm_client_t *c, int argc, char **argv)
     return 2;
 }
 
+/* ---- data-subject requests ---------------------------------------------------------------- */
+
+#define DSR "/domicile.v1.SubjectRights/"
+
+enum {
+    DSR_EXIT_PARTIAL = 3,    /* an answer without some regions (locate) */
+    DSR_EXIT_MISMATCH = 5,   /* the export does not match its manifest, or has none */
+    DSR_EXIT_INCOMPLETE = 6, /* the manifest says regions are missing */
+};
+
+static const char *const dsr_kind_names[] = {"-",          "erase",  "export",  "restrict",
+                                             "unrestrict", "object", "withdraw"};
+static const char *const dsr_state_names[] = {"-", "received", "in_progress", "done", "failed"};
+static const char *const dsr_leg_names[] = {"-", "pending", "running", "done", "failed", "skipped"};
+static const char *const dsr_webhook_names[] = {"-", "not_configured", "pending", "delivered",
+                                                "failed"};
+
+static const char *name_of(const char *const *names, size_t n, int v)
+{
+    return v >= 0 && (size_t)v < n ? names[v] : "?";
+}
+#define NAME_OF(names, v) name_of(names, DM_ARRAY_LEN(names), (int)(v))
+
+static int name_index(const char *const *names, size_t n, const char *s)
+{
+    for (size_t i = 1; i < n; i++)
+        if (strcmp(names[i], s) == 0)
+            return (int)i;
+    return -1;
+}
+
+/* The deadline that binds: the extended one, else the stricter of policy and GDPR month. */
+static int64_t dsr_effective_due(const Domicile__V1__DsrRequest *q)
+{
+    if (q->extended)
+        return q->extended_due_at_unix_ms;
+    return q->due_at_unix_ms < q->gdpr_due_at_unix_ms ? q->due_at_unix_ms : q->gdpr_due_at_unix_ms;
+}
+
+static const char *iso_or_dash(int64_t ms, char *buf, size_t size)
+{
+    if (ms <= 0)
+        return "-";
+    return dm_report_time_iso(ms, buf, size);
+}
+
+static void print_dsr(const Domicile__V1__DsrRequest *q)
+{
+    char t[32];
+    char *id = dm_report_plain(q->request_id), *customer = dm_report_plain(q->customer_id),
+         *purpose = dm_report_plain(q->purpose), *reason = dm_report_plain(q->reason),
+         *principal = dm_report_plain(q->principal), *sk = dm_report_plain(q->subject_key_hex);
+    printf("request_id       %s\n"
+           "kind             %s\n"
+           "state            %s\n"
+           "subject_key      %s\n"
+           "customer         %s\n",
+           id, NAME_OF(dsr_kind_names, q->kind), NAME_OF(dsr_state_names, q->state), sk,
+           customer[0] ? customer : "* (every customer in scope)");
+    if (purpose[0])
+        printf("purpose          %s\n", purpose);
+    if (reason[0])
+        printf("reason           %s\n", reason);
+    printf("principal        %s\n", principal);
+    printf("received_at      %s\n", iso_or_dash(q->received_at_unix_ms, t, sizeof(t)));
+    printf("due_at           %s (policy: 30 days)\n", iso_or_dash(q->due_at_unix_ms, t, sizeof(t)));
+    printf("gdpr_due_at      %s (one calendar month)\n",
+           iso_or_dash(q->gdpr_due_at_unix_ms, t, sizeof(t)));
+    if (q->extended) {
+        char *why = dm_report_plain(q->extension_reason), at[32];
+        printf("extended_due_at  %s (extended at %s: %s)\n",
+               iso_or_dash(q->extended_due_at_unix_ms, t, sizeof(t)),
+               iso_or_dash(q->extended_at_unix_ms, at, sizeof(at)), why);
+        free(why);
+    } else {
+        printf("extended_due_at  - (not extended)\n");
+    }
+    printf("effective_due    %s%s\n", iso_or_dash(dsr_effective_due(q), t, sizeof(t)),
+           q->overdue ? " OVERDUE" : "");
+    printf("completed_at     %s\n", iso_or_dash(q->completed_at_unix_ms, t, sizeof(t)));
+    if (q->webhook) {
+        const Domicile__V1__WebhookDelivery *w = q->webhook;
+        char *err = dm_report_plain(w->last_error);
+        printf("webhook          %s, %d attempts", NAME_OF(dsr_webhook_names, w->state),
+               (int)w->attempts);
+        if (w->delivered_at_unix_ms > 0)
+            printf(", delivered %s", iso_or_dash(w->delivered_at_unix_ms, t, sizeof(t)));
+        if (err[0])
+            printf(", last error: %s", err);
+        printf("\n");
+        free(err);
+    }
+    for (size_t i = 0; i < q->n_legs; i++) {
+        const Domicile__V1__DsrLeg *l = q->legs[i];
+        char *region = dm_report_plain(l->region), *err = dm_report_plain(l->last_error),
+             *by = dm_report_plain(l->claimed_by);
+        printf("leg %-12s %s, %d attempts", region, NAME_OF(dsr_leg_names, l->state),
+               (int)l->attempts);
+        if (l->receipt) {
+            const Domicile__V1__Receipt *r = l->receipt;
+            printf(", matched %lld, deleted %lld, keys destroyed %lld, finished %s, receipt %s",
+                   (long long)r->records_matched, (long long)r->records_deleted,
+                   (long long)r->keys_destroyed, iso_or_dash(r->finished_at_unix_ms, t, sizeof(t)),
+                   r->receipt_sha256_hex[0] ? r->receipt_sha256_hex : "-");
+        }
+        if (l->state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_RUNNING && by[0])
+            printf(", claimed by %s until %s", by,
+                   iso_or_dash(l->lease_expires_at_unix_ms, t, sizeof(t)));
+        if (l->next_attempt_at_unix_ms > 0 &&
+            l->state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_FAILED)
+            printf(", next attempt %s", iso_or_dash(l->next_attempt_at_unix_ms, t, sizeof(t)));
+        if (err[0] && l->state != DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_DONE &&
+            l->state != DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_SKIPPED)
+            printf(", last error: %s", err);
+        printf("\n");
+        free(region);
+        free(err);
+        free(by);
+    }
+    free(id);
+    free(customer);
+    free(purpose);
+    free(reason);
+    free(principal);
+    free(sk);
+}
+
+static int dsr_unary(dm_client_t *c, const char *method, const ProtobufCMessage *req)
+{
+    ProtobufCMessage *resp = NULL;
+    char *path = dm_sprintf(DSR "%s", method);
+    dm_status_t *st =
+        dm_client_unary(c, path, req, &domicile__v1__dsr_request__descriptor, timeout_g, &resp);
+    free(path);
+    if (st)
+        return fail(st);
+    print_dsr((const Domicile__V1__DsrRequest *)resp);
+    protobuf_c_message_free_unpacked(resp, NULL);
+    return 0;
+}
+
+/* SUBJECT "-": the first line of stdin, so that the subject stays out of the process list. */
+static char *subject_arg(const char *arg)
+{
+    if (strcmp(arg, "-") != 0)
+        return dm_strdup(arg);
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n = getline(&line, &cap, stdin);
+    if (n < 0) {
+        free(line);
+        fprintf(stderr, "domicilectl: SUBJECT \"-\": nothing on stdin\n");
+        return NULL;
+    }
+    while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+        line[--n] = '\0';
+    return line;
+}
+
+typedef struct dsr_opts {
+    const char *customer, *reason, *request_id, *output;
+    bool allow_partial;
+    char *generated_id; /* owned */
+} dsr_opts_t;
+
+/* Parses --customer, --reason, --request-id (and, for export, --output and --allow-partial);
+ * the positional arguments end up in argv[optind..]. Returns false after a usage error. */
+static bool dsr_parse(int argc, char **argv, dsr_opts_t *o, bool export)
+{
+    static const struct option opts[] = {
+        {"customer", required_argument, NULL, 'c'},   {"reason", required_argument, NULL, 'r'},
+        {"request-id", required_argument, NULL, 'i'}, {"output", required_argument, NULL, 'o'},
+        {"allow-partial", no_argument, NULL, 'p'},    {NULL, 0, NULL, 0},
+    };
+    int opt;
+    memset(o, 0, sizeof(*o));
+    o->customer = "";
+    o->reason = "";
+    optind = 0;
+    while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (opt) {
+        case 'c':
+            o->customer = optarg;
+            break;
+        case 'r':
+            o->reason = optarg;
+            break;
+        case 'i':
+            o->request_id = optarg;
+            break;
+        case 'o':
+            if (!export)
+                goto bad;
+            o->output = optarg;
+            break;
+        case 'p':
+            if (!export)
+                goto bad;
+            o->allow_partial = true;
+            break;
+        default:
+            goto bad;
+        }
+    }
+    if (!o->request_id)
+        o->request_id = o->generated_id = new_request_id();
+    return true;
+bad:
+    usage(stderr);
+    return false;
+}
+
+/* erase | restrict | unrestrict SUBJECT; object | withdraw SUBJECT PURPOSE */
+static int cmd_dsr_file(dm_client_t *c, int argc, char **argv)
+{
+    const char *what = argv[0];
+    bool with_purpose = strcmp(what, "object") == 0 || strcmp(what, "withdraw") == 0;
+    dsr_opts_t o;
+    if (!dsr_parse(argc, argv, &o, false))
+        return 2;
+    if (argc - optind != (with_purpose ? 2 : 1)) {
+        free(o.generated_id);
+        usage(stderr);
+        return 2;
+    }
+    char *subject = subject_arg(argv[optind]);
+    if (!subject) {
+        free(o.generated_id);
+        return 2;
+    }
+    const char *purpose = with_purpose ? argv[optind + 1] : "";
+    char *rid = (char *)o.request_id, *customer = (char *)o.customer, *reason = (char *)o.reason;
+    int rc;
+    if (strcmp(what, "erase") == 0) {
+        Domicile__V1__EraseRequest r = DOMICILE__V1__ERASE_REQUEST__INIT;
+        r.request_id = rid;
+        r.subject = subject;
+        r.customer_id = customer;
+        r.reason = reason;
+        rc = dsr_unary(c, "Erase", &r.base);
+    } else if (strcmp(what, "restrict") == 0) {
+        Domicile__V1__RestrictRequest r = DOMICILE__V1__RESTRICT_REQUEST__INIT;
+        r.request_id = rid;
+        r.subject = subject;
+        r.customer_id = customer;
+        r.reason = reason;
+        rc = dsr_unary(c, "RestrictProcessing", &r.base);
+    } else if (strcmp(what, "unrestrict") == 0) {
+        Domicile__V1__UnrestrictRequest r = DOMICILE__V1__UNRESTRICT_REQUEST__INIT;
+        r.request_id = rid;
+        r.subject = subject;
+        r.customer_id = customer;
+        r.reason = reason;
+        rc = dsr_unary(c, "UnrestrictProcessing", &r.base);
+    } else if (strcmp(what, "object") == 0) {
+        Domicile__V1__ObjectRequest r = DOMICILE__V1__OBJECT_REQUEST__INIT;
+        r.request_id = rid;
+        r.subject = subject;
+        r.customer_id = customer;
+        r.purpose = (char *)purpose;
+        r.reason = reason;
+        rc = dsr_unary(c, "Object", &r.base);
+    } else {
+        Domicile__V1__WithdrawRequest r = DOMICILE__V1__WITHDRAW_REQUEST__INIT;
+        r.request_id = rid;
+        r.subject = subject;
+        r.customer_id = customer;
+        r.purpose = (char *)purpose;
+        r.reason = reason;
+        rc = dsr_unary(c, "Withdraw", &r.base);
+    }
+    free(subject);
+    free(o.generated_id);
+    return rc;
+}
+
+static int cmd_dsr_status(dm_client_t *c, int argc, char **argv)
+{
+    if (argc != 2) {
+        usage(stderr);
+        return 2;
+    }
+    Domicile__V1__GetRequestRequest r = DOMICILE__V1__GET_REQUEST_REQUEST__INIT;
+    r.request_id = argv[1];
+    return dsr_unary(c, "GetRequest", &r.base);
+}
+
+static int cmd_dsr_extend(dm_client_t *c, int argc, char **argv)
+{
+    if (argc != 3) {
+        usage(stderr);
+        return 2;
+    }
+    Domicile__V1__ExtendDeadlineRequest r = DOMICILE__V1__EXTEND_DEADLINE_REQUEST__INIT;
+    r.request_id = argv[1];
+    r.reason = argv[2];
+    return dsr_unary(c, "ExtendDeadline", &r.base);
+}
+
+typedef struct dsr_list_state {
+    long long printed;
+    char *next_token; /* owned */
+} dsr_list_state_t;
+
+static bool print_dsr_line(const ProtobufCMessage *m, void *arg)
+{
+    dsr_list_state_t *ls = arg;
+    const Domicile__V1__ListRequestsResponse *r = (const Domicile__V1__ListRequestsResponse *)m;
+    if (r->item_case == DOMICILE__V1__LIST_REQUESTS_RESPONSE__ITEM_END) {
+        free(ls->next_token);
+        ls->next_token = dm_strdup(r->end->next_page_token);
+        return true;
+    }
+    if (r->item_case != DOMICILE__V1__LIST_REQUESTS_RESPONSE__ITEM_REQUEST)
+        return true;
+    const Domicile__V1__DsrRequest *q = r->request;
+    char received[32], due[32];
+    char *id = dm_report_plain(q->request_id), *customer = dm_report_plain(q->customer_id);
+    printf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t", id, NAME_OF(dsr_kind_names, q->kind),
+           NAME_OF(dsr_state_names, q->state),
+           iso_or_dash(q->received_at_unix_ms, received, sizeof(received)),
+           iso_or_dash(dsr_effective_due(q), due, sizeof(due)), q->overdue ? "overdue" : "-",
+           customer[0] ? customer : "*");
+    for (size_t i = 0; i < q->n_legs; i++) {
+        char *region = dm_report_plain(q->legs[i]->region);
+        printf("%s%s:%s", i ? "," : "", region, NAME_OF(dsr_leg_names, q->legs[i]->state));
+        free(region);
+    }
+    printf("\n");
+    free(id);
+    free(customer);
+    ls->printed++;
+    return true;
+}
+
+static int cmd_dsr_list(dm_client_t *c, int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"overdue", no_argument, NULL, 'o'},
+        {"due-within", required_argument, NULL, 'd'},
+        {"state", required_argument, NULL, 's'},
+        {"kind", required_argument, NULL, 'k'},
+        {"customer", required_argument, NULL, 'c'},
+        {"limit", required_argument, NULL, 'n'},
+        {NULL, 0, NULL, 0},
+    };
+    Domicile__V1__ListRequestsRequest r = DOMICILE__V1__LIST_REQUESTS_REQUEST__INIT;
+    long long limit = 0;
+    int opt, v;
+    char *end;
+    optind = 0;
+    while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (opt) {
+        case 'o':
+            r.overdue_only = true;
+            break;
+        case 'd':
+            errno = 0;
+            r.due_within_days = (int32_t)strtol(optarg, &end, 10);
+            if (errno || end == optarg || *end || r.due_within_days < 1 ||
+                r.due_within_days > 366) {
+                fprintf(stderr, "domicilectl: --due-within: a number of days, 1..366\n");
+                return 2;
+            }
+            break;
+        case 's':
+            if ((v = name_index(dsr_state_names, DM_ARRAY_LEN(dsr_state_names), optarg)) < 0) {
+                fprintf(stderr, "domicilectl: --state: received, in_progress, done or failed\n");
+                return 2;
+            }
+            r.state = v;
+            break;
+        case 'k':
+            if ((v = name_index(dsr_kind_names, DM_ARRAY_LEN(dsr_kind_names), optarg)) < 0) {
+                fprintf(stderr, "domicilectl: --kind: erase, export, restrict, unrestrict, "
+                                "object or withdraw\n");
+                return 2;
+            }
+            r.kind = v;
+            break;
+        case 'c':
+            r.customer_id = optarg;
+            break;
+        case 'n':
+            errno = 0;
+            limit = strtoll(optarg, &end, 10);
+            if (errno || end == optarg || *end || limit < 1) {
+                fprintf(stderr, "domicilectl: --limit: a positive number of requests\n");
+                return 2;
+            }
+            break;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc) {
+        usage(stderr);
+        return 2;
+    }
+    dsr_list_state_t ls = {0, NULL};
+    char *token = dm_strdup("");
+    int rc = 0;
+    for (;;) {
+        long long left = limit ? limit - ls.printed : 1000;
+        r.page_size = (int32_t)(left < 1000 ? left : 1000);
+        r.page_token = token;
+        dm_status_t *st = dm_client_server_stream(c, DSR "ListRequests", &r.base,
+                                                  &domicile__v1__list_requests_response__descriptor,
+                                                  ledger_timeout(), print_dsr_line, &ls);
+        if (st) {
+            rc = fail(st);
+            break;
+        }
+        if (!ls.next_token || !ls.next_token[0])
+            break;
+        if (limit && ls.printed >= limit) {
+            fprintf(stderr, "domicilectl: more requests match: raise --limit to see them\n");
+            break;
+        }
+        free(token);
+        token = ls.next_token;
+        ls.next_token = NULL;
+    }
+    free(token);
+    free(ls.next_token);
+    return rc;
+}
+
+static int cmd_dsr_locate(dm_client_t *c, int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"customer", required_argument, NULL, 'c'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *customer = "";
+    int opt;
+    optind = 0;
+    while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        if (opt != 'c') {
+            usage(stderr);
+            return 2;
+        }
+        customer = optarg;
+    }
+    if (argc - optind != 1) {
+        usage(stderr);
+        return 2;
+    }
+    char *subject = subject_arg(argv[optind]);
+    if (!subject)
+        return 2;
+    Domicile__V1__LocateRequest r = DOMICILE__V1__LOCATE_REQUEST__INIT;
+    r.subject = subject;
+    r.customer_id = (char *)customer;
+    ProtobufCMessage *resp = NULL;
+    dm_status_t *st = dm_client_unary(c, DSR "Locate", &r.base,
+                                      &domicile__v1__locate_response__descriptor, timeout_g, &resp);
+    free(subject);
+    if (st)
+        return fail(st);
+    const Domicile__V1__LocateResponse *l = (const Domicile__V1__LocateResponse *)resp;
+    long long records = 0, bytes = 0;
+    for (size_t i = 0; i < l->n_counts; i++) {
+        char *region = dm_report_plain(l->counts[i]->region);
+        printf("%s\t%lld\t%lld\n", region, (long long)l->counts[i]->records,
+               (long long)l->counts[i]->bytes);
+        records += l->counts[i]->records;
+        bytes += l->counts[i]->bytes;
+        free(region);
+    }
+    for (size_t i = 0; i < l->n_unreachable_regions; i++) {
+        char *region = dm_report_plain(l->unreachable_regions[i]);
+        printf("%s\t-\t-\tunreachable\n", region);
+        fprintf(stderr,
+                "domicilectl: warning: region %s could not be asked: its count is "
+                "unknown\n",
+                region);
+        free(region);
+    }
+    printf("total\t%lld\t%lld%s\n", records, bytes, l->n_unreachable_regions ? "\tpartial" : "");
+    int rc = l->n_unreachable_regions ? DSR_EXIT_PARTIAL : 0;
+    protobuf_c_message_free_unpacked(resp, NULL);
+    return rc;
+}
+
+/* ---- export ---- */
+
+#define EXPORT_MAX_REGIONS 32
+
+typedef struct export_region_count {
+    char *region; /* owned */
+    int64_t records, bytes;
+} export_region_count_t;
+
+typedef struct export_state {
+    FILE *out;
+    const char *path; /* NULL: stdout */
+    EVP_MD_CTX *sha;
+    export_region_count_t regions[EXPORT_MAX_REGIONS];
+    size_t n_regions;
+    int64_t records, bytes;
+    Domicile__V1__ExportManifest *manifest; /* a copy of the manifest; owned */
+    int manifests;
+    bool line_after_manifest, bad_line;
+    int write_errno; /* non-zero: writing failed */
+    bool progress;   /* stderr is a terminal */
+    int64_t last_progress_ms;
+    int progress_len;
+} export_state_t;
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static export_region_count_t *export_region_of(export_state_t *e, const char *region)
+{
+    for (size_t i = 0; i < e->n_regions; i++)
+        if (strcmp(e->regions[i].region, region) == 0)
+            return &e->regions[i];
+    if (e->n_regions == EXPORT_MAX_REGIONS)
+        return NULL;
+    export_region_count_t *r = &e->regions[e->n_regions++];
+    r->region = dm_strdup(region);
+    r->records = r->bytes = 0;
+    return r;
+}
+
+static void export_progress(export_state_t *e, bool last)
+{
+    if (!e->progress)
+        return;
+    int64_t now = mono_ms();
+    if (!last && now - e->last_progress_ms < 100)
+        return;
+    e->last_progress_ms = now;
+    fputs("\rexport:", stderr);
+    for (size_t i = 0; i < e->n_regions; i++) {
+        char *region = dm_report_plain(e->regions[i].region);
+        fprintf(stderr, "%s %s %lld", i ? "," : "", region, (long long)e->regions[i].records);
+        free(region);
+    }
+    fprintf(stderr, "%s %lld records, %lld bytes\033[K%s", e->n_regions ? " \xe2\x80\x94" : "",
+            (long long)e->records, (long long)e->bytes, last ? "\n" : "");
+    fflush(stderr);
+}
+
+static bool export_chunk(const ProtobufCMessage *m, void *arg)
+{
+    export_state_t *e = arg;
+    const Domicile__V1__ExportChunk *ch = (const Domicile__V1__ExportChunk *)m;
+    if (ch->item_case == DOMICILE__V1__EXPORT_CHUNK__ITEM_MANIFEST) {
+        if (e->manifests++ == 0) {
+            /* Keep a copy: the message is freed when this returns. */
+            size_t n = protobuf_c_message_get_packed_size(&ch->manifest->base);
+            uint8_t *buf = dm_malloc(n ? n : 1);
+            protobuf_c_message_pack(&ch->manifest->base, buf);
+            e->manifest = domicile__v1__export_manifest__unpack(NULL, n, buf);
+            free(buf);
+        }
+        return true;
+    }
+    if (ch->item_case != DOMICILE__V1__EXPORT_CHUNK__ITEM_LINE)
+        return true;
+    const Domicile__V1__ExportLine *l = ch->line;
+    if (e->manifests)
+        e->line_after_manifest = true;
+    export_region_count_t *r = export_region_of(e, l->region);
+    if (!r) {
+        e->bad_line = true;
+        return false;
+    }
+    if (fwrite(l->line.data, 1, l->line.len, e->out) != l->line.len) {
+        e->write_errno = errno ? errno : EIO;
+        return false;
+    }
+    EVP_DigestUpdate(e->sha, l->line.data, l->line.len);
+    r->records++;
+    r->bytes += (int64_t)l->line.len;
+    e->records++;
+    e->bytes += (int64_t)l->line.len;
+    export_progress(e, false);
+    return true;
+}
+
+/* Checks what was written against the manifest; prints every difference. */
+static bool export_verify(export_state_t *e, const char *sha_hex)
+{
+    const Domicile__V1__ExportManifest *m = e->manifest;
+    bool ok = true;
+    if (e->line_after_manifest) {
+        fprintf(stderr, "domicilectl: export: lines came after the manifest\n");
+        ok = false;
+    }
+    if (e->manifests > 1) {
+        fprintf(stderr, "domicilectl: export: %d manifests in one stream\n", e->manifests);
+        ok = false;
+    }
+    if (strcmp(m->sha256_hex, sha_hex) != 0) {
+        char *theirs = dm_report_plain(m->sha256_hex);
+        fprintf(stderr,
+                "domicilectl: export: SHA-256 of the lines written is %s, the manifest says %s\n",
+                sha_hex, theirs);
+        free(theirs);
+        ok = false;
+    }
+    if (m->total_records != e->records || m->total_bytes != e->bytes) {
+        fprintf(stderr,
+                "domicilectl: export: %lld records / %lld bytes written, the manifest says %lld "
+                "/ %lld\n",
+                (long long)e->records, (long long)e->bytes, (long long)m->total_records,
+                (long long)m->total_bytes);
+        ok = false;
+    }
+    /* Per region, both ways: every region of the manifest, every region that sent lines. */
+    for (size_t i = 0; i < m->n_regions; i++) {
+        const Domicile__V1__RegionCount *rc = m->regions[i];
+        int64_t records = 0, bytes = 0;
+        for (size_t k = 0; k < e->n_regions; k++)
+            if (strcmp(e->regions[k].region, rc->region) == 0) {
+                records = e->regions[k].records;
+                bytes = e->regions[k].bytes;
+            }
+        if (records != rc->records || bytes != rc->bytes) {
+            char *region = dm_report_plain(rc->region);
+            fprintf(stderr,
+                    "domicilectl: export: region %s: %lld records / %lld bytes written, the "
+                    "manifest says %lld / %lld\n",
+                    region, (long long)records, (long long)bytes, (long long)rc->records,
+                    (long long)rc->bytes);
+            free(region);
+            ok = false;
+        }
+    }
+    for (size_t k = 0; k < e->n_regions; k++) {
+        bool listed = false;
+        for (size_t i = 0; i < m->n_regions; i++)
+            listed = listed || strcmp(e->regions[k].region, m->regions[i]->region) == 0;
+        if (!listed) {
+            char *region = dm_report_plain(e->regions[k].region);
+            fprintf(stderr,
+                    "domicilectl: export: region %s sent %lld records the manifest does "
+                    "not list\n",
+                    region, (long long)e->regions[k].records);
+            free(region);
+            ok = false;
+        }
+    }
+    return ok;
+}
+
+static void export_free(export_state_t *e)
+{
+    for (size_t i = 0; i < e->n_regions; i++)
+        free(e->regions[i].region);
+    if (e->manifest)
+        domicile__v1__export_manifest__free_unpacked(e->manifest, NULL);
+    EVP_MD_CTX_free(e->sha);
+}
+
+/* Streams of personal data: no deadline unless --timeout says so. */
+static int export_timeout(void)
+{
+    return timeout_explicit_g ? timeout_g : 0;
+}
+
+static int cmd_dsr_export(dm_client_t *c, int argc, char **argv)
+{
+    dsr_opts_t o;
+    if (!dsr_parse(argc, argv, &o, true))
+        return 2;
+    if (argc - optind != 1) {
+        free(o.generated_id);
+        usage(stderr);
+        return 2;
+    }
+    char *subject = subject_arg(argv[optind]);
+    if (!subject) {
+        free(o.generated_id);
+        return 2;
+    }
+    export_state_t e;
+    memset(&e, 0, sizeof(e));
+    e.path = o.output && strcmp(o.output, "-") != 0 ? o.output : NULL;
+    /* The progress line goes to a terminal, unless the lines themselves go to that terminal. */
+    e.progress = isatty(STDERR_FILENO) == 1 && (e.path || isatty(STDOUT_FILENO) != 1);
+    if (e.path) {
+        /* Personal data: readable by the owner only. */
+        int fd = open(e.path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (fd < 0 || !(e.out = fdopen(fd, "w"))) {
+            fprintf(stderr, "domicilectl: cannot write %s: %s\n", e.path, strerror(errno));
+            if (fd >= 0)
+                close(fd);
+            free(subject);
+            free(o.generated_id);
+            return 1;
+        }
+    } else {
+        e.out = stdout;
+    }
+    e.sha = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(e.sha, EVP_sha256(), NULL);
+
+    Domicile__V1__ExportRequest r = DOMICILE__V1__EXPORT_REQUEST__INIT;
+    r.request_id = (char *)o.request_id;
+    r.subject = subject;
+    r.customer_id = (char *)o.customer;
+    r.reason = (char *)o.reason;
+    r.allow_partial = o.allow_partial;
+    dm_status_t *st =
+        dm_client_server_stream(c, DSR "Export", &r.base, &domicile__v1__export_chunk__descriptor,
+                                export_timeout(), export_chunk, &e);
+    OPENSSL_cleanse(subject, strlen(subject));
+    free(subject);
+    export_progress(&e, true);
+
+    int rc = 0;
+    bool keep = true;
+    if (fflush(e.out) != 0 && !e.write_errno)
+        e.write_errno = errno;
+    if (e.path && fclose(e.out) != 0 && !e.write_errno)
+        e.write_errno = errno;
+    char *id = dm_report_plain(o.request_id);
+    if (e.write_errno) {
+        fprintf(stderr, "domicilectl: cannot write %s: %s\n", e.path ? e.path : "stdout",
+                strerror(e.write_errno));
+        dm_status_free(st);
+        rc = 1;
+        keep = false;
+    } else if (e.bad_line) {
+        fprintf(stderr, "domicilectl: export: lines from more than %d regions\n",
+                EXPORT_MAX_REGIONS);
+        dm_status_free(st);
+        rc = DSR_EXIT_MISMATCH;
+        keep = false;
+    } else if (st) {
+        rc = fail(st);
+        keep = false;
+    } else if (!e.manifest) {
+        fprintf(stderr,
+                "domicilectl: export %s: the stream ended without a manifest: the "
+                "export cannot be verified\n",
+                id);
+        rc = DSR_EXIT_MISMATCH;
+        keep = false;
+    } else {
+        unsigned char digest[EVP_MAX_MD_SIZE];
+        unsigned int dl = 0;
+        char hex[2 * EVP_MAX_MD_SIZE + 1];
+        EVP_DigestFinal_ex(e.sha, digest, &dl);
+        for (unsigned int i = 0; i < dl; i++)
+            snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+        hex[2 * dl] = '\0';
+        if (!export_verify(&e, hex)) {
+            fprintf(stderr, "domicilectl: export %s does NOT match its manifest%s\n", id,
+                    e.path ? ": output removed" : "");
+            rc = DSR_EXIT_MISMATCH;
+            keep = false;
+        } else if (!e.manifest->complete || e.manifest->n_unreachable_regions) {
+            fprintf(stderr,
+                    "domicilectl: export %s is INCOMPLETE: %lld records, %lld bytes "
+                    "verified; regions not exported:",
+                    id, (long long)e.records, (long long)e.bytes);
+            for (size_t i = 0; i < e.manifest->n_unreachable_regions; i++) {
+                char *region = dm_report_plain(e.manifest->unreachable_regions[i]);
+                fprintf(stderr, " %s", region);
+                free(region);
+            }
+            fprintf(stderr, "\n");
+            rc = DSR_EXIT_INCOMPLETE;
+        } else {
+            fprintf(stderr,
+                    "domicilectl: export %s: %lld records, %lld bytes, sha256 %s: "
+                    "verified against the manifest\n",
+                    id, (long long)e.records, (long long)e.bytes, hex);
+        }
+    }
+    if (!keep && e.path)
+        unlink(e.path);
+    free(id);
+    export_free(&e);
+    free(o.generated_id);
+    return rc;
+}
+
+static int cmd_dsr(dm_client_t *c, int argc, char **argv)
+{
+    if (argc < 1) {
+        usage(stderr);
+        return 2;
+    }
+    const char *s = argv[0];
+    if (strcmp(s, "erase") == 0 || strcmp(s, "restrict") == 0 || strcmp(s, "unrestrict") == 0 ||
+        strcmp(s, "object") == 0 || strcmp(s, "withdraw") == 0)
+        return cmd_dsr_file(c, argc, argv);
+    if (strcmp(s, "export") == 0)
+        return cmd_dsr_export(c, argc, argv);
+    if (strcmp(s, "status") == 0)
+        return cmd_dsr_status(c, argc, argv);
+    if (strcmp(s, "list") == 0)
+        return cmd_dsr_list(c, argc, argv);
+    if (strcmp(s, "locate") == 0)
+        return cmd_dsr_locate(c, argc, argv);
+    if (strcmp(s, "extend") == 0)
+        return cmd_dsr_extend(c, argc, argv);
+    usage(stderr);
+    return 2;
+}
+
 static char *slurp(const char *path, bool strip)
 {
     FILE *f = fopen(path, "r");
@@ -748,6 +1585,8 @@ int main(int argc, char **argv)
         rc = cmd_record(c, argc - optind, argv + optind);
     } else if (strcmp(cmd, "transfers") == 0) {
         rc = cmd_transfers(c, argc - optind, argv + optind);
+    } else if (strcmp(cmd, "dsr") == 0) {
+        rc = cmd_dsr(c, argc - optind, argv + optind);
     } else {
         fprintf(stderr, "domicilectl: unknown command \"%s\"\n", cmd);
         usage(stderr);

@@ -13,6 +13,7 @@
 
 #include "domicile/api.h"
 #include "domicile/log.h"
+#include "domicile/sdnotify.h"
 
 static void usage(FILE *f)
 {
@@ -46,6 +47,18 @@ static void signal_ready(int fd, int port)
     if (write(fd, line, (size_t)n) != n)
         dm_warn("main", "cannot write the readiness line to fd %d: %s", fd, strerror(errno));
     close(fd);
+}
+
+/* Tells systemd (Type=notify) that we serve; a no-op without $NOTIFY_SOCKET. */
+static void notify_ready(const char *addr, int port)
+{
+    char msg[512];
+    const char *colon = strrchr(addr, ':');
+    int host_len = colon ? (int)(colon - addr) : (int)strlen(addr);
+    snprintf(msg, sizeof(msg), "READY=1\nSTATUS=serving on %.*s:%d", host_len, addr, port);
+    int r = dm_sd_notify(msg);
+    if (r < 0)
+        dm_warn("main", "cannot notify the service manager ($NOTIFY_SOCKET): %s", strerror(-r));
 }
 
 int main(int argc, char **argv)
@@ -162,10 +175,12 @@ int main(int argc, char **argv)
             DM_VERSION, app.cfg->listen, port, app.cfg->gateway_region, app.cfg->n_regions);
     if (ready_fd >= 0)
         signal_ready(ready_fd, port);
+    notify_ready(app.cfg->listen, port);
 
     int sig = 0;
     sigwait(&sigs, &sig);
     dm_info("main", "received %s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    dm_sd_notify("STOPPING=1");
     dm_server_shutdown(app.server, app.cfg->shutdown_grace_ms);
     rc = 0;
 out:

@@ -16,12 +16,13 @@
 #include "domicile/log.h"
 #include "domicile/region.h"
 
-#define BACKOFF_MIN_MS    100
-#define BACKOFF_MAX_MS    5000
-#define MAX_BATCH_JOBS    64
-#define MAX_BATCH_BYTES   (8 << 20)
-#define PURGE_INTERVAL_MS 60000
-#define RESULT_TIMEOUT_MS 30000 /* a region that answers nothing for this long is dead */
+#define BACKOFF_MIN_MS         100
+#define BACKOFF_MAX_MS         5000
+#define MAX_BATCH_JOBS         64
+#define MAX_BATCH_BYTES        (8 << 20)
+#define PURGE_INTERVAL_MS      60000
+#define RESULT_TIMEOUT_MS      30000 /* a region that answers nothing for this long is dead */
+#define MAINTENANCE_TIMEOUT_MS 10000
 
 typedef enum {
     EX_CONNECTING_FIRST, /* first attempt since start: jobs may wait for it */
@@ -44,6 +45,8 @@ typedef struct executor {
     struct timespec last_activity;
     struct timespec last_purge;
     struct timespec last_idle_task;
+    int wait_ms;   /* how long the current round may wait for the region */
+    bool in_round; /* region->mu: running a round (pool use) */
 } executor_t;
 
 struct dm_region {
@@ -65,6 +68,19 @@ struct dm_region {
     atomic_bool serving;
     bool reported;
     char last_error[256];
+    int64_t last_error_ms;
+    int queued, in_use;
+    char primary[128]; /* host:port of the node the pool is connected to */
+    /* Breaker: opened when the region stops answering (a round or probe times out); while
+     * open, calls fail at once instead of waiting for their deadline; the next successful
+     * connection closes it. */
+    bool breaker_open;
+    int64_t breaker_changed_ms;
+    /* Fence: an operator stopped traffic. seen_by: bit i = region i still holds the fence. */
+    bool fenced;
+    char fence_reason[256], fenced_by[72];
+    int64_t fenced_at_ms;
+    unsigned fence_seen_by;
 };
 
 struct dm_regions {
@@ -111,6 +127,8 @@ static int64_t elapsed_ms(const struct timespec *since)
 /* Called with r->mu held. */
 static void set_error_locked(dm_region_t *r, const char *msg)
 {
+    if (msg[0])
+        r->last_error_ms = dm_now_ms();
     snprintf(r->last_error, sizeof(r->last_error), "%s", msg);
     /* libpq messages end with a newline and may span lines; keep log lines one line. */
     size_t n = strlen(r->last_error);
@@ -162,6 +180,7 @@ static void exec_set_state(executor_t *e, exec_state_t to)
         /* Nobody can run what is queued: fail it now rather than at its deadline. */
         orphans = r->q_head;
         r->q_head = r->q_tail = NULL;
+        r->queued = 0;
     }
     bool was = atomic_exchange(&r->serving, serving);
     bool report = was != serving || !r->reported;
@@ -182,6 +201,29 @@ static void exec_set_state(executor_t *e, exec_state_t to)
             dm_warn(r->component, "region is not serving: %s", err);
         if (was != serving && r->set->on_change)
             r->set->on_change(r->set->on_change_arg, r, serving);
+    }
+}
+
+/* The region stopped answering: open the breaker and fail what waits for it. */
+static void breaker_open(dm_region_t *r, const char *why)
+{
+    dm_job_t *orphans;
+    pthread_mutex_lock(&r->mu);
+    bool was = r->breaker_open;
+    r->breaker_open = true;
+    if (!was)
+        r->breaker_changed_ms = dm_now_ms();
+    set_error_locked(r, why);
+    orphans = r->q_head;
+    r->q_head = r->q_tail = NULL;
+    r->queued = 0;
+    pthread_mutex_unlock(&r->mu);
+    if (!was)
+        dm_warn(r->component, "circuit open: %s; calls fail at once until it answers again", why);
+    while (orphans) {
+        dm_job_t *next = orphans->next;
+        fail_job(orphans, unavailable(r));
+        orphans = next;
     }
 }
 
@@ -210,13 +252,13 @@ static bool wait_readable(PGconn *conn, int timeout_ms)
     }
 }
 
-/* Next result of the pipeline, waiting at most RESULT_TIMEOUT_MS. *timed_out tells a
- * black-holed server from a NULL separator. */
-static PGresult *next_result(PGconn *conn, bool *timed_out)
+/* Next result of the pipeline, waiting at most wait_ms. *timed_out tells a black-holed
+ * server from a NULL separator. */
+static PGresult *next_result(PGconn *conn, bool *timed_out, int wait_ms)
 {
     *timed_out = false;
     while (PQisBusy(conn)) {
-        if (!wait_readable(conn, RESULT_TIMEOUT_MS)) {
+        if (!wait_readable(conn, wait_ms)) {
             *timed_out = true;
             return NULL;
         }
@@ -303,7 +345,15 @@ static bool exec_connect(executor_t *e)
     e->conn = conn;
     e->backoff_ms = BACKOFF_MIN_MS;
     clock_gettime(CLOCK_MONOTONIC, &e->last_activity);
-    set_error(r, "");
+    pthread_mutex_lock(&r->mu);
+    snprintf(r->primary, sizeof(r->primary), "%s:%s", PQhost(conn), PQport(conn));
+    if (r->breaker_open) {
+        r->breaker_open = false;
+        r->breaker_changed_ms = dm_now_ms();
+        dm_info(r->component, "circuit closed: connected to %s", r->primary);
+    }
+    set_error_locked(r, "");
+    pthread_mutex_unlock(&r->mu);
     exec_set_state(e, EX_UP);
     return true;
 fail:
@@ -364,6 +414,8 @@ static void requeue_front(dm_region_t *r, dm_job_t *list)
     pthread_mutex_lock(&r->mu);
     tail->next = r->q_head;
     r->q_head = list;
+    for (dm_job_t *j = list; j; j = j->next)
+        r->queued++;
     if (!r->q_tail)
         r->q_tail = tail;
     pthread_cond_signal(&r->cond);
@@ -397,6 +449,22 @@ static void run_round(executor_t *e, dm_job_t *alone, dm_job_t *batch)
     bool timed_out = false;
     int n_batch = 0;
 
+    /* Wait for the region no longer than the latest deadline among the jobs (+100 ms), so
+     * a black-holed region costs a call its deadline, not more. */
+    int64_t longest = 0;
+    bool unbounded = false;
+    for (int pass = 0; pass < 2; pass++) {
+        for (dm_job_t *j = pass ? batch : alone; j; j = j->next) {
+            int64_t left = j->call ? dm_call_deadline_left_ms(j->call) : INT64_MAX;
+            if (left == INT64_MAX)
+                unbounded = true;
+            else if (left > longest)
+                longest = left;
+        }
+    }
+    e->wait_ms =
+        unbounded || longest + 100 > RESULT_TIMEOUT_MS ? RESULT_TIMEOUT_MS : (int)longest + 100;
+
     for (dm_job_t *j = alone; j; j = j->next)
         if (!send_job(e, j) || !PQpipelineSync(conn))
             goto broken;
@@ -409,7 +477,7 @@ static void run_round(executor_t *e, dm_job_t *alone, dm_job_t *batch)
 
     while (alone) {
         dm_job_t *j = alone;
-        PGresult *res = next_result(conn, &timed_out);
+        PGresult *res = next_result(conn, &timed_out, e->wait_ms);
         if (!res)
             goto broken;
         ExecStatusType rs = PQresultStatus(res);
@@ -422,9 +490,9 @@ static void run_round(executor_t *e, dm_job_t *alone, dm_job_t *batch)
                 goto broken;
             }
             j->held = NULL;
-            if (next_result(conn, &timed_out) != NULL)
+            if (next_result(conn, &timed_out, e->wait_ms) != NULL)
                 goto broken_st;
-            PGresult *sync = next_result(conn, &timed_out);
+            PGresult *sync = next_result(conn, &timed_out, e->wait_ms);
             if (!sync || PQresultStatus(sync) != PGRES_PIPELINE_SYNC) {
                 PQclear(sync);
                 goto broken_st;
@@ -441,11 +509,11 @@ static void run_round(executor_t *e, dm_job_t *alone, dm_job_t *batch)
             PQclear(res);
             goto broken;
         }
-        if (next_result(conn, &timed_out) != NULL) {
+        if (next_result(conn, &timed_out, e->wait_ms) != NULL) {
             PQclear(res);
             goto broken;
         }
-        PGresult *sync = next_result(conn, &timed_out);
+        PGresult *sync = next_result(conn, &timed_out, e->wait_ms);
         if (!sync || PQresultStatus(sync) != PGRES_PIPELINE_SYNC) {
             PQclear(sync);
             PQclear(res);
@@ -462,7 +530,7 @@ static void run_round(executor_t *e, dm_job_t *alone, dm_job_t *batch)
         bool failed = false;
         dm_status_t *first_err = NULL;
         for (dm_job_t *j = batch; j; j = j->next) {
-            PGresult *res = next_result(conn, &timed_out);
+            PGresult *res = next_result(conn, &timed_out, e->wait_ms);
             if (!res)
                 goto broken;
             ExecStatusType rs = PQresultStatus(res);
@@ -474,12 +542,12 @@ static void run_round(executor_t *e, dm_job_t *alone, dm_job_t *batch)
                 PQclear(res);
                 failed = true;
             }
-            if (next_result(conn, &timed_out) != NULL) {
+            if (next_result(conn, &timed_out, e->wait_ms) != NULL) {
                 dm_status_free(first_err);
                 goto broken;
             }
         }
-        PGresult *sync = next_result(conn, &timed_out);
+        PGresult *sync = next_result(conn, &timed_out, e->wait_ms);
         bool synced = sync && PQresultStatus(sync) == PGRES_PIPELINE_SYNC;
         PQclear(sync);
         if (!synced || (first_err && first_err->code == GRPC_STATUS_UNAVAILABLE)) {
@@ -521,6 +589,8 @@ broken:;
     if (!why[0])
         snprintf(why, sizeof(why), "connection lost");
     dm_warn(r->component, "executor %d: connection lost: %s", e->index, why);
+    if (timed_out)
+        breaker_open(r, why);
     /* Join what is left of both lists and fail them. */
     if (alone) {
         dm_job_t *t = alone;
@@ -536,19 +606,21 @@ broken:;
 static void probe(executor_t *e)
 {
     PGresult *res;
-    bool timed_out;
+    bool timed_out = false;
+    int interval = e->region->set->cfg->health_interval_ms;
+    e->wait_ms = interval * 2 < 1000 ? 1000 : interval * 2;
     if (!PQsendQueryPrepared(e->conn, dm_sql[DM_SQL_PROBE].name, 0, NULL, NULL, NULL, 1) ||
         !PQpipelineSync(e->conn))
         goto broken;
-    res = next_result(e->conn, &timed_out);
+    res = next_result(e->conn, &timed_out, e->wait_ms);
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
         PQclear(res);
         goto broken;
     }
     PQclear(res);
-    if (next_result(e->conn, &timed_out) != NULL)
+    if (next_result(e->conn, &timed_out, e->wait_ms) != NULL)
         goto broken;
-    res = next_result(e->conn, &timed_out);
+    res = next_result(e->conn, &timed_out, e->wait_ms);
     bool ok = res && PQresultStatus(res) == PGRES_PIPELINE_SYNC;
     PQclear(res);
     if (!ok)
@@ -557,8 +629,10 @@ static void probe(executor_t *e)
     return;
 broken:
     dm_warn(e->region->component, "executor %d: probe failed: %s", e->index,
-            PQerrorMessage(e->conn));
-    drop_conn(e, PQerrorMessage(e->conn));
+            timed_out ? "no answer in time" : PQerrorMessage(e->conn));
+    if (timed_out)
+        breaker_open(e->region, "region did not answer a probe in time");
+    drop_conn(e, timed_out ? "region did not answer a probe in time" : PQerrorMessage(e->conn));
 }
 
 static void purge_due(executor_t *e)
@@ -566,13 +640,14 @@ static void purge_due(executor_t *e)
     /* Closed customers past their retention window lose their records and keys. */
     const char *limit = "100";
     bool timed_out;
+    e->wait_ms = MAINTENANCE_TIMEOUT_MS;
     clock_gettime(CLOCK_MONOTONIC, &e->last_purge);
     if (!PQsendQueryPrepared(e->conn, dm_sql[DM_SQL_PURGE_DUE].name, 1, &limit, NULL, NULL, 1) ||
         !PQpipelineSync(e->conn)) {
         drop_conn(e, PQerrorMessage(e->conn));
         return;
     }
-    PGresult *res = next_result(e->conn, &timed_out);
+    PGresult *res = next_result(e->conn, &timed_out, e->wait_ms);
     if (res && PQresultStatus(res) == PGRES_TUPLES_OK && dm_pg_int4(res, 0, 0) > 0)
         dm_info(e->region->component, "purged %d closed customers past retention",
                 dm_pg_int4(res, 0, 0));
@@ -580,7 +655,7 @@ static void purge_due(executor_t *e)
         dm_warn(e->region->component, "purge failed: %s", PQresultErrorMessage(res));
     PQclear(res);
     PGresult *x;
-    while ((x = next_result(e->conn, &timed_out)) != NULL) {
+    while ((x = next_result(e->conn, &timed_out, e->wait_ms)) != NULL) {
         bool sync = PQresultStatus(x) == PGRES_PIPELINE_SYNC;
         PQclear(x);
         if (sync)
@@ -597,6 +672,7 @@ PGresult *dm_region_exec(dm_exec_t *x, dm_sql_id_t stmt, int n, const char *cons
     bool timed_out = false;
     PGresult *res = NULL, *r;
     *err = NULL;
+    e->wait_ms = MAINTENANCE_TIMEOUT_MS;
     if (!e->conn) {
         *err = unavailable(e->region);
         return NULL;
@@ -604,7 +680,7 @@ PGresult *dm_region_exec(dm_exec_t *x, dm_sql_id_t stmt, int n, const char *cons
     if (!PQsendQueryPrepared(e->conn, dm_sql[stmt].name, n, values, lengths, formats, 1) ||
         !PQpipelineSync(e->conn))
         goto broken;
-    res = next_result(e->conn, &timed_out);
+    res = next_result(e->conn, &timed_out, e->wait_ms);
     if (!res)
         goto broken;
     if (PQresultStatus(res) != PGRES_TUPLES_OK && PQresultStatus(res) != PGRES_COMMAND_OK) {
@@ -613,7 +689,7 @@ PGresult *dm_region_exec(dm_exec_t *x, dm_sql_id_t stmt, int n, const char *cons
         res = NULL;
     }
     /* Drain to the Sync that ends this statement's transaction. */
-    while ((r = next_result(e->conn, &timed_out)) != NULL || !timed_out) {
+    while ((r = next_result(e->conn, &timed_out, e->wait_ms)) != NULL || !timed_out) {
         if (!r)
             continue;
         bool sync = PQresultStatus(r) == PGRES_PIPELINE_SYNC;
@@ -686,6 +762,7 @@ static void *executor_main(void *arg)
                 r->q_tail = NULL;
             j->next = NULL;
             taken++;
+            r->queued--;
             bytes += job_bytes(j);
             dm_status_t *why = NULL;
             if (job_dead(j, &why)) {
@@ -703,6 +780,8 @@ static void *executor_main(void *arg)
         /* More queued: wake a sibling to take the next round in parallel. */
         if (r->q_head)
             pthread_cond_signal(&r->cond);
+        if (alone || batch)
+            r->in_use++;
         pthread_mutex_unlock(&r->mu);
 
         while (dead) {
@@ -714,6 +793,9 @@ static void *executor_main(void *arg)
         }
         if (alone || batch) {
             run_round(e, alone, batch);
+            pthread_mutex_lock(&r->mu);
+            r->in_use--;
+            pthread_mutex_unlock(&r->mu);
         } else if (!atomic_load(&r->set->stopping)) {
             if (e->conn && elapsed_ms(&e->last_activity) >= idle_ms)
                 probe(e);
@@ -874,13 +956,29 @@ void dm_region_submit(dm_region_t *r, dm_job_t *job)
     job->next = NULL;
     job->held = NULL;
     pthread_mutex_lock(&r->mu);
-    if (atomic_load(&r->set->stopping) || (r->n_up == 0 && r->n_first == 0)) {
+    /* Statements about the fence itself (and the replication view) pass it: an operator
+     * must be able to lift a fence from the fenced region too. */
+    bool control = job->stmt == DM_SQL_FENCE_SET || job->stmt == DM_SQL_FENCE_CLEAR ||
+                   job->stmt == DM_SQL_REPLICATION;
+    if (r->fenced && !control) {
+        dm_status_t *st = dm_status_new(GRPC_STATUS_UNAVAILABLE, "region \"%s\" is fenced: %s",
+                                        r->cfg->code, r->fence_reason);
+        pthread_mutex_unlock(&r->mu);
+        fail_job(job, st);
+        return;
+    }
+    if (atomic_load(&r->set->stopping) || r->breaker_open || (r->n_up == 0 && r->n_first == 0)) {
+        bool open = r->breaker_open;
         pthread_mutex_unlock(&r->mu);
         fail_job(job, atomic_load(&r->set->stopping)
                           ? dm_status_new(GRPC_STATUS_UNAVAILABLE, "gateway is shutting down")
-                          : unavailable(r));
+                      : open ? dm_status_new(GRPC_STATUS_UNAVAILABLE,
+                                             "region \"%s\" is not answering (circuit open)",
+                                             r->cfg->code)
+                             : unavailable(r));
         return;
     }
+    r->queued++;
     if (r->q_tail)
         r->q_tail->next = job;
     else
@@ -928,4 +1026,58 @@ void dm_region_last_error(dm_region_t *r, char *buf, size_t len)
     pthread_mutex_lock(&r->mu);
     snprintf(buf, len, "%s", r->last_error);
     pthread_mutex_unlock(&r->mu);
+}
+
+void dm_region_info(dm_region_t *r, dm_region_info_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    pthread_mutex_lock(&r->mu);
+    out->reachable = r->n_up > 0;
+    snprintf(out->primary, sizeof(out->primary), "%s", r->n_up > 0 ? r->primary : "");
+    out->pool_size = r->n_execs;
+    out->pool_in_use = r->in_use;
+    out->queued = r->queued;
+    out->breaker_open = r->breaker_open;
+    out->breaker_changed_ms = r->breaker_changed_ms;
+    out->fenced = r->fenced;
+    snprintf(out->fence_reason, sizeof(out->fence_reason), "%s", r->fence_reason);
+    snprintf(out->fenced_by, sizeof(out->fenced_by), "%s", r->fenced_by);
+    out->fenced_at_ms = r->fenced_at_ms;
+    snprintf(out->last_error, sizeof(out->last_error), "%s", r->last_error);
+    out->last_error_ms = r->last_error_ms;
+    pthread_mutex_unlock(&r->mu);
+}
+
+void dm_region_fence(dm_region_t *r, bool fenced, const char *reason, const char *by, int64_t at_ms,
+                     unsigned source_bits, bool replace_bits)
+{
+    dm_job_t *orphans = NULL;
+    pthread_mutex_lock(&r->mu);
+    unsigned bits = replace_bits ? source_bits
+                    : fenced     ? (r->fence_seen_by | source_bits)
+                                 : (r->fence_seen_by & ~source_bits);
+    bool now_fenced = bits != 0;
+    r->fence_seen_by = bits;
+    bool was = r->fenced;
+    r->fenced = now_fenced;
+    if (now_fenced && reason) {
+        snprintf(r->fence_reason, sizeof(r->fence_reason), "%s", reason);
+        snprintf(r->fenced_by, sizeof(r->fenced_by), "%s", by ? by : "");
+        r->fenced_at_ms = at_ms;
+    }
+    if (now_fenced && !was) {
+        orphans = r->q_head; /* traffic stops now, queued calls included */
+        r->q_head = r->q_tail = NULL;
+        r->queued = 0;
+    }
+    pthread_mutex_unlock(&r->mu);
+    if (now_fenced != was)
+        dm_warn(r->component, "region %s%s%s", now_fenced ? "fenced: " : "unfenced",
+                now_fenced ? r->fence_reason : "", "");
+    while (orphans) {
+        dm_job_t *next = orphans->next;
+        fail_job(orphans,
+                 dm_status_new(GRPC_STATUS_UNAVAILABLE, "region \"%s\" is fenced", r->cfg->code));
+        orphans = next;
+    }
 }
