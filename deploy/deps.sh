@@ -8,7 +8,8 @@
 #
 # build: compiler, CMake, gRPC core, protobuf-c, libpq, OpenSSL, libcurl, libconfig, jansson
 # run:   PostgreSQL 15 server and client, the openssl CLI, CA certificates
-# test:  build + run + Python gRPC client, pytest, cmocka, valgrind
+# test:  build + run + Python gRPC client, pytest, PyYAML (deployment manifests), cmocka,
+#        valgrind, clang and its sanitizer runtime (libFuzzer, LeakSanitizer) for tests/fuzz
 #
 # Each package is checked with dpkg-query; apt-get update + apt-get install run only when
 # something is missing, so a machine that has everything pays one dpkg-query call and
@@ -17,9 +18,10 @@
 
 DOMICILE_DEPS_BUILD="build-essential cmake pkg-config libgrpc-dev protobuf-c-compiler
 libprotobuf-c-dev protobuf-compiler libpq-dev libssl-dev libcurl4-openssl-dev libconfig-dev
-libjansson-dev"
+libjansson-dev libmicrohttpd-dev"
 DOMICILE_DEPS_RUN="postgresql-15 postgresql-client-15 openssl ca-certificates"
-DOMICILE_DEPS_TEST="python3-grpcio python3-protobuf python3-pytest libcmocka-dev valgrind"
+DOMICILE_DEPS_TEST="python3-grpcio python3-protobuf python3-pytest python3-yaml libcmocka-dev valgrind
+clang libclang-rt-14-dev"
 
 domicile_deps() {
     local want="" set

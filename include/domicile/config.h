@@ -65,6 +65,7 @@ typedef struct dm_config {
     char *webhook_url; /* "" = none */
     char *webhook_secret_file;
     int webhook_timeout_ms;
+    char *metrics_listen; /* "" = off */
     int customer_retention_days;
     int directory_cache_entries;
     int key_cache_entries;

@@ -28,6 +28,7 @@ typedef struct dm_dsr_ctx {
     dm_webhooks_t *webhooks; /* NULL: no webhook configured */
     char me[96];             /* claimant id: host, pid, random (leases name it) */
     int64_t last_run_ms[DM_MAX_REGIONS];
+    int64_t last_count_ms[DM_MAX_REGIONS];
     atomic_int propagating[DM_MAX_REGIONS];
 } dm_dsr_ctx_t;
 

@@ -1,6 +1,7 @@
 /*
- * Process log: one line per event on stderr, "time level component: message". Thread-safe.
- * Never log tokens, payloads or subjects: callers pass only identifiers and counts.
+ * Process log: one JSON object per line on stderr ({"time","level","component","msg",...}).
+ * Thread-safe. Never log tokens, payloads or subjects: callers pass only identifiers, counts
+ * and subject keys.
  */
 #ifndef DOMICILE_LOG_H
 #define DOMICILE_LOG_H
@@ -21,6 +22,21 @@ void dm_log_set_level(dm_log_level_t level);
 /** Parse "debug" | "info" | "warn" | "error"; false when unknown. */
 bool dm_log_level_parse(const char *s, dm_log_level_t *out);
 const char *dm_log_level_name(dm_log_level_t level);
+/** One extra field of a log line: text, or a number when is_number. */
+typedef struct dm_log_field {
+    const char *key;
+    const char *text;
+    long long number;
+    bool is_number;
+} dm_log_field_t;
+
+#define DM_LOG_STR(k, v) ((dm_log_field_t){(k), (v), 0, false})
+#define DM_LOG_NUM(k, v) ((dm_log_field_t){(k), NULL, (long long)(v), true})
+
+bool dm_log_enabled(dm_log_level_t level);
+/** Write one line with extra fields (the access log of calls uses this). */
+void dm_log_fields(dm_log_level_t level, const char *component, const dm_log_field_t *fields,
+                   size_t n_fields, const char *fmt, ...) DM_PRINTF(5, 6);
 /** Write one line. `component` is a short module name ("server", "region eu"). */
 void dm_log(dm_log_level_t level, const char *component, const char *fmt, ...) DM_PRINTF(3, 4);
 

@@ -122,6 +122,9 @@ const char *dm_call_purpose(dm_call_t *call);
 void dm_call_set_purpose(dm_call_t *call, const char *purpose);
 /** The verified client certificate's subject ("CN=…") into buf; false when none. */
 bool dm_call_peer_subject(dm_call_t *call, char *buf, size_t len);
+/** Names written in the call's access log line: the caller and the region it touched. */
+void dm_call_set_log_principal(dm_call_t *call, const char *name);
+void dm_call_set_region(dm_call_t *call, const char *code);
 /** Attach data freed with `free_fn` when the call is destroyed. */
 void dm_call_set_data(dm_call_t *call, void *data, void (*free_fn)(void *));
 void *dm_call_data(dm_call_t *call);

@@ -53,6 +53,7 @@ typedef enum {
     DM_SQL_FENCE_CLEAR,       /* (region) */
     DM_SQL_FENCE_LIST,        /* () -> region, reason, fenced_by, fenced_at */
     DM_SQL_REPLICATION,       /* () -> standby, sync_state, lag bytes */
+    DM_SQL_DSR_COUNTS,        /* () -> pending, running, done, failed, skipped, overdue */
     DM_SQL__COUNT
 } dm_sql_id_t;
 

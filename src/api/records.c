@@ -95,6 +95,8 @@ static void set_region(rec_ctx_t *c, dm_region_t *r)
 {
     c->region = r;
     c->region_code = dm_region_code(r);
+    if (!c->bulk)
+        dm_call_set_region(c->call, c->region_code);
 }
 
 static const dm_kek_t *kek_of(rec_ctx_t *c)

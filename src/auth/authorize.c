@@ -60,5 +60,6 @@ dm_status_t *dm_authorize(dm_call_t *call, void *arg)
         dm_call_set_purpose(call, p->default_purpose);
     }
     dm_call_set_principal(call, p);
+    dm_call_set_log_principal(call, p->name);
     return NULL;
 }

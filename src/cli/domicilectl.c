@@ -702,6 +702,29 @@ static const char *iso_or_dash(int64_t ms, char *buf, size_t size)
     return dm_report_time_iso(ms, buf, size);
 }
 
+static int cmp_leg_region(const void *a, const void *b)
+{
+    return strcmp((*(Domicile__V1__DsrLeg *const *)a)->region,
+                  (*(Domicile__V1__DsrLeg *const *)b)->region);
+}
+
+static int cmp_count_region(const void *a, const void *b)
+{
+    return strcmp((*(Domicile__V1__RegionCount *const *)a)->region,
+                  (*(Domicile__V1__RegionCount *const *)b)->region);
+}
+
+/* Legs in region code order, whatever order the gateway sent them in (a copy of the
+ * pointers; the caller frees it). */
+static Domicile__V1__DsrLeg **sorted_legs(const Domicile__V1__DsrRequest *q)
+{
+    Domicile__V1__DsrLeg **l = dm_calloc(q->n_legs + 1, sizeof(*l));
+    if (q->n_legs)
+        memcpy(l, q->legs, q->n_legs * sizeof(*l));
+    qsort(l, q->n_legs, sizeof(*l), cmp_leg_region);
+    return l;
+}
+
 static void print_dsr(const Domicile__V1__DsrRequest *q)
 {
     char t[32];
@@ -748,8 +771,9 @@ static void print_dsr(const Domicile__V1__DsrRequest *q)
         printf("\n");
         free(err);
     }
+    Domicile__V1__DsrLeg **sorted = sorted_legs(q);
     for (size_t i = 0; i < q->n_legs; i++) {
-        const Domicile__V1__DsrLeg *l = q->legs[i];
+        const Domicile__V1__DsrLeg *l = sorted[i];
         char *region = dm_report_plain(l->region), *err = dm_report_plain(l->last_error),
              *by = dm_report_plain(l->claimed_by);
         printf("leg %-12s %s, %d attempts", region, NAME_OF(dsr_leg_names, l->state),
@@ -775,6 +799,7 @@ static void print_dsr(const Domicile__V1__DsrRequest *q)
         free(err);
         free(by);
     }
+    free(sorted);
     free(id);
     free(customer);
     free(purpose);
@@ -979,11 +1004,13 @@ static bool print_dsr_line(const ProtobufCMessage *m, void *arg)
            iso_or_dash(q->received_at_unix_ms, received, sizeof(received)),
            iso_or_dash(dsr_effective_due(q), due, sizeof(due)), q->overdue ? "overdue" : "-",
            customer[0] ? customer : "*");
+    Domicile__V1__DsrLeg **sorted = sorted_legs(q);
     for (size_t i = 0; i < q->n_legs; i++) {
-        char *region = dm_report_plain(q->legs[i]->region);
-        printf("%s%s:%s", i ? "," : "", region, NAME_OF(dsr_leg_names, q->legs[i]->state));
+        char *region = dm_report_plain(sorted[i]->region);
+        printf("%s%s:%s", i ? "," : "", region, NAME_OF(dsr_leg_names, sorted[i]->state));
         free(region);
     }
+    free(sorted);
     printf("\n");
     free(id);
     free(customer);
@@ -1117,7 +1144,8 @@ static int cmd_dsr_locate(dm_client_t *c, int argc, char **argv)
     free(subject);
     if (st)
         return fail(st);
-    const Domicile__V1__LocateResponse *l = (const Domicile__V1__LocateResponse *)resp;
+    Domicile__V1__LocateResponse *l = (Domicile__V1__LocateResponse *)resp;
+    qsort(l->counts, l->n_counts, sizeof(*l->counts), cmp_count_region);
     long long records = 0, bytes = 0;
     for (size_t i = 0; i < l->n_counts; i++) {
         char *region = dm_report_plain(l->counts[i]->region);

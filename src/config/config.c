@@ -95,6 +95,8 @@ static const key_desc_t gateway_keys[] = {
      "secret (0600) keying the webhook's HMAC-SHA256 signature"},
     {"webhook_timeout_ms", KT_INT, GW(webhook_timeout_ms), NOCOUNT, "5000", 100, 60000, NULL, false,
      "time one webhook delivery may take"},
+    {"metrics_listen", KT_STRING, GW(metrics_listen), NOCOUNT, "", 0, 64, NULL, false,
+     "host:port serving Prometheus /metrics over HTTP (\"\" = off; port 0 = any)"},
     {"customer_retention_days", KT_INT, GW(customer_retention_days), NOCOUNT, "30", 0, 3650, NULL,
      true, "days a closed customer's data is kept before it is purged"},
     {"directory_cache_entries", KT_INT, GW(directory_cache_entries), NOCOUNT, "4000000", 1000,

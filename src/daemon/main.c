@@ -13,6 +13,7 @@
 
 #include "domicile/api.h"
 #include "domicile/log.h"
+#include "domicile/metrics.h"
 #include "domicile/sdnotify.h"
 
 static void usage(FILE *f)
@@ -166,6 +167,9 @@ int main(int argc, char **argv)
     dm_regions_on_change(app.regions, dm_health_region_changed, app.health);
     if ((st = dm_server_create(app.cfg, methods, n_methods, &app, &app.server)))
         goto out;
+    dm_metrics_init(n_methods);
+    if ((st = dm_metrics_start(&app, app.cfg->metrics_listen)))
+        goto out;
     dm_server_on_shutdown(app.server, dm_health_shutdown, app.health);
     dm_server_set_authorizer(app.server, dm_authorize, &app);
     dm_regions_start(app.regions);
@@ -190,6 +194,7 @@ out:
         dm_status_free(st);
     }
     /* Order matters: nothing that can start a batch may outlive the completion queues. */
+    dm_metrics_stop();
     dm_webhooks_stop(app.webhooks); /* it runs statements: before the regions stop */
     if (app.regions)
         dm_regions_stop(app.regions);

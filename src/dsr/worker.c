@@ -14,6 +14,7 @@
 #include "domicile/crypto.h"
 #include "domicile/dsr.h"
 #include "domicile/log.h"
+#include "domicile/metrics.h"
 #include "domicile/sql.h"
 
 #define RUN_EVERY_MS       500
@@ -21,6 +22,7 @@
 #define LEASE_S            "30"
 #define BACKOFF_MAX_MS     300000
 #define PROPAGATE_MAX      50
+#define COUNT_EVERY_MS     5000
 #define DSR_RECEIVE_PARAMS 13
 
 void dm_dsr_ctx_init(dm_dsr_ctx_t *ctx, dm_regions_t *regions)
@@ -216,4 +218,16 @@ void dm_dsr_idle(dm_dsr_ctx_t *ctx, dm_region_t *r, size_t ri, dm_exec_t *x)
     propagate(ctx, r, ri, x);
     if (ctx->webhooks)
         webhooks_due(ctx, r, ri, x);
+    if (now - ctx->last_count_ms[ri] >= COUNT_EVERY_MS) {
+        ctx->last_count_ms[ri] = now;
+        res = dm_region_exec(x, DM_SQL_DSR_COUNTS, 0, NULL, NULL, NULL, &err);
+        if (res && PQntuples(res) == 1) {
+            int64_t legs[5];
+            for (int i = 0; i < 5; i++)
+                legs[i] = dm_pg_int8(res, 0, i);
+            dm_metrics_dsr(ri, legs, dm_pg_int8(res, 0, 5));
+        }
+        PQclear(res);
+        dm_status_free(err);
+    }
 }

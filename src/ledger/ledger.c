@@ -10,6 +10,7 @@
 #include <openssl/hmac.h>
 
 #include "domicile/ledger.h"
+#include "domicile/metrics.h"
 #include "domicile/sql.h"
 
 /* The fields a MAC covers, as byte strings, in a fixed order (the encoding is dm_aad's:
@@ -125,6 +126,9 @@ enum {
 static void append_done(dm_job_t *job, PGresult *res, dm_status_t *err)
 {
     append_t *a = job->arg;
+    if (!err && PQntuples(res) == 1)
+        dm_metrics_transfer(a->text[T_FROM], a->text[T_TO], a->text[T_BASIS],
+                            a->text[T_REFUSAL][0] == '\0', atoll(a->bytes));
     if (!err && (PQntuples(res) != 1))
         err = dm_status_new(GRPC_STATUS_INTERNAL, "ledger append returned no entry");
     if (err && err->code != GRPC_STATUS_UNAVAILABLE) {

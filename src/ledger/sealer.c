@@ -12,6 +12,7 @@
 
 #include "domicile/ledger.h"
 #include "domicile/log.h"
+#include "domicile/metrics.h"
 #include "domicile/sql.h"
 
 #define SEAL_BATCH     500
@@ -195,9 +196,14 @@ void dm_ledger_idle(dm_region_t *r, dm_exec_t *x, void *arg)
     dm_ledger_ctx_t *ctx = arg;
     size_t i = region_index(ctx, r);
     const unsigned char *key = ctx->keys[i];
-    for (int round = 0; round < SEAL_ROUNDS; round++)
-        if (seal_batch(r, x, key) < SEAL_BATCH)
-            break;
+    int64_t sealed = 0;
+    int got = SEAL_BATCH;
+    for (int round = 0; round < SEAL_ROUNDS && got == SEAL_BATCH; round++) {
+        got = seal_batch(r, x, key);
+        sealed += got;
+    }
+    /* A full last batch means more wait: report what was left as at least one batch. */
+    dm_metrics_sealed(i, sealed, got == SEAL_BATCH ? SEAL_BATCH : 0);
     if (ctx->retention_days > 0 && dm_mono_ms() - ctx->last_purge_ms[i] >= PURGE_EVERY_MS) {
         ctx->last_purge_ms[i] = dm_mono_ms();
         /* Seal first, so that a purge never leaves old entries outside the chain. */

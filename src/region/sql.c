@@ -159,14 +159,17 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
     [DM_SQL_DSR_RUN] = {"dsr_run", "SELECT * FROM domicile.dsr_run_leg($1, $2)", 2},
     [DM_SQL_DSR_FAIL] = {"dsr_fail", "SELECT domicile.dsr_fail_leg($1, $2, $3, $4)", 4},
     /* The dsr_receive parameters (8..10 as ms), then the regions still missing it. */
-    [DM_SQL_DSR_MISSING] = {"dsr_missing",
-                            "SELECT request_id, kind, fingerprint, subject_key, customer_id, "
-                            "purpose, reason, principal, " EPOCH_MS("received_at") ", "
-                            EPOCH_MS("due_at") ", " EPOCH_MS("gdpr_due_at") ", notify_region, "
-                            "webhook_state, array_to_string(missing, ',') FROM "
-                            "domicile.dsr_requests WHERE cardinality(missing) > 0 "
-                            "ORDER BY received_at LIMIT 50",
-                            0},
+    [DM_SQL_DSR_MISSING] =
+        {"dsr_missing",
+         "SELECT request_id, kind, fingerprint, subject_key, customer_id, "
+         "purpose, reason, principal, " EPOCH_MS("received_at") ", " EPOCH_MS(
+             "due_at") ", " EPOCH_MS("gdpr_due_at") ", notify_region, "
+                                                    "webhook_state, array_to_string(missing, ',') "
+                                                    "FROM "
+                                                    "domicile.dsr_requests WHERE "
+                                                    "cardinality(missing) > 0 "
+                                                    "ORDER BY received_at LIMIT 50",
+         0},
     [DM_SQL_DSR_DROP_MISSING] = {"dsr_drop_missing",
                                  "UPDATE domicile.dsr_requests SET missing = "
                                  "array_remove(missing, $2) WHERE request_id = $1",
@@ -205,6 +208,18 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                             "pg_current_wal_lsn(), replay_lsn), 0)::bigint FROM "
                             "pg_stat_replication ORDER BY application_name LIMIT 1",
                             0},
+    [DM_SQL_DSR_COUNTS] = {"dsr_counts",
+                           "SELECT count(*) FILTER (WHERE l.state = 'pending'), "
+                           "count(*) FILTER (WHERE l.state = 'running'), "
+                           "count(*) FILTER (WHERE l.state = 'done'), "
+                           "count(*) FILTER (WHERE l.state = 'failed'), "
+                           "count(*) FILTER (WHERE l.state = 'skipped'), "
+                           "count(*) FILTER (WHERE l.state NOT IN ('done', 'skipped') AND "
+                           "CASE WHEN r.extended_at IS NOT NULL THEN r.extended_due_at "
+                           "ELSE least(r.due_at, r.gdpr_due_at) END < now()) "
+                           "FROM domicile.dsr_legs l JOIN domicile.dsr_requests r "
+                           "USING (request_id)",
+                           0},
     [DM_SQL_DELETE_RECORD] = {"delete_record",
                               "SELECT * FROM domicile.delete_record($1, $2, $3, $4, $5)", 5},
 };

@@ -17,6 +17,7 @@
 #include <stdio.h>
 
 #include "domicile/clock.h"
+#include "domicile/metrics.h"
 #include "domicile/log.h"
 #include "domicile/server.h"
 #include "wire.h"
@@ -117,6 +118,9 @@ struct dm_call {
     bool active;
     const void *principal;
     char purpose[65];
+    char principal_name[72]; /* for the access log */
+    char region[DM_REGION_CODE_MAX + 1];
+    struct timespec started;
 };
 
 static void post_request(cq_worker_t *w, size_t method_index, bool generic);
@@ -285,6 +289,49 @@ size_t dm_call_queued(dm_call_t *c)
     return n;
 }
 
+/* Access log and metrics of a finished call. OK calls are logged at debug level only:
+ * one line per call would cost more than the call at full load. */
+static void call_ended(dm_call_t *c, grpc_status_code code)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    int64_t us = (int64_t)(now.tv_sec - c->started.tv_sec) * 1000000 +
+                 (now.tv_nsec - c->started.tv_nsec) / 1000;
+    if (c->method)
+        dm_metrics_call(c->method_index, code, us);
+    dm_log_level_t level = code == GRPC_STATUS_OK         ? DM_LOG_DEBUG
+                           : code == GRPC_STATUS_INTERNAL ? DM_LOG_ERROR
+                                                          : DM_LOG_INFO;
+    if (!dm_log_enabled(level))
+        return;
+    size_t len = 0;
+    const char *rid = dm_call_metadata(c, "x-request-id", &len);
+    char request_id[129] = "";
+    if (rid && len < sizeof(request_id)) {
+        memcpy(request_id, rid, len);
+        request_id[len] = '\0';
+    }
+    dm_log_field_t f[] = {
+        DM_LOG_STR("method", c->method ? c->method->path : "(unknown)"),
+        DM_LOG_STR("status", dm_status_code_name(code)),
+        DM_LOG_NUM("duration_us", us),
+        DM_LOG_STR("principal", c->principal_name),
+        DM_LOG_STR("region", c->region),
+        DM_LOG_STR("request_id", request_id),
+    };
+    dm_log_fields(level, "call", f, DM_ARRAY_LEN(f), "call ended");
+}
+
+void dm_call_set_log_principal(dm_call_t *c, const char *name)
+{
+    snprintf(c->principal_name, sizeof(c->principal_name), "%s", name);
+}
+
+void dm_call_set_region(dm_call_t *c, const char *code)
+{
+    snprintf(c->region, sizeof(c->region), "%s", code);
+}
+
 void dm_call_finish(dm_call_t *c, dm_status_t *st)
 {
     pthread_mutex_lock(&c->mu);
@@ -302,6 +349,7 @@ void dm_call_finish(dm_call_t *c, dm_status_t *st)
     }
     pump_locked(c);
     pthread_mutex_unlock(&c->mu);
+    call_ended(c, st ? st->code : GRPC_STATUS_OK);
     if (st && st->code == GRPC_STATUS_INTERNAL)
         dm_error("server", "%s: internal error: %s%s%s", c->method ? c->method->path : "?",
                  st->message, st->detail ? " | " : "", st->detail ? st->detail : "");
@@ -631,6 +679,7 @@ static void handle_new(cq_worker_t *w, dm_call_t *c, bool ok)
         return;
     }
     c->active = true;
+    clock_gettime(CLOCK_MONOTONIC, &c->started);
     atomic_fetch_add(&w->srv->active_calls, 1);
     if (!c->method)
         c->deadline = c->details.deadline;

@@ -324,6 +324,21 @@ class GatewayError(RuntimeError):
     pass
 
 
+def readable_log_line(line):
+    """A gateway log line (one JSON object) as text; anything else unchanged."""
+    import json
+
+    if not line.startswith("{"):
+        return line
+    try:
+        o = json.loads(line)
+    except ValueError:
+        return line
+    base = f'{o.pop("time", "")} {o.pop("level", "")} {o.pop("component", "")}: {o.pop("msg", "")}'
+    extra = " ".join(f"{k}={v}" for k, v in o.items())
+    return f"{base} {extra}" if extra else base
+
+
 def demo_token(config_path, name):
     """The bearer token of demo principal `name`, next to the state the config came from
     (STATE/etc/domiciled.conf -> STATE/secrets/tokens/<name>.token), or a literal token when
@@ -461,6 +476,12 @@ class Gateway:
 
     @property
     def log(self):
+        """The log as text: each JSON line of the gateway as "time level component: msg
+        key=value ...", other lines (gRPC core's own) as they are."""
+        return "\n".join(readable_log_line(l) for l in self.raw_log.splitlines())
+
+    @property
+    def raw_log(self):
         try:
             with open(self.log_path, "rb") as f:
                 return f.read().decode("utf-8", "replace")
@@ -607,3 +628,45 @@ def pytest_runtest_makereport(item, call):
         tails = [f"--- {p}\n{_tail(p, 3000)}" for p in _REGIONS.pg_logs()]
         if tails:
             rep.sections.append(("PostgreSQL logs (tails)", "\n".join(tails)))
+
+
+# --------------------------------------------------------------------------------------------
+# environment variables for a gateway process (added for the ledger tests)
+#
+# `gateways.start(..., env={"DOMICILE_TEST_CLOCK_OFFSET_MS": "-69120000000"})` starts that
+# gateway with these variables added to (or, with value None, removed from) the inherited
+# environment. Gateway(..., env=None) behaves exactly as before.
+
+_gateway_init_plain = Gateway.__init__
+_gateway_start_plain = Gateway.start
+
+
+def _gateway_init_env(self, *args, env=None, **kw):
+    _gateway_init_plain(self, *args, **kw)
+    self.env = dict(env or {})
+
+
+def _gateway_start_env(self):
+    env = getattr(self, "env", None)
+    if not env:
+        return _gateway_start_plain(self)
+    # Popen inherits os.environ at the moment of the call: set the variables for the start
+    # only (the tests start gateways from one thread), then put everything back.
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        return _gateway_start_plain(self)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+Gateway.__init__ = _gateway_init_env
+Gateway.start = _gateway_start_env

@@ -1,0 +1,112 @@
+"""Metrics and logs (issue 9): /metrics after a known workload shows the right counts; every
+log line is one JSON object with the fields the access log promises."""
+
+import json
+import socket
+import urllib.request
+import uuid
+
+import grpc
+import pytest
+
+from domicile.v1 import customers_pb2, records_pb2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        return r.read().decode()
+
+
+def value(text, name, **labels):
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def call(ch, path, req, resp, token_md=None, timeout=10):
+    return ch.unary_unary(path, request_serializer=req.SerializeToString,
+                          response_deserializer=resp.FromString)(req, timeout=timeout)
+
+
+def test_metrics_count_a_known_workload(gateways):
+    port = free_port()
+    g = gateways.start(overrides={"metrics_listen": f"127.0.0.1:{port}", "log_level": "debug"},
+                       name="metrics")
+    ch = g.channel(token="admin")             # admin runs in us
+    ch_in = g.channel(token="service-in")     # a principal in "in": reads of eu data are transfers
+    cid = "m-" + uuid.uuid4().hex[:12]
+    before = scrape(port)
+    call(ch, "/domicile.v1.Customers/RegisterCustomer",
+         customers_pb2.RegisterCustomerRequest(request_id="r-" + cid, customer_id=cid,
+                                               residency="eu"), customers_pb2.Customer)
+    for i in range(5):
+        call(ch, "/domicile.v1.Records/PutRecord",
+             records_pb2.PutRecordRequest(request_id=f"p{i}-{cid}", customer_id=cid,
+                                          record_id=f"r{i}", kind="note", payload=b"x" * 10),
+             records_pb2.PutRecordResponse)
+    for i in range(3):
+        call(ch_in, "/domicile.v1.Records/GetRecord",
+             records_pb2.GetRecordRequest(customer_id=cid, record_id=f"r{i}"), records_pb2.Record)
+    for i in range(2):
+        with pytest.raises(grpc.RpcError) as ei:
+            call(ch, "/domicile.v1.Records/GetRecord",
+                 records_pb2.GetRecordRequest(customer_id=cid, record_id="missing"),
+                 records_pb2.Record)
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    after = scrape(port)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    put = "/domicile.v1.Records/PutRecord"
+    get = "/domicile.v1.Records/GetRecord"
+    assert delta("domicile_calls_total", method=put, status="OK") == 5
+    assert delta("domicile_calls_total", method=get, status="OK") == 3
+    assert delta("domicile_calls_total", method=get, status="NOT_FOUND") == 2
+    assert delta("domicile_call_duration_seconds_count", method=get) == 5
+    # writes us -> eu (admin in us) and reads eu -> in (service-in) are transfers
+    assert delta("domicile_transfers_total", **{"from": "us", "to": "eu",
+                                                "basis": "us-no-restriction",
+                                                "outcome": "allowed"}) == 5
+    assert delta("domicile_transfers_total", **{"from": "eu", "to": "in",
+                                                "basis": "scc-2021-914-m2",
+                                                "outcome": "allowed"}) == 3
+    assert delta("domicile_transfer_bytes_total", **{"from": "eu", "to": "in",
+                                                     "basis": "scc-2021-914-m2",
+                                                     "outcome": "allowed"}) == 30
+    for region in ("us", "eu", "in"):
+        assert value(after, "domicile_region_up", region=region) == 1
+        assert value(after, "domicile_region_pool_size", region=region) >= 1
+        assert value(after, "domicile_region_breaker_open", region=region) == 0
+    # Unknown paths are 404, not a crash.
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+    assert ei.value.code == 404
+    assert g.stop() == 0, g.log
+
+    # Logs: one JSON object per line, with the access-log fields on call lines.
+    calls = []
+    for line in g.raw_log.splitlines():
+        if not line.startswith("{"):
+            continue  # gRPC core's own lines
+        o = json.loads(line)
+        assert {"time", "level", "component", "msg"} <= o.keys(), o
+        if o["component"] == "call":
+            calls.append(o)
+    gets = [o for o in calls if o["method"] == get]
+    assert len(gets) == 5, calls
+    for o in gets:
+        assert o["principal"] in ("admin", "service-in")
+        assert o["region"] == "eu"
+        assert o["status"] in ("OK", "NOT_FOUND")
+        assert isinstance(o["duration_us"], int) and o["duration_us"] > 0
