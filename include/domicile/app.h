@@ -15,6 +15,8 @@
 #include "domicile/region.h"
 #include "domicile/server.h"
 
+#include <stdatomic.h>
+
 typedef struct dm_health dm_health_t;
 
 typedef struct dm_app {
@@ -25,8 +27,12 @@ typedef struct dm_app {
     dm_kek_t *keks[DM_MAX_REGIONS]; /* by region index */
     unsigned char *pepper;          /* subject pepper (cleansed at exit) */
     size_t pepper_len;
-    dm_principals_t *principals;
-    dm_policy_t *policy;
+    /* Replaced whole on SIGHUP; calls may still hold the old ones, which are kept (in
+     * `retired`) until exit: a reload never frees what a call in flight points into. */
+    _Atomic(dm_principals_t *) principals;
+    _Atomic(dm_policy_t *) policy;
+    void *retired[64];
+    int n_retired;
     unsigned char ledger_keys[DM_MAX_REGIONS][32]; /* by region index (cleansed at exit) */
     dm_ledger_ctx_t ledger;                        /* the sealer's view of the above */
     dm_dsr_ctx_t dsr;                              /* the data-subject request worker */
@@ -48,6 +54,24 @@ static inline const dm_principal_t *dm_call_principal_of(dm_call_t *call)
 dm_status_t *dm_app_init(dm_app_t *app) DM_WARN_UNUSED;
 /** Free what dm_app_init() built (after the server and regions stopped). */
 void dm_app_dispose(dm_app_t *app);
+static inline dm_principals_t *dm_app_principals(dm_app_t *app)
+{
+    return atomic_load(&app->principals);
+}
+
+static inline dm_policy_t *dm_app_policy(dm_app_t *app)
+{
+    return atomic_load(&app->policy);
+}
+
+/**
+ * SIGHUP: read the config file again and apply what can change at run time (principals,
+ * bases and routes, log level, retention windows, grace and intervals). Restart-only keys
+ * that changed are named in the log. A failed reload keeps everything as it was and says why.
+ * Returns the reason of a failure (caller frees) or NULL.
+ */
+dm_status_t *dm_app_reload(dm_app_t *app, const char *config_path) DM_WARN_UNUSED;
+
 /** Index of region `r` in the configuration (for keks[]). */
 size_t dm_app_region_index(dm_app_t *app, dm_region_t *r);
 

@@ -4,6 +4,8 @@
 #include <openssl/crypto.h>
 
 #include "domicile/app.h"
+#include "domicile/log.h"
+#include <stddef.h>
 #include "internal.h"
 
 #define FENCE_REFRESH_MS 1000
@@ -36,10 +38,14 @@ dm_status_t *dm_app_init(dm_app_t *app)
         return dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
                              "subject pepper \"%s\" must hold at least 16 bytes",
                              app->cfg->subject_pepper_file);
-    if ((st = dm_principals_load(app->cfg->principals_file, app->cfg, &app->principals)))
+    dm_principals_t *principals = NULL;
+    dm_policy_t *policy = NULL;
+    if ((st = dm_principals_load(app->cfg->principals_file, app->cfg, &principals)))
         return st;
-    if ((st = dm_policy_load(app->cfg->bases_file, app->cfg->routes_file, app->cfg, &app->policy)))
+    atomic_store(&app->principals, principals);
+    if ((st = dm_policy_load(app->cfg->bases_file, app->cfg->routes_file, app->cfg, &policy)))
         return st;
+    atomic_store(&app->policy, policy);
     for (size_t i = 0; i < app->cfg->n_regions; i++) {
         unsigned char *k = NULL;
         size_t len = 0;
@@ -83,10 +89,13 @@ void dm_app_dispose(dm_app_t *app)
     }
     dm_webhooks_destroy(app->webhooks);
     app->webhooks = NULL;
-    dm_principals_free(app->principals);
-    app->principals = NULL;
-    dm_policy_free(app->policy);
-    app->policy = NULL;
+    dm_principals_free(atomic_exchange(&app->principals, NULL));
+    dm_policy_free(atomic_exchange(&app->policy, NULL));
+    for (int i = 0; i < app->n_retired; i += 2) {
+        dm_principals_free(app->retired[i]);
+        dm_policy_free(app->retired[i + 1]);
+    }
+    app->n_retired = 0;
     OPENSSL_cleanse(app->ledger_keys, sizeof(app->ledger_keys));
     dm_directory_destroy(app->directory);
     app->directory = NULL;
@@ -100,4 +109,70 @@ size_t dm_app_region_index(dm_app_t *app, dm_region_t *r)
         if (dm_regions_at(app->regions, i) == r)
             return i;
     return 0;
+}
+
+/* Keys that need a restart: listen address, transport, threads, message limits, regions. */
+static void name_restart_only(const dm_config_t *old, const dm_config_t *new)
+{
+    static const struct {
+        const char *name;
+        size_t off;
+    } strs[] = {{"listen", offsetof(dm_config_t, listen)},
+                {"transport", offsetof(dm_config_t, transport)},
+                {"mtls", offsetof(dm_config_t, mtls)},
+                {"gateway_region", offsetof(dm_config_t, gateway_region)},
+                {"metrics_listen", offsetof(dm_config_t, metrics_listen)},
+                {"webhook_url", offsetof(dm_config_t, webhook_url)}};
+    for (size_t i = 0; i < DM_ARRAY_LEN(strs); i++) {
+        const char *a = *(char *const *)((const char *)old + strs[i].off);
+        const char *b = *(char *const *)((const char *)new + strs[i].off);
+        if (strcmp(a, b) != 0)
+            dm_warn("config",
+                    "reload: key \"%s\" changed but needs a restart; still using the "
+                    "old value",
+                    strs[i].name);
+    }
+    if (old->threads != new->threads ||
+        old->max_receive_message_bytes != new->max_receive_message_bytes ||
+        old->max_send_message_bytes != new->max_send_message_bytes ||
+        old->max_metadata_bytes != new->max_metadata_bytes || old->n_regions != new->n_regions)
+        dm_warn("config", "reload: threads, message limits or the region list changed; they "
+                          "need a restart");
+}
+
+dm_status_t *dm_app_reload(dm_app_t *app, const char *config_path)
+{
+    dm_config_t *cfg = NULL;
+    dm_principals_t *principals = NULL;
+    dm_policy_t *policy = NULL;
+    dm_status_t *st;
+    if ((st = dm_config_load(config_path, &cfg)))
+        return st;
+    if ((st = dm_principals_load(cfg->principals_file, app->cfg, &principals)) ||
+        (st = dm_policy_load(cfg->bases_file, cfg->routes_file, app->cfg, &policy))) {
+        dm_principals_free(principals);
+        dm_config_free(cfg);
+        return st;
+    }
+    if (app->n_retired + 2 > (int)DM_ARRAY_LEN(app->retired)) {
+        dm_principals_free(principals);
+        dm_policy_free(policy);
+        dm_config_free(cfg);
+        return dm_status_new(GRPC_STATUS_RESOURCE_EXHAUSTED,
+                             "too many reloads since start (32): restart the gateway");
+    }
+    name_restart_only(app->cfg, cfg);
+    dm_log_level_t level = DM_LOG_INFO;
+    dm_log_level_parse(cfg->log_level, &level);
+    dm_log_set_level(level);
+    /* Reloadable numbers are read where they are used; update them in place. */
+    app->cfg->shutdown_grace_ms = cfg->shutdown_grace_ms;
+    app->cfg->customer_retention_days = cfg->customer_retention_days;
+    app->ledger.retention_days = cfg->ledger_retention_days;
+    app->retired[app->n_retired++] = atomic_exchange(&app->principals, principals);
+    app->retired[app->n_retired++] = atomic_exchange(&app->policy, policy);
+    dm_info("config", "reloaded %s: %zu principals, %zu bases, %zu routes, log level %s",
+            config_path, principals->n, policy->n_bases, policy->n_routes, cfg->log_level);
+    dm_config_free(cfg);
+    return NULL;
 }

@@ -75,7 +75,7 @@ void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn
     x->to = x->dir == DM_TRANSFER_READ ? c : r;
     x->basis = NULL;
     if (!x->cross) {
-        if (dm_policy_forbidden(app->policy, purpose)) {
+        if (dm_policy_forbidden(dm_app_policy(app), purpose)) {
             fn(arg,
                dm_status_new(GRPC_STATUS_PERMISSION_DENIED,
                              "purpose \"%s\" is forbidden for customer data by policy", purpose));
@@ -84,7 +84,7 @@ void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn
         fn(arg, NULL);
         return;
     }
-    x->basis = dm_policy_decide(app->policy, x->from, x->to, purpose, dm_now_ms(), &why);
+    x->basis = dm_policy_decide(dm_app_policy(app), x->from, x->to, purpose, dm_now_ms(), &why);
     if (x->basis) {
         fn(arg, NULL);
         return;

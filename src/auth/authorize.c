@@ -26,13 +26,13 @@ dm_status_t *dm_authorize(dm_call_t *call, void *arg)
         if (!dm_auth_parse_bearer(auth, len, &tok, &tok_len))
             return dm_status_new(GRPC_STATUS_UNAUTHENTICATED,
                                  "authorization: expected \"Bearer <token>\"");
-        p = dm_principals_by_token(app->principals, tok, tok_len);
+        p = dm_principals_by_token(dm_app_principals(app), tok, tok_len);
         if (!p)
             return dm_status_new(GRPC_STATUS_UNAUTHENTICATED, "unknown token");
     } else {
         char subject[600];
         if (dm_call_peer_subject(call, subject, sizeof(subject))) {
-            p = dm_principals_by_subject(app->principals, subject);
+            p = dm_principals_by_subject(dm_app_principals(app), subject);
             if (!p)
                 return dm_status_new(GRPC_STATUS_UNAUTHENTICATED,
                                      "client certificate is not a known principal");

@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include <jansson.h>
+#include <openssl/crypto.h>
 
 #include "domicile/client.h"
 #include "domicile/v1/customers.pb-c.h"
@@ -43,11 +44,11 @@ int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const c
 #define PATH_GET      "/domicile.v1.Records/GetRecord"
 
 #define N_REGIONS      3
-#define N_CODES        17      /* gRPC status codes 0..16 */
-#define DRAIN_MS       30000   /* retrying unacknowledged writes after the load */
-#define VERIFY_MS      90000   /* reading every acknowledged write back, per worker */
-#define RETRY_PAUSE_US 200000  /* between retries of a region that does not answer */
-#define TAIL_AFTER_MS  2000    /* load kept running after the rejoin at least this long */
+#define N_CODES        17     /* gRPC status codes 0..16 */
+#define DRAIN_MS       30000  /* retrying unacknowledged writes after the load */
+#define VERIFY_MS      90000  /* reading every acknowledged write back, per worker */
+#define RETRY_PAUSE_US 200000 /* between retries of a region that does not answer */
+#define TAIL_AFTER_MS  2000   /* load kept running after the rejoin at least this long */
 #define STATE_DEFAULT  "/var/lib/domicile-local"
 
 /* The deploy/local regions and demo principals (domicile-local's DEMO_PRINCIPALS). */
@@ -197,10 +198,10 @@ static void wlist_free(wlist_t *l)
 /* Counts of one worker, later of one region. */
 typedef struct {
     long calls, puts_ok, replays, reads_ok, xb_reads_ok;
-    long anomalies;           /* an acknowledged record read back missing or different */
-    long err[N_CODES];        /* non-OK statuses of the load (and the drain), by code */
-    long errors_after_rec;    /* of those, in calls started after the first recovered write */
-    long unresolved;          /* writes never acknowledged, not even by the drain */
+    long anomalies;        /* an acknowledged record read back missing or different */
+    long err[N_CODES];     /* non-OK statuses of the load (and the drain), by code */
+    long errors_after_rec; /* of those, in calls started after the first recovered write */
+    long unresolved;       /* writes never acknowledged, not even by the drain */
     long verified, lost, mismatched, unverified, dup_readback;
     lat_t put_lat, get_lat;
 } counts_t;
@@ -292,9 +293,8 @@ static grpc_status_code put_once(worker_t *w, dm_client_t *cl, const dwrite_t *x
     r.content_type = "application/octet-stream";
     ProtobufCMessage *resp = NULL;
     *started = now_us();
-    dm_status_t *st = dm_client_unary(cl, PATH_PUT, &r.base,
-                                      &domicile__v1__put_record_response__descriptor, d->call_ms,
-                                      &resp);
+    dm_status_t *st = dm_client_unary(
+        cl, PATH_PUT, &r.base, &domicile__v1__put_record_response__descriptor, d->call_ms, &resp);
     if (st) {
         grpc_status_code code = st->code;
         dm_status_free(st);
@@ -342,8 +342,8 @@ static dwrite_t new_write(worker_t *w)
     dwrite_t x;
     w->seq++;
     x.record_id = dm_sprintf("r%d-%ld", w->idx, w->seq);
-    x.request_id = dm_sprintf("%s-%s-w%d-%ld", w->d->run_id, region_codes[w->region], w->idx,
-                              w->seq);
+    x.request_id =
+        dm_sprintf("%s-%s-w%d-%ld", w->d->run_id, region_codes[w->region], w->idx, w->seq);
     x.len = 32 + rng_next(&w->rng) % 480;
     x.payload = dm_malloc(x.len);
     for (size_t i = 0; i < x.len; i++)
@@ -657,8 +657,8 @@ static bool register_customers(drill_t *d)
         int64_t deadline = now_us() + 15 * 1000000LL;
         for (;;) {
             ProtobufCMessage *resp = NULL;
-            dm_status_t *st = dm_client_unary(c, PATH_REGISTER, &r.base,
-                                              &domicile__v1__customer__descriptor, d->call_ms, &resp);
+            dm_status_t *st = dm_client_unary(
+                c, PATH_REGISTER, &r.base, &domicile__v1__customer__descriptor, d->call_ms, &resp);
             if (!st) {
                 protobuf_c_message_free_unpacked(resp, NULL);
                 break;
@@ -713,17 +713,16 @@ typedef struct {
 static void check_regions(const drill_t *d, region_result_t *res)
 {
     char ids[512];
-    snprintf(ids, sizeof(ids), "'%s', '%s', '%s'", d->customer[0], d->customer[1],
-             d->customer[2]);
-    char *sql = dm_sprintf(
-        "select 'rec', customer_id, count(*), count(*) filter (where version > 1)"
-        " from domicile.records where customer_id in (%s) group by customer_id"
-        " union all select 'cust', customer_id, 1, 0 from domicile.customers"
-        " where customer_id in (%s)"
-        " union all select 'ledger', customer_id, count(*), 0 from domicile.ledger"
-        " where method = 'GetRecord' and direction = 'read' and outcome = 'allowed'"
-        " and customer_id in (%s) group by customer_id",
-        ids, ids, ids);
+    snprintf(ids, sizeof(ids), "'%s', '%s', '%s'", d->customer[0], d->customer[1], d->customer[2]);
+    char *sql =
+        dm_sprintf("select 'rec', customer_id, count(*), count(*) filter (where version > 1)"
+                   " from domicile.records where customer_id in (%s) group by customer_id"
+                   " union all select 'cust', customer_id, 1, 0 from domicile.customers"
+                   " where customer_id in (%s)"
+                   " union all select 'ledger', customer_id, count(*), 0 from domicile.ledger"
+                   " where method = 'GetRecord' and direction = 'read' and outcome = 'allowed'"
+                   " and customer_id in (%s) group by customer_id",
+                   ids, ids, ids);
     for (int r = 0; r < N_REGIONS; r++) {
         char *out = region_sql(d, r, sql);
         res[r].sql_ok = out != NULL;
@@ -816,10 +815,14 @@ static void drill_usage(FILE *f)
 static int parse_args(drill_t *d, int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"region", required_argument, NULL, 'r'},  {"duration", required_argument, NULL, 'd'},
-        {"state", required_argument, NULL, 's'},   {"json", required_argument, NULL, 'j'},
-        {"clients", required_argument, NULL, 'c'}, {"rate", required_argument, NULL, 'R'},
-        {"domicile-local", required_argument, NULL, 'L'}, {"help", no_argument, NULL, 'h'},
+        {"region", required_argument, NULL, 'r'},
+        {"duration", required_argument, NULL, 'd'},
+        {"state", required_argument, NULL, 's'},
+        {"json", required_argument, NULL, 'j'},
+        {"clients", required_argument, NULL, 'c'},
+        {"rate", required_argument, NULL, 'R'},
+        {"domicile-local", required_argument, NULL, 'L'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *region = NULL;
@@ -889,7 +892,7 @@ static void main_wait_until(int64_t t)
     sleep_us(t - now_us());
 }
 
-/* A drill step through domicile-local; times in *t0/*t1. */
+/* A drill step through domicile-local; its start and end go to *t0 and *t1. */
 static bool step(const drill_t *d, const char *what, const char *node, int64_t *t0, int64_t *t1)
 {
     const char *args[] = {what, region_codes[d->target], node, NULL};
@@ -925,7 +928,8 @@ static int drill_failover(drill_t *d)
     if (!register_customers(d))
         return 2;
 
-    fprintf(stderr, "domicilectl: drill: run %s, %d clients per region, %.0f s, primary of %s: %s\n",
+    fprintf(stderr,
+            "domicilectl: drill: run %s, %d clients per region, %.0f s, primary of %s: %s\n",
             d->run_id, d->clients, (double)d->duration_ms / 1000, region_codes[d->target],
             before.primary);
     d->n_workers = d->clients * N_REGIONS;
@@ -1094,9 +1098,9 @@ static int drill_failover(drill_t *d)
     fprintf(tf, "failover drill of %s, run %s: %s\n", region_codes[d->target], d->run_id,
             passed ? "PASSED" : "FAILED");
     fprintf(tf, "  primary %s -> %s (standby %s); kill %.0f ms, promote %.0f ms, rejoin %.0f ms\n",
-            before.primary, after.primary[0] ? after.primary : "?", after.repl[0] ? after.repl : "?",
-            t_kill1 ? ms_since(t_kill0, t_kill1) : -1, t_prom1 ? ms_since(t_prom0, t_prom1) : -1,
-            t_rej1 ? ms_since(t_rej0, t_rej1) : -1);
+            before.primary, after.primary[0] ? after.primary : "?",
+            after.repl[0] ? after.repl : "?", t_kill1 ? ms_since(t_kill0, t_kill1) : -1,
+            t_prom1 ? ms_since(t_prom0, t_prom1) : -1, t_rej1 ? ms_since(t_rej0, t_rej1) : -1);
     fprintf(tf, "  first write after the kill: %.0f ms; after the promotion: %.0f ms\n",
             kill_to_write, promote_to_write);
     fprintf(tf, "  %-6s %7s %7s %8s %7s %5s %4s %9s %8s %8s %8s  %s\n", "REGION", "WRITES", "READS",
@@ -1104,10 +1108,10 @@ static int drill_failover(drill_t *d)
             "ERRORS");
     for (int r = 0; r < N_REGIONS; r++) {
         const counts_t *c = &res[r].c;
-        char errs[256];
+        char errs[256], label[8];
         errors_text(c, errs, sizeof(errs));
-        fprintf(tf, "  %-6s %7ld %7ld %8ld %7ld %5ld %4ld %9ld %8ld %8.1f %8.1f  %s\n",
-                r == d->target ? dm_sprintf("%s*", region_codes[r]) ? region_codes[r] : "" : region_codes[r],
+        snprintf(label, sizeof(label), "%s%s", region_codes[r], r == d->target ? "*" : "");
+        fprintf(tf, "  %-6s %7ld %7ld %8ld %7ld %5ld %4ld %9ld %8ld %8.1f %8.1f  %s\n", label,
                 c->puts_ok, c->reads_ok, c->xb_reads_ok, res[r].ledger,
                 c->lost + c->mismatched + c->unverified, res[r].duplicates, res[r].misplaced,
                 res[r].ledger_missing, lat_pct(&c->put_lat, 50), lat_pct(&c->put_lat, 99), errs);
@@ -1203,9 +1207,14 @@ out:
     free(d->ca_pem);
     free(d->cert_pem);
     free(d->key_pem);
+    if (d->token_admin)
+        OPENSSL_cleanse(d->token_admin, strlen(d->token_admin));
     free(d->token_admin);
-    for (int i = 0; i < N_REGIONS; i++)
+    for (int i = 0; i < N_REGIONS; i++) {
+        if (d->token_service[i])
+            OPENSSL_cleanse(d->token_service[i], strlen(d->token_service[i]));
         free(d->token_service[i]);
+    }
     free(d);
     return rc < 0 ? 0 : rc;
 }

@@ -126,6 +126,7 @@ int main(int argc, char **argv)
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGTERM);
     sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -182,7 +183,17 @@ int main(int argc, char **argv)
     notify_ready(app.cfg->listen, port);
 
     int sig = 0;
-    sigwait(&sigs, &sig);
+    for (;;) {
+        sigwait(&sigs, &sig);
+        if (sig != SIGHUP)
+            break;
+        dm_info("main", "received SIGHUP: reloading %s", config_path);
+        if ((st = dm_app_reload(&app, config_path))) {
+            dm_error("config", "reload failed, keeping the running configuration: %s", st->message);
+            dm_status_free(st);
+            st = NULL;
+        }
+    }
     dm_info("main", "received %s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
     dm_sd_notify("STOPPING=1");
     dm_server_shutdown(app.server, app.cfg->shutdown_grace_ms);

@@ -652,19 +652,19 @@ static void start_call(dm_call_t *c)
         free(method);
         return;
     }
-    if (!c->method->handler) {
-        dm_call_finish(
-            c, dm_status_new(GRPC_STATUS_UNIMPLEMENTED, "method %s is not implemented yet (%s)",
-                             c->method->path,
-                             c->method->pending_issue ? c->method->pending_issue : "planned"));
-        return;
-    }
     if (c->srv->authorize) {
         dm_status_t *denied = c->srv->authorize(c, c->srv->authorize_arg);
         if (denied) {
             dm_call_finish(c, denied);
             return;
         }
+    }
+    if (!c->method->handler) {
+        dm_call_finish(
+            c, dm_status_new(GRPC_STATUS_UNIMPLEMENTED, "method %s is not implemented yet (%s)",
+                             c->method->path,
+                             c->method->pending_issue ? c->method->pending_issue : "planned"));
+        return;
     }
     if (c->method->kind != DM_RPC_CLIENT_STREAM && !decode_request(c))
         return;
@@ -927,7 +927,20 @@ void dm_server_shutdown(dm_server_t *srv, int grace_ms)
             atomic_load(&srv->active_calls), grace_ms);
     for (int i = 0; i < srv->n_hooks; i++)
         srv->hooks[i].fn(srv->hooks[i].arg);
-    if (!wait_shutdown_tag(srv, grace_ms)) {
+    /* Wait for in-flight calls in short slices: once none is left, idle connections are all
+     * that holds the shutdown tag back, and cancelling nothing releases them at once. */
+    int64_t waited = 0;
+    bool done = false;
+    while (!done && waited < grace_ms) {
+        int slice = grace_ms - waited < 100 ? (int)(grace_ms - waited) : 100;
+        done = wait_shutdown_tag(srv, slice);
+        waited += slice;
+        if (!done && atomic_load(&srv->active_calls) == 0) {
+            grpc_server_cancel_all_calls(srv->server);
+            done = wait_shutdown_tag(srv, 1000);
+        }
+    }
+    if (!done) {
         dm_warn("server", "grace period over: cancelling the calls still in flight");
         grpc_server_cancel_all_calls(srv->server);
         while (!wait_shutdown_tag(srv, 1000))
