@@ -1,0 +1,134 @@
+"""Completion webhooks of data-subject requests (issue 6, item 7): a local receiver gets a
+signed POST when an erasure is done; a receiver that answers 500 first gets the retry."""
+
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import socket
+import tempfile
+import threading
+import uuid
+
+from domicile.v1 import customers_pb2, records_pb2, subject_rights_pb2 as S
+
+
+class Receiver:
+    def __init__(self, fail_first):
+        self.posts = []
+        self.fail_first = fail_first
+        self.got = threading.Event()
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.posts.append((dict(self.headers), body))
+                failing = len(outer.posts) <= outer.fail_first
+                self.send_response(500 if failing else 200)
+                self.end_headers()
+                if not failing:
+                    outer.got.set()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def unary(ch, path, req, resp):
+    return ch.unary_unary(path, request_serializer=req.SerializeToString,
+                          response_deserializer=resp.FromString)(req, timeout=15)
+
+
+def run_erasure(gateways, receiver, secret_path):
+    g = gateways.start(overrides={"webhook_url": f"http://127.0.0.1:{receiver.port}/hook",
+                                  "webhook_secret_file": secret_path}, name="webhook")
+    admin = g.channel(token="admin")
+    po = g.channel(token="privacy-officer")
+    cid = "wh-" + uuid.uuid4().hex[:10]
+    subject = f"hook-{uuid.uuid4().hex[:8]}@example.com"
+    unary(admin, "/domicile.v1.Customers/RegisterCustomer",
+          customers_pb2.RegisterCustomerRequest(request_id="r-" + cid, customer_id=cid,
+                                                residency="in"), customers_pb2.Customer)
+    unary(admin, "/domicile.v1.Records/PutRecord",
+          records_pb2.PutRecordRequest(request_id="p-" + cid, customer_id=cid, record_id="r1",
+                                       kind="note", subject=subject, payload=b"x"),
+          records_pb2.PutRecordResponse)
+    rid = "erase-" + uuid.uuid4().hex[:10]
+    unary(po, "/domicile.v1.SubjectRights/Erase",
+          S.EraseRequest(request_id=rid, subject=subject, reason="test"), S.DsrRequest)
+    return g, po, rid
+
+
+def check_signature(headers, body, secret):
+    ts = headers["X-Domicile-Timestamp"]
+    sig = headers["X-Domicile-Signature"]
+    want = "sha256=" + hmac.new(secret, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(sig, want), (sig, want)
+
+
+def secret_file():
+    fd, path = tempfile.mkstemp(prefix="domicile-webhook-")
+    secret = os.urandom(32).hex().encode()
+    os.write(fd, secret)
+    os.close(fd)
+    os.chmod(path, 0o600)
+    return path, secret
+
+
+def test_webhook_signed_delivery(regions, gateways):
+    path, secret = secret_file()
+    r = Receiver(fail_first=0)
+    try:
+        g, po, rid = run_erasure(gateways, r, path)
+        assert r.got.wait(60), g.log
+        headers, body = r.posts[-1]
+        check_signature(headers, body, secret)
+        summary = json.loads(body)
+        assert summary["request_id"] == rid
+        assert summary["state"] == "DSR_STATE_DONE"
+        assert {l["region"] for l in summary["legs"]} == {"us", "eu", "in"}
+        assert sum(l.get("records_deleted", 0) for l in summary["legs"]) == 1
+        assert len(r.posts) == 1  # delivered once
+        # The request shows the delivery.
+        stop = threading.Event()
+        for _ in range(50):
+            req = unary(po, "/domicile.v1.SubjectRights/GetRequest",
+                        S.GetRequestRequest(request_id=rid), S.DsrRequest)
+            if req.webhook.state == S.WEBHOOK_STATE_DELIVERED:
+                break
+            stop.wait(0.1)
+        assert req.webhook.state == S.WEBHOOK_STATE_DELIVERED
+        assert g.stop() == 0, g.log
+    finally:
+        r.close()
+        os.unlink(path)
+
+
+def test_webhook_retried_after_500(regions, gateways):
+    path, secret = secret_file()
+    r = Receiver(fail_first=1)
+    try:
+        g, po, rid = run_erasure(gateways, r, path)
+        assert r.got.wait(60), g.log
+        assert len(r.posts) >= 2
+        for headers, body in r.posts:
+            check_signature(headers, body, secret)
+            assert json.loads(body)["request_id"] == rid
+        assert "webhook for request" in g.log and "HTTP 500" in g.log
+        req = unary(po, "/domicile.v1.SubjectRights/GetRequest",
+                    S.GetRequestRequest(request_id=rid), S.DsrRequest)
+        assert req.webhook.attempts >= 2
+        assert g.stop() == 0, g.log
+    finally:
+        r.close()
+        os.unlink(path)
