@@ -77,6 +77,10 @@ dm_status_t *dm_regions_create(const dm_config_t *cfg, dm_regions_t **out) DM_WA
 typedef struct dm_exec dm_exec_t;
 typedef void (*dm_idle_fn)(dm_region_t *r, dm_exec_t *x, void *arg);
 void dm_regions_set_idle_task(dm_regions_t *rs, dm_idle_fn fn, void *arg, int interval_ms);
+/** Run every region's maintenance task as soon as its executor is free (new work for it). */
+void dm_regions_poke(dm_regions_t *rs);
+/** True once after dm_regions_poke() for region `r` (the maintenance task's own check). */
+bool dm_region_take_poke(dm_region_t *r);
 /**
  * Inside an idle task: run one prepared statement in its own transaction and wait for it.
  * Returns the result (caller clears) or NULL when the statement failed (*err set, caller

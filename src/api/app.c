@@ -15,8 +15,9 @@ static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
 {
     dm_app_t *app = arg;
     size_t i = dm_app_region_index(app, r);
-    dm_ledger_idle(r, x, &app->ledger);
+    /* Data-subject legs first: a poke means a request is waiting; sealing can follow. */
     dm_dsr_idle(&app->dsr, r, i, x);
+    dm_ledger_idle(r, x, &app->ledger);
     if (dm_mono_ms() - app->fences_read_ms[i] >= FENCE_REFRESH_MS) {
         app->fences_read_ms[i] = dm_mono_ms();
         dm_regions_refresh_fences(app, r, x);

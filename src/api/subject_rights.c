@@ -315,11 +315,17 @@ void dm_dsr_get(dm_call_t *call)
 
 /* ---- creating a request -------------------------------------------------------------- */
 
+static void reply_and_poke(status_ctx_t *c)
+{
+    dm_regions_poke(c->app->regions);
+    start_status(c);
+}
+
 static void missing_done(dm_fanout_t *f, void *arg)
 {
     /* Regions that took the request now know where it is still missing; then reply. */
     dm_fanout_free(f);
-    start_status(arg);
+    reply_and_poke(arg);
 }
 
 static void receive_done(dm_fanout_t *f, void *arg)
@@ -376,7 +382,7 @@ static void receive_done(dm_fanout_t *f, void *arg)
                         missing_done, c);
         return;
     }
-    start_status(c);
+    reply_and_poke(c);
 }
 
 /* Store the request (header + leg) in every region; `done` sees each region's answer. */

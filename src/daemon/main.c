@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <grpc/grpc.h>
@@ -37,6 +38,8 @@ static const char *kind_name(dm_rpc_kind_t k)
         return "server-stream";
     case DM_RPC_CLIENT_STREAM:
         return "client-stream";
+    case DM_RPC_BIDI_STREAM:
+        return "bidi-stream";
     }
     return "?";
 }
@@ -60,6 +63,18 @@ static void notify_ready(const char *addr, int port)
     int r = dm_sd_notify(msg);
     if (r < 0)
         dm_warn("main", "cannot notify the service manager ($NOTIFY_SOCKET): %s", strerror(-r));
+}
+
+/* systemd: a reload starts (READY=1 again when it is over); the timestamp is what
+ * Type=notify-reload expects. */
+static void notify_reloading(void)
+{
+    char msg[64];
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    snprintf(msg, sizeof(msg), "RELOADING=1\nMONOTONIC_USEC=%lld",
+             (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000);
+    dm_sd_notify(msg);
 }
 
 int main(int argc, char **argv)
@@ -188,11 +203,13 @@ int main(int argc, char **argv)
         if (sig != SIGHUP)
             break;
         dm_info("main", "received SIGHUP: reloading %s", config_path);
+        notify_reloading();
         if ((st = dm_app_reload(&app, config_path))) {
             dm_error("config", "reload failed, keeping the running configuration: %s", st->message);
             dm_status_free(st);
             st = NULL;
         }
+        notify_ready(app.cfg->listen, port); /* reload done (or refused): serving again */
     }
     dm_info("main", "received %s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
     dm_sd_notify("STOPPING=1");

@@ -195,7 +195,8 @@ static void webhooks_due(dm_dsr_ctx_t *ctx, dm_region_t *r, size_t ri, dm_exec_t
 void dm_dsr_idle(dm_dsr_ctx_t *ctx, dm_region_t *r, size_t ri, dm_exec_t *x)
 {
     int64_t now = dm_mono_ms();
-    if (now - ctx->last_run_ms[ri] < RUN_EVERY_MS)
+    /* A request stored by this gateway pokes the regions: its legs start at once. */
+    if (!dm_region_take_poke(r) && now - ctx->last_run_ms[ri] < RUN_EVERY_MS)
         return;
     ctx->last_run_ms[ri] = now;
 

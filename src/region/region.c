@@ -81,6 +81,7 @@ struct dm_region {
     char fence_reason[256], fenced_by[72];
     int64_t fenced_at_ms;
     unsigned fence_seen_by;
+    atomic_bool poked; /* run the maintenance task now */
 };
 
 struct dm_regions {
@@ -708,6 +709,22 @@ broken:
     return NULL;
 }
 
+void dm_regions_poke(dm_regions_t *rs)
+{
+    for (size_t i = 0; i < rs->n; i++) {
+        dm_region_t *r = &rs->regions[i];
+        atomic_store(&r->poked, true);
+        pthread_mutex_lock(&r->mu);
+        pthread_cond_broadcast(&r->cond);
+        pthread_mutex_unlock(&r->mu);
+    }
+}
+
+bool dm_region_take_poke(dm_region_t *r)
+{
+    return atomic_exchange(&r->poked, false);
+}
+
 void dm_regions_set_idle_task(dm_regions_t *rs, dm_idle_fn fn, void *arg, int interval_ms)
 {
     rs->idle_fn = fn;
@@ -807,7 +824,8 @@ static void *executor_main(void *arg)
          * the purge are never delayed by it. */
         if (e->conn && e->index == r->n_execs - 1 && r->set->idle_fn &&
             !atomic_load(&r->set->stopping) &&
-            elapsed_ms(&e->last_idle_task) >= r->set->idle_interval_ms) {
+            (elapsed_ms(&e->last_idle_task) >= r->set->idle_interval_ms ||
+             atomic_load(&r->poked))) {
             dm_exec_t x = {e};
             clock_gettime(CLOCK_MONOTONIC, &e->last_idle_task);
             r->set->idle_fn(r, &x, r->set->idle_arg);
