@@ -258,7 +258,8 @@ END $$;
 CREATE FUNCTION domicile.put_record(p_customer text, p_request_id text, p_fingerprint bytea,
                                     p_record_id text, p_kind text, p_subject_key bytea,
                                     p_key_id bigint, p_payload bytea, p_payload_size integer,
-                                    p_content_type text, p_labels jsonb, p_expected bigint)
+                                    p_content_type text, p_labels jsonb, p_expected bigint,
+                                    p_purpose text)
 RETURNS TABLE (status text, version bigint, created boolean, created_at timestamptz,
                updated_at timestamptz, restricted boolean)
 LANGUAGE plpgsql AS $$
@@ -297,6 +298,17 @@ BEGIN
         RETURN QUERY SELECT CASE WHEN cst = 'closed' THEN 'customer_closed'
                                  ELSE 'no_customer' END,
                             NULL::bigint, NULL::boolean, NULL::timestamptz,
+                            NULL::timestamptz, NULL::boolean;
+        RETURN;
+    END IF;
+    -- The subject objected to processing for the call's purpose (GDPR Art. 21): no write
+    -- for it. (domicile.subject_objections comes with 004_dsr; plpgsql resolves it at run
+    -- time.)
+    IF p_subject_key IS NOT NULL AND EXISTS (
+            SELECT 1 FROM domicile.subject_objections o
+            WHERE o.subject_key = p_subject_key AND o.customer_id IN ('', p_customer)
+              AND o.purpose = p_purpose) THEN
+        RETURN QUERY SELECT 'objected'::text, NULL::bigint, NULL::boolean, NULL::timestamptz,
                             NULL::timestamptz, NULL::boolean;
         RETURN;
     END IF;

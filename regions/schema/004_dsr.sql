@@ -156,6 +156,8 @@ DECLARE
     n bigint;
     region text;
     final text;
+    undone boolean := false;
+    done_ms bigint := floor(extract(epoch FROM now()) * 1000)::bigint;
 BEGIN
     SELECT * INTO l FROM domicile.dsr_legs WHERE request_id = p_request_id FOR UPDATE;
     IF NOT FOUND OR l.state <> 'running' OR l.claimed_by <> p_me THEN
@@ -188,6 +190,8 @@ BEGIN
         ELSE
             DELETE FROM domicile.subject_restrictions
             WHERE subject_key = q.subject_key AND customer_id = q.customer_id;
+            GET DIAGNOSTICS n = ROW_COUNT;
+            undone := n > 0;
         END IF;
         -- A record is restricted while any restriction covers it (its customer, or all).
         UPDATE domicile.records t
@@ -205,16 +209,22 @@ BEGIN
     ELSIF q.kind = 'withdraw' THEN
         DELETE FROM domicile.subject_objections
         WHERE subject_key = q.subject_key AND customer_id = q.customer_id AND purpose = q.purpose;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        undone := n > 0;
         SELECT count(*) INTO matched FROM domicile.records t
         WHERE t.subject_key = q.subject_key AND (q.customer_id = '' OR t.customer_id = q.customer_id);
     END IF;
-    final := CASE WHEN q.kind = 'erase' AND deleted = 0 AND keys = 0 THEN 'skipped' ELSE 'done' END;
+    -- Nothing here to erase, or nothing to undo: the leg is skipped (its receipt says so).
+    final := CASE WHEN q.kind = 'erase' AND deleted = 0 AND keys = 0 THEN 'skipped'
+                  WHEN q.kind IN ('unrestrict', 'withdraw') AND NOT undone THEN 'skipped'
+                  ELSE 'done' END;
     UPDATE domicile.dsr_legs SET
-        state = final, finished_at = now(), lease_expires_at = NULL, last_error = '',
+        state = final, finished_at = timestamptz 'epoch' + done_ms * interval '1 millisecond',
+        claimed_by = '', lease_expires_at = NULL, last_error = '',
         records_matched = matched, records_deleted = deleted, keys_destroyed = keys,
         receipt_sha256 = sha256(convert_to(concat_ws('|', 'domicile-receipt-v1', p_request_id,
                                                      region, q.kind, matched, deleted, keys,
-                                                     (extract(epoch FROM now()) * 1000)::bigint),
+                                                     done_ms),
                                            'UTF8'))
     WHERE request_id = p_request_id;
     RETURN QUERY SELECT final, matched, deleted, keys;
@@ -224,7 +234,7 @@ CREATE FUNCTION domicile.dsr_fail_leg(p_request_id text, p_me text, p_error text
                                       p_backoff_ms bigint)
 RETURNS void LANGUAGE sql AS $$
     UPDATE domicile.dsr_legs
-    SET state = 'failed', last_error = p_error, lease_expires_at = NULL,
+    SET state = 'failed', last_error = p_error, claimed_by = '', lease_expires_at = NULL,
         next_attempt_at = now() + p_backoff_ms * interval '1 millisecond'
     WHERE request_id = p_request_id AND claimed_by = p_me AND state = 'running'
 $$;
@@ -235,7 +245,8 @@ CREATE FUNCTION domicile.dsr_finish_export(p_request_id text, p_records bigint, 
 RETURNS void LANGUAGE sql AS $$
     UPDATE domicile.dsr_legs
     SET state = CASE WHEN p_ok THEN 'done' ELSE 'failed' END, finished_at = now(),
-        records_matched = p_records, last_error = p_error, lease_expires_at = NULL,
+        records_matched = p_records, last_error = p_error, claimed_by = '',
+        lease_expires_at = NULL,
         next_attempt_at = 'infinity'
     WHERE request_id = p_request_id
 $$;

@@ -313,6 +313,10 @@ static void put_done(dm_job_t *job, PGresult *res, dm_status_t *err)
     } else if (strcmp(status, "customer_closed") == 0) {
         put_fail(c, dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
                                   "customer is closed: records are read-only"));
+    } else if (strcmp(status, "objected") == 0) {
+        put_fail(c, dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                                  "the subject objected to processing for purpose \"%s\"",
+                                  dm_call_purpose(c->call)));
     } else if (strcmp(status, "no_customer") == 0) {
         put_fail(c, dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found"));
     } else if (strcmp(status, "request_id_reused") == 0) {
@@ -356,6 +360,7 @@ static void put_submit(rec_ctx_t *c)
     dm_job_param_text(&c->job, 9, req->content_type);
     dm_job_param_text(&c->job, 10, c->labels_json);
     dm_job_param_text(&c->job, 11, c->expected_s[0] ? c->expected_s : NULL);
+    dm_job_param_text(&c->job, 12, dm_call_purpose(c->call));
     dm_region_submit(c->region, &c->job);
 }
 

@@ -141,8 +141,10 @@ static void leg_from_row(leg_view_t *l, const PGresult *res, int row)
     l->leg.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_NEXT_ATTEMPT);
     l->leg.started_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_STARTED);
     l->leg.finished_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_FINISHED);
-    l->leg.claimed_by = (char *)dm_pg_bytes(res, row, DM_DC_CLAIMED_BY, &len);
-    l->leg.lease_expires_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_LEASE);
+    if (l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_RUNNING) {
+        l->leg.claimed_by = (char *)dm_pg_bytes(res, row, DM_DC_CLAIMED_BY, &len);
+        l->leg.lease_expires_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_LEASE);
+    }
     if (l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_DONE ||
         l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_SKIPPED) {
         l->receipt.records_matched = dm_pg_int8(res, row, DM_DC_MATCHED);
@@ -157,7 +159,14 @@ static void leg_from_row(leg_view_t *l, const PGresult *res, int row)
     }
 }
 
-/* Overall state, completion, overdue. */
+static int cmp_leg_region(const void *a, const void *b)
+{
+    const Domicile__V1__DsrLeg *x = *(Domicile__V1__DsrLeg *const *)a;
+    const Domicile__V1__DsrLeg *y = *(Domicile__V1__DsrLeg *const *)b;
+    return strcmp(x->region, y->region);
+}
+
+/* Overall state, completion, overdue; legs in region code order. */
 static void summarise(req_view_t *v, size_t n)
 {
     Domicile__V1__DsrRequest *q = &v->req;
@@ -191,6 +200,9 @@ static void summarise(req_view_t *v, size_t n)
                                                                     : q->gdpr_due_at_unix_ms;
     q->overdue =
         q->state != DOMICILE__V1__DSR_STATE__DSR_STATE_DONE && dm_now_ms() > v->effective_due;
+    for (size_t i = 0; i < n; i++)
+        v->legp[i] = &v->legs[i].leg;
+    qsort(v->legp, n, sizeof(v->legp[0]), cmp_leg_region);
     q->n_legs = n;
     q->legs = v->legp;
 }
@@ -419,6 +431,17 @@ static void start_receive(status_ctx_t *c)
 }
 
 /* Validate and store a request of `kind`; replies with its status. */
+static void customer_resolved(void *arg, dm_region_t *region, const char *state, dm_status_t *err)
+{
+    status_ctx_t *c = arg;
+    (void)region;
+    (void)state;
+    if (err)
+        dm_call_finish(c->call, err);
+    else
+        start_receive(c);
+}
+
 static void create(dm_call_t *call, int kind, const char *request_id, const char *subject,
                    const char *customer, const char *purpose, const char *reason)
 {
@@ -452,10 +475,6 @@ static void create(dm_call_t *call, int kind, const char *request_id, const char
                                            "is limited to some customers"));
         return;
     }
-    if (p && customer[0] && !dm_principal_in_scope(p, customer)) {
-        dm_call_finish(call, dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found"));
-        return;
-    }
     snprintf(c->request_id, sizeof(c->request_id), "%s", request_id);
     snprintf(c->customer, sizeof(c->customer), "%s", customer);
     snprintf(c->purpose, sizeof(c->purpose), "%s", purpose ? purpose : "");
@@ -466,7 +485,11 @@ static void create(dm_call_t *call, int kind, const char *request_id, const char
     DM_FINGERPRINT(c->fp, DM_AAD_STR("dsr"), DM_AAD_STR(kind_names[kind]),
                    DM_AAD_BYTES(c->sk, sizeof(c->sk)), DM_AAD_STR(c->customer),
                    DM_AAD_STR(c->purpose));
-    start_receive(c);
+    /* A request about one customer names a customer that exists (and is in scope). */
+    if (customer[0])
+        dm_api_resolve(call, c->customer, customer_resolved, c);
+    else
+        start_receive(c);
 }
 
 void dm_dsr_erase(dm_call_t *call)
@@ -541,11 +564,22 @@ static void extend_found(dm_fanout_t *f, void *arg)
     status_ctx_t *c = arg;
     req_view_t *v = dm_calloc(1, sizeof(*v));
     dm_status_t *st = view_from_fanout(v, f, c->app->regions);
+    if (!st && v->req.extended && strcmp(v->req.extension_reason, c->reason) == 0) {
+        /* A retry of the extension (its answer was lost): the request as it stands. */
+        free(v);
+        dm_fanout_free(f);
+        start_status(c);
+        return;
+    }
     if (!st && v->req.extended)
         st = dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
                            "the deadline was already extended once");
     if (!st && v->req.state == DOMICILE__V1__DSR_STATE__DSR_STATE_DONE)
         st = dm_status_new(GRPC_STATUS_FAILED_PRECONDITION, "the request is already done");
+    if (!st && dm_now_ms() > v->req.gdpr_due_at_unix_ms)
+        st = dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                           "the first month has passed: GDPR Art. 12(3) allows the extension "
+                           "only within it");
     int64_t until = st ? 0 : dm_add_months_ms(v->req.gdpr_due_at_unix_ms, EXTENSION_MONTH);
     free(v);
     dm_fanout_free(f);
@@ -583,6 +617,7 @@ void dm_dsr_extend(dm_call_t *call)
 /* ---- ListRequests ---------------------------------------------------------------------- */
 
 typedef struct row_ref {
+    int64_t received;
     const char *id;
     size_t region;
     const PGresult *res;
@@ -592,6 +627,8 @@ typedef struct row_ref {
 static int cmp_ref(const void *a, const void *b)
 {
     const row_ref_t *x = a, *y = b;
+    if (x->received != y->received)
+        return x->received < y->received ? -1 : 1;
     int c = strcmp(x->id, y->id);
     return c ? c : (x->region > y->region) - (x->region < y->region);
 }
@@ -625,6 +662,7 @@ static void list_done(dm_fanout_t *f, void *arg)
     for (size_t i = 0; i < f->n; i++) {
         for (int r = 0; !f->err[i] && r < PQntuples(f->res[i]); r++) {
             int len;
+            refs[k].received = dm_pg_time_ms(f->res[i], r, DM_DC_RECEIVED);
             refs[k].id = dm_pg_bytes(f->res[i], r, DM_DC_REQUEST_ID, &len);
             refs[k].region = i;
             refs[k].res = f->res[i];
@@ -703,8 +741,8 @@ void dm_dsr_list(dm_call_t *call)
     dm_status_t *st = dm_check_page_size("page_size", req->page_size, LIST_MAX);
     if (!st && req->customer_id[0])
         st = dm_check_customer_id("customer_id", req->customer_id);
-    if (!st && (req->due_within_days < 0 || req->due_within_days > 3650))
-        st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "due_within_days: must be 0..3650");
+    if (!st && (req->due_within_days < 0 || req->due_within_days > 366))
+        st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "due_within_days: must be 0..366");
     if (!st && ((size_t)req->kind >= DM_ARRAY_LEN(kind_names) || (int)req->state < 0 ||
                 (int)req->state > DOMICILE__V1__DSR_STATE__DSR_STATE_FAILED))
         st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "kind/state: unknown value");
@@ -724,13 +762,25 @@ void dm_dsr_list(dm_call_t *call)
 
 /* ---- Locate ---------------------------------------------------------------------------- */
 
+static int cmp_region_code(const void *a, const void *b, void *arg)
+{
+    dm_regions_t *rs = arg;
+    return strcmp(dm_region_code(dm_regions_at(rs, *(const size_t *)a)),
+                  dm_region_code(dm_regions_at(rs, *(const size_t *)b)));
+}
+
 static void locate_done(dm_fanout_t *f, void *arg)
 {
     dm_call_t *call = arg;
     Domicile__V1__LocateResponse rep = DOMICILE__V1__LOCATE_RESPONSE__INIT;
     Domicile__V1__RegionCount counts[DM_MAX_REGIONS], *cp[DM_MAX_REGIONS];
     char *unreachable[DM_MAX_REGIONS];
-    for (size_t i = 0; i < f->n; i++) {
+    size_t order[DM_MAX_REGIONS];
+    for (size_t i = 0; i < f->n; i++)
+        order[i] = i;
+    qsort_r(order, f->n, sizeof(size_t), cmp_region_code, APP(call)->regions);
+    for (size_t o = 0; o < f->n; o++) {
+        size_t i = order[o];
         if (f->err[i]) {
             unreachable[rep.n_unreachable_regions++] = (char *)dm_region_code(f->region[i]);
             continue;
@@ -1127,13 +1177,6 @@ static void export_region(export_ctx_t *e)
     e->xfer.subject_key = e->st.sk;
     snprintf(e->xfer.request_id, sizeof(e->xfer.request_id), "%s", e->st.request_id);
     dm_xfer_gate(e->call, r, &e->xfer, export_gated, e);
-}
-
-static int cmp_region_code(const void *a, const void *b, void *arg)
-{
-    dm_regions_t *rs = arg;
-    return strcmp(dm_region_code(dm_regions_at(rs, *(const size_t *)a)),
-                  dm_region_code(dm_regions_at(rs, *(const size_t *)b)));
 }
 
 static void export_received(dm_fanout_t *f, void *arg)

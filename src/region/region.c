@@ -640,30 +640,17 @@ static void purge_due(executor_t *e)
 {
     /* Closed customers past their retention window lose their records and keys. */
     const char *limit = "100";
-    bool timed_out;
-    e->wait_ms = MAINTENANCE_TIMEOUT_MS;
+    dm_exec_t x = {e};
+    dm_status_t *err;
     clock_gettime(CLOCK_MONOTONIC, &e->last_purge);
-    if (!PQsendQueryPrepared(e->conn, dm_sql[DM_SQL_PURGE_DUE].name, 1, &limit, NULL, NULL, 1) ||
-        !PQpipelineSync(e->conn)) {
-        drop_conn(e, PQerrorMessage(e->conn));
-        return;
-    }
-    PGresult *res = next_result(e->conn, &timed_out, e->wait_ms);
-    if (res && PQresultStatus(res) == PGRES_TUPLES_OK && dm_pg_int4(res, 0, 0) > 0)
+    PGresult *res = dm_region_exec(&x, DM_SQL_PURGE_DUE, 1, &limit, NULL, NULL, &err);
+    if (res && PQntuples(res) > 0 && dm_pg_int4(res, 0, 0) > 0)
         dm_info(e->region->component, "purged %d closed customers past retention",
                 dm_pg_int4(res, 0, 0));
-    else if (res && PQresultStatus(res) != PGRES_TUPLES_OK)
-        dm_warn(e->region->component, "purge failed: %s", PQresultErrorMessage(res));
+    else if (err)
+        dm_warn(e->region->component, "purge failed: %s", err->message);
     PQclear(res);
-    PGresult *x;
-    while ((x = next_result(e->conn, &timed_out, e->wait_ms)) != NULL) {
-        bool sync = PQresultStatus(x) == PGRES_PIPELINE_SYNC;
-        PQclear(x);
-        if (sync)
-            break;
-    }
-    if (timed_out)
-        drop_conn(e, "region did not answer in time");
+    dm_status_free(err);
 }
 
 PGresult *dm_region_exec(dm_exec_t *x, dm_sql_id_t stmt, int n, const char *const *values,

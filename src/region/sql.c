@@ -45,8 +45,8 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                   "SELECT * FROM domicile.get_or_create_key($1, $2, $3)", 3},
     [DM_SQL_PUT_RECORD] = {"put_record",
                            "SELECT * FROM domicile.put_record($1, $2, $3, $4, $5, $6, $7, $8, "
-                           "$9, $10, $11, $12)",
-                           12},
+                           "$9, $10, $11, $12, $13)",
+                           13},
     [DM_SQL_GET_RECORD] =
         {"get_record",
          "SELECT " RECORD_COLUMNS ", r.payload, k.wrapped, " OBJECTED(
