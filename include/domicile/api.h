@@ -8,7 +8,7 @@
 #include "domicile/app.h"
 #include "domicile/server.h"
 
-/** The method table, in proto order. Static storage. */
+/** The method table, in proto order (reflection last). Static storage. */
 const dm_method_t *dm_api_methods(size_t *n);
 
 /** Health service state. Created before the server starts; it watches the regions. */
@@ -45,5 +45,7 @@ void dm_dsr_locate(dm_call_t *call);
 void dm_transfers_report(dm_call_t *call);
 void dm_transfers_verify(dm_call_t *call);
 void dm_health_watch(dm_call_t *call);
+/** grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo (src/api/reflection.c). */
+void dm_reflection_info(dm_call_t *call);
 
 #endif

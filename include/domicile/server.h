@@ -1,13 +1,15 @@
 /*
  * The gRPC server on the core C API: one completion queue per thread, a per-call state machine,
- * unary, server-streaming and (later) client-streaming calls, graceful shutdown.
+ * unary, server-streaming, client-streaming and bidirectional-streaming calls, graceful shutdown.
  *
  * A handler receives a call whose request is already decoded. It must eventually end the call
  * exactly once, with dm_call_reply() (unary) or dm_call_finish() (any kind), from any thread.
  * After that it must not touch the call. Server-streaming handlers send messages with
  * dm_call_send(); the server keeps one SEND_MESSAGE in flight and buffers the rest, and calls
  * the drain callback when its queue is empty so a producer can make more (flow control: a slow
- * reader slows the producer, memory stays bounded).
+ * reader slows the producer, memory stays bounded). Client-streaming and bidirectional handlers
+ * read the client's messages with dm_call_recv(), one read at a time; bidirectional handlers
+ * answer with dm_call_send() while they read.
  */
 #ifndef DOMICILE_SERVER_H
 #define DOMICILE_SERVER_H
@@ -27,6 +29,7 @@ typedef enum {
     DM_RPC_UNARY,
     DM_RPC_SERVER_STREAM,
     DM_RPC_CLIENT_STREAM,
+    DM_RPC_BIDI_STREAM, /* client and server stream: dm_call_recv() and dm_call_send() */
 } dm_rpc_kind_t;
 
 typedef void (*dm_handler_fn)(dm_call_t *call);
@@ -74,7 +77,7 @@ int dm_server_live_calls(dm_server_t *srv);
 void *dm_call_app(dm_call_t *call);
 /** The method being called. */
 const dm_method_t *dm_call_method(dm_call_t *call);
-/** The decoded request (owned by the call). NULL for client-streaming methods. */
+/** The decoded request (owned by the call). NULL for client- and bidi-streaming methods. */
 const ProtobufCMessage *dm_call_request(dm_call_t *call);
 /**
  * First value of request metadata `key` (lower case). Returns a pointer into the call's own
@@ -95,7 +98,9 @@ bool dm_call_send(dm_call_t *call, const ProtobufCMessage *msg);
 size_t dm_call_queued(dm_call_t *call);
 /**
  * Run `fn` on a completion-queue thread whenever the send queue becomes empty, so a producer
- * can queue more. Set before the first send.
+ * can queue more. Set before the first send. Also run once when the call dies with a send in
+ * flight (what was queued is dropped), so a producer waiting for the drain learns it: its next
+ * dm_call_send() returns false.
  */
 void dm_call_on_drain(dm_call_t *call, dm_call_cb fn, void *arg);
 /** Run `fn` once if the call is cancelled (now, on this thread, if it already was). */
@@ -105,7 +110,7 @@ void dm_call_finish(dm_call_t *call, dm_status_t *st);
 /** Unary success: send `msg` and OK in one batch (same as send + finish(NULL)). */
 void dm_call_reply(dm_call_t *call, const ProtobufCMessage *msg);
 /**
- * Client-streaming: called with the next client message (owned by the callback: free with
+ * Client- and bidi-streaming: called with the next client message (owned by the callback: free with
  * protobuf_c_message_free_unpacked), or msg NULL and err NULL at the end of the stream, or
  * err set (INVALID_ARGUMENT for an undecodable message, CANCELLED when the call broke).
  * Runs on a completion-queue thread.

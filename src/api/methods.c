@@ -13,12 +13,15 @@
 #include "domicile/v1/subject_rights.pb-c.h"
 #include "domicile/v1/transfers.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
+#include "grpc/reflection/v1alpha/reflection.pb-c.h"
 
 #define U     DM_RPC_UNARY
 #define S     DM_RPC_SERVER_STREAM
 #define C     DM_RPC_CLIENT_STREAM
+#define B     DM_RPC_BIDI_STREAM
 #define V1(x) &domicile__v1__##x##__descriptor
 #define HC(x) &grpc__health__v1__##x##__descriptor
+#define RF(x) &grpc__reflection__v1alpha__##x##__descriptor
 #define M(svc, name, kind, in, out, handler, issue, roles)                                         \
     {                                                                                              \
         "/" svc "/" name, kind, in, out, handler, roles, issue                                     \
@@ -85,6 +88,10 @@ static const dm_method_t methods[] = {
       NULL, R_OPS),
     M("domicile.v1.Regions", "Unfence", U, V1(unfence_request), V1(region_status),
       dm_regions_unfence, NULL, R_OPS),
+    /* Last, so that the indices above (metrics, fuzz seeds) stay as they were. */
+    M("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo", B,
+      RF(server_reflection_request), RF(server_reflection_response), dm_reflection_info, NULL,
+      PUBLIC),
 };
 
 const dm_method_t *dm_api_methods(size_t *n)

@@ -31,7 +31,7 @@ typedef enum {
     TAG_NEW,      /* request_(registered_)call completed: a new call or shutdown */
     TAG_CLOSE,    /* RECV_CLOSE_ON_SERVER completed */
     TAG_SEND,     /* a send batch (message and/or status) completed */
-    TAG_RECV,     /* RECV_MESSAGE completed (client streaming) */
+    TAG_RECV,     /* RECV_MESSAGE completed (client and bidi streaming) */
     TAG_SHUTDOWN, /* grpc_server_shutdown_and_notify completed */
 } tag_kind_t;
 
@@ -124,6 +124,13 @@ struct dm_call {
 };
 
 static void post_request(cq_worker_t *w, size_t method_index, bool generic);
+
+/* Methods whose client sends a stream: no initial payload, the handler reads with
+ * dm_call_recv() (GRPC_SRM_PAYLOAD_NONE + RECV_MESSAGE batches). */
+static bool client_streams(const dm_method_t *m)
+{
+    return m->kind == DM_RPC_CLIENT_STREAM || m->kind == DM_RPC_BIDI_STREAM;
+}
 
 static void call_unref(dm_call_t *c)
 {
@@ -430,6 +437,21 @@ static void on_send_done(dm_call_t *c, bool ok)
         /* The call is gone (cancel, deadline, reset): send nothing more. */
         c->dead = true;
         fire_cancel = !atomic_load(&c->cancelled);
+        /* What is queued can never be sent: drop it, and wake a producer that waits for the
+         * drain (its next dm_call_send() fails, so it finishes the call); else it would wait
+         * forever and the call, its context and the queue would never be freed. */
+        for (outmsg_t *m = c->q_head; m;) {
+            outmsg_t *next = m->next;
+            grpc_byte_buffer_destroy(m->bb);
+            free(m);
+            m = next;
+        }
+        c->q_head = c->q_tail = NULL;
+        c->q_len = 0;
+        if (!c->finish_requested && c->on_drain) {
+            drain = c->on_drain;
+            arg = c->drain_arg;
+        }
     } else {
         pump_locked(c);
         if (!c->send_pending && !c->finish_requested && c->on_drain) {
@@ -440,6 +462,13 @@ static void on_send_done(dm_call_t *c, bool ok)
     pthread_mutex_unlock(&c->mu);
     if (fire_cancel)
         mark_cancelled(c);
+    if (drain && !ok) {
+        /* The cancel hook may have finished the call just now: then nobody waits. */
+        pthread_mutex_lock(&c->mu);
+        if (c->finish_requested)
+            drain = NULL;
+        pthread_mutex_unlock(&c->mu);
+    }
     if (drain)
         drain(c, arg);
 }
@@ -666,7 +695,7 @@ static void start_call(dm_call_t *c)
                              c->method->pending_issue ? c->method->pending_issue : "planned"));
         return;
     }
-    if (c->method->kind != DM_RPC_CLIENT_STREAM && !decode_request(c))
+    if (!client_streams(c->method) && !decode_request(c))
         return;
     c->method->handler(c);
 }
@@ -744,7 +773,7 @@ static void post_request(cq_worker_t *w, size_t method_index, bool generic)
         err = grpc_server_request_call(srv->server, &c->call, &c->details, &c->md, w->cq, w->cq,
                                        &c->t_new);
     } else {
-        bool with_payload = srv->methods[method_index].kind != DM_RPC_CLIENT_STREAM;
+        bool with_payload = !client_streams(&srv->methods[method_index]);
         err = grpc_server_request_registered_call(
             srv->server, srv->registered[method_index], &c->call, &c->deadline, &c->md,
             with_payload ? &c->payload : NULL, w->cq, w->cq, &c->t_new);
@@ -800,8 +829,8 @@ dm_status_t *dm_server_create(const dm_config_t *cfg, const dm_method_t *methods
     srv->registered = dm_calloc(n_methods, sizeof(void *));
     for (size_t i = 0; i < n_methods; i++) {
         grpc_server_register_method_payload_handling ph =
-            methods[i].kind == DM_RPC_CLIENT_STREAM ? GRPC_SRM_PAYLOAD_NONE
-                                                    : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER;
+            client_streams(&methods[i]) ? GRPC_SRM_PAYLOAD_NONE
+                                        : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER;
         srv->registered[i] = grpc_server_register_method(srv->server, methods[i].path, NULL, ph, 0);
         if (!srv->registered[i]) {
             dm_status_t *st =

@@ -31,6 +31,7 @@ from conftest import (
     wait_health,
     write_config_copy,
 )
+from grpc.reflection.v1alpha import reflection_pb2  # noqa: E402  (after conftest: grpc.__path__)
 
 V1_MODULES = ("common", "customers", "records", "subject_rights", "transfers", "regions")
 
@@ -62,7 +63,7 @@ def list_methods():
 def descriptor_methods():
     """{path: kind} for every rpc of our protos, from the Python descriptors (protoc's view,
     independent of the C method table)."""
-    mods = [importlib.import_module(f"domicile.v1.{m}_pb2") for m in V1_MODULES] + [health_pb2]
+    mods = [importlib.import_module(f"domicile.v1.{m}_pb2") for m in V1_MODULES] + [health_pb2, reflection_pb2]
     out = {}
     for mod in mods:
         for svc in mod.DESCRIPTOR.services_by_name.values():

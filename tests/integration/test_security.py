@@ -394,7 +394,8 @@ def test_purpose_metadata_is_validated(gateway):
 # 2. the role table: proto comments == the gateway's table == what the gateway enforces
 
 PROTO_FILES = sorted(glob.glob(os.path.join(SOURCE_DIR, "proto", "domicile", "v1", "*.proto"))) + [
-    os.path.join(SOURCE_DIR, "proto", "grpc", "health", "v1", "health.proto")
+    os.path.join(SOURCE_DIR, "proto", "grpc", "health", "v1", "health.proto"),
+    os.path.join(SOURCE_DIR, "proto", "grpc", "reflection", "v1alpha", "reflection.proto"),
 ]
 
 

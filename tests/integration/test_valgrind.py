@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from conftest import (
+    BUILD_DIR,
     DOMICILED,
     SERVING,
     SOURCE_DIR,
@@ -47,6 +48,8 @@ def call_raw(ch, path, kind, body=b""):
             list(ch.unary_stream(path, request_serializer=identity, response_deserializer=identity)(body, timeout=30))
         elif kind == "client-stream":
             ch.stream_unary(path, request_serializer=identity, response_deserializer=identity)(iter([body, body]), timeout=30)
+        elif kind == "bidi-stream":
+            list(ch.stream_stream(path, request_serializer=identity, response_deserializer=identity)(iter([body, body]), timeout=30))
         else:
             raise AssertionError(f"unexpected kind {kind} for {path}")
     except grpc.RpcError as e:
@@ -54,7 +57,17 @@ def call_raw(ch, path, kind, body=b""):
     return grpc.StatusCode.OK
 
 
+def _asan_build():
+    """True when BUILD_DIR was configured with -DDM_ASAN=ON (tests/run's sanitizer pass)."""
+    try:
+        with open(os.path.join(BUILD_DIR, "CMakeCache.txt")) as f:
+            return any(line.strip() == "DM_ASAN:BOOL=ON" for line in f)
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (apt-get install valgrind)")
+@pytest.mark.skipif(_asan_build(), reason="AddressSanitizer build (DM_ASAN=ON): valgrind cannot run an ASan binary; the sanitizers check this build instead")
 def test_gateway_under_valgrind(gateways):
     vlog = os.path.join(gateways.workdir, "valgrind.log")
     wrapper = [

@@ -16,11 +16,16 @@
 #include "domicile/v1/subject_rights.pb-c.h"
 #include "domicile/v1/transfers.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
+#include "grpc/reflection/v1alpha/reflection.pb-c.h"
 
 static const ProtobufCServiceDescriptor *services[] = {
-    &grpc__health__v1__health__descriptor, &domicile__v1__customers__descriptor,
-    &domicile__v1__records__descriptor,    &domicile__v1__subject_rights__descriptor,
-    &domicile__v1__transfers__descriptor,  &domicile__v1__regions__descriptor,
+    &grpc__health__v1__health__descriptor,
+    &domicile__v1__customers__descriptor,
+    &domicile__v1__records__descriptor,
+    &domicile__v1__subject_rights__descriptor,
+    &domicile__v1__transfers__descriptor,
+    &domicile__v1__regions__descriptor,
+    &grpc__reflection__v1alpha__server_reflection__descriptor,
 };
 
 static void test_table_matches_proto(void **state)
