@@ -56,6 +56,14 @@ bool dm_policy_forbidden(const dm_policy_t *p, const char *purpose);
  */
 const dm_basis_t *dm_policy_decide(const dm_policy_t *p, const char *from, const char *to,
                                    const char *purpose, int64_t now_ms, const char **why);
+/**
+ * For a transfer dm_policy_decide() refused: the basis of the matching route that was
+ * considered but is not in force at `now_ms` (the first revoked one in order of preference,
+ * else the route's first), or NULL when no basis was considered (forbidden purpose, no route,
+ * or a route with no bases). Logged as the refusal's basis_id.
+ */
+const dm_basis_t *dm_policy_considered(const dm_policy_t *p, const char *from, const char *to,
+                                       const char *purpose, int64_t now_ms);
 const dm_basis_t *dm_policy_basis(const dm_policy_t *p, const char *id);
 
 typedef enum {
@@ -75,7 +83,7 @@ typedef struct dm_transfer {
     const char *from, *to;
     dm_transfer_dir_t direction;
     const char *purpose;
-    const char *basis_id; /* "" when refused */
+    const char *basis_id; /* refused: the basis not in force, or "" */
     bool allowed;
     const char *refusal;    /* "" when allowed */
     const char *record_ids; /* joined by \x1f; "" when none */
@@ -118,7 +126,11 @@ typedef struct dm_ledger_ctx {
     int64_t last_purge_ms[DM_MAX_REGIONS];
 } dm_ledger_ctx_t;
 
-/** The regions' idle task: seal committed entries, purge past retention. arg: dm_ledger_ctx_t. */
+/**
+ * The regions' idle task: seal committed entries, store the new chain head as a witness in
+ * every other region (asynchronously; a region down keeps its older witness), purge past
+ * retention. arg: dm_ledger_ctx_t.
+ */
 void dm_ledger_idle(dm_region_t *r, dm_exec_t *x, void *arg);
 
 #endif

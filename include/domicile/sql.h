@@ -27,13 +27,18 @@ typedef enum {
     DM_SQL_LEDGER_HEAD,     /* () -> seq, chain_hash of the chain's last link */
     DM_SQL_LEDGER_UNSEALED, /* (limit) -> entry_id, entry_mac */
     DM_SQL_LEDGER_SEAL,     /* (seqs[], entry_ids[], hashes[]) */
-    DM_SQL_LEDGER_CHECKPOINT, /* () -> upto_seq, chain_hash, purged_before, mac */
-    DM_SQL_LEDGER_VERIFY,     /* (after_seq, limit) -> seq, entry_id, chain_hash, LEDGER_COLUMNS */
+    DM_SQL_LEDGER_CHECKPOINT, /* () -> upto_seq, chain_hash, purged_before, mac, at, n */
+    DM_SQL_LEDGER_VERIFY,     /* (after_seq, limit, loose_limit) -> seq, entry_id, chain_hash,
+                                 LEDGER_COLUMNS; then, if fewer links than limit, the unsealed
+                                 rows (seq NULL), all read in one snapshot */
     DM_SQL_LEDGER_LOOSE,      /* (limit) -> LEDGER_COLUMNS of rows not chained yet */
-    DM_SQL_LEDGER_LIST,       /* filters, after entry_id, limit -> LEDGER_COLUMNS, seq */
+    DM_SQL_LEDGER_LIST,       /* filters, after (at_ms, entry_id), limit -> LEDGER_COLUMNS, seq,
+                                 by at, entry_id */
     DM_SQL_LEDGER_REPORT,     /* (from_ms, to_ms, basis, purpose) -> grouped rows */
     DM_SQL_LEDGER_PURGE_UPTO, /* (before_ms) -> seq, chain_hash of the last purgeable link */
     DM_SQL_LEDGER_PURGE,      /* (upto_seq, chain_hash, before_ms, mac) -> rows purged */
+    DM_SQL_WITNESS_PUT,       /* (region, seq, chain_hash): raise the region's witnessed head */
+    DM_SQL_WITNESS_GET,       /* (region) -> seq, chain_hash witnessed here, or no row */
     DM_SQL_DSR_RECEIVE,       /* header + this region's leg (13 fields) -> status */
     DM_SQL_DSR_SET_MISSING,   /* (request_id, regions[]) */
     DM_SQL_DSR_STATUS,        /* (request_id) -> DSR_COLUMNS */

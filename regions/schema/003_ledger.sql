@@ -47,17 +47,33 @@ CREATE TABLE domicile.ledger_chain (
 
 -- A purge keeps the chain verifiable: the checkpoint says "the chain up to upto_seq ended in
 -- chain_hash", signed with the ledger key (mac), so verification resumes from there.
+-- `at` and `entries_purged` are informational (set here, not covered by the mac: the gateway
+-- signs before the purge counts).
 CREATE TABLE domicile.ledger_checkpoints (
-    checkpoint_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    upto_seq      bigint NOT NULL,
-    chain_hash    bytea NOT NULL,
-    purged_before timestamptz NOT NULL,
-    at            timestamptz NOT NULL DEFAULT now(),
-    mac           bytea NOT NULL
+    checkpoint_id  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    upto_seq       bigint NOT NULL,
+    chain_hash     bytea NOT NULL,
+    purged_before  timestamptz NOT NULL,
+    at             timestamptz NOT NULL DEFAULT now(),
+    mac            bytea NOT NULL,
+    entries_purged bigint NOT NULL DEFAULT 0 CHECK (entries_purged >= 0)
 );
 
-REVOKE ALL ON domicile.ledger, domicile.ledger_chain, domicile.ledger_checkpoints
-    FROM domicile_gateway;
+-- Witnesses: the chain head (region, seq, chain_hash) of ANOTHER region's ledger, as that
+-- region's sealer last stored it (written here after each sealed batch). A region's own
+-- tables can be cut at the tail (newest entry and link deleted) without a gap; VerifyLedger
+-- checks that the region's chain still reaches the highest head witnessed in the other
+-- regions. The gateway can only raise a witness (ledger_witness_put), never lower it.
+CREATE TABLE domicile.ledger_witness (
+    region     text PRIMARY KEY,
+    seq        bigint NOT NULL CHECK (seq >= 1),
+    chain_hash bytea NOT NULL,
+    at         timestamptz NOT NULL DEFAULT now()
+);
+
+REVOKE ALL ON domicile.ledger, domicile.ledger_chain, domicile.ledger_checkpoints,
+    domicile.ledger_witness FROM domicile_gateway;
+GRANT SELECT ON domicile.ledger_witness TO domicile_gateway;
 GRANT SELECT, INSERT ON domicile.ledger, domicile.ledger_chain, domicile.ledger_checkpoints
     TO domicile_gateway;
 
@@ -92,7 +108,9 @@ END $$;
 
 -- Retention: delete rows sealed before `p_before`, up to link `p_upto_seq`, after storing the
 -- gateway-signed checkpoint of that link. Runs with the owner's rights (the gateway cannot
--- delete ledger rows itself) and refuses anything but a prefix of old, sealed rows.
+-- delete ledger rows itself) and refuses anything but a prefix of old, sealed rows: the
+-- cut-off must be at least 365 days old, so whoever holds the gateway's role cannot erase
+-- recent entries through it (the gateway's ledger_retention_days is 0 or >= 365 to match).
 CREATE FUNCTION domicile.ledger_purge(p_upto_seq bigint, p_chain_hash bytea,
                                       p_before timestamptz, p_mac bytea)
 RETURNS bigint
@@ -100,8 +118,9 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, domicile AS $$
 DECLARE
     n bigint;
 BEGIN
-    IF p_before > now() THEN
-        RAISE EXCEPTION 'ledger_purge: cut-off % is in the future', p_before;
+    IF p_before IS NULL OR p_before > now() - interval '365 days' THEN
+        RAISE EXCEPTION 'ledger_purge: cut-off % is less than 365 days old', p_before
+            USING ERRCODE = '22023';
     END IF;
     IF EXISTS (SELECT 1 FROM domicile.ledger_chain c JOIN domicile.ledger l USING (entry_id)
                WHERE c.seq <= p_upto_seq AND l.at >= p_before) THEN
@@ -112,16 +131,29 @@ BEGIN
                    WHERE seq = p_upto_seq AND chain_hash = p_chain_hash) THEN
         RAISE EXCEPTION 'ledger_purge: link % does not have the given hash', p_upto_seq;
     END IF;
-    INSERT INTO domicile.ledger_checkpoints (upto_seq, chain_hash, purged_before, mac)
-    VALUES (p_upto_seq, p_chain_hash, p_before, p_mac);
     DELETE FROM domicile.ledger l USING domicile.ledger_chain c
     WHERE c.entry_id = l.entry_id AND c.seq <= p_upto_seq;
     GET DIAGNOSTICS n = ROW_COUNT;
     DELETE FROM domicile.ledger_chain WHERE seq <= p_upto_seq;
+    INSERT INTO domicile.ledger_checkpoints (upto_seq, chain_hash, purged_before, mac,
+                                             entries_purged)
+    VALUES (p_upto_seq, p_chain_hash, p_before, p_mac, n);
     RETURN n;
 END $$;
 REVOKE ALL ON FUNCTION domicile.ledger_purge(bigint, bytea, timestamptz, bytea) FROM PUBLIC;
+
+CREATE FUNCTION domicile.ledger_witness_put(p_region text, p_seq bigint, p_hash bytea)
+RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, domicile AS $$
+    INSERT INTO domicile.ledger_witness AS w (region, seq, chain_hash)
+    VALUES (p_region, p_seq, p_hash)
+    ON CONFLICT (region) DO UPDATE SET seq = excluded.seq, chain_hash = excluded.chain_hash,
+                                       at = now()
+    WHERE w.seq < excluded.seq
+$$;
+REVOKE ALL ON FUNCTION domicile.ledger_witness_put(text, bigint, bytea) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION domicile.ledger_unsealed(integer),
                           domicile.ledger_seal(bigint[], bigint[], bytea[]),
-                          domicile.ledger_purge(bigint, bytea, timestamptz, bytea)
+                          domicile.ledger_purge(bigint, bytea, timestamptz, bytea),
+                          domicile.ledger_witness_put(text, bigint, bytea)
     TO domicile_gateway;

@@ -4,7 +4,8 @@
  *   - a purpose the policy forbids: PERMISSION_DENIED on every route, same region included;
  *   - C == R: no transfer;
  *   - otherwise the first basis in force on the route, or a refusal that is itself logged
- *     in R's ledger before PERMISSION_DENIED goes back;
+ *     in R's ledger (naming the route's basis that is not in force, if any) before
+ *     PERMISSION_DENIED goes back;
  * and, for an allowed transfer, the ledger entry committed in R before the data leaves.
  */
 #include <stdio.h>
@@ -84,11 +85,14 @@ void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn
         fn(arg, NULL);
         return;
     }
-    x->basis = dm_policy_decide(dm_app_policy(app), x->from, x->to, purpose, dm_now_ms(), &why);
+    int64_t now = dm_now_ms();
+    x->basis = dm_policy_decide(dm_app_policy(app), x->from, x->to, purpose, now, &why);
     if (x->basis) {
         fn(arg, NULL);
         return;
     }
+    const dm_basis_t *considered =
+        dm_policy_considered(dm_app_policy(app), x->from, x->to, purpose, now);
     refusal_t *rf = dm_malloc(sizeof(*rf));
     rf->fn = fn;
     rf->arg = arg;
@@ -105,7 +109,7 @@ void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn
         .to = x->to,
         .direction = x->dir,
         .purpose = purpose,
-        .basis_id = "",
+        .basis_id = considered ? considered->id : "",
         .allowed = false,
         .refusal = why,
         .record_ids = "",

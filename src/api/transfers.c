@@ -22,7 +22,7 @@
 #define LIST_DEFAULT 100
 #define LIST_MAX     1000
 #define LIST_CHUNK   200
-#define TOKEN_PREFIX "t1."
+#define TOKEN_PREFIX "t2."
 
 /* ---- verification -------------------------------------------------------------------- */
 
@@ -36,7 +36,18 @@ struct verify {
     dm_job_t job;
     verify_done_fn done;
     void *arg;
-    char after_s[24], limit_s[16];
+    char after_s[24], limit_s[16], loose_s[16];
+    bool restarted; /* the checkpoint was read again once */
+    /* The highest head of this region's chain witnessed in the other regions (0: none);
+     * one slot per region while they are read. */
+    dm_regions_t *regions;
+    atomic_int wpending;
+    dm_job_t wjobs[DM_MAX_REGIONS];
+    int64_t wseq[DM_MAX_REGIONS];
+    unsigned char whash[DM_MAX_REGIONS][32];
+    int64_t witness_seq;
+    const char *witness_region;
+    unsigned char witness_hash[32];
     /* result */
     unsigned char prev[32];
     int64_t expected; /* next seq the chain must show */
@@ -51,6 +62,7 @@ struct verify {
 };
 
 static void verify_page(verify_t *v);
+static void verify_read(verify_t *v);
 
 static void set_damage(verify_t *v, int kind, int64_t seq, const char *fmt, ...) DM_PRINTF(4, 5);
 
@@ -66,24 +78,15 @@ static void set_damage(verify_t *v, int kind, int64_t seq, const char *fmt, ...)
     va_end(ap);
 }
 
-static void verify_loose_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+/* Rows outside the chain: committed but not sealed yet, or forged (no valid MAC). */
+static void verify_loose_row(verify_t *v, const PGresult *res, int i)
 {
-    verify_t *v = job->arg;
-    if (err) {
-        v->done(v, err);
-        return;
-    }
-    /* Rows outside the chain: committed but not sealed yet, or forged (no valid MAC). */
-    int n = PQntuples(res);
-    for (int i = 0; i < n; i++) {
-        if (!dm_ledger_entry_verifies(v->key, res, i, 0))
-            set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_INSERTED, v->expected,
-                       "entry %lld carries no valid MAC: inserted outside the gateway",
-                       (long long)dm_pg_int8(res, i, DM_LC_ENTRY_ID));
-        else
-            v->unsealed++;
-    }
-    v->done(v, NULL);
+    if (!dm_ledger_entry_verifies(v->key, res, i, 3))
+        set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_INSERTED, v->expected,
+                   "entry %lld carries no valid MAC: inserted outside the gateway",
+                   (long long)dm_pg_int8(res, i, 3 + DM_LC_ENTRY_ID));
+    else
+        v->unsealed++;
 }
 
 static void verify_chain_done(dm_job_t *job, PGresult *res, dm_status_t *err)
@@ -93,13 +96,25 @@ static void verify_chain_done(dm_job_t *job, PGresult *res, dm_status_t *err)
         v->done(v, err);
         return;
     }
-    int n = PQntuples(res);
+    int n = PQntuples(res), links = 0;
     for (int i = 0; i < n; i++) {
+        if (dm_pg_isnull(res, i, 0)) {
+            verify_loose_row(v, res, i);
+            continue;
+        }
+        links++;
         int64_t seq = dm_pg_int8(res, i, 0);
         int64_t entry_id = dm_pg_int8(res, i, 1);
         int len;
         const unsigned char *link = (const unsigned char *)dm_pg_bytes(res, i, 2, &len);
         if (seq != v->expected) {
+            if (v->checked == 0 && !v->restarted) {
+                /* A purge may have moved the checkpoint since it was read: read it again,
+                 * once. A gap that is still there then is damage. */
+                v->restarted = true;
+                verify_read(v);
+                return;
+            }
             set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, v->expected,
                        "chain link %lld is missing", (long long)v->expected);
             v->expected = seq; /* carry on from what is there */
@@ -122,23 +137,29 @@ static void verify_chain_done(dm_job_t *job, PGresult *res, dm_status_t *err)
                            "chain was rewritten",
                            (long long)seq, (long long)seq - 1);
         }
+        if (seq == v->witness_seq && (len != 32 || CRYPTO_memcmp(link, v->witness_hash, 32) != 0))
+            set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_REORDERED, seq,
+                       "link %lld is not the one region %s witnessed: the chain was rewritten",
+                       (long long)seq, v->witness_region);
         if (len == 32)
             memcpy(v->prev, link, 32); /* continue from the stored link */
         v->expected = seq + 1;
         v->checked++;
     }
-    if (n == VERIFY_PAGE) {
+    /* A short page also carried the unsealed rows, read in the same snapshot as its links:
+     * an entry sealed meanwhile is counted exactly once. */
+    if (links == VERIFY_PAGE) {
         verify_page(v);
         return;
     }
-    memset(&v->job, 0, sizeof(v->job));
-    v->job.stmt = DM_SQL_LEDGER_LOOSE;
-    v->job.done = verify_loose_done;
-    v->job.arg = v;
-    v->job.call = v->call;
-    snprintf(v->limit_s, sizeof(v->limit_s), "%d", LOOSE_LIMIT);
-    dm_job_param_text(&v->job, 0, v->limit_s);
-    dm_region_submit(v->region, &v->job);
+    /* The witnesses were read before the chain, after their links had been committed here:
+     * a chain ending before the witnessed head lost its tail. */
+    if (v->witness_seq > v->expected - 1)
+        set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, v->expected,
+                   "links %lld to %lld are missing: region %s witnessed the chain up to link %lld",
+                   (long long)v->expected, (long long)v->witness_seq, v->witness_region,
+                   (long long)v->witness_seq);
+    v->done(v, NULL);
 }
 
 static void verify_page(verify_t *v)
@@ -150,8 +171,10 @@ static void verify_page(verify_t *v)
     v->job.call = v->call;
     snprintf(v->after_s, sizeof(v->after_s), "%lld", (long long)(v->expected - 1));
     snprintf(v->limit_s, sizeof(v->limit_s), "%d", VERIFY_PAGE);
+    snprintf(v->loose_s, sizeof(v->loose_s), "%d", LOOSE_LIMIT);
     dm_job_param_text(&v->job, 0, v->after_s);
     dm_job_param_text(&v->job, 1, v->limit_s);
+    dm_job_param_text(&v->job, 2, v->loose_s);
     dm_region_submit(v->region, &v->job);
 }
 
@@ -175,6 +198,8 @@ static void verify_checkpoint_done(dm_job_t *job, PGresult *res, dm_status_t *er
         v->has_checkpoint = true;
         v->cp.seq = upto;
         v->cp.purged_before_unix_ms = before;
+        v->cp.created_at_unix_ms = dm_pg_time_ms(res, 0, 4);
+        v->cp.entries_purged = dm_pg_int8(res, 0, 5);
         if (len == 32) {
             dm_ledger_checkpoint_mac(v->key, upto, hash, before, mac);
             v->cp.valid = mlen == 32 && CRYPTO_memcmp(mac, stored, 32) == 0;
@@ -192,9 +217,14 @@ static void verify_checkpoint_done(dm_job_t *job, PGresult *res, dm_status_t *er
     verify_page(v);
 }
 
-static void verify_start(verify_t *v)
+static void verify_read(verify_t *v)
 {
     v->damage = DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_NONE;
+    v->bad_seq = 0;
+    v->detail[0] = '\0';
+    v->checked = 0;
+    v->unsealed = 0;
+    v->has_checkpoint = false;
     domicile__v1__ledger_checkpoint__init(&v->cp);
     v->cp.chain_hash_hex = "";
     memset(&v->job, 0, sizeof(v->job));
@@ -203,6 +233,65 @@ static void verify_start(verify_t *v)
     v->job.arg = v;
     v->job.call = v->call;
     dm_region_submit(v->region, &v->job);
+}
+
+static void witness_arrived(verify_t *v)
+{
+    if (atomic_fetch_sub(&v->wpending, 1) != 1)
+        return;
+    v->witness_seq = 0;
+    for (size_t k = 0; k < dm_regions_count(v->regions); k++) {
+        if (v->wseq[k] > v->witness_seq) {
+            v->witness_seq = v->wseq[k];
+            v->witness_region = dm_region_code(dm_regions_at(v->regions, k));
+            memcpy(v->witness_hash, v->whash[k], 32);
+        }
+    }
+    verify_read(v);
+}
+
+static void witness_got(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    verify_t *v = job->arg;
+    size_t k = (size_t)(job - v->wjobs);
+    int len;
+    if (err) {
+        dm_status_free(err); /* a region that cannot answer makes no claim */
+    } else if (PQntuples(res) == 1) {
+        const char *h = dm_pg_bytes(res, 0, 1, &len);
+        if (len == 32) {
+            v->wseq[k] = dm_pg_int8(res, 0, 0);
+            memcpy(v->whash[k], h, 32);
+        }
+    }
+    witness_arrived(v);
+}
+
+/* Read the witnesses of this region's head in every other region, then the ledger. */
+static void verify_start(verify_t *v)
+{
+    size_t n = dm_regions_count(v->regions);
+    /* One extra count held while submitting, as a region down answers at once. */
+    atomic_store(&v->wpending, (int)n + 1);
+    for (size_t k = 0; k < n; k++) {
+        dm_region_t *other = dm_regions_at(v->regions, k);
+        v->wseq[k] = 0;
+        if (other == v->region) {
+            atomic_fetch_sub(&v->wpending, 1);
+            continue;
+        }
+        dm_job_t *j = &v->wjobs[k];
+        memset(j, 0, sizeof(*j));
+        j->stmt = DM_SQL_WITNESS_GET;
+        j->done = witness_got;
+        j->arg = v;
+        j->call = v->call;
+        dm_job_param_text(j, 0, dm_region_code(v->region));
+    }
+    for (size_t k = 0; k < n; k++)
+        if (dm_regions_at(v->regions, k) != v->region)
+            dm_region_submit(dm_regions_at(v->regions, k), &v->wjobs[k]);
+    witness_arrived(v);
 }
 
 static void verify_reply(verify_t *v, dm_status_t *err)
@@ -251,6 +340,7 @@ void dm_transfers_verify(dm_call_t *call)
     verify_t *v = dm_calloc(1, sizeof(*v));
     v->call = call;
     v->region = r;
+    v->regions = app->regions;
     v->key = app->ledger_keys[dm_app_region_index(app, r)];
     v->done = verify_reply;
     dm_call_set_data(call, v, free);
@@ -259,28 +349,65 @@ void dm_transfers_verify(dm_call_t *call)
 
 /* ---- ListTransfers ------------------------------------------------------------------- */
 
-typedef struct list_ctx {
+/*
+ * With every region in scope, the regions' answers are merged: each region is read in
+ * (at, entry_id) order in chunks, and the entry with the smallest (at_unix_ms, region code,
+ * entry_id) among the regions' next rows is sent next. A region whose chunk is used up is
+ * read again before anything else is sent, so that nothing it holds is skipped. The page
+ * token is the sort key of the last entry sent; each region resumes after it.
+ */
+typedef struct list_ctx list_ctx_t;
+
+typedef struct list_src {
+    list_ctx_t *c;
+    size_t region_i;
+    dm_job_t job;
+    PGresult *res;  /* the current chunk (a copy, owned here); NULL before the first read */
+    int pos;        /* next row of res to send */
+    bool exhausted; /* the last read returned fewer rows than asked: nothing after res */
+    bool has_after;
+    int64_t after_at, after_id; /* read after this (at_ms, entry_id) */
+    char at_s[24], id_s[24], limit_s[16];
+    dm_status_t *err;
+} list_src_t;
+
+struct list_ctx {
     dm_call_t *call;
     dm_app_t *app;
-    size_t region_i; /* index of the region being listed */
-    size_t region_end;
-    int64_t after; /* last entry id sent in this region */
+    size_t n;
+    list_src_t src[DM_MAX_REGIONS];
     int remaining;
-    char from_s[24], to_s[24], after_s[24], limit_s[16];
+    char from_s[24], to_s[24];
     const char *outcome;
-    dm_job_t job;
+    int64_t last_at, last_id; /* sort key of the last entry sent */
+    const char *last_code;
+    atomic_int pending;
     atomic_bool awaiting_drain;
-} list_ctx_t;
+};
 
-static void list_next(list_ctx_t *c);
+static void list_free(void *p)
+{
+    list_ctx_t *c = p;
+    for (size_t i = 0; i < c->n; i++) {
+        PQclear(c->src[i].res);
+        dm_status_free(c->src[i].err);
+    }
+    free(c);
+}
+
+static int src_rows(const list_src_t *s)
+{
+    return s->res ? PQntuples(s->res) : 0;
+}
 
 static void list_end(list_ctx_t *c, bool more)
 {
     Domicile__V1__ListTransfersResponse msg = DOMICILE__V1__LIST_TRANSFERS_RESPONSE__INIT;
     Domicile__V1__ListTransfersPage end = DOMICILE__V1__LIST_TRANSFERS_PAGE__INIT;
     char tok[80] = "";
-    if (more)
-        snprintf(tok, sizeof(tok), TOKEN_PREFIX "%zu.%lld", c->region_i, (long long)c->after);
+    if (more && c->last_code)
+        snprintf(tok, sizeof(tok), TOKEN_PREFIX "%lld.%lld.%s", (long long)c->last_at,
+                 (long long)c->last_id, c->last_code);
     end.next_page_token = tok;
     msg.item_case = DOMICILE__V1__LIST_TRANSFERS_RESPONSE__ITEM_END;
     msg.end = &end;
@@ -288,14 +415,17 @@ static void list_end(list_ctx_t *c, bool more)
     dm_call_finish(c->call, NULL);
 }
 
+static void list_fetch(list_ctx_t *c);
+
 static void list_maybe_next(list_ctx_t *c)
 {
     if (dm_call_queued(c->call) == 0 && atomic_exchange(&c->awaiting_drain, false))
-        list_next(c);
+        list_fetch(c);
 }
 
 static void list_drained(dm_call_t *call, void *arg)
 {
+    (void)call;
     list_maybe_next(arg);
 }
 
@@ -364,74 +494,144 @@ static void entry_from_row(Domicile__V1__TransferEntry *e, const PGresult *res, 
     e->record_ids = *ids;
 }
 
-static void list_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+static void list_send(list_ctx_t *c)
 {
-    list_ctx_t *c = job->arg;
-    if (err) {
-        dm_call_finish(c->call, err);
-        return;
-    }
-    const char *code = dm_region_code(dm_regions_at(c->app->regions, c->region_i));
-    int limit = atoi(c->limit_s) - 1;
-    int rows = PQntuples(res);
-    int to_send = rows > limit ? limit : rows;
-    for (int i = 0; i < to_send; i++) {
+    for (;;) {
+        list_src_t *best = NULL;
+        int64_t best_at = 0, best_id = 0;
+        for (size_t i = 0; i < c->n; i++) {
+            list_src_t *s = &c->src[i];
+            if (s->pos == src_rows(s)) {
+                if (!s->exhausted) {
+                    /* Read this region on before sending anything that might follow it. */
+                    atomic_store(&c->awaiting_drain, true);
+                    list_maybe_next(c);
+                    return;
+                }
+                continue;
+            }
+            int64_t at = dm_pg_time_ms(s->res, s->pos, DM_LC_AT);
+            int64_t id = dm_pg_int8(s->res, s->pos, DM_LC_ENTRY_ID);
+            int cmp = best == NULL    ? -1
+                      : at != best_at ? (at < best_at ? -1 : 1)
+                      : s->region_i != best->region_i
+                          ? strcmp(dm_region_code(dm_regions_at(c->app->regions, s->region_i)),
+                                   dm_region_code(dm_regions_at(c->app->regions, best->region_i)))
+                          : (id < best_id ? -1 : 1);
+            if (cmp < 0) {
+                best = s;
+                best_at = at;
+                best_id = id;
+            }
+        }
+        if (!best || c->remaining == 0) {
+            list_end(c, best != NULL);
+            return;
+        }
+        const char *code = dm_region_code(dm_regions_at(c->app->regions, best->region_i));
         Domicile__V1__TransferEntry e = DOMICILE__V1__TRANSFER_ENTRY__INIT;
         Domicile__V1__ListTransfersResponse msg = DOMICILE__V1__LIST_TRANSFERS_RESPONSE__INIT;
         char sk_hex[65] = "", hash_hex[65] = "", *ids_buf, **ids;
         e.subject_key_hex = "";
         e.entry_hash_hex = "";
-        entry_from_row(&e, res, i, code, sk_hex, hash_hex, &ids_buf, &ids);
+        entry_from_row(&e, best->res, best->pos, code, sk_hex, hash_hex, &ids_buf, &ids);
         msg.item_case = DOMICILE__V1__LIST_TRANSFERS_RESPONSE__ITEM_ENTRY;
         msg.entry = &e;
         bool alive = dm_call_send(c->call, &msg.base);
-        c->after = e.entry_id;
         free(ids);
         free(ids_buf);
         if (!alive) {
             dm_call_finish(c->call, dm_status_new(GRPC_STATUS_CANCELLED, "stream cancelled"));
             return;
         }
+        best->pos++;
+        c->remaining--;
+        c->last_at = best_at;
+        c->last_id = best_id;
+        c->last_code = code;
     }
-    c->remaining -= to_send;
-    bool more_here = rows > limit;
-    if (!more_here) {
-        /* This region is done: the next one, from its start. */
-        c->region_i++;
-        c->after = 0;
-    }
-    bool more = c->region_i < c->region_end;
-    if (c->remaining == 0 || !more) {
-        list_end(c, more);
-        return;
-    }
-    atomic_store(&c->awaiting_drain, true);
-    list_maybe_next(c);
 }
 
-static void list_next(list_ctx_t *c)
+static void list_arrived(list_ctx_t *c);
+
+static void list_fetched(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    list_src_t *s = job->arg;
+    list_ctx_t *c = s->c;
+    PQclear(s->res);
+    s->res = NULL;
+    s->pos = 0;
+    if (err) {
+        s->err = err;
+    } else {
+        int rows = PQntuples(res);
+        s->res = PQcopyResult(res, PG_COPYRES_ATTRS | PG_COPYRES_TUPLES);
+        s->exhausted = rows < atoi(s->limit_s);
+        if (rows > 0) {
+            s->has_after = true;
+            s->after_at = dm_pg_time_ms(res, rows - 1, DM_LC_AT);
+            s->after_id = dm_pg_int8(res, rows - 1, DM_LC_ENTRY_ID);
+        }
+    }
+    list_arrived(c);
+}
+
+/* One read of the round is in; after the last one, one thread carries on. */
+static void list_arrived(list_ctx_t *c)
+{
+    if (atomic_fetch_sub(&c->pending, 1) != 1)
+        return;
+    for (size_t i = 0; i < c->n; i++) {
+        if (c->src[i].err) {
+            dm_status_t *first = c->src[i].err;
+            c->src[i].err = NULL;
+            dm_call_finish(c->call, first);
+            return;
+        }
+    }
+    list_send(c);
+}
+
+/* Read the next chunk of every region in scope whose rows are used up. */
+static void list_fetch(list_ctx_t *c)
 {
     const Domicile__V1__ListTransfersRequest *req =
         (const Domicile__V1__ListTransfersRequest *)dm_call_request(c->call);
-    int chunk = c->remaining < LIST_CHUNK ? c->remaining : LIST_CHUNK;
-    snprintf(c->limit_s, sizeof(c->limit_s), "%d", chunk + 1);
-    snprintf(c->after_s, sizeof(c->after_s), "%lld", (long long)c->after);
-    memset(&c->job, 0, sizeof(c->job));
-    c->job.stmt = DM_SQL_LEDGER_LIST;
-    c->job.done = list_done;
-    c->job.arg = c;
-    c->job.call = c->call;
-    dm_job_param_text(&c->job, 0, c->from_s);
-    dm_job_param_text(&c->job, 1, c->to_s);
-    dm_job_param_text(&c->job, 2, req->from_region);
-    dm_job_param_text(&c->job, 3, req->to_region);
-    dm_job_param_text(&c->job, 4, req->basis_id);
-    dm_job_param_text(&c->job, 5, req->purpose);
-    dm_job_param_text(&c->job, 6, c->outcome);
-    dm_job_param_text(&c->job, 7, req->customer_id);
-    dm_job_param_text(&c->job, 8, c->after_s);
-    dm_job_param_text(&c->job, 9, c->limit_s);
-    dm_region_submit(dm_regions_at(c->app->regions, c->region_i), &c->job);
+    /* After the page is full, one row is enough to tell whether there is a next page. */
+    int chunk = c->remaining == 0 ? 1 : c->remaining < LIST_CHUNK ? c->remaining : LIST_CHUNK;
+    list_src_t *todo[DM_MAX_REGIONS];
+    size_t n = 0;
+    for (size_t i = 0; i < c->n; i++)
+        if (!c->src[i].exhausted && c->src[i].pos == src_rows(&c->src[i]))
+            todo[n++] = &c->src[i];
+    /* One extra count held while submitting: a read failing at once must not carry on
+     * while later reads are still being set up. */
+    atomic_store(&c->pending, (int)n + 1);
+    for (size_t k = 0; k < n; k++) {
+        list_src_t *s = todo[k];
+        snprintf(s->limit_s, sizeof(s->limit_s), "%d", chunk);
+        snprintf(s->at_s, sizeof(s->at_s), "%lld", (long long)s->after_at);
+        snprintf(s->id_s, sizeof(s->id_s), "%lld", (long long)s->after_id);
+        memset(&s->job, 0, sizeof(s->job));
+        s->job.stmt = DM_SQL_LEDGER_LIST;
+        s->job.done = list_fetched;
+        s->job.arg = s;
+        s->job.call = c->call;
+        dm_job_param_text(&s->job, 0, c->from_s);
+        dm_job_param_text(&s->job, 1, c->to_s);
+        dm_job_param_text(&s->job, 2, req->from_region);
+        dm_job_param_text(&s->job, 3, req->to_region);
+        dm_job_param_text(&s->job, 4, req->basis_id);
+        dm_job_param_text(&s->job, 5, req->purpose);
+        dm_job_param_text(&s->job, 6, c->outcome);
+        dm_job_param_text(&s->job, 7, req->customer_id);
+        dm_job_param_text(&s->job, 8, s->has_after ? s->at_s : NULL);
+        dm_job_param_text(&s->job, 9, s->id_s);
+        dm_job_param_text(&s->job, 10, s->limit_s);
+    }
+    for (size_t k = 0; k < n; k++)
+        dm_region_submit(dm_regions_at(c->app->regions, todo[k]->region_i), &todo[k]->job);
+    list_arrived(c);
 }
 
 static dm_status_t *check_filters(const char *from_region, const char *to_region, const char *basis,
@@ -473,7 +673,7 @@ void dm_transfers_list(dm_call_t *call)
     list_ctx_t *c = dm_calloc(1, sizeof(*c));
     c->call = call;
     c->app = app;
-    dm_call_set_data(call, c, free);
+    dm_call_set_data(call, c, list_free);
     c->remaining = req->page_size ? req->page_size : LIST_DEFAULT;
     snprintf(c->from_s, sizeof(c->from_s), "%lld", (long long)req->from_unix_ms);
     snprintf(c->to_s, sizeof(c->to_s), "%lld", (long long)req->to_unix_ms);
@@ -481,34 +681,49 @@ void dm_transfers_list(dm_call_t *call)
         req->outcome == DOMICILE__V1__TRANSFER_OUTCOME__TRANSFER_OUTCOME_ALLOWED   ? "allowed"
         : req->outcome == DOMICILE__V1__TRANSFER_OUTCOME__TRANSFER_OUTCOME_REFUSED ? "refused"
                                                                                    : "";
-    c->region_i = 0;
-    c->region_end = dm_regions_count(app->regions);
+    size_t first = 0, end = dm_regions_count(app->regions);
     if (req->region[0]) {
         dm_region_t *r;
         if ((st = find_region(app, req->region, &r))) {
             dm_call_finish(call, st);
             return;
         }
-        c->region_i = dm_app_region_index(app, r);
-        c->region_end = c->region_i + 1;
+        first = dm_app_region_index(app, r);
+        end = first + 1;
+    }
+    for (size_t i = first; i < end; i++) {
+        list_src_t *s = &c->src[c->n++];
+        s->c = c;
+        s->region_i = i;
     }
     if (req->page_token[0]) {
-        size_t ri;
-        long long after;
-        char extra;
-        if (strlen(req->page_token) > 64 ||
-            sscanf(req->page_token, TOKEN_PREFIX "%zu.%lld%c", &ri, &after, &extra) != 2 ||
-            ri < c->region_i || ri >= c->region_end || after < 0) {
+        long long at, id;
+        char code[DM_REGION_CODE_MAX + 1], extra;
+        dm_region_t *tr = NULL;
+        if (strlen(req->page_token) <= 64 &&
+            sscanf(req->page_token, TOKEN_PREFIX "%lld.%lld.%16[a-z0-9]%c", &at, &id, code,
+                   &extra) == 3 &&
+            at >= 0 && id >= 0)
+            tr = dm_regions_find(app->regions, code);
+        size_t ti = tr ? dm_app_region_index(app, tr) : 0;
+        if (!tr || ti < first || ti >= end) {
             dm_call_finish(call, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
                                                "page_token: not a token returned by "
                                                "ListTransfers with these filters"));
             return;
         }
-        c->region_i = ri;
-        c->after = after;
+        /* Resume after (at, code, id): regions ordered before the token's read after `at`,
+         * the token's region after (at, id), the ones after it from `at` on. */
+        for (size_t i = 0; i < c->n; i++) {
+            list_src_t *s = &c->src[i];
+            int cmp = strcmp(dm_region_code(dm_regions_at(app->regions, s->region_i)), code);
+            s->has_after = true;
+            s->after_at = at;
+            s->after_id = cmp < 0 ? INT64_MAX : cmp == 0 ? id : 0;
+        }
     }
     dm_call_on_drain(call, list_drained, c);
-    list_next(c);
+    list_fetch(c);
 }
 
 /* ---- Report ---------------------------------------------------------------------------- */
@@ -612,6 +827,20 @@ static void report_finish(report_t *r)
         }
     }
     qsort(rowp, k, sizeof(*rowp), cmp_row);
+    /* One group can be in two ledgers (R -> C reads are logged in R, R -> C writes in C):
+     * merge equal keys into one row. */
+    size_t m = 0;
+    for (size_t j = 0; j < k; j++) {
+        if (m > 0 && cmp_row(&rowp[m - 1], &rowp[j]) == 0) {
+            rowp[m - 1]->transfers += rowp[j]->transfers;
+            rowp[m - 1]->records += rowp[j]->records;
+            rowp[m - 1]->bytes += rowp[j]->bytes;
+            rowp[m - 1]->refusals += rowp[j]->refusals;
+        } else {
+            rowp[m++] = rowp[j];
+        }
+    }
+    k = m;
     out.n_rows = k;
     out.rows = rowp;
     out.n_ledgers = r->n;
@@ -685,6 +914,7 @@ void dm_transfers_report(dm_call_t *call)
         p->reachable = true;
         p->verify.call = call;
         p->verify.region = p->region;
+        p->verify.regions = app->regions;
         p->verify.key = app->ledger_keys[i];
         p->verify.done = part_verified;
         p->verify.arg = p;

@@ -86,7 +86,9 @@ static const key_desc_t gateway_keys[] = {
     {"routes_file", KT_PATH, GW(routes_file), NOCOUNT, NULL, 1, STR_MAX, NULL, true,
      "transfer routes and forbidden purposes (regions/routes.conf)"},
     {"ledger_retention_days", KT_INT, GW(ledger_retention_days), NOCOUNT, "730", 0, 36500, NULL,
-     true, "ledger entries older than this are purged behind a signed checkpoint (0 = keep)"},
+     true,
+     "ledger entries older than this are purged behind a signed checkpoint (0 = keep; else "
+     "at least 365)"},
     {"ledger_seal_interval_ms", KT_INT, GW(ledger_seal_interval_ms), NOCOUNT, "200", 10, 60000,
      NULL, true, "how often committed ledger entries are chained"},
     {"webhook_url", KT_STRING, GW(webhook_url), NOCOUNT, "", 0, 2048, NULL, false,
@@ -449,6 +451,14 @@ dm_status_t *dm_config_load(const char *path, dm_config_t **out)
         goto fail;
     if ((st = check_host_port(path, "listen", cfg->listen, true)))
         goto fail;
+    if (cfg->ledger_retention_days > 0 && cfg->ledger_retention_days < 365) {
+        /* ledger_purge() refuses cut-offs younger than 365 days (so that the gateway's role
+         * cannot erase recent entries); a shorter window would only fail every purge. */
+        st = cf_error(path, 0, "ledger_retention_days",
+                      "must be 0 (keep forever) or at least 365 (got %d)",
+                      cfg->ledger_retention_days);
+        goto fail;
+    }
     if (strcmp(cfg->transport, "tls") == 0) {
         if (!cfg->tls_cert_file[0] || !cfg->tls_key_file[0]) {
             st = cf_error(path, 0, "tls_cert_file",

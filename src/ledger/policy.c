@@ -313,3 +313,20 @@ const dm_basis_t *dm_policy_decide(const dm_policy_t *p, const char *from, const
     *why = "no route allows it";
     return NULL;
 }
+
+const dm_basis_t *dm_policy_considered(const dm_policy_t *p, const char *from, const char *to,
+                                       const char *purpose, int64_t now_ms)
+{
+    if (dm_policy_forbidden(p, purpose))
+        return NULL;
+    for (size_t i = 0; i < p->n_routes; i++) {
+        const dm_route_t *r = &p->routes[i];
+        if (!match(r->from, from) || !match(r->to, to) || !match(r->purpose, purpose))
+            continue;
+        for (size_t k = 0; k < r->n_bases; k++)
+            if (r->bases[k]->revoked_ms != 0 && r->bases[k]->revoked_ms <= now_ms)
+                return r->bases[k];
+        return r->n_bases > 0 ? r->bases[0] : NULL;
+    }
+    return NULL;
+}

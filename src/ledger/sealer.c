@@ -71,8 +71,10 @@ static void close_array(char **buf, size_t *len, size_t *cap)
     (*buf)[*len] = '\0';
 }
 
-/* One batch: returns the number of links stored (0: nothing to do or failed). */
-static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32])
+/* One batch: returns the number of links stored (0: nothing to do or failed); then the new
+ * head is in *head_seq, head_hash. */
+static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32], int64_t *head_seq,
+                      unsigned char head_hash[32])
 {
     int64_t seq;
     unsigned char prev[32];
@@ -133,6 +135,9 @@ static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32])
                      err->detail ? err->detail : err->message);
             dm_status_free(err);
             linked = 0;
+        } else {
+            *head_seq = seq;
+            memcpy(head_hash, prev, 32);
         }
         PQclear(res);
     }
@@ -191,6 +196,48 @@ static void purge(dm_ledger_ctx_t *ctx, dm_region_t *r, dm_exec_t *x, const unsi
     PQclear(res);
 }
 
+typedef struct witness_job {
+    dm_job_t job;
+    char code[DM_REGION_CODE_MAX + 1], seq_s[24];
+    unsigned char hash[32];
+} witness_job_t;
+
+static void witness_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    witness_job_t *w = job->arg;
+    (void)res;
+    if (err) {
+        /* That region keeps an older witness (or none): VerifyLedger then claims less. */
+        dm_debug("ledger", "region %s: chain head not witnessed in another region: %s", w->code,
+                 err->detail ? err->detail : err->message);
+        dm_status_free(err);
+    }
+    free(w);
+}
+
+/* Store the head this sealer just wrote in every other region's ledger_witness, so that
+ * cutting the tail of this region's chain is found by VerifyLedger. Fire and forget: a
+ * region that is down keeps its older witness. */
+static void witness(dm_ledger_ctx_t *ctx, dm_region_t *r, int64_t seq, const unsigned char h[32])
+{
+    for (size_t k = 0; k < dm_regions_count(ctx->regions); k++) {
+        dm_region_t *other = dm_regions_at(ctx->regions, k);
+        if (other == r)
+            continue;
+        witness_job_t *w = dm_calloc(1, sizeof(*w));
+        snprintf(w->code, sizeof(w->code), "%s", dm_region_code(r));
+        snprintf(w->seq_s, sizeof(w->seq_s), "%lld", (long long)seq);
+        memcpy(w->hash, h, 32);
+        w->job.stmt = DM_SQL_WITNESS_PUT;
+        w->job.done = witness_done;
+        w->job.arg = w;
+        dm_job_param_text(&w->job, 0, w->code);
+        dm_job_param_text(&w->job, 1, w->seq_s);
+        dm_job_param_bin(&w->job, 2, w->hash, 32);
+        dm_region_submit(other, &w->job);
+    }
+}
+
 void dm_ledger_idle(dm_region_t *r, dm_exec_t *x, void *arg)
 {
     dm_ledger_ctx_t *ctx = arg;
@@ -198,10 +245,14 @@ void dm_ledger_idle(dm_region_t *r, dm_exec_t *x, void *arg)
     const unsigned char *key = ctx->keys[i];
     int64_t sealed = 0;
     int got = SEAL_BATCH;
+    int64_t head_seq = 0;
+    unsigned char head_hash[32];
     for (int round = 0; round < SEAL_ROUNDS && got == SEAL_BATCH; round++) {
-        got = seal_batch(r, x, key);
+        got = seal_batch(r, x, key, &head_seq, head_hash);
         sealed += got;
     }
+    if (head_seq > 0)
+        witness(ctx, r, head_seq, head_hash);
     /* A full last batch means more wait: report what was left as at least one batch. */
     dm_metrics_sealed(i, sealed, got == SEAL_BATCH ? SEAL_BATCH : 0);
     if (ctx->retention_days > 0 && dm_mono_ms() - ctx->last_purge_ms[i] >= PURGE_EVERY_MS) {

@@ -88,15 +88,19 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                             "$3::bytea[])",
                             3},
     [DM_SQL_LEDGER_CHECKPOINT] = {"ledger_checkpoint",
-                                  "SELECT upto_seq, chain_hash, purged_before, mac FROM "
-                                  "domicile.ledger_checkpoints ORDER BY upto_seq DESC LIMIT 1",
+                                  "SELECT upto_seq, chain_hash, purged_before, mac, at, "
+                                  "entries_purged FROM domicile.ledger_checkpoints "
+                                  "ORDER BY upto_seq DESC LIMIT 1",
                                   0},
     [DM_SQL_LEDGER_VERIFY] = {"ledger_verify",
-                              "SELECT c.seq, c.entry_id, c.chain_hash, " LEDGER_COLUMNS
+                              "WITH ch AS (SELECT c.seq, c.entry_id, c.chain_hash, " LEDGER_COLUMNS
                               " FROM domicile.ledger_chain c LEFT JOIN domicile.ledger l "
                               "ON l.entry_id = c.entry_id WHERE c.seq > $1 ORDER BY c.seq "
-                              "LIMIT $2",
-                              2},
+                              "LIMIT $2) SELECT * FROM ch UNION ALL "
+                              "SELECT NULL::bigint, l.entry_id, NULL::bytea, " LEDGER_COLUMNS
+                              " FROM domicile.ledger_unsealed($3) l "
+                              "WHERE (SELECT count(*) FROM ch) < $2 ORDER BY 1 NULLS LAST, 2",
+                              3},
     [DM_SQL_LEDGER_LOOSE] = {"ledger_loose",
                              "SELECT " LEDGER_COLUMNS " FROM domicile.ledger_unsealed($1) l", 1},
     [DM_SQL_LEDGER_LIST] =
@@ -111,8 +115,10 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                              "$4) "
                              "AND ($5 = '' OR l.basis_id = $5) AND ($6 = '' OR l.purpose = $6) "
                              "AND ($7 = '' OR l.outcome = $7) AND ($8 = '' OR l.customer_id = $8) "
-                             "AND l.entry_id > $9 ORDER BY l.entry_id LIMIT $10",
-         10},
+                             "AND ($9::bigint IS NULL OR (l.at, l.entry_id) > (" MS(
+                                 "$9") ", $10)) "
+                                       "ORDER BY l.at, l.entry_id LIMIT $11",
+         11},
     [DM_SQL_LEDGER_REPORT] =
         {"ledger_report",
          "SELECT to_char(l.at AT TIME ZONE 'UTC', 'YYYY-MM'), l.from_region, "
@@ -139,6 +145,12 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                   1},
     [DM_SQL_LEDGER_PURGE] = {"ledger_purge",
                              "SELECT domicile.ledger_purge($1, $2, " MS("$3") ", $4)", 4},
+    [DM_SQL_WITNESS_PUT] = {"ledger_witness_put", "SELECT domicile.ledger_witness_put($1, $2, $3)",
+                            3},
+    [DM_SQL_WITNESS_GET] = {"ledger_witness_get",
+                            "SELECT seq, chain_hash FROM domicile.ledger_witness "
+                            "WHERE region = $1",
+                            1},
     [DM_SQL_DSR_RECEIVE] = {"dsr_receive",
                             "SELECT * FROM domicile.dsr_receive($1, $2, $3, $4, $5, $6, $7, $8, "
                             "$9, $10, $11, $12, $13)",
