@@ -32,7 +32,10 @@ typedef struct rec_ctx {
     dm_call_t *call;
     bulk_t *bulk; /* BulkPutRecords: this put is one message of the stream */
     int index;
-    put_req_t *put_req; /* PutRecord: the call's request; bulk: owned by this context */
+    int slot;               /* bulk: its place in the stream's in-flight table */
+    bool bulk_has_expected; /* bulk: the message's expected_version, kept while */
+    int64_t bulk_expected;  /* it waits behind a message it conflicts with */
+    put_req_t *put_req;     /* PutRecord: the call's request; bulk: owned by this context */
     dm_app_t *app;
     dm_region_t *region;
     const char *region_code;
@@ -534,11 +537,20 @@ struct bulk {
     dm_status_t *fatal;
     size_t n_failures;
     Domicile__V1__BulkPutFailure **failures;
+    /* Messages in flight. One that names the same record or request_id as one of them waits
+     * (`parked`, and reading stops) until they have all ended, so such messages take effect
+     * in stream order whatever connection each write travels on. */
+    rec_ctx_t *slots[BULK_WINDOW];
+    rec_ctx_t *parked;
 };
+
+static void op_free(rec_ctx_t *op);
 
 static void bulk_free(void *p)
 {
     bulk_t *b = p;
+    if (b->parked)
+        op_free(b->parked);
     for (size_t i = 0; i < b->n_failures; i++) {
         free(b->failures[i]->record_id);
         free(b->failures[i]->message);
@@ -555,7 +567,7 @@ static void bulk_on_message(dm_call_t *call, ProtobufCMessage *msg, dm_status_t 
 /* Called with b->mu held; returns true when the call should end now. */
 static bool bulk_should_end(bulk_t *b)
 {
-    return !b->done && b->in_flight == 0 && !b->reading && (b->eof || b->fatal);
+    return !b->done && b->in_flight == 0 && !b->reading && !b->parked && (b->eof || b->fatal);
 }
 
 static int cmp_failure(const void *a, const void *b)
@@ -617,7 +629,7 @@ static void bulk_note_failure_locked(bulk_t *b, int index, const char *record_id
 /* Read more while the window has room. Called with b->mu held; returns whether to read. */
 static bool bulk_want_read_locked(bulk_t *b)
 {
-    if (b->reading || b->eof || b->fatal || b->in_flight >= BULK_WINDOW)
+    if (b->reading || b->eof || b->fatal || b->parked || b->in_flight >= BULK_WINDOW)
         return false;
     b->reading = true;
     return true;
@@ -629,11 +641,45 @@ static void op_free(rec_ctx_t *op)
     ctx_free(op);
 }
 
+/* Does `op` name the record or the request of a message in flight? Called with b->mu held. */
+static bool bulk_conflicts_locked(bulk_t *b, const rec_ctx_t *op)
+{
+    const put_req_t *r = op->put_req;
+    for (int i = 0; i < BULK_WINDOW; i++) {
+        const rec_ctx_t *o = b->slots[i];
+        if (o && strcmp(o->put_req->customer_id, r->customer_id) == 0 &&
+            (strcmp(o->put_req->record_id, r->record_id) == 0 ||
+             strcmp(o->put_req->request_id, r->request_id) == 0))
+            return true;
+    }
+    return false;
+}
+
+/* Put `op` in flight. Called with b->mu held (a free slot exists: in_flight < BULK_WINDOW). */
+static void bulk_fly_locked(bulk_t *b, rec_ctx_t *op)
+{
+    for (int i = 0; i < BULK_WINDOW; i++) {
+        if (!b->slots[i]) {
+            b->slots[i] = op;
+            op->slot = i;
+            break;
+        }
+    }
+    b->in_flight++;
+}
+
 static void bulk_op_done(rec_ctx_t *op, dm_status_t *st, Domicile__V1__PutRecordResponse *rep)
 {
     bulk_t *b = op->bulk;
+    rec_ctx_t *start = NULL;
     pthread_mutex_lock(&b->mu);
+    b->slots[op->slot] = NULL;
     b->in_flight--;
+    if (b->in_flight == 0 && b->parked) {
+        start = b->parked;
+        b->parked = NULL;
+        bulk_fly_locked(b, start);
+    }
     if (st) {
         bulk_note_failure_locked(b, op->index, op->put_req->record_id, st);
     } else if (rep->replayed) {
@@ -651,7 +697,9 @@ static void bulk_op_done(rec_ctx_t *op, dm_status_t *st, Domicile__V1__PutRecord
     op_free(op);
     if (read)
         dm_call_recv(b->call, bulk_on_message, b);
-    else if (end)
+    if (start)
+        put_start(start, start->bulk_has_expected, start->bulk_expected);
+    else if (!read && end)
         bulk_end(b);
 }
 
@@ -711,19 +759,26 @@ static void bulk_on_message(dm_call_t *call, ProtobufCMessage *msg, dm_status_t 
         dm_call_recv(call, bulk_on_message, b);
         return;
     }
-    b->in_flight++;
-    bool read = bulk_want_read_locked(b);
-    pthread_mutex_unlock(&b->mu);
-
     rec_ctx_t *op = dm_calloc(1, sizeof(*op));
     op->call = call;
     op->app = b->app;
     op->bulk = b;
     op->index = index;
     op->put_req = req;
+    op->bulk_has_expected = has_expected;
+    op->bulk_expected = expected;
+    bool park = bulk_conflicts_locked(b, op);
+    if (park)
+        b->parked = op; /* reading stops until the messages in flight end */
+    else
+        bulk_fly_locked(b, op);
+    bool read = bulk_want_read_locked(b);
+    pthread_mutex_unlock(&b->mu);
+
     if (read)
         dm_call_recv(call, bulk_on_message, b);
-    put_start(op, has_expected, expected);
+    if (!park)
+        put_start(op, has_expected, expected);
 }
 
 void dm_records_bulk_put(dm_call_t *call)

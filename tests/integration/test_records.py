@@ -1112,6 +1112,23 @@ def test_bulk_put_messages_fail_independently(regions, api):
     assert got == [["exists", "2"], ["ok-1", "1"]]
 
 
+def test_bulk_put_messages_about_one_record_apply_in_stream_order(regions, api):
+    """Messages of one stream naming the same record (or reusing a request_id) take effect in
+    stream order, whichever pooled connection each write travels on: the last one wins and
+    every version is accounted for."""
+    cid = register(api, "eu")
+    msgs = []
+    for i in range(30):
+        msgs.append(PutReq(request_id=f"w{i}", customer_id=cid, record_id="same", kind="note", payload=b"v%d" % i))
+        msgs.append(PutReq(request_id=f"o{i}", customer_id=cid, record_id=f"other-{i}", kind="note", payload=b"x"))
+    msgs.append(PutReq(request_id="w0", customer_id=cid, record_id="same", kind="note", payload=b"v0"))  # a replay
+    rep = api.bulk(iter(msgs), timeout=60)
+    assert (rep.written, rep.replayed, list(rep.failures)) == (60, 1, []), rep
+    got = rows(regions, "eu", f"SELECT version FROM domicile.records WHERE customer_id = {lit(cid)} AND record_id = 'same'")
+    assert got == [["30"]], got
+    assert api.get(GetReq(customer_id=cid, record_id="same"), timeout=10).payload == b"v29"
+
+
 def test_bulk_put_failures_are_reported_in_stream_order(api):
     """records.proto, BulkPutRecordsResponse.failures: "Messages that failed, in stream order."
     Failures that take long (an unknown customer: every region is asked) alternate with ones
