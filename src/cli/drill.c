@@ -202,6 +202,7 @@ typedef struct {
     long err[N_CODES];     /* non-OK statuses of the load (and the drain), by code */
     long errors_after_rec; /* of those, in calls started after the first recovered write */
     long unresolved;       /* writes never acknowledged, not even by the drain */
+    char *sample[N_CODES]; /* the first error message of each code, owned */
     long verified, lost, mismatched, unverified, dup_readback;
     lat_t put_lat, get_lat;
 } counts_t;
@@ -270,17 +271,22 @@ static bool retryable(grpc_status_code code)
 /* ------------------------------------------------------------------------------------------
  * the load */
 
-static void count_error(worker_t *w, grpc_status_code code, int64_t started)
+static void count_error(worker_t *w, const dm_status_t *st, const char *method, int64_t started)
 {
-    w->c.err[(int)code >= 0 && (int)code < N_CODES ? (int)code : GRPC_STATUS_UNKNOWN]++;
+    int k = (int)st->code >= 0 && (int)st->code < N_CODES ? (int)st->code : GRPC_STATUS_UNKNOWN;
+    w->c.err[k]++;
+    if (!w->c.sample[k])
+        w->c.sample[k] = dm_sprintf("%s at %.1f s: %s", method,
+                                    (double)(started - w->d->t0_us) / 1e6, st->message);
     long long rec = atomic_load(&w->d->first_write_us);
     if (w->region == w->d->target && rec && started > rec)
         w->c.errors_after_rec++;
 }
 
-/* One PutRecord attempt of `x`. Returns the status code; *replayed, *version set on OK. */
+/* One PutRecord attempt of `x`. Returns the status code; *replayed set on OK. (Versions are
+ * checked where they are stored, after the load: check_regions.) */
 static grpc_status_code put_once(worker_t *w, dm_client_t *cl, const dwrite_t *x, bool *replayed,
-                                 int64_t *version, int64_t *started)
+                                 int64_t *started)
 {
     drill_t *d = w->d;
     Domicile__V1__PutRecordRequest r = DOMICILE__V1__PUT_RECORD_REQUEST__INIT;
@@ -297,12 +303,12 @@ static grpc_status_code put_once(worker_t *w, dm_client_t *cl, const dwrite_t *x
         cl, PATH_PUT, &r.base, &domicile__v1__put_record_response__descriptor, d->call_ms, &resp);
     if (st) {
         grpc_status_code code = st->code;
+        count_error(w, st, "PutRecord", *started);
         dm_status_free(st);
         return code;
     }
     Domicile__V1__PutRecordResponse *pr = (Domicile__V1__PutRecordResponse *)resp;
     *replayed = pr->replayed;
-    *version = pr->record ? pr->record->version : 0;
     protobuf_c_message_free_unpacked(resp, NULL);
     return GRPC_STATUS_OK;
 }
@@ -313,14 +319,12 @@ static bool try_write(worker_t *w, dm_client_t *cl, dwrite_t *x, grpc_status_cod
 {
     drill_t *d = w->d;
     bool replayed = false;
-    int64_t version = 0, started;
+    int64_t started;
     w->c.calls++;
-    grpc_status_code code = put_once(w, cl, x, &replayed, &version, &started);
+    grpc_status_code code = put_once(w, cl, x, &replayed, &started);
     *code_out = code;
-    if (code != GRPC_STATUS_OK) {
-        count_error(w, code, started);
+    if (code != GRPC_STATUS_OK)
         return false;
-    }
     int64_t done = now_us();
     lat_add(&w->c.put_lat, done - started);
     w->c.puts_ok++;
@@ -392,7 +396,7 @@ static void read_one(worker_t *w, dm_client_t *cl, int principal_region)
     dm_status_t *st = dm_client_unary(cl, PATH_GET, &r.base, &domicile__v1__record__descriptor,
                                       d->call_ms, &resp);
     if (st) {
-        count_error(w, st->code, started);
+        count_error(w, st, "GetRecord", started);
         if (st->code == GRPC_STATUS_NOT_FOUND)
             w->c.anomalies++;
         dm_status_free(st);
@@ -589,9 +593,10 @@ typedef struct {
     bool healthy;     /* both nodes run, the other one is the primary's sync standby */
 } region_state_t;
 
-static bool region_state(const drill_t *d, int region, region_state_t *rs)
+/* Every region's layout, from `domicile-local status --json` (rs: N_REGIONS entries). */
+static bool regions_state(const drill_t *d, region_state_t *rs)
 {
-    memset(rs, 0, sizeof(*rs));
+    memset(rs, 0, N_REGIONS * sizeof(*rs));
     char *out = NULL;
     const char *args[] = {"status", "--json", NULL};
     int rc = run_local(d, &out, args);
@@ -603,28 +608,30 @@ static bool region_state(const drill_t *d, int region, region_state_t *rs)
         fprintf(stderr, "domicilectl: drill: cannot read `domicile-local status --json`\n");
         return false;
     }
-    int running = 0;
+    int running[N_REGIONS] = {0};
     size_t i;
     json_t *e;
     json_array_foreach(arr, i, e)
     {
         const char *reg = json_string_value(json_object_get(e, "region"));
-        if (!reg || strcmp(reg, region_codes[region]) != 0)
-            continue;
         const char *node = json_string_value(json_object_get(e, "node"));
         const char *role = json_string_value(json_object_get(e, "role"));
-        if (!json_is_true(json_object_get(e, "running")) || !node || !role)
+        int r = 0;
+        while (r < N_REGIONS && (!reg || strcmp(reg, region_codes[r]) != 0))
+            r++;
+        if (r == N_REGIONS || !json_is_true(json_object_get(e, "running")) || !node || !role)
             continue;
-        running++;
+        running[r]++;
         if (strcmp(role, "primary") != 0)
             continue;
-        snprintf(rs->primary, sizeof(rs->primary), "%s", node);
+        snprintf(rs[r].primary, sizeof(rs[r].primary), "%s", node);
         const char *other = strcmp(node, "node1") == 0 ? "node2" : "node1";
         const char *st = json_string_value(json_object_get(json_object_get(e, "standbys"), other));
-        snprintf(rs->repl, sizeof(rs->repl), "%s", st ? st : "");
+        snprintf(rs[r].repl, sizeof(rs[r].repl), "%s", st ? st : "");
     }
     json_decref(arr);
-    rs->healthy = running == 2 && rs->primary[0] && strcmp(rs->repl, "sync") == 0;
+    for (int r = 0; r < N_REGIONS; r++)
+        rs[r].healthy = running[r] == 2 && rs[r].primary[0] && strcmp(rs[r].repl, "sync") == 0;
     return true;
 }
 
@@ -763,14 +770,27 @@ static double ms_since(int64_t t0, int64_t t)
     return t ? (double)(t - t0) / 1000.0 : -1;
 }
 
-static json_t *errors_json(const counts_t *c)
+static json_t *errors_json(const counts_t *c, bool samples)
 {
     json_t *o = json_object();
-    for (int k = 1; k < N_CODES; k++)
-        if (c->err[k])
-            json_object_set_new(o, dm_status_code_name((grpc_status_code)k),
-                                json_integer(c->err[k]));
+    for (int k = 1; k < N_CODES; k++) {
+        if (!c->err[k])
+            continue;
+        const char *name = dm_status_code_name((grpc_status_code)k);
+        if (samples)
+            json_object_set_new(o, name, json_string(c->sample[k] ? c->sample[k] : ""));
+        else
+            json_object_set_new(o, name, json_integer(c->err[k]));
+    }
     return o;
+}
+
+static void counts_free(counts_t *c)
+{
+    free(c->put_lat.v);
+    free(c->get_lat.v);
+    for (int k = 0; k < N_CODES; k++)
+        free(c->sample[k]);
 }
 
 static long errors_total(const counts_t *c)
@@ -909,14 +929,12 @@ static bool step(const drill_t *d, const char *what, const char *node, int64_t *
 
 static int drill_failover(drill_t *d)
 {
-    region_state_t before, after;
-    if (!region_state(d, d->target, &before))
+    region_state_t all[N_REGIONS], before, after;
+    if (!regions_state(d, all))
         return 2;
+    before = all[d->target];
     for (int r = 0; r < N_REGIONS; r++) {
-        region_state_t rs;
-        if (r != d->target && !region_state(d, r, &rs))
-            return 2;
-        const region_state_t *s = r == d->target ? &before : &rs;
+        const region_state_t *s = &all[r];
         if (!s->healthy) {
             fprintf(stderr,
                     "domicilectl: drill: region %s is not healthy (primary \"%s\", standby "
@@ -983,16 +1001,21 @@ static int drill_failover(drill_t *d)
         t->mismatched += c->mismatched;
         t->unverified += c->unverified;
         t->dup_readback += c->dup_readback;
-        for (int k = 0; k < N_CODES; k++)
+        for (int k = 0; k < N_CODES; k++) {
             t->err[k] += c->err[k];
+            if (!t->sample[k] && c->sample[k])
+                t->sample[k] = dm_strdup(c->sample[k]);
+        }
         lat_merge(&t->put_lat, &c->put_lat);
         lat_merge(&t->get_lat, &c->get_lat);
     }
     check_regions(d, res);
-    bool after_ok = region_state(d, d->target, &after);
+    bool after_ok = regions_state(d, all);
+    after = all[d->target];
 
     /* Goals. */
     long lost = 0, dups = 0, misplaced = 0, ledger_missing = 0, other_errors = 0, anomalies = 0;
+    long unresolved = 0;
     bool sql_ok = true;
     for (int r = 0; r < N_REGIONS; r++) {
         counts_t *c = &res[r].c;
@@ -1005,6 +1028,7 @@ static int drill_failover(drill_t *d)
         misplaced += res[r].misplaced;
         ledger_missing += res[r].ledger_missing;
         anomalies += c->anomalies;
+        unresolved += c->unresolved;
         if (r != d->target)
             other_errors += errors_total(c);
         sql_ok = sql_ok && res[r].sql_ok;
@@ -1019,7 +1043,9 @@ static int drill_failover(drill_t *d)
     bool recovered = fw != 0;
     bool goals = lost == 0 && dups == 0 && misplaced == 0 && ledger_missing == 0 &&
                  other_errors == 0 && anomalies == 0 && sql_ok && recovered;
-    bool passed = goals && steps_ok && switched && after.healthy;
+    /* A write never acknowledged, even after the drain, leaves its fate open: not a loss, but
+     * the region did not fully recover. */
+    bool passed = goals && steps_ok && switched && after.healthy && unresolved == 0;
 
     /* JSON. */
     json_t *j = json_object();
@@ -1062,7 +1088,8 @@ static int drill_failover(drill_t *d)
         json_object_set_new(o, "reads", json_integer(c->reads_ok));
         json_object_set_new(o, "cross_border_reads", json_integer(c->xb_reads_ok));
         json_object_set_new(o, "ledger_cross_border_reads", json_integer(res[r].ledger));
-        json_object_set_new(o, "errors", errors_json(c));
+        json_object_set_new(o, "errors", errors_json(c, false));
+        json_object_set_new(o, "first_errors", errors_json(c, true));
         json_object_set_new(o, "errors_after_recovery", json_integer(c->errors_after_rec));
         json_object_set_new(o, "read_anomalies", json_integer(c->anomalies));
         json_object_set_new(o, "verified", json_integer(c->verified));
@@ -1088,6 +1115,7 @@ static int drill_failover(drill_t *d)
     json_object_set_new(j, "ledger_missing", json_integer(ledger_missing));
     json_object_set_new(j, "other_region_errors", json_integer(other_errors));
     json_object_set_new(j, "read_anomalies", json_integer(anomalies));
+    json_object_set_new(j, "writes_unresolved", json_integer(unresolved));
     json_object_set_new(j, "region_checks_ok", json_boolean(sql_ok));
     json_object_set_new(j, "recovered", json_boolean(recovered));
     json_object_set_new(j, "primary_changed", json_boolean(switched));
@@ -1118,12 +1146,12 @@ static int drill_failover(drill_t *d)
     }
     fprintf(tf,
             "  goals: lost %ld, duplicates %ld, misplaced %ld, ledger_missing %ld, "
-            "other_region_errors %ld, read_anomalies %ld\n",
-            lost, dups, misplaced, ledger_missing, other_errors, anomalies);
+            "other_region_errors %ld, read_anomalies %ld; writes never acknowledged %ld\n",
+            lost, dups, misplaced, ledger_missing, other_errors, anomalies, unresolved);
 
     int rc = 0;
     if (d->json_path) {
-        char *text = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        char *text = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9));
         if (json_stdout) {
             printf("%s\n", text);
         } else {
@@ -1136,10 +1164,8 @@ static int drill_failover(drill_t *d)
         free(text);
     }
     json_decref(j);
-    for (int r = 0; r < N_REGIONS; r++) {
-        free(res[r].c.put_lat.v);
-        free(res[r].c.get_lat.v);
-    }
+    for (int r = 0; r < N_REGIONS; r++)
+        counts_free(&res[r].c);
     if (rc)
         return rc;
     if (!steps_ok)
@@ -1150,6 +1176,10 @@ static int drill_failover(drill_t *d)
 int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const char *key,
                  int timeout_ms, int argc, char **argv)
 {
+    if (argc >= 1 && (strcmp(argv[0], "--help") == 0 || strcmp(argv[0], "-h") == 0)) {
+        drill_usage(stdout);
+        return 0;
+    }
     if (argc < 1 || strcmp(argv[0], "failover") != 0) {
         drill_usage(stderr);
         return 2;
@@ -1198,8 +1228,7 @@ out:
         for (int i = 0; i < d->n_workers; i++) {
             wlist_free(&d->workers[i].acked);
             wlist_free(&d->workers[i].pending);
-            free(d->workers[i].c.put_lat.v);
-            free(d->workers[i].c.get_lat.v);
+            counts_free(&d->workers[i].c);
         }
         free(d->workers);
     }
