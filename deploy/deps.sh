@@ -2,6 +2,8 @@
 # deploy/deps.sh — install the Debian 12 packages Domicile needs, only the missing ones.
 #
 #   deploy/deps.sh [build] [run] [test]      (no argument = all three)
+#   deploy/deps.sh patroni                   (optional, never part of the default: Patroni
+#                                             and etcd for domicile-local up --patroni)
 #   . deploy/deps.sh build                   (sourced: same, returns instead of exiting;
 #                                             sourced without arguments it only defines
 #                                             the function domicile_deps)
@@ -22,6 +24,9 @@ libjansson-dev libmicrohttpd-dev"
 DOMICILE_DEPS_RUN="postgresql-15 postgresql-client-15 openssl ca-certificates"
 DOMICILE_DEPS_TEST="python3-grpcio python3-protobuf python3-pytest python3-yaml libcmocka-dev valgrind
 clang libclang-rt-14-dev"
+# Optional (deploy/local Patroni mode, tests/integration/test_patroni.py): Patroni 3.0 with
+# its etcd client library, and etcd 3.4 (server and etcdctl).
+DOMICILE_DEPS_PATRONI="patroni python3-etcd etcd-server etcd-client"
 
 domicile_deps() {
     local want="" set
@@ -31,8 +36,9 @@ domicile_deps() {
             build) want="$want $DOMICILE_DEPS_BUILD" ;;
             run) want="$want $DOMICILE_DEPS_RUN" ;;
             test) want="$want $DOMICILE_DEPS_BUILD $DOMICILE_DEPS_RUN $DOMICILE_DEPS_TEST" ;;
+            patroni) want="$want $DOMICILE_DEPS_PATRONI" ;;
             *)
-                echo "deps.sh: unknown package set '$set' (expected build, run or test)" >&2
+                echo "deps.sh: unknown package set '$set' (expected build, run, test or patroni)" >&2
                 return 2
                 ;;
         esac
@@ -76,3 +82,6 @@ elif [ "$#" -gt 0 ]; then
     # Sourced with arguments.
     domicile_deps "$@"
 fi
+
+# domicile_deps_patroni — the optional Patroni + etcd packages (same checks as above).
+domicile_deps_patroni() { domicile_deps patroni; }
