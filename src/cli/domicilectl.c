@@ -465,6 +465,44 @@ typedef struct list_state {
     char *next_token; /* owned; from the page's `end` */
 } list_state_t;
 
+/*
+ * Call a paged server-streaming method until its last page or `limit` items (0: no limit),
+ * 1000 per page. `page_size` and `page_token` point into `req`; `cb` prints an item, counts
+ * it in ls->printed and keeps the page's next token in ls->next_token. `what` names the items
+ * in the message shown when --limit cut the listing short.
+ */
+static int page_through(dm_client_t *c, const char *method, ProtobufCMessage *req,
+                        int32_t *page_size, char **page_token,
+                        const ProtobufCMessageDescriptor *desc, dm_client_stream_fn cb,
+                        long long limit, const char *what)
+{
+    list_state_t ls = {0, NULL};
+    char *token = dm_strdup("");
+    int rc = 0;
+    for (;;) {
+        long long left = limit ? limit - ls.printed : 1000;
+        *page_size = (int32_t)(left < 1000 ? left : 1000);
+        *page_token = token;
+        dm_status_t *st = dm_client_server_stream(c, method, req, desc, ledger_timeout(), cb, &ls);
+        if (st) {
+            rc = fail(st);
+            break;
+        }
+        if (!ls.next_token || !ls.next_token[0])
+            break;
+        if (limit && ls.printed >= limit) {
+            fprintf(stderr, "domicilectl: more %s match: raise --limit to see them\n", what);
+            break;
+        }
+        free(token);
+        token = ls.next_token;
+        ls.next_token = NULL;
+    }
+    free(token);
+    free(ls.next_token);
+    return rc;
+}
+
 static bool print_transfer(const ProtobufCMessage *m, void *arg)
 {
     list_state_t *ls = arg;
@@ -581,34 +619,9 @@ static int cmd_transfers_list(dm_client_t *c, int argc, char **argv)
     }
     if (!window_ok(r.from_unix_ms, r.to_unix_ms))
         return 2;
-    list_state_t ls = {0, NULL};
-    char *token = dm_strdup("");
-    int rc = 0;
-    for (;;) {
-        long long left = limit ? limit - ls.printed : 1000;
-        r.page_size = (int32_t)(left < 1000 ? left : 1000);
-        r.page_token = token;
-        dm_status_t *st =
-            dm_client_server_stream(c, TRANSFERS "ListTransfers", &r.base,
-                                    &domicile__v1__list_transfers_response__descriptor,
-                                    ledger_timeout(), print_transfer, &ls);
-        if (st) {
-            rc = fail(st);
-            break;
-        }
-        if (!ls.next_token || !ls.next_token[0])
-            break;
-        if (limit && ls.printed >= limit) {
-            fprintf(stderr, "domicilectl: more entries match: raise --limit to see them\n");
-            break;
-        }
-        free(token);
-        token = ls.next_token;
-        ls.next_token = NULL;
-    }
-    free(token);
-    free(ls.next_token);
-    return rc;
+    return page_through(c, TRANSFERS "ListTransfers", &r.base, &r.page_size, &r.page_token,
+                        &domicile__v1__list_transfers_response__descriptor, print_transfer, limit,
+                        "entries");
 }
 
 static int cmd_transfers_verify(dm_client_t *c, int argc, char **argv)
@@ -992,14 +1005,9 @@ static int cmd_dsr_extend(dm_client_t *c, int argc, char **argv)
     return dsr_unary(c, "ExtendDeadline", &r.base);
 }
 
-typedef struct dsr_list_state {
-    long long printed;
-    char *next_token; /* owned */
-} dsr_list_state_t;
-
 static bool print_dsr_line(const ProtobufCMessage *m, void *arg)
 {
-    dsr_list_state_t *ls = arg;
+    list_state_t *ls = arg;
     const Domicile__V1__ListRequestsResponse *r = (const Domicile__V1__ListRequestsResponse *)m;
     if (r->item_case == DOMICILE__V1__LIST_REQUESTS_RESPONSE__ITEM_END) {
         free(ls->next_token);
@@ -1095,33 +1103,9 @@ static int cmd_dsr_list(dm_client_t *c, int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    dsr_list_state_t ls = {0, NULL};
-    char *token = dm_strdup("");
-    int rc = 0;
-    for (;;) {
-        long long left = limit ? limit - ls.printed : 1000;
-        r.page_size = (int32_t)(left < 1000 ? left : 1000);
-        r.page_token = token;
-        dm_status_t *st = dm_client_server_stream(c, DSR "ListRequests", &r.base,
-                                                  &domicile__v1__list_requests_response__descriptor,
-                                                  ledger_timeout(), print_dsr_line, &ls);
-        if (st) {
-            rc = fail(st);
-            break;
-        }
-        if (!ls.next_token || !ls.next_token[0])
-            break;
-        if (limit && ls.printed >= limit) {
-            fprintf(stderr, "domicilectl: more requests match: raise --limit to see them\n");
-            break;
-        }
-        free(token);
-        token = ls.next_token;
-        ls.next_token = NULL;
-    }
-    free(token);
-    free(ls.next_token);
-    return rc;
+    return page_through(c, DSR "ListRequests", &r.base, &r.page_size, &r.page_token,
+                        &domicile__v1__list_requests_response__descriptor, print_dsr_line, limit,
+                        "requests");
 }
 
 static int cmd_dsr_locate(dm_client_t *c, int argc, char **argv)
