@@ -290,7 +290,10 @@ def test_metadata_over_size_limit(gateways):
     assert check(b"", metadata=[("x-pad", "a" * 1000)], timeout=5) == b"\x08\x01"  # SERVING
     e = rpc_error(check, b"", metadata=[("x-pad", "a" * 5000)], timeout=5)
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
-    assert health_check(ch, "") == SERVING
+    # gRPC core may also close that connection after the oversized header block (a race the
+    # old channel can lose with "Socket closed"): the server serving a new connection is the
+    # point.
+    assert health_check(g.channel(), "") == SERVING
     assert g.stop() == 0, g.log
 
 
