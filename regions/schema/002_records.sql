@@ -323,30 +323,36 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT * INTO cur FROM domicile.records t
-    WHERE t.customer_id = p_customer AND t.record_id = p_record_id FOR UPDATE;
-    IF p_expected IS NOT NULL AND coalesce(cur.version, 0) <> p_expected THEN
-        RETURN QUERY SELECT 'version_mismatch'::text, coalesce(cur.version, 0), NULL::boolean,
-                            NULL::timestamptz, NULL::timestamptz, NULL::boolean;
-        RETURN;
-    END IF;
-
-    IF cur.record_id IS NULL THEN
-        INSERT INTO domicile.records (customer_id, record_id, kind, subject_key, key_id,
-                                      payload, payload_size, content_type, labels, version,
-                                      created_at, updated_at)
-        VALUES (p_customer, p_record_id, p_kind, p_subject_key, p_key_id, p_payload,
-                p_payload_size, p_content_type, p_labels, 1, now(), now())
-        RETURNING * INTO r;
-    ELSE
-        UPDATE domicile.records t
-        SET kind = p_kind, subject_key = p_subject_key, key_id = p_key_id,
-            payload = p_payload, payload_size = p_payload_size,
-            content_type = p_content_type, labels = p_labels, version = t.version + 1,
-            updated_at = now()
-        WHERE t.customer_id = p_customer AND t.record_id = p_record_id
-        RETURNING * INTO r;
-    END IF;
+    -- Create or replace. Two writes racing to create the same record: the one that loses
+    -- the INSERT finds the row on its next turn and replaces it.
+    LOOP
+        SELECT * INTO cur FROM domicile.records t
+        WHERE t.customer_id = p_customer AND t.record_id = p_record_id FOR UPDATE;
+        IF p_expected IS NOT NULL AND coalesce(cur.version, 0) <> p_expected THEN
+            RETURN QUERY SELECT 'version_mismatch'::text, coalesce(cur.version, 0), NULL::boolean,
+                                NULL::timestamptz, NULL::timestamptz, NULL::boolean;
+            RETURN;
+        END IF;
+        IF cur.record_id IS NULL THEN
+            INSERT INTO domicile.records (customer_id, record_id, kind, subject_key, key_id,
+                                          payload, payload_size, content_type, labels, version,
+                                          created_at, updated_at)
+            VALUES (p_customer, p_record_id, p_kind, p_subject_key, p_key_id, p_payload,
+                    p_payload_size, p_content_type, p_labels, 1, now(), now())
+            ON CONFLICT (customer_id, record_id) DO NOTHING
+            RETURNING * INTO r;
+            EXIT WHEN FOUND;
+        ELSE
+            UPDATE domicile.records t
+            SET kind = p_kind, subject_key = p_subject_key, key_id = p_key_id,
+                payload = p_payload, payload_size = p_payload_size,
+                content_type = p_content_type, labels = p_labels, version = t.version + 1,
+                updated_at = now()
+            WHERE t.customer_id = p_customer AND t.record_id = p_record_id
+            RETURNING * INTO r;
+            EXIT;
+        END IF;
+    END LOOP;
     INSERT INTO domicile.idempotency (customer_id, request_id, method, fingerprint, result)
     VALUES (p_customer, p_request_id, 'PutRecord', p_fingerprint,
             jsonb_build_object('version', r.version, 'created', cur.record_id IS NULL,

@@ -9,6 +9,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 import uuid
 
 from domicile.v1 import customers_pb2, records_pb2, subject_rights_pb2 as S
@@ -125,9 +126,15 @@ def test_webhook_retried_after_500(regions, gateways):
             check_signature(headers, body, secret)
             assert json.loads(body)["request_id"] == rid
         assert "webhook for request" in g.log and "HTTP 500" in g.log
-        req = unary(po, "/domicile.v1.SubjectRights/GetRequest",
-                    S.GetRequestRequest(request_id=rid), S.DsrRequest)
-        assert req.webhook.attempts >= 2
+        # The receiver has the second POST; the gateway records the delivery right after.
+        deadline = time.monotonic() + 30
+        while True:
+            req = unary(po, "/domicile.v1.SubjectRights/GetRequest",
+                        S.GetRequestRequest(request_id=rid), S.DsrRequest)
+            if req.webhook.state == S.WEBHOOK_STATE_DELIVERED or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert req.webhook.state == S.WEBHOOK_STATE_DELIVERED and req.webhook.attempts >= 2, req.webhook
         assert g.stop() == 0, g.log
     finally:
         r.close()
