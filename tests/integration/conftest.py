@@ -208,6 +208,18 @@ def read_until(stream, wanted, deadline, seen=None):
             return seen
 
 
+def wait_until(probe, done, timeout=30.0, interval=0.1):
+    """Call probe() until done(result) holds or `timeout` seconds pass; returns the last
+    result. For state the product updates asynchronously (a delivery recorded, a leg run)
+    where no stream announces the change."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = probe()
+        if done(last) or time.monotonic() > deadline:
+            return last
+        time.sleep(interval)
+
+
 def wait_health(channel, service, wanted, timeout=30.0):
     """Waits on a fresh Watch stream until `service` reports `wanted`."""
     stream = health_watch(channel, service, timeout=timeout)

@@ -9,8 +9,9 @@ import os
 import socket
 import tempfile
 import threading
-import time
 import uuid
+
+from conftest import wait_until
 
 from domicile.v1 import customers_pb2, records_pb2, subject_rights_pb2 as S
 
@@ -127,13 +128,10 @@ def test_webhook_retried_after_500(regions, gateways):
             assert json.loads(body)["request_id"] == rid
         assert "webhook for request" in g.log and "HTTP 500" in g.log
         # The receiver has the second POST; the gateway records the delivery right after.
-        deadline = time.monotonic() + 30
-        while True:
-            req = unary(po, "/domicile.v1.SubjectRights/GetRequest",
-                        S.GetRequestRequest(request_id=rid), S.DsrRequest)
-            if req.webhook.state == S.WEBHOOK_STATE_DELIVERED or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        req = wait_until(
+            lambda: unary(po, "/domicile.v1.SubjectRights/GetRequest",
+                          S.GetRequestRequest(request_id=rid), S.DsrRequest),
+            lambda q: q.webhook.state == S.WEBHOOK_STATE_DELIVERED)
         assert req.webhook.state == S.WEBHOOK_STATE_DELIVERED and req.webhook.attempts >= 2, req.webhook
         assert g.stop() == 0, g.log
     finally:
