@@ -9,6 +9,7 @@ import uuid
 import grpc
 import pytest
 
+from conftest import wait_until
 from domicile.v1 import customers_pb2, records_pb2
 
 
@@ -63,13 +64,20 @@ def test_metrics_count_a_known_workload(gateways):
                  records_pb2.GetRecordRequest(customer_id=cid, record_id="missing"),
                  records_pb2.Record)
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
-    after = scrape(port)
+    put = "/domicile.v1.Records/PutRecord"
+    get = "/domicile.v1.Records/GetRecord"
+    # A call is counted when the server has finished it, which can be just after the client
+    # has its status: scrape until the ten calls are in.
+    after = wait_until(lambda: scrape(port),
+                       lambda a: value(a, "domicile_call_duration_seconds_count", method=get)
+                       - value(before, "domicile_call_duration_seconds_count", method=get) >= 5
+                       and value(a, "domicile_calls_total", method=put, status="OK")
+                       - value(before, "domicile_calls_total", method=put, status="OK") >= 5,
+                       timeout=10)
 
     def delta(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
 
-    put = "/domicile.v1.Records/PutRecord"
-    get = "/domicile.v1.Records/GetRecord"
     assert delta("domicile_calls_total", method=put, status="OK") == 5
     assert delta("domicile_calls_total", method=get, status="OK") == 3
     assert delta("domicile_calls_total", method=get, status="NOT_FOUND") == 2
