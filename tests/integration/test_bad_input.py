@@ -30,7 +30,11 @@ ListReq = records_pb2.ListRecordsRequest
 DelReq = records_pb2.DeleteRecordRequest
 
 PAYLOAD_MAX = 1048576
-RSS_GROWTH_MAX_KIB = 30 * 1024
+# The first rapid-reset burst after the baseline can lift the allocator's high-water mark by
+# about 30 MiB once (bursts 2 and 3 then stay flat, within 1 MiB: printed per test); a leak
+# grows with every pass instead, and LeakSanitizer checks this module's gateway in the
+# sanitizer pass of tests/run.
+RSS_GROWTH_MAX_KIB = 48 * 1024
 
 
 def _asan_build():
