@@ -31,7 +31,7 @@ typedef enum {
     DM_SQL_LEDGER_VERIFY,     /* (after_seq, limit, loose_limit) -> seq, entry_id, chain_hash,
                                  LEDGER_COLUMNS; then, if fewer links than limit, the unsealed
                                  rows (seq NULL), all read in one snapshot */
-    DM_SQL_LEDGER_LOOSE,      /* (limit) -> LEDGER_COLUMNS of rows not chained yet */
+    DM_SQL_LEDGER_LOOSE,      /* (limit) -> LEDGER_COLUMNS of queued rows not chained yet */
     DM_SQL_LEDGER_LIST,       /* filters, after (at_ms, entry_id), limit -> LEDGER_COLUMNS, seq,
                                  by at, entry_id */
     DM_SQL_LEDGER_REPORT,     /* (from_ms, to_ms, basis, purpose) -> grouped rows */

@@ -72,9 +72,9 @@ static void close_array(char **buf, size_t *len, size_t *cap)
 }
 
 /* One batch: returns the number of links stored (0: nothing to do or failed); then the new
- * head is in *head_seq, head_hash. */
+ * head is in *head_seq, head_hash; *full says the queue gave a whole batch (more may wait). */
 static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32], int64_t *head_seq,
-                      unsigned char head_hash[32])
+                      unsigned char head_hash[32], bool *full)
 {
     int64_t seq;
     unsigned char prev[32];
@@ -83,6 +83,7 @@ static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32],
     snprintf(limit, sizeof(limit), "%d", SEAL_BATCH);
     const char *lp = limit;
 
+    *full = false;
     if (!chain_head(x, &seq, prev))
         return 0;
     PGresult *rows = dm_region_exec(x, DM_SQL_LEDGER_LOOSE, 1, &lp, NULL, NULL, &err);
@@ -90,13 +91,15 @@ static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32],
         dm_status_free(err);
         return 0;
     }
-    int n = PQntuples(rows), linked = 0;
-    size_t cap = 64, sl = 1, el = 1, hl = 1;
+    int n = PQntuples(rows), linked = 0, rejected = 0;
+    size_t cap = 64, sl = 1, el = 1, hl = 1, rl = 1;
     char *seqs = dm_malloc(cap), *ids = dm_malloc(cap), *hashes = dm_malloc(cap);
-    size_t scap = cap, ecap = cap, hcap = cap;
+    char *bad = dm_malloc(cap);
+    size_t scap = cap, ecap = cap, hcap = cap, rcap = cap;
     strcpy(seqs, "{");
     strcpy(ids, "{");
     strcpy(hashes, "{");
+    strcpy(bad, "{");
     for (int i = 0; i < n; i++) {
         unsigned char h[32];
         int len;
@@ -107,6 +110,10 @@ static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32],
              * reports it as inserted. */
             dm_error("ledger", "region %s: ledger entry %lld has an invalid MAC; not chaining it",
                      dm_region_code(r), (long long)entry_id);
+            char item[24];
+            snprintf(item, sizeof(item), "%lld", (long long)entry_id);
+            append_array_item(&bad, &rl, &rcap, item);
+            rejected++;
             continue;
         }
         seq++;
@@ -123,19 +130,20 @@ static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32],
         linked++;
     }
     PQclear(rows);
-    if (linked > 0) {
+    if (linked > 0 || rejected > 0) {
         close_array(&seqs, &sl, &scap);
         close_array(&ids, &el, &ecap);
         close_array(&hashes, &hl, &hcap);
-        const char *vals[3] = {seqs, ids, hashes};
-        PGresult *res = dm_region_exec(x, DM_SQL_LEDGER_SEAL, 3, vals, NULL, NULL, &err);
+        close_array(&bad, &rl, &rcap);
+        const char *vals[4] = {seqs, ids, hashes, bad};
+        PGresult *res = dm_region_exec(x, DM_SQL_LEDGER_SEAL, 4, vals, NULL, NULL, &err);
         if (!res) {
             /* Another gateway sealed first (40001) or the region went away: next tick. */
             dm_debug("ledger", "region %s: sealing deferred: %s", dm_region_code(r),
                      err->detail ? err->detail : err->message);
             dm_status_free(err);
             linked = 0;
-        } else {
+        } else if (linked > 0) {
             *head_seq = seq;
             memcpy(head_hash, prev, 32);
         }
@@ -144,6 +152,8 @@ static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32],
     free(seqs);
     free(ids);
     free(hashes);
+    free(bad);
+    *full = n == SEAL_BATCH;
     return linked;
 }
 
@@ -244,17 +254,15 @@ void dm_ledger_idle(dm_region_t *r, dm_exec_t *x, void *arg)
     size_t i = region_index(ctx, r);
     const unsigned char *key = ctx->keys[i];
     int64_t sealed = 0;
-    int got = SEAL_BATCH;
+    bool full = true;
     int64_t head_seq = 0;
     unsigned char head_hash[32];
-    for (int round = 0; round < SEAL_ROUNDS && got == SEAL_BATCH; round++) {
-        got = seal_batch(r, x, key, &head_seq, head_hash);
-        sealed += got;
-    }
+    for (int round = 0; round < SEAL_ROUNDS && full; round++)
+        sealed += seal_batch(r, x, key, &head_seq, head_hash, &full);
     if (head_seq > 0)
         witness(ctx, r, head_seq, head_hash);
     /* A full last batch means more wait: report what was left as at least one batch. */
-    dm_metrics_sealed(i, sealed, got == SEAL_BATCH ? SEAL_BATCH : 0);
+    dm_metrics_sealed(i, sealed, full ? SEAL_BATCH : 0);
     if (ctx->retention_days > 0 && dm_mono_ms() - ctx->last_purge_ms[i] >= PURGE_EVERY_MS) {
         ctx->last_purge_ms[i] = dm_mono_ms();
         /* Seal first, so that a purge never leaves old entries outside the chain. */

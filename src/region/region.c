@@ -20,6 +20,7 @@
 #define BACKOFF_MAX_MS         5000
 #define MAX_BATCH_JOBS         64
 #define MAX_BATCH_BYTES        (8 << 20)
+#define MAX_BATCHES_RUNNING    1 /* write batches per region at once: group commit */
 #define PURGE_INTERVAL_MS      60000
 #define RESULT_TIMEOUT_MS      30000 /* a region that answers nothing for this long is dead */
 #define MAINTENANCE_TIMEOUT_MS 10000
@@ -70,6 +71,10 @@ struct dm_region {
     char last_error[256];
     int64_t last_error_ms;
     int queued, in_use;
+    /* Group commit: batchable jobs queued, and write batches being run. While
+     * batches_running is at the limit, executors leave batchable jobs queued (taking the
+     * other jobs), so the writes that arrive during one commit go together in the next. */
+    int queued_batchable, batches_running;
     char primary[128]; /* host:port of the node the pool is connected to */
     /* Breaker: opened when the region stops answering (a round or probe times out); while
      * open, calls fail at once instead of waiting for their deadline; the next successful
@@ -116,6 +121,16 @@ void dm_job_param_bin(dm_job_t *job, int i, const void *v, int len)
     job->formats[i] = 1;
     if (i >= job->n_params)
         job->n_params = i + 1;
+}
+
+/* Empty the queue (region->mu held); returns what was in it. */
+static dm_job_t *take_all_locked(dm_region_t *r)
+{
+    dm_job_t *list = r->q_head;
+    r->q_head = r->q_tail = NULL;
+    r->queued = 0;
+    r->queued_batchable = 0;
+    return list;
 }
 
 static int64_t elapsed_ms(const struct timespec *since)
@@ -179,9 +194,7 @@ static void exec_set_state(executor_t *e, exec_state_t to)
     bool serving = r->n_up > 0;
     if (!serving && r->n_first == 0) {
         /* Nobody can run what is queued: fail it now rather than at its deadline. */
-        orphans = r->q_head;
-        r->q_head = r->q_tail = NULL;
-        r->queued = 0;
+        orphans = take_all_locked(r);
     }
     bool was = atomic_exchange(&r->serving, serving);
     bool report = was != serving || !r->reported;
@@ -215,9 +228,7 @@ static void breaker_open(dm_region_t *r, const char *why)
     if (!was)
         r->breaker_changed_ms = dm_now_ms();
     set_error_locked(r, why);
-    orphans = r->q_head;
-    r->q_head = r->q_tail = NULL;
-    r->queued = 0;
+    orphans = take_all_locked(r);
     pthread_mutex_unlock(&r->mu);
     if (!was)
         dm_warn(r->component, "circuit open: %s; calls fail at once until it answers again", why);
@@ -415,8 +426,11 @@ static void requeue_front(dm_region_t *r, dm_job_t *list)
     pthread_mutex_lock(&r->mu);
     tail->next = r->q_head;
     r->q_head = list;
-    for (dm_job_t *j = list; j; j = j->next)
+    for (dm_job_t *j = list; j; j = j->next) {
         r->queued++;
+        if (j->batchable && !j->solo)
+            r->queued_batchable++;
+    }
     if (!r->q_tail)
         r->q_tail = tail;
     pthread_cond_signal(&r->cond);
@@ -719,6 +733,13 @@ void dm_regions_set_idle_task(dm_regions_t *rs, dm_idle_fn fn, void *arg, int in
     rs->idle_interval_ms = interval_ms;
 }
 
+/* Is there a job an executor may take now (region->mu held)? */
+static bool takeable_locked(const dm_region_t *r)
+{
+    return r->queued > r->queued_batchable ||
+           (r->queued_batchable > 0 && r->batches_running < MAX_BATCHES_RUNNING);
+}
+
 static size_t job_bytes(const dm_job_t *j)
 {
     size_t n = 0;
@@ -755,25 +776,34 @@ static void *executor_main(void *arg)
         size_t bytes = 0;
 
         pthread_mutex_lock(&r->mu);
-        if (!r->q_head && !atomic_load(&r->set->stopping)) {
+        if (!takeable_locked(r) && !atomic_load(&r->set->stopping)) {
             struct timespec until = dm_abstime_in_ms(idle_ms);
             pthread_cond_timedwait(&r->cond, &r->mu, &until);
         }
-        while (r->q_head && taken < MAX_BATCH_JOBS && bytes < MAX_BATCH_BYTES) {
-            dm_job_t *j = r->q_head;
-            r->q_head = j->next;
-            if (!r->q_head)
-                r->q_tail = NULL;
+        bool take_batch = r->batches_running < MAX_BATCHES_RUNNING;
+        dm_job_t **link = &r->q_head, *last = NULL;
+        while (*link && taken < MAX_BATCH_JOBS && bytes < MAX_BATCH_BYTES) {
+            dm_job_t *j = *link;
+            bool batchable = j->batchable && !j->solo;
+            if (batchable && !take_batch) {
+                /* Left for the next write batch. */
+                last = j;
+                link = &j->next;
+                continue;
+            }
+            *link = j->next;
             j->next = NULL;
             taken++;
             r->queued--;
+            if (batchable)
+                r->queued_batchable--;
             bytes += job_bytes(j);
             dm_status_t *why = NULL;
             if (job_dead(j, &why)) {
                 j->next = dead;
                 dead = j;
                 dm_status_free(why);
-            } else if (j->batchable && !j->solo) {
+            } else if (batchable) {
                 *batch_tail = j;
                 batch_tail = &j->next;
             } else {
@@ -781,8 +811,14 @@ static void *executor_main(void *arg)
                 alone_tail = &j->next;
             }
         }
-        /* More queued: wake a sibling to take the next round in parallel. */
-        if (r->q_head)
+        /* The tail may have been taken. */
+        if (!*link)
+            r->q_tail = last;
+        bool has_batch = batch != NULL;
+        if (has_batch)
+            r->batches_running++;
+        /* More to do: wake a sibling to take the next round in parallel. */
+        if (takeable_locked(r))
             pthread_cond_signal(&r->cond);
         if (alone || batch)
             r->in_use++;
@@ -799,6 +835,12 @@ static void *executor_main(void *arg)
             run_round(e, alone, batch);
             pthread_mutex_lock(&r->mu);
             r->in_use--;
+            if (has_batch) {
+                r->batches_running--;
+                /* The writes that queued meanwhile are the next batch. */
+                if (takeable_locked(r))
+                    pthread_cond_signal(&r->cond);
+            }
             pthread_mutex_unlock(&r->mu);
         } else if (!atomic_load(&r->set->stopping)) {
             if (e->conn && elapsed_ms(&e->last_activity) >= idle_ms)
@@ -923,8 +965,7 @@ void dm_regions_stop(dm_regions_t *rs)
         }
         /* Jobs still queued belong to calls the server already cancelled: end them. */
         pthread_mutex_lock(&r->mu);
-        dm_job_t *left = r->q_head;
-        r->q_head = r->q_tail = NULL;
+        dm_job_t *left = take_all_locked(r);
         pthread_mutex_unlock(&r->mu);
         while (left) {
             dm_job_t *next = left->next;
@@ -984,6 +1025,8 @@ void dm_region_submit(dm_region_t *r, dm_job_t *job)
         return;
     }
     r->queued++;
+    if (job->batchable && !job->solo)
+        r->queued_batchable++;
     if (r->q_tail)
         r->q_tail->next = job;
     else
@@ -1071,9 +1114,7 @@ void dm_region_fence(dm_region_t *r, bool fenced, const char *reason, const char
         r->fenced_at_ms = at_ms;
     }
     if (now_fenced && !was) {
-        orphans = r->q_head; /* traffic stops now, queued calls included */
-        r->q_head = r->q_tail = NULL;
-        r->queued = 0;
+        orphans = take_all_locked(r); /* traffic stops now, queued calls included */
     }
     pthread_mutex_unlock(&r->mu);
     if (now_fenced != was)

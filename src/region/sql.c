@@ -65,13 +65,17 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                    "AND ($3::bytea IS NULL OR r.subject_key = $3) "
                    "AND r.record_id > $4 ORDER BY r.record_id LIMIT $5",
          7},
+    /* The entry, and its place in the sealer's queue, in one statement. */
     [DM_SQL_LEDGER_APPEND] = {"ledger_append",
-                              "INSERT INTO domicile.ledger (entry_uuid, at, request_id, principal, "
+                              "WITH e AS (INSERT INTO domicile.ledger (entry_uuid, at, request_id, "
+                              "principal, "
                               "method, customer_id, subject_key, record_count, bytes, from_region, "
                               "to_region, direction, purpose, basis_id, outcome, refusal_reason, "
                               "record_ids, entry_mac) VALUES ($1, " MS(
                                   "$2") ", $3, $4, $5, $6, "
                                         "$7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) "
+                                        "RETURNING entry_id) INSERT INTO "
+                                        "domicile.ledger_seal_queue SELECT entry_id FROM e "
                                         "RETURNING entry_id",
                               18},
     [DM_SQL_LEDGER_HEAD] = {"ledger_head",
@@ -85,8 +89,8 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                 "SELECT entry_id, entry_mac FROM domicile.ledger_unsealed($1)", 1},
     [DM_SQL_LEDGER_SEAL] = {"ledger_seal",
                             "SELECT domicile.ledger_seal($1::bigint[], $2::bigint[], "
-                            "$3::bytea[])",
-                            3},
+                            "$3::bytea[], $4::bigint[])",
+                            4},
     [DM_SQL_LEDGER_CHECKPOINT] = {"ledger_checkpoint",
                                   "SELECT upto_seq, chain_hash, purged_before, mac, at, "
                                   "entries_purged FROM domicile.ledger_checkpoints "
@@ -102,7 +106,7 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                               "WHERE (SELECT count(*) FROM ch) < $2 ORDER BY 1 NULLS LAST, 2",
                               3},
     [DM_SQL_LEDGER_LOOSE] = {"ledger_loose",
-                             "SELECT " LEDGER_COLUMNS " FROM domicile.ledger_unsealed($1) l", 1},
+                             "SELECT " LEDGER_COLUMNS " FROM domicile.ledger_to_seal($1) l", 1},
     [DM_SQL_LEDGER_LIST] =
         {"ledger_list",
          "SELECT " LEDGER_COLUMNS ", c.seq FROM domicile.ledger l "
