@@ -15,12 +15,12 @@ import socket
 import struct
 import tempfile
 import threading
-import uuid
 
 import grpc
 import pytest
 
 from conftest import BUILD_DIR, SERVING, GatewayFactory, demo_token, health_check
+from helpers import rpc_error, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 SC = grpc.StatusCode
@@ -50,10 +50,6 @@ def _asan_build():
 # memory at exit instead (tests/run fails on any report).
 ASAN = _asan_build()
 UTF8_MSG = "{}: must be valid UTF-8 without NUL characters"
-
-
-def uid():
-    return uuid.uuid4().hex
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,12 +373,6 @@ class Api:
         if kind == "client-stream":
             return self.channel.stream_unary(path, request_serializer=None, response_deserializer=None)
         return self.channel.unary_unary(path, request_serializer=None, response_deserializer=None)
-
-
-def rpc_error(fn, *args, **kw):
-    with pytest.raises(grpc.RpcError) as ei:
-        fn(*args, **kw)
-    return ei.value
 
 
 def vm_rss_kib(pid):

@@ -8,12 +8,12 @@ Tests that need an empty directory cache use a dedicated gateway (`gateways.star
 """
 
 import time
-import uuid
 
 import grpc
 import pytest
 
 from conftest import NOT_SERVING, REGION_CODES, SERVING, wait_health
+from helpers import lit, put, register, rpc_error, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 RegReq = customers_pb2.RegisterCustomerRequest
@@ -28,10 +28,6 @@ EMPTY = dict(customers=0, records=0, data_keys=0, idempotency=0)
 
 # --------------------------------------------------------------------------------------------
 # local helpers
-
-
-def uid():
-    return uuid.uuid4().hex
 
 
 class Api:
@@ -65,32 +61,8 @@ class Api:
         return self.channel.unary_unary(f"/domicile.v1.Customers/{method}", request_serializer=None, response_deserializer=rep.FromString)
 
 
-def rpc_error(fn, *args, **kw):
-    with pytest.raises(grpc.RpcError) as ei:
-        fn(*args, **kw)
-    return ei.value
-
-
 def new_id(tag="c"):
     return f"{tag}-{uid()}"
-
-
-def register(api, residency, cid=None, **kw):
-    cid = cid or new_id(f"cust-{residency}")
-    kw.setdefault("request_id", f"reg-{uid()}")
-    c = api.register(RegReq(customer_id=cid, residency=residency, **kw), timeout=15)
-    assert (c.customer_id, c.residency, c.state) == (cid, residency, ACTIVE)
-    return cid
-
-
-def put(api, cid, rid, payload=b"", **kw):
-    kw.setdefault("request_id", f"put-{uid()}")
-    kw.setdefault("kind", "note")
-    return api.put(records_pb2.PutRecordRequest(customer_id=cid, record_id=rid, payload=payload, **kw), timeout=15)
-
-
-def lit(s):
-    return "'" + s.replace("'", "''") + "'"
 
 
 def rows(regions, region, sql):

@@ -7,8 +7,8 @@ regions and real gateways.
 Every test makes its own customers and subjects (uuid4). Records are written by the admin
 principal (region us); data-subject requests are filed by the privacy officer (region eu,
 default purpose `dsr`). Legs run asynchronously in the gateways' workers: a test waits for a
-request with a bounded loop of GetRequest calls (Event.wait pauses between them), never with a
-sleep.
+request by polling GetRequest until the state it needs (conftest's wait_until), never with a
+fixed sleep.
 
 Requests that must stay unfinished (deadline extension, overdue listings, retries) are held by
 a fault injected in region `in`: a trigger (schema `dsrtest`, created and dropped by this
@@ -31,15 +31,13 @@ import pty
 import select
 import signal
 import subprocess
-import threading
-import time
-import uuid
 from concurrent import futures
 
 import grpc
 import pytest
 
-from conftest import BUILD_DIR, DOMICILE_LOCAL, NOT_SERVING, SERVING, demo_token, wait_health
+from conftest import BUILD_DIR, DOMICILE_LOCAL, NOT_SERVING, SERVING, demo_token, wait_health, wait_until
+from helpers import get, lit, md, now_ms, put, register, rpc_error, uid
 from domicile.v1 import common_pb2, customers_pb2, records_pb2
 from domicile.v1 import subject_rights_pb2 as SR
 
@@ -59,27 +57,8 @@ LEG_DONE = SR.DSR_LEG_STATE_DONE
 LEG_FAILED = SR.DSR_LEG_STATE_FAILED
 LEG_SKIPPED = SR.DSR_LEG_STATE_SKIPPED
 
-_PAUSE = threading.Event()  # never set: wait(s) is a bounded pause between blocking calls
-
-
-def pause(seconds):
-    _PAUSE.wait(seconds)
-
-
-def uid():
-    return uuid.uuid4().hex
-
-
-def now_ms():
-    return int(time.time() * 1000)
-
-
 def subject():
     return f"dsr-{uid()}@example.org"
-
-
-def lit(s):
-    return "'" + str(s).replace("'", "''") + "'"
 
 
 def bytea(hexstr):
@@ -176,45 +155,6 @@ def po(session_gateway):
     return Dsr(session_gateway.channel(token="privacy-officer"))
 
 
-def rpc_error(fn, *args, **kw):
-    with pytest.raises(grpc.RpcError) as ei:
-        fn(*args, **kw)
-    return ei.value
-
-
-def md(purpose=None):
-    return [("x-purpose", purpose)] if purpose else []
-
-
-def register(api, residency, prefix="dsr"):
-    cid = f"{prefix}-{residency}-{uid()}"
-    api.register(customers_pb2.RegisterCustomerRequest(request_id=f"reg-{uid()}", customer_id=cid, residency=residency), timeout=15)
-    return cid
-
-
-def put(api, cid, rid, payload, subj="", content_type="text/plain", labels=None, purpose=None, kind="note"):
-    """PutRecord; returns the stored Record (payload omitted by the gateway)."""
-    rep = api.put(
-        records_pb2.PutRecordRequest(
-            request_id=f"put-{uid()}",
-            customer_id=cid,
-            record_id=rid,
-            kind=kind,
-            subject=subj,
-            payload=payload,
-            content_type=content_type,
-            labels=labels or {},
-        ),
-        metadata=md(purpose),
-        timeout=15,
-    )
-    return rep.record
-
-
-def get(api, cid, rid, purpose=None):
-    return api.get(records_pb2.GetRecordRequest(customer_id=cid, record_id=rid), metadata=md(purpose), timeout=15)
-
-
 def list_records(api, cid, purpose=None, **kw):
     msgs = list(api.list(records_pb2.ListRecordsRequest(customer_id=cid, page_size=1000, **kw), metadata=md(purpose), timeout=30))
     kinds = [m.WhichOneof("item") for m in msgs]
@@ -249,18 +189,19 @@ def leg_states(req):
 
 def wait_request(dsr, request_id, pred, timeout=30.0, what="the wanted state"):
     """GetRequest until pred(request) holds; returns that request."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
+
+    def status():
         try:
-            last = dsr.status(request_id)
-            if pred(last):
-                return last
+            return dsr.status(request_id)
         except grpc.RpcError as e:
-            last = f"{e.code()} {e.details()}"
-        if time.monotonic() > deadline:
-            raise AssertionError(f"request {request_id}: not {what} after {timeout}s; last: {last}")
-        pause(0.1)
+            return f"{e.code()} {e.details()}"
+
+    def reached(r):
+        return not isinstance(r, str) and pred(r)
+
+    last = wait_until(status, reached, timeout)
+    assert reached(last), f"request {request_id}: not {what} after {timeout}s; last: {last}"
+    return last
 
 
 def wait_done(dsr, request_id, timeout=30.0):
@@ -386,7 +327,7 @@ def held_erase(admin, dsr, holds, request_id=None, reason="held by the test"):
     (customer, subject, request after the first failed attempt)."""
     cid = register(admin, HOLD_REGION, prefix="dsrhold")
     s = subject()
-    put(admin, cid, "held-1", b"held", s)
+    put(admin, cid, "held-1", b"held", subject=s, content_type="text/plain")
     holds.add(cid)
     rid = request_id or f"held-{uid()}"
     dsr.erase(SR.EraseRequest(request_id=rid, subject=s, customer_id=cid, reason=reason), timeout=15)
@@ -406,19 +347,19 @@ def held_erase(admin, dsr, holds, request_id=None, reason="held by the test"):
 
 def test_erase_reaches_every_region_and_shreds_the_keys(regions, admin, po):
     s, other = subject(), subject()
-    customers = {r: register(admin, r) for r in ("us", "eu", "in")}
+    customers = {r: register(admin, r, prefix="dsr") for r in ("us", "eu", "in")}
     saved = {}  # region -> what a backup would have kept of one record
     expected = {}
     sk = None
     for region, cid in customers.items():
         n = {"us": 2, "eu": 3, "in": 1}[region]
         for i in range(n):
-            rec = put(admin, cid, f"rec-{i}", f"{region} secret {i} of the subject \u00e9".encode(), s)
+            rec = put(admin, cid, f"rec-{i}", f"{region} secret {i} of the subject \u00e9".encode(), subject=s, content_type="text/plain").record
             assert rec.has_subject and rec.region == region
             sk = sk or rec.subject_key_hex
             assert rec.subject_key_hex == sk
-        put(admin, cid, "no-subject", b"customer data", "")  # under the customer's own key
-        put(admin, cid, "other", b"another subject", other)
+        put(admin, cid, "no-subject", b"customer data", content_type="text/plain")  # under the customer's own key
+        put(admin, cid, "other", b"another subject", subject=other, content_type="text/plain")
         expected[region] = n
         assert subject_rows(regions, region, sk) == (n, 1)
         (row,) = pg_json(
@@ -484,7 +425,7 @@ def test_erase_reaches_every_region_and_shreds_the_keys(regions, admin, po):
         pg(regions, region, f"DELETE FROM domicile.records WHERE customer_id = {lit(cid)} AND record_id = 'rec-0'")
 
     # The subject can come back later: a new record gets a new key.
-    rec = put(admin, customers["us"], "after", b"new", s)
+    rec = put(admin, customers["us"], "after", b"new", subject=s, content_type="text/plain").record
     new_key = pg(regions, "us", f"SELECT key_id FROM domicile.records WHERE customer_id = {lit(customers['us'])} AND record_id = 'after'")
     assert int(new_key) != saved["us"]["key_id"] and rec.subject_key_hex == sk
     assert get(admin, customers["us"], "after").payload == b"new"
@@ -492,9 +433,9 @@ def test_erase_reaches_every_region_and_shreds_the_keys(regions, admin, po):
 
 def test_erase_one_customer_only_and_skipped_legs(regions, admin, po):
     s = subject()
-    c1, c2 = register(admin, "eu"), register(admin, "eu")
-    put(admin, c1, "a", b"1", s)
-    put(admin, c2, "b", b"2", s)
+    c1, c2 = register(admin, "eu", prefix="dsr"), register(admin, "eu", prefix="dsr")
+    put(admin, c1, "a", b"1", subject=s, content_type="text/plain")
+    put(admin, c2, "b", b"2", subject=s, content_type="text/plain")
     sk = get(admin, c1, "a").subject_key_hex
     rid = f"erase-{uid()}"
     po.erase(SR.EraseRequest(request_id=rid, subject=s, customer_id=c1), timeout=15)
@@ -516,8 +457,8 @@ def test_erase_one_customer_only_and_skipped_legs(regions, admin, po):
 
 def test_same_request_id_is_one_request(regions, admin, po):
     s = subject()
-    cid = register(admin, "us")
-    put(admin, cid, "r", b"x", s)
+    cid = register(admin, "us", prefix="dsr")
+    put(admin, cid, "r", b"x", subject=s, content_type="text/plain")
     rid = f"dup-{uid()}"
     first = po.erase(SR.EraseRequest(request_id=rid, subject=s, reason="first"), timeout=15)
     again = po.erase(SR.EraseRequest(request_id=rid, subject=s, reason="first"), timeout=15)
@@ -601,10 +542,10 @@ def test_unknown_customer_is_not_found(po):
 def test_erase_with_eu_down_completes_when_eu_returns(regions, session_gateway, admin, po):
     s = subject()
     counts = {"eu": 3, "us": 1, "in": 2}
-    customers = {r: register(admin, r) for r in counts}
+    customers = {r: register(admin, r, prefix="dsr") for r in counts}
     for region, n in counts.items():
         for i in range(n):
-            put(admin, customers[region], f"r{i}", b"payload %d" % i, s)
+            put(admin, customers[region], f"r{i}", b"payload %d" % i, subject=s, content_type="text/plain")
     sk = get(admin, customers["us"], "r0").subject_key_hex
     rid = f"outage-{uid()}"
     health = session_gateway.channel(token=None)
@@ -690,7 +631,7 @@ class AdvisoryLock:
 
 def test_gateway_killed_mid_erase_completes_after_restart(regions, gateways, admin):
     region = "in"
-    cid = register(admin, region)
+    cid = register(admin, region, prefix="dsr")
     subjects = [subject(), subject()]
     for i, s in enumerate(subjects):
         bulk_put(admin, cid, s, 1000, prefix=f"s{i}")
@@ -825,9 +766,9 @@ def test_export_streams_every_region_with_a_matching_manifest(regions, admin, po
     written = []  # (region, Record, payload)
     for (region, k), cid in custs.items():
         for rid, payload, ctype, labels in contents[: 5 if (region, k) == ("eu", 0) else 2]:
-            rec = put(admin, cid, rid, payload, s, content_type=ctype, labels=labels)
+            rec = put(admin, cid, rid, payload, subject=s, content_type=ctype, labels=labels).record
             written.append((region, rec, payload))
-        put(admin, cid, "not-the-subject", b"x", other)
+        put(admin, cid, "not-the-subject", b"x", subject=other, content_type="text/plain")
     # Stream order: region code order, then customer_id, then record_id in byte order.
     written.sort(key=lambda w: (REGION_ORDER.index(w[0]), w[1].customer_id.encode(), w[1].record_id.encode()))
 
@@ -880,10 +821,10 @@ def test_export_of_many_records_is_streamed_in_order(admin, po):
     """More records than one query chunk (16), with payloads near the limit: flow control and
     the chunk boundaries keep every line, in order, once."""
     s = subject()
-    cid = register(admin, "us")
+    cid = register(admin, "us", prefix="dsr")
     big = b"y" * (512 * 1024)
     for i in range(6):
-        put(admin, cid, f"big-{i}", big + b"%d" % i, s, content_type="application/octet-stream")
+        put(admin, cid, f"big-{i}", big + b"%d" % i, subject=s, content_type="application/octet-stream")
     bulk_put(admin, cid, s, 90, prefix="small")
     _, lines, man = po.export(request_id=f"export-{uid()}", subject=s, timeout=120)
     ids = [l.record_id for l in lines]
@@ -900,11 +841,11 @@ def test_export_of_many_records_is_streamed_in_order(admin, po):
 
 def test_restrict_then_unrestrict(regions, admin, po):
     s, other = subject(), subject()
-    ceu, cus = register(admin, "eu"), register(admin, "us")
+    ceu, cus = register(admin, "eu", prefix="dsr"), register(admin, "us", prefix="dsr")
     for cid in (ceu, cus):
-        put(admin, cid, "s1", b"subject data 1", s)
-        put(admin, cid, "s2", b"subject data 2", s)
-        put(admin, cid, "o1", b"other data", other)
+        put(admin, cid, "s1", b"subject data 1", subject=s, content_type="text/plain")
+        put(admin, cid, "s2", b"subject data 2", subject=s, content_type="text/plain")
+        put(admin, cid, "o1", b"other data", subject=other, content_type="text/plain")
 
     rid = f"restrict-{uid()}"
     r = po.restrict(SR.RestrictRequest(request_id=rid, subject=s, reason="accuracy contested"), timeout=15)
@@ -921,7 +862,7 @@ def test_restrict_then_unrestrict(regions, admin, po):
             assert listed[rec].restricted and listed[rec].payload == b"" and listed[rec].payload_size == 14, listed[rec]
         assert not listed["o1"].restricted and listed["o1"].payload == b"other data"
     # A record of the subject written after the restriction is stored restricted.
-    new = put(admin, ceu, "s3", b"written later", s)
+    new = put(admin, ceu, "s3", b"written later", subject=s, content_type="text/plain").record
     assert new.restricted
     assert rpc_error(get, admin, ceu, "s3").code() == SC.FAILED_PRECONDITION
     # Export and Locate still see them, with their payloads.
@@ -958,10 +899,10 @@ def test_restrict_then_unrestrict(regions, admin, po):
 
 def test_object_then_withdraw(admin, po):
     s, other = subject(), subject()
-    c1, c2 = register(admin, "us"), register(admin, "us")
+    c1, c2 = register(admin, "us", prefix="dsr"), register(admin, "us", prefix="dsr")
     for cid in (c1, c2):
-        put(admin, cid, "s1", b"subject data", s)
-        put(admin, cid, "o1", b"other data", other)
+        put(admin, cid, "s1", b"subject data", subject=s, content_type="text/plain")
+        put(admin, cid, "o1", b"other data", subject=other, content_type="text/plain")
 
     rid = f"object-{uid()}"
     r = po.object(SR.ObjectRequest(request_id=rid, subject=s, purpose="marketing", reason="Art. 21(2)"), timeout=15)
@@ -998,16 +939,16 @@ def test_objection_refuses_writes_for_that_purpose(admin, po):
     x-purpose are refused with FAILED_PRECONDITION" (PutRecord: "or the subject objected to the
     call's purpose")."""
     s = subject()
-    cid = register(admin, "us")
-    put(admin, cid, "s1", b"subject data", s)
+    cid = register(admin, "us", prefix="dsr")
+    put(admin, cid, "s1", b"subject data", subject=s, content_type="text/plain")
     rid = f"object-{uid()}"
     po.object(SR.ObjectRequest(request_id=rid, subject=s, purpose="marketing"), timeout=15)
     wait_done(po, rid)
-    put(admin, cid, "s2", b"new", s, purpose="support")  # another purpose writes
+    put(admin, cid, "s2", b"new", subject=s, content_type="text/plain", purpose="support")  # another purpose writes
     refused = {}
     for rec in ("s1", "s3"):  # a replace, a new record
         try:
-            put(admin, cid, rec, b"written for marketing", s, purpose="marketing")
+            put(admin, cid, rec, b"written for marketing", subject=s, content_type="text/plain", purpose="marketing")
             refused[rec] = "written"
         except grpc.RpcError as e:
             refused[rec] = e.code()
@@ -1020,7 +961,7 @@ def test_receipt_hash_is_reproducible_from_the_reported_fields(po, admin):
     reported finished_at_unix_ms). Six legs: a rounding difference shows up in one of them."""
     s = subject()
     for region in REGION_ORDER:
-        put(admin, register(admin, region), "r", b"x", s)
+        put(admin, register(admin, region, prefix="dsr"), "r", b"x", subject=s, content_type="text/plain")
     rids = [f"receipt-{uid()}" for _ in range(2)]
     po.erase(SR.EraseRequest(request_id=rids[0], subject=s), timeout=15)
     po.erase(SR.EraseRequest(request_id=rids[1], subject=subject()), timeout=15)
@@ -1041,9 +982,9 @@ def test_locate_counts_per_region(regions, admin, po):
     cids = {}
     for region, payloads in sizes.items():
         if payloads:
-            cids[region] = register(admin, region)
+            cids[region] = register(admin, region, prefix="dsr")
         for i, n in enumerate(payloads):
-            put(admin, cids[region], f"r{i}", b"z" * n, s)
+            put(admin, cids[region], f"r{i}", b"z" * n, subject=s, content_type="text/plain")
     before = pg(regions, "us", "SELECT count(*) FROM domicile.dsr_requests")
     loc = po.locate(SR.LocateRequest(subject=s), timeout=15)
     assert sorted((c.region, c.records, c.bytes) for c in loc.counts) == [("eu", 2, 30), ("in", 1, 5), ("us", 0, 0)]
@@ -1071,7 +1012,7 @@ def test_finished_legs_hold_no_lease(po, admin):
     """proto: DsrLeg.claimed_by "Gateway instance holding the leg's lease while RUNNING; empty
     otherwise"; lease_expires_at_unix_ms "0 when not RUNNING"."""
     s = subject()
-    put(admin, register(admin, "eu"), "r", b"x", s)
+    put(admin, register(admin, "eu", prefix="dsr"), "r", b"x", subject=s, content_type="text/plain")
     rid = f"lease-{uid()}"
     po.erase(SR.EraseRequest(request_id=rid, subject=s), timeout=15)
     done = wait_done(po, rid)
@@ -1083,7 +1024,7 @@ def test_undoing_nothing_ends_skipped(po, admin):
     """proto: Unrestrict "A leg with nothing restricted ends SKIPPED"; Withdraw "A leg with no
     such objection ends SKIPPED"."""
     s = subject()
-    put(admin, register(admin, "us"), "r", b"x", s)
+    put(admin, register(admin, "us", prefix="dsr"), "r", b"x", subject=s, content_type="text/plain")
     rids = {"unrestrict": f"unr-{uid()}", "withdraw": f"wd-{uid()}"}
     po.unrestrict(SR.UnrestrictRequest(request_id=rids["unrestrict"], subject=s), timeout=15)
     po.withdraw(SR.WithdrawRequest(request_id=rids["withdraw"], subject=s, purpose="marketing"), timeout=15)
@@ -1094,7 +1035,7 @@ def test_undoing_nothing_ends_skipped(po, admin):
 
 def test_list_requests_ordered_by_received_at(admin, po):
     """proto: ListRequests streams requests "ordered by received_at_unix_ms then request_id"."""
-    cid = register(admin, "us")
+    cid = register(admin, "us", prefix="dsr")
     first, second = f"zz-{uid()}", f"aa-{uid()}"
     for rid in (first, second):
         po.erase(SR.EraseRequest(request_id=rid, subject=subject(), customer_id=cid), timeout=15)
@@ -1276,10 +1217,10 @@ def fields(out):
 
 def test_cli_dsr_commands(regions, admin, po, ctl_env, holds):
     s = subject()
-    cids = {r: register(admin, r) for r in ("eu", "in", "us")}
+    cids = {r: register(admin, r, prefix="dsr") for r in ("eu", "in", "us")}
     for region, cid in cids.items():
-        put(admin, cid, "a", f"{region} a".encode(), s)
-        put(admin, cid, "b", b"\x00\x01binary", s, content_type="application/octet-stream")
+        put(admin, cid, "a", f"{region} a".encode(), subject=s, content_type="text/plain")
+        put(admin, cid, "b", b"\x00\x01binary", subject=s, content_type="application/octet-stream")
 
     # locate
     out = ctl(ctl_env, "dsr", "locate", s).stdout.decode().splitlines()
@@ -1360,8 +1301,8 @@ def test_cli_dsr_commands(regions, admin, po, ctl_env, holds):
 
     # restrict / unrestrict / object / withdraw
     s2 = subject()
-    cid = register(admin, "us")
-    put(admin, cid, "r", b"data", s2)
+    cid = register(admin, "us", prefix="dsr")
+    put(admin, cid, "r", b"data", subject=s2, content_type="text/plain")
     for args, kind in [
         (("restrict", s2, "--customer", cid), "restrict"),
         (("unrestrict", s2, "--customer", cid), "unrestrict"),

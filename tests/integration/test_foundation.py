@@ -31,6 +31,7 @@ from conftest import (
     wait_health,
     write_config_copy,
 )
+from helpers import rpc_error
 from grpc.reflection.v1alpha import reflection_pb2  # noqa: E402  (after conftest: grpc.__path__)
 
 V1_MODULES = ("common", "customers", "records", "subject_rights", "transfers", "regions")
@@ -43,12 +44,6 @@ def identity(b):
 def raw_unary(channel, path):
     """A unary method that sends and returns raw bytes: lets a test send any body."""
     return channel.unary_unary(path, request_serializer=identity, response_deserializer=identity)
-
-
-def rpc_error(fn, *args, **kw):
-    with pytest.raises(grpc.RpcError) as ei:
-        fn(*args, **kw)
-    return ei.value
 
 
 def list_methods():

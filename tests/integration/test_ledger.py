@@ -18,8 +18,8 @@ policy files or a shifted clock (DOMICILE_TEST_CLOCK_OFFSET_MS, through conftest
 started per test. The strict-xfail tests at the end pin product bugs found while writing these
 tests; each turns into a failure once the bug is fixed, so its marker gets removed.
 
-Waits are bounded loops of blocking calls (VerifyLedger, Health/Watch) separated by Event.wait
-pauses; there is no fixed sleep.
+Waits poll for the state they need (VerifyLedger, the witness table; conftest's wait_until) or
+read Health/Watch; there is no fixed sleep.
 """
 
 import datetime
@@ -27,14 +27,12 @@ import json
 import os
 import re
 import subprocess
-import threading
-import time
-import uuid
 
 import grpc
 import pytest
 
-from conftest import REGION_CODES, REGIONS_STATE, SERVING, wait_health
+from conftest import REGION_CODES, REGIONS_STATE, SERVING, wait_health, wait_until
+from helpers import get, lit, md, now_ms, put, register, rpc_error, uid
 from domicile.v1 import customers_pb2, records_pb2, transfers_pb2
 
 SC = grpc.StatusCode
@@ -57,21 +55,6 @@ ALLOWED = T.TRANSFER_OUTCOME_ALLOWED
 REFUSED = T.TRANSFER_OUTCOME_REFUSED
 READ = T.TRANSFER_DIRECTION_READ
 WRITE = T.TRANSFER_DIRECTION_WRITE
-
-_PAUSE = threading.Event()  # never set: wait(s) is a bounded pause between blocking calls
-
-
-def pause(seconds):
-    _PAUSE.wait(seconds)
-
-
-def uid():
-    return uuid.uuid4().hex
-
-
-def now_ms():
-    return int(time.time() * 1000)
-
 
 # --------------------------------------------------------------------------------------------
 # API
@@ -141,42 +124,6 @@ def p(session_gateway):
     return Principals(serving(session_gateway))
 
 
-def md(purpose=None, request_id=None):
-    out = []
-    if purpose:
-        out.append(("x-purpose", purpose))
-    if request_id:
-        out.append(("x-request-id", request_id))
-    return out
-
-
-def rpc_error(fn, *args, **kw):
-    with pytest.raises(grpc.RpcError) as ei:
-        fn(*args, **kw)
-    return ei.value
-
-
-def register(p, residency):
-    cid = f"led-{residency}-{uid()}"
-    c = p["admin"].register(
-        customers_pb2.RegisterCustomerRequest(request_id=f"reg-{uid()}", customer_id=cid, residency=residency), timeout=15
-    )
-    assert c.customer_id == cid and c.residency == residency
-    return cid
-
-
-def put(api, cid, rid, payload, metadata=(), **kw):
-    return api.put(
-        records_pb2.PutRecordRequest(request_id=f"put-{uid()}", customer_id=cid, record_id=rid, kind="note", payload=payload, **kw),
-        metadata=list(metadata),
-        timeout=15,
-    )
-
-
-def get(api, cid, rid, purpose=None, request_id=None):
-    return api.get(records_pb2.GetRecordRequest(customer_id=cid, record_id=rid), metadata=md(purpose, request_id), timeout=15)
-
-
 def list_records(api, cid, purpose=None, **kw):
     """One ListRecords call: the records streamed (raises on a failed stream)."""
     msgs = list(api.list(records_pb2.ListRecordsRequest(customer_id=cid, **kw), metadata=md(purpose), timeout=30))
@@ -207,14 +154,9 @@ def wait_sealed(api, region, timeout=30.0):
     """VerifyLedger until no entry is waiting for the sealer; returns that response. (One
     answer is enough: VerifyLedger reads the chain's last links and the unsealed rows in one
     snapshot, so an entry sealed meanwhile is counted once.)"""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = verify(api, region)
-        if v.unsealed_entries == 0:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{region}: entries still unsealed after {timeout}s: {v}")
-        pause(0.1)
+    v = wait_until(lambda: verify(api, region), lambda v: v.unsealed_entries == 0, timeout)
+    assert v.unsealed_entries == 0, f"{region}: entries still unsealed after {timeout}s: {v}"
+    return v
 
 
 def assert_verifies(api, region):
@@ -257,10 +199,6 @@ def ledger_rows(regions, region, where):
 
 def customer_rows(regions, region, cid):
     return ledger_rows(regions, region, f"l.customer_id = {lit(cid)}")
-
-
-def lit(s):
-    return "'" + str(s).replace("'", "''") + "'"
 
 
 def jlit(obj):
@@ -400,7 +338,7 @@ def test_retention_purge_leaves_a_verifying_chain(regions, gateways, p):
     must not purge these entries before the test looks at them.)"""
     region = _retention_region(regions)
     reader = READER_OF[region]
-    cid = register(p, region)
+    cid = register(p["admin"], region, prefix="led")
     put(p[OWNER[region]], cid, "r1", b"retained-payload")
 
     def reads(api, tag, n):
@@ -439,13 +377,9 @@ def test_retention_purge_leaves_a_verifying_chain(regions, gateways, p):
 
     purger = start(gateways, name="purger", overrides={"ledger_retention_days": RETENTION_DAYS})
     auditor = Principals(purger)["auditor"]
-    deadline = time.monotonic() + 90
-    while True:
-        v = verify(auditor, region)
-        if v.HasField("checkpoint"):
-            break
-        assert time.monotonic() < deadline, f"no retention checkpoint within 90 s: {v}\n{purger.log}"
-        pause(1.0)
+    # the purger's retention pass runs in the background: poll until its checkpoint is there
+    v = wait_until(lambda: verify(auditor, region), lambda v: v.HasField("checkpoint"), timeout=90, interval=1.0)
+    assert v.HasField("checkpoint"), f"no retention checkpoint within 90 s: {v}\n{purger.log}"
     t = now_ms()
     assert v.ok and v.damage == T.LEDGER_DAMAGE_NONE and v.first_bad_seq == 0, v
     cp = v.checkpoint
@@ -485,7 +419,7 @@ def test_retention_purge_leaves_a_verifying_chain(regions, gateways, p):
 def test_cross_border_reads_are_logged_with_their_basis(regions, p):
     """An EU customer's record read by a US principal: allowed by the DPF, one entry in the EU
     ledger with the right bytes; by an IN principal: SCC module 2; same region: no entry."""
-    cid = register(p, "eu")
+    cid = register(p["admin"], "eu", prefix="led")
     payload = os.urandom(1234)
     subject = f"alice-{uid()}@example.com"
     put(p["service-eu"], cid, "rec-1", payload, subject=subject)
@@ -554,7 +488,7 @@ def test_cross_border_reads_are_logged_with_their_basis(regions, p):
 def test_cross_border_writes_are_logged(regions, p):
     """PutRecord and BulkPutRecords by a US principal into an EU customer: C -> R entries
     (us -> eu, direction write, basis us-no-restriction) with the payload bytes written."""
-    cid = register(p, "eu")
+    cid = register(p["admin"], "eu", prefix="led")
     payload = os.urandom(777)
     req_id = f"put-{uid()}"
     r = p["service-us"].put(
@@ -601,7 +535,7 @@ def test_list_records_entries_add_up_to_what_was_streamed(regions, p):
     """ListRecords by an IN principal of an EU customer: one entry per chunk (16 records with
     payloads, 200 without), committed before the chunk; their record counts, bytes and record
     ids add up exactly to what the stream carried."""
-    cid = register(p, "eu")
+    cid = register(p["admin"], "eu", prefix="led")
     sizes = [(i * 37) % 500 + 1 for i in range(40)]
     resp = p["service-eu"].bulk(
         iter(
@@ -643,7 +577,7 @@ def test_list_records_entries_add_up_to_what_was_streamed(regions, p):
 def test_entry_method_names_the_rpc(regions, p):
     """transfers.proto TransferEntry.method: "The rpc that moved the data, by its name, e.g.
     "GetRecord", "ListRecords", "PutRecord", "BulkPutRecords"" (as of c645aeb)."""
-    cid = register(p, "eu")
+    cid = register(p["admin"], "eu", prefix="led")
     put(p["service-eu"], cid, "rec-1", b"m")
     get(p["service-us"], cid, "rec-1")
     put(p["service-us"], cid, "rec-2", b"m")
@@ -660,7 +594,7 @@ def test_entry_method_names_the_rpc(regions, p):
 
 @pytest.mark.parametrize("purpose", ["model-training", "sale"])
 def test_forbidden_purpose_is_refused_everywhere(regions, p, purpose):
-    cid = register(p, "eu")
+    cid = register(p["admin"], "eu", prefix="led")
     put(p["service-eu"], cid, "rec-1", b"secret payload")
 
     # cross-border: PERMISSION_DENIED naming the route and the purpose, a refused entry
@@ -708,7 +642,7 @@ def test_route_without_basis_is_refused_and_logged(regions, gateways, p):
     and purpose, no payload, a refused entry with the reason; EU -> US still allowed."""
     policy = write_policy(regions, gateways.workdir, "no-eu-in", drop_routes=[("eu", "in")])
     gw = Principals(start(gateways, name="no-eu-in-route", overrides=policy))
-    cid = register(p, "eu")
+    cid = register(p["admin"], "eu", prefix="led")
     put(p["service-eu"], cid, "rec-1", b"payload-no-route")
 
     e = rpc_error(get, gw["service-in"], cid, "rec-1")
@@ -739,7 +673,7 @@ def test_revoked_basis_allows_nothing(regions, gateways, p):
     allows both; a basis revoked in ten days is refused by a gateway eleven days ahead (the
     gateway's clock against the dates decides, not the file alone)."""
     yesterday = utc_day(-1)
-    cid = register(p, "eu")
+    cid = register(p["admin"], "eu", prefix="led")
     put(p["service-eu"], cid, "rec-1", b"payload-revoked")
 
     # the DPF falls: EU -> US continues under SCCs, and ListTransfers tells which relied on it
@@ -763,7 +697,7 @@ def test_revoked_basis_allows_nothing(regions, gateways, p):
         assert (r["outcome"], r["to_region"], r["bytes"], r["principal"]) == ("refused", to, 0, reader), r
         assert r["refusal_reason"] == "no basis of the route is in force", r
     # other routes are untouched: in -> us (an IN customer read from the US) is DPDP s.16
-    cin = register(p, "in")
+    cin = register(p["admin"], "in", prefix="led")
     put(p["service-in"], cin, "rec-1", b"in-data")
     assert get(gw["service-us"], cin, "rec-1").payload == b"in-data"
     assert customer_rows(regions, "in", cin)[-1]["basis_id"] == DPDP
@@ -800,7 +734,7 @@ def test_ledger_write_failure_sends_nothing(regions, session_gateway, p):
     region stays up): a cross-border read fails UNAVAILABLE saying nothing was sent, with no
     payload and no record streamed; a cross-border write fails and writes nothing; same-region
     calls still work. Once the ledger accepts entries again, the read goes through."""
-    cid = register(p, "eu")
+    cid = register(p["admin"], "eu", prefix="led")
     put(p["service-eu"], cid, "rec-1", b"must-not-leave")
     before = ledger_size(regions, "eu")[0]
     regions.psql("eu", "ALTER TABLE domicile.ledger ADD CONSTRAINT ledger_test_block CHECK (bytes < 0) NOT VALID")
@@ -848,7 +782,7 @@ def _sealed_entries(regions, p, region="in", n=5):
     until the entries are sealed and the ledger verifies. Returns (cid, [(seq, entry_id,
     hash)]) with consecutive seqs."""
     assert_verifies(p["auditor"], region)
-    cid = register(p, region)
+    cid = register(p["admin"], region, prefix="led")
     put(p[OWNER[region]], cid, "rec-1", b"tamper-test")
     for _ in range(n):
         get(p[READER_OF[region]], cid, "rec-1")
@@ -954,13 +888,11 @@ def test_tamper_insert_one_entry(regions, p):
         )
         # give the sealers time to (not) chain it: an honest entry written after it is sealed
         get(p["service-us"], cid, "rec-1")
-        deadline = time.monotonic() + 30
-        while True:
-            v = verify(p["auditor"], region)
-            if v.unsealed_entries == 0 and v.sealed_up_to_seq == before.sealed_up_to_seq + 1:
-                break
-            assert time.monotonic() < deadline, v
-            pause(0.1)
+        v = wait_until(
+            lambda: verify(p["auditor"], region),
+            lambda v: v.unsealed_entries == 0 and v.sealed_up_to_seq == before.sealed_up_to_seq + 1,
+        )
+        assert v.unsealed_entries == 0 and v.sealed_up_to_seq == before.sealed_up_to_seq + 1, v
         assert not v.ok and v.damage == T.LEDGER_DAMAGE_INSERTED, v
         assert v.first_bad_seq == v.sealed_up_to_seq + 1, v
         assert str(forged) in v.detail, v.detail
@@ -1041,7 +973,7 @@ def _report_groups(rep):
 
 
 def test_report_totals_equal_a_known_workload(regions, p):
-    ceu, cus, cin = register(p, "eu"), register(p, "us"), register(p, "in")
+    ceu, cus, cin = (register(p["admin"], r, prefix="led") for r in ("eu", "us", "in"))
     eu_payload, us_payload = os.urandom(1000), os.urandom(300)
     in_payloads = [os.urandom(n) for n in (11, 222, 3333)]
     put(p["service-eu"], ceu, "e1", eu_payload)
@@ -1170,7 +1102,7 @@ def _as_gateway_role(regions, region, sql):
 
 
 def test_gateway_role_cannot_update_or_delete_ledger_rows(regions, p):
-    cid = register(p, "eu")
+    cid = register(p["admin"], "eu", prefix="led")
     put(p["service-eu"], cid, "rec-1", b"x")
     get(p["service-us"], cid, "rec-1")
     before = assert_verifies(p["auditor"], "eu")
@@ -1213,7 +1145,7 @@ def test_gateway_role_cannot_purge_recent_entries(regions, p):
     """ledger_purge() runs with the owner's rights; whoever holds the gateway's role must not
     be able to erase recent entries through it: a cut-off less than 365 days old is refused
     and nothing is deleted (nor any checkpoint written)."""
-    cid = register(p, "eu")
+    cid = register(p["admin"], "eu", prefix="led")
     put(p["service-eu"], cid, "rec-1", b"x")
     get(p["service-us"], cid, "rec-1")
     before = assert_verifies(p["auditor"], "eu")
@@ -1239,7 +1171,7 @@ def test_report_has_one_row_per_group(regions, p):
     """transfers.proto: Report rows are "grouped by UTC calendar month x route x basis_id x
     purpose". in -> us transfers are logged in IN's ledger (reads of IN data from the US) and
     in US's ledger (writes from IN into US customers): they form one group, one row."""
-    cin, cus = register(p, "in"), register(p, "us")
+    cin, cus = register(p["admin"], "in", prefix="led"), register(p["admin"], "us", prefix="led")
     put(p["service-in"], cin, "i1", b"abc")
     t0 = now_ms() - 1
     get(p["service-us"], cin, "i1")  # in -> us read: IN's ledger
@@ -1255,7 +1187,7 @@ def test_refusal_names_the_basis_not_in_force(regions, gateways, p):
     not in force (e.g. revoked), else empty"."""
     policy = write_policy(regions, gateways.workdir, "scc-revoked", revoke={SCC2: utc_day(-1)})
     gw = Principals(start(gateways, name="scc-revoked", overrides=policy))
-    cid = register(p, "eu")
+    cid = register(p["admin"], "eu", prefix="led")
     put(p["service-eu"], cid, "rec-1", b"r")
     assert rpc_error(get, gw["service-in"], cid, "rec-1").code() == SC.PERMISSION_DENIED
     r = customer_rows(regions, "eu", cid)[-1]
@@ -1277,7 +1209,7 @@ def test_checkpoint_says_when_and_how_many(p):
 def test_list_transfers_merges_regions_by_time(regions, p):
     """transfers.proto ListTransfers: entries "ordered by at_unix_ms, then region, then
     entry_id"; with an empty region "the ledgers of every region are merged"."""
-    ceu, cus = register(p, "eu"), register(p, "us")
+    ceu, cus = register(p["admin"], "eu", prefix="led"), register(p["admin"], "us", prefix="led")
     put(p["service-eu"], ceu, "e", b"1")
     put(p["service-us"], cus, "u", b"2")
     t0 = now_ms() - 1
@@ -1305,13 +1237,15 @@ def test_tamper_delete_the_newest_entry(regions, p):
     cid, chain, before = _sealed_entries(regions, p, region, n=3)
     seq, entry_id, h = chain[-1]
     # witnesses are stored right after the seal, asynchronously: wait for one to be there
-    deadline = time.monotonic() + 10
-    while not any(
-        scalar(regions, w, f"SELECT count(*) FROM domicile.ledger_witness WHERE region = {lit(region)} AND seq >= {seq}") == "1"
-        for w in ("eu", "us")
-    ):
-        assert time.monotonic() < deadline, "the head of the chain was not witnessed in another region"
-        pause(0.1)
+    witnessed = wait_until(
+        lambda: [
+            scalar(regions, w, f"SELECT count(*) FROM domicile.ledger_witness WHERE region = {lit(region)} AND seq >= {seq}") == "1"
+            for w in ("eu", "us")
+        ],
+        any,
+        timeout=10,
+    )
+    assert any(witnessed), "the head of the chain was not witnessed in another region"
     saved = saved_row(regions, region, "ledger", "entry_id", entry_id)
     link = saved_row(regions, region, "ledger_chain", "seq", seq)
     try:

@@ -13,7 +13,6 @@ import os
 import re
 import threading
 import time
-import uuid
 
 import grpc
 import pytest
@@ -25,6 +24,7 @@ from conftest import (
     health_check,
     wait_health,
 )
+from helpers import lit, put, register, rpc_error, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 PutReq = records_pb2.PutRecordRequest
@@ -37,10 +37,6 @@ PAYLOAD_MAX = 1048576
 
 # --------------------------------------------------------------------------------------------
 # local helpers
-
-
-def uid():
-    return uuid.uuid4().hex
 
 
 class Api:
@@ -94,28 +90,6 @@ class Api:
         )
 
 
-def rpc_error(fn, *args, **kw):
-    with pytest.raises(grpc.RpcError) as ei:
-        fn(*args, **kw)
-    return ei.value
-
-
-def register(api, residency, cid=None, timeout=15):
-    cid = cid or f"cust-{residency}-{uid()}"
-    c = api.register(
-        customers_pb2.RegisterCustomerRequest(request_id=f"reg-{uid()}", customer_id=cid, residency=residency),
-        timeout=timeout,
-    )
-    assert c.customer_id == cid and c.residency == residency
-    assert c.state == customers_pb2.CUSTOMER_STATE_ACTIVE
-    return cid
-
-
-def put(api, cid, rid, payload=b"", kind="note", timeout=15, **kw):
-    kw.setdefault("request_id", f"put-{uid()}")
-    return api.put(PutReq(customer_id=cid, record_id=rid, kind=kind, payload=payload, **kw), timeout=timeout)
-
-
 def list_page(api, timeout=30, **kw):
     """One ListRecords call: (records, next_page_token). Checks the stream's shape: records,
     then exactly one `end`, last."""
@@ -124,11 +98,6 @@ def list_page(api, timeout=30, **kw):
     assert kinds and kinds[-1] == "end" and kinds.count("end") == 1, kinds
     assert set(kinds[:-1]) <= {"record"}, kinds
     return [m.record for m in items[:-1]], items[-1].end.next_page_token
-
-
-def lit(s):
-    """A SQL string literal."""
-    return "'" + s.replace("'", "''") + "'"
 
 
 def rows(regions, region, sql):

@@ -15,13 +15,13 @@ import os
 import re
 import subprocess
 import time
-import uuid
 import xml.etree.ElementTree as ET
 
 import grpc
 import pytest
 
 from conftest import BUILD_DIR, demo_token
+from helpers import uid
 from domicile.v1 import customers_pb2, records_pb2, transfers_pb2
 
 DOMICILECTL = os.path.join(BUILD_DIR, "domicilectl")
@@ -32,10 +32,6 @@ ARROW = "\u2192"
 SVG = "{http://www.w3.org/2000/svg}"
 XHTML = "{http://www.w3.org/1999/xhtml}"
 PAYLOAD = b"report-cli payload " * 7  # 133 bytes
-
-
-def uid():
-    return uuid.uuid4().hex
 
 
 def unary(channel, path, req_cls, rep_cls):

@@ -23,7 +23,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 
 import grpc
 import pytest
@@ -42,6 +41,7 @@ from conftest import (
     wait_health,
     write_config_copy,
 )
+from helpers import put, register, rpc_error, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 SC = grpc.StatusCode
@@ -67,16 +67,6 @@ _TOKENS_MADE = []
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def uid():
-    return uuid.uuid4().hex
-
-
-def rpc_error(fn, *args, **kw):
-    with pytest.raises(grpc.RpcError) as ei:
-        fn(*args, **kw)
-    return ei.value
 
 
 def new_token():
@@ -129,18 +119,6 @@ class Api:
         kinds = [m.WhichOneof("item") for m in items]
         assert kinds and kinds[-1] == "end" and kinds.count("end") == 1, kinds
         return [m.record for m in items[:-1]]
-
-
-def register(api, residency, cid=None, timeout=15, **kw):
-    cid = cid or f"sec-{residency}-{uid()}"
-    c = api.register(RegReq(request_id=f"reg-{uid()}", customer_id=cid, residency=residency, **kw), timeout=timeout)
-    assert c.customer_id == cid and c.residency == residency
-    return c
-
-
-def put(api, cid, rid, payload=b"", kind="note", timeout=15, metadata=None, **kw):
-    kw.setdefault("request_id", f"put-{uid()}")
-    return api.put(PutReq(customer_id=cid, record_id=rid, kind=kind, payload=payload, **kw), timeout=timeout, metadata=metadata)
 
 
 def _cfg_str(s):
@@ -336,7 +314,7 @@ def test_missing_or_bad_credentials_are_unauthenticated(gateway):
 
 def test_wrong_role_is_permission_denied_naming_the_roles_needed(gateway):
     admin = Api(gateway.channel())
-    cid = register(admin, "us").customer_id
+    cid = register(admin, "us", prefix="sec")
     put(admin, cid, "r1", b"payload")
 
     reader = Api(gateway.channel(token="reader-us"))
@@ -627,7 +605,7 @@ def test_tls_transport_refuses_plaintext_and_old_protocols(regions, gateways, pk
     for host in ("127.0.0.1", "localhost"):
         assert health_check(channels.tls(g, pki.ca_crt, host=host), "", timeout=10) == SERVING
     api = Api(channels.tls(g, pki.ca_crt, token=demo_token(regions.conf, "admin")))
-    cid = register(api, "eu").customer_id
+    cid = register(api, "eu", prefix="sec")
     rep = put(api, cid, "over-tls", b"sent over TLS")
     assert rep.record.version == 1 and rep.record.region == "eu"
     assert api.get(GetReq(customer_id=cid, record_id="over-tls"), timeout=10).payload == b"sent over TLS"
@@ -673,7 +651,7 @@ def test_mtls_require(regions, gateways, pki, channels, workdir):
     assert ok and alpn == "h2", out
     svc = Api(channels.tls(g, pki.ca_crt, *pki.svc))
     assert health_check(svc.channel, "", timeout=10) == SERVING
-    cid = register(svc, "in").customer_id
+    cid = register(svc, "in", prefix="sec")
     rep = put(svc, cid, "by-cert", b"written by a certificate")
     assert rep.created and rep.record.region == "in"
     assert svc.get(GetReq(customer_id=cid, record_id="by-cert"), timeout=10).payload == b"written by a certificate"
@@ -700,7 +678,7 @@ def test_mtls_request(regions, gateways, pki, channels, workdir):
     assert "client certificates: request" in g.log, g.log
     # Without a certificate the token path works.
     api = Api(channels.tls(g, pki.ca_crt, token=demo_token(regions.conf, "admin")))
-    cid = register(api, "us").customer_id
+    cid = register(api, "us", prefix="sec")
     assert put(api, cid, "token-path", b"t").created
     assert api.get(GetReq(customer_id=cid, record_id="token-path"), timeout=10).payload == b"t"
     # Without a certificate or a token: connected, not authenticated.
@@ -761,7 +739,7 @@ def test_plaintext_is_logged(gateway):
 
 def test_region_with_a_wrong_ca_fails_closed(regions, gateway, gateways, pki, workdir):
     admin = Api(gateway.channel())
-    cust = {r: register(admin, r).customer_id for r in REGION_CODES}
+    cust = {r: register(admin, r, prefix="sec") for r in REGION_CODES}
     for r, cid in cust.items():
         put(admin, cid, "before", f"{r} before".encode())
 
@@ -793,7 +771,7 @@ def test_region_with_a_wrong_ca_fails_closed(regions, gateway, gateways, pki, wo
         "PutRecord": lambda: put(api, ce, "during", b"x", timeout=10),
         "ListRecords": lambda: api.list(ListReq(customer_id=ce), timeout=10),
         "DeleteRecord": lambda: api.delete(DelReq(request_id=uid(), customer_id=ce, record_id="before"), timeout=10),
-        "RegisterCustomer(eu)": lambda: register(api, "eu", timeout=10),
+        "RegisterCustomer(eu)": lambda: register(api, "eu", prefix="sec", timeout=10),
     }
     for what, call in failures.items():
         e = rpc_error(call)
@@ -1017,12 +995,12 @@ def test_sql_injection_payloads_are_stored_and_returned_byte_exact(regions, gate
     tables_before = {r: _tables(regions, r) for r in REGION_CODES}
     for r in REGION_CODES:
         assert {"customers", "records", "data_keys", "idempotency"} <= set(tables_before[r].split(",")), tables_before[r]
-    residency = {r: register(api, r).customer_id for r in REGION_CODES}
+    residency = {r: register(api, r, prefix="sec") for r in REGION_CODES}
 
     for i, s in enumerate(INJECTIONS):
         region = REGION_CODES[i % 3]
         # Customers: display_name and label values.
-        c = register(api, region, display_name=s, labels={"inj": s, "plain": "x"})
+        c = register(api, region, prefix="sec", reply=True, display_name=s, labels={"inj": s, "plain": "x"})
         assert (c.display_name, dict(c.labels)) == (s, {"inj": s, "plain": "x"}), repr(s)
         got = api.get_customer(GetCustReq(customer_id=c.customer_id), timeout=10)
         assert (got.display_name, dict(got.labels)) == (s, {"inj": s, "plain": "x"}), repr(s)
@@ -1348,7 +1326,7 @@ def test_logs_hold_no_token_payload_marker_or_subject(regions, gateways, workdir
             codes[e.code().name] += 1
 
     # Successful calls.
-    cid = register(svc, "eu", display_name=f"Customer {marker} {subject}", labels={"note": marker}).customer_id
+    cid = register(svc, "eu", prefix="sec", display_name=f"Customer {marker} {subject}", labels={"note": marker})
     put(svc, cid, "rec-1", payload, subject=subject, labels={"m": marker}, content_type="text/plain")
     put(svc, cid, "rec-2", payload, subject=subject.upper())
     assert svc.get(GetReq(customer_id=cid, record_id="rec-1"), timeout=10).payload == payload
