@@ -50,6 +50,10 @@ void dm_kek_free(dm_kek_t *kek);
 /** Fill `buf` with `n` bytes from the OpenSSL CSPRNG. Aborts the process if it fails. */
 void dm_random_bytes(unsigned char *buf, size_t n);
 
+/* HMAC-SHA256 of data under key (a keyed context is kept per distinct key, up to 16). */
+void dm_hmac_sha256(const unsigned char *key, size_t key_len, const unsigned char *data, size_t len,
+                    unsigned char out[32]);
+
 /**
  * Wrap data key `dek` under `kek` (AES-256-GCM, random nonce). `aad` (may be NULL when
  * `aad_len` is 0) is the context the wrapped key is bound to; build it with DM_AAD() from

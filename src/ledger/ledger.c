@@ -7,7 +7,6 @@
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
 
 #include "domicile/ledger.h"
 #include "domicile/metrics.h"
@@ -22,9 +21,7 @@ typedef struct {
 static void hmac(const unsigned char key[32], const unsigned char *data, size_t len,
                  unsigned char out[32])
 {
-    unsigned int olen = 32;
-    if (!HMAC(EVP_sha256(), key, 32, data, len, out, &olen))
-        abort();
+    dm_hmac_sha256(key, 32, data, len, out);
 }
 
 static void mac_fields(const unsigned char key[32], const fields_t *f, unsigned char out[32])

@@ -904,6 +904,42 @@ def test_tamper_insert_one_entry(regions, p):
     assert v.sealed_up_to_seq == before.sealed_up_to_seq + 1 and v.entries_checked == before.entries_checked + 1
 
 
+def test_forged_entry_in_the_seal_queue_is_dequeued_not_chained(regions, p):
+    """The sealer reads a queue of unchained entries instead of scanning the ledger. A forged
+    row put in that queue too (as a holder of the gateway's role could) fails its MAC: the
+    sealer drops it from the queue without chaining it, honest entries behind it are still
+    sealed, the queue empties, and VerifyLedger reports the row INSERTED."""
+    region = "eu"
+    cid, chain, before = _sealed_entries(regions, p, region)
+    assert scalar(regions, region, "SELECT count(*) FROM domicile.ledger_seal_queue") == "0"
+    forged = None
+    try:
+        forged = int(
+            regions.psql(
+                region,
+                "WITH f AS (INSERT INTO domicile.ledger (entry_uuid, at, request_id, principal, method, customer_id, "
+                "record_count, bytes, from_region, to_region, direction, purpose, basis_id, outcome, entry_mac) VALUES "
+                f"('\\x{os.urandom(16).hex()}', now(), 'forged-{uid()}', 'service-us', 'GetRecord', {lit(cid)}, 1, 10, "
+                f"'eu', 'us', 'read', 'support', 'eu-us-dpf', 'allowed', '\\x{os.urandom(32).hex()}') RETURNING entry_id) "
+                "INSERT INTO domicile.ledger_seal_queue SELECT entry_id FROM f RETURNING entry_id",
+            ).splitlines()[0]
+        )
+        get(p[READER_OF[region]], cid, "rec-1")
+        v = wait_until(
+            lambda: (verify(p["auditor"], region),
+                     scalar(regions, region, "SELECT count(*) FROM domicile.ledger_seal_queue")),
+            lambda vq: vq[0].sealed_up_to_seq == before.sealed_up_to_seq + 1 and vq[1] == "0",
+        )
+        v, queued = v
+        assert queued == "0" and v.sealed_up_to_seq == before.sealed_up_to_seq + 1, (queued, v)
+        assert not v.ok and v.damage == T.LEDGER_DAMAGE_INSERTED and str(forged) in v.detail, v
+        assert scalar(regions, region, f"SELECT count(*) FROM domicile.ledger_chain WHERE entry_id = {forged}") == "0"
+    finally:
+        if forged is not None:
+            regions.psql(region, f"DELETE FROM domicile.ledger WHERE entry_id = {forged}")
+    assert_verifies(p["auditor"], region)
+
+
 def test_tamper_swap_two_entries(regions, p):
     """Two sealed entries exchange places: (a) their contents swapped under the same entry ids
     (each row keeps a valid MAC), (b) their chain links' positions swapped. Both REORDERED
