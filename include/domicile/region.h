@@ -120,6 +120,7 @@ typedef struct dm_region_info {
     bool reachable;
     char primary[128];
     int pool_size, pool_in_use, queued;
+    int64_t write_batches, batched_writes; /* committed write batches, the jobs in them */
     bool breaker_open;
     int64_t breaker_changed_ms;
     bool fenced;

@@ -176,6 +176,11 @@ char *dm_metrics_render(dm_app_t *app)
         put(&o, "domicile_region_pool_size{region=\"%s\"} %d\n", code, info.pool_size);
         put(&o, "domicile_region_pool_in_use{region=\"%s\"} %d\n", code, info.pool_in_use);
         put(&o, "domicile_region_queued_statements{region=\"%s\"} %d\n", code, info.queued);
+        /* Group commit: writes per batch = the second over the first. */
+        put(&o, "domicile_region_write_batches_total{region=\"%s\"} %lld\n", code,
+            (long long)info.write_batches);
+        put(&o, "domicile_region_batched_writes_total{region=\"%s\"} %lld\n", code,
+            (long long)info.batched_writes);
         put(&o, "domicile_region_breaker_open{region=\"%s\"} %d\n", code, info.breaker_open);
         put(&o, "domicile_region_fenced{region=\"%s\"} %d\n", code, info.fenced);
     }

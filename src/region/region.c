@@ -75,6 +75,7 @@ struct dm_region {
      * batches_running is at the limit, executors leave batchable jobs queued (taking the
      * other jobs), so the writes that arrive during one commit go together in the next. */
     int queued_batchable, batches_running;
+    int64_t write_batches, batched_writes;
     char primary[128]; /* host:port of the node the pool is connected to */
     /* Breaker: opened when the region stops answering (a round or probe times out); while
      * open, calls fail at once instead of waiting for their deadline; the next successful
@@ -815,8 +816,12 @@ static void *executor_main(void *arg)
         if (!*link)
             r->q_tail = last;
         bool has_batch = batch != NULL;
-        if (has_batch)
+        if (has_batch) {
             r->batches_running++;
+            r->write_batches++;
+            for (dm_job_t *j = batch; j; j = j->next)
+                r->batched_writes++;
+        }
         /* More to do: wake a sibling to take the next round in parallel. */
         if (takeable_locked(r))
             pthread_cond_signal(&r->cond);
@@ -1085,6 +1090,8 @@ void dm_region_info(dm_region_t *r, dm_region_info_t *out)
     out->pool_size = r->n_execs;
     out->pool_in_use = r->in_use;
     out->queued = r->queued;
+    out->write_batches = r->write_batches;
+    out->batched_writes = r->batched_writes;
     out->breaker_open = r->breaker_open;
     out->breaker_changed_ms = r->breaker_changed_ms;
     out->fenced = r->fenced;

@@ -92,6 +92,11 @@ def test_metrics_count_a_known_workload(gateways):
     assert delta("domicile_transfer_bytes_total", **{"from": "eu", "to": "in",
                                                      "basis": "scc-2021-914-m2",
                                                      "outcome": "allowed"}) == 30
+    # Group commit counters: in eu, 5 puts + 5 ledger entries for them (written from us) +
+    # 3 ledger entries for the reads, each a batched write; calls one after another, so at
+    # most one batch each.
+    assert delta("domicile_region_batched_writes_total", region="eu") == 13
+    assert 1 <= delta("domicile_region_write_batches_total", region="eu") <= 13
     for region in ("us", "eu", "in"):
         assert value(after, "domicile_region_up", region=region) == 1
         assert value(after, "domicile_region_pool_size", region=region) >= 1
