@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -75,6 +76,40 @@ static void notify_reloading(void)
     snprintf(msg, sizeof(msg), "RELOADING=1\nMONOTONIC_USEC=%lld",
              (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000);
     dm_sd_notify(msg);
+}
+
+/* Every client connection and every region connection is a descriptor, and gRPC 1.51 stops
+ * accepting for good once accept4 fails with EMFILE (grpc/grpc#16058): seen at about 1,000
+ * connections under a shell's default soft limit of 1024. Take the hard limit. */
+#define NOFILE_FLOOR 4096
+#define NOFILE_CAP   1048576 /* the kernel's default nr_open, for an unlimited hard limit */
+
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0) {
+        dm_warn("main", "getrlimit(RLIMIT_NOFILE): %s", strerror(errno));
+        return;
+    }
+    rlim_t before = rl.rlim_cur;
+    rlim_t want =
+        rl.rlim_max == RLIM_INFINITY || rl.rlim_max > NOFILE_CAP ? NOFILE_CAP : rl.rlim_max;
+    if (rl.rlim_cur < want) {
+        rl.rlim_cur = want;
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0) {
+            dm_warn("main", "cannot raise the open-files limit from %llu to %llu: %s",
+                    (unsigned long long)before, (unsigned long long)want, strerror(errno));
+            rl.rlim_cur = before;
+        } else {
+            dm_info("main", "open-files limit raised from %llu to %llu (the hard limit)",
+                    (unsigned long long)before, (unsigned long long)want);
+        }
+    }
+    if (rl.rlim_cur < NOFILE_FLOOR)
+        dm_warn("main",
+                "open-files limit is %llu: fewer than that many client connections can be "
+                "served; raise the hard limit (LimitNOFILE=, ulimit -Hn) to %d or more",
+                (unsigned long long)rl.rlim_cur, NOFILE_FLOOR);
 }
 
 int main(int argc, char **argv)
@@ -171,6 +206,7 @@ int main(int argc, char **argv)
     dm_log_level_t level = DM_LOG_INFO;
     dm_log_level_parse(app.cfg->log_level, &level);
     dm_log_set_level(level);
+    raise_nofile();
 
     grpc_init();
     size_t n_methods;

@@ -331,6 +331,28 @@ def test_sigterm_with_idle_gateway_exits_zero(gateways):
     assert "exiting cleanly" in g.log
 
 
+def _nofile(pid):
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3]), int(line.split()[4])
+    raise AssertionError("no open-files line in /proc/PID/limits")
+
+
+def test_gateway_raises_its_open_files_limit_to_the_hard_limit(gateways):
+    """Started with a soft limit of 1024 (a shell's default), the gateway takes the hard limit,
+    says so, and serves; below 4096 it warns (gRPC stops accepting for good at EMFILE)."""
+    g = gateways.start(name="nofile", wrapper=("prlimit", "--nofile=1024:8192", "--"))
+    assert _nofile(g.proc.pid) == (8192, 8192)
+    assert health_check(g.channel(), "") == SERVING
+    assert "open-files limit raised from 1024 to 8192" in g.log
+    assert g.stop(signal.SIGTERM, timeout=15) == 0, g.log
+    low = gateways.start(name="nofile-low", wrapper=("prlimit", "--nofile=1024:2048", "--"))
+    assert _nofile(low.proc.pid) == (2048, 2048)
+    assert "open-files limit is 2048" in low.log
+    assert low.stop(signal.SIGTERM, timeout=15) == 0, low.log
+
+
 # --------------------------------------------------------------------------------------------
 # --list-methods
 
