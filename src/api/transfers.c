@@ -378,7 +378,9 @@ struct list_ctx {
     list_src_t src[DM_MAX_REGIONS];
     int remaining;
     char from_s[24], to_s[24];
-    const char *outcome;
+    const char *outcome, *direction;
+    bool has_subject;
+    unsigned char subject_key[DM_SUBJECT_KEY_LEN];
     int64_t last_at, last_id; /* sort key of the last entry sent */
     const char *last_code;
     atomic_int pending;
@@ -628,6 +630,12 @@ static void list_fetch(list_ctx_t *c)
         dm_job_param_text(&s->job, 8, s->has_after ? s->at_s : NULL);
         dm_job_param_text(&s->job, 9, s->id_s);
         dm_job_param_text(&s->job, 10, s->limit_s);
+        dm_job_param_text(&s->job, 11, c->direction);
+        dm_job_param_text(&s->job, 12, req->principal);
+        if (c->has_subject)
+            dm_job_param_bin(&s->job, 13, c->subject_key, DM_SUBJECT_KEY_LEN);
+        else
+            dm_job_param_text(&s->job, 13, NULL);
     }
     for (size_t k = 0; k < n; k++)
         dm_region_submit(dm_regions_at(c->app->regions, todo[k]->region_i), &todo[k]->job);
@@ -650,6 +658,22 @@ static dm_status_t *check_filters(const char *from_region, const char *to_region
     return NULL;
 }
 
+/* Principal names as the principals file allows them: 1..128 of [A-Za-z0-9._@-]. */
+static dm_status_t *check_principal(const char *field, const char *name)
+{
+    size_t n = strlen(name);
+    if (n > 128)
+        return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "%s: at most 128 bytes", field);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)name[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              ch == '.' || ch == '_' || ch == '@' || ch == '-'))
+            return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                 "%s: a principal name is made of [A-Za-z0-9._@-]", field);
+    }
+    return NULL;
+}
+
 void dm_transfers_list(dm_call_t *call)
 {
     const Domicile__V1__ListTransfersRequest *req =
@@ -661,11 +685,16 @@ void dm_transfers_list(dm_call_t *call)
         st = dm_check_customer_id("customer_id", req->customer_id);
     if (!st)
         st = dm_check_page_size("page_size", req->page_size, LIST_MAX);
-    if (!st && (req->subject[0] || req->principal[0] ||
-                req->direction != DOMICILE__V1__TRANSFER_DIRECTION__TRANSFER_DIRECTION_UNSPECIFIED))
-        st = dm_status_new(GRPC_STATUS_UNIMPLEMENTED,
-                           "filters subject, principal and direction are not implemented yet; "
-                           "filter by customer, route, basis, purpose, outcome or time");
+    if (!st)
+        st = check_principal("principal", req->principal);
+    if (!st && (req->direction < DOMICILE__V1__TRANSFER_DIRECTION__TRANSFER_DIRECTION_UNSPECIFIED ||
+                req->direction > DOMICILE__V1__TRANSFER_DIRECTION__TRANSFER_DIRECTION_WRITE))
+        st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "direction: unknown value %d",
+                           (int)req->direction);
+    bool has_subject = false;
+    unsigned char subject_key[DM_SUBJECT_KEY_LEN];
+    if (!st)
+        st = dm_subject_to_key(app, "subject", req->subject, &has_subject, subject_key);
     if (st) {
         dm_call_finish(call, st);
         return;
@@ -674,6 +703,13 @@ void dm_transfers_list(dm_call_t *call)
     c->call = call;
     c->app = app;
     dm_call_set_data(call, c, list_free);
+    c->direction =
+        req->direction == DOMICILE__V1__TRANSFER_DIRECTION__TRANSFER_DIRECTION_READ    ? "read"
+        : req->direction == DOMICILE__V1__TRANSFER_DIRECTION__TRANSFER_DIRECTION_WRITE ? "write"
+                                                                                       : "";
+    c->has_subject = has_subject;
+    memcpy(c->subject_key, subject_key, sizeof(subject_key));
+    OPENSSL_cleanse(subject_key, sizeof(subject_key));
     c->remaining = req->page_size ? req->page_size : LIST_DEFAULT;
     snprintf(c->from_s, sizeof(c->from_s), "%lld", (long long)req->from_unix_ms);
     snprintf(c->to_s, sizeof(c->to_s), "%lld", (long long)req->to_unix_ms);

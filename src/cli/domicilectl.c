@@ -58,7 +58,8 @@ static void usage(FILE *f)
           "      (incomplete report, ledger not verified) also go to stderr\n"
           "  transfers list [--basis ID] [--region R] [--customer C] [--outcome allowed|refused]\n"
           "                 [--purpose P] [--from DATE] [--to DATE] [--from-region R]\n"
-          "                 [--to-region R] [--limit N]\n"
+          "                 [--to-region R] [--principal NAME] [--direction read|write]\n"
+          "                 [--subject S] [--limit N]\n"
           "      one tab-separated line per entry: region seq time route basis purpose\n"
           "      outcome records bytes method principal (seq - while not sealed)\n"
           "  transfers verify REGION   exit status 4 when the ledger does not verify\n"
@@ -543,17 +544,13 @@ static bool print_transfer(const ProtobufCMessage *m, void *arg)
 static int cmd_transfers_list(dm_client_t *c, int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"basis", required_argument, NULL, 'b'},
-        {"region", required_argument, NULL, 'r'},
-        {"customer", required_argument, NULL, 'c'},
-        {"outcome", required_argument, NULL, 'o'},
-        {"purpose", required_argument, NULL, 'p'},
-        {"from", required_argument, NULL, 'f'},
-        {"to", required_argument, NULL, 't'},
-        {"limit", required_argument, NULL, 'n'},
-        {"from-region", required_argument, NULL, 'F'},
-        {"to-region", required_argument, NULL, 'R'},
-        {NULL, 0, NULL, 0},
+        {"basis", required_argument, NULL, 'b'},       {"region", required_argument, NULL, 'r'},
+        {"customer", required_argument, NULL, 'c'},    {"outcome", required_argument, NULL, 'o'},
+        {"purpose", required_argument, NULL, 'p'},     {"from", required_argument, NULL, 'f'},
+        {"to", required_argument, NULL, 't'},          {"limit", required_argument, NULL, 'n'},
+        {"from-region", required_argument, NULL, 'F'}, {"to-region", required_argument, NULL, 'R'},
+        {"principal", required_argument, NULL, 'P'},   {"direction", required_argument, NULL, 'd'},
+        {"subject", required_argument, NULL, 's'},     {NULL, 0, NULL, 0},
     };
     Domicile__V1__ListTransfersRequest r = DOMICILE__V1__LIST_TRANSFERS_REQUEST__INIT;
     long long limit = 0; /* 0: every matching entry */
@@ -607,6 +604,22 @@ static int cmd_transfers_list(dm_client_t *c, int argc, char **argv)
             break;
         case 'R':
             r.to_region = optarg;
+            break;
+        case 'P':
+            r.principal = optarg;
+            break;
+        case 'd':
+            if (strcmp(optarg, "read") == 0) {
+                r.direction = DOMICILE__V1__TRANSFER_DIRECTION__TRANSFER_DIRECTION_READ;
+            } else if (strcmp(optarg, "write") == 0) {
+                r.direction = DOMICILE__V1__TRANSFER_DIRECTION__TRANSFER_DIRECTION_WRITE;
+            } else {
+                fprintf(stderr, "domicilectl: --direction: read or write\n");
+                return 2;
+            }
+            break;
+        case 's':
+            r.subject = optarg;
             break;
         default:
             usage(stderr);

@@ -121,8 +121,11 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                              "AND ($7 = '' OR l.outcome = $7) AND ($8 = '' OR l.customer_id = $8) "
                              "AND ($9::bigint IS NULL OR (l.at, l.entry_id) > (" MS(
                                  "$9") ", $10)) "
+                                       "AND ($12 = '' OR l.direction = $12) "
+                                       "AND ($13 = '' OR l.principal = $13) "
+                                       "AND ($14::bytea IS NULL OR l.subject_key = $14) "
                                        "ORDER BY l.at, l.entry_id LIMIT $11",
-         11},
+         14},
     [DM_SQL_LEDGER_REPORT] =
         {"ledger_report",
          "SELECT to_char(l.at AT TIME ZONE 'UTC', 'YYYY-MM'), l.from_region, "

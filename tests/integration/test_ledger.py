@@ -1297,3 +1297,37 @@ def test_tamper_delete_the_newest_entry(regions, p):
             "ON CONFLICT (seq) DO NOTHING",
         )
         _repaired(p, region, before)
+
+
+def test_list_transfers_filters_by_subject_principal_and_direction(regions, p):
+    """ListTransfers' subject (matched by its HMAC key, after normalising), principal and
+    direction filters, alone and together; bad values are INVALID_ARGUMENT."""
+    cid = register(p["admin"], "eu", prefix="led")
+    put(p["service-eu"], cid, "a", b"alice's", subject="alice@example.com")
+    put(p["service-eu"], cid, "b", b"bob's", subject="bob@example.com")
+    t0 = now_ms() - 1
+    get(p["service-us"], cid, "a")  # read eu -> us, alice
+    get(p["service-us"], cid, "b")  # read eu -> us, bob
+    get(p["service-in"], cid, "a")  # read eu -> in, alice
+    put(p["admin"], cid, "c", b"more", subject="alice@example.com")  # write us -> eu, alice
+    t1 = now_ms() + 1
+
+    def ids(**f):
+        got = list_transfers(p["auditor"], from_unix_ms=t0, to_unix_ms=t1, customer_id=cid, **f)
+        return sorted((e.principal, T.TransferDirection.Name(e.direction), e.record_ids[0]) for e in got)
+
+    R, W = "TRANSFER_DIRECTION_READ", "TRANSFER_DIRECTION_WRITE"
+    assert ids() == [("admin", W, "c"), ("service-in", R, "a"), ("service-us", R, "a"), ("service-us", R, "b")]
+    alice = [("admin", W, "c"), ("service-in", R, "a"), ("service-us", R, "a")]
+    assert ids(subject="alice@example.com") == alice
+    assert ids(subject="  ALICE@example.com ") == alice  # normalised as on PutRecord
+    assert ids(subject="carol@example.com") == []
+    assert ids(principal="service-us") == [("service-us", R, "a"), ("service-us", R, "b")]
+    assert ids(direction=T.TRANSFER_DIRECTION_WRITE) == [("admin", W, "c")]
+    assert ids(direction=T.TRANSFER_DIRECTION_READ, subject="alice@example.com",
+               principal="service-in") == [("service-in", R, "a")]
+    for bad in ({"principal": "no spaces"}, {"principal": "x" * 129}, {"subject": "s" * 400},
+                {"direction": 7}):
+        e = rpc_error(list_transfers, p["auditor"], **bad)
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (bad, e.details())
+        assert next(iter(bad)) in e.details(), (bad, e.details())

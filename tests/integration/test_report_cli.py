@@ -294,6 +294,13 @@ def test_list_by_basis(traffic):
     assert len(refused) == 1 and refused[0][5] == "model-training" and refused[0][6] == "refused"
     p = ctl(t, "transfers", "list", "--customer", t["customer"], "--outcome", "allowed", "--region", "in")
     assert p.stdout == ""  # the EU customer's transfers are in the EU ledger
+    # principal and direction: the reads by service-us are the eu -> us entries
+    p = ctl(t, "transfers", "list", "--customer", t["customer"], "--purpose", t["purpose"],
+            "--principal", "service-us", "--direction", "read")
+    got = [line.split("\t") for line in p.stdout.splitlines()]
+    assert len(got) == 2 and {f[3] for f in got} == {f"eu{ARROW}us"} and {f[10] for f in got} == {"service-us"}, p.stdout
+    p = ctl(t, "transfers", "list", "--customer", t["customer"], "--direction", "sideways", check=False)
+    assert p.returncode == 2 and "--direction: read or write" in p.stderr
 
 
 def test_verify(traffic):
