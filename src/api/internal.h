@@ -116,6 +116,10 @@ dm_status_t *dm_dsr_view(dm_fanout_t *f, dm_regions_t *regions, Domicile__V1__Ds
                          int *webhook_attempts);
 void dm_dsr_view_free(Domicile__V1__DsrRequest *q);
 
+/** Is a completion webhook configured for requests of `customer` ("" = every customer in
+ * scope: only the global webhook applies)? False when w is NULL. */
+bool dm_webhooks_apply(const dm_webhooks_t *w, const char *customer);
+
 /** The regions' maintenance task: apply the fences that region `src` holds. */
 void dm_regions_refresh_fences(dm_app_t *app, dm_region_t *src, dm_exec_t *x);
 

@@ -419,7 +419,7 @@ static void receive_fanout(status_ctx_t *c, dm_fanout_fn done, void *arg)
                             due,
                             gdpr,
                             cfg->gateway_region,
-                            cfg->webhook_url[0] ? "pending" : "none"};
+                            dm_webhooks_apply(c->app->webhooks, c->customer) ? "pending" : "none"};
     int lens[13] = {0, 0, 32, DM_SUBJECT_KEY_LEN};
     int fmts[13] = {0, 0, 1, 1};
     dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_RECEIVE, 13, vals, lens, fmts, done, arg);

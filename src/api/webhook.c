@@ -4,19 +4,22 @@
  * from every region, and once every leg is done POSTs a JSON summary with
  *     X-Domicile-Timestamp: <unix seconds>
  *     X-Domicile-Signature: sha256=<hex HMAC-SHA256(secret, timestamp "." body)>
- * to webhook_url with libcurl. Failures are retried with backoff (the state lives in the
- * notify region's copy of the request, so another gateway or a restart carries on).
+ * to the URL configured for the request's customer (customer_webhooks_file, each with its own
+ * secret) or else to webhook_url, with libcurl. Failures are retried with backoff (the state
+ * lives in the notify region's copy of the request, so another gateway or a restart carries
+ * on).
  */
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <curl/curl.h>
 #include <jansson.h>
+#include <libconfig.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
 
 #include "domicile/v1/subject_rights.pb-c.h"
 
@@ -27,6 +30,16 @@
 #define QUEUE_MAX   256
 #define NOT_DONE_MS 2000
 #define BACKOFF_MAX 600000
+#define TARGETS_MAX 100000 /* customer webhooks in customer_webhooks_file */
+#define SECRET_MAX  1024
+
+/* Where a request's summary goes: a customer's own receiver, or the global one (""). */
+typedef struct target {
+    char customer[DM_CUSTOMER_ID_MAX + 1];
+    char *url;
+    unsigned char *secret;
+    size_t secret_len;
+} target_t;
 
 typedef struct item {
     char id[DM_REQUEST_ID_MAX + 1];
@@ -35,8 +48,9 @@ typedef struct item {
 
 struct dm_webhooks {
     dm_app_t *app;
-    unsigned char *secret;
-    size_t secret_len;
+    target_t global;   /* url NULL: none */
+    target_t *targets; /* per customer, sorted by customer id */
+    size_t n_targets;
     pthread_t thread;
     bool started;
     pthread_mutex_t mu;
@@ -106,16 +120,37 @@ static size_t discard(char *p, size_t size, size_t n, void *arg)
     return size * n;
 }
 
-/* POST body; 0 on a 2xx answer, else a short reason in err. */
-static int post(dm_webhooks_t *w, const char *body, char *err, size_t err_len)
+static int cmp_target(const void *a, const void *b)
+{
+    return strcmp(((const target_t *)a)->customer, ((const target_t *)b)->customer);
+}
+
+static const target_t *target_of(const dm_webhooks_t *w, const char *customer)
+{
+    if (customer && customer[0] && w->n_targets) {
+        target_t key;
+        snprintf(key.customer, sizeof(key.customer), "%s", customer);
+        const target_t *t = bsearch(&key, w->targets, w->n_targets, sizeof(target_t), cmp_target);
+        if (t)
+            return t;
+    }
+    return w->global.url ? &w->global : NULL;
+}
+
+bool dm_webhooks_apply(const dm_webhooks_t *w, const char *customer)
+{
+    return w && target_of(w, customer) != NULL;
+}
+
+/* POST body to t; 0 on a 2xx answer, else a short reason in err. */
+static int post(dm_webhooks_t *w, const target_t *t, const char *body, char *err, size_t err_len)
 {
     char ts[24], sig[65], hdr_ts[64], hdr_sig[128];
     unsigned char mac[32];
-    unsigned int mlen = 32;
     snprintf(ts, sizeof(ts), "%lld", (long long)(dm_now_ms() / 1000));
     char *signed_text = dm_sprintf("%s.%s", ts, body);
-    HMAC(EVP_sha256(), w->secret, (int)w->secret_len, (const unsigned char *)signed_text,
-         strlen(signed_text), mac, &mlen);
+    dm_hmac_sha256(t->secret, t->secret_len, (const unsigned char *)signed_text,
+                   strlen(signed_text), mac);
     free(signed_text);
     dm_hex_encode(mac, 32, sig);
     snprintf(hdr_ts, sizeof(hdr_ts), "X-Domicile-Timestamp: %s", ts);
@@ -126,7 +161,7 @@ static int post(dm_webhooks_t *w, const char *body, char *err, size_t err_len)
     h = curl_slist_append(h, "Content-Type: application/json");
     h = curl_slist_append(h, hdr_ts);
     h = curl_slist_append(h, hdr_sig);
-    curl_easy_setopt(curl, CURLOPT_URL, w->app->cfg->webhook_url);
+    curl_easy_setopt(curl, CURLOPT_URL, t->url);
     curl_easy_setopt(curl, CURLOPT_HTTPHEADER, h);
     curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body);
     curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, (long)w->app->cfg->webhook_timeout_ms);
@@ -197,11 +232,20 @@ static void deliver(dm_webhooks_t *w, const item_t *it)
         mark(w, it, "pending", "", NOT_DONE_MS, false);
         return;
     }
+    const target_t *t = target_of(w, q->customer_id);
+    if (!t) {
+        /* The configuration changed since the request was received. */
+        dm_warn("dsr", "no webhook configured for request %s any more; not sent", it->id);
+        dm_dsr_view_free(q);
+        dm_fanout_free(f);
+        mark(w, it, "none", "no webhook configured for this request's customer", 0, false);
+        return;
+    }
     char *body = summary_json(q);
     dm_dsr_view_free(q);
     dm_fanout_free(f);
     char err[256] = "";
-    if (post(w, body, err, sizeof(err)) == 0) {
+    if (post(w, t, body, err, sizeof(err)) == 0) {
         dm_info("dsr", "webhook for request %s delivered", it->id);
         mark(w, it, "delivered", "", 0, true);
     } else {
@@ -235,19 +279,143 @@ static void *webhook_main(void *arg)
     return NULL;
 }
 
+static void target_clear(target_t *t)
+{
+    free(t->url);
+    if (t->secret) {
+        OPENSSL_cleanse(t->secret, t->secret_len);
+        free(t->secret);
+    }
+    memset(t, 0, sizeof(*t));
+}
+
+static void webhooks_free(dm_webhooks_t *w)
+{
+    target_clear(&w->global);
+    for (size_t i = 0; i < w->n_targets; i++)
+        target_clear(&w->targets[i]);
+    free(w->targets);
+    free(w);
+}
+
+static dm_status_t *file_error(const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static dm_status_t *file_error(const char *file, int line, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "%s:%d: %s", file, line, msg);
+}
+
+static bool url_ok(const char *url)
+{
+    size_t n = strlen(url);
+    return n <= 2048 && ((n > 7 && strncmp(url, "http://", 7) == 0) ||
+                         (n > 8 && strncmp(url, "https://", 8) == 0));
+}
+
+/*
+ * customer_webhooks_file (libconfig):
+ *     webhooks = ( { customer = "acme"; url = "https://hooks.acme.example/dsr";
+ *                    secret_file = "acme.webhook-secret"; } );
+ * secret_file relative to the file's directory, 0600 like every secret.
+ */
+static dm_status_t *load_targets(dm_webhooks_t *w, const char *path)
+{
+    config_t cf;
+    dm_status_t *st = NULL;
+    config_init(&cf);
+    if (!config_read_file(&cf, path)) {
+        st = file_error(path, config_error_line(&cf), "%s", config_error_text(&cf));
+        goto out;
+    }
+    config_setting_t *list = config_lookup(&cf, "webhooks");
+    if (!list || !config_setting_is_list(list)) {
+        st = file_error(path, 0, "webhooks: a list of groups ( {...}, ... ) is required");
+        goto out;
+    }
+    int n = config_setting_length(list);
+    if (n > TARGETS_MAX) {
+        st = file_error(path, 0, "webhooks: at most %d entries", TARGETS_MAX);
+        goto out;
+    }
+    const char *slash = strrchr(path, '/');
+    char *dir = slash ? dm_strndup(path, (size_t)(slash - path) + 1) : dm_strdup("");
+    w->targets = dm_calloc(n ? (size_t)n : 1, sizeof(target_t));
+    for (int i = 0; i < n && !st; i++) {
+        config_setting_t *e = config_setting_get_elem(list, (unsigned)i);
+        int line = config_setting_source_line(e);
+        const char *customer = NULL, *url = NULL, *secret = NULL;
+        if (!config_setting_is_group(e) ||
+            !config_setting_lookup_string(e, "customer", &customer) ||
+            !config_setting_lookup_string(e, "url", &url) ||
+            !config_setting_lookup_string(e, "secret_file", &secret) ||
+            config_setting_length(e) != 3) {
+            st = file_error(path, line,
+                            "each webhook is { customer = \"...\"; url = \"...\"; secret_file "
+                            "= \"...\"; } and nothing else");
+            break;
+        }
+        dm_status_t *bad = dm_check_customer_id("customer", customer);
+        if (bad) {
+            st = file_error(path, line, "%s", bad->message);
+            dm_status_free(bad);
+            break;
+        }
+        if (!url_ok(url)) {
+            st = file_error(path, line, "url: http:// or https://, at most 2048 bytes");
+            break;
+        }
+        target_t *t = &w->targets[w->n_targets++];
+        snprintf(t->customer, sizeof(t->customer), "%s", customer);
+        t->url = dm_strdup(url);
+        char *sp = secret[0] == '/' ? dm_strdup(secret) : dm_sprintf("%s%s", dir, secret);
+        bad = dm_config_read_secret(sp, SECRET_MAX, &t->secret, &t->secret_len);
+        free(sp);
+        if (bad) {
+            st = file_error(path, line, "secret_file: %s", bad->message);
+            dm_status_free(bad);
+        }
+    }
+    free(dir);
+    if (!st && w->n_targets > 1) {
+        qsort(w->targets, w->n_targets, sizeof(target_t), cmp_target);
+        for (size_t i = 1; i < w->n_targets && !st; i++)
+            if (strcmp(w->targets[i - 1].customer, w->targets[i].customer) == 0)
+                st =
+                    file_error(path, 0, "customer \"%s\" has two webhooks", w->targets[i].customer);
+    }
+out:
+    config_destroy(&cf);
+    return st;
+}
+
 dm_status_t *dm_webhooks_create(dm_app_t *app, dm_webhooks_t **out)
 {
+    const dm_config_t *cfg = app->cfg;
     *out = NULL;
-    if (!app->cfg->webhook_url[0])
+    if (!cfg->webhook_url[0] && !cfg->customer_webhooks_file[0])
         return NULL;
     dm_webhooks_t *w = dm_calloc(1, sizeof(*w));
     w->app = app;
-    dm_status_t *st =
-        dm_config_read_secret(app->cfg->webhook_secret_file, 1024, &w->secret, &w->secret_len);
+    dm_status_t *st = NULL;
+    if (cfg->webhook_url[0]) {
+        w->global.url = dm_strdup(cfg->webhook_url);
+        st = dm_config_read_secret(cfg->webhook_secret_file, SECRET_MAX, &w->global.secret,
+                                   &w->global.secret_len);
+    }
+    if (!st && cfg->customer_webhooks_file[0])
+        st = load_targets(w, cfg->customer_webhooks_file);
     if (st) {
-        free(w);
+        webhooks_free(w);
         return st;
     }
+    if (w->n_targets)
+        dm_info("dsr", "webhooks: %zu customers with their own receiver%s", w->n_targets,
+                w->global.url ? ", the global one for the others" : "");
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->cond, NULL);
     curl_global_init(CURL_GLOBAL_DEFAULT);
@@ -275,10 +443,8 @@ void dm_webhooks_destroy(dm_webhooks_t *w)
     if (!w)
         return;
     dm_webhooks_stop(w);
-    OPENSSL_cleanse(w->secret, w->secret_len);
-    free(w->secret);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cond);
     curl_global_cleanup();
-    free(w);
+    webhooks_free(w);
 }

@@ -97,6 +97,10 @@ static const key_desc_t gateway_keys[] = {
      "secret (0600) keying the webhook's HMAC-SHA256 signature"},
     {"webhook_timeout_ms", KT_INT, GW(webhook_timeout_ms), NOCOUNT, "5000", 100, 60000, NULL, false,
      "time one webhook delivery may take"},
+    {"customer_webhooks_file", KT_PATH, GW(customer_webhooks_file), NOCOUNT, "", 0, STR_MAX, NULL,
+     false,
+     "per-customer webhook URLs and secrets (libconfig: webhooks = ({customer; url; "
+     "secret_file},...))"},
     {"metrics_listen", KT_STRING, GW(metrics_listen), NOCOUNT, "", 0, 64, NULL, false,
      "host:port serving Prometheus /metrics over HTTP (\"\" = off; port 0 = any)"},
     {"customer_retention_days", KT_INT, GW(customer_retention_days), NOCOUNT, "30", 0, 3650, NULL,

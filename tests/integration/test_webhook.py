@@ -11,7 +11,9 @@ import tempfile
 import threading
 import uuid
 
-from conftest import wait_until
+import pytest
+
+from conftest import GatewayError, wait_until
 
 from domicile.v1 import customers_pb2, records_pb2, subject_rights_pb2 as S
 
@@ -137,3 +139,77 @@ def test_webhook_retried_after_500(regions, gateways):
     finally:
         r.close()
         os.unlink(path)
+
+
+def erase_for(gateways_g, cid, residency):
+    """Register cid, store one record of a fresh subject, Erase it for that customer only."""
+    admin = gateways_g.channel(token="admin")
+    po = gateways_g.channel(token="privacy-officer")
+    subject = f"hook-{uuid.uuid4().hex[:8]}@example.com"
+    unary(admin, "/domicile.v1.Customers/RegisterCustomer",
+          customers_pb2.RegisterCustomerRequest(request_id="r-" + cid, customer_id=cid,
+                                                residency=residency), customers_pb2.Customer)
+    unary(admin, "/domicile.v1.Records/PutRecord",
+          records_pb2.PutRecordRequest(request_id="p-" + cid, customer_id=cid, record_id="r1",
+                                       kind="note", subject=subject, payload=b"x"),
+          records_pb2.PutRecordResponse)
+    rid = "erase-" + uuid.uuid4().hex[:10]
+    unary(po, "/domicile.v1.SubjectRights/Erase",
+          S.EraseRequest(request_id=rid, subject=subject, customer_id=cid, reason="test"),
+          S.DsrRequest)
+    return po, rid
+
+
+def test_webhook_per_customer_receiver_and_secret(regions, gateways, tmp_path):
+    """customer_webhooks_file: a request for a listed customer goes to that customer's URL,
+    signed with that customer's secret; any other goes to webhook_url with the global one."""
+    gpath, gsecret = secret_file()
+    csecret = os.urandom(32).hex().encode()
+    (tmp_path / "acme.secret").write_bytes(csecret)
+    os.chmod(tmp_path / "acme.secret", 0o600)
+    acme = "wh-acme-" + uuid.uuid4().hex[:8]
+    other = "wh-other-" + uuid.uuid4().hex[:8]
+    glob, mine = Receiver(fail_first=0), Receiver(fail_first=0)
+    conf = tmp_path / "customer_webhooks.conf"
+    conf.write_text('webhooks = (\n  { customer = "%s"; url = "http://127.0.0.1:%d/acme"; '
+                    'secret_file = "acme.secret"; }\n);\n' % (acme, mine.port))
+    try:
+        g = gateways.start(overrides={"webhook_url": f"http://127.0.0.1:{glob.port}/hook",
+                                      "webhook_secret_file": gpath,
+                                      "customer_webhooks_file": str(conf)}, name="webhook-cust")
+        assert "webhooks: 1 customers with their own receiver" in g.log
+        po, rid_acme = erase_for(g, acme, "eu")
+        _, rid_other = erase_for(g, other, "us")
+        assert mine.got.wait(60) and glob.got.wait(60), g.log
+        wait_until(lambda: (len(mine.posts), len(glob.posts)), lambda n: n == (1, 1), timeout=10)
+        headers, body = mine.posts[0]
+        check_signature(headers, body, csecret)
+        assert json.loads(body)["request_id"] == rid_acme and json.loads(body)["customer_id"] == acme
+        headers, body = glob.posts[0]
+        check_signature(headers, body, gsecret)
+        assert json.loads(body)["request_id"] == rid_other
+        assert g.stop() == 0, g.log
+    finally:
+        mine.close()
+        glob.close()
+        os.unlink(gpath)
+
+
+@pytest.mark.parametrize("content, says", [
+    ("webhooks = ( { customer = \"a b\"; url = \"http://x/\"; secret_file = \"s\"; } );", "customer"),
+    ("webhooks = ( { customer = \"a\"; url = \"ftp://x/\"; secret_file = \"s\"; } );", "url"),
+    ("webhooks = ( { customer = \"a\"; url = \"http://x/\"; secret_file = \"missing\"; } );", "secret_file"),
+    ("webhooks = ( { customer = \"a\"; url = \"http://x/\"; secret_file = \"s\"; },\n"
+     "             { customer = \"a\"; url = \"http://y/\"; secret_file = \"s\"; } );", "two webhooks"),
+    ("webhooks = ( { customer = \"a\"; url = \"http://x/\"; } );", "secret_file"),
+    ("webhooks = \"nope\";", "list of groups"),
+    ("webhooks = ( {", "customer_webhooks.conf:"),
+])
+def test_customer_webhooks_file_errors_stop_the_gateway(regions, gateways, tmp_path, content, says):
+    (tmp_path / "s").write_bytes(b"0123456789abcdef")
+    os.chmod(tmp_path / "s", 0o600)
+    conf = tmp_path / "customer_webhooks.conf"
+    conf.write_text(content + "\n")
+    with pytest.raises(GatewayError) as ei:
+        gateways.start(overrides={"customer_webhooks_file": str(conf)}, name="webhook-bad")
+    assert says in str(ei.value), str(ei.value)
