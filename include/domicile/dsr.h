@@ -22,6 +22,9 @@ void dm_webhooks_destroy(dm_webhooks_t *w);
 /** Hand a request whose webhook is due to the webhook thread; false when not queued. */
 bool dm_webhooks_enqueue(dm_webhooks_t *w, const char *request_id, size_t region);
 
+/** A request's legs being run at once by this gateway (dm_dsr_run_now). */
+typedef struct dm_dsr_now dm_dsr_now_t;
+
 /** What the worker needs; owned by the app. */
 typedef struct dm_dsr_ctx {
     dm_regions_t *regions;
@@ -39,6 +42,23 @@ void dm_dsr_ctx_init(dm_dsr_ctx_t *ctx, dm_regions_t *regions);
  * that other regions missed. Runs on the region's maintenance executor.
  */
 void dm_dsr_idle(dm_dsr_ctx_t *ctx, dm_region_t *r, size_t ri, dm_exec_t *x);
+
+/** Lease of a claimed leg, in seconds (a dead claimant's leg is taken over after it). */
+#define DM_DSR_LEASE_S "30"
+
+/**
+ * Run the legs of a request this gateway has just stored, at once: per region in `stored`
+ * (those that took it), jobs on whichever executor of the region is free rather than the
+ * maintenance one, so a leg waits neither for the workers' next round nor behind a sealing
+ * round. A leg is run as the workers run it, under this gateway's lease (it shows RUNNING
+ * and is taken over if this gateway dies): claimed[i] when storing it claimed it already
+ * (DM_SQL_DSR_RECEIVE_CLAIM), else it is claimed first, only if pending and nobody holds it
+ * (domicile.dsr_claim_one). A failure is recorded with the workers' backoff and retried by
+ * them; a leg that cannot be claimed here is left to them (they are poked). Never blocks;
+ * any thread. `request_id` and `kind` are copied.
+ */
+void dm_dsr_run_now(dm_dsr_ctx_t *ctx, const char *request_id, const char *kind,
+                    dm_region_t *const *stored, const bool *claimed, size_t n);
 
 /** `ms` plus `months` calendar months (day clamped to the month's last: 31 Jan + 1 = 28/29 Feb). */
 int64_t dm_add_months_ms(int64_t ms, int months);

@@ -59,6 +59,9 @@ typedef enum {
     DM_SQL_FENCE_LIST,        /* () -> region, reason, fenced_by, fenced_at */
     DM_SQL_REPLICATION,       /* () -> standby, sync_state, lag bytes */
     DM_SQL_DSR_COUNTS,        /* () -> pending, running, done, failed, skipped, overdue */
+    DM_SQL_DSR_CLAIM_ONE,     /* (request_id, me, lease_s) -> request_id, kind, attempts */
+    DM_SQL_DSR_RECEIVE_CLAIM, /* DM_SQL_DSR_RECEIVE's 13, claimant, lease_s -> DSR_COLUMNS,
+                                 status */
     DM_SQL__COUNT
 } dm_sql_id_t;
 

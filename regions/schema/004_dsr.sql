@@ -57,6 +57,10 @@ CREATE TABLE domicile.dsr_legs (
 CREATE INDEX dsr_legs_due ON domicile.dsr_legs (next_attempt_at)
     WHERE state IN ('pending', 'failed', 'running');
 
+-- An erasure finds the subject's keys (one per customer holding the subject) by subject
+-- alone; without this, every leg would read the whole data_keys table.
+CREATE INDEX data_keys_by_subject ON domicile.data_keys (subject_key);
+
 CREATE TABLE domicile.subject_restrictions (
     subject_key bytea NOT NULL,
     customer_id text NOT NULL, -- '' = every customer
@@ -76,11 +80,14 @@ CREATE TABLE domicile.subject_objections (
 
 -- Store a request here (header + this region's leg). Idempotent by request_id: the same
 -- request again answers 'exists'; another request under the same id 'request_id_reused'.
+-- A claimant (the receiving gateway, which runs the leg at once) gets the new leg claimed
+-- in the same transaction, as dsr_claim would: RUNNING under its lease, attempt 1.
 CREATE FUNCTION domicile.dsr_receive(p_request_id text, p_kind text, p_fingerprint bytea,
                                      p_subject_key bytea, p_customer text, p_purpose text,
                                      p_reason text, p_principal text, p_received_ms bigint,
                                      p_due_ms bigint, p_gdpr_due_ms bigint,
-                                     p_notify_region text, p_webhook text)
+                                     p_notify_region text, p_webhook text,
+                                     p_claimant text DEFAULT '', p_lease_s integer DEFAULT 0)
 RETURNS TABLE (status text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -104,11 +111,44 @@ BEGIN
         RETURN;
     END IF;
     -- An export's leg is run by the exporting call itself, not by workers.
-    INSERT INTO domicile.dsr_legs (request_id, state, claimed_by, lease_expires_at)
-    VALUES (p_request_id, CASE WHEN p_kind = 'export' THEN 'running' ELSE 'pending' END,
-            CASE WHEN p_kind = 'export' THEN 'export-stream' ELSE '' END,
-            CASE WHEN p_kind = 'export' THEN now() + interval '1 hour' END);
+    IF p_kind = 'export' THEN
+        INSERT INTO domicile.dsr_legs (request_id, state, claimed_by, lease_expires_at)
+        VALUES (p_request_id, 'running', 'export-stream', now() + interval '1 hour');
+    ELSIF p_claimant <> '' THEN
+        INSERT INTO domicile.dsr_legs (request_id, state, claimed_by, lease_expires_at,
+                                       attempts, started_at)
+        VALUES (p_request_id, 'running', p_claimant,
+                now() + p_lease_s * interval '1 second', 1, now());
+    ELSE
+        INSERT INTO domicile.dsr_legs (request_id, state) VALUES (p_request_id, 'pending');
+    END IF;
     RETURN QUERY SELECT 'created'::text;
+END $$;
+
+-- dsr_receive with a claimant, answering also with the request's header and leg as stored
+-- (always one row; the row of another request under the same id when 'request_id_reused'):
+-- the receiving gateway replies from it, without reading the request again.
+CREATE FUNCTION domicile.dsr_receive_claim(p_request_id text, p_kind text, p_fingerprint bytea,
+                                           p_subject_key bytea, p_customer text, p_purpose text,
+                                           p_reason text, p_principal text, p_received_ms bigint,
+                                           p_due_ms bigint, p_gdpr_due_ms bigint,
+                                           p_notify_region text, p_webhook text,
+                                           p_claimant text, p_lease_s integer)
+RETURNS TABLE (status text, request domicile.dsr_requests, leg domicile.dsr_legs)
+LANGUAGE plpgsql AS $$
+DECLARE
+    st text;
+BEGIN
+    SELECT d.status INTO st
+    FROM domicile.dsr_receive(p_request_id, p_kind, p_fingerprint, p_subject_key, p_customer,
+                              p_purpose, p_reason, p_principal, p_received_ms, p_due_ms,
+                              p_gdpr_due_ms, p_notify_region, p_webhook, p_claimant,
+                              p_lease_s) d;
+    RETURN QUERY
+        SELECT st, r, l
+        FROM (SELECT 1) one
+        LEFT JOIN domicile.dsr_requests r ON r.request_id = p_request_id
+        LEFT JOIN domicile.dsr_legs l ON l.request_id = p_request_id;
 END $$;
 
 -- Remember which regions did not get the request, so workers copy it there later.
@@ -167,21 +207,37 @@ BEGIN
     SELECT * INTO q FROM domicile.dsr_requests WHERE request_id = p_request_id;
     SELECT code INTO region FROM domicile.region_identity;
     IF q.kind = 'erase' THEN
-        FOR c IN SELECT DISTINCT x.customer_id FROM (
-                     SELECT customer_id FROM domicile.records WHERE subject_key = q.subject_key
-                     UNION SELECT customer_id FROM domicile.data_keys
-                           WHERE subject_key = q.subject_key) x
-                 WHERE q.customer_id = '' OR x.customer_id = q.customer_id
-                 ORDER BY 1
+        -- The customers holding the subject: by its keys (a record is only written under
+        -- its (customer, subject) key), and by its records with one index probe per
+        -- customer (never per record), in case a record outlived its key. Their subject
+        -- locks are taken in order (no deadlock between erasures), then each table is
+        -- erased by one set-based statement: the leg costs what a plain DELETE costs.
+        FOR c IN
+            WITH RECURSIVE rc(customer_id) AS (
+                (SELECT t.customer_id FROM domicile.records t
+                 WHERE t.subject_key = q.subject_key ORDER BY t.customer_id LIMIT 1)
+                UNION ALL
+                SELECT (SELECT t.customer_id FROM domicile.records t
+                        WHERE t.subject_key = q.subject_key AND t.customer_id > rc.customer_id
+                        ORDER BY t.customer_id LIMIT 1)
+                FROM rc WHERE rc.customer_id IS NOT NULL)
+            SELECT x.customer_id FROM (
+                SELECT rc.customer_id FROM rc WHERE rc.customer_id IS NOT NULL
+                UNION SELECT k.customer_id FROM domicile.data_keys k
+                      WHERE k.subject_key = q.subject_key) x
+            WHERE q.customer_id = '' OR x.customer_id = q.customer_id
+            ORDER BY 1
         LOOP
             PERFORM pg_advisory_xact_lock(domicile.subject_lock_key(c, q.subject_key));
-            DELETE FROM domicile.records WHERE customer_id = c AND subject_key = q.subject_key;
-            GET DIAGNOSTICS n = ROW_COUNT;
-            deleted := deleted + n;
-            DELETE FROM domicile.data_keys WHERE customer_id = c AND subject_key = q.subject_key;
-            GET DIAGNOSTICS n = ROW_COUNT;
-            keys := keys + n;
         END LOOP;
+        DELETE FROM domicile.records t
+        WHERE t.subject_key = q.subject_key
+          AND (q.customer_id = '' OR t.customer_id = q.customer_id);
+        GET DIAGNOSTICS deleted = ROW_COUNT;
+        DELETE FROM domicile.data_keys k
+        WHERE k.subject_key = q.subject_key
+          AND (q.customer_id = '' OR k.customer_id = q.customer_id);
+        GET DIAGNOSTICS keys = ROW_COUNT;
         matched := deleted;
     ELSIF q.kind IN ('restrict', 'unrestrict') THEN
         IF q.kind = 'restrict' THEN
@@ -229,6 +285,24 @@ BEGIN
     WHERE request_id = p_request_id;
     RETURN QUERY SELECT final, matched, deleted, keys;
 END $$;
+
+-- Claim one given leg if it is pending and nobody holds it (SKIP LOCKED): the gateway that
+-- stored a request claims its legs at once instead of waiting for a worker's round. Same
+-- lease as dsr_claim, so the leg shows RUNNING, and is taken over if the claimant dies.
+CREATE FUNCTION domicile.dsr_claim_one(p_request_id text, p_me text, p_lease_s integer)
+RETURNS TABLE (request_id text, kind text, attempts integer)
+LANGUAGE sql AS $$
+    UPDATE domicile.dsr_legs l
+    SET state = 'running', claimed_by = p_me, attempts = l.attempts + 1,
+        lease_expires_at = now() + p_lease_s * interval '1 second',
+        started_at = coalesce(l.started_at, now())
+    FROM domicile.dsr_requests r
+    WHERE r.request_id = l.request_id AND r.kind <> 'export' AND l.request_id IN (
+        SELECT c.request_id FROM domicile.dsr_legs c
+        WHERE c.request_id = p_request_id AND c.state = 'pending'
+        FOR UPDATE SKIP LOCKED)
+    RETURNING l.request_id, r.kind, l.attempts
+$$;
 
 CREATE FUNCTION domicile.dsr_fail_leg(p_request_id text, p_me text, p_error text,
                                       p_backoff_ms bigint)

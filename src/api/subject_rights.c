@@ -277,6 +277,8 @@ typedef struct status_ctx {
     unsigned char fp[32];
     int64_t received, due, gdpr_due;
     char missing[DM_MAX_REGIONS * (DM_REGION_CODE_MAX + 1) + 3];
+    req_view_t *view; /* the reply, built from `stored` (the receive's answers); both owned */
+    dm_fanout_t *stored;
     /* extension */
     char until_s[24];
 } status_ctx_t;
@@ -285,6 +287,8 @@ static void status_ctx_free(void *p)
 {
     status_ctx_t *c = p;
     free(c->reason);
+    free(c->view);
+    dm_fanout_free(c->stored);
     free(c);
 }
 
@@ -327,25 +331,37 @@ void dm_dsr_get(dm_call_t *call)
 
 /* ---- creating a request -------------------------------------------------------------- */
 
-static void reply_and_poke(status_ctx_t *c)
+/* Reply with the request as the regions stored it (c->view, built from c->stored). */
+static void reply_stored(status_ctx_t *c)
 {
-    dm_regions_poke(c->app->regions);
-    start_status(c);
+    /* The call may end, and `c` with it, as soon as the reply is queued. */
+    req_view_t *v = c->view;
+    dm_fanout_t *f = c->stored;
+    c->view = NULL;
+    c->stored = NULL;
+    dm_call_reply(c->call, &v->req.base);
+    free(v);
+    dm_fanout_free(f);
 }
 
 static void missing_done(dm_fanout_t *f, void *arg)
 {
     /* Regions that took the request now know where it is still missing; then reply. */
     dm_fanout_free(f);
-    reply_and_poke(arg);
+    reply_stored(arg);
 }
 
+/* Each region's answer to DM_SQL_DSR_RECEIVE_CLAIM: the request as stored there, then the
+ * status of the store. */
 static void receive_done(dm_fanout_t *f, void *arg)
 {
     status_ctx_t *c = arg;
     size_t stored = 0;
     bool reused = false;
     dm_status_t *first_err = NULL;
+    dm_region_t *took[DM_MAX_REGIONS];
+    bool claimed[DM_MAX_REGIONS];
+    size_t n_took = 0;
     c->missing[0] = '{';
     size_t ml = 1;
     for (size_t i = 0; i < f->n; i++) {
@@ -359,24 +375,37 @@ static void receive_done(dm_fanout_t *f, void *arg)
             }
             continue;
         }
+        if (PQntuples(f->res[i]) != 1)
+            continue;
         int len;
-        const char *s = dm_pg_bytes(f->res[i], 0, 0, &len);
-        if (strcmp(s, "request_id_reused") == 0)
+        const char *s = dm_pg_bytes(f->res[i], 0, DM_DC__COUNT, &len);
+        if (strcmp(s, "request_id_reused") == 0) {
             reused = true;
-        else
+        } else {
             stored++;
+            claimed[n_took] = strcmp(s, "created") == 0; /* by this gateway, as it stored it */
+            took[n_took++] = f->region[i];
+        }
     }
     snprintf(c->missing + ml, sizeof(c->missing) - ml, "}");
-    dm_fanout_free(f);
+    /* `c` may be gone once the call is answered: the legs get copies. */
+    dm_dsr_ctx_t *dsr = &c->app->dsr;
+    char id[DM_REQUEST_ID_MAX + 1];
+    snprintf(id, sizeof(id), "%s", c->request_id);
+    const char *kind = kind_names[c->kind];
     if (reused) {
+        dm_fanout_free(f);
         dm_status_free(first_err);
         dm_call_finish(c->call, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
                                               "request_id: already used for a different "
                                               "request"));
+        /* What some regions stored anyway is run, as the workers would (not left claimed). */
+        dm_dsr_run_now(dsr, id, kind, took, claimed, n_took);
         return;
     }
     if (stored == 0) {
         /* Not stored anywhere: not acknowledged. */
+        dm_fanout_free(f);
         dm_status_t *st =
             dm_status_new(GRPC_STATUS_UNAVAILABLE, "no region could store the request; retry");
         if (first_err)
@@ -386,19 +415,31 @@ static void receive_done(dm_fanout_t *f, void *arg)
         return;
     }
     dm_status_free(first_err);
+    c->view = dm_calloc(1, sizeof(*c->view));
+    c->stored = f;
+    dm_status_t *st = view_from_fanout(c->view, f, c->app->regions);
+    if (st) {
+        dm_call_finish(c->call, st); /* c->view and c->stored go with the call */
+        dm_dsr_run_now(dsr, id, kind, took, claimed, n_took);
+        return;
+    }
+    /* The legs start once the reply is on its way, on the regions' free executors (a region
+     * that missed the request gets it, and runs its leg, from the workers). */
     if (ml > 1) {
         dm_info("dsr", "request stored in %zu regions; missing %s (delivered when they return)",
                 stored, c->missing);
         const char *vals[2] = {c->request_id, c->missing};
         dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_SET_MISSING, 2, vals, NULL, NULL,
                         missing_done, c);
-        return;
+    } else {
+        reply_stored(c);
     }
-    reply_and_poke(c);
+    dm_dsr_run_now(dsr, id, kind, took, claimed, n_took);
 }
 
-/* Store the request (header + leg) in every region; `done` sees each region's answer. */
-static void receive_fanout(status_ctx_t *c, dm_fanout_fn done, void *arg)
+/* Store the request (header + leg) in every region; `done` sees each region's answer. With
+ * `claim`, a leg created there is claimed by this gateway's worker in the same transaction. */
+static void receive_fanout(status_ctx_t *c, bool claim, dm_fanout_fn done, void *arg)
 {
     const dm_principal_t *p = dm_call_principal_of(c->call);
     const dm_config_t *cfg = c->app->cfg;
@@ -407,7 +448,7 @@ static void receive_fanout(status_ctx_t *c, dm_fanout_fn done, void *arg)
     snprintf(due, sizeof(due), "%lld", (long long)c->due);
     snprintf(gdpr, sizeof(gdpr), "%lld", (long long)c->gdpr_due);
     /* The receiving gateway's region notifies (webhook) when every leg is done. */
-    const char *vals[13] = {c->request_id,
+    const char *vals[15] = {c->request_id,
                             kind_names[c->kind],
                             (const char *)c->fp,
                             (const char *)c->sk,
@@ -419,15 +460,22 @@ static void receive_fanout(status_ctx_t *c, dm_fanout_fn done, void *arg)
                             due,
                             gdpr,
                             cfg->gateway_region,
-                            dm_webhooks_apply(c->app->webhooks, c->customer) ? "pending" : "none"};
-    int lens[13] = {0, 0, 32, DM_SUBJECT_KEY_LEN};
-    int fmts[13] = {0, 0, 1, 1};
-    dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_RECEIVE, 13, vals, lens, fmts, done, arg);
+                            dm_webhooks_apply(c->app->webhooks, c->customer) ? "pending" : "none",
+                            c->app->dsr.me,
+                            DM_DSR_LEASE_S};
+    int lens[15] = {0, 0, 32, DM_SUBJECT_KEY_LEN};
+    int fmts[15] = {0, 0, 1, 1};
+    if (claim)
+        dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_RECEIVE_CLAIM, 15, vals, lens, fmts,
+                        done, arg);
+    else
+        dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_RECEIVE, 13, vals, lens, fmts, done,
+                        arg);
 }
 
 static void start_receive(status_ctx_t *c)
 {
-    receive_fanout(c, receive_done, c);
+    receive_fanout(c, true, receive_done, c);
 }
 
 /* Validate and store a request of `kind`; replies with its status. */
@@ -1269,5 +1317,5 @@ void dm_dsr_export(dm_call_t *call)
     for (size_t i = 0; i < e->n; i++)
         e->order[i] = i;
     qsort_r(e->order, e->n, sizeof(size_t), cmp_region_code, app->regions);
-    receive_fanout(&e->st, export_received, e);
+    receive_fanout(&e->st, false, export_received, e);
 }

@@ -3,8 +3,11 @@
  * maintenance executor, claim due legs (SKIP LOCKED + a lease: several gateways never run one
  * leg at once, and a dead gateway's leg is taken over when its lease expires), run each in
  * one transaction, retry failures with exponential backoff; and copy requests to regions
- * that were down when they arrived, so their legs run when they return.
+ * that were down when they arrived, so their legs run when they return. The gateway that
+ * stores a request runs its legs at once (dm_dsr_run_now) on the regions' free executors,
+ * under the same claim and lease; the workers are the fallback for everything else.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,10 +19,11 @@
 #include "domicile/log.h"
 #include "domicile/metrics.h"
 #include "domicile/sql.h"
+#include "domicile/validate.h"
 
 #define RUN_EVERY_MS       500
 #define CLAIM_LIMIT        "5"
-#define LEASE_S            "30"
+#define LEASE_S            DM_DSR_LEASE_S
 #define BACKOFF_MAX_MS     300000
 #define PROPAGATE_MAX      50
 #define COUNT_EVERY_MS     5000
@@ -70,6 +74,145 @@ static void run_claimed(dm_region_t *r, dm_exec_t *x, const char *me, const char
     PQclear(f);
     dm_status_free(err2);
     dm_status_free(err);
+}
+
+/* ---- legs run at once by the gateway that stored the request ---------------------------- */
+
+typedef struct now_leg {
+    dm_job_t job;
+    struct dm_dsr_now *set;
+    dm_region_t *region;
+    int attempts;
+    char backoff[24];
+    char error[256];
+} now_leg_t;
+
+/* One request's legs run at once, until the last is done. */
+struct dm_dsr_now {
+    dm_dsr_ctx_t *ctx;
+    atomic_int left;   /* legs not finished yet; the last one frees the set */
+    atomic_bool retry; /* a leg could not be claimed here: the workers must look */
+    char request_id[DM_REQUEST_ID_MAX + 1];
+    char kind[16];
+    now_leg_t legs[DM_MAX_REGIONS];
+};
+
+/* This region is through with its leg (done, failed and recorded, or left to others). */
+static void leg_finished(now_leg_t *l)
+{
+    dm_dsr_now_t *s = l->set;
+    dm_dsr_ctx_t *ctx = s->ctx;
+    if (atomic_fetch_sub(&s->left, 1) != 1)
+        return;
+    /* The workers look at once when a leg could not even be claimed here, or when a webhook
+     * may now be due (only after the last leg, so the notifier does not look too early). */
+    if (atomic_load(&s->retry) || ctx->webhooks)
+        dm_regions_poke(ctx->regions);
+    free(s);
+}
+
+static void now_submit(now_leg_t *l, dm_sql_id_t stmt, dm_job_fn done)
+{
+    memset(&l->job, 0, sizeof(l->job));
+    l->job.stmt = stmt;
+    l->job.done = done;
+    l->job.arg = l;
+    dm_job_param_text(&l->job, 0, l->set->request_id);
+    dm_job_param_text(&l->job, 1, l->set->ctx->me);
+    if (stmt == DM_SQL_DSR_CLAIM_ONE) {
+        dm_job_param_text(&l->job, 2, LEASE_S);
+    } else if (stmt == DM_SQL_DSR_FAIL) {
+        dm_job_param_text(&l->job, 2, l->error);
+        dm_job_param_text(&l->job, 3, l->backoff);
+    }
+    /* No call: the leg runs to its end even when the caller has gone. */
+    dm_region_submit(l->region, &l->job);
+}
+
+static void now_recorded(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    (void)res;
+    dm_status_free(err); /* not recorded: the lease expires and a worker takes the leg over */
+    leg_finished(job->arg);
+}
+
+static void now_ran(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    now_leg_t *l = job->arg;
+    dm_dsr_now_t *s = l->set;
+    if (res) {
+        int len;
+        const char *state = PQntuples(res) == 1 ? dm_pg_bytes(res, 0, 0, &len) : "?";
+        if (strcmp(state, "lost") != 0)
+            dm_info("dsr",
+                    "region %s: %s leg of request %s %s (matched %lld, deleted %lld, "
+                    "keys destroyed %lld)",
+                    dm_region_code(l->region), s->kind, s->request_id, state,
+                    (long long)dm_pg_int8(res, 0, 1), (long long)dm_pg_int8(res, 0, 2),
+                    (long long)dm_pg_int8(res, 0, 3));
+        leg_finished(l);
+        return;
+    }
+    /* Failed: recorded with the workers' backoff, then retried by them. */
+    int64_t backoff = 1000LL << (l->attempts < 18 ? l->attempts : 18);
+    if (backoff > BACKOFF_MAX_MS)
+        backoff = BACKOFF_MAX_MS;
+    snprintf(l->backoff, sizeof(l->backoff), "%lld", (long long)backoff);
+    snprintf(l->error, sizeof(l->error), "%s", err->message);
+    dm_warn("dsr", "region %s: %s leg of request %s failed (attempt %d, retry in %lld ms): %s",
+            dm_region_code(l->region), s->kind, s->request_id, l->attempts, (long long)backoff,
+            err->detail ? err->detail : err->message);
+    dm_status_free(err);
+    now_submit(l, DM_SQL_DSR_FAIL, now_recorded);
+}
+
+static void now_claimed(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    now_leg_t *l = job->arg;
+    if (err) {
+        dm_debug("dsr", "region %s: leg of request %s not claimed at once: %s",
+                 dm_region_code(l->region), l->set->request_id,
+                 err->detail ? err->detail : err->message);
+        atomic_store(&l->set->retry, true);
+        dm_status_free(err);
+        leg_finished(l);
+        return;
+    }
+    if (PQntuples(res) != 1) {
+        leg_finished(l); /* held by a worker (here or elsewhere), or not pending any more */
+        return;
+    }
+    /* Claimed and committed (the leg shows RUNNING, under a lease): now run it. */
+    l->attempts = dm_pg_int4(res, 0, 2);
+    now_submit(l, DM_SQL_DSR_RUN, now_ran);
+}
+
+void dm_dsr_run_now(dm_dsr_ctx_t *ctx, const char *request_id, const char *kind,
+                    dm_region_t *const *stored, const bool *claimed, size_t n)
+{
+    if (n == 0)
+        return;
+    dm_dsr_now_t *s = dm_calloc(1, sizeof(*s));
+    s->ctx = ctx;
+    snprintf(s->request_id, sizeof(s->request_id), "%s", request_id);
+    snprintf(s->kind, sizeof(s->kind), "%s", kind);
+    /* Every leg counted before the first submit: a region that fails its job at once runs
+     * the callback on this thread. */
+    atomic_init(&s->left, (int)n);
+    atomic_init(&s->retry, false);
+    for (size_t i = 0; i < n; i++) {
+        s->legs[i].set = s;
+        s->legs[i].region = stored[i];
+    }
+    for (size_t i = 0; i < n; i++) {
+        now_leg_t *l = &s->legs[i];
+        if (claimed[i]) {
+            l->attempts = 1;
+            now_submit(l, DM_SQL_DSR_RUN, now_ran);
+        } else {
+            now_submit(l, DM_SQL_DSR_CLAIM_ONE, now_claimed);
+        }
+    }
 }
 
 /* ---- propagation ----------------------------------------------------------------------- */
@@ -195,7 +338,8 @@ static void webhooks_due(dm_dsr_ctx_t *ctx, dm_region_t *r, size_t ri, dm_exec_t
 void dm_dsr_idle(dm_dsr_ctx_t *ctx, dm_region_t *r, size_t ri, dm_exec_t *x)
 {
     int64_t now = dm_mono_ms();
-    /* A request stored by this gateway pokes the regions: its legs start at once. */
+    /* A poke: a leg this gateway meant to run at once could not be claimed, or a request's
+     * legs are all done here (its webhook may be due). */
     if (!dm_region_take_poke(r) && now - ctx->last_run_ms[ri] < RUN_EVERY_MS)
         return;
     ctx->last_run_ms[ri] = now;

@@ -241,6 +241,15 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                            0},
     [DM_SQL_DELETE_RECORD] = {"delete_record",
                               "SELECT * FROM domicile.delete_record($1, $2, $3, $4, $5)", 5},
+    [DM_SQL_DSR_CLAIM_ONE] = {"dsr_claim_one", "SELECT * FROM domicile.dsr_claim_one($1, $2, $3)",
+                              3},
+    /* DSR_COLUMNS of the request as stored, then the status. */
+    [DM_SQL_DSR_RECEIVE_CLAIM] = {"dsr_receive_claim",
+                                  "SELECT " DSR_COLUMNS ", x.status FROM domicile.dsr_receive_claim("
+                                  "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
+                                  "$15) x CROSS JOIN LATERAL (SELECT (x.request).*) r "
+                                  "CROSS JOIN LATERAL (SELECT (x.leg).*) l",
+                                  15},
 };
 
 static uint64_t be64(const char *p)
