@@ -41,6 +41,20 @@ void dm_dsr_ctx_init(dm_dsr_ctx_t *ctx, dm_regions_t *regions)
     snprintf(ctx->me, sizeof(ctx->me), "%.40s:%d:%s", host, (int)getpid(), hex);
 }
 
+/* A leg's outcome (a dsr_run_leg row: state, matched, deleted, keys destroyed) to the log;
+ * a leg lost to another claimant says nothing. */
+static void log_leg_result(dm_region_t *r, const char *kind, const char *id, const PGresult *res)
+{
+    int len;
+    const char *state = PQntuples(res) == 1 ? dm_pg_bytes(res, 0, 0, &len) : "?";
+    if (strcmp(state, "lost") != 0)
+        dm_info("dsr",
+                "region %s: %s leg of request %s %s (matched %lld, deleted %lld, keys "
+                "destroyed %lld)",
+                dm_region_code(r), kind, id, state, (long long)dm_pg_int8(res, 0, 1),
+                (long long)dm_pg_int8(res, 0, 2), (long long)dm_pg_int8(res, 0, 3));
+}
+
 static void run_claimed(dm_region_t *r, dm_exec_t *x, const char *me, const char *id,
                         const char *kind, int attempts)
 {
@@ -48,14 +62,7 @@ static void run_claimed(dm_region_t *r, dm_exec_t *x, const char *me, const char
     const char *vals[2] = {id, me};
     PGresult *res = dm_region_exec(x, DM_SQL_DSR_RUN, 2, vals, NULL, NULL, &err);
     if (res) {
-        int len;
-        const char *state = PQntuples(res) == 1 ? dm_pg_bytes(res, 0, 0, &len) : "?";
-        if (strcmp(state, "lost") != 0)
-            dm_info("dsr",
-                    "region %s: %s leg of request %s %s (matched %lld, deleted %lld, "
-                    "keys destroyed %lld)",
-                    dm_region_code(r), kind, id, state, (long long)dm_pg_int8(res, 0, 1),
-                    (long long)dm_pg_int8(res, 0, 2), (long long)dm_pg_int8(res, 0, 3));
+        log_leg_result(r, kind, id, res);
         PQclear(res);
         return;
     }
@@ -141,15 +148,7 @@ static void now_ran(dm_job_t *job, PGresult *res, dm_status_t *err)
     now_leg_t *l = job->arg;
     dm_dsr_now_t *s = l->set;
     if (res) {
-        int len;
-        const char *state = PQntuples(res) == 1 ? dm_pg_bytes(res, 0, 0, &len) : "?";
-        if (strcmp(state, "lost") != 0)
-            dm_info("dsr",
-                    "region %s: %s leg of request %s %s (matched %lld, deleted %lld, "
-                    "keys destroyed %lld)",
-                    dm_region_code(l->region), s->kind, s->request_id, state,
-                    (long long)dm_pg_int8(res, 0, 1), (long long)dm_pg_int8(res, 0, 2),
-                    (long long)dm_pg_int8(res, 0, 3));
+        log_leg_result(l->region, s->kind, s->request_id, res);
         leg_finished(l);
         return;
     }

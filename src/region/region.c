@@ -20,7 +20,7 @@
 #define BACKOFF_MAX_MS         5000
 #define MAX_BATCH_JOBS         64
 #define MAX_BATCH_BYTES        (8 << 20)
-#define MAX_BATCHES_RUNNING    1 /* write batches per region at once: group commit */
+#define MAX_BATCHES_RUNNING    2 /* write batches per region at once: group commit */
 #define PURGE_INTERVAL_MS      60000
 #define RESULT_TIMEOUT_MS      30000 /* a region that answers nothing for this long is dead */
 #define MAINTENANCE_TIMEOUT_MS 10000
@@ -73,7 +73,7 @@ struct dm_region {
     int queued, in_use;
     /* Group commit: batchable jobs queued, and write batches being run. While
      * batches_running is at the limit, executors leave batchable jobs queued (taking the
-     * other jobs), so the writes that arrive during one commit go together in the next. */
+     * other jobs), so the writes that arrive during the commits go together in the next. */
     int queued_batchable, batches_running;
     int64_t write_batches, batched_writes;
     char primary[128]; /* host:port of the node the pool is connected to */

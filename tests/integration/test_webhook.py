@@ -56,20 +56,7 @@ def unary(ch, path, req, resp):
 def run_erasure(gateways, receiver, secret_path):
     g = gateways.start(overrides={"webhook_url": f"http://127.0.0.1:{receiver.port}/hook",
                                   "webhook_secret_file": secret_path}, name="webhook")
-    admin = g.channel(token="admin")
-    po = g.channel(token="privacy-officer")
-    cid = "wh-" + uuid.uuid4().hex[:10]
-    subject = f"hook-{uuid.uuid4().hex[:8]}@example.com"
-    unary(admin, "/domicile.v1.Customers/RegisterCustomer",
-          customers_pb2.RegisterCustomerRequest(request_id="r-" + cid, customer_id=cid,
-                                                residency="in"), customers_pb2.Customer)
-    unary(admin, "/domicile.v1.Records/PutRecord",
-          records_pb2.PutRecordRequest(request_id="p-" + cid, customer_id=cid, record_id="r1",
-                                       kind="note", subject=subject, payload=b"x"),
-          records_pb2.PutRecordResponse)
-    rid = "erase-" + uuid.uuid4().hex[:10]
-    unary(po, "/domicile.v1.SubjectRights/Erase",
-          S.EraseRequest(request_id=rid, subject=subject, reason="test"), S.DsrRequest)
+    po, rid = erase_for(g, "wh-" + uuid.uuid4().hex[:10], "in", scoped=False)
     return g, po, rid
 
 
@@ -141,10 +128,11 @@ def test_webhook_retried_after_500(regions, gateways):
         os.unlink(path)
 
 
-def erase_for(gateways_g, cid, residency):
-    """Register cid, store one record of a fresh subject, Erase it for that customer only."""
-    admin = gateways_g.channel(token="admin")
-    po = gateways_g.channel(token="privacy-officer")
+def erase_for(g, cid, residency, scoped=True):
+    """Register cid, store one record of a fresh subject, Erase it (for that customer only
+    when `scoped`, else for every customer)."""
+    admin = g.channel(token="admin")
+    po = g.channel(token="privacy-officer")
     subject = f"hook-{uuid.uuid4().hex[:8]}@example.com"
     unary(admin, "/domicile.v1.Customers/RegisterCustomer",
           customers_pb2.RegisterCustomerRequest(request_id="r-" + cid, customer_id=cid,
@@ -155,8 +143,8 @@ def erase_for(gateways_g, cid, residency):
           records_pb2.PutRecordResponse)
     rid = "erase-" + uuid.uuid4().hex[:10]
     unary(po, "/domicile.v1.SubjectRights/Erase",
-          S.EraseRequest(request_id=rid, subject=subject, customer_id=cid, reason="test"),
-          S.DsrRequest)
+          S.EraseRequest(request_id=rid, subject=subject, customer_id=cid if scoped else "",
+                         reason="test"), S.DsrRequest)
     return po, rid
 
 
