@@ -245,7 +245,8 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                               3},
     /* DSR_COLUMNS of the request as stored, then the status. */
     [DM_SQL_DSR_RECEIVE_CLAIM] = {"dsr_receive_claim",
-                                  "SELECT " DSR_COLUMNS ", x.status FROM domicile.dsr_receive_claim("
+                                  "SELECT " DSR_COLUMNS
+                                  ", x.status FROM domicile.dsr_receive_claim("
                                   "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
                                   "$15) x CROSS JOIN LATERAL (SELECT (x.request).*) r "
                                   "CROSS JOIN LATERAL (SELECT (x.leg).*) l",

@@ -870,6 +870,21 @@ def test_tamper_delete_one_entry(regions, p):
     _repaired(p, region, before)
 
 
+def forge_entry(regions, region, cid, to_region, basis, queued=False):
+    """A ledger row inserted by SQL as a superuser (a random MAC: the key is not in the
+    database), also put in the sealer's queue when `queued`; returns its entry_id."""
+    insert = (
+        "INSERT INTO domicile.ledger (entry_uuid, at, request_id, principal, method, customer_id, record_count, "
+        "bytes, from_region, to_region, direction, purpose, basis_id, outcome, entry_mac) VALUES "
+        f"('\\x{os.urandom(16).hex()}', now(), 'forged-{uid()}', 'service-us', 'GetRecord', {lit(cid)}, 1, 10, "
+        f"{lit(region)}, {lit(to_region)}, 'read', 'support', {lit(basis)}, 'allowed', '\\x{os.urandom(32).hex()}') "
+        "RETURNING entry_id"
+    )
+    if queued:
+        insert = f"WITH f AS ({insert}) INSERT INTO domicile.ledger_seal_queue SELECT entry_id FROM f RETURNING entry_id"
+    return int(regions.psql(region, insert).splitlines()[0])
+
+
 def test_tamper_insert_one_entry(regions, p):
     """A row inserted by SQL (its MAC cannot be computed without the key, so it is random):
     never chained by the sealer, reported INSERTED at the position after the sealed chain."""
@@ -877,15 +892,7 @@ def test_tamper_insert_one_entry(regions, p):
     cid, chain, before = _sealed_entries(regions, p, region)
     forged = None
     try:
-        forged = int(
-            regions.psql(
-                region,
-                "INSERT INTO domicile.ledger (entry_uuid, at, request_id, principal, method, customer_id, record_count, "
-                "bytes, from_region, to_region, direction, purpose, basis_id, outcome, entry_mac) VALUES "
-                f"('\\x{os.urandom(16).hex()}', now(), 'forged-{uid()}', 'service-us', 'GetRecord', {lit(cid)}, 1, 10, "
-                f"'in', 'us', 'read', 'support', 'dpdp-s16', 'allowed', '\\x{os.urandom(32).hex()}') RETURNING entry_id",
-            ).splitlines()[0]
-        )
+        forged = forge_entry(regions, region, cid, "us", DPDP)
         # give the sealers time to (not) chain it: an honest entry written after it is sealed
         get(p["service-us"], cid, "rec-1")
         v = wait_until(
@@ -914,16 +921,7 @@ def test_forged_entry_in_the_seal_queue_is_dequeued_not_chained(regions, p):
     assert scalar(regions, region, "SELECT count(*) FROM domicile.ledger_seal_queue") == "0"
     forged = None
     try:
-        forged = int(
-            regions.psql(
-                region,
-                "WITH f AS (INSERT INTO domicile.ledger (entry_uuid, at, request_id, principal, method, customer_id, "
-                "record_count, bytes, from_region, to_region, direction, purpose, basis_id, outcome, entry_mac) VALUES "
-                f"('\\x{os.urandom(16).hex()}', now(), 'forged-{uid()}', 'service-us', 'GetRecord', {lit(cid)}, 1, 10, "
-                f"'eu', 'us', 'read', 'support', 'eu-us-dpf', 'allowed', '\\x{os.urandom(32).hex()}') RETURNING entry_id) "
-                "INSERT INTO domicile.ledger_seal_queue SELECT entry_id FROM f RETURNING entry_id",
-            ).splitlines()[0]
-        )
+        forged = forge_entry(regions, region, cid, "us", DPF, queued=True)
         get(p[READER_OF[region]], cid, "rec-1")
         v = wait_until(
             lambda: (verify(p["auditor"], region),
