@@ -585,6 +585,19 @@ static void bulk_end(bulk_t *b)
         dm_call_finish(b->call, st);
         return;
     }
+    if (dm_call_deadline_left_ms(b->call) <= 0) {
+        /* The caller has given up (or is about to): say so rather than OK, as for every other
+         * call past its deadline. What was written stays; a retry with the same request_ids
+         * gets those replayed, not written twice. */
+        dm_info("records", "bulk put past its deadline: %d messages, %lld written, %lld failed",
+                b->received, (long long)b->written, (long long)b->failed);
+        dm_call_finish(b->call,
+                       dm_status_new(GRPC_STATUS_DEADLINE_EXCEEDED,
+                                     "deadline exceeded before the stream ended: %lld of %d "
+                                     "messages written; retry with the same request_ids",
+                                     (long long)b->written, b->received));
+        return;
+    }
     Domicile__V1__BulkPutRecordsResponse rep = DOMICILE__V1__BULK_PUT_RECORDS_RESPONSE__INIT;
     /* Failures are noted as they happen (invalid ones at once, others when their write
      * ends): report them in stream order. */
