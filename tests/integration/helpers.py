@@ -73,3 +73,18 @@ def put(api, cid, rid, payload=b"", kind="note", timeout=15, metadata=None, purp
         metadata=list(metadata or ()) + md(purpose),
         timeout=timeout,
     )
+
+
+def paged(stream, request_type, item, max_pages=1000, timeout=30, **filters):
+    """Every `item` of a paged server stream (items, then one `end` with next_page_token),
+    following the tokens; checks each page's shape."""
+    out, token = [], ""
+    for _ in range(max_pages):
+        msgs = list(stream(request_type(page_token=token, **filters), timeout=timeout))
+        kinds = [m.WhichOneof("item") for m in msgs]
+        assert kinds and kinds[-1] == "end" and kinds.count("end") == 1, kinds
+        out += [getattr(m, item) for m in msgs[:-1]]
+        token = msgs[-1].end.next_page_token
+        if not token:
+            return out
+    raise AssertionError(f"{request_type.__name__} did not end after {max_pages} pages")

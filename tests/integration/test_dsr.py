@@ -37,7 +37,7 @@ import grpc
 import pytest
 
 from conftest import BUILD_DIR, DOMICILE_LOCAL, NOT_SERVING, SERVING, demo_token, wait_health, wait_until
-from helpers import get, lit, md, now_ms, put, register, rpc_error, uid
+from helpers import get, lit, md, now_ms, paged, put, register, rpc_error, uid
 from domicile.v1 import common_pb2, customers_pb2, records_pb2
 from domicile.v1 import subject_rights_pb2 as SR
 
@@ -132,16 +132,7 @@ class Dsr:
 
     def list(self, **filters):
         """Every request matching the filters, following next_page_token."""
-        out, token = [], ""
-        for _ in range(100):
-            msgs = list(self.list_stream(SR.ListRequestsRequest(page_token=token, **filters), timeout=30))
-            kinds = [m.WhichOneof("item") for m in msgs]
-            assert kinds and kinds[-1] == "end" and kinds.count("end") == 1, kinds
-            out += [m.request for m in msgs[:-1]]
-            token = msgs[-1].end.next_page_token
-            if not token:
-                return out
-        raise AssertionError("ListRequests did not end after 100 pages")
+        return paged(self.list_stream, SR.ListRequestsRequest, "request", max_pages=100, **filters)
 
 
 @pytest.fixture(scope="module")

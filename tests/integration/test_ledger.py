@@ -32,7 +32,7 @@ import grpc
 import pytest
 
 from conftest import REGION_CODES, REGIONS_STATE, SERVING, wait_health, wait_until
-from helpers import get, lit, md, now_ms, put, register, rpc_error, uid
+from helpers import get, lit, md, now_ms, paged, put, register, rpc_error, uid
 from domicile.v1 import customers_pb2, records_pb2, transfers_pb2
 
 SC = grpc.StatusCode
@@ -134,16 +134,7 @@ def list_records(api, cid, purpose=None, **kw):
 
 def list_transfers(api, **filters):
     """Every entry matching the filters, following next_page_token."""
-    entries, token = [], ""
-    for _ in range(1000):
-        msgs = list(api.list_transfers(T.ListTransfersRequest(page_token=token, **filters), timeout=30))
-        kinds = [m.WhichOneof("item") for m in msgs]
-        assert kinds and kinds[-1] == "end" and kinds.count("end") == 1, kinds
-        entries += [m.entry for m in msgs[:-1]]
-        token = msgs[-1].end.next_page_token
-        if not token:
-            return entries
-    raise AssertionError("ListTransfers did not end after 1000 pages")
+    return paged(api.list_transfers, T.ListTransfersRequest, "entry", **filters)
 
 
 def verify(api, region):
