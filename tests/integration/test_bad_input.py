@@ -400,8 +400,11 @@ class Env:
         return cid
 
     def serving(self):
+        """Alive and SERVING, asked on a new connection: a test may have made the server close
+        the shared one (oversized metadata), which its next call would see as UNAVAILABLE."""
         assert self.gw.alive(), f"gateway exited with {self.gw.proc.poll()}\n{self.gw.log[-5000:]}"
-        assert health_check(self.ch, "", timeout=15) == SERVING
+        with self.gw.channel() as ch:
+            assert health_check(ch, "", timeout=15) == SERVING
 
 
 def rapid_reset(env, n=2000):
@@ -657,8 +660,11 @@ def test_rapid_reset_and_many_streams(serving):
 
 
 def test_oversized_metadata(serving):
+    """Metadata over max_metadata_bytes gets a clean error. The server may close the connection
+    that sent it, so these calls go on a channel of their own (the shared one stays usable)."""
     env = serving
-    get = env.api.get
+    own = env.gw.channel()
+    get = Api(own).get
     req = GetReq(customer_id=env.cust["us"], record_id="nope")
     # 8 KiB of metadata is under max_metadata_bytes (16 KiB): served as usual.
     e = rpc_error(get, req, metadata=[("x-pad", "a" * 8000)], timeout=15)
@@ -688,6 +694,7 @@ def test_oversized_metadata(serving):
     except (BrokenPipeError, ConnectionResetError):
         print("1 MiB header block: connection reset")
     h2.close()
+    own.close()
 
 
 def test_bad_authorization_and_purpose_values(serving):
