@@ -107,25 +107,16 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                               3},
     [DM_SQL_LEDGER_LOOSE] = {"ledger_loose",
                              "SELECT " LEDGER_COLUMNS " FROM domicile.ledger_to_seal($1) l", 1},
-    [DM_SQL_LEDGER_LIST] =
-        {"ledger_list",
-         "SELECT " LEDGER_COLUMNS ", c.seq FROM domicile.ledger l "
-         "LEFT JOIN domicile.ledger_chain c ON c.entry_id = l.entry_id "
-         "WHERE ($1::bigint = 0 OR l.at >= " MS(
-             "$1") ") "
-                   "AND ($2::bigint = 0 OR l.at < " MS(
-                       "$2") ") "
-                             "AND ($3 = '' OR l.from_region = $3) AND ($4 = '' OR l.to_region = "
-                             "$4) "
-                             "AND ($5 = '' OR l.basis_id = $5) AND ($6 = '' OR l.purpose = $6) "
-                             "AND ($7 = '' OR l.outcome = $7) AND ($8 = '' OR l.customer_id = $8) "
-                             "AND ($9::bigint IS NULL OR (l.at, l.entry_id) > (" MS(
-                                 "$9") ", $10)) "
-                                       "AND ($12 = '' OR l.direction = $12) "
-                                       "AND ($13 = '' OR l.principal = $13) "
-                                       "AND ($14::bytea IS NULL OR l.subject_key = $14) "
-                                       "ORDER BY l.at, l.entry_id LIMIT $11",
-         14},
+    /* The filters are applied by ledger_page() (regions/schema/006_ledger_page.sql), which
+     * plans the query with only the filters given, so each one can use its index. */
+    [DM_SQL_LEDGER_LIST] = {"ledger_list",
+                            "SELECT " LEDGER_COLUMNS ", c.seq "
+                            "FROM domicile.ledger_page($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+                            "$10, $11, $12, $13, $14) p "
+                            "JOIN domicile.ledger l ON l.entry_id = p.entry_id "
+                            "LEFT JOIN domicile.ledger_chain c ON c.entry_id = l.entry_id "
+                            "ORDER BY l.at, l.entry_id",
+                            14},
     [DM_SQL_LEDGER_REPORT] =
         {"ledger_report",
          "SELECT to_char(l.at AT TIME ZONE 'UTC', 'YYYY-MM'), l.from_region, "
