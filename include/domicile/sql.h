@@ -21,12 +21,14 @@ typedef enum {
     DM_SQL_GET_OR_CREATE_KEY, /* (customer, subject_key, candidate) -> status, key_id, wrapped */
     DM_SQL_PUT_RECORD,        /* see regions/schema/002_records.sql */
     DM_SQL_GET_RECORD,        /* (customer, record_id, purpose) -> record, payload, key, objected */
-    DM_SQL_LIST_RECORDS,    /* (customer, kind, subject_key, after, limit, with_payload, purpose) */
-    DM_SQL_DELETE_RECORD,   /* (customer, request_id, fingerprint, record_id, expected) */
-    DM_SQL_LEDGER_APPEND,   /* 18 fields -> entry_id */
-    DM_SQL_LEDGER_HEAD,     /* () -> seq, chain_hash of the chain's last link */
-    DM_SQL_LEDGER_UNSEALED, /* (limit) -> entry_id, entry_mac */
-    DM_SQL_LEDGER_SEAL,     /* (seqs[], entry_ids[], hashes[]) */
+    DM_SQL_LIST_RECORDS,      /* (customer, kind, subject_key, after, limit, with_payload, purpose,
+                                 payload_budget) -> record columns, payload, wrapped, objected,
+                                 within_budget */
+    DM_SQL_DELETE_RECORD,     /* (customer, request_id, fingerprint, record_id, expected) */
+    DM_SQL_LEDGER_APPEND,     /* 18 fields -> entry_id */
+    DM_SQL_LEDGER_HEAD,       /* () -> seq, chain_hash of the chain's last link */
+    DM_SQL_LEDGER_UNSEALED,   /* (limit) -> entry_id, entry_mac */
+    DM_SQL_LEDGER_SEAL,       /* (seqs[], entry_ids[], hashes[]) */
     DM_SQL_LEDGER_CHECKPOINT, /* () -> upto_seq, chain_hash, purged_before, mac, at, n */
     DM_SQL_LEDGER_VERIFY,     /* (after_seq, limit, loose_limit) -> seq, entry_id, chain_hash,
                                  LEDGER_COLUMNS; then, if fewer links than limit, the unsealed

@@ -17,12 +17,15 @@
 #include "domicile/log.h"
 #include "internal.h"
 
-#define LIST_DEFAULT_PAGE  100
-#define LIST_MAX_PAGE      1000
-#define LIST_CHUNK_PLAIN   200 /* rows per query without payloads */
-#define LIST_CHUNK_PAYLOAD 16  /* rows per query with payloads: <= 16 MiB in memory */
-#define PAGE_TOKEN_PREFIX  "r1."
-#define KEY_RETRIES        2
+#define LIST_DEFAULT_PAGE 100
+#define LIST_MAX_PAGE     1000
+#define LIST_CHUNK        200 /* rows per query */
+/* With payloads, a query's rows carry theirs while the payload before them is under this:
+ * 200 small records a query, and at most 4 MiB plus one payload (1 MiB) per stream in memory
+ * (16 rows of up to 1 MiB before). */
+#define LIST_PAYLOAD_BUDGET "4194304"
+#define PAGE_TOKEN_PREFIX   "r1."
+#define KEY_RETRIES         2
 
 typedef Domicile__V1__PutRecordRequest put_req_t;
 
@@ -971,15 +974,29 @@ static void list_drained(dm_call_t *call, void *arg)
     list_maybe_next(arg);
 }
 
+/* How many rows of a chunk's result go out: we asked for one more row than we send (is there
+ * a next chunk?), and with payloads only the rows within the payload budget (column 14; the
+ * first row always is). */
+static int chunk_rows(const rec_ctx_t *c, const PGresult *res)
+{
+    int chunk = atoi(c->limit_s) - 1;
+    int rows = PQntuples(res);
+    int n = rows > chunk ? chunk : rows;
+    if (c->with_payload)
+        for (int i = 1; i < n; i++)
+            if (!dm_pg_bool(res, i, 14))
+                return i;
+    return n;
+}
+
 /* Send the rows of one chunk (c->held), then the end or the next chunk. */
 static void list_emit(rec_ctx_t *c)
 {
     const Domicile__V1__ListRecordsRequest *req =
         (const Domicile__V1__ListRecordsRequest *)dm_call_request(c->call);
     PGresult *res = c->held;
-    int chunk = atoi(c->limit_s) - 1; /* we asked for one more row than we send */
     int rows = PQntuples(res);
-    int to_send = rows > chunk ? chunk : rows;
+    int to_send = chunk_rows(c, res);
     for (int i = 0; i < to_send; i++) {
         Domicile__V1__Record rec = DOMICILE__V1__RECORD__INIT;
         Domicile__V1__ListRecordsResponse msg = DOMICILE__V1__LIST_RECORDS_RESPONSE__INIT;
@@ -1011,7 +1028,7 @@ static void list_emit(rec_ctx_t *c)
     PQclear(c->held);
     c->held = NULL;
     c->remaining -= to_send;
-    bool more = rows > chunk;
+    bool more = rows > to_send;
     if (!more || c->remaining == 0) {
         char *tok = more ? make_token(c->after) : dm_strdup("");
         send_end(c, tok);
@@ -1041,9 +1058,7 @@ static void list_done(dm_job_t *job, PGresult *res, dm_status_t *err)
         return;
     }
     c->held = PQcopyResult(res, PG_COPYRES_ATTRS | PG_COPYRES_TUPLES);
-    int chunk = atoi(c->limit_s) - 1;
-    int rows = PQntuples(res);
-    int to_send = rows > chunk ? chunk : rows;
+    int to_send = chunk_rows(c, res);
     if (!c->xfer.cross || to_send == 0) {
         list_emit(c);
         return;
@@ -1075,7 +1090,7 @@ static void list_next(rec_ctx_t *c)
 {
     const Domicile__V1__ListRecordsRequest *req =
         (const Domicile__V1__ListRecordsRequest *)dm_call_request(c->call);
-    int chunk = c->with_payload ? LIST_CHUNK_PAYLOAD : LIST_CHUNK_PLAIN;
+    int chunk = LIST_CHUNK;
     if (chunk > c->remaining)
         chunk = c->remaining;
     snprintf(c->limit_s, sizeof(c->limit_s), "%d", chunk + 1);
@@ -1090,6 +1105,7 @@ static void list_next(rec_ctx_t *c)
     dm_job_param_text(&c->job, 4, c->limit_s);
     dm_job_param_text(&c->job, 5, c->with_payload ? "true" : "false");
     dm_job_param_text(&c->job, 6, dm_call_purpose(c->call));
+    dm_job_param_text(&c->job, 7, LIST_PAYLOAD_BUDGET);
     dm_region_submit(c->region, &c->job);
 }
 

@@ -55,16 +55,23 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
          3},
     /* The payload and key are fetched only when asked for ($6): a listing without payloads
      * moves no ciphertext. */
+    /* Up to $5 rows; with payloads ($6), only the rows that start within $8 bytes of
+     * payload carry theirs (and column 14 is true): the payload of a row past the budget is
+     * never read (a TOASTed value is fetched only when it is output). */
     [DM_SQL_LIST_RECORDS] =
         {"list_records",
          "SELECT " RECORD_COLUMNS ", "
-         "CASE WHEN $6::boolean THEN r.payload END, "
-         "CASE WHEN $6::boolean THEN k.wrapped END, " OBJECTED(
-             "$7") " FROM domicile.records r JOIN domicile.data_keys k USING (key_id) "
+         "CASE WHEN $6::boolean AND r.before < $8 THEN r.payload END, "
+         "CASE WHEN $6::boolean AND r.before < $8 THEN k.wrapped END, " OBJECTED(
+             "$7") ", r.before < $8 "
+                   "FROM (SELECT r.*, coalesce(sum(r.payload_size) OVER (ORDER BY "
+                   "r.record_id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) "
+                   "AS before FROM domicile.records r "
                    "WHERE r.customer_id = $1 AND ($2 = '' OR r.kind = $2) "
                    "AND ($3::bytea IS NULL OR r.subject_key = $3) "
-                   "AND r.record_id > $4 ORDER BY r.record_id LIMIT $5",
-         7},
+                   "AND r.record_id > $4 ORDER BY r.record_id LIMIT $5) r "
+                   "JOIN domicile.data_keys k USING (key_id) ORDER BY r.record_id",
+         8},
     /* The entry, and its place in the sealer's queue, in one statement. */
     [DM_SQL_LEDGER_APPEND] = {"ledger_append",
                               "WITH e AS (INSERT INTO domicile.ledger (entry_uuid, at, request_id, "
