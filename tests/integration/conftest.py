@@ -276,6 +276,27 @@ class Regions:
         return [os.path.join(self.log_dir, n) for n in names if not n.endswith((".initdb.log", ".basebackup.log"))]
 
 
+def regions_up(tmp, state, *up_args, timeout=300):
+    """`domicile-local up` (with `up_args`) in a new state directory `state`, on a port base
+    chosen free at run time; returns its Regions. Three attempts: another process may take a
+    port between the choice and the start."""
+    what = " ".join(("domicile-local up",) + up_args)
+    rng = random.Random()
+    last_error = None
+    for _attempt in range(3):
+        base = choose_port_base(rng)
+        r = Regions(tmp, state, base)
+        p = r.run("--port-base", str(base), "--fsync", "off", "up", *up_args, timeout=timeout, check=False)
+        if p.returncode == 0:
+            return r
+        last_error = p.stderr
+        # Another process took a port between the choice and the start: start over.
+        if "in use" not in p.stderr:
+            raise RuntimeError(f"{what} failed:\n{p.stdout}\n{p.stderr}")
+        r.run("destroy", check=False)
+    raise RuntimeError(f"{what} failed three times:\n{last_error}")
+
+
 _REGIONS = None  # for the failure report
 
 
@@ -289,23 +310,8 @@ def regions():
     # (domicile-local creates $STATE itself, root-owned 0755, with postgres-owned subdirs).
     os.chmod(tmp, 0o755)
     state = os.path.join(tmp, "state")
-    rng = random.Random()
-    r = None
     try:
-        last_error = None
-        for _attempt in range(3):
-            base = choose_port_base(rng)
-            r = Regions(tmp, state, base)
-            p = r.run("--port-base", str(base), "--fsync", "off", "up", timeout=600, check=False)
-            if p.returncode == 0:
-                break
-            last_error = p.stderr
-            # Another process took a port between the choice and the start: start over.
-            if "in use" not in p.stderr:
-                raise RuntimeError(f"domicile-local up failed:\n{p.stdout}\n{p.stderr}")
-            r.run("destroy", check=False)
-        else:
-            raise RuntimeError(f"domicile-local up failed three times:\n{last_error}")
+        r = regions_up(tmp, state, timeout=600)
         _REGIONS = r
         REGIONS_STATE[:] = [state]
         yield r
@@ -610,6 +616,14 @@ def channel(gateway):
     raw = grpc.insecure_channel(gateway.address)
     yield grpc.intercept_channel(raw, BearerAuth(demo_token(gateway.config, "admin")))
     raw.close()
+
+
+@pytest.fixture
+def api(channel):
+    """helpers.Api on `channel` (the admin principal on the session gateway)."""
+    from helpers import Api  # helpers imports this module: not at its top
+
+    return Api(channel)
 
 
 @pytest.fixture

@@ -1,19 +1,22 @@
 """
 Small helpers shared by the integration tests (the harness and its fixtures are in conftest.py).
 
-    from helpers import get, lit, md, now_ms, put, register, rpc_error, uid
+    from helpers import Api, get, lit, md, now_ms, put, register, rpc_error, uid
 
 Test modules import it after conftest, which puts the generated Python stubs (domicile.v1) on
 sys.path; pytest loads conftest.py before it collects any test module.
 """
 
+import os
+import re
 import time
 import uuid
 
 import grpc
 import pytest
 
-from domicile.v1 import customers_pb2, records_pb2
+from conftest import BUILD_DIR
+from domicile.v1 import customers_pb2, records_pb2, transfers_pb2
 
 
 def uid():
@@ -27,6 +30,15 @@ def now_ms():
 def lit(s):
     """A SQL string literal."""
     return "'" + str(s).replace("'", "''") + "'"
+
+
+def asan_build():
+    """True when BUILD_DIR was configured with -DDM_ASAN=ON (tests/run's sanitizer pass)."""
+    try:
+        with open(os.path.join(BUILD_DIR, "CMakeCache.txt")) as f:
+            return any(line.strip() == "DM_ASAN:BOOL=ON" for line in f)
+    except OSError:
+        return False
 
 
 def rpc_error(fn, *args, **kw):
@@ -44,6 +56,89 @@ def md(purpose=None, request_id=None):
     if request_id:
         out.append(("x-request-id", request_id))
     return out
+
+
+def assert_invalid(e, field, limit=None):
+    """`e` is INVALID_ARGUMENT, its message naming `field` (and `limit`, when given)."""
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+    assert field in e.details(), f"message does not name {field!r}: {e.details()!r}"
+    if limit is not None:
+        assert str(limit) in e.details(), f"message does not give the limit {limit}: {e.details()!r}"
+
+
+def limits_case(request_type, change, **defaults):
+    """A body builder for the limits tables: given the customer id the call is about, a
+    `request_type` with a fresh request_id, that customer_id and `defaults`, then the fields of
+    `change`; serialized."""
+
+    def build(cid):
+        args = dict(request_id=f"lim-{uid()}", customer_id=cid, **defaults)
+        args.update(change)
+        return request_type(**args).SerializeToString()
+
+    return build
+
+
+# --------------------------------------------------------------------------------------------
+# the API on a channel
+
+
+def unary_stub(channel, svc, method, req, rep):
+    """The unary method /domicile.v1.<svc>/<method> on `channel`, taking `req` and returning `rep`."""
+    return channel.unary_unary(f"/domicile.v1.{svc}/{method}", request_serializer=req.SerializeToString, response_deserializer=rep.FromString)
+
+
+def stream_stub(channel, svc, method, req, rep):
+    """The server-streaming method /domicile.v1.<svc>/<method> on `channel`, taking `req` and streaming `rep`."""
+    return channel.unary_stream(f"/domicile.v1.{svc}/{method}", request_serializer=req.SerializeToString, response_deserializer=rep.FromString)
+
+
+class Api:
+    """Callables of the Customers, Records and Transfers services on one channel (Debian's grpcio
+    has no generated *_pb2_grpc modules here, so the methods are built by path)."""
+
+    def __init__(self, channel):
+        def unary(svc, method, req, rep):
+            return unary_stub(channel, svc, method, req, rep)
+
+        self.channel = channel
+        self.register = unary("Customers", "RegisterCustomer", customers_pb2.RegisterCustomerRequest, customers_pb2.Customer)
+        self.get_customer = unary("Customers", "GetCustomer", customers_pb2.GetCustomerRequest, customers_pb2.Customer)
+        self.close_customer = unary("Customers", "CloseCustomer", customers_pb2.CloseCustomerRequest, customers_pb2.Customer)
+        self.put = unary("Records", "PutRecord", records_pb2.PutRecordRequest, records_pb2.PutRecordResponse)
+        self.get = unary("Records", "GetRecord", records_pb2.GetRecordRequest, records_pb2.Record)
+        self.delete = unary("Records", "DeleteRecord", records_pb2.DeleteRecordRequest, records_pb2.DeleteRecordResponse)
+        self.list = stream_stub(channel, "Records", "ListRecords", records_pb2.ListRecordsRequest, records_pb2.ListRecordsResponse)
+        self.bulk = channel.stream_unary(
+            "/domicile.v1.Records/BulkPutRecords",
+            request_serializer=records_pb2.PutRecordRequest.SerializeToString,
+            response_deserializer=records_pb2.BulkPutRecordsResponse.FromString,
+        )
+        self.list_transfers = stream_stub(channel, "Transfers", "ListTransfers", transfers_pb2.ListTransfersRequest, transfers_pb2.ListTransfersResponse)
+        self.report = unary("Transfers", "Report", transfers_pb2.ReportRequest, transfers_pb2.TransferReport)
+        self.verify_ledger = unary("Transfers", "VerifyLedger", transfers_pb2.VerifyLedgerRequest, transfers_pb2.VerifyLedgerResponse)
+
+    def raw(self, svc, method, kind="unary", rep=None):
+        """/domicile.v1.<svc>/<method> with the request sent as given (bytes): for bodies the
+        Python protobuf library will not build, such as invalid UTF-8 in a string field. The
+        response is parsed as `rep`, or left as bytes. `kind` is "unary", "stream" (server
+        stream) or "client-stream"."""
+        path = f"/domicile.v1.{svc}/{method}"
+        parse = rep.FromString if rep is not None else None
+        if kind == "stream":
+            return self.channel.unary_stream(path, request_serializer=None, response_deserializer=parse)
+        if kind == "client-stream":
+            return self.channel.stream_unary(path, request_serializer=None, response_deserializer=parse)
+        return self.channel.unary_unary(path, request_serializer=None, response_deserializer=parse)
+
+
+def list_once(api, req, metadata=None, timeout=30):
+    """One ListRecords call (one page): the records streamed. Checks the stream's shape:
+    records, then exactly one `end`, last."""
+    items = list(api.list(req, timeout=timeout, metadata=metadata))
+    kinds = [m.WhichOneof("item") for m in items]
+    assert kinds and kinds[-1] == "end" and kinds.count("end") == 1, kinds
+    return [m.record for m in items[:-1]]
 
 
 def get(api, cid, rid, purpose=None, request_id=None, timeout=15):
@@ -88,3 +183,84 @@ def paged(stream, request_type, item, max_pages=1000, timeout=30, **filters):
         if not token:
             return out
     raise AssertionError(f"{request_type.__name__} did not end after {max_pages} pages")
+
+
+# --------------------------------------------------------------------------------------------
+# protobuf by hand (bodies the Python library will not build)
+
+
+def varint(n):
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if not n:
+            out.append(b)
+            return bytes(out)
+        out.append(b | 0x80)
+
+
+def pb_bytes(field, data):
+    """A length-delimited field (string, bytes, message)."""
+    return varint(field << 3 | 2) + varint(len(data)) + data
+
+
+def pb_int(field, v):
+    """A varint field."""
+    return varint(field << 3) + varint(v)
+
+
+def pb_label(field, key, value):
+    """One map<string,string> entry as raw bytes."""
+    return pb_bytes(field, pb_bytes(1, key) + pb_bytes(2, value))
+
+
+# --------------------------------------------------------------------------------------------
+# the regions' databases and layout
+
+
+def rows(regions, region, sql):
+    """The rows of `sql` on `region`'s primary, each a list of its columns (as text)."""
+    out = regions.psql(region, sql)
+    return [line.split("|") for line in out.splitlines()] if out else []
+
+
+def scalar(regions, region, sql):
+    return regions.psql(region, sql)
+
+
+def footprint(regions, region, cid):
+    """How many rows of customer `cid` each table of `region` holds."""
+    out = regions.psql(
+        region,
+        "SELECT "
+        + ", ".join(
+            f"(SELECT count(*) FROM domicile.{t} WHERE customer_id = {lit(cid)})"
+            for t in ("customers", "records", "data_keys", "idempotency")
+        ),
+    )
+    return dict(zip(("customers", "records", "data_keys", "idempotency"), map(int, out.split("|"))))
+
+
+def subject_pepper(regions):
+    """The gateway's subject pepper (the file its config names)."""
+    with open(regions.conf) as f:
+        m = re.search(r'^\s*subject_pepper_file\s*=\s*"([^"]+)"', f.read(), re.M)
+    assert m, "subject_pepper_file not in the gateway config"
+    with open(m.group(1), "rb") as f:
+        return f.read()
+
+
+def region_layout(regions, region):
+    """(primary node, sync_state of the other node on it, number of running nodes)."""
+    primary, repl, running = None, None, 0
+    for e in regions.status_json():
+        if e["region"] != region or not e["running"]:
+            continue
+        running += 1
+        if e["role"] == "primary":
+            primary = e["node"]
+            other = "node2" if primary == "node1" else "node1"
+            repl = e.get("standbys", {}).get(other)
+    return primary, repl, running

@@ -19,8 +19,8 @@ import threading
 import grpc
 import pytest
 
-from conftest import BUILD_DIR, SERVING, GatewayFactory, demo_token, health_check
-from helpers import rpc_error, uid
+from conftest import SERVING, GatewayFactory, demo_token, health_check
+from helpers import Api, asan_build, pb_bytes, pb_int, rpc_error, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 SC = grpc.StatusCode
@@ -37,43 +37,15 @@ PAYLOAD_MAX = 1048576
 RSS_GROWTH_MAX_KIB = 48 * 1024
 
 
-def _asan_build():
-    try:
-        with open(os.path.join(BUILD_DIR, "CMakeCache.txt")) as f:
-            return any(line.strip() == "DM_ASAN:BOOL=ON" for line in f)
-    except OSError:
-        return False
-
-
 # Under AddressSanitizer, VmRSS holds its quarantine (freed memory kept back, up to 256 MiB)
 # and shadow memory: the figures are printed, not judged; LeakSanitizer checks the gateway's
 # memory at exit instead (tests/run fails on any report).
-ASAN = _asan_build()
+ASAN = asan_build()
 UTF8_MSG = "{}: must be valid UTF-8 without NUL characters"
 
 
 # --------------------------------------------------------------------------------------------
-# protobuf by hand (bodies the Python library will not build)
-
-
-def varint(n):
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if not n:
-            out.append(b)
-            return bytes(out)
-        out.append(b | 0x80)
-
-
-def pb_bytes(field, data):
-    return varint(field << 3 | 2) + varint(len(data)) + data
-
-
-def pb_int(field, v):
-    return varint(field << 3) + varint(v)
+# a gRPC message frame (the protobuf-by-hand helpers are in helpers.py)
 
 
 def grpc_frame(msg, compressed=0):
@@ -342,37 +314,7 @@ def assert_clean(r, allowed=None):
 
 
 # --------------------------------------------------------------------------------------------
-# the module's gateway, a warm-up, and the API on a channel
-
-
-class Api:
-    def __init__(self, channel):
-        def unary(svc, method, req, rep):
-            return channel.unary_unary(f"/domicile.v1.{svc}/{method}", request_serializer=req.SerializeToString, response_deserializer=rep.FromString)
-
-        self.channel = channel
-        self.register = unary("Customers", "RegisterCustomer", customers_pb2.RegisterCustomerRequest, customers_pb2.Customer)
-        self.put = unary("Records", "PutRecord", PutReq, records_pb2.PutRecordResponse)
-        self.get = unary("Records", "GetRecord", GetReq, records_pb2.Record)
-        self.delete = unary("Records", "DeleteRecord", DelReq, records_pb2.DeleteRecordResponse)
-        self.list = channel.unary_stream(
-            "/domicile.v1.Records/ListRecords",
-            request_serializer=ListReq.SerializeToString,
-            response_deserializer=records_pb2.ListRecordsResponse.FromString,
-        )
-        self.bulk = channel.stream_unary(
-            "/domicile.v1.Records/BulkPutRecords",
-            request_serializer=PutReq.SerializeToString,
-            response_deserializer=records_pb2.BulkPutRecordsResponse.FromString,
-        )
-
-    def raw(self, svc, method, kind="unary"):
-        path = f"/domicile.v1.{svc}/{method}"
-        if kind == "stream":
-            return self.channel.unary_stream(path, request_serializer=None, response_deserializer=None)
-        if kind == "client-stream":
-            return self.channel.stream_unary(path, request_serializer=None, response_deserializer=None)
-        return self.channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+# the module's gateway and a warm-up (the API on a channel is helpers.Api)
 
 
 def vm_rss_kib(pid):

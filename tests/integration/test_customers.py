@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from conftest import NOT_SERVING, REGION_CODES, SERVING, wait_health
-from helpers import lit, put, register, rpc_error, uid
+from helpers import Api, assert_invalid, footprint, limits_case, lit, pb_bytes, pb_label, put, register, rows, rpc_error, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 RegReq = customers_pb2.RegisterCustomerRequest
@@ -30,56 +30,8 @@ EMPTY = dict(customers=0, records=0, data_keys=0, idempotency=0)
 # local helpers
 
 
-class Api:
-    def __init__(self, channel):
-        self.channel = channel
-
-        def unary(svc, method, req, rep):
-            return channel.unary_unary(
-                f"/domicile.v1.{svc}/{method}", request_serializer=req.SerializeToString, response_deserializer=rep.FromString
-            )
-
-        self.register = unary("Customers", "RegisterCustomer", RegReq, customers_pb2.Customer)
-        self.get_customer = unary("Customers", "GetCustomer", GetCReq, customers_pb2.Customer)
-        self.close = unary("Customers", "CloseCustomer", CloseReq, customers_pb2.Customer)
-        self.put = unary("Records", "PutRecord", records_pb2.PutRecordRequest, records_pb2.PutRecordResponse)
-        self.get = unary("Records", "GetRecord", records_pb2.GetRecordRequest, records_pb2.Record)
-        self.delete = unary("Records", "DeleteRecord", records_pb2.DeleteRecordRequest, records_pb2.DeleteRecordResponse)
-        self.list = channel.unary_stream(
-            "/domicile.v1.Records/ListRecords",
-            request_serializer=records_pb2.ListRecordsRequest.SerializeToString,
-            response_deserializer=records_pb2.ListRecordsResponse.FromString,
-        )
-        self.bulk = channel.stream_unary(
-            "/domicile.v1.Records/BulkPutRecords",
-            request_serializer=records_pb2.PutRecordRequest.SerializeToString,
-            response_deserializer=records_pb2.BulkPutRecordsResponse.FromString,
-        )
-
-    def raw(self, method, rep=customers_pb2.Customer):
-        """The Customers method `method`, sent as raw bytes (for invalid UTF-8 in strings)."""
-        return self.channel.unary_unary(f"/domicile.v1.Customers/{method}", request_serializer=None, response_deserializer=rep.FromString)
-
-
 def new_id(tag="c"):
     return f"{tag}-{uid()}"
-
-
-def rows(regions, region, sql):
-    out = regions.psql(region, sql)
-    return [line.split("|") for line in out.splitlines()] if out else []
-
-
-def footprint(regions, region, cid):
-    out = regions.psql(
-        region,
-        "SELECT "
-        + ", ".join(
-            f"(SELECT count(*) FROM domicile.{t} WHERE customer_id = {lit(cid)})"
-            for t in ("customers", "records", "data_keys", "idempotency")
-        ),
-    )
-    return dict(zip(("customers", "records", "data_keys", "idempotency"), map(int, out.split("|"))))
 
 
 def directory_rows(regions, cid):
@@ -92,36 +44,8 @@ def directory_rows(regions, cid):
     return out
 
 
-def _varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def pb_bytes(field, data):
-    return _varint(field << 3 | 2) + _varint(len(data)) + data
-
-
-def assert_invalid(e, field, limit=None):
-    assert e.code() == SC.INVALID_ARGUMENT, (e.code(), e.details())
-    assert field in e.details(), f"message does not name {field!r}: {e.details()!r}"
-    if limit is not None:
-        assert str(limit) in e.details(), f"message does not give the limit {limit}: {e.details()!r}"
-
-
 def close_to_now_ms(t_ms, slack_s=120):
     return abs(t_ms - time.time() * 1000) < slack_s * 1000
-
-
-@pytest.fixture
-def api(channel):
-    return Api(channel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,7 +104,7 @@ def test_unknown_residency_is_refused_and_lists_the_known_regions(regions, api):
     e = rpc_error(api.register, RegReq(request_id=uid(), customer_id=cid), timeout=10)
     assert_invalid(e, "residency")
     raw = RegReq(request_id=uid(), customer_id=cid, residency="us").SerializeToString() + pb_bytes(3, b"u\xffs")
-    assert_invalid(rpc_error(api.raw("RegisterCustomer"), raw, timeout=10), "residency")
+    assert_invalid(rpc_error(api.raw("Customers", "RegisterCustomer", rep=customers_pb2.Customer), raw, timeout=10), "residency")
     for r in REGION_CODES:
         assert footprint(regions, r, cid) == EMPTY, r
 
@@ -205,7 +129,7 @@ def test_an_id_held_by_any_region_cannot_be_registered_again(regions, api, gatew
 
 def test_a_closed_customers_id_is_never_registered_again(regions, api):
     cid = register(api, "in")
-    api.close(CloseReq(request_id=uid(), customer_id=cid, reason="contract ended"), timeout=10)
+    api.close_customer(CloseReq(request_id=uid(), customer_id=cid, reason="contract ended"), timeout=10)
     for residency in REGION_CODES:
         e = rpc_error(api.register, RegReq(request_id=uid(), customer_id=cid, residency=residency), timeout=10)
         assert e.code() == SC.ALREADY_EXISTS, (residency, e.code(), e.details())
@@ -247,7 +171,7 @@ def test_get_customer_of_an_unknown_id_is_not_found(regions, api, gateways):
         wait_health(fresh.channel, f"domicile.region.{r}", SERVING, timeout=30)
     e = rpc_error(fresh.get_customer, GetCReq(customer_id=ghost), timeout=10)
     assert e.code() == SC.NOT_FOUND, (e.code(), e.details())
-    e = rpc_error(fresh.close, CloseReq(request_id=uid(), customer_id=ghost, reason="x"), timeout=10)
+    e = rpc_error(fresh.close_customer, CloseReq(request_id=uid(), customer_id=ghost, reason="x"), timeout=10)
     assert e.code() == SC.NOT_FOUND, (e.code(), e.details())
     for r in REGION_CODES:
         assert footprint(regions, r, ghost) == EMPTY
@@ -261,7 +185,7 @@ def test_close_customer_makes_records_read_only(regions, api):
     cid = register(api, "eu")
     put(api, cid, "kept", b"still readable", request_id="before-close")
     req = CloseReq(request_id="close-1", customer_id=cid, reason="account closed by the customer")
-    c = api.close(req, timeout=10)
+    c = api.close_customer(req, timeout=10)
     assert c.state == CLOSED and c.close_reason == req.reason
     assert close_to_now_ms(c.closed_at_unix_ms)
     assert c.purge_after_unix_ms == c.closed_at_unix_ms + RETENTION_DAYS * DAY_MS, (c.closed_at_unix_ms, c.purge_after_unix_ms)
@@ -273,8 +197,8 @@ def test_close_customer_makes_records_read_only(regions, api):
     assert got == [["closed", req.reason, f"{RETENTION_DAYS} days"]]
     assert api.get_customer(GetCReq(customer_id=cid), timeout=10) == c
     # retry of the same close: the same answer; another close: refused
-    assert api.close(req, timeout=10) == c
-    e = rpc_error(api.close, CloseReq(request_id="close-2", customer_id=cid, reason="again"), timeout=10)
+    assert api.close_customer(req, timeout=10) == c
+    e = rpc_error(api.close_customer, CloseReq(request_id="close-2", customer_id=cid, reason="again"), timeout=10)
     assert e.code() == SC.FAILED_PRECONDITION, (e.code(), e.details())
 
     before = footprint(regions, "eu", cid)
@@ -358,12 +282,7 @@ def test_resolution_is_unavailable_when_a_region_cannot_answer(regions, api, gat
 
 
 def _reg(**kw):
-    def build(cid):
-        args = dict(request_id=f"lim-{uid()}", customer_id=cid, residency="us")
-        args.update(kw)
-        return RegReq(**args).SerializeToString()
-
-    return build
+    return limits_case(RegReq, kw, residency="us")
 
 
 def _reg_raw(field, data):
@@ -371,9 +290,7 @@ def _reg_raw(field, data):
 
 
 def _reg_label(key, value):
-    return lambda cid: RegReq(request_id=f"lim-{uid()}", customer_id=cid, residency="us").SerializeToString() + pb_bytes(
-        5, pb_bytes(1, key) + pb_bytes(2, value)
-    )
+    return lambda cid: RegReq(request_id=f"lim-{uid()}", customer_id=cid, residency="us").SerializeToString() + pb_label(5, key, value)
 
 
 # (case id, body builder given the id the call is about, field named, limit named)
@@ -410,7 +327,7 @@ REGISTER_LIMITS = [
 @pytest.mark.parametrize("case,build,field,limit", REGISTER_LIMITS, ids=[c[0] for c in REGISTER_LIMITS])
 def test_register_customer_limits(regions, api, case, build, field, limit):
     cid = new_id("lim")
-    e = rpc_error(api.raw("RegisterCustomer"), build(cid), timeout=10)
+    e = rpc_error(api.raw("Customers", "RegisterCustomer", rep=customers_pb2.Customer), build(cid), timeout=10)
     assert_invalid(e, field, limit)
     for r in REGION_CODES:
         assert footprint(regions, r, cid) == EMPTY, r
@@ -425,7 +342,7 @@ def test_register_customer_limits_at_their_maximum(regions, api):
     )
     assert (c.customer_id, c.display_name, dict(c.labels)) == (cid, "ü" * 128, labels)
     assert directory_rows(regions, cid) == {"in": ["active", "in"]}
-    c = api.close(CloseReq(request_id="~" * 128, customer_id=cid, reason="r" * 1024), timeout=10)
+    c = api.close_customer(CloseReq(request_id="~" * 128, customer_id=cid, reason="r" * 1024), timeout=10)
     assert c.close_reason == "r" * 1024
 
 
@@ -441,16 +358,11 @@ GET_CUSTOMER_LIMITS = [
 @pytest.mark.parametrize("case,build,field,limit", GET_CUSTOMER_LIMITS, ids=[c[0] for c in GET_CUSTOMER_LIMITS])
 def test_get_customer_limits(api, case, build, field, limit):
     cid = register(api, "us")  # an existing customer: an id cut short must not find it
-    assert_invalid(rpc_error(api.raw("GetCustomer"), build(cid), timeout=10), field, limit)
+    assert_invalid(rpc_error(api.raw("Customers", "GetCustomer", rep=customers_pb2.Customer), build(cid), timeout=10), field, limit)
 
 
 def _close(**kw):
-    def build(cid):
-        args = dict(request_id=f"lim-{uid()}", customer_id=cid, reason="because")
-        args.update(kw)
-        return CloseReq(**args).SerializeToString()
-
-    return build
+    return limits_case(CloseReq, kw, reason="because")
 
 
 CLOSE_LIMITS = [
@@ -470,6 +382,6 @@ CLOSE_LIMITS = [
 @pytest.mark.parametrize("case,build,field,limit", CLOSE_LIMITS, ids=[c[0] for c in CLOSE_LIMITS])
 def test_close_customer_limits(regions, api, case, build, field, limit):
     cid = register(api, "eu")
-    assert_invalid(rpc_error(api.raw("CloseCustomer"), build(cid), timeout=10), field, limit)
+    assert_invalid(rpc_error(api.raw("Customers", "CloseCustomer", rep=customers_pb2.Customer), build(cid), timeout=10), field, limit)
     assert rows(regions, "eu", f"SELECT state, close_reason IS NULL FROM domicile.customers WHERE customer_id = {lit(cid)}") == [["active", "t"]]
     assert api.get_customer(GetCReq(customer_id=cid), timeout=10).state == ACTIVE

@@ -14,27 +14,14 @@ import os
 import subprocess
 
 from conftest import BUILD_DIR, DOMICILE_LOCAL, REGION_CODES, REGIONS_STATE, SERVING, wait_health
+from helpers import region_layout
 
 DOMICILECTL = os.path.join(BUILD_DIR, "domicilectl")
 GOALS = ("lost", "duplicates", "misplaced", "ledger_missing", "other_region_errors", "read_anomalies")
 
 
-def _layout(regions, region):
-    """(primary node, sync_state of the other node on it, number of running nodes)."""
-    primary, repl, running = None, None, 0
-    for e in regions.status_json():
-        if e["region"] != region or not e["running"]:
-            continue
-        running += 1
-        if e["role"] == "primary":
-            primary = e["node"]
-            other = "node2" if primary == "node1" else "node1"
-            repl = e.get("standbys", {}).get(other)
-    return primary, repl, running
-
-
 def _healthy(regions, region):
-    primary, repl, running = _layout(regions, region)
+    primary, repl, running = region_layout(regions, region)
     return primary is not None and repl == "sync" and running == 2
 
 
@@ -76,9 +63,9 @@ def test_failover_drill_twice_on_eu_once_on_in(regions, gateways, session_gatewa
     gw = gateways.start(name="drill")
     try:
         for region in ("eu", "eu", "in"):
-            before, _, _ = _layout(regions, region)
+            before, _, _ = region_layout(regions, region)
             report = _drill(gw, state, region)
-            after, repl, running = _layout(regions, region)
+            after, repl, running = region_layout(regions, region)
             assert report["primary_before"] == before and report["primary_after"] == after
             assert {before, after} == {"node1", "node2"}, f"{region}: primary {before} -> {after}"
             assert repl == "sync" and running == 2, f"{region}: standby {repl}, {running} nodes running"

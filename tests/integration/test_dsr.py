@@ -37,7 +37,7 @@ import grpc
 import pytest
 
 from conftest import BUILD_DIR, DOMICILE_LOCAL, NOT_SERVING, SERVING, demo_token, wait_health, wait_until
-from helpers import get, lit, md, now_ms, paged, put, register, rpc_error, uid
+from helpers import Api, get, list_once, lit, md, now_ms, paged, put, register, rpc_error, stream_stub, uid, unary_stub
 from domicile.v1 import common_pb2, customers_pb2, records_pb2
 from domicile.v1 import subject_rights_pb2 as SR
 
@@ -66,32 +66,7 @@ def bytea(hexstr):
 
 
 # --------------------------------------------------------------------------------------------
-# API
-
-
-def _unary(channel, svc, method, req, rep):
-    return channel.unary_unary(
-        f"/domicile.v1.{svc}/{method}", request_serializer=req.SerializeToString, response_deserializer=rep.FromString
-    )
-
-
-class Api:
-    """Customers and Records on one channel."""
-
-    def __init__(self, channel):
-        self.register = _unary(channel, "Customers", "RegisterCustomer", customers_pb2.RegisterCustomerRequest, customers_pb2.Customer)
-        self.put = _unary(channel, "Records", "PutRecord", records_pb2.PutRecordRequest, records_pb2.PutRecordResponse)
-        self.get = _unary(channel, "Records", "GetRecord", records_pb2.GetRecordRequest, records_pb2.Record)
-        self.list = channel.unary_stream(
-            "/domicile.v1.Records/ListRecords",
-            request_serializer=records_pb2.ListRecordsRequest.SerializeToString,
-            response_deserializer=records_pb2.ListRecordsResponse.FromString,
-        )
-        self.bulk = channel.stream_unary(
-            "/domicile.v1.Records/BulkPutRecords",
-            request_serializer=records_pb2.PutRecordRequest.SerializeToString,
-            response_deserializer=records_pb2.BulkPutRecordsResponse.FromString,
-        )
+# API (Customers and Records: helpers.Api)
 
 
 class Dsr:
@@ -99,7 +74,7 @@ class Dsr:
 
     def __init__(self, channel):
         def u(method, req, rep=SR.DsrRequest):
-            return _unary(channel, "SubjectRights", method, req, rep)
+            return unary_stub(channel, "SubjectRights", method, req, rep)
 
         self.erase = u("Erase", SR.EraseRequest)
         self.restrict = u("RestrictProcessing", SR.RestrictRequest)
@@ -109,16 +84,8 @@ class Dsr:
         self.get = u("GetRequest", SR.GetRequestRequest)
         self.extend = u("ExtendDeadline", SR.ExtendDeadlineRequest)
         self.locate = u("Locate", SR.LocateRequest, SR.LocateResponse)
-        self.export_stream = channel.unary_stream(
-            "/domicile.v1.SubjectRights/Export",
-            request_serializer=SR.ExportRequest.SerializeToString,
-            response_deserializer=SR.ExportChunk.FromString,
-        )
-        self.list_stream = channel.unary_stream(
-            "/domicile.v1.SubjectRights/ListRequests",
-            request_serializer=SR.ListRequestsRequest.SerializeToString,
-            response_deserializer=SR.ListRequestsResponse.FromString,
-        )
+        self.export_stream = stream_stub(channel, "SubjectRights", "Export", SR.ExportRequest, SR.ExportChunk)
+        self.list_stream = stream_stub(channel, "SubjectRights", "ListRequests", SR.ListRequestsRequest, SR.ListRequestsResponse)
 
     def status(self, request_id):
         return self.get(SR.GetRequestRequest(request_id=request_id), timeout=15)
@@ -147,10 +114,8 @@ def po(session_gateway):
 
 
 def list_records(api, cid, purpose=None, **kw):
-    msgs = list(api.list(records_pb2.ListRecordsRequest(customer_id=cid, page_size=1000, **kw), metadata=md(purpose), timeout=30))
-    kinds = [m.WhichOneof("item") for m in msgs]
-    assert kinds and kinds[-1] == "end" and kinds.count("end") == 1, kinds
-    return {m.record.record_id: m.record for m in msgs[:-1]}
+    records = list_once(api, records_pb2.ListRecordsRequest(customer_id=cid, page_size=1000, **kw), metadata=md(purpose))
+    return {r.record_id: r for r in records}
 
 
 def bulk_put(api, cid, subj, n, prefix="bulk", size=64):

@@ -32,8 +32,8 @@ import grpc
 import pytest
 
 from conftest import REGION_CODES, REGIONS_STATE, SERVING, wait_health, wait_until
-from helpers import get, lit, md, now_ms, paged, put, register, rpc_error, uid
-from domicile.v1 import customers_pb2, records_pb2, transfers_pb2
+from helpers import Api, get, list_once, lit, md, now_ms, paged, put, register, rpc_error, scalar, uid
+from domicile.v1 import records_pb2, transfers_pb2
 
 SC = grpc.StatusCode
 T = transfers_pb2
@@ -57,38 +57,7 @@ READ = T.TRANSFER_DIRECTION_READ
 WRITE = T.TRANSFER_DIRECTION_WRITE
 
 # --------------------------------------------------------------------------------------------
-# API
-
-
-class Api:
-    """Callables of Customers, Records and Transfers on one channel (methods built by path)."""
-
-    def __init__(self, channel):
-        def unary(svc, method, req, rep):
-            return channel.unary_unary(
-                f"/domicile.v1.{svc}/{method}", request_serializer=req.SerializeToString, response_deserializer=rep.FromString
-            )
-
-        self.register = unary("Customers", "RegisterCustomer", customers_pb2.RegisterCustomerRequest, customers_pb2.Customer)
-        self.put = unary("Records", "PutRecord", records_pb2.PutRecordRequest, records_pb2.PutRecordResponse)
-        self.get = unary("Records", "GetRecord", records_pb2.GetRecordRequest, records_pb2.Record)
-        self.list = channel.unary_stream(
-            "/domicile.v1.Records/ListRecords",
-            request_serializer=records_pb2.ListRecordsRequest.SerializeToString,
-            response_deserializer=records_pb2.ListRecordsResponse.FromString,
-        )
-        self.bulk = channel.stream_unary(
-            "/domicile.v1.Records/BulkPutRecords",
-            request_serializer=records_pb2.PutRecordRequest.SerializeToString,
-            response_deserializer=records_pb2.BulkPutRecordsResponse.FromString,
-        )
-        self.list_transfers = channel.unary_stream(
-            "/domicile.v1.Transfers/ListTransfers",
-            request_serializer=T.ListTransfersRequest.SerializeToString,
-            response_deserializer=T.ListTransfersResponse.FromString,
-        )
-        self.report = unary("Transfers", "Report", T.ReportRequest, T.TransferReport)
-        self.verify_ledger = unary("Transfers", "VerifyLedger", T.VerifyLedgerRequest, T.VerifyLedgerResponse)
+# API (helpers.Api: Customers, Records and Transfers)
 
 
 class Principals:
@@ -126,10 +95,7 @@ def p(session_gateway):
 
 def list_records(api, cid, purpose=None, **kw):
     """One ListRecords call: the records streamed (raises on a failed stream)."""
-    msgs = list(api.list(records_pb2.ListRecordsRequest(customer_id=cid, **kw), metadata=md(purpose), timeout=30))
-    kinds = [m.WhichOneof("item") for m in msgs]
-    assert kinds and kinds[-1] == "end" and kinds.count("end") == 1, kinds
-    return [m.record for m in msgs[:-1]]
+    return list_once(api, records_pb2.ListRecordsRequest(customer_id=cid, **kw), metadata=md(purpose))
 
 
 def list_transfers(api, **filters):
@@ -238,10 +204,6 @@ def chain_of(regions, region, cid):
         f"JOIN domicile.ledger l USING (entry_id) WHERE l.customer_id = {lit(cid)} ORDER BY c.seq",
     )
     return [(r["seq"], r["entry_id"], r["hash"]) for r in rows]
-
-
-def scalar(regions, region, sql):
-    return regions.psql(region, sql)
 
 
 def ledger_size(regions, region):
@@ -805,59 +767,64 @@ def _repaired(p, region, before):
     assert (v.sealed_up_to_seq, v.entries_checked) == (before.sealed_up_to_seq, before.entries_checked), (v, before)
 
 
-def test_tamper_edit_one_entry(regions, p):
-    region = "in"
-    cid, chain, before = _sealed_entries(regions, p, region)
-    seq, entry_id, _ = chain[2]
+def _tampered_row(regions, p, region, before, entry, sql, kind, names_entry=True):
+    """Runs `sql`, a change to the ledger row of `entry` (seq, entry_id, _); VerifyLedger must
+    find damage `kind` at that seq (its detail naming the entry_id when `names_entry`). The row
+    is put back whatever happens, and the ledger must then verify as `before`."""
+    seq, entry_id, _ = entry
     saved = saved_row(regions, region, "ledger", "entry_id", entry_id)
     try:
-        regions.psql(region, f"UPDATE domicile.ledger SET bytes = bytes + 1000 WHERE entry_id = {entry_id}")
-        v = _damaged(p, region, T.LEDGER_DAMAGE_EDITED, seq, before)
-        assert str(entry_id) in v.detail, v.detail
+        regions.psql(region, sql)
+        v = _damaged(p, region, kind, seq, before)
+        if names_entry:
+            assert str(entry_id) in v.detail, v.detail
     finally:
         restore_ledger_rows(regions, region, [saved])
     _repaired(p, region, before)
 
+
+def _saved_row_and_link(regions, region, seq, entry_id):
+    """The ledger row `entry_id` and its chain link `seq`, saved before a test deletes both."""
+    return saved_row(regions, region, "ledger", "entry_id", entry_id), saved_row(regions, region, "ledger_chain", "seq", seq)
+
+
+def _restore_row_and_link(regions, region, saved, link):
+    """Row and link back in one transaction: a row without its link would look unsealed to the
+    sealers, which would chain it again at the head."""
+    restore_ledger_rows(
+        regions,
+        region,
+        [saved],
+        extra=f"INSERT INTO domicile.ledger_chain SELECT * FROM json_populate_record(NULL::domicile.ledger_chain, {jlit(link)}) "
+        "ON CONFLICT (seq) DO NOTHING",
+    )
+
+
+def test_tamper_edit_one_entry(regions, p):
+    region = "in"
+    cid, chain, before = _sealed_entries(regions, p, region)
+    sql = f"UPDATE domicile.ledger SET bytes = bytes + 1000 WHERE entry_id = {chain[2][1]}"
+    _tampered_row(regions, p, region, before, chain[2], sql, T.LEDGER_DAMAGE_EDITED)
+
     # an edit of a text field (the basis a transfer relied on) is found the same way
-    saved = saved_row(regions, region, "ledger", "entry_id", chain[0][1])
-    try:
-        regions.psql(region, f"UPDATE domicile.ledger SET basis_id = 'scc-2021-914-m1' WHERE entry_id = {chain[0][1]}")
-        _damaged(p, region, T.LEDGER_DAMAGE_EDITED, chain[0][0], before)
-    finally:
-        restore_ledger_rows(regions, region, [saved])
-    _repaired(p, region, before)
+    sql = f"UPDATE domicile.ledger SET basis_id = 'scc-2021-914-m1' WHERE entry_id = {chain[0][1]}"
+    _tampered_row(regions, p, region, before, chain[0], sql, T.LEDGER_DAMAGE_EDITED, names_entry=False)
 
 
 def test_tamper_delete_one_entry(regions, p):
     region = "in"
     cid, chain, before = _sealed_entries(regions, p, region)
-    seq, entry_id, _ = chain[1]
-    saved = saved_row(regions, region, "ledger", "entry_id", entry_id)
-    try:
-        regions.psql(region, f"DELETE FROM domicile.ledger WHERE entry_id = {entry_id}")
-        v = _damaged(p, region, T.LEDGER_DAMAGE_DELETED, seq, before)
-        assert str(entry_id) in v.detail, v.detail
-    finally:
-        restore_ledger_rows(regions, region, [saved])
-    _repaired(p, region, before)
+    sql = f"DELETE FROM domicile.ledger WHERE entry_id = {chain[1][1]}"
+    _tampered_row(regions, p, region, before, chain[1], sql, T.LEDGER_DAMAGE_DELETED)
 
     # the entry and its chain link deleted together: the gap in the chain is found
     seq, entry_id, _ = chain[3]
-    saved = saved_row(regions, region, "ledger", "entry_id", entry_id)
-    link = saved_row(regions, region, "ledger_chain", "seq", seq)
+    saved, link = _saved_row_and_link(regions, region, seq, entry_id)
     try:
         regions.psql(region, f"DELETE FROM domicile.ledger_chain WHERE seq = {seq}; DELETE FROM domicile.ledger WHERE entry_id = {entry_id}")
         _damaged(p, region, T.LEDGER_DAMAGE_DELETED, seq, before)
     finally:
-        # row and link back in one transaction: a row without its link would look unsealed
-        # to the sealers, which would chain it again at the head
-        restore_ledger_rows(
-            regions,
-            region,
-            [saved],
-            extra=f"INSERT INTO domicile.ledger_chain SELECT * FROM json_populate_record(NULL::domicile.ledger_chain, {jlit(link)}) "
-            "ON CONFLICT (seq) DO NOTHING",
-        )
+        _restore_row_and_link(regions, region, saved, link)
     _repaired(p, region, before)
 
 
@@ -1271,20 +1238,13 @@ def test_tamper_delete_the_newest_entry(regions, p):
         timeout=10,
     )
     assert any(witnessed), "the head of the chain was not witnessed in another region"
-    saved = saved_row(regions, region, "ledger", "entry_id", entry_id)
-    link = saved_row(regions, region, "ledger_chain", "seq", seq)
+    saved, link = _saved_row_and_link(regions, region, seq, entry_id)
     try:
         regions.psql(region, f"DELETE FROM domicile.ledger_chain WHERE seq = {seq}; DELETE FROM domicile.ledger WHERE entry_id = {entry_id}")
         v = verify(p["auditor"], region)
         assert not v.ok and v.damage == T.LEDGER_DAMAGE_DELETED and v.first_bad_seq == seq, v
     finally:
-        restore_ledger_rows(
-            regions,
-            region,
-            [saved],
-            extra=f"INSERT INTO domicile.ledger_chain SELECT * FROM json_populate_record(NULL::domicile.ledger_chain, {jlit(link)}) "
-            "ON CONFLICT (seq) DO NOTHING",
-        )
+        _restore_row_and_link(regions, region, saved, link)
         _repaired(p, region, before)
 
 

@@ -13,15 +13,14 @@ why, only when that is impossible.
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import tempfile
 
 import pytest
 
-from conftest import (BUILD_DIR, DOMICILE_LOCAL, SOURCE_DIR, GatewayFactory, Regions,
-                      _traversable_tmpdir, choose_port_base)
+from conftest import BUILD_DIR, DOMICILE_LOCAL, SOURCE_DIR, GatewayFactory, _traversable_tmpdir, regions_up
+from helpers import region_layout
 
 DOMICILECTL = os.path.join(BUILD_DIR, "domicilectl")
 DEPS = os.path.join(SOURCE_DIR, "deploy", "deps.sh")
@@ -57,40 +56,13 @@ def patroni_regions():
     tmp = tempfile.mkdtemp(prefix="domicile-pt-", dir=_traversable_tmpdir())
     os.chmod(tmp, 0o755)
     state = os.path.join(tmp, "state")
-    rng = random.Random()
-    r = None
     try:
-        for _attempt in range(3):
-            r = Regions(tmp, state, choose_port_base(rng))
-            p = r.run("--port-base", str(r.port_base), "--fsync", "off", "up", "--patroni", REGION,
-                      timeout=300, check=False)
-            if p.returncode == 0:
-                break
-            if "in use" not in p.stderr:
-                raise RuntimeError(f"domicile-local up --patroni {REGION} failed:\n{p.stdout}\n{p.stderr}")
-            r.run("destroy", check=False)
-        else:
-            raise RuntimeError(f"domicile-local up --patroni {REGION} failed three times:\n{p.stderr}")
-        yield r
+        yield regions_up(tmp, state, "--patroni", REGION, timeout=300)
     finally:
         if os.path.exists(os.path.join(state, "local.env")):
             subprocess.run([DOMICILE_LOCAL, "--state", state, "destroy"], capture_output=True, text=True,
                            timeout=300, stdin=subprocess.DEVNULL)
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _layout(regions, region):
-    """(primary node, sync_state of the other node on it, number of running nodes)."""
-    primary, repl, running = None, None, 0
-    for e in regions.status_json():
-        if e["region"] != region or not e["running"]:
-            continue
-        running += 1
-        if e["role"] == "primary":
-            primary = e["node"]
-            other = "node2" if primary == "node1" else "node1"
-            repl = e.get("standbys", {}).get(other)
-    return primary, repl, running
 
 
 def _patroni_members(regions):
@@ -126,7 +98,7 @@ def test_patroni_region_passes_the_failover_drill(patroni_regions):
     """Two drills: node1 -> node2, then back (the second needs Patroni's own view of the
     synchronous standby to have caught up after the first)."""
     regions = patroni_regions
-    before, repl, running = _layout(regions, REGION)
+    before, repl, running = region_layout(regions, REGION)
     assert repl == "sync" and running == 2, f"{REGION} under Patroni: standby {repl}, {running} nodes"
     members = _patroni_members(regions)
     assert members[before] == "Leader" and "Sync Standby" in members.values(), members
@@ -136,9 +108,9 @@ def test_patroni_region_passes_the_failover_drill(patroni_regions):
     try:
         gw = gateways.start(name="patroni-drill")
         for _run in range(2):
-            before, _, _ = _layout(regions, REGION)
+            before, _, _ = region_layout(regions, REGION)
             report = _drill(gw, regions)
-            after, repl, running = _layout(regions, REGION)
+            after, repl, running = region_layout(regions, REGION)
             assert report["primary_before"] == before and report["primary_after"] == after
             assert {before, after} == {"node1", "node2"}, f"primary {before} -> {after}"
             assert repl == "sync" and running == 2, f"after the drill: standby {repl}, {running} nodes running"

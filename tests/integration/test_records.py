@@ -24,7 +24,7 @@ from conftest import (
     health_check,
     wait_health,
 )
-from helpers import lit, put, register, rpc_error, uid
+from helpers import Api, assert_invalid, footprint, limits_case, lit, pb_bytes, pb_label, put, register, rows, rpc_error, scalar, subject_pepper, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 PutReq = records_pb2.PutRecordRequest
@@ -39,57 +39,6 @@ PAYLOAD_MAX = 1048576
 # local helpers
 
 
-class Api:
-    """Callables of the Customers and Records services on one channel (Debian's grpcio has no
-    generated *_pb2_grpc modules here, so the methods are built by path)."""
-
-    def __init__(self, channel):
-        self.channel = channel
-
-        def unary(svc, method, req, rep):
-            return channel.unary_unary(
-                f"/domicile.v1.{svc}/{method}",
-                request_serializer=req.SerializeToString,
-                response_deserializer=rep.FromString,
-            )
-
-        self.register = unary("Customers", "RegisterCustomer", customers_pb2.RegisterCustomerRequest, customers_pb2.Customer)
-        self.get_customer = unary("Customers", "GetCustomer", customers_pb2.GetCustomerRequest, customers_pb2.Customer)
-        self.close_customer = unary("Customers", "CloseCustomer", customers_pb2.CloseCustomerRequest, customers_pb2.Customer)
-        self.put = unary("Records", "PutRecord", PutReq, records_pb2.PutRecordResponse)
-        self.get = unary("Records", "GetRecord", GetReq, records_pb2.Record)
-        self.delete = unary("Records", "DeleteRecord", DelReq, records_pb2.DeleteRecordResponse)
-        self.list = channel.unary_stream(
-            "/domicile.v1.Records/ListRecords",
-            request_serializer=ListReq.SerializeToString,
-            response_deserializer=records_pb2.ListRecordsResponse.FromString,
-        )
-        self.bulk = channel.stream_unary(
-            "/domicile.v1.Records/BulkPutRecords",
-            request_serializer=PutReq.SerializeToString,
-            response_deserializer=records_pb2.BulkPutRecordsResponse.FromString,
-        )
-
-    def raw_unary(self, svc, method, rep):
-        """A unary method whose request is sent as given (bytes): for bodies that the Python
-        protobuf library refuses to build, such as invalid UTF-8 in a string field."""
-        return self.channel.unary_unary(f"/domicile.v1.{svc}/{method}", request_serializer=None, response_deserializer=rep.FromString)
-
-    def raw_list(self):
-        return self.channel.unary_stream(
-            "/domicile.v1.Records/ListRecords",
-            request_serializer=None,
-            response_deserializer=records_pb2.ListRecordsResponse.FromString,
-        )
-
-    def raw_bulk(self):
-        return self.channel.stream_unary(
-            "/domicile.v1.Records/BulkPutRecords",
-            request_serializer=None,
-            response_deserializer=records_pb2.BulkPutRecordsResponse.FromString,
-        )
-
-
 def list_page(api, timeout=30, **kw):
     """One ListRecords call: (records, next_page_token). Checks the stream's shape: records,
     then exactly one `end`, last."""
@@ -100,70 +49,10 @@ def list_page(api, timeout=30, **kw):
     return [m.record for m in items[:-1]], items[-1].end.next_page_token
 
 
-def rows(regions, region, sql):
-    out = regions.psql(region, sql)
-    return [line.split("|") for line in out.splitlines()] if out else []
-
-
-def scalar(regions, region, sql):
-    return regions.psql(region, sql)
-
-
-def footprint(regions, region, cid):
-    """How many rows of customer `cid` each table of `region` holds."""
-    out = regions.psql(
-        region,
-        "SELECT "
-        + ", ".join(
-            f"(SELECT count(*) FROM domicile.{t} WHERE customer_id = {lit(cid)})"
-            for t in ("customers", "records", "data_keys", "idempotency")
-        ),
-    )
-    return dict(zip(("customers", "records", "data_keys", "idempotency"), map(int, out.split("|"))))
-
-
-# hand-encoded protobuf, for bodies the Python library will not serialize
-
-
-def _varint(n):
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def pb_bytes(field, data):
-    """A length-delimited field (string, bytes, message)."""
-    return _varint(field << 3 | 2) + _varint(len(data)) + data
-
-
-def pb_label(field, key, value):
-    """One map<string,string> entry as raw bytes."""
-    return pb_bytes(field, pb_bytes(1, key) + pb_bytes(2, value))
-
-
 def with_raw_field(msg, field, data):
     """`msg` serialized, then `field` again with raw `data`: for a singular field the last
     occurrence wins on the wire, so the receiver sees `data`."""
     return msg.SerializeToString() + pb_bytes(field, data)
-
-
-def assert_invalid(e, field, limit=None):
-    assert e.code() == SC.INVALID_ARGUMENT, (e.code(), e.details())
-    assert field in e.details(), f"message does not name {field!r}: {e.details()!r}"
-    if limit is not None:
-        assert str(limit) in e.details(), f"message does not give the limit {limit}: {e.details()!r}"
-
-
-@pytest.fixture
-def api(channel):
-    return Api(channel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,14 +108,6 @@ def test_placement_each_region_holds_exactly_its_own_customers_records(regions, 
 # 2. encryption at rest
 
 
-def _pepper(regions):
-    with open(regions.conf) as f:
-        m = re.search(r'^\s*subject_pepper_file\s*=\s*"([^"]+)"', f.read(), re.M)
-    assert m, "subject_pepper_file not in the gateway config"
-    with open(m.group(1), "rb") as f:
-        return f.read()
-
-
 def _dump_all_tables(regions, region):
     tables = scalar(regions, region, "SELECT tablename FROM pg_tables WHERE schemaname = 'domicile' ORDER BY 1").split()
     assert {"records", "data_keys", "customers", "idempotency"} <= set(tables), tables
@@ -249,7 +130,7 @@ def test_payload_and_subject_never_stored_in_clear(regions, api, gateway):
         assert r1.record.subject_key_hex == r3.record.subject_key_hex  # normalised before HMAC
         written[region] = (cid, r1.record.subject_key_hex)
 
-    pepper = _pepper(regions)
+    pepper = subject_pepper(regions)
     expected_key = hmac.new(pepper, subject.encode(), hashlib.sha256).hexdigest()
     for region, (cid, sk_hex) in written.items():
         assert sk_hex == expected_key
@@ -742,7 +623,7 @@ def _assert_untouched(regions, cid):
 @pytest.mark.parametrize("case,build,field,limit", PUT_LIMITS, ids=[c[0] for c in PUT_LIMITS])
 def test_put_record_limits(regions, api, limits_customer, case, build, field, limit):
     cid = limits_customer
-    put_raw = api.raw_unary("Records", "PutRecord", records_pb2.PutRecordResponse)
+    put_raw = api.raw("Records", "PutRecord", rep=records_pb2.PutRecordResponse)
     body = build(cid)
     e = rpc_error(put_raw, body, timeout=15)
     assert_invalid(e, field, limit)
@@ -753,8 +634,9 @@ def test_put_record_limits(regions, api, limits_customer, case, build, field, li
     for i, m in enumerate(good):
         m.record_id = f"good-{i}"
     stream = [good[0].SerializeToString(), body, good[1].SerializeToString()]
+    bulk_raw = api.raw("Records", "BulkPutRecords", "client-stream", rep=records_pb2.BulkPutRecordsResponse)
     try:
-        rep = api.raw_bulk()(iter(stream), timeout=15)
+        rep = bulk_raw(iter(stream), timeout=15)
     except grpc.RpcError as e:
         pytest.fail(f"the bad message ended the whole BulkPutRecords call: {e.code()} {e.details()!r}")
     assert (rep.written, rep.replayed, len(rep.failures)) == (2, 0, 1), rep
@@ -768,8 +650,9 @@ def test_put_record_limits(regions, api, limits_customer, case, build, field, li
 
 def test_bulk_failure_of_undecodable_message_is_reported(regions, api, limits_customer):
     body = with_raw_field(_put_base(limits_customer), 3, b"bad\xffid")
+    bulk_raw = api.raw("Records", "BulkPutRecords", "client-stream", rep=records_pb2.BulkPutRecordsResponse)
     try:
-        rep = api.raw_bulk()(iter([body]), timeout=15)  # the response parses: valid UTF-8
+        rep = bulk_raw(iter([body]), timeout=15)  # the response parses: valid UTF-8
     except grpc.RpcError as e:
         pytest.fail(f"the bad message ended the whole BulkPutRecords call: {e.code()} {e.details()!r}")
     assert len(rep.failures) == 1 and rep.failures[0].code == 3
@@ -801,7 +684,7 @@ GET_LIMITS = [
 
 @pytest.mark.parametrize("case,build,field,limit", GET_LIMITS, ids=[c[0] for c in GET_LIMITS])
 def test_get_record_limits(api, limits_customer, case, build, field, limit):
-    get_raw = api.raw_unary("Records", "GetRecord", records_pb2.Record)
+    get_raw = api.raw("Records", "GetRecord", rep=records_pb2.Record)
     assert_invalid(rpc_error(get_raw, build(limits_customer), timeout=10), field, limit)
 
 
@@ -833,17 +716,13 @@ LIST_LIMITS = [
 
 @pytest.mark.parametrize("case,build,field,limit", LIST_LIMITS, ids=[c[0] for c in LIST_LIMITS])
 def test_list_records_limits(api, limits_customer, case, build, field, limit):
-    e = rpc_error(lambda: list(api.raw_list()(build(limits_customer), timeout=10)))
+    list_raw = api.raw("Records", "ListRecords", "stream", rep=records_pb2.ListRecordsResponse)
+    e = rpc_error(lambda: list(list_raw(build(limits_customer), timeout=10)))
     assert_invalid(e, field, limit)
 
 
 def _del_case(**kw):
-    def build(cid):
-        args = dict(request_id=f"lim-{uid()}", customer_id=cid, record_id="rec")
-        args.update(kw)
-        return DelReq(**args).SerializeToString()
-
-    return build
+    return limits_case(DelReq, kw, record_id="rec")
 
 
 DELETE_LIMITS = [
@@ -862,7 +741,7 @@ DELETE_LIMITS = [
 
 @pytest.mark.parametrize("case,build,field,limit", DELETE_LIMITS, ids=[c[0] for c in DELETE_LIMITS])
 def test_delete_record_limits(regions, api, limits_customer, case, build, field, limit):
-    del_raw = api.raw_unary("Records", "DeleteRecord", records_pb2.DeleteRecordResponse)
+    del_raw = api.raw("Records", "DeleteRecord", rep=records_pb2.DeleteRecordResponse)
     assert_invalid(rpc_error(del_raw, build(limits_customer), timeout=10), field, limit)
     _assert_untouched(regions, limits_customer)
 

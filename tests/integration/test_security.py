@@ -41,7 +41,7 @@ from conftest import (
     wait_health,
     write_config_copy,
 )
-from helpers import put, register, rpc_error, uid
+from helpers import Api, list_once, put, register, rpc_error, subject_pepper, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 SC = grpc.StatusCode
@@ -77,48 +77,6 @@ def new_token():
 
 def sha256_hex(s):
     return hashlib.sha256(s.encode()).hexdigest()
-
-
-class Api:
-    """The Customers and Records methods on one channel (built by path: Debian's grpcio has
-    no generated *_pb2_grpc modules here)."""
-
-    def __init__(self, channel):
-        def unary(svc, method, req, rep):
-            return channel.unary_unary(
-                f"/domicile.v1.{svc}/{method}",
-                request_serializer=req.SerializeToString,
-                response_deserializer=rep.FromString,
-            )
-
-        self.channel = channel
-        self.register = unary("Customers", "RegisterCustomer", RegReq, customers_pb2.Customer)
-        self.get_customer = unary("Customers", "GetCustomer", GetCustReq, customers_pb2.Customer)
-        self.close_customer = unary("Customers", "CloseCustomer", CloseReq, customers_pb2.Customer)
-        self.put = unary("Records", "PutRecord", PutReq, records_pb2.PutRecordResponse)
-        self.get = unary("Records", "GetRecord", GetReq, records_pb2.Record)
-        self.delete = unary("Records", "DeleteRecord", DelReq, records_pb2.DeleteRecordResponse)
-        self._list = channel.unary_stream(
-            "/domicile.v1.Records/ListRecords",
-            request_serializer=ListReq.SerializeToString,
-            response_deserializer=records_pb2.ListRecordsResponse.FromString,
-        )
-        self.bulk = channel.stream_unary(
-            "/domicile.v1.Records/BulkPutRecords",
-            request_serializer=PutReq.SerializeToString,
-            response_deserializer=records_pb2.BulkPutRecordsResponse.FromString,
-        )
-        self.raw_put = channel.unary_unary(
-            "/domicile.v1.Records/PutRecord", request_serializer=None,
-            response_deserializer=records_pb2.PutRecordResponse.FromString,
-        )
-
-    def list(self, req, timeout=30, metadata=None):
-        """One ListRecords page: the records (checks the stream's shape: records, one `end`)."""
-        items = list(self._list(req, timeout=timeout, metadata=metadata))
-        kinds = [m.WhichOneof("item") for m in items]
-        assert kinds and kinds[-1] == "end" and kinds.count("end") == 1, kinds
-        return [m.record for m in items[:-1]]
 
 
 def _cfg_str(s):
@@ -280,7 +238,7 @@ def test_missing_or_bad_credentials_are_unauthenticated(gateway):
     assert e.code() == SC.UNAUTHENTICATED, (e.code(), e.details())
     assert "Bearer" in e.details(), e.details()
     # Streams too: the authorizer runs before any request is read.
-    e = rpc_error(api.list, ListReq(customer_id="x"), timeout=10)
+    e = rpc_error(list_once, api, ListReq(customer_id="x"), timeout=10)
     assert e.code() == SC.UNAUTHENTICATED, (e.code(), e.details())
     e = rpc_error(api.bulk, iter([]), timeout=10)
     assert e.code() == SC.UNAUTHENTICATED, (e.code(), e.details())
@@ -336,10 +294,10 @@ def test_wrong_role_is_permission_denied_naming_the_roles_needed(gateway):
     e = rpc_error(register, officer, "eu")
     assert e.code() == SC.PERMISSION_DENIED and "service, admin" in e.details(), (e.code(), e.details())
     operator = Api(gateway.channel(token="operator"))
-    e = rpc_error(operator.list, ListReq(customer_id=cid), timeout=10)
+    e = rpc_error(list_once, operator, ListReq(customer_id=cid), timeout=10)
     assert e.code() == SC.PERMISSION_DENIED and "service, reader, admin" in e.details(), (e.code(), e.details())
     # Nothing was written by the refused calls.
-    recs = admin.list(ListReq(customer_id=cid))
+    recs = list_once(admin, ListReq(customer_id=cid))
     assert [(r.record_id, r.version) for r in recs] == [("r1", 1)]
 
 
@@ -769,7 +727,7 @@ def test_region_with_a_wrong_ca_fails_closed(regions, gateway, gateways, pki, wo
         "GetCustomer": lambda: api.get_customer(GetCustReq(customer_id=ce), timeout=10),
         "GetRecord": lambda: api.get(GetReq(customer_id=ce, record_id="before"), timeout=10),
         "PutRecord": lambda: put(api, ce, "during", b"x", timeout=10),
-        "ListRecords": lambda: api.list(ListReq(customer_id=ce), timeout=10),
+        "ListRecords": lambda: list_once(api, ListReq(customer_id=ce), timeout=10),
         "DeleteRecord": lambda: api.delete(DelReq(request_id=uid(), customer_id=ce, record_id="before"), timeout=10),
         "RegisterCustomer(eu)": lambda: register(api, "eu", prefix="sec", timeout=10),
     }
@@ -782,7 +740,7 @@ def test_region_with_a_wrong_ca_fails_closed(regions, gateway, gateways, pki, wo
         cid = cust[r]
         assert api.get(GetReq(customer_id=cid, record_id="before"), timeout=10).payload == f"{r} before".encode()
         assert put(api, cid, "during", f"{r} during".encode()).record.region == r
-        assert [x.record_id for x in api.list(ListReq(customer_id=cid))] == ["before", "during"]
+        assert [x.record_id for x in list_once(api, ListReq(customer_id=cid))] == ["before", "during"]
     # Nothing was written to eu through the gateway that could not verify it.
     assert regions.psql("eu", f"SELECT count(*) FROM domicile.records WHERE customer_id = '{ce}'") == "1"
     # The log names the TLS failure.
@@ -837,7 +795,7 @@ def test_randomised_tenant_isolation(regions, gateways, workdir):
                                           payload=tag(customers.get(cid, "T0"), cid, rid),
                                           labels={"tenant": customers.get(cid, "T0")}), timeout=20),
             "get": lambda: api.get(GetReq(customer_id=cid, record_id=rid), timeout=20),
-            "list": lambda: api.list(ListReq(customer_id=cid, include_payload=True, page_size=100), timeout=20),
+            "list": lambda: list_once(api, ListReq(customer_id=cid, include_payload=True, page_size=100), timeout=20),
             "delete": lambda: api.delete(DelReq(request_id=f"d-{uid()}", customer_id=cid, record_id=rid), timeout=20),
             "get_customer": lambda: api.get_customer(GetCustReq(customer_id=cid), timeout=20),
         }
@@ -924,7 +882,7 @@ def test_randomised_tenant_isolation(regions, gateways, workdir):
     # Afterwards every stored record of a customer carries its owner's tag only.
     stored = collections.Counter()
     for cid, t in customers.items():
-        for rec in apis[t].list(ListReq(customer_id=cid, include_payload=True, page_size=100)):
+        for rec in list_once(apis[t], ListReq(customer_id=cid, include_payload=True, page_size=100)):
             f = dict(x.split("=", 1) for x in rec.payload.decode().split(";"))
             assert (f["tenant"], f["cid"], f["rid"], rec.labels["tenant"]) == (t, cid, rec.record_id, t), (cid, rec)
             stored[t] += 1
@@ -972,13 +930,6 @@ INJECTIONS = [
 ]
 
 
-def _pepper(regions):
-    with open(regions.conf) as f:
-        m = re.search(r'^\s*subject_pepper_file\s*=\s*"([^"]+)"', f.read(), re.M)
-    with open(m.group(1), "rb") as f:
-        return f.read()
-
-
 def _subject_key(pepper, subject):
     norm = subject.strip(" \t\n\r\f\v")
     norm = "".join(chr(ord(c) + 32) if "A" <= c <= "Z" else c for c in norm)
@@ -991,7 +942,7 @@ def _tables(regions, region):
 
 def test_sql_injection_payloads_are_stored_and_returned_byte_exact(regions, gateway):
     api = Api(gateway.channel())
-    pepper = _pepper(regions)
+    pepper = subject_pepper(regions)
     tables_before = {r: _tables(regions, r) for r in REGION_CODES}
     for r in REGION_CODES:
         assert {"customers", "records", "data_keys", "idempotency"} <= set(tables_before[r].split(",")), tables_before[r]
@@ -1020,7 +971,7 @@ def test_sql_injection_payloads_are_stored_and_returned_byte_exact(regions, gate
         assert (rec.record_id, rec.payload, rec.content_type, dict(rec.labels), rec.subject_key_hex) == (
             s, s.encode(), ctype, {"inj": s}, _subject_key(pepper, s)), repr(s)
         # Found by its subject, and only it.
-        found = api.list(ListReq(customer_id=cid, subject=s, kind="inj", include_payload=True))
+        found = list_once(api, ListReq(customer_id=cid, subject=s, kind="inj", include_payload=True))
         assert [(x.record_id, x.payload) for x in found] == [(s, s.encode())], repr(s)
         # Stored byte-exact (hex of what the database holds).
         want = s.encode().hex()
@@ -1036,7 +987,7 @@ def test_sql_injection_payloads_are_stored_and_returned_byte_exact(regions, gate
     # Every record comes back, in byte order.
     for i, region in enumerate(REGION_CODES):
         mine = sorted((s for j, s in enumerate(INJECTIONS) if j % 3 == i), key=lambda x: x.encode())
-        got = api.list(ListReq(customer_id=residency[region], include_payload=True))
+        got = list_once(api, ListReq(customer_id=residency[region], include_payload=True))
         assert [(x.record_id, x.payload) for x in got] == [(s, s.encode()) for s in mine]
     # Delete by an injection id deletes that record only.
     cid = residency["us"]
@@ -1044,7 +995,7 @@ def test_sql_injection_payloads_are_stored_and_returned_byte_exact(regions, gate
     assert api.delete(DelReq(request_id=uid(), customer_id=cid, record_id=s), timeout=10).deleted
     e = rpc_error(api.get, GetReq(customer_id=cid, record_id=s), timeout=10)
     assert e.code() == SC.NOT_FOUND
-    assert len(api.list(ListReq(customer_id=cid))) == len([j for j in range(len(INJECTIONS)) if j % 3 == 0]) - 1
+    assert len(list_once(api, ListReq(customer_id=cid))) == len([j for j in range(len(INJECTIONS)) if j % 3 == 0]) - 1
 
     # Fields with strict charsets refuse them (INVALID_ARGUMENT naming the field).
     strict = [s for s in INJECTIONS if not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", s)]
@@ -1055,7 +1006,7 @@ def test_sql_injection_payloads_are_stored_and_returned_byte_exact(regions, gate
             ("customer_id", lambda: api.get(GetReq(customer_id=s, record_id="x"), timeout=10), "customer_id"),
             ("residency", lambda: api.register(RegReq(request_id=uid(), customer_id=f"c-{uid()}", residency=s), timeout=10), "residency"),
             ("kind", lambda: put(api, cid, "k", b"", kind=s), "kind"),
-            ("kind filter", lambda: api.list(ListReq(customer_id=cid, kind=s)), "kind"),
+            ("kind filter", lambda: list_once(api, ListReq(customer_id=cid, kind=s)), "kind"),
             ("label key", lambda: put(api, cid, "k", b"", labels={s: "v"}), "labels"),
         ):
             e = rpc_error(call)
@@ -1330,7 +1281,7 @@ def test_logs_hold_no_token_payload_marker_or_subject(regions, gateways, workdir
     put(svc, cid, "rec-1", payload, subject=subject, labels={"m": marker}, content_type="text/plain")
     put(svc, cid, "rec-2", payload, subject=subject.upper())
     assert svc.get(GetReq(customer_id=cid, record_id="rec-1"), timeout=10).payload == payload
-    assert len(svc.list(ListReq(customer_id=cid, subject=subject, include_payload=True))) == 2
+    assert len(list_once(svc, ListReq(customer_id=cid, subject=subject, include_payload=True))) == 2
     assert svc.bulk(iter([PutReq(request_id=uid(), customer_id=cid, record_id=f"b{i}", kind="note", payload=payload,
                                  subject=subject) for i in range(3)]), timeout=20).written == 3
     # Failing calls that carry the same secrets.
@@ -1340,12 +1291,13 @@ def test_logs_hold_no_token_payload_marker_or_subject(regions, gateways, workdir
     attempt(put, Api(g.channel(token=None)), cid, "basic", payload, subject=subject,
             metadata=[("authorization", f"Basic {svc_token}")])  # malformed header
     attempt(put, svc, cid, "too-long-subject", payload, subject=subject + " " + "x" * 400)  # invalid subject
-    attempt(svc.raw_put, PutReq(request_id=uid(), customer_id=cid, record_id="bad-utf8", kind="note", payload=payload).SerializeToString()
+    put_raw = svc.raw("Records", "PutRecord", rep=records_pb2.PutRecordResponse)
+    attempt(put_raw, PutReq(request_id=uid(), customer_id=cid, record_id="bad-utf8", kind="note", payload=payload).SerializeToString()
             + b"\x2a" + bytes([len(subject) + 1]) + subject.encode() + b"\xff", timeout=10)  # subject not UTF-8
     attempt(put, svc, cid, "rec-1", payload, subject=subject, expected_version=7)  # version mismatch
     attempt(put, svc, f"nobody-{uid()}", "x", payload, subject=subject)  # unknown customer
     attempt(put, svc, cid, "rec-1", payload, kind="Bad Kind", subject=subject)  # invalid kind
-    attempt(svc.list, ListReq(customer_id=cid, subject=subject + "\x00"))  # NUL in the subject
+    attempt(list_once, svc, ListReq(customer_id=cid, subject=subject + "\x00"))  # NUL in the subject
     attempt(svc.bulk, iter([PutReq(request_id=uid(), customer_id=cid, record_id="", kind="note", payload=payload,
                                    subject=subject)]), timeout=20)
     attempt(svc.close_customer, CloseReq(request_id=uid(), customer_id=cid, reason=f"asked by {subject} {marker}"), timeout=10)

@@ -15,7 +15,6 @@ import grpc
 import pytest
 
 from conftest import (
-    BUILD_DIR,
     DOMICILED,
     SERVING,
     SOURCE_DIR,
@@ -25,6 +24,7 @@ from conftest import (
     read_until,
     wait_health,
 )
+from helpers import asan_build
 
 SUPP = os.path.join(SOURCE_DIR, "tests", "integration", "valgrind.supp")
 
@@ -57,17 +57,8 @@ def call_raw(ch, path, kind, body=b""):
     return grpc.StatusCode.OK
 
 
-def _asan_build():
-    """True when BUILD_DIR was configured with -DDM_ASAN=ON (tests/run's sanitizer pass)."""
-    try:
-        with open(os.path.join(BUILD_DIR, "CMakeCache.txt")) as f:
-            return any(line.strip() == "DM_ASAN:BOOL=ON" for line in f)
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (apt-get install valgrind)")
-@pytest.mark.skipif(_asan_build(), reason="AddressSanitizer build (DM_ASAN=ON): valgrind cannot run an ASan binary; the sanitizers check this build instead")
+@pytest.mark.skipif(asan_build(), reason="AddressSanitizer build (DM_ASAN=ON): valgrind cannot run an ASan binary; the sanitizers check this build instead")
 def test_gateway_under_valgrind(gateways):
     vlog = os.path.join(gateways.workdir, "valgrind.log")
     wrapper = [
