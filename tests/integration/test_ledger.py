@@ -485,9 +485,10 @@ def test_cross_border_writes_are_logged(regions, p):
 
 
 def test_list_records_entries_add_up_to_what_was_streamed(regions, p):
-    """ListRecords by an IN principal of an EU customer: one entry per chunk (16 records with
-    payloads, 200 without), committed before the chunk; their record counts, bytes and record
-    ids add up exactly to what the stream carried."""
+    """ListRecords by an IN principal of an EU customer: one entry per chunk (up to 200
+    records; with payloads, those that start within 4 MiB of payload), committed before the
+    chunk; their record counts, bytes and record ids add up exactly to what the stream
+    carried."""
     cid = register(p["admin"], "eu", prefix="led")
     sizes = [(i * 37) % 500 + 1 for i in range(40)]
     resp = p["service-eu"].bulk(
@@ -503,7 +504,7 @@ def test_list_records_entries_add_up_to_what_was_streamed(regions, p):
     got = list_records(p["service-in"], cid, include_payload=True, page_size=1000)
     assert len(got) == 40
     rows = customer_rows(regions, "eu", cid)
-    assert [r["record_count"] for r in rows] == [16, 16, 8], rows
+    assert [r["record_count"] for r in rows] == [40], rows
     assert sum(r["bytes"] for r in rows) == sum(len(r.payload) for r in got) == sum(sizes)
     assert [i for r in rows for i in r["record_ids"]] == [r.record_id for r in got]
     for r in rows:
@@ -512,19 +513,28 @@ def test_list_records_entries_add_up_to_what_was_streamed(regions, p):
     # without payloads: chunks of up to 200 records, 0 payload bytes sent
     got = list_records(p["service-in"], cid, page_size=1000)
     assert len(got) == 40 and all(r.payload == b"" for r in got)
-    rows = customer_rows(regions, "eu", cid)[3:]
+    rows = customer_rows(regions, "eu", cid)[1:]
     assert [(r["record_count"], r["bytes"]) for r in rows] == [(40, 0)], rows
     assert rows[0]["record_ids"] == [r.record_id for r in got]
 
     # a page smaller than a chunk: the entry covers exactly that page
     got = list_records(p["service-in"], cid, include_payload=True, page_size=5)
-    rows = customer_rows(regions, "eu", cid)[4:]
+    rows = customer_rows(regions, "eu", cid)[2:]
     assert [(r["record_count"], r["bytes"], r["record_ids"]) for r in rows] == [(5, sum(sizes[:5]), [f"r{i:03d}" for i in range(5)])]
     assert [r.record_id for r in got] == [f"r{i:03d}" for i in range(5)]
 
     # the same-region listing is not logged
     list_records(p["service-eu"], cid, include_payload=True, page_size=1000)
-    assert len(customer_rows(regions, "eu", cid)) == 5
+    assert len(customer_rows(regions, "eu", cid)) == 3
+
+    # payloads of 1 MiB: a chunk holds the records that start within 4 MiB of payload
+    big = register(p["admin"], "eu", prefix="led")
+    for i in range(6):
+        put(p["service-eu"], big, f"b{i}", bytes([i]) * 1048576, timeout=60)
+    got = list_records(p["service-in"], big, include_payload=True, page_size=1000)
+    assert [(r.record_id, r.payload) for r in got] == [(f"b{i}", bytes([i]) * 1048576) for i in range(6)]
+    rows = customer_rows(regions, "eu", big)
+    assert [(r["record_count"], r["bytes"]) for r in rows] == [(4, 4 * 1048576), (2, 2 * 1048576)], rows
 
 
 def test_entry_method_names_the_rpc(regions, p):
