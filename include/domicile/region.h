@@ -115,6 +115,9 @@ void dm_region_submit(dm_region_t *r, dm_job_t *job);
 /** Copy of the last connection or probe error ("" when none) into buf. */
 void dm_region_last_error(dm_region_t *r, char *buf, size_t len);
 
+/** Bytes of UTF-8 in a fence's (or a lift's) reason. */
+#define DM_FENCE_REASON_MAX 1024
+
 /** A snapshot of a region's state for ListRegions (and metrics). */
 typedef struct dm_region_info {
     bool reachable;
@@ -124,7 +127,7 @@ typedef struct dm_region_info {
     bool breaker_open;
     int64_t breaker_changed_ms;
     bool fenced;
-    char fence_reason[256], fenced_by[72];
+    char fence_reason[DM_FENCE_REASON_MAX + 1], fenced_by[72];
     int64_t fenced_at_ms;
     char last_error[256];
     int64_t last_error_ms;
@@ -132,12 +135,26 @@ typedef struct dm_region_info {
 
 void dm_region_info(dm_region_t *r, dm_region_info_t *out);
 /**
- * Fence or unfence a region. A fence is in force while any region (bit = its index) holds it
- * in its `fences` table: `source_bits` are added (fenced) or removed (!fenced); with
- * replace_bits they become the whole set (0 = unfenced everywhere). While in force, the
- * region's calls fail at once with UNAVAILABLE naming the reason.
+ * One row of a region's `fences` table about region r: a fence, or a lift of one (lifted).
+ * Rows are versioned; the newest one any region holds decides, a fence beating a lift of the
+ * same version (regions/schema/007_fence_versions.sql).
  */
-void dm_region_fence(dm_region_t *r, bool fenced, const char *reason, const char *by, int64_t at_ms,
-                     unsigned source_bits, bool replace_bits);
+typedef struct dm_fence {
+    int64_t version;
+    bool lifted;
+    char reason[DM_FENCE_REASON_MAX + 1], by[72];
+    int64_t at_ms;
+} dm_fence_t;
+
+/** -1 < 0 < 1 when a is older than, the same as, or newer than b (NULL: no row, the oldest). */
+int dm_fence_cmp(const dm_fence_t *a, const dm_fence_t *b);
+/**
+ * What region `src` (its index) holds about r's fence, NULL for no row; `src` = -1 for what
+ * this gateway has just written. r is fenced when the newest of these is a fence; from then
+ * on its calls fail at once with UNAVAILABLE naming the reason (queued ones included).
+ */
+void dm_region_fence_seen(dm_region_t *r, int src, const dm_fence_t *f);
+/** The newest row known about r's fence into *out; false when none is known. */
+bool dm_region_fence_newest(dm_region_t *r, dm_fence_t *out);
 
 #endif

@@ -56,9 +56,8 @@ typedef enum {
     DM_SQL_EXPORT_RECORDS,    /* (subject_key, customer, after_customer, after_record, limit) */
     DM_SQL_DSR_WEBHOOK_DUE,   /* (notify_region, limit) -> request_id */
     DM_SQL_DSR_WEBHOOK_MARK,  /* (request_id, state, error, delay_ms, attempted) */
-    DM_SQL_FENCE_SET,         /* (region, reason, by) */
-    DM_SQL_FENCE_CLEAR,       /* (region) */
-    DM_SQL_FENCE_LIST,        /* () -> region, reason, fenced_by, fenced_at */
+    DM_SQL_FENCE_PUT,         /* (region, reason, by, at_ms, lifted, version) */
+    DM_SQL_FENCE_LIST,        /* () -> region, reason, fenced_by, fenced_at, lifted, version */
     DM_SQL_REPLICATION,       /* () -> standby, sync_state, lag bytes */
     DM_SQL_DSR_COUNTS,        /* () -> pending, running, done, failed, skipped, overdue */
     DM_SQL_DSR_CLAIM_ONE,     /* (request_id, me, lease_s) -> request_id, kind, attempts */

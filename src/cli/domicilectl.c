@@ -10,6 +10,7 @@
 
 #include "domicile/v1/customers.pb-c.h"
 #include "domicile/v1/records.pb-c.h"
+#include "domicile/v1/regions.pb-c.h"
 #include "domicile/v1/subject_rights.pb-c.h"
 #include "domicile/v1/transfers.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
@@ -47,6 +48,11 @@ static void usage(FILE *f)
           "  customer register ID RESIDENCY [DISPLAY_NAME]\n"
           "  customer get ID\n"
           "  customer close ID REASON\n"
+          "  regions list       one tab-separated line per region: code reachable primary\n"
+          "      replication lag_bytes breaker pool_in_use/pool_size queued fence\n"
+          "      (fence: - or fenced:REASON by:PRINCIPAL at:UNIX_MS)\n"
+          "  regions fence REGION REASON     stop all traffic to REGION (every gateway)\n"
+          "  regions unfence REGION [REASON] lift it\n"
           "  record put CUSTOMER RECORD_ID KIND [SUBJECT]   payload read from stdin\n"
           "  record get CUSTOMER RECORD_ID                  payload written to stdout\n"
           "  record list CUSTOMER [KIND]\n"
@@ -196,6 +202,64 @@ static int cmd_customer(dm_client_t *c, int argc, char **argv)
         return 2;
     }
     return st ? fail(st) : print_customer(resp);
+}
+
+static void print_region(const Domicile__V1__RegionStatus *r)
+{
+    printf("%s\t%s\t%s\t%s\t%lld\t%s\t%d/%d\t%d\t", r->code,
+           r->reachable ? "reachable" : "unreachable", r->primary_host[0] ? r->primary_host : "-",
+           r->replication_state[0] ? r->replication_state : "-",
+           (long long)r->replication_lag_bytes,
+           r->breaker == DOMICILE__V1__BREAKER_STATE__BREAKER_STATE_OPEN ? "open" : "closed",
+           (int)r->pool_in_use, (int)r->pool_size, (int)r->queued_statements);
+    if (r->fenced)
+        printf("fenced:%s by:%s at:%lld\n", r->fence_reason, r->fenced_by,
+               (long long)r->fenced_at_unix_ms);
+    else
+        printf("-\n");
+}
+
+static int cmd_regions(dm_client_t *c, int argc, char **argv)
+{
+    ProtobufCMessage *resp = NULL;
+    dm_status_t *st;
+    char *rid = new_request_id();
+    if (argc == 1 && strcmp(argv[0], "list") == 0) {
+        Domicile__V1__ListRegionsRequest r = DOMICILE__V1__LIST_REGIONS_REQUEST__INIT;
+        st = dm_client_unary(c, "/domicile.v1.Regions/ListRegions", &r.base,
+                             &domicile__v1__list_regions_response__descriptor, timeout_g, &resp);
+    } else if (argc == 3 && strcmp(argv[0], "fence") == 0) {
+        Domicile__V1__FenceRequest r = DOMICILE__V1__FENCE_REQUEST__INIT;
+        r.request_id = rid;
+        r.region = argv[1];
+        r.reason = argv[2];
+        st = dm_client_unary(c, "/domicile.v1.Regions/Fence", &r.base,
+                             &domicile__v1__region_status__descriptor, timeout_g, &resp);
+    } else if ((argc == 2 || argc == 3) && strcmp(argv[0], "unfence") == 0) {
+        Domicile__V1__UnfenceRequest r = DOMICILE__V1__UNFENCE_REQUEST__INIT;
+        r.request_id = rid;
+        r.region = argv[1];
+        r.reason = argc == 3 ? argv[2] : "";
+        st = dm_client_unary(c, "/domicile.v1.Regions/Unfence", &r.base,
+                             &domicile__v1__region_status__descriptor, timeout_g, &resp);
+    } else {
+        free(rid);
+        usage(stderr);
+        return 2;
+    }
+    free(rid);
+    if (st)
+        return fail(st);
+    if (strcmp(argv[0], "list") == 0) {
+        const Domicile__V1__ListRegionsResponse *l =
+            (const Domicile__V1__ListRegionsResponse *)resp;
+        for (size_t i = 0; i < l->n_regions; i++)
+            print_region(l->regions[i]);
+    } else {
+        print_region((const Domicile__V1__RegionStatus *)resp);
+    }
+    protobuf_c_message_free_unpacked(resp, NULL);
+    return 0;
 }
 
 static unsigned char *read_stdin(size_t *len)
@@ -1628,6 +1692,8 @@ int main(int argc, char **argv)
         rc = cmd_customer(c, argc - optind, argv + optind);
     } else if (strcmp(cmd, "record") == 0) {
         rc = cmd_record(c, argc - optind, argv + optind);
+    } else if (strcmp(cmd, "regions") == 0) {
+        rc = cmd_regions(c, argc - optind, argv + optind);
     } else if (strcmp(cmd, "transfers") == 0) {
         rc = cmd_transfers(c, argc - optind, argv + optind);
     } else if (strcmp(cmd, "dsr") == 0) {

@@ -82,11 +82,14 @@ struct dm_region {
      * connection closes it. */
     bool breaker_open;
     int64_t breaker_changed_ms;
-    /* Fence: an operator stopped traffic. seen_by: bit i = region i still holds the fence. */
+    /* Fence: an operator stopped traffic. fence_rows[i]: what region i's table holds about
+     * this region (has_row[i] false: nothing); [DM_MAX_REGIONS]: this gateway's own last
+     * write. fenced and the three fields below follow the newest of them. */
     bool fenced;
-    char fence_reason[256], fenced_by[72];
+    char fence_reason[DM_FENCE_REASON_MAX + 1], fenced_by[72];
     int64_t fenced_at_ms;
-    unsigned fence_seen_by;
+    dm_fence_t fence_rows[DM_MAX_REGIONS + 1];
+    bool has_row[DM_MAX_REGIONS + 1];
     atomic_bool poked; /* run the maintenance task now */
 };
 
@@ -1009,8 +1012,7 @@ void dm_region_submit(dm_region_t *r, dm_job_t *job)
     pthread_mutex_lock(&r->mu);
     /* Statements about the fence itself (and the replication view) pass it: an operator
      * must be able to lift a fence from the fenced region too. */
-    bool control = job->stmt == DM_SQL_FENCE_SET || job->stmt == DM_SQL_FENCE_CLEAR ||
-                   job->stmt == DM_SQL_REPLICATION;
+    bool control = job->stmt == DM_SQL_FENCE_PUT || job->stmt == DM_SQL_REPLICATION;
     if (r->fenced && !control) {
         dm_status_t *st = dm_status_new(GRPC_STATUS_UNAVAILABLE, "region \"%s\" is fenced: %s",
                                         r->cfg->code, r->fence_reason);
@@ -1103,30 +1105,63 @@ void dm_region_info(dm_region_t *r, dm_region_info_t *out)
     pthread_mutex_unlock(&r->mu);
 }
 
-void dm_region_fence(dm_region_t *r, bool fenced, const char *reason, const char *by, int64_t at_ms,
-                     unsigned source_bits, bool replace_bits)
+int dm_fence_cmp(const dm_fence_t *a, const dm_fence_t *b)
 {
+    if (!a || !b)
+        return (a != NULL) - (b != NULL);
+    if (a->version != b->version)
+        return a->version < b->version ? -1 : 1;
+    return (int)b->lifted - (int)a->lifted; /* at the same version a fence is the newer */
+}
+
+static const dm_fence_t *newest_locked(const dm_region_t *r)
+{
+    const dm_fence_t *best = NULL;
+    for (size_t i = 0; i <= DM_MAX_REGIONS; i++)
+        if (r->has_row[i] && dm_fence_cmp(&r->fence_rows[i], best) > 0)
+            best = &r->fence_rows[i];
+    return best;
+}
+
+bool dm_region_fence_newest(dm_region_t *r, dm_fence_t *out)
+{
+    pthread_mutex_lock(&r->mu);
+    const dm_fence_t *best = newest_locked(r);
+    if (best)
+        *out = *best;
+    pthread_mutex_unlock(&r->mu);
+    return best != NULL;
+}
+
+void dm_region_fence_seen(dm_region_t *r, int src, const dm_fence_t *f)
+{
+    size_t slot = src < 0 ? DM_MAX_REGIONS : (size_t)src;
+    if (slot > DM_MAX_REGIONS)
+        return;
     dm_job_t *orphans = NULL;
     pthread_mutex_lock(&r->mu);
-    unsigned bits = replace_bits ? source_bits
-                    : fenced     ? (r->fence_seen_by | source_bits)
-                                 : (r->fence_seen_by & ~source_bits);
-    bool now_fenced = bits != 0;
-    r->fence_seen_by = bits;
+    r->has_row[slot] = f != NULL;
+    if (f)
+        r->fence_rows[slot] = *f;
+    const dm_fence_t *best = newest_locked(r);
+    bool now_fenced = best && !best->lifted;
     bool was = r->fenced;
     r->fenced = now_fenced;
-    if (now_fenced && reason) {
-        snprintf(r->fence_reason, sizeof(r->fence_reason), "%s", reason);
-        snprintf(r->fenced_by, sizeof(r->fenced_by), "%s", by ? by : "");
-        r->fenced_at_ms = at_ms;
+    if (now_fenced) {
+        snprintf(r->fence_reason, sizeof(r->fence_reason), "%s", best->reason);
+        snprintf(r->fenced_by, sizeof(r->fenced_by), "%s", best->by);
+        r->fenced_at_ms = best->at_ms;
+    } else {
+        r->fence_reason[0] = r->fenced_by[0] = '\0';
+        r->fenced_at_ms = 0;
     }
-    if (now_fenced && !was) {
+    if (now_fenced && !was)
         orphans = take_all_locked(r); /* traffic stops now, queued calls included */
-    }
+    char why[sizeof(r->fence_reason)];
+    snprintf(why, sizeof(why), "%s", r->fence_reason);
     pthread_mutex_unlock(&r->mu);
     if (now_fenced != was)
-        dm_warn(r->component, "region %s%s%s", now_fenced ? "fenced: " : "unfenced",
-                now_fenced ? r->fence_reason : "", "");
+        dm_warn(r->component, "region %s%s", now_fenced ? "fenced: " : "unfenced", why);
     while (orphans) {
         dm_job_t *next = orphans->next;
         fail_job(orphans,

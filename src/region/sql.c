@@ -212,14 +212,22 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                 2},
     [DM_SQL_DSR_WEBHOOK_MARK] = {"dsr_webhook_mark",
                                  "SELECT domicile.dsr_webhook_mark($1, $2, $3, $4, $5)", 5},
-    [DM_SQL_FENCE_SET] = {"fence_set",
-                          "INSERT INTO domicile.fences (region, reason, fenced_by) "
-                          "VALUES ($1, $2, $3) ON CONFLICT (region) DO UPDATE SET reason = "
-                          "EXCLUDED.reason, fenced_by = EXCLUDED.fenced_by, fenced_at = now()",
-                          3},
-    [DM_SQL_FENCE_CLEAR] = {"fence_clear", "DELETE FROM domicile.fences WHERE region = $1", 1},
+    /* A row replaces an older version only; at the same version a fence beats a lift. */
+    [DM_SQL_FENCE_PUT] =
+        {"fence_put",
+         "INSERT INTO domicile.fences AS f (region, reason, fenced_by, fenced_at, "
+         "lifted, version) VALUES ($1, $2, $3, " MS(
+             "$4") ", $5, $6) "
+                   "ON CONFLICT (region) DO UPDATE SET reason = EXCLUDED.reason, "
+                   "fenced_by = EXCLUDED.fenced_by, fenced_at = EXCLUDED.fenced_at, "
+                   "lifted = EXCLUDED.lifted, version = EXCLUDED.version "
+                   "WHERE f.version < EXCLUDED.version OR (f.version = EXCLUDED.version "
+                   "AND f.lifted AND NOT EXCLUDED.lifted)",
+         6},
     [DM_SQL_FENCE_LIST] = {"fence_list",
-                           "SELECT region, reason, fenced_by, fenced_at FROM domicile.fences", 0},
+                           "SELECT region, reason, fenced_by, fenced_at, lifted, version "
+                           "FROM domicile.fences",
+                           0},
     [DM_SQL_REPLICATION] = {"replication",
                             "SELECT application_name, sync_state, coalesce(pg_wal_lsn_diff("
                             "pg_current_wal_lsn(), replay_lsn), 0)::bigint FROM "
