@@ -224,6 +224,10 @@ static void pump_locked(dm_call_t *c)
     if (bb) {
         ops[n].op = GRPC_OP_SEND_MESSAGE;
         ops[n].data.send_message.send_message = bb;
+        /* More messages are queued behind this one: the transport may hold it and write them
+         * together (the last one queued goes without the hint and flushes them all). */
+        if (c->q_head)
+            ops[n].flags = GRPC_WRITE_BUFFER_HINT;
         n++;
     }
     /* The status rides with the last message: a unary reply is one batch. */
