@@ -74,11 +74,12 @@ def _patroni_members(regions):
     return {m["Member"]: m["Role"] for m in json.loads(p.stdout)}
 
 
-def _drill(gw, regions):
+def _drill(gw, regions, crash=False):
     cmd = [DOMICILECTL, "--addr", gw.address, "drill", "failover", "--region", REGION,
            "--duration", "15s", "--state", regions.state, "--json", "-",
            "--domicile-local", DOMICILE_LOCAL]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL)
+    env = dict(os.environ, DOMICILE_PATRONI_KILL="crash" if crash else "failover")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL, env=env)
     where = f"\n--- stderr (the report's table)\n{p.stderr}\n--- stdout\n{p.stdout}"
     try:
         report = json.loads(p.stdout)
@@ -89,14 +90,18 @@ def _drill(gw, regions):
     assert not missed, f"zero-goals missed {missed}{where}"
     assert report["recovered"], f"no write succeeded after the failover{where}"
     assert p.returncode == 0 and report["passed"] and report["region"] == REGION, where
-    # The drill's kill step went through Patroni, not SIGKILL.
-    assert "patronictl failover" in p.stderr, where
+    if crash:  # the leader's Patroni and PostgreSQL were SIGKILLed; Patroni promoted the standby
+        assert "SIGKILL" in p.stderr and "patronictl failover" not in p.stderr, where
+    else:  # the drill's kill step went through Patroni, not SIGKILL
+        assert "patronictl failover" in p.stderr, where
     return report
 
 
 def test_patroni_region_passes_the_failover_drill(patroni_regions):
-    """Two drills: node1 -> node2, then back (the second needs Patroni's own view of the
-    synchronous standby to have caught up after the first)."""
+    """Two drills: node1 -> node2 by `patronictl failover`, then back by a crash (SIGKILL of
+    the leader's Patroni and PostgreSQL: Patroni promotes the synchronous standby once the
+    leader key expires, and the crashed node rejoins as its standby). The second needs
+    Patroni's own view of the synchronous standby to have caught up after the first."""
     regions = patroni_regions
     before, repl, running = region_layout(regions, REGION)
     assert repl == "sync" and running == 2, f"{REGION} under Patroni: standby {repl}, {running} nodes"
@@ -107,9 +112,9 @@ def test_patroni_region_passes_the_failover_drill(patroni_regions):
     gateways = GatewayFactory(regions, workdir)
     try:
         gw = gateways.start(name="patroni-drill")
-        for _run in range(2):
+        for crash in (False, True):
             before, _, _ = region_layout(regions, REGION)
-            report = _drill(gw, regions)
+            report = _drill(gw, regions, crash=crash)
             after, repl, running = region_layout(regions, REGION)
             assert report["primary_before"] == before and report["primary_after"] == after
             assert {before, after} == {"node1", "node2"}, f"primary {before} -> {after}"
