@@ -28,6 +28,8 @@
 
 #include "grpc/health/v1/health.pb-c.h"
 
+#include "args.h"
+
 #define MAX_THREADS      64
 #define POSTED_PER_QUEUE 4 /* as the gateway (src/server/server.c POSTED_PER_METHOD) */
 
@@ -211,17 +213,6 @@ static void *worker_main(void *arg)
         handle(c);
     }
     return NULL;
-}
-
-static bool parse_int(const char *s, int lo, int hi, int *out)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi)
-        return false;
-    *out = (int)v;
-    return true;
 }
 
 int main(int argc, char **argv)

@@ -59,6 +59,7 @@
 #include "domicile/v1/customers.pb-c.h"
 #include "domicile/v1/records.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
+#include "args.h"
 #include "hist.h"
 
 #define N_CODES         17
@@ -638,17 +639,6 @@ static int run_idle(grpc_channel_credentials *cr)
 }
 
 /* ---- options ------------------------------------------------------------------------- */
-
-static bool parse_int(const char *s, int lo, int hi, int *out)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi)
-        return false;
-    *out = (int)v;
-    return true;
-}
 
 static bool parse_double(const char *s, double lo, double hi, double *out)
 {
