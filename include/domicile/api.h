@@ -11,6 +11,8 @@
 /** The method table, in proto order (reflection last). Static storage. */
 const dm_method_t *dm_api_methods(size_t *n);
 
+/** The path of the method served by `handler` ("" when none): for calls to peers. */
+const char *dm_api_method_path(dm_handler_fn handler);
 /** Health service state. Created before the server starts; it watches the regions. */
 dm_health_t *dm_health_create(dm_app_t *app);
 /** Shutdown began: every service reports NOT_SERVING and Watch streams end. */
@@ -45,6 +47,8 @@ void dm_dsr_locate(dm_call_t *call);
 void dm_transfers_report(dm_call_t *call);
 void dm_transfers_verify(dm_call_t *call);
 void dm_health_watch(dm_call_t *call);
+/** domicile.peer.v1.PeerService/ExportPart: this region's part of an Export, for a peer. */
+void dm_peer_export_part(dm_call_t *call);
 /** grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo (src/api/reflection.c). */
 void dm_reflection_info(dm_call_t *call);
 

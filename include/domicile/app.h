@@ -18,6 +18,7 @@
 #include <stdatomic.h>
 
 typedef struct dm_health dm_health_t;
+typedef struct dm_peers dm_peers_t;
 
 typedef struct dm_app {
     dm_config_t *cfg;
@@ -40,6 +41,7 @@ typedef struct dm_app {
     int64_t fences_read_ms[DM_MAX_REGIONS];        /* maintenance: last read of each region */
     dm_health_t *health;
     dm_server_t *server;
+    dm_peers_t *peers; /* gateways of the other regions (src/peer) */
 } dm_app_t;
 
 /** The server's authorizer (src/auth/authorize.c); `arg` is the dm_app_t. */

@@ -38,6 +38,7 @@ typedef struct dm_principal {
     bool has_token;
     unsigned char token_sha256[32];
     char *cert_subject; /* x509 subject to match, or NULL */
+    char *via; /* asserted by a gateway of this region (src/peer); NULL: authenticated here */
 } dm_principal_t;
 
 typedef struct dm_principals {

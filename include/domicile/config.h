@@ -9,21 +9,27 @@
 #ifndef DOMICILE_CONFIG_H
 #define DOMICILE_CONFIG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
 
 #include "domicile/status.h"
 
-#define DM_MAX_REGIONS      16
-#define DM_MAX_REGION_HOSTS 8
-#define DM_REGION_CODE_MAX  16
+#define DM_MAX_REGIONS         16
+#define DM_MAX_REGION_HOSTS    8
+#define DM_MAX_REGION_GATEWAYS 8
+#define DM_REGION_CODE_MAX     16
 
 typedef struct dm_region_config {
     char *source; /* file it was read from */
     char *code;   /* [a-z][a-z0-9]{1,15}, equals the file's base name */
     char *name;
     char *jurisdiction;
-    char **hosts; /* "host:port" entries, in libpq failover order */
+    bool local;      /* the gateway's own region: the only one it holds secrets of */
+    char **gateways; /* peer addresses of the region's gateways (host:port) */
+    size_t n_gateways;
+    char *gateway_identity; /* DNS name in their certificates, "<code>.gateway.domicile" */
+    char **hosts; /* own region only */ /* "host:port" entries, in libpq failover order */
     size_t n_hosts;
     char *database;
     char *user;
@@ -50,6 +56,13 @@ typedef struct dm_config {
     char **regions;
     size_t n_regions;
     char *subject_pepper_file;
+    char *peer_listen; /* "" = none */
+    char *peer_cert_file;
+    char *peer_key_file; /* secret: mode 0600 checked */
+    char *peer_ca_file;
+    int peer_deadline_margin_ms;
+    int peer_timeout_ms;
+    int peer_health_interval_ms;
     int threads;
     int max_receive_message_bytes;
     int max_send_message_bytes;

@@ -29,6 +29,12 @@ void dm_directory_destroy(dm_directory_t *d);
 /** Resolve `customer_id` (valid id) and call `fn` exactly once. `call` may be NULL. */
 void dm_directory_resolve(dm_directory_t *d, const char *customer_id, dm_call_t *call,
                           dm_resolve_fn fn, void *arg);
+/**
+ * The same, asking only the gateway's own region on a miss: for a call a gateway of another
+ * region forwarded here because the customer is ours (no second wide-area round).
+ */
+void dm_directory_resolve_local(dm_directory_t *d, const char *customer_id, dm_call_t *call,
+                                dm_resolve_fn fn, void *arg);
 /** Record that `customer_id` lives in `region` (after registration). */
 void dm_directory_remember(dm_directory_t *d, const char *customer_id, dm_region_t *region);
 /** Number of cached entries (tests, metrics). */

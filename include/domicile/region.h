@@ -89,6 +89,20 @@ bool dm_region_take_poke(dm_region_t *r);
 PGresult *dm_region_exec(dm_exec_t *x, dm_sql_id_t stmt, int n, const char *const *values,
                          const int *lengths, const int *formats, dm_status_t **err);
 
+/**
+ * Jobs for a region served by other gateways (not the own region) go to `fn` (src/peer), which
+ * must complete each exactly once like an executor would. Set before start.
+ */
+typedef void (*dm_remote_submit_fn)(void *arg, dm_region_t *r, dm_job_t *job);
+void dm_regions_set_remote(dm_regions_t *rs, dm_remote_submit_fn fn, void *arg);
+/** True for the gateway's own region (database and secrets here); false for a peer region. */
+bool dm_region_is_local(const dm_region_t *r);
+/**
+ * A peer region's reachability as its gateways' health checks see it (`where`: the gateway
+ * that answered; `error`: why none did). Reported to the change listener like a local one.
+ */
+void dm_region_set_remote_state(dm_region_t *r, bool serving, const char *where, const char *error);
+
 /** Set the change listener (before start). */
 void dm_regions_on_change(dm_regions_t *rs, dm_region_change_fn fn, void *arg);
 /** Start the monitor threads. */

@@ -121,6 +121,13 @@ void dm_call_recv(dm_call_t *call, dm_recv_fn fn, void *arg);
 /** The authenticated caller (set by the authorizer; opaque to the server), or NULL. */
 const void *dm_call_principal(dm_call_t *call);
 void dm_call_set_principal(dm_call_t *call, const void *principal);
+/** Set a principal the call owns: `free_fn(p)` runs when the call is destroyed. */
+void dm_call_set_principal_owned(dm_call_t *call, void *p, void (*free_fn)(void *));
+/**
+ * The first value of auth-context property `name` (e.g. "x509_pem_cert") as a new string
+ * (*out, caller frees) of *len bytes; false when the call has none.
+ */
+bool dm_call_auth_property(dm_call_t *call, const char *name, char **out, size_t *len);
 /** Purpose of access of this call (x-purpose or the principal's default); "" when none. */
 const char *dm_call_purpose(dm_call_t *call);
 /** Set the purpose (copied; at most 64 bytes). */

@@ -5,6 +5,7 @@
 
 #include "domicile/app.h"
 #include "domicile/log.h"
+#include "domicile/peer.h"
 #include <stddef.h>
 #include "internal.h"
 
@@ -27,7 +28,10 @@ static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
 dm_status_t *dm_app_init(dm_app_t *app)
 {
     dm_status_t *st;
+    /* Only the own region's keys: another region's are held by its own gateways alone. */
     for (size_t i = 0; i < app->cfg->n_regions; i++) {
+        if (!app->cfg->region_cfgs[i].local)
+            continue;
         st = dm_kek_load(app->cfg->region_cfgs[i].kek_file, &app->keks[i]);
         if (st)
             return dm_status_detail(st, "region \"%s\"", app->cfg->region_cfgs[i].code);
@@ -48,6 +52,8 @@ dm_status_t *dm_app_init(dm_app_t *app)
         return st;
     atomic_store(&app->policy, policy);
     for (size_t i = 0; i < app->cfg->n_regions; i++) {
+        if (!app->cfg->region_cfgs[i].local)
+            continue;
         unsigned char *k = NULL;
         size_t len = 0;
         st = dm_config_read_secret(app->cfg->region_cfgs[i].ledger_key_file, 32, &k, &len);
@@ -176,4 +182,11 @@ dm_status_t *dm_app_reload(dm_app_t *app, const char *config_path)
             config_path, principals->n, policy->n_bases, policy->n_routes, cfg->log_level);
     dm_config_free(cfg);
     return NULL;
+}
+
+void dm_app_peers_cancel(dm_call_t *call, uint64_t id)
+{
+    dm_app_t *app = dm_call_app(call);
+    if (app && app->peers)
+        dm_peers_cancel(app->peers, id);
 }

@@ -134,12 +134,21 @@ static void scoped_done(void *arg, dm_region_t *region, const char *state, dm_st
     sc.fn(sc.arg, NULL, NULL, err);
 }
 
+static void directory_resolve(dm_app_t *app, const dm_principal_t *p, const char *customer_id,
+                              dm_call_t *call, dm_resolve_fn fn, void *arg)
+{
+    if (p && p->via)
+        dm_directory_resolve_local(app->directory, customer_id, call, fn, arg);
+    else
+        dm_directory_resolve(app->directory, customer_id, call, fn, arg);
+}
+
 void dm_api_resolve(dm_call_t *call, const char *customer_id, dm_resolve_fn fn, void *arg)
 {
     const dm_principal_t *p = dm_call_principal_of(call);
     dm_app_t *app = APP(call);
     if (!p || dm_principal_in_scope(p, customer_id)) {
-        dm_directory_resolve(app->directory, customer_id, call, fn, arg);
+        directory_resolve(app, p, customer_id, call, fn, arg);
         return;
     }
     /* Outside the scope: do the same directory work, then answer as for a missing customer,
@@ -147,5 +156,55 @@ void dm_api_resolve(dm_call_t *call, const char *customer_id, dm_resolve_fn fn, 
     scoped_t *sc = dm_malloc(sizeof(*sc));
     sc->fn = fn;
     sc->arg = arg;
-    dm_directory_resolve(app->directory, customer_id, call, scoped_done, sc);
+    directory_resolve(app, p, customer_id, call, scoped_done, sc);
+}
+
+typedef struct routed {
+    dm_call_t *call;
+    dm_resolve_fn fn;
+    void *arg;
+} routed_t;
+
+static void routed_done(void *arg, dm_region_t *region, const char *state, dm_status_t *err)
+{
+    routed_t rt = *(routed_t *)arg;
+    free(arg);
+    if (!err && region && !dm_region_is_local(region)) {
+        const dm_principal_t *p = dm_call_principal_of(rt.call);
+        if (!p || !p->via) {
+            /* Promise 10: the customer's region decides and does the rest. */
+            dm_peer_forward(APP(rt.call)->peers, region, rt.call);
+            return;
+        }
+        /* Forwarded here, yet not ours: never forwarded twice. */
+        err = dm_status_new(GRPC_STATUS_UNAVAILABLE,
+                            "customer is served by region \"%s\", not by this gateway's",
+                            dm_region_code(region));
+        region = NULL;
+    }
+    rt.fn(rt.arg, region, state, err);
+}
+
+void dm_api_route(dm_call_t *call, const char *customer_id, dm_resolve_fn fn, void *arg)
+{
+    routed_t *rt = dm_malloc(sizeof(*rt));
+    rt->call = call;
+    rt->fn = fn;
+    rt->arg = arg;
+    dm_api_resolve(call, customer_id, routed_done, rt);
+}
+
+bool dm_api_forward_to(dm_call_t *call, dm_region_t *region)
+{
+    const dm_principal_t *p = dm_call_principal_of(call);
+    if (!region || dm_region_is_local(region))
+        return false;
+    if (p && p->via) {
+        dm_call_finish(call, dm_status_new(GRPC_STATUS_UNAVAILABLE,
+                                           "region \"%s\" is not served by this gateway",
+                                           dm_region_code(region)));
+        return true;
+    }
+    dm_peer_forward(APP(call)->peers, region, call);
+    return true;
 }

@@ -131,7 +131,7 @@ void dm_customers_get(dm_call_t *call)
         return;
     }
     cust_ctx_t *c = ctx_new(call, req->customer_id);
-    dm_api_resolve(call, req->customer_id, get_resolved, c);
+    dm_api_route(call, req->customer_id, get_resolved, c);
 }
 
 /* ---- RegisterCustomer ---------------------------------------------------------------- */
@@ -273,6 +273,9 @@ void dm_customers_register(dm_call_t *call)
                                                  "residency: required (a region code)"));
         return;
     }
+    /* The residency region's gateway registers it (and checks the other regions). */
+    if (dm_api_forward_to(call, home))
+        return;
     cust_ctx_t *c = ctx_new(call, req->customer_id);
     c->region = home;
     c->labels_json = dm_labels_to_json(req->n_labels, (void *const *)req->labels);
@@ -340,5 +343,5 @@ void dm_customers_close(dm_call_t *call)
         return;
     }
     cust_ctx_t *c = ctx_new(call, req->customer_id);
-    dm_api_resolve(call, req->customer_id, close_resolved, c);
+    dm_api_route(call, req->customer_id, close_resolved, c);
 }

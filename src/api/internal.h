@@ -9,6 +9,7 @@
 #include "domicile/api.h"
 #include "domicile/app.h"
 #include "domicile/crypto.h"
+#include "domicile/peer.h"
 #include "domicile/validate.h"
 
 #include "domicile/v1/subject_rights.pb-c.h"
@@ -48,6 +49,18 @@ unsigned char *dm_record_aad(const char *region, const char *customer, const cha
  * directory work). `fn` as for dm_directory_resolve().
  */
 void dm_api_resolve(dm_call_t *call, const char *customer_id, dm_resolve_fn fn, void *arg);
+
+/**
+ * dm_api_resolve(), and then, when the customer's region is served by other gateways, the
+ * whole call is forwarded there (dm_peer_forward) and `fn` never runs: the handler's context
+ * goes with the call. A forwarded call is never forwarded again.
+ */
+void dm_api_route(dm_call_t *call, const char *customer_id, dm_resolve_fn fn, void *arg);
+/**
+ * For calls naming a region: forward the call to `region`'s gateways and return true when it is
+ * not this gateway's own (the call is then ended by the forwarder); false to go on locally.
+ */
+bool dm_api_forward_to(dm_call_t *call, dm_region_t *region);
 
 /* ---- transfers (src/api/transfer.c) ---- */
 

@@ -12,6 +12,8 @@
 #include "domicile/v1/regions.pb-c.h"
 #include "domicile/v1/subject_rights.pb-c.h"
 #include "domicile/v1/transfers.pb-c.h"
+#include "domicile/peer.h"
+#include "domicile/peer/v1/peer.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "grpc/reflection/v1alpha/reflection.pb-c.h"
 
@@ -22,6 +24,7 @@
 #define V1(x) &domicile__v1__##x##__descriptor
 #define HC(x) &grpc__health__v1__##x##__descriptor
 #define RF(x) &grpc__reflection__v1alpha__##x##__descriptor
+#define PR(x) &domicile__peer__v1__##x##__descriptor
 #define M(svc, name, kind, in, out, handler, issue, roles)                                         \
     {                                                                                              \
         "/" svc "/" name, kind, in, out, handler, roles, issue                                     \
@@ -34,6 +37,9 @@
 #define R_PO_AUD   (DM_ROLE_PRIVACY_OFFICER | DM_ROLE_AUDITOR | DM_ROLE_ADMIN)
 #define R_AUD      (DM_ROLE_AUDITOR | DM_ROLE_ADMIN)
 #define R_OPS      (DM_ROLE_OPERATOR | DM_ROLE_ADMIN)
+/* Gateways of other regions only: the authorizer checks the caller's certificate, the
+ * handler the asserted principal's roles for the method it serves. */
+#define R_PEER 0x3f
 
 static const dm_method_t methods[] = {
     M("grpc.health.v1.Health", "Check", U, HC(health_check_request), HC(health_check_response),
@@ -92,7 +98,20 @@ static const dm_method_t methods[] = {
     M("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo", B,
       RF(server_reflection_request), RF(server_reflection_response), dm_reflection_info, NULL,
       PUBLIC),
+    /* Gateway to gateway (src/peer), after the public API. */
+    M("domicile.peer.v1.PeerService", "Exec", U, PR(exec_request), PR(exec_response), dm_peer_exec,
+      NULL, R_PEER),
+    M("domicile.peer.v1.PeerService", "ExportPart", S, PR(export_part_request),
+      PR(export_part_response), dm_peer_export_part, NULL, R_PEER),
 };
+
+const char *dm_api_method_path(dm_handler_fn handler)
+{
+    for (size_t i = 0; i < DM_ARRAY_LEN(methods); i++)
+        if (methods[i].handler == handler)
+            return methods[i].path;
+    return "";
+}
 
 const dm_method_t *dm_api_methods(size_t *n)
 {

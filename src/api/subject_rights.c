@@ -21,6 +21,10 @@
 #include "domicile/log.h"
 #include "internal.h"
 
+#include "domicile/peer/v1/peer.pb-c.h"
+
+#define EXPORT_PART_PATH "/domicile.peer.v1.PeerService/ExportPart"
+
 #define REASON_MAX      1024
 #define POLICY_DAYS     30
 #define EXTENSION_MONTH 2
@@ -897,6 +901,8 @@ typedef struct export_ctx {
     char limit_s[16];
     atomic_bool awaiting_drain;
     char count_s[24];
+    bool part;                /* PeerService/ExportPart: this region's part, for a peer */
+    dm_peer_stream_t *remote; /* a peer region's part being relayed */
 } export_ctx_t;
 
 static void export_free(void *p)
@@ -1018,6 +1024,10 @@ static void export_manifest(export_ctx_t *e)
 static void export_region_failed(export_ctx_t *e, dm_status_t *err)
 {
     size_t i = e->order[e->pos];
+    if (e->part) {
+        dm_call_finish(e->call, err); /* the peer that asked decides about a partial export */
+        return;
+    }
     if (!e->req->allow_partial || err->code == GRPC_STATUS_PERMISSION_DENIED ||
         err->code == GRPC_STATUS_CANCELLED || err->code == GRPC_STATUS_DEADLINE_EXCEEDED) {
         dm_status_t *st = err->code == GRPC_STATUS_UNAVAILABLE
@@ -1088,6 +1098,26 @@ static void export_emit(export_ctx_t *e)
         EVP_DigestUpdate(e->sha, line, line_len);
         e->records[i]++;
         e->bytes[i] += (int64_t)line_len;
+        if (e->part) {
+            Domicile__Peer__V1__ExportPartResponse pr =
+                DOMICILE__PEER__V1__EXPORT_PART_RESPONSE__INIT;
+            pr.line.data = (uint8_t *)line;
+            pr.line.len = line_len;
+            pr.record_id = (char *)record_id;
+            pr.customer_id = (char *)customer;
+            bool sent = dm_call_send(e->call, &pr.base);
+            OPENSSL_cleanse(line, line_len);
+            free(line);
+            if (k == to_send - 1) {
+                snprintf(e->after_customer, sizeof(e->after_customer), "%s", customer);
+                snprintf(e->after_record, sizeof(e->after_record), "%s", record_id);
+            }
+            if (!sent) {
+                dm_call_finish(e->call, dm_status_new(GRPC_STATUS_CANCELLED, "stream cancelled"));
+                return;
+            }
+            continue;
+        }
         Domicile__V1__ExportLine el = DOMICILE__V1__EXPORT_LINE__INIT;
         Domicile__V1__ExportChunk chunk = DOMICILE__V1__EXPORT_CHUNK__INIT;
         el.line.data = (uint8_t *)line;
@@ -1193,8 +1223,70 @@ static void export_next_chunk(export_ctx_t *e)
 static void export_drained(dm_call_t *call, void *arg)
 {
     export_ctx_t *e = arg;
-    if (dm_call_queued(call) == 0 && atomic_exchange(&e->awaiting_drain, false))
-        export_next_chunk(e);
+    if (dm_call_queued(call) == 0 && atomic_exchange(&e->awaiting_drain, false)) {
+        if (e->remote)
+            dm_peer_stream_next(e->remote);
+        else
+            export_next_chunk(e);
+    }
+}
+
+/* A peer region's part, gated, logged and decrypted there (promise 10), relayed line by line
+ * into this stream's digest and counts. */
+static void export_remote_msg(void *arg, dm_peer_stream_t *s, ProtobufCMessage *msg)
+{
+    export_ctx_t *e = arg;
+    size_t i = e->order[e->pos];
+    const Domicile__Peer__V1__ExportPartResponse *m =
+        (const Domicile__Peer__V1__ExportPartResponse *)msg;
+    EVP_DigestUpdate(e->sha, m->line.data, m->line.len);
+    e->records[i]++;
+    e->bytes[i] += (int64_t)m->line.len;
+    Domicile__V1__ExportLine el = DOMICILE__V1__EXPORT_LINE__INIT;
+    Domicile__V1__ExportChunk chunk = DOMICILE__V1__EXPORT_CHUNK__INIT;
+    el.line = m->line;
+    el.region = (char *)dm_region_code(dm_regions_at(e->app->regions, i));
+    el.record_id = m->record_id;
+    el.customer_id = m->customer_id;
+    chunk.item_case = DOMICILE__V1__EXPORT_CHUNK__ITEM_LINE;
+    chunk.line = &el;
+    bool alive = dm_call_send(e->call, &chunk.base);
+    OPENSSL_cleanse(m->line.data, m->line.len);
+    protobuf_c_message_free_unpacked(msg, NULL);
+    e->remote = s;
+    if (!alive) {
+        dm_peer_stream_cancel(s);
+        dm_peer_stream_next(s);
+        return;
+    }
+    atomic_store(&e->awaiting_drain, true);
+    if (dm_call_queued(e->call) == 0 && atomic_exchange(&e->awaiting_drain, false))
+        dm_peer_stream_next(s);
+}
+
+static void export_remote_end(void *arg, dm_status_t *err)
+{
+    export_ctx_t *e = arg;
+    e->remote = NULL;
+    atomic_store(&e->awaiting_drain, false);
+    if (err) {
+        export_region_failed(e, err);
+        return;
+    }
+    e->pos++;
+    export_region(e);
+}
+
+static void export_remote(export_ctx_t *e, dm_region_t *r)
+{
+    Domicile__Peer__V1__ExportPartRequest pr = DOMICILE__PEER__V1__EXPORT_PART_REQUEST__INIT;
+    pr.request_id = e->st.request_id;
+    pr.subject_key.data = e->st.sk;
+    pr.subject_key.len = DM_SUBJECT_KEY_LEN;
+    pr.customer_id = e->st.customer;
+    dm_peer_stream(e->app->peers, r, e->call, EXPORT_PART_PATH, &pr.base,
+                   &domicile__peer__v1__export_part_response__descriptor, export_remote_msg,
+                   export_remote_end, e);
 }
 
 static void export_gated(void *arg, dm_status_t *err)
@@ -1212,10 +1304,17 @@ static void export_region(export_ctx_t *e)
     while (e->pos < e->n && e->unreachable[e->order[e->pos]])
         e->pos++;
     if (e->pos == e->n) {
-        export_manifest(e);
+        if (e->part)
+            dm_call_finish(e->call, NULL);
+        else
+            export_manifest(e);
         return;
     }
     dm_region_t *r = dm_regions_at(e->app->regions, e->order[e->pos]);
+    if (!dm_region_is_local(r) && !e->part) {
+        export_remote(e, r);
+        return;
+    }
     e->after_customer[0] = '\0';
     e->after_record[0] = '\0';
     memset(&e->xfer, 0, sizeof(e->xfer));
@@ -1318,4 +1417,56 @@ void dm_dsr_export(dm_call_t *call)
         e->order[i] = i;
     qsort_r(e->order, e->n, sizeof(size_t), cmp_region_code, app->regions);
     receive_fanout(&e->st, false, export_received, e);
+}
+
+void dm_peer_export_part(dm_call_t *call)
+{
+    const Domicile__Peer__V1__ExportPartRequest *req =
+        (const Domicile__Peer__V1__ExportPartRequest *)dm_call_request(call);
+    dm_app_t *app = APP(call);
+    const dm_principal_t *p = dm_call_principal_of(call);
+    dm_status_t *st = NULL;
+    size_t n = 0;
+    const dm_method_t *methods = dm_api_methods(&n);
+    unsigned roles = 0;
+    for (size_t i = 0; i < n; i++)
+        if (methods[i].handler == dm_dsr_export)
+            roles = methods[i].roles;
+    if (!p || !(p->roles & roles))
+        st = dm_status_new(GRPC_STATUS_PERMISSION_DENIED, "the asserted principal may not export");
+    else if ((st = dm_check_request_id("request_id", req->request_id)) ||
+             (req->customer_id[0] && (st = dm_check_customer_id("customer_id", req->customer_id))))
+        ;
+    else if (req->subject_key.len != DM_SUBJECT_KEY_LEN)
+        st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "subject_key: must be %d bytes",
+                           DM_SUBJECT_KEY_LEN);
+    else if ((!p->all_tenants && !req->customer_id[0]) ||
+             (req->customer_id[0] && !dm_principal_in_scope(p, req->customer_id)))
+        st = req->customer_id[0]
+                 ? dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found")
+                 : dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                 "customer_id: required for a principal whose scope is limited");
+    if (st) {
+        dm_call_finish(call, st);
+        return;
+    }
+    export_ctx_t *e = dm_calloc(1, sizeof(*e));
+    e->call = call;
+    e->app = app;
+    e->part = true;
+    e->st.call = call;
+    e->st.app = app;
+    e->st.kind = DOMICILE__V1__DSR_KIND__DSR_KIND_EXPORT;
+    e->sha = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(e->sha, EVP_sha256(), NULL);
+    dm_call_set_data(call, e, export_free);
+    dm_call_set_purpose(call, EXPORT_PURPOSE);
+    snprintf(e->st.request_id, sizeof(e->st.request_id), "%s", req->request_id);
+    snprintf(e->st.customer, sizeof(e->st.customer), "%s", req->customer_id);
+    memcpy(e->st.sk, req->subject_key.data, DM_SUBJECT_KEY_LEN);
+    for (size_t i = 0; i < dm_regions_count(app->regions); i++)
+        if (dm_region_is_local(dm_regions_at(app->regions, i)))
+            e->order[e->n++] = i;
+    dm_call_on_drain(call, export_drained, e);
+    export_region(e);
 }

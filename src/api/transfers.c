@@ -337,6 +337,9 @@ void dm_transfers_verify(dm_call_t *call)
         dm_call_finish(call, st);
         return;
     }
+    /* Only the region's own gateways hold its ledger key. */
+    if (dm_api_forward_to(call, r))
+        return;
     verify_t *v = dm_calloc(1, sizeof(*v));
     v->call = call;
     v->region = r;
@@ -908,6 +911,27 @@ static void part_verified(verify_t *v, dm_status_t *err)
     part_done(p);
 }
 
+static void part_remote_verified(void *arg, ProtobufCMessage *reply, dm_status_t *err)
+{
+    report_part_t *p = arg;
+    if (err) {
+        p->reachable = false;
+        dm_status_free(err);
+        part_done(p);
+        return;
+    }
+    const Domicile__V1__VerifyLedgerResponse *r = (const Domicile__V1__VerifyLedgerResponse *)reply;
+    verify_t *v = &p->verify;
+    v->damage = r->damage;
+    v->checked = r->entries_checked;
+    v->unsealed = r->unsealed_entries;
+    v->expected = r->sealed_up_to_seq + 1;
+    v->bad_seq = r->first_bad_seq;
+    snprintf(v->detail, sizeof(v->detail), "%s", r->detail);
+    protobuf_c_message_free_unpacked(reply, NULL);
+    part_done(p);
+}
+
 static void part_rows(dm_job_t *job, PGresult *res, dm_status_t *err)
 {
     report_part_t *p = job->arg;
@@ -919,6 +943,17 @@ static void part_rows(dm_job_t *job, PGresult *res, dm_status_t *err)
         return;
     }
     p->rows = PQcopyResult(res, PG_COPYRES_ATTRS | PG_COPYRES_TUPLES);
+    if (!dm_region_is_local(p->region)) {
+        /* The ledger key is the region's own: its gateway verifies, in the same round as the
+         * rows would be if they came with it. */
+        Domicile__V1__VerifyLedgerRequest vr = DOMICILE__V1__VERIFY_LEDGER_REQUEST__INIT;
+        vr.region = (char *)dm_region_code(p->region);
+        dm_peer_unary(p->rep->app->peers, p->region, p->verify.call,
+                      dm_api_method_path(dm_transfers_verify), &vr.base,
+                      &domicile__v1__verify_ledger_response__descriptor, true, part_remote_verified,
+                      p);
+        return;
+    }
     verify_start(&p->verify);
 }
 

@@ -8,6 +8,7 @@
 #include "domicile/app.h"
 #include "domicile/auth.h"
 #include "domicile/log.h"
+#include "domicile/peer.h"
 #include "domicile/validate.h"
 
 dm_status_t *dm_authorize(dm_call_t *call, void *arg)
@@ -19,6 +20,30 @@ dm_status_t *dm_authorize(dm_call_t *call, void *arg)
 
     if (!m || m->roles == DM_ROLES_PUBLIC)
         return NULL;
+    bool peer_method = strncmp(m->path, "/domicile.peer.", 15) == 0;
+    if (peer_method || dm_call_metadata(call, DM_PEER_PRINCIPAL_MD, &len)) {
+        /* A gateway of another region speaks for the principal it authenticated (promise
+         * 10); roles and tenant scope are checked here again, as for any caller. */
+        char via[DM_REGION_CODE_MAX + 1], purpose[DM_PURPOSE_MAX_LEN + 1];
+        dm_principal_t *ap = NULL;
+        dm_status_t *st = dm_peer_authenticate(call, app->cfg, via, sizeof(via));
+        if (!st)
+            st = dm_peer_principal(call, via, &ap, purpose);
+        if (st)
+            return st;
+        dm_call_set_principal_owned(call, ap, dm_peer_principal_free);
+        dm_call_set_log_principal(call, ap->name);
+        dm_call_set_purpose(call, purpose);
+        if (!peer_method && !(ap->roles & m->roles)) {
+            char need[128];
+            dm_roles_format(m->roles, need, sizeof(need));
+            return dm_status_new(GRPC_STATUS_PERMISSION_DENIED,
+                                 "%s needs one of the roles: %s (principal \"%s\" has none of "
+                                 "them)",
+                                 m->path, need, ap->name);
+        }
+        return NULL;
+    }
     const char *auth = dm_call_metadata(call, "authorization", &len);
     if (auth) {
         const char *tok;

@@ -65,6 +65,20 @@ static const key_desc_t gateway_keys[] = {
      "region codes to load from regions_dir"},
     {"subject_pepper_file", KT_PATH, GW(subject_pepper_file), NOCOUNT, NULL, 1, STR_MAX, NULL,
      false, "secret (0600) keying the HMAC of data subjects"},
+    {"peer_listen", KT_STRING, GW(peer_listen), NOCOUNT, "", 0, 256, NULL, false,
+     "host:port of the mutual-TLS listener for gateways of other regions (\"\" = none)"},
+    {"peer_cert_file", KT_PATH, GW(peer_cert_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
+     "this gateway's certificate (PEM) naming \"<region>.gateway.domicile\""},
+    {"peer_key_file", KT_PATH, GW(peer_key_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
+     "secret (0600): the private key of peer_cert_file"},
+    {"peer_ca_file", KT_PATH, GW(peer_ca_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
+     "CA (PEM) that signs every gateway's certificate (the federation)"},
+    {"peer_deadline_margin_ms", KT_INT, GW(peer_deadline_margin_ms), NOCOUNT, "50", 0, 10000, NULL,
+     false, "taken off a forwarded call's remaining deadline"},
+    {"peer_timeout_ms", KT_INT, GW(peer_timeout_ms), NOCOUNT, "30000", 100, 600000, NULL, false,
+     "deadline of a forwarded call whose client set none"},
+    {"peer_health_interval_ms", KT_INT, GW(peer_health_interval_ms), NOCOUNT, "1000", 50, 60000,
+     NULL, false, "how often each peer gateway is health-checked"},
     {"threads", KT_INT, GW(threads), NOCOUNT, "2", 1, 64, NULL, false,
      "completion-queue threads serving gRPC"},
     {"max_receive_message_bytes", KT_INT, GW(max_receive_message_bytes), NOCOUNT, "4194304", 1024,
@@ -119,20 +133,24 @@ static const key_desc_t region_keys[] = {
     {"name", KT_STRING, RG(name), NOCOUNT, NULL, 1, 128, NULL, false, "display name"},
     {"jurisdiction", KT_STRING, RG(jurisdiction), NOCOUNT, NULL, 1, 128, NULL, false,
      "legal jurisdiction"},
-    {"hosts", KT_LIST, RG(hosts), RG(n_hosts), NULL, 1, DM_MAX_REGION_HOSTS, NULL, false,
-     "PostgreSQL host:port list, primary first (libpq multi-host)"},
+    {"gateways", KT_LIST, RG(gateways), RG(n_gateways), "", 1, DM_MAX_REGION_GATEWAYS, NULL, false,
+     "peer addresses (host:port) of the region's gateways; required for another region"},
+    {"gateway_identity", KT_STRING, RG(gateway_identity), NOCOUNT, "", 0, 253, NULL, false,
+     "name the region's gateway certificates carry (default \"<code>.gateway.domicile\")"},
+    {"hosts", KT_LIST, RG(hosts), RG(n_hosts), "", 1, DM_MAX_REGION_HOSTS, NULL, false,
+     "own region only: PostgreSQL host:port list, primary first (libpq multi-host)"},
     {"database", KT_STRING, RG(database), NOCOUNT, "domicile", 1, 63, NULL, false, "database name"},
     {"user", KT_STRING, RG(user), NOCOUNT, "domicile_gateway", 1, 63, NULL, false,
      "database role of the gateway"},
-    {"password_file", KT_PATH, RG(password_file), NOCOUNT, NULL, 1, STR_MAX, NULL, false,
+    {"password_file", KT_PATH, RG(password_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
      "secret (0600): the role's password"},
     {"ssl_mode", KT_ENUM, RG(ssl_mode), NOCOUNT, "verify-full", 0, 0, "verify-full", false,
      "libpq sslmode; only verify-full is accepted"},
-    {"ssl_root_cert", KT_PATH, RG(ssl_root_cert), NOCOUNT, NULL, 1, STR_MAX, NULL, false,
+    {"ssl_root_cert", KT_PATH, RG(ssl_root_cert), NOCOUNT, "", 0, STR_MAX, NULL, false,
      "CA certificate that signs the region's server certificates"},
-    {"kek_file", KT_PATH, RG(kek_file), NOCOUNT, NULL, 1, STR_MAX, NULL, false,
+    {"kek_file", KT_PATH, RG(kek_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
      "secret (0600): the region's 32-byte key-encryption key"},
-    {"ledger_key_file", KT_PATH, RG(ledger_key_file), NOCOUNT, NULL, 1, STR_MAX, NULL, false,
+    {"ledger_key_file", KT_PATH, RG(ledger_key_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
      "secret (0600): the 32-byte HMAC key of the region's transfer ledger (not in the database)"},
     {"pool_size", KT_INT, RG(pool_size), NOCOUNT, "3", 1, 16, NULL, false,
      "database connections per region"},
@@ -280,7 +298,7 @@ static dm_status_t *store_setting(const key_desc_t *k, void *target, const char 
 
 /* Parse one libconfig file against a key table into `target`. */
 static dm_status_t *parse_file(const char *file, const key_desc_t *keys, size_t n_keys,
-                               void *target)
+                               void *target, int *lines)
 {
     config_t cf;
     dm_status_t *st = NULL;
@@ -313,6 +331,8 @@ static dm_status_t *parse_file(const char *file, const key_desc_t *keys, size_t 
             break;
         }
         seen[j] = true;
+        if (lines)
+            lines[j] = (int)config_setting_source_line(s);
         st = store_setting(&keys[j], target, file, base_dir, s);
     }
     for (size_t j = 0; j < n_keys && !st; j++) {
@@ -321,6 +341,8 @@ static dm_status_t *parse_file(const char *file, const key_desc_t *keys, size_t 
         const key_desc_t *k = &keys[j];
         if (!k->def) {
             st = cf_error(file, 0, k->name, "missing (required)");
+        } else if (k->type == KT_LIST) {
+            /* an optional list defaults to empty */
         } else if (k->type == KT_INT) {
             st = store_int(k, target, file, 0, strtoll(k->def, NULL, 10));
         } else {
@@ -418,17 +440,84 @@ static dm_status_t *check_host_port(const char *file, const char *key, const cha
     return NULL;
 }
 
+static int key_index(const key_desc_t *keys, size_t n, const char *name)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(keys[i].name, name) == 0)
+            return (int)i;
+    return -1;
+}
+
+/*
+ * Sovereign regions (DESIGN.md promise 10): a gateway loads the database and the secrets of its
+ * own region only. Another region's file may say where that region's gateways are and how to
+ * recognise them, nothing else; a secret or a database address in it is refused, naming the
+ * line, so that a misplaced file is found before it is used.
+ */
+static dm_status_t *check_foreign_region(const char *file, const char *code, const char *mine,
+                                         const int *lines)
+{
+    static const char *const secrets[] = {"password_file", "kek_file", "ledger_key_file"};
+    static const char *const database[] = {
+        "hosts",     "database",          "user", "ssl_mode", "ssl_root_cert",
+        "pool_size", "connect_timeout_ms"};
+    for (size_t i = 0; i < DM_ARRAY_LEN(secrets); i++) {
+        int k = key_index(region_keys, DM_ARRAY_LEN(region_keys), secrets[i]);
+        if (lines[k] > 0)
+            return cf_error(file, lines[k], secrets[i],
+                            "a secret of region \"%s\": only that region's own gateways may hold "
+                            "it (this gateway serves \"%s\")",
+                            code, mine);
+    }
+    for (size_t i = 0; i < DM_ARRAY_LEN(database); i++) {
+        int k = key_index(region_keys, DM_ARRAY_LEN(region_keys), database[i]);
+        if (lines[k] > 0)
+            return cf_error(file, lines[k], database[i],
+                            "the database of region \"%s\" is reached only through its own "
+                            "gateways (this gateway serves \"%s\"): list them in `gateways`",
+                            code, mine);
+    }
+    return NULL;
+}
+
 static dm_status_t *load_region(const dm_config_t *cfg, const char *code, dm_region_config_t *r)
 {
     dm_status_t *st;
     char *file = dm_sprintf("%s/%s.conf", cfg->regions_dir, code);
+    int lines[DM_ARRAY_LEN(region_keys)] = {0};
     r->source = file;
-    st = parse_file(file, region_keys, DM_ARRAY_LEN(region_keys), r);
+    st = parse_file(file, region_keys, DM_ARRAY_LEN(region_keys), r, lines);
     if (st)
         return st;
     if (strcmp(r->code, code) != 0)
         return cf_error(file, 0, "code", "must equal the file's region \"%s\" (got \"%s\")", code,
                         r->code);
+    if (!r->gateway_identity[0]) {
+        free(r->gateway_identity);
+        r->gateway_identity = dm_sprintf("%s.gateway.domicile", code);
+    }
+    for (size_t i = 0; i < r->n_gateways; i++)
+        if ((st = check_host_port(file, "gateways", r->gateways[i], false)))
+            return st;
+    r->local = strcmp(code, cfg->gateway_region) == 0;
+    if (!r->local) {
+        if ((st = check_foreign_region(file, code, cfg->gateway_region, lines)))
+            return st;
+        if (r->n_gateways == 0)
+            return cf_error(file, 0, "gateways",
+                            "missing: region \"%s\" is served by its own gateways; list their "
+                            "peer addresses",
+                            code);
+        return NULL;
+    }
+    static const char *const required[] = {"password_file", "ssl_root_cert", "kek_file",
+                                           "ledger_key_file"};
+    if (r->n_hosts == 0)
+        return cf_error(file, 0, "hosts", "missing (required for the gateway's own region)");
+    for (size_t i = 0; i < DM_ARRAY_LEN(required); i++)
+        if (lines[key_index(region_keys, DM_ARRAY_LEN(region_keys), required[i])] <= 0)
+            return cf_error(file, 0, required[i],
+                            "missing (required for the gateway's own region)");
     for (size_t i = 0; i < r->n_hosts; i++)
         if ((st = check_host_port(file, "hosts", r->hosts[i], false)))
             return st;
@@ -444,13 +533,32 @@ static dm_status_t *load_region(const dm_config_t *cfg, const char *code, dm_reg
     return NULL;
 }
 
+/* Gateways of other regions are called, and call us, over mutual TLS only. */
+static dm_status_t *check_peers(const char *path, const dm_config_t *cfg)
+{
+    if (cfg->n_regions < 2)
+        return NULL;
+    if (!cfg->peer_listen[0])
+        return cf_error(path, 0, "peer_listen",
+                        "required: gateways of the other regions forward their calls here");
+    if (!cfg->peer_cert_file[0] || access(cfg->peer_cert_file, R_OK) != 0)
+        return cf_error(path, 0, "peer_cert_file", "required and readable (\"%s\")",
+                        cfg->peer_cert_file);
+    if (!cfg->peer_ca_file[0] || access(cfg->peer_ca_file, R_OK) != 0)
+        return cf_error(path, 0, "peer_ca_file", "required and readable (\"%s\")",
+                        cfg->peer_ca_file);
+    if (!cfg->peer_key_file[0])
+        return cf_error(path, 0, "peer_key_file", "required");
+    return check_secret(path, "peer_key_file", cfg->peer_key_file, 1 << 16);
+}
+
 dm_status_t *dm_config_load(const char *path, dm_config_t **out)
 {
     dm_status_t *st;
     dm_config_t *cfg = dm_calloc(1, sizeof(*cfg));
     cfg->source = dm_strdup(path);
 
-    st = parse_file(path, gateway_keys, DM_ARRAY_LEN(gateway_keys), cfg);
+    st = parse_file(path, gateway_keys, DM_ARRAY_LEN(gateway_keys), cfg, NULL);
     if (st)
         goto fail;
     if ((st = check_host_port(path, "listen", cfg->listen, true)))
@@ -506,6 +614,8 @@ dm_status_t *dm_config_load(const char *path, dm_config_t **out)
     }
     if ((st = check_secret(path, "subject_pepper_file", cfg->subject_pepper_file, 1024)))
         goto fail;
+    if (cfg->peer_listen[0] && (st = check_host_port(path, "peer_listen", cfg->peer_listen, true)))
+        goto fail;
     cfg->region_cfgs = dm_calloc(cfg->n_regions, sizeof(dm_region_config_t));
     for (size_t i = 0; i < cfg->n_regions; i++) {
         const char *code = cfg->regions[i];
@@ -529,6 +639,8 @@ dm_status_t *dm_config_load(const char *path, dm_config_t **out)
                       cfg->gateway_region);
         goto fail;
     }
+    if ((st = check_peers(path, cfg)))
+        goto fail;
     *out = cfg;
     return NULL;
 fail:

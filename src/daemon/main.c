@@ -15,6 +15,7 @@
 
 #include "domicile/api.h"
 #include "domicile/log.h"
+#include "domicile/peer.h"
 #include "domicile/metrics.h"
 #include "domicile/sdnotify.h"
 
@@ -215,6 +216,9 @@ int main(int argc, char **argv)
         goto out;
     if ((st = dm_app_init(&app)))
         goto out;
+    if ((st = dm_peers_create(app.cfg, app.regions, &app.peers)))
+        goto out;
+    dm_regions_set_remote(app.regions, dm_peers_submit, app.peers);
     app.health = dm_health_create(&app);
     dm_regions_on_change(app.regions, dm_health_region_changed, app.health);
     if ((st = dm_server_create(app.cfg, methods, n_methods, &app, &app.server)))
@@ -225,6 +229,7 @@ int main(int argc, char **argv)
     dm_server_on_shutdown(app.server, dm_health_shutdown, app.health);
     dm_server_set_authorizer(app.server, dm_authorize, &app);
     dm_regions_start(app.regions);
+    dm_peers_start(app.peers);
     if ((st = dm_server_start(app.server, &port)))
         goto out;
     dm_info("main", "domiciled %s serving on %s (port %d), gateway region \"%s\", %zu regions",
@@ -260,10 +265,12 @@ out:
     /* Order matters: nothing that can start a batch may outlive the completion queues. */
     dm_metrics_stop();
     dm_webhooks_stop(app.webhooks); /* it runs statements: before the regions stop */
+    dm_peers_stop(app.peers);       /* cancels what is in flight; callbacks run now */
     if (app.regions)
         dm_regions_stop(app.regions);
     dm_server_destroy(app.server);
     dm_health_destroy(app.health);
+    dm_peers_destroy(app.peers);
     dm_regions_destroy(app.regions);
     dm_app_dispose(&app);
     grpc_shutdown();

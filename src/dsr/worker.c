@@ -189,6 +189,19 @@ static void now_claimed(dm_job_t *job, PGresult *res, dm_status_t *err)
 void dm_dsr_run_now(dm_dsr_ctx_t *ctx, const char *request_id, const char *kind,
                     dm_region_t *const *stored, const bool *claimed, size_t n)
 {
+    /* Only this gateway's own region: another region's leg is run by its own gateways. */
+    dm_region_t *local[DM_MAX_REGIONS];
+    bool local_claimed[DM_MAX_REGIONS];
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!dm_region_is_local(stored[i]))
+            continue;
+        local[k] = stored[i];
+        local_claimed[k++] = claimed[i];
+    }
+    stored = local;
+    claimed = local_claimed;
+    n = k;
     if (n == 0)
         return;
     dm_dsr_now_t *s = dm_calloc(1, sizeof(*s));

@@ -101,6 +101,8 @@ struct dm_regions {
     void *on_change_arg;
     dm_idle_fn idle_fn;
     void *idle_arg;
+    dm_remote_submit_fn remote_submit; /* jobs of regions served by other gateways */
+    void *remote_arg;
     int idle_interval_ms;
     atomic_bool stopping;
 };
@@ -913,6 +915,11 @@ dm_status_t *dm_regions_create(const dm_config_t *cfg, dm_regions_t **out)
         r->hosts_csv = join_hosts(r->cfg, false);
         r->ports_csv = join_hosts(r->cfg, true);
         r->connect_timeout_s = dm_sprintf("%d", (r->cfg->connect_timeout_ms + 999) / 1000);
+        if (!r->cfg->local) {
+            /* Served by its own gateways: no connection, no secret here (src/peer). */
+            snprintf(r->last_error, sizeof(r->last_error), "no gateway of the region answered yet");
+            continue;
+        }
         r->n_execs = r->cfg->pool_size;
         r->execs = dm_calloc((size_t)r->n_execs, sizeof(executor_t));
         for (int k = 0; k < r->n_execs; k++) {
@@ -1020,6 +1027,14 @@ void dm_region_submit(dm_region_t *r, dm_job_t *job)
         fail_job(job, st);
         return;
     }
+    if (!r->cfg->local) {
+        pthread_mutex_unlock(&r->mu);
+        if (atomic_load(&r->set->stopping) || !r->set->remote_submit)
+            fail_job(job, dm_status_new(GRPC_STATUS_UNAVAILABLE, "gateway is shutting down"));
+        else
+            r->set->remote_submit(r->set->remote_arg, r, job);
+        return;
+    }
     if (atomic_load(&r->set->stopping) || r->breaker_open || (r->n_up == 0 && r->n_first == 0)) {
         bool open = r->breaker_open;
         pthread_mutex_unlock(&r->mu);
@@ -1041,6 +1056,32 @@ void dm_region_submit(dm_region_t *r, dm_job_t *job)
     r->q_tail = job;
     pthread_cond_signal(&r->cond);
     pthread_mutex_unlock(&r->mu);
+}
+
+void dm_regions_set_remote(dm_regions_t *rs, dm_remote_submit_fn fn, void *arg)
+{
+    rs->remote_submit = fn;
+    rs->remote_arg = arg;
+}
+
+bool dm_region_is_local(const dm_region_t *r)
+{
+    return r->cfg->local;
+}
+
+void dm_region_set_remote_state(dm_region_t *r, bool serving, const char *where, const char *error)
+{
+    pthread_mutex_lock(&r->mu);
+    bool was = atomic_exchange(&r->serving, serving);
+    r->n_up = serving ? 1 : 0;
+    snprintf(r->primary, sizeof(r->primary), "%s", where ? where : "");
+    if (error && *error)
+        set_error_locked(r, error);
+    bool report = was != serving || !r->reported;
+    r->reported = true;
+    pthread_mutex_unlock(&r->mu);
+    if (report && r->set->on_change)
+        r->set->on_change(r->set->on_change_arg, r, serving);
 }
 
 size_t dm_regions_count(const dm_regions_t *rs)

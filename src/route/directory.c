@@ -220,8 +220,8 @@ static void ask_done(dm_job_t *job, PGresult *res, dm_status_t *err)
     free(a);
 }
 
-void dm_directory_ask_all(dm_regions_t *regions, dm_region_t *skip, const char *customer_id,
-                          dm_call_t *call, dm_resolve_fn fn, void *arg)
+static void ask(dm_regions_t *regions, dm_region_t *skip, bool local_only, const char *customer_id,
+                dm_call_t *call, dm_resolve_fn fn, void *arg)
 {
     ask_t *a = dm_calloc(1, sizeof(*a));
     a->fn = fn;
@@ -230,7 +230,7 @@ void dm_directory_ask_all(dm_regions_t *regions, dm_region_t *skip, const char *
     pthread_mutex_init(&a->mu, NULL);
     for (size_t i = 0; i < dm_regions_count(regions); i++) {
         dm_region_t *r = dm_regions_at(regions, i);
-        if (r != skip)
+        if (r != skip && (!local_only || dm_region_is_local(r)))
             a->regions[a->n_jobs++] = r;
     }
     if (a->n_jobs == 0) {
@@ -260,6 +260,12 @@ void dm_directory_ask_all(dm_regions_t *regions, dm_region_t *skip, const char *
         dm_region_submit(targets[i], jobs[i]);
 }
 
+void dm_directory_ask_all(dm_regions_t *regions, dm_region_t *skip, const char *customer_id,
+                          dm_call_t *call, dm_resolve_fn fn, void *arg)
+{
+    ask(regions, skip, false, customer_id, call, fn, arg);
+}
+
 typedef struct resolve {
     dm_directory_t *d;
     char *customer_id;
@@ -281,8 +287,8 @@ static void resolve_done(void *arg, dm_region_t *region, const char *state, dm_s
     free(rv);
 }
 
-void dm_directory_resolve(dm_directory_t *d, const char *customer_id, dm_call_t *call,
-                          dm_resolve_fn fn, void *arg)
+static void resolve(dm_directory_t *d, const char *customer_id, dm_call_t *call, bool local_only,
+                    dm_resolve_fn fn, void *arg)
 {
     dm_region_t *r = lookup(d, customer_id);
     if (r) {
@@ -295,5 +301,17 @@ void dm_directory_resolve(dm_directory_t *d, const char *customer_id, dm_call_t 
     rv->customer_id = dm_strdup(customer_id);
     rv->fn = fn;
     rv->arg = arg;
-    dm_directory_ask_all(d->regions, NULL, customer_id, call, resolve_done, rv);
+    ask(d->regions, NULL, local_only, customer_id, call, resolve_done, rv);
+}
+
+void dm_directory_resolve(dm_directory_t *d, const char *customer_id, dm_call_t *call,
+                          dm_resolve_fn fn, void *arg)
+{
+    resolve(d, customer_id, call, false, fn, arg);
+}
+
+void dm_directory_resolve_local(dm_directory_t *d, const char *customer_id, dm_call_t *call,
+                                dm_resolve_fn fn, void *arg)
+{
+    resolve(d, customer_id, call, true, fn, arg);
 }

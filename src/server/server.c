@@ -76,6 +76,7 @@ struct dm_server {
     int n_hooks;
     dm_authorize_fn authorize;
     void *authorize_arg;
+    grpc_metadata answered_md; /* x-domicile-region: on every status (src/peer) */
 };
 
 struct dm_call {
@@ -117,6 +118,7 @@ struct dm_call {
     void (*data_free)(void *);
     bool active;
     const void *principal;
+    void (*principal_free)(void *); /* an asserted principal is the call's own */
     char purpose[65];
     char principal_name[72]; /* for the access log */
     char region[DM_REGION_CODE_MAX + 1];
@@ -152,6 +154,8 @@ static void call_unref(dm_call_t *c)
         protobuf_c_message_free_unpacked(c->request, NULL);
     if (c->data_free)
         c->data_free(c->data);
+    if (c->principal_free)
+        c->principal_free((void *)c->principal);
     grpc_slice_unref(c->final_details);
     grpc_metadata_array_destroy(&c->md);
     if (!c->method)
@@ -235,6 +239,9 @@ static void pump_locked(dm_call_t *c)
         ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
         ops[n].data.send_status_from_server.status = c->final_code;
         ops[n].data.send_status_from_server.status_details = &c->final_details;
+        /* Which region answered: a peer gateway tells an answer from a lost connection. */
+        ops[n].data.send_status_from_server.trailing_metadata_count = 1;
+        ops[n].data.send_status_from_server.trailing_metadata = &c->srv->answered_md;
         n++;
         c->status_sent = true;
     }
@@ -605,6 +612,31 @@ void dm_call_set_principal(dm_call_t *c, const void *p)
     c->principal = p;
 }
 
+void dm_call_set_principal_owned(dm_call_t *c, void *p, void (*free_fn)(void *))
+{
+    if (c->principal_free)
+        c->principal_free((void *)c->principal);
+    c->principal = p;
+    c->principal_free = free_fn;
+}
+
+bool dm_call_auth_property(dm_call_t *c, const char *name, char **out, size_t *len)
+{
+    grpc_auth_context *ctx = grpc_call_auth_context(c->call);
+    bool found = false;
+    if (!ctx)
+        return false;
+    grpc_auth_property_iterator it = grpc_auth_context_find_properties_by_name(ctx, name);
+    const grpc_auth_property *prop = grpc_auth_property_iterator_next(&it);
+    if (prop) {
+        *out = dm_strndup(prop->value, prop->value_length);
+        *len = prop->value_length;
+        found = true;
+    }
+    grpc_auth_context_release(ctx);
+    return found;
+}
+
 const char *dm_call_purpose(dm_call_t *c)
 {
     return c->purpose;
@@ -806,6 +838,8 @@ dm_status_t *dm_server_create(const dm_config_t *cfg, const dm_method_t *methods
     atomic_init(&srv->live_calls, 0);
     atomic_init(&srv->active_calls, 0);
     srv->shutdown_tag = (dm_tag_t){TAG_SHUTDOWN, NULL};
+    srv->answered_md.key = grpc_slice_from_static_string("x-domicile-region");
+    srv->answered_md.value = grpc_slice_from_copied_string(cfg->gateway_region);
 
     memset(args, 0, sizeof(args));
     args[0].type = GRPC_ARG_INTEGER;
@@ -916,6 +950,33 @@ dm_status_t *dm_server_start(dm_server_t *srv, int *port)
     grpc_server_credentials_release(creds);
     if (bound == 0)
         return dm_status_new(GRPC_STATUS_UNAVAILABLE, "cannot listen on %s", srv->cfg->listen);
+    if (srv->cfg->peer_listen[0]) {
+        /* Gateways of the other regions: mutual TLS with the federation's CA, always. */
+        char *cert = read_pem(srv->cfg->peer_cert_file), *key = read_pem(srv->cfg->peer_key_file);
+        char *ca = read_pem(srv->cfg->peer_ca_file);
+        grpc_server_credentials *pc = NULL;
+        if (cert && key && ca) {
+            grpc_ssl_pem_key_cert_pair pair = {key, cert};
+            pc = grpc_ssl_server_credentials_create_ex(
+                ca, &pair, 1, GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY, NULL);
+        }
+        if (key) {
+            OPENSSL_cleanse(key, strlen(key));
+            free(key);
+        }
+        free(cert);
+        free(ca);
+        if (!pc)
+            return dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                                 "cannot read the peer TLS files (peer_cert_file, peer_key_file, "
+                                 "peer_ca_file)");
+        int pport = grpc_server_add_http2_port(srv->server, srv->cfg->peer_listen, pc);
+        grpc_server_credentials_release(pc);
+        if (pport == 0)
+            return dm_status_new(GRPC_STATUS_UNAVAILABLE, "cannot listen on %s (peer_listen)",
+                                 srv->cfg->peer_listen);
+        dm_info("server", "peer listener (mutual TLS) on port %d", pport);
+    }
     grpc_server_start(srv->server);
     for (int i = 0; i < srv->n_workers; i++) {
         cq_worker_t *w = &srv->workers[i];
@@ -1013,6 +1074,7 @@ void dm_server_destroy(dm_server_t *srv)
         grpc_completion_queue_destroy(srv->workers[i].cq);
     free(srv->workers);
     free(srv->registered);
+    grpc_slice_unref(srv->answered_md.value);
     pthread_rwlock_destroy(&srv->post_lock);
     pthread_mutex_destroy(&srv->mu);
     pthread_cond_destroy(&srv->cond);
