@@ -304,8 +304,8 @@ static void exec_done(dm_job_t *job, PGresult *res, dm_status_t *err)
     r.rows = rowp;
     /* A leg this gateway claimed as it stored the request runs here at once, as it would
      * have on the caller's gateway before regions were sovereign. */
-    if (x->job.stmt == DM_SQL_DSR_RECEIVE_CLAIM && nt == 1 && nf > 0) {
-        const char *s = PQgetvalue(res, 0, 0);
+    if (x->job.stmt == DM_SQL_DSR_RECEIVE_CLAIM && nt == 1 && nf > DM_DC__COUNT) {
+        const char *s = PQgetvalue(res, 0, DM_DC__COUNT); /* the store's status */
         if (strcmp(s, "created") == 0) {
             dm_region_t *stored[1] = {x->region};
             bool claimed[1] = {true};
