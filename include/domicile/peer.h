@@ -82,8 +82,13 @@ void dm_peers_cancel(dm_peers_t *p, uint64_t id);
 /** The app's hook for the above: the peers of `call`'s app (src/api/app.c). */
 void dm_app_peers_cancel(dm_call_t *call, uint64_t id);
 
-/** Gateway-to-gateway calls started so far, per (method, peer region) (metrics, tests). */
-typedef void (*dm_peer_count_fn)(void *arg, const char *method, const char *region, int64_t calls);
+/**
+ * Gateway-to-gateway calls started so far (attempts: a retry counts again), per public method
+ * served (`origin`, "" for the gateway's own maintenance), path called at the peer, and peer
+ * region (metrics, tests). Health checks are not counted.
+ */
+typedef void (*dm_peer_count_fn)(void *arg, const char *origin, const char *path,
+                                 const char *region, int64_t calls);
 void dm_peers_counts(dm_peers_t *p, dm_peer_count_fn fn, void *arg);
 
 /* ---- the callee side (src/peer/service.c) ---- */

@@ -21,6 +21,7 @@ static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
     dm_ledger_idle(r, x, &app->ledger);
     if (dm_mono_ms() - app->fences_read_ms[i] >= FENCE_REFRESH_MS) {
         app->fences_read_ms[i] = dm_mono_ms();
+        dm_regions_poll_peer_fences(app);
         dm_regions_refresh_fences(app, r, x);
     }
 }

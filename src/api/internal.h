@@ -133,6 +133,9 @@ void dm_dsr_view_free(Domicile__V1__DsrRequest *q);
  * scope: only the global webhook applies)? False when w is NULL. */
 bool dm_webhooks_apply(const dm_webhooks_t *w, const char *customer);
 
+/** Read the peer regions' fences tables through their gateways (asynchronously, at most one
+ * read per region in flight); what they hold counts as for the own table. */
+void dm_regions_poll_peer_fences(dm_app_t *app);
 /** The regions' maintenance task: apply the fences that region `src` holds. */
 void dm_regions_refresh_fences(dm_app_t *app, dm_region_t *src, dm_exec_t *x);
 

@@ -10,6 +10,7 @@
 
 #include "domicile/api.h"
 #include "domicile/app.h"
+#include "domicile/peer.h"
 #include "domicile/log.h"
 #include "domicile/metrics.h"
 
@@ -131,6 +132,13 @@ static void put(out_t *o, const char *fmt, ...)
     }
 }
 
+static void put_peer_count(void *arg, const char *origin, const char *path, const char *region,
+                           int64_t calls)
+{
+    put(arg, "domicile_peer_calls_total{method=\"%s\",call=\"%s\",peer=\"%s\"} %lld\n",
+        origin[0] ? origin : "maintenance", path, region, (long long)calls);
+}
+
 char *dm_metrics_render(dm_app_t *app)
 {
     out_t o = {dm_malloc(65536), 0, 65536};
@@ -183,6 +191,11 @@ char *dm_metrics_render(dm_app_t *app)
             (long long)info.batched_writes);
         put(&o, "domicile_region_breaker_open{region=\"%s\"} %d\n", code, info.breaker_open);
         put(&o, "domicile_region_fenced{region=\"%s\"} %d\n", code, info.fenced);
+    }
+    if (app && app->peers) {
+        put(&o, "# HELP domicile_peer_calls_total Calls to gateways of other regions, by the "
+                "method they serve.\n# TYPE domicile_peer_calls_total counter\n");
+        dm_peers_counts(app->peers, put_peer_count, &o);
     }
     pthread_mutex_lock(&M.mu);
     put(&o,

@@ -71,7 +71,8 @@ struct dm_peers {
     int n_live;
     uint64_t next_id;
     struct {
-        char method[128];
+        char origin[96]; /* the public method served, "" for maintenance */
+        char path[96];   /* what was called at the peer */
         char region[DM_REGION_CODE_MAX + 1];
         int64_t n;
     } counts[MAX_COUNTS];
@@ -93,6 +94,7 @@ struct pcall {
     bool recv_status; /* stream: the status batch is the one in flight */
     grpc_call *call;
     char *path;
+    char origin[96]; /* public method this call serves (metrics) */
     grpc_slice req; /* packed request, kept for a retry */
     const ProtobufCMessageDescriptor *out;
     grpc_metadata md[4];
@@ -173,15 +175,17 @@ static bool md_has(const grpc_metadata_array *a, const char *key)
     return false;
 }
 
-static void count_call(dm_peers_t *p, const char *method, const char *region)
+static void count_call(dm_peers_t *p, const char *origin, const char *path, const char *region)
 {
     pthread_mutex_lock(&p->mu);
     size_t i;
     for (i = 0; i < p->n_counts; i++)
-        if (strcmp(p->counts[i].method, method) == 0 && strcmp(p->counts[i].region, region) == 0)
+        if (strcmp(p->counts[i].origin, origin) == 0 && strcmp(p->counts[i].path, path) == 0 &&
+            strcmp(p->counts[i].region, region) == 0)
             break;
     if (i == p->n_counts && i < MAX_COUNTS) {
-        snprintf(p->counts[i].method, sizeof(p->counts[i].method), "%s", method);
+        snprintf(p->counts[i].origin, sizeof(p->counts[i].origin), "%s", origin);
+        snprintf(p->counts[i].path, sizeof(p->counts[i].path), "%s", path);
         snprintf(p->counts[i].region, sizeof(p->counts[i].region), "%s", region);
         p->n_counts++;
     }
@@ -194,7 +198,7 @@ void dm_peers_counts(dm_peers_t *p, dm_peer_count_fn fn, void *arg)
 {
     pthread_mutex_lock(&p->mu);
     for (size_t i = 0; i < p->n_counts; i++)
-        fn(arg, p->counts[i].method, p->counts[i].region, p->counts[i].n);
+        fn(arg, p->counts[i].origin, p->counts[i].path, p->counts[i].region, p->counts[i].n);
     pthread_mutex_unlock(&p->mu);
 }
 
@@ -392,7 +396,7 @@ static bool start_attempt(pcall_t *pc)
                                         pc->deadline, NULL);
     grpc_slice_unref(method);
     if (pc->kind != PC_HEALTH)
-        count_call(p, pc->path, pc->pr->cfg->code);
+        count_call(p, pc->origin, pc->path, pc->pr->cfg->code);
 
     grpc_op ops[6];
     memset(ops, 0, sizeof(ops));
@@ -474,6 +478,8 @@ static pcall_t *pcall_new(dm_peers_t *p, dm_region_t *r, dm_call_t *call, const 
         gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(ms, GPR_TIMESPAN));
     if (kind != PC_HEALTH)
         assert_principal(pc, call);
+    if (call && dm_call_method(call))
+        snprintf(pc->origin, sizeof(pc->origin), "%s", dm_call_method(call)->path);
     return pc;
 }
 
