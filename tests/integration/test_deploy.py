@@ -797,7 +797,8 @@ def test_sd_notify_ready_reloading_stopping(gateways, kind):
             addr = f"@domicile-test-{os.getpid()}-{os.urandom(4).hex()}"
             sock.bind("\0" + addr[1:])
         sock.settimeout(15)
-        g = gateways.start(name=f"notify-{kind}", env={"NOTIFY_SOCKET": addr})
+        # One gateway only: every gateway of a federation would notify this socket.
+        g = gateways.start(name=f"notify-{kind}", env={"NOTIFY_SOCKET": addr}, only="us")
         # The harness returned after --ready-fd's line; READY=1 is sent right after it.
         ready = f"READY=1\nSTATUS=serving on 127.0.0.1:{g.port}"
         msg = sock.recv(4096).decode()
@@ -824,7 +825,7 @@ def test_sd_notify_ready_reloading_stopping(gateways, kind):
 
 def test_no_notify_socket_is_a_noop(gateways):
     """Without NOTIFY_SOCKET (the ordinary case) nothing changes and nothing is logged."""
-    g = gateways.start(name="notify-none", env={"NOTIFY_SOCKET": None})
+    g = gateways.start(name="notify-none", env={"NOTIFY_SOCKET": None}, only="us")
     g.stop()
     assert g.returncode == 0
     assert "NOTIFY_SOCKET" not in g.log
