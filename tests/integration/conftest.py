@@ -1060,8 +1060,10 @@ def session_federation(regions):
 @pytest.fixture(scope="session")
 def wan_federation(regions):
     """A federation of its own whose gateway-to-gateway paths go through domicile-wanproxy,
-    delaying each direction by half the published round trip of the pair (us-eu 80 ms, eu-in
-    120 ms, us-in 200 ms: deploy/local/README.md). Started when a test first asks for it."""
+    delaying each direction by half the pair's round trip as the state records it (by default
+    the published figures of deploy/local/README.md, "WAN emulation": us-eu 97 ms, eu-in 150 ms,
+    us-in 216 ms). Started when a test first asks for it.
+    """
     workdir = tempfile.mkdtemp(prefix="gw-wan-", dir=regions.tmp)
     fed = Federation(regions, workdir, name="wan", wan=True)
     try:

@@ -147,7 +147,8 @@ def test_wan_federation_routes_every_pair_through_the_proxy(wan_federation, regi
     route targets the other region's peer port with half the pair's round trip."""
     fed = wan_federation
     rtt = regions.rtt_ms()
-    assert rtt[("us", "eu")] == 80 and rtt[("eu", "in")] == 120 and rtt[("us", "in")] == 200, rtt
+    # The defaults of deploy/local (README "WAN emulation": Azure's published round trips).
+    assert rtt[("us", "eu")] == 97 and rtt[("eu", "in")] == 150 and rtt[("us", "in")] == 216, rtt
     routes = {f"127.0.0.1:{port}": (target, delay) for port, (_, target, delay) in zip(fed.proxy.ports, fed.proxy.routes)}
     assert len(routes) == 6
     for code, g in fed.gateways.items():
@@ -162,7 +163,7 @@ def test_wan_federation_routes_every_pair_through_the_proxy(wan_federation, regi
 
 def test_a_cross_border_call_pays_the_emulated_round_trip(wan_federation):
     """Registering an eu customer at the us gateway is decided in eu: at least one us-eu round
-    trip (80 ms) through the proxy. A lower bound only — how much more is the benchmark's
+    trip (97 ms by default) through the proxy. A lower bound only — how much more is the benchmark's
     business."""
     fed = wan_federation
     fed.check_alive()
