@@ -140,5 +140,10 @@ void dm_call_set_region(dm_call_t *call, const char *code);
 /** Attach data freed with `free_fn` when the call is destroyed. */
 void dm_call_set_data(dm_call_t *call, void *data, void (*free_fn)(void *));
 void *dm_call_data(dm_call_t *call);
+/**
+ * Attach more data freed with `free_fn` when the call is destroyed (after every callback of the
+ * call has run), for a module that serves a call whose data slot a handler holds. At most 4.
+ */
+void dm_call_attach(dm_call_t *call, void *p, void (*free_fn)(void *));
 
 #endif

@@ -4,6 +4,7 @@
  * region and copy requests to regions that were down when they arrived. Status is read from
  * every region at once: a leg shows what its own region says about it.
  */
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -901,13 +902,59 @@ typedef struct export_ctx {
     char limit_s[16];
     atomic_bool awaiting_drain;
     char count_s[24];
-    bool part;                /* PeerService/ExportPart: this region's part, for a peer */
-    dm_peer_stream_t *remote; /* a peer region's part being relayed */
+    bool part;                  /* PeerService/ExportPart: this region's part, for a peer */
+    struct export_parts *parts; /* the peer regions' parts, all started at once */
+    bool relaying;              /* the region at `pos` is a peer's part being relayed */
 } export_ctx_t;
+
+/*
+ * The peer regions' parts of an export run at once (one wide-area round for all of them),
+ * each stream holding at most one message until its turn comes: the lines still go out in
+ * region order. Shared by the export and the streams (refs), so that a stream that ends after
+ * the call is gone finds its state.
+ */
+typedef struct export_part {
+    struct export_parts *set;
+    size_t i;                       /* region index */
+    dm_peer_stream_t *s;            /* set with the first message */
+    ProtobufCMessage *held;         /* the next line, waiting for its turn */
+    bool started, ended, end_taken; /* end_taken: the relay moved past it (once) */
+    dm_status_t *err;
+} export_part_t;
+
+struct export_parts {
+    pthread_mutex_t mu;
+    atomic_int refs;
+    export_ctx_t *e; /* NULL once the export is gone */
+    export_part_t part[DM_MAX_REGIONS];
+};
+
+static void parts_unref(struct export_parts *ps)
+{
+    if (!ps || atomic_fetch_sub(&ps->refs, 1) != 1)
+        return;
+    for (size_t i = 0; i < DM_MAX_REGIONS; i++) {
+        if (ps->part[i].held)
+            protobuf_c_message_free_unpacked(ps->part[i].held, NULL);
+        dm_status_free(ps->part[i].err);
+    }
+    pthread_mutex_destroy(&ps->mu);
+    free(ps);
+}
 
 static void export_free(void *p)
 {
     export_ctx_t *e = p;
+    if (e->parts) {
+        /* Streams still running end on their own (cancelled with the call). */
+        pthread_mutex_lock(&e->parts->mu);
+        e->parts->e = NULL;
+        for (size_t i = 0; i < DM_MAX_REGIONS; i++)
+            if (e->parts->part[i].s && !e->parts->part[i].ended)
+                dm_peer_stream_cancel(e->parts->part[i].s);
+        pthread_mutex_unlock(&e->parts->mu);
+        parts_unref(e->parts);
+    }
     EVP_MD_CTX_free(e->sha);
     PQclear(e->held);
     free(e->st.reason);
@@ -1220,23 +1267,49 @@ static void export_next_chunk(export_ctx_t *e)
     dm_region_submit(r, &e->job);
 }
 
+static void relay_part(export_ctx_t *e);
+
 static void export_drained(dm_call_t *call, void *arg)
 {
     export_ctx_t *e = arg;
     if (dm_call_queued(call) == 0 && atomic_exchange(&e->awaiting_drain, false)) {
-        if (e->remote)
-            dm_peer_stream_next(e->remote);
-        else
+        if (e->relaying) {
+            export_part_t *pt = &e->parts->part[e->order[e->pos]];
+            dm_peer_stream_next(pt->s);
+        } else {
             export_next_chunk(e);
+        }
     }
 }
 
-/* A peer region's part, gated, logged and decrypted there (promise 10), relayed line by line
- * into this stream's digest and counts. */
-static void export_remote_msg(void *arg, dm_peer_stream_t *s, ProtobufCMessage *msg)
+/* The region at `pos` is a peer's: relay what its stream holds, or move on once it ended. */
+static void relay_part(export_ctx_t *e)
 {
-    export_ctx_t *e = arg;
+    struct export_parts *ps = e->parts;
     size_t i = e->order[e->pos];
+    export_part_t *pt = &ps->part[i];
+    pthread_mutex_lock(&ps->mu);
+    ProtobufCMessage *msg = pt->held;
+    pt->held = NULL;
+    bool ended = !msg && pt->ended && !pt->end_taken;
+    dm_status_t *err = ended ? pt->err : NULL;
+    if (ended) {
+        pt->err = NULL;
+        pt->end_taken = true;
+        e->relaying = false;
+    }
+    pthread_mutex_unlock(&ps->mu);
+    if (ended) {
+        if (err) {
+            export_region_failed(e, err);
+            return;
+        }
+        e->pos++;
+        export_region(e);
+        return;
+    }
+    if (!msg)
+        return; /* its next message, or its end, calls again */
     const Domicile__Peer__V1__ExportPartResponse *m =
         (const Domicile__Peer__V1__ExportPartResponse *)msg;
     EVP_DigestUpdate(e->sha, m->line.data, m->line.len);
@@ -1253,40 +1326,81 @@ static void export_remote_msg(void *arg, dm_peer_stream_t *s, ProtobufCMessage *
     bool alive = dm_call_send(e->call, &chunk.base);
     OPENSSL_cleanse(m->line.data, m->line.len);
     protobuf_c_message_free_unpacked(msg, NULL);
-    e->remote = s;
     if (!alive) {
-        dm_peer_stream_cancel(s);
-        dm_peer_stream_next(s);
+        /* Its end (CANCELLED) comes next and finishes the call. */
+        dm_peer_stream_cancel(pt->s);
+        dm_peer_stream_next(pt->s);
         return;
     }
     atomic_store(&e->awaiting_drain, true);
     if (dm_call_queued(e->call) == 0 && atomic_exchange(&e->awaiting_drain, false))
-        dm_peer_stream_next(s);
+        dm_peer_stream_next(pt->s);
 }
 
-static void export_remote_end(void *arg, dm_status_t *err)
+static void part_msg(void *arg, dm_peer_stream_t *s, ProtobufCMessage *msg)
 {
-    export_ctx_t *e = arg;
-    e->remote = NULL;
-    atomic_store(&e->awaiting_drain, false);
-    if (err) {
-        export_region_failed(e, err);
+    export_part_t *pt = arg;
+    struct export_parts *ps = pt->set;
+    pthread_mutex_lock(&ps->mu);
+    export_ctx_t *e = ps->e;
+    pt->s = s;
+    if (!e) {
+        pthread_mutex_unlock(&ps->mu);
+        protobuf_c_message_free_unpacked(msg, NULL);
+        dm_peer_stream_cancel(s);
+        dm_peer_stream_next(s);
         return;
     }
-    e->pos++;
-    export_region(e);
+    pt->held = msg;
+    bool turn = e->relaying && e->order[e->pos] == pt->i;
+    pthread_mutex_unlock(&ps->mu);
+    if (turn)
+        relay_part(e);
 }
 
-static void export_remote(export_ctx_t *e, dm_region_t *r)
+static void part_end(void *arg, dm_status_t *err)
 {
+    export_part_t *pt = arg;
+    struct export_parts *ps = pt->set;
+    pthread_mutex_lock(&ps->mu);
+    export_ctx_t *e = ps->e;
+    pt->ended = true;
+    pt->err = err;
+    bool turn = e && e->relaying && e->order[e->pos] == pt->i;
+    pthread_mutex_unlock(&ps->mu);
+    if (turn)
+        relay_part(e);
+    parts_unref(ps);
+}
+
+/* Start every peer region's part now: they are gated, logged and read in their regions at
+ * once, while the parts before them are relayed. */
+static void export_start_parts(export_ctx_t *e)
+{
+    struct export_parts *ps = dm_calloc(1, sizeof(*ps));
+    pthread_mutex_init(&ps->mu, NULL);
+    atomic_init(&ps->refs, 1);
+    ps->e = e;
+    e->parts = ps;
     Domicile__Peer__V1__ExportPartRequest pr = DOMICILE__PEER__V1__EXPORT_PART_REQUEST__INIT;
     pr.request_id = e->st.request_id;
     pr.subject_key.data = e->st.sk;
     pr.subject_key.len = DM_SUBJECT_KEY_LEN;
     pr.customer_id = e->st.customer;
-    dm_peer_stream(e->app->peers, r, e->call, EXPORT_PART_PATH, &pr.base,
-                   &domicile__peer__v1__export_part_response__descriptor, export_remote_msg,
-                   export_remote_end, e);
+    for (size_t k = 0; k < e->n; k++) {
+        size_t i = e->order[k];
+        dm_region_t *r = dm_regions_at(e->app->regions, i);
+        if (dm_region_is_local(r) || e->unreachable[i])
+            continue;
+        export_part_t *pt = &ps->part[i];
+        pt->set = ps;
+        pt->i = i;
+        pt->started = true;
+        atomic_fetch_add(&ps->refs, 1);
+        dm_peer_stream(e->app->peers, r, e->call, EXPORT_PART_PATH, &pr.base,
+                       &domicile__peer__v1__export_part_response__descriptor, part_msg, part_end,
+                       pt);
+    }
 }
 
 static void export_gated(void *arg, dm_status_t *err)
@@ -1312,7 +1426,10 @@ static void export_region(export_ctx_t *e)
     }
     dm_region_t *r = dm_regions_at(e->app->regions, e->order[e->pos]);
     if (!dm_region_is_local(r) && !e->part) {
-        export_remote(e, r);
+        pthread_mutex_lock(&e->parts->mu);
+        e->relaying = true;
+        pthread_mutex_unlock(&e->parts->mu);
+        relay_part(e);
         return;
     }
     e->after_customer[0] = '\0';
@@ -1363,6 +1480,7 @@ static void export_received(dm_fanout_t *f, void *arg)
         }
     }
     dm_call_on_drain(e->call, export_drained, e);
+    export_start_parts(e);
     export_region(e);
 }
 

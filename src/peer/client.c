@@ -95,7 +95,7 @@ struct pcall {
     grpc_call *call;
     char *path;
     char origin[96]; /* public method this call serves (metrics) */
-    grpc_slice req; /* packed request, kept for a retry */
+    grpc_slice req;  /* packed request, kept for a retry */
     const ProtobufCMessageDescriptor *out;
     grpc_metadata md[4];
     size_t n_md;
@@ -781,10 +781,8 @@ static void fwd_msg(void *arg, dm_peer_stream_t *s, ProtobufCMessage *msg)
 
 static void fwd_end(void *arg, dm_status_t *err)
 {
-    fwd_t *f = arg;
-    dm_call_t *call = f->call;
-    free(f);
-    dm_call_finish(call, err);
+    fwd_t *f = arg; /* freed with the call: a drain callback may still be on its way */
+    dm_call_finish(f->call, err);
 }
 
 void dm_peer_forward(dm_peers_t *p, dm_region_t *r, dm_call_t *call)
@@ -807,6 +805,7 @@ void dm_peer_forward(dm_peers_t *p, dm_region_t *r, dm_call_t *call)
     }
     fwd_t *f = dm_calloc(1, sizeof(*f));
     f->call = call;
+    dm_call_attach(call, f, free);
     dm_call_on_drain(call, fwd_drained, f);
     dm_peer_stream(p, r, call, m->path, req, m->output, fwd_msg, fwd_end, f);
 }

@@ -116,6 +116,11 @@ struct dm_call {
 
     void *data;
     void (*data_free)(void *);
+    struct attached {
+        void *p;
+        void (*free_fn)(void *);
+    } attached[4]; /* dm_call_attach() */
+    int n_attached;
     bool active;
     const void *principal;
     void (*principal_free)(void *); /* an asserted principal is the call's own */
@@ -154,6 +159,8 @@ static void call_unref(dm_call_t *c)
         protobuf_c_message_free_unpacked(c->request, NULL);
     if (c->data_free)
         c->data_free(c->data);
+    for (int i = 0; i < c->n_attached; i++)
+        c->attached[i].free_fn(c->attached[i].p);
     if (c->principal_free)
         c->principal_free((void *)c->principal);
     grpc_slice_unref(c->final_details);
@@ -595,6 +602,17 @@ void dm_call_set_data(dm_call_t *c, void *data, void (*free_fn)(void *))
 {
     c->data = data;
     c->data_free = free_fn;
+}
+
+void dm_call_attach(dm_call_t *c, void *p, void (*free_fn)(void *))
+{
+    pthread_mutex_lock(&c->mu);
+    if (c->n_attached == (int)DM_ARRAY_LEN(c->attached))
+        abort(); /* a bug: more than a call ever needs */
+    c->attached[c->n_attached].p = p;
+    c->attached[c->n_attached].free_fn = free_fn;
+    c->n_attached++;
+    pthread_mutex_unlock(&c->mu);
 }
 
 void *dm_call_data(dm_call_t *c)
