@@ -802,11 +802,13 @@ class Federation:
       wrapper, wrapper_log   wrap the entry gateway only (valgrind, prlimit)
       state_config      True: the state's own files as they are (the session's WAN-off
                         federation, on the state's peer ports); no override allowed
+      converge          True (default): start() returns once every gateway sees each region
+                        SERVING whose own gateway does (see converge())
     """
 
     def __init__(self, regions, workdir, name="fed", overrides=None, region_overrides=None, only=None,
                  peers=None, entry=None, wan=False, rtt_ms=None, env=None, wrapper=(), wrapper_log=None,
-                 ready_timeout=READY_TIMEOUT, extra_lines=(), state_config=False):
+                 ready_timeout=READY_TIMEOUT, extra_lines=(), state_config=False, converge=True):
         self.regions = regions
         self.workdir = workdir
         self.name = name
@@ -829,6 +831,7 @@ class Federation:
         self.ready_timeout = ready_timeout
         self.extra_lines = list(extra_lines)
         self.state_config = state_config
+        self.converge_on_start = converge
         if state_config:
             assert not (overrides or region_overrides or extra_lines or wan or only or peers), (
                 "state_config: the state's files as they are"
@@ -940,6 +943,36 @@ class Federation:
         for g in others:
             g.await_ready()
         self.entry.start()
+        if self.converge_on_start:
+            self.converge()
+
+    def converge(self, own_timeout=5.0, timeout=60.0):
+        """Waits until every started gateway sees each region SERVING whose own gateway (of
+        this federation, or of `peers`) serves it: a gateway learns a peer region's state from
+        its first health check of that region's gateways, so right after start it may still
+        answer UNAVAILABLE for a region that is up. A region whose own gateway does not report
+        SERVING within `own_timeout` s (its database is down: some tests start that way) is
+        not waited for."""
+        owners = dict(self.peer_federation.gateways) if self.peer_federation is not None else {}
+        owners.update(self.gateways)
+        up = []
+        for r, own in owners.items():
+            ch = own.channel(token=None)
+            try:
+                wait_health(ch, f"domicile.region.{r}", SERVING, timeout=own_timeout)
+                up.append(r)
+            except AssertionError:
+                pass
+        for g in self.gateways.values():
+            ch = g.channel(token=None)
+            for r in up:
+                try:
+                    wait_health(ch, f"domicile.region.{r}", SERVING, timeout=timeout)
+                except AssertionError as e:
+                    raise GatewayError(
+                        f"{g.name} does not see region {r} SERVING within {timeout:.0f}s although "
+                        f"{owners[r].name} serves it: {e}"
+                    ) from None
 
     @property
     def entry(self):
