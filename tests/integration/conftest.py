@@ -782,20 +782,24 @@ _ADDRESS_IN_USE = ("in use", "EADDRINUSE", "Failed to add port", "failed to bind
 
 
 class Federation:
-    """One gateway per region, started from the state's per-gateway configuration
-    ($STATE/gw/<code>/etc): each holds only its own region's secrets and reaches the other
-    regions through their gateways' peer ports, directly or (wan=True) through one
+    """One gateway per region (or several: `replicas`), started from the state's per-gateway
+    configuration ($STATE/gw/<code>/etc): each holds only its own region's secrets and reaches
+    the other regions through their gateways' peer ports, directly or (wan=True) through one
     domicile-wanproxy whose routes delay each direction by half the pair's round trip.
 
     Options (GatewayFactory.start passes them through):
       overrides         keys set in every gateway's domiciled.conf; ENTRY_ONLY_KEYS only in the
                         entry's
-      region_overrides  {code: {key: value}}: keys for one gateway only (after `overrides`)
-      only              a code or codes: start only these gateways; the others' addresses in
-                        the configuration are ports nobody listens on (their regions answer
-                        UNAVAILABLE), or those of `peers`
+      region_overrides  {code: {key: value}}: keys for one region's gateways only (after
+                        `overrides`)
+      only              a code or codes: start only these regions' gateways; the others'
+                        addresses in the configuration are ports nobody listens on (their
+                        regions answer UNAVAILABLE), or those of `peers`
       peers             a running Federation serving the regions this one does not start
-      entry             the gateway returned to the test (default us, else the first started)
+      entry             the region whose gateway is returned to the test (default us, else the
+                        first started)
+      replicas          {code: n}: n gateways for that region (default 1), each with its own
+                        peer port; every other region's file lists all of them
       wan               True: every gateway-to-gateway path goes through the WAN proxy
       rtt_ms            {(a, b): ms} round trips (default: the state's, deploy/local/README.md)
       env               environment of every gateway (value None removes a variable)
@@ -803,12 +807,16 @@ class Federation:
       state_config      True: the state's own files as they are (the session's WAN-off
                         federation, on the state's peer ports); no override allowed
       converge          True (default): start() returns once every gateway sees each region
-                        SERVING whose own gateway does (see converge())
+                        SERVING whose own gateways do (see converge())
+
+    After start(): gateways[code] is the first gateway of each started region (also
+    g.peers[code] of each gateway), replicas[code] all of them, proxy the WanProxy or None.
     """
 
     def __init__(self, regions, workdir, name="fed", overrides=None, region_overrides=None, only=None,
-                 peers=None, entry=None, wan=False, rtt_ms=None, env=None, wrapper=(), wrapper_log=None,
-                 ready_timeout=READY_TIMEOUT, extra_lines=(), state_config=False, converge=True):
+                 peers=None, entry=None, replicas=None, wan=False, rtt_ms=None, env=None, wrapper=(),
+                 wrapper_log=None, ready_timeout=READY_TIMEOUT, extra_lines=(), state_config=False,
+                 converge=True):
         self.regions = regions
         self.workdir = workdir
         self.name = name
@@ -822,6 +830,8 @@ class Federation:
             assert self.codes and len(self.codes) == len(wanted), f"unknown region in only={only!r}"
         self.entry_code = entry or ("us" if "us" in self.codes else self.codes[0])
         assert self.entry_code in self.codes, f"entry {self.entry_code!r} is not started (only={only!r})"
+        self.n_replicas = {c: int((replicas or {}).get(c, 1)) for c in REGION_CODES}
+        assert all(n >= 1 for n in self.n_replicas.values()), replicas
         self.peer_federation = peers
         self.wan = wan
         self.rtt_ms = dict(rtt_ms or regions.rtt_ms())
@@ -833,13 +843,14 @@ class Federation:
         self.state_config = state_config
         self.converge_on_start = converge
         if state_config:
-            assert not (overrides or region_overrides or extra_lines or wan or only or peers), (
+            assert not (overrides or region_overrides or extra_lines or wan or only or peers or replicas), (
                 "state_config: the state's files as they are"
             )
-        self.gateways = {}  # code -> Gateway, started ones
+        self.gateways = {}  # code -> first Gateway of the region
+        self.replicas = {}  # code -> [Gateway, ...]
         self.proxy = None
-        self.peer_ports = {}  # code -> port the gateways of that region listen on for peers
-        self.addresses = {}  # (from code, to code) -> address `from` calls `to` at
+        self.peer_ports = {}  # code -> [port of each gateway of that region]
+        self.addresses = {}  # (from code, to code) -> [addresses `from` calls `to`'s gateways at]
 
     # ---- addresses and files
 
@@ -848,35 +859,38 @@ class Federation:
 
     def _choose_ports(self, rng):
         if self.state_config:
-            self.peer_ports = {c: self.regions.peer_port(c) for c in REGION_CODES}
+            self.peer_ports = {c: [self.regions.peer_port(c)] for c in REGION_CODES}
             return
         avoid = set(region_ports(self.regions.port_base) + gateway_ports(self.regions.port_base))
-        fresh = free_ports(len(REGION_CODES), rng, avoid)
-        self.peer_ports = dict(zip(REGION_CODES, fresh))
+        fresh = iter(free_ports(sum(self.n_replicas.values()), rng, avoid))
+        self.peer_ports = {c: [next(fresh) for _ in range(self.n_replicas[c])] for c in REGION_CODES}
         if self.peer_federation is not None:
             for c in REGION_CODES:
                 if c not in self.codes and c in self.peer_federation.gateways:
-                    self.peer_ports[c] = self.peer_federation.peer_ports[c]
+                    self.peer_ports[c] = list(self.peer_federation.peer_ports[c])
 
     def _start_proxy(self):
-        """One proxy for the federation: a route per ordered pair (c started, r any other)."""
-        routes, pairs = [], []
+        """One proxy for the federation: a route per (started region c, gateway of another
+        region r), shared by c's gateways."""
+        routes, keys = [], []
         for c in self.codes:
             for r in REGION_CODES:
                 if r != c:
-                    pairs.append((c, r))
-                    routes.append(("127.0.0.1:0", f"127.0.0.1:{self.peer_ports[r]}", self.one_way_ms(c, r)))
+                    for port in self.peer_ports[r]:
+                        keys.append((c, r))
+                        routes.append(("127.0.0.1:0", f"127.0.0.1:{port}", self.one_way_ms(c, r)))
         self.proxy = WanProxy(routes, self.workdir, name=f"{self.name}-wanproxy", ready_timeout=self.ready_timeout)
         _REPORTED.append(self.proxy)
         self.proxy.start()
-        for (c, r), port in zip(pairs, self.proxy.ports):
-            self.addresses[(c, r)] = f"127.0.0.1:{port}"
+        for key, port in zip(keys, self.proxy.ports):
+            self.addresses.setdefault(key, []).append(f"127.0.0.1:{port}")
 
-    def _write_config(self, code):
-        """This federation's copy of `code`'s gateway configuration; returns its path."""
+    def _write_config(self, code, index):
+        """This federation's copy of the configuration of `code`'s gateway number `index`;
+        returns its path."""
         if self.state_config:
             return self.regions.gateway_conf(code)
-        d = os.path.join(self.workdir, f"{self.name}-{code}")
+        d = os.path.join(self.workdir, f"{self.name}-{code}" + (f"-{index + 1}" if index else ""))
         rdir = os.path.join(d, "regions")
         os.makedirs(rdir, exist_ok=True)
         src_rdir = self.regions.gateway_regions_dir(code)
@@ -885,10 +899,11 @@ class Federation:
             if r == code:
                 shutil.copyfile(src, os.path.join(rdir, f"{r}.conf"))
             else:
-                write_config_copy(src, os.path.join(rdir, f"{r}.conf"), {"gateways": [self.addresses[(code, r)]]})
-        ov = {"peer_listen": f"127.0.0.1:{self.peer_ports[code]}", "regions_dir": rdir}
+                write_config_copy(src, os.path.join(rdir, f"{r}.conf"), {"gateways": self.addresses[(code, r)]})
+        ov = {"peer_listen": f"127.0.0.1:{self.peer_ports[code][index]}", "regions_dir": rdir}
+        is_entry = code == self.entry_code and index == 0
         for k, v in self.overrides.items():
-            if k not in ENTRY_ONLY_KEYS or code == self.entry_code:
+            if k not in ENTRY_ONLY_KEYS or is_entry:
                 ov[k] = v
         ov.update(self.region_overrides.get(code, {}))
         return write_config_copy(self.regions.gateway_conf(code), os.path.join(d, "domiciled.conf"), ov, self.extra_lines)
@@ -905,14 +920,14 @@ class Federation:
                 self._start_once(rng)
                 return self.entry
             except GatewayError as e:
-                logs = "\n".join(g.raw_log for g in self.gateways.values()) + (self.proxy.raw_log if self.proxy else "")
+                logs = "\n".join(g.raw_log for g in self.all())
                 self.stop()
                 if self.state_config or attempt == 2 or not any(s in logs for s in _ADDRESS_IN_USE):
                     raise e
                 self.unreport()  # a port was taken: the next attempt's processes are reported
 
     def _start_once(self, rng):
-        self.gateways, self.proxy, self.addresses = {}, None, {}
+        self.gateways, self.replicas, self.proxy, self.addresses = {}, {}, None, {}
         self._choose_ports(rng)
         if self.wan:
             self._start_proxy()
@@ -920,50 +935,53 @@ class Federation:
             for c in self.codes:
                 for r in REGION_CODES:
                     if r != c:
-                        self.addresses[(c, r)] = f"127.0.0.1:{self.peer_ports[r]}"
+                        self.addresses[(c, r)] = [f"127.0.0.1:{p}" for p in self.peer_ports[r]]
         for code in self.codes:
-            is_entry = code == self.entry_code
-            g = Gateway(
-                self._write_config(code),
-                self.workdir,
-                name=f"{self.name}-{code}",
-                wrapper=self.wrapper if is_entry else (),
-                wrapper_log=self.wrapper_log if is_entry else None,
-                ready_timeout=self.ready_timeout,
-                env=self.env,
-                region=code,
-            )
-            g.federation = self
-            g.peers = self.gateways
-            self.gateways[code] = g
-            _REPORTED.append(g)
-        others = [g for c, g in self.gateways.items() if c != self.entry_code]
+            for index in range(self.n_replicas[code]):
+                is_entry = code == self.entry_code and index == 0
+                g = Gateway(
+                    self._write_config(code, index),
+                    self.workdir,
+                    name=f"{self.name}-{code}" + (f"-{index + 1}" if index else ""),
+                    wrapper=self.wrapper if is_entry else (),
+                    wrapper_log=self.wrapper_log if is_entry else None,
+                    ready_timeout=self.ready_timeout,
+                    env=self.env,
+                    region=code,
+                )
+                g.federation = self
+                g.peers = self.gateways
+                self.replicas.setdefault(code, []).append(g)
+                self.gateways.setdefault(code, g)
+                _REPORTED.append(g)
+        entry = self.gateways[self.entry_code]
+        others = [g for gs in self.replicas.values() for g in gs if g is not entry]
         for g in others:
             g.spawn()
         for g in others:
             g.await_ready()
-        self.entry.start()
+        entry.start()
         if self.converge_on_start:
             self.converge()
 
     def converge(self, own_timeout=5.0, timeout=60.0):
-        """Waits until every started gateway sees each region SERVING whose own gateway (of
-        this federation, or of `peers`) serves it: a gateway learns a peer region's state from
+        """Waits until every started gateway sees each region SERVING whose own gateways (of
+        this federation, or of `peers`) serve it: a gateway learns a peer region's state from
         its first health check of that region's gateways, so right after start it may still
-        answer UNAVAILABLE for a region that is up. A region whose own gateway does not report
+        answer UNAVAILABLE for a region that is up. A region whose own gateways do not report
         SERVING within `own_timeout` s (its database is down: some tests start that way) is
         not waited for."""
-        owners = dict(self.peer_federation.gateways) if self.peer_federation is not None else {}
-        owners.update(self.gateways)
+        owners = dict(self.peer_federation.replicas) if self.peer_federation is not None else {}
+        owners.update(self.replicas)
         up = []
         for r, own in owners.items():
-            ch = own.channel(token=None)
             try:
-                wait_health(ch, f"domicile.region.{r}", SERVING, timeout=own_timeout)
+                for g in own:
+                    wait_health(g.channel(token=None), f"domicile.region.{r}", SERVING, timeout=own_timeout)
                 up.append(r)
             except AssertionError:
                 pass
-        for g in self.gateways.values():
+        for g in self.all_gateways():
             ch = g.channel(token=None)
             for r in up:
                 try:
@@ -971,7 +989,7 @@ class Federation:
                 except AssertionError as e:
                     raise GatewayError(
                         f"{g.name} does not see region {r} SERVING within {timeout:.0f}s although "
-                        f"{owners[r].name} serves it: {e}"
+                        f"its own gateways serve it: {e}"
                     ) from None
 
     @property
@@ -981,9 +999,12 @@ class Federation:
     def __getitem__(self, code):
         return self.gateways[code]
 
+    def all_gateways(self):
+        return [g for gs in self.replicas.values() for g in gs]
+
     def all(self):
-        """The started gateways, the proxy first if any."""
-        return ([self.proxy] if self.proxy else []) + list(self.gateways.values())
+        """The started processes, the proxy first if any."""
+        return ([self.proxy] if self.proxy else []) + self.all_gateways()
 
     def check_alive(self):
         """Fails the test when a gateway (or the proxy) of this federation has exited."""
@@ -995,7 +1016,7 @@ class Federation:
         """SIGTERM to every gateway at once, then to the proxy; SIGKILL what does not exit in
         time. Returns {name: exit code}."""
         codes = {}
-        gws = [g for g in self.gateways.values() if g.proc is not None]
+        gws = [g for g in self.all_gateways() if g.proc is not None]
         for g in gws:
             g._close_channels()
             if g.alive():
@@ -1042,9 +1063,9 @@ class GatewayFactory:
 
         `overrides` go into every gateway's configuration (ENTRY_ONLY_KEYS into the entry's
         only); `env` into every gateway's environment; `wrapper` wraps the entry only. Further
-        keywords: see Federation (region_overrides, only, peers, entry, wan, rtt_ms,
-        extra_lines). With `config`, one gateway is started from that file as it is (its peers
-        are whatever that file's regions_dir names)."""
+        keywords: see Federation (region_overrides, only, peers, entry, replicas, wan, rtt_ms,
+        extra_lines, converge). With `config`, one gateway is started from that file as it is
+        (its peers are whatever that file's regions_dir names)."""
         self._n += 1
         if config is not None:
             g = Gateway(config, self.workdir, name=f"{name}-{self._n}", wrapper=wrapper, wrapper_log=wrapper_log,

@@ -174,3 +174,22 @@ def test_a_cross_border_call_pays_the_emulated_round_trip(wan_federation):
     register(api, "eu", prefix="wan")
     took = (time.monotonic() - t0) * 1000
     assert took >= fed.rtt_ms[("us", "eu")] - 1, f"RegisterCustomer in eu through the us gateway took {took:.1f} ms"
+
+
+def test_a_region_with_two_gateways(gateways):
+    """Federation(replicas={"eu": 2}): two eu gateways on peer ports of their own, both listed
+    in the other regions' eu files; with one of them killed, calls on eu data through the us
+    gateway still succeed (the other is tried)."""
+    g = gateways.start(name="replicas", replicas={"eu": 2})
+    fed = g.federation
+    eu1, eu2 = fed.replicas["eu"]
+    assert g.peers["eu"] is eu1 and eu1.peer_address != eu2.peer_address
+    for code in ("us", "in"):
+        rdir = string(settings(fed.gateways[code].config)["regions_dir"])
+        listed = strings(settings(os.path.join(rdir, "eu.conf"))["gateways"])
+        assert listed == [eu1.peer_address, eu2.peer_address], (code, listed)
+    api = Api(g.channel())
+    register(api, "eu", prefix="replica")
+    eu1.kill()
+    wait_health(g.channel(token=None), "domicile.region.eu", SERVING, timeout=30)
+    register(api, "eu", prefix="replica")
