@@ -30,6 +30,8 @@ typedef struct dm_peers dm_peers_t;
 #define DM_PEER_PRINCIPAL_MD "x-domicile-principal-bin"
 /** Metadata naming the calling gateway's region (must match its certificate). */
 #define DM_PEER_REGION_MD "x-domicile-peer-region"
+/** Metadata naming the public method the peer call serves at the caller. */
+#define DM_PEER_ORIGIN_MD "x-domicile-origin"
 /** Trailing metadata every answer of a gateway carries: the region that answered. */
 #define DM_PEER_ANSWERED_MD "x-domicile-region"
 

@@ -95,6 +95,8 @@ PGresult *dm_region_exec(dm_exec_t *x, dm_sql_id_t stmt, int n, const char *cons
  */
 typedef void (*dm_remote_submit_fn)(void *arg, dm_region_t *r, dm_job_t *job);
 void dm_regions_set_remote(dm_regions_t *rs, dm_remote_submit_fn fn, void *arg);
+/** UNAVAILABLE naming the reason while r is fenced (as its jobs fail), else NULL. */
+dm_status_t *dm_region_fence_check(dm_region_t *r) DM_WARN_UNUSED;
 /** True for the gateway's own region (database and secrets here); false for a peer region. */
 bool dm_region_is_local(const dm_region_t *r);
 /**

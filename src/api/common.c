@@ -172,8 +172,13 @@ static void routed_done(void *arg, dm_region_t *region, const char *state, dm_st
     if (!err && region && !dm_region_is_local(region)) {
         const dm_principal_t *p = dm_call_principal_of(rt.call);
         if (!p || !p->via) {
-            /* Promise 10: the customer's region decides and does the rest. */
-            dm_peer_forward(APP(rt.call)->peers, region, rt.call);
+            /* Promise 10: the customer's region decides and does the rest; a fence seen
+             * here stops the call here, as it would stop a local one. */
+            dm_status_t *fenced = dm_region_fence_check(region);
+            if (fenced)
+                dm_call_finish(rt.call, fenced);
+            else
+                dm_peer_forward(APP(rt.call)->peers, region, rt.call);
             return;
         }
         /* Forwarded here, yet not ours: never forwarded twice. */
@@ -205,6 +210,19 @@ bool dm_api_forward_to(dm_call_t *call, dm_region_t *region)
                                            dm_region_code(region)));
         return true;
     }
-    dm_peer_forward(APP(call)->peers, region, call);
+    dm_status_t *fenced = dm_region_fence_check(region);
+    if (fenced)
+        dm_call_finish(call, fenced);
+    else
+        dm_peer_forward(APP(call)->peers, region, call);
     return true;
+}
+
+bool dm_api_forwarded_from(dm_call_t *call, dm_handler_fn handler)
+{
+    const dm_principal_t *p = dm_call_principal_of(call);
+    size_t len = 0;
+    const char *origin = p && p->via ? dm_call_metadata(call, DM_PEER_ORIGIN_MD, &len) : NULL;
+    const char *path = dm_api_method_path(handler);
+    return origin && len == strlen(path) && memcmp(origin, path, len) == 0;
 }

@@ -62,6 +62,9 @@ void dm_api_route(dm_call_t *call, const char *customer_id, dm_resolve_fn fn, vo
  */
 bool dm_api_forward_to(dm_call_t *call, dm_region_t *region);
 
+/** Was this call forwarded by a peer gateway serving `handler`'s method there? */
+bool dm_api_forwarded_from(dm_call_t *call, dm_handler_fn handler);
+
 /* ---- transfers (src/api/transfer.c) ---- */
 
 #define DM_XFER_ID_LEN 129

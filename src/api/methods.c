@@ -101,6 +101,8 @@ static const dm_method_t methods[] = {
     /* Gateway to gateway (src/peer), after the public API. */
     M("domicile.peer.v1.PeerService", "Exec", U, PR(exec_request), PR(exec_response), dm_peer_exec,
       NULL, R_PEER),
+    M("domicile.peer.v1.PeerService", "RegionInfo", U, PR(region_info_request),
+      PR(region_info_response), dm_peer_region_info, NULL, R_PEER),
     M("domicile.peer.v1.PeerService", "ExportPart", S, PR(export_part_request),
       PR(export_part_response), dm_peer_export_part, NULL, R_PEER),
 };

@@ -489,7 +489,9 @@ static void put_resolved(void *arg, dm_region_t *r, const char *state, dm_status
     }
     set_region(c, r);
     c->xfer.dir = DM_TRANSFER_WRITE;
-    c->xfer.method = c->bulk ? "BulkPutRecords" : "PutRecord";
+    c->xfer.method = c->bulk || dm_api_forwarded_from(c->call, dm_records_bulk_put)
+                         ? "BulkPutRecords"
+                         : "PutRecord";
     c->xfer.customer_id = c->put_req->customer_id;
     c->xfer.subject_key = c->has_subject ? c->subject_key : NULL;
     dm_xfer_request_id(c->call, c->put_req->request_id, c->xfer.request_id);

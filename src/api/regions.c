@@ -15,6 +15,10 @@
 #include "domicile/log.h"
 #include "internal.h"
 
+#include "domicile/peer/v1/peer.pb-c.h"
+
+#define REGION_INFO_PATH "/domicile.peer.v1.PeerService/RegionInfo"
+
 typedef struct status_view {
     Domicile__V1__RegionStatus st;
     dm_region_info_t info;
@@ -61,29 +65,158 @@ static int by_code(const void *a, const void *b)
                   (*(Domicile__V1__RegionStatus *const *)b)->code);
 }
 
-static void list_done(dm_fanout_t *f, void *arg)
+/* ListRegions: the own region from its database, each peer region from its own gateway
+ * (PeerService/RegionInfo), all at once. */
+typedef struct list_ctx {
+    dm_call_t *call;
+    dm_app_t *app;
+    atomic_int pending;
+    dm_job_t job;
+    size_t local_i;
+    status_view_t v[DM_MAX_REGIONS];
+    Domicile__Peer__V1__RegionInfoResponse *remote[DM_MAX_REGIONS];
+    size_t remote_i[DM_MAX_REGIONS];
+} list_ctx_t;
+
+static void list_ctx_free(void *arg)
 {
-    dm_call_t *call = arg;
+    list_ctx_t *c = arg;
+    for (size_t i = 0; i < DM_MAX_REGIONS; i++)
+        if (c->remote[i])
+            protobuf_c_message_free_unpacked(&c->remote[i]->base, NULL);
+    free(c);
+}
+
+static void list_part_done(list_ctx_t *c)
+{
+    if (atomic_fetch_sub(&c->pending, 1) != 1)
+        return;
+    size_t n = dm_regions_count(c->app->regions);
     Domicile__V1__ListRegionsResponse rep = DOMICILE__V1__LIST_REGIONS_RESPONSE__INIT;
-    status_view_t *v = dm_calloc(f->n, sizeof(*v));
-    Domicile__V1__RegionStatus **sp = dm_calloc(f->n, sizeof(*sp));
-    for (size_t i = 0; i < f->n; i++) {
-        fill(&v[i], f->region[i], f->err[i] ? NULL : f->res[i]);
-        sp[i] = &v[i].st;
+    Domicile__V1__RegionStatus *sp[DM_MAX_REGIONS];
+    for (size_t i = 0; i < n; i++) {
+        if (c->remote[i] && c->remote[i]->status) {
+            /* Its gateway's view, with the fence as this gateway applies it. */
+            Domicile__V1__RegionStatus *s = c->remote[i]->status;
+            s->fenced = c->v[i].st.fenced;
+            s->fence_reason = c->v[i].st.fence_reason;
+            s->fenced_by = c->v[i].st.fenced_by;
+            s->fenced_at_unix_ms = c->v[i].st.fenced_at_unix_ms;
+            sp[i] = s;
+        } else {
+            sp[i] = &c->v[i].st;
+        }
     }
-    qsort(sp, f->n, sizeof(*sp), by_code); /* regions.proto: in region code order */
-    rep.n_regions = f->n;
+    qsort(sp, n, sizeof(*sp), by_code); /* regions.proto: in region code order */
+    rep.n_regions = n;
     rep.regions = sp;
-    dm_call_reply(call, &rep.base);
-    free(sp);
-    free(v);
-    dm_fanout_free(f);
+    dm_call_reply(c->call, &rep.base);
+}
+
+static void list_local_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    list_ctx_t *c = job->arg;
+    fill(&c->v[c->local_i], dm_regions_at(c->app->regions, c->local_i), err ? NULL : res);
+    dm_status_free(err);
+    list_part_done(c);
+}
+
+typedef struct list_remote {
+    list_ctx_t *c;
+    size_t i;
+} list_remote_t;
+
+static void list_remote_done(void *arg, ProtobufCMessage *reply, dm_status_t *err)
+{
+    list_remote_t *lr = arg;
+    list_ctx_t *c = lr->c;
+    if (err) {
+        /* Unreachable: this gateway's own view of it says so. */
+        dm_status_free(err);
+    } else {
+        c->remote[lr->i] = (Domicile__Peer__V1__RegionInfoResponse *)reply;
+    }
+    free(lr);
+    list_part_done(c);
 }
 
 void dm_regions_list(dm_call_t *call)
 {
-    dm_fanout_start(call, APP(call)->regions, DM_SQL_REPLICATION, 0, NULL, NULL, NULL, list_done,
-                    call);
+    dm_app_t *app = APP(call);
+    list_ctx_t *c = dm_calloc(1, sizeof(*c));
+    c->call = call;
+    c->app = app;
+    dm_call_set_data(call, c, list_ctx_free);
+    size_t n = dm_regions_count(app->regions);
+    for (size_t i = 0; i < n; i++)
+        fill(&c->v[i], dm_regions_at(app->regions, i), NULL);
+    atomic_init(&c->pending, (int)n + 1);
+    for (size_t i = 0; i < n; i++) {
+        dm_region_t *r = dm_regions_at(app->regions, i);
+        if (dm_region_is_local(r)) {
+            c->local_i = i;
+            c->job.stmt = DM_SQL_REPLICATION;
+            c->job.done = list_local_done;
+            c->job.arg = c;
+            c->job.call = call;
+            dm_region_submit(r, &c->job);
+            continue;
+        }
+        list_remote_t *lr = dm_malloc(sizeof(*lr));
+        lr->c = c;
+        lr->i = i;
+        Domicile__Peer__V1__RegionInfoRequest req = DOMICILE__PEER__V1__REGION_INFO_REQUEST__INIT;
+        dm_peer_unary(app->peers, r, call, REGION_INFO_PATH, &req.base,
+                      &domicile__peer__v1__region_info_response__descriptor, true, list_remote_done,
+                      lr);
+    }
+    list_part_done(c);
+}
+
+typedef struct info_ctx {
+    dm_call_t *call;
+    dm_region_t *region;
+    dm_job_t job;
+} info_ctx_t;
+
+static void info_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    info_ctx_t *c = job->arg;
+    status_view_t v;
+    fill(&v, c->region, err ? NULL : res);
+    dm_status_free(err);
+    Domicile__Peer__V1__RegionInfoResponse rep = DOMICILE__PEER__V1__REGION_INFO_RESPONSE__INIT;
+    rep.status = &v.st;
+    dm_call_reply(c->call, &rep.base);
+}
+
+void dm_peer_region_info(dm_call_t *call)
+{
+    dm_app_t *app = APP(call);
+    const dm_principal_t *p = dm_call_principal_of(call);
+    unsigned roles = 0;
+    size_t n = 0;
+    const dm_method_t *m = dm_api_methods(&n);
+    for (size_t i = 0; i < n; i++)
+        if (m[i].handler == dm_regions_list)
+            roles = m[i].roles;
+    if (!p || !(p->roles & roles)) {
+        dm_call_finish(call, dm_status_new(GRPC_STATUS_PERMISSION_DENIED,
+                                           "the asserted principal may not list regions"));
+        return;
+    }
+    info_ctx_t *c = dm_calloc(1, sizeof(*c));
+    c->call = call;
+    dm_call_set_data(call, c, free);
+    for (size_t i = 0; i < dm_regions_count(app->regions); i++)
+        if (dm_region_is_local(dm_regions_at(app->regions, i)))
+            c->region = dm_regions_at(app->regions, i);
+    dm_call_set_region(call, dm_region_code(c->region));
+    c->job.stmt = DM_SQL_REPLICATION;
+    c->job.done = info_done;
+    c->job.arg = c;
+    c->job.call = call;
+    dm_region_submit(c->region, &c->job);
 }
 
 typedef struct fence_ctx {

@@ -97,7 +97,7 @@ struct pcall {
     char origin[96]; /* public method this call serves (metrics) */
     grpc_slice req;  /* packed request, kept for a retry */
     const ProtobufCMessageDescriptor *out;
-    grpc_metadata md[4];
+    grpc_metadata md[5];
     size_t n_md;
     gpr_timespec deadline;
     grpc_metadata_array initial_md, trailing_md;
@@ -255,6 +255,11 @@ static void assert_principal(pcall_t *pc, dm_call_t *call)
     add_md(pc, DM_PEER_PRINCIPAL_MD, buf, n);
     free(buf);
     add_md(pc, DM_PEER_REGION_MD, cfg->gateway_region, strlen(cfg->gateway_region));
+    /* The public method the call serves: a message of BulkPutRecords goes as a PutRecord,
+     * and its ledger entry still names the method the client called. */
+    if (call && dm_call_method(call))
+        add_md(pc, DM_PEER_ORIGIN_MD, dm_call_method(call)->path,
+               strlen(dm_call_method(call)->path));
     size_t len = 0;
     const char *rid = call ? dm_call_metadata(call, "x-request-id", &len) : NULL;
     if (rid && len > 0 && len <= 128)

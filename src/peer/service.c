@@ -312,6 +312,20 @@ static void exec_done(dm_job_t *job, PGresult *res, dm_status_t *err)
             dm_dsr_run_now(&x->app->dsr, x->values[0], x->values[1], stored, claimed, 1);
         }
     }
+    /* A fence (or a lift) a peer records here is in force here at once. */
+    if (x->job.stmt == DM_SQL_FENCE_PUT && x->values[0] && x->values[5]) {
+        dm_region_t *fr = dm_regions_find(x->app->regions, x->values[0]);
+        if (fr) {
+            dm_fence_t row;
+            memset(&row, 0, sizeof(row));
+            snprintf(row.reason, sizeof(row.reason), "%s", x->values[1] ? x->values[1] : "");
+            snprintf(row.by, sizeof(row.by), "%s", x->values[2] ? x->values[2] : "");
+            row.at_ms = x->values[3] ? strtoll(x->values[3], NULL, 10) : 0;
+            row.lifted = x->values[4] && x->values[4][0] == 't';
+            row.version = strtoll(x->values[5], NULL, 10);
+            dm_region_fence_seen(fr, (int)dm_app_region_index(x->app, x->region), &row);
+        }
+    }
     dm_call_reply(x->call, &r.base);
     free(cols);
     free(colp);

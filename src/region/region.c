@@ -1058,6 +1058,17 @@ void dm_region_submit(dm_region_t *r, dm_job_t *job)
     pthread_mutex_unlock(&r->mu);
 }
 
+dm_status_t *dm_region_fence_check(dm_region_t *r)
+{
+    dm_status_t *st = NULL;
+    pthread_mutex_lock(&r->mu);
+    if (r->fenced)
+        st = dm_status_new(GRPC_STATUS_UNAVAILABLE, "region \"%s\" is fenced: %s", r->cfg->code,
+                           r->fence_reason);
+    pthread_mutex_unlock(&r->mu);
+    return st;
+}
+
 void dm_regions_set_remote(dm_regions_t *rs, dm_remote_submit_fn fn, void *arg)
 {
     rs->remote_submit = fn;
@@ -1080,6 +1091,10 @@ void dm_region_set_remote_state(dm_region_t *r, bool serving, const char *where,
     bool report = was != serving || !r->reported;
     r->reported = true;
     pthread_mutex_unlock(&r->mu);
+    if (report && serving)
+        dm_info(r->component, "region is serving (through its gateway %s)", where ? where : "");
+    else if (report)
+        dm_warn(r->component, "region is not serving: %s", error && *error ? error : "?");
     if (report && r->set->on_change)
         r->set->on_change(r->set->on_change_arg, r, serving);
 }
