@@ -306,6 +306,11 @@ class Regions:
     def peer_port(self, code):
         return self.port_base + 30 + REGION_CODES.index(code)
 
+    def secret_path(self, code, name):
+        """A secret of region `code`, in its gateway's directory only: "db.password", "kek",
+        "ledger.key", "peer.key" or "subject_pepper" (deploy/local/README.md)."""
+        return os.path.join(self.state, "gw", code, "secrets", name)
+
     def rtt_ms(self):
         """{(a, b): round trip in ms} for both orders of each region pair, as `up` recorded it
         in $STATE/gw/wan.env (the published figures unless --rtt changed them)."""
@@ -792,6 +797,9 @@ class Federation:
                         entry's
       region_overrides  {code: {key: value}}: keys for one region's gateways only (after
                         `overrides`)
+      region_files      {code: {region: {key: value}}}: keys set in the file of `region` that
+                        `code`'s gateways read (None removes a key), e.g. {"eu": {"eu":
+                        {"ssl_root_cert": other_ca}}} for an eu gateway with the wrong CA
       only              a code or codes: start only these regions' gateways; the others'
                         addresses in the configuration are ports nobody listens on (their
                         regions answer UNAVAILABLE), or those of `peers`
@@ -813,7 +821,7 @@ class Federation:
     g.peers[code] of each gateway), replicas[code] all of them, proxy the WanProxy or None.
     """
 
-    def __init__(self, regions, workdir, name="fed", overrides=None, region_overrides=None, only=None,
+    def __init__(self, regions, workdir, name="fed", overrides=None, region_overrides=None, region_files=None, only=None,
                  peers=None, entry=None, replicas=None, wan=False, rtt_ms=None, env=None, wrapper=(),
                  wrapper_log=None, ready_timeout=READY_TIMEOUT, extra_lines=(), state_config=False,
                  converge=True):
@@ -822,6 +830,7 @@ class Federation:
         self.name = name
         self.overrides = dict(overrides or {})
         self.region_overrides = {k: dict(v) for k, v in (region_overrides or {}).items()}
+        self.region_files = {c: {r: dict(kv) for r, kv in v.items()} for c, v in (region_files or {}).items()}
         if only is None:
             self.codes = list(REGION_CODES)
         else:
@@ -843,7 +852,8 @@ class Federation:
         self.state_config = state_config
         self.converge_on_start = converge
         if state_config:
-            assert not (overrides or region_overrides or extra_lines or wan or only or peers or replicas), (
+            assert not (overrides or region_overrides or region_files or extra_lines or wan or only or peers
+                        or replicas), (
                 "state_config: the state's files as they are"
             )
         self.gateways = {}  # code -> first Gateway of the region
@@ -896,10 +906,9 @@ class Federation:
         src_rdir = self.regions.gateway_regions_dir(code)
         for r in REGION_CODES:
             src = os.path.join(src_rdir, f"{r}.conf")
-            if r == code:
-                shutil.copyfile(src, os.path.join(rdir, f"{r}.conf"))
-            else:
-                write_config_copy(src, os.path.join(rdir, f"{r}.conf"), {"gateways": self.addresses[(code, r)]})
+            ov = {} if r == code else {"gateways": self.addresses[(code, r)]}
+            ov.update(self.region_files.get(code, {}).get(r, {}))
+            write_config_copy(src, os.path.join(rdir, f"{r}.conf"), ov)
         ov = {"peer_listen": f"127.0.0.1:{self.peer_ports[code][index]}", "regions_dir": rdir}
         is_entry = code == self.entry_code and index == 0
         for k, v in self.overrides.items():
@@ -1063,8 +1072,8 @@ class GatewayFactory:
 
         `overrides` go into every gateway's configuration (ENTRY_ONLY_KEYS into the entry's
         only); `env` into every gateway's environment; `wrapper` wraps the entry only. Further
-        keywords: see Federation (region_overrides, only, peers, entry, replicas, wan, rtt_ms,
-        extra_lines, converge). With `config`, one gateway is started from that file as it is
+        keywords: see Federation (region_overrides, region_files, only, peers, entry, replicas,
+        wan, rtt_ms, extra_lines, converge). With `config`, one gateway is started from that file as it is
         (its peers are whatever that file's regions_dir names)."""
         self._n += 1
         if config is not None:

@@ -229,7 +229,7 @@ def gcm_open(key, blob, aad):
 
 
 def kek(regions, region):
-    with open(os.path.join(regions.state, "keys", f"{region}.kek"), "rb") as f:
+    with open(regions.secret_path(region, "kek"), "rb") as f:
         k = f.read()
     assert len(k) == 32
     return k

@@ -390,7 +390,7 @@ def test_check_config_generated_ok(regions):
     for r in REGION_CODES:
         assert f'code = "{r}";' in p.stdout
     # Secrets are named, never printed.
-    with open(os.path.join(regions.state, "secrets", "us.password")) as f:
+    with open(regions.secret_path("us", "db.password")) as f:
         assert f.read().strip() not in p.stdout
 
 
@@ -424,7 +424,7 @@ def test_check_config_secret_file_mode(regions, tmp_path):
     rdir = tmp_path / "regions"
     shutil.copytree(regions.regions_dir, rdir)
     pw = tmp_path / "us.password"
-    shutil.copyfile(os.path.join(regions.state, "secrets", "us.password"), pw)
+    shutil.copyfile(regions.secret_path("us", "db.password"), pw)
     os.chmod(pw, 0o644)
     write_config_copy(str(rdir / "us.conf"), str(rdir / "us.conf"), {"password_file": str(pw)})
     conf = write_config_copy(regions.conf, str(tmp_path / "mode.conf"), {"regions_dir": str(rdir)})

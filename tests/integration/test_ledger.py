@@ -1086,7 +1086,7 @@ def _as_gateway_role(regions, region, sql):
     verify-full, its password); returns the completed process."""
     state = REGIONS_STATE[0]
     port = [n["port"] for n in regions.status_json() if n["region"] == region and n.get("role") == "primary" and n["running"]][0]
-    with open(os.path.join(state, "secrets", f"{region}.password")) as f:
+    with open(os.path.join(state, "gw", region, "secrets", "db.password")) as f:
         password = f.read().strip()
     conninfo = (
         f"host=127.0.0.1 port={port} dbname=domicile user=domicile_gateway sslmode=verify-full "
