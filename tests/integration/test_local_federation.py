@@ -193,3 +193,17 @@ def test_a_region_with_two_gateways(gateways):
     eu1.kill()
     wait_health(g.channel(token=None), "domicile.region.eu", SERVING, timeout=30)
     register(api, "eu", prefix="replica")
+
+
+def test_region_files_reach_the_file_a_gateway_reads(gateways, regions):
+    """region_files={gateway: {region: {key: value}}} edits the region file that gateway
+    reads, and only that one."""
+    g = gateways.start(name="region-files", only=("us", "eu"), converge=False,
+                       region_files={"eu": {"eu": {"connect_timeout_ms": 1500}, "us": {"gateway_identity": None}}})
+    eu = g.peers["eu"]
+    rdir = string(settings(eu.config)["regions_dir"])
+    assert settings(os.path.join(rdir, "eu.conf"))["connect_timeout_ms"] == "1500"
+    assert "gateway_identity" not in settings(os.path.join(rdir, "us.conf"))
+    us_rdir = string(settings(g.config)["regions_dir"])
+    assert settings(os.path.join(us_rdir, "eu.conf"))["gateway_identity"] == '"eu.gateway.domicile"'
+    assert eu.alive() and g.alive()
