@@ -93,16 +93,19 @@ static void list_part_done(list_ctx_t *c)
         return;
     size_t n = dm_regions_count(c->app->regions);
     Domicile__V1__ListRegionsResponse rep = DOMICILE__V1__LIST_REGIONS_RESPONSE__INIT;
-    Domicile__V1__RegionStatus *sp[DM_MAX_REGIONS];
+    Domicile__V1__RegionStatus *sp[DM_MAX_REGIONS], merged[DM_MAX_REGIONS];
     for (size_t i = 0; i < n; i++) {
         if (c->remote[i] && c->remote[i]->status) {
-            /* Its gateway's view, with the fence as this gateway applies it. */
-            Domicile__V1__RegionStatus *s = c->remote[i]->status;
-            s->fenced = c->v[i].st.fenced;
-            s->fence_reason = c->v[i].st.fence_reason;
-            s->fenced_by = c->v[i].st.fenced_by;
-            s->fenced_at_unix_ms = c->v[i].st.fenced_at_unix_ms;
-            sp[i] = s;
+            /* Its gateway's view (a copy: the unpacked message owns its strings). A call is
+             * refused where either gateway holds a fence: shown fenced while either does. */
+            merged[i] = *c->remote[i]->status;
+            if (c->v[i].st.fenced) {
+                merged[i].fenced = true;
+                merged[i].fence_reason = c->v[i].st.fence_reason;
+                merged[i].fenced_by = c->v[i].st.fenced_by;
+                merged[i].fenced_at_unix_ms = c->v[i].st.fenced_at_unix_ms;
+            }
+            sp[i] = &merged[i];
         } else {
             sp[i] = &c->v[i].st;
         }
