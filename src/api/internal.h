@@ -49,6 +49,13 @@ unsigned char *dm_record_aad(const char *region, const char *customer, const cha
  */
 void dm_api_resolve(dm_call_t *call, const char *customer_id, dm_resolve_fn fn, void *arg);
 
+/**
+ * Reply to a unary call with `inner` as the one field of the method's response type (the
+ * `{ T x = 1; }` responses, e.g. GetCustomerResponse around Customer). `inner` stays the
+ * caller's. A method whose response has another shape is answered INTERNAL (a bug).
+ */
+void dm_api_reply_wrapped(dm_call_t *call, const ProtobufCMessage *inner);
+
 /* ---- transfers (src/api/transfer.c) ---- */
 
 #define DM_XFER_ID_LEN 129
