@@ -828,7 +828,7 @@ def test_deadline_of_one_microsecond_writes_nothing(serving):
     # ListRecords and BulkPutRecords with the same deadline.
     e = rpc_error(lambda: list(api.list(ListReq(customer_id=cid), timeout=1e-6)))
     assert e.code() == SC.DEADLINE_EXCEEDED
-    e = rpc_error(api.bulk, iter([PutReq(request_id="dl-b", customer_id=cid, record_id="dl-bulk", kind="note")]), timeout=1e-6)
+    e = rpc_error(api.bulk, bulk_stream([PutReq(request_id="dl-b", customer_id=cid, record_id="dl-bulk", kind="note")]), timeout=1e-6)
     assert e.code() == SC.DEADLINE_EXCEEDED
     assert rpc_error(api.get, GetReq(customer_id=cid, record_id="dl-bulk"), timeout=15).code() == SC.NOT_FOUND
 

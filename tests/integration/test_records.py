@@ -1006,7 +1006,7 @@ def test_bulk_put_10001_messages_is_resource_exhausted(regions, api):
         for i in range(10001):
             yield PutReq(request_id=f"m{i}", customer_id=cid, record_id=f"r{i:05d}", kind="k")
 
-    e = rpc_error(api.bulk, msgs(), timeout=300)
+    e = rpc_error(api.bulk, bulk_stream(msgs()), timeout=300)
     assert e.code() == SC.RESOURCE_EXHAUSTED, (e.code(), e.details())
     assert "10000" in e.details(), e.details()
     n = int(scalar(regions, "us", f"SELECT count(*) FROM domicile.records WHERE customer_id = {lit(cid)}"))

@@ -1298,8 +1298,8 @@ def test_logs_hold_no_token_payload_marker_or_subject(regions, gateways, workdir
     attempt(put, svc, f"nobody-{uid()}", "x", payload, subject=subject)  # unknown customer
     attempt(put, svc, cid, "rec-1", payload, kind="Bad Kind", subject=subject)  # invalid kind
     attempt(list_once, svc, ListReq(customer_id=cid, subject=subject + "\x00"))  # NUL in the subject
-    attempt(svc.bulk, iter([PutReq(request_id=uid(), customer_id=cid, record_id="", kind="note", payload=payload,
-                                   subject=subject)]), timeout=20)
+    attempt(svc.bulk, bulk_stream([PutReq(request_id=uid(), customer_id=cid, record_id="", kind="note", payload=payload,
+                                          subject=subject)]), timeout=20)
     attempt(svc.close_customer, CloseReq(request_id=uid(), customer_id=cid, reason=f"asked by {subject} {marker}"), timeout=10)
     attempt(put, svc, cid, "after-close", payload, subject=subject)  # closed customer
     assert codes["PERMISSION_DENIED"] == 1 and codes["UNAUTHENTICATED"] == 2 and codes["INVALID_ARGUMENT"] >= 3, codes
