@@ -11,7 +11,10 @@
 # build: compiler, CMake, gRPC core, protobuf-c, libpq, OpenSSL, libcurl, libconfig, jansson
 # run:   PostgreSQL 15 server and client, the openssl CLI, CA certificates
 # test:  build + run + Python gRPC client, pytest, PyYAML (deployment manifests), cmocka,
-#        valgrind, clang and its sanitizer runtime (libFuzzer, LeakSanitizer) for tests/fuzz
+#        valgrind, clang and its sanitizer runtime (libFuzzer, LeakSanitizer) for tests/fuzz,
+#        and buf (tests api.lint, api.breaking) from npm: Node.js and npm from Debian when no
+#        npm is on PATH, then @bufbuild/buf, pinned, into $DOMICILE_BUF_DIR (default
+#        /var/cache/domicile/buf as root, ~/.cache/domicile/buf otherwise)
 #
 # Each package is checked with dpkg-query; apt-get update + apt-get install run only when
 # something is missing, so a machine that has everything pays one dpkg-query call and
@@ -24,6 +27,8 @@ libjansson-dev libmicrohttpd-dev"
 DOMICILE_DEPS_RUN="postgresql-15 postgresql-client-15 openssl ca-certificates"
 DOMICILE_DEPS_TEST="python3-grpcio python3-protobuf python3-pytest python3-yaml libcmocka-dev valgrind
 clang libclang-rt-14-dev"
+# buf is not packaged by Debian; the npm package ships the release binary.
+DOMICILE_BUF_VERSION=1.75.0
 # Optional (deploy/local Patroni mode, tests/integration/test_patroni.py): Patroni 3.0 with
 # its etcd client library, and etcd 3.4 (server and etcdctl).
 DOMICILE_DEPS_PATRONI="patroni python3-etcd etcd-server etcd-client"
@@ -55,23 +60,63 @@ domicile_deps() {
             missing="$missing $pkg"
         fi
     done
-    [ -z "$missing" ] && return 0
+    if [ -n "$missing" ]; then
+        # shellcheck disable=SC2086
+        domicile_apt_install $missing || return 1
+    fi
+    case " $* " in *" test "*) domicile_deps_buf || return 1 ;; esac
+    return 0
+}
 
+# domicile_apt_install PKG... — apt-get install, as root or through sudo.
+domicile_apt_install() {
     local sudo=""
     if [ "$(id -u)" -ne 0 ]; then
         if command -v sudo >/dev/null 2>&1; then
             sudo="sudo"
         else
-            echo "deps.sh: missing packages:$missing — run as root to install them" >&2
+            echo "deps.sh: missing packages: $* — run as root to install them" >&2
             return 1
         fi
     fi
-    echo "deps.sh: installing:$missing" >&2
-    # shellcheck disable=SC2086
+    echo "deps.sh: installing: $*" >&2
     $sudo apt-get update -qq || return 1
-    # shellcheck disable=SC2086
     $sudo env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends $missing || return 1
+        apt-get install -y -qq --no-install-recommends "$@" || return 1
+}
+
+# domicile_buf_dir — where deps.sh installs buf (tests/api/buf-check looks there too).
+domicile_buf_dir() {
+    if [ -n "${DOMICILE_BUF_DIR:-}" ]; then
+        echo "$DOMICILE_BUF_DIR"
+    elif [ "$(id -u)" -eq 0 ]; then
+        echo /var/cache/domicile/buf
+    else
+        echo "${XDG_CACHE_HOME:-$HOME/.cache}/domicile/buf"
+    fi
+}
+
+# domicile_deps_buf — buf $DOMICILE_BUF_VERSION in $(domicile_buf_dir), unless it is there.
+domicile_deps_buf() {
+    local dir buf
+    dir=$(domicile_buf_dir)
+    buf="$dir/node_modules/.bin/buf"
+    if [ -x "$buf" ] && [ "$("$buf" --version 2>/dev/null)" = "$DOMICILE_BUF_VERSION" ]; then
+        return 0
+    fi
+    # Node.js may come from elsewhere (NodeSource ships npm inside its nodejs package): only
+    # a machine without npm gets Debian's.
+    if ! command -v npm >/dev/null 2>&1; then
+        domicile_apt_install nodejs npm || return 1
+    fi
+    echo "deps.sh: installing buf $DOMICILE_BUF_VERSION from npm into $dir" >&2
+    mkdir -p "$dir" || return 1
+    npm install --prefix "$dir" --no-audit --no-fund --loglevel=error \
+        "@bufbuild/buf@$DOMICILE_BUF_VERSION" >&2 || return 1
+    [ "$("$buf" --version 2>/dev/null)" = "$DOMICILE_BUF_VERSION" ] || {
+        echo "deps.sh: $buf is not buf $DOMICILE_BUF_VERSION after npm install" >&2
+        return 1
+    }
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

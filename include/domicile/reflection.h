@@ -54,7 +54,8 @@ long dm_descdb_find_symbol(const dm_descdb_t *db, const char *symbol);
  * room for dm_descdb_n_files() entries. Returns how many.
  */
 size_t dm_descdb_closure(const dm_descdb_t *db, size_t i, size_t *out);
-/** Number of services the set declares, and service `i`'s full name ("domicile.v1.Records"). */
+/** Number of services the set declares, and service `i`'s full name ("domicile.v1.RecordsService").
+ */
 size_t dm_descdb_n_services(const dm_descdb_t *db);
 const char *dm_descdb_service(const dm_descdb_t *db, size_t i);
 

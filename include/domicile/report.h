@@ -1,7 +1,7 @@
 /*
- * Transfer reports rendered for people and for tools: the Transfers.Report answer as an aligned
- * text table, CSV (RFC 4180), JSON, Markdown, or one self-contained HTML file with an SVG chart
- * of transfers per month per route. Used by domicilectl; pure functions, no I/O.
+ * Transfer reports rendered for people and for tools: the TransfersService.Report answer as an
+ * aligned text table, CSV (RFC 4180), JSON, Markdown, or one self-contained HTML file with an SVG
+ * chart of transfers per month per route. Used by domicilectl; pure functions, no I/O.
  *
  * Every string of the report comes from ledger data and is treated as hostile: invalid UTF-8
  * and control characters become U+FFFD in the text, Markdown and HTML outputs (JSON and CSV keep
@@ -58,6 +58,6 @@ const char *dm_report_damage_name(int damage);
  * Render `rep` in `fmt`. Returns a new NUL-terminated text, the caller's to free(); never NULL
  * (out of memory aborts). `rep` is only read. Thread-safe.
  */
-char *dm_report_render(const Domicile__V1__TransferReport *rep, dm_report_format_t fmt);
+char *dm_report_render(const Domicile__V1__ReportResponse *rep, dm_report_format_t fmt);
 
 #endif

@@ -37,7 +37,7 @@ typedef void (*dm_call_cb)(dm_call_t *call, void *arg);
 
 /** One row of the method table: every rpc of proto/ has exactly one (checked by a unit test). */
 typedef struct dm_method {
-    const char *path; /* "/domicile.v1.Records/GetRecord" */
+    const char *path; /* "/domicile.v1.RecordsService/GetRecord" */
     dm_rpc_kind_t kind;
     const ProtobufCMessageDescriptor *input;
     const ProtobufCMessageDescriptor *output;

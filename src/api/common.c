@@ -5,6 +5,7 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include "domicile/log.h"
 #include "domicile/v1/customers.pb-c.h"
 
 #include "internal.h"
@@ -225,4 +226,24 @@ bool dm_api_forwarded_from(dm_call_t *call, dm_handler_fn handler)
     const char *origin = p && p->via ? dm_call_metadata(call, DM_PEER_ORIGIN_MD, &len) : NULL;
     const char *path = dm_api_method_path(handler);
     return origin && len == strlen(path) && memcmp(origin, path, len) == 0;
+}
+
+void dm_api_reply_wrapped(dm_call_t *call, const ProtobufCMessage *inner)
+{
+    /* Several rpcs answer with the same resource (a customer, a data-subject request), each
+     * in a response type of its own so that one of them can grow a field alone. */
+    const ProtobufCMessageDescriptor *d = dm_call_method(call)->output;
+    if (d->n_fields != 1 || d->fields[0].type != PROTOBUF_C_TYPE_MESSAGE ||
+        d->fields[0].label == PROTOBUF_C_LABEL_REPEATED ||
+        d->fields[0].descriptor != inner->descriptor) {
+        dm_error("api", "%s: response %s does not wrap a %s", dm_call_method(call)->path, d->name,
+                 inner->descriptor->name);
+        dm_call_finish(call, dm_status_new(GRPC_STATUS_INTERNAL, "internal error"));
+        return;
+    }
+    ProtobufCMessage *out = dm_calloc(1, d->sizeof_message);
+    d->message_init(out);
+    memcpy((char *)out + d->fields[0].offset, &inner, sizeof(inner));
+    dm_call_reply(call, out);
+    free(out);
 }

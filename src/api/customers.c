@@ -1,5 +1,5 @@
 /*
- * domicile.v1.Customers. A customer's directory row lives only in its residency region.
+ * domicile.v1.CustomersService. A customer's directory row lives only in its residency region.
  * Registration: (1) a pending row in the home region, (2) every other region asked at once
  * whether it holds the id, (3) commit or abort the pending row. Two gateways registering the
  * same id in two regions at once both see the other's pending row and both abort (ABORTED,
@@ -99,7 +99,7 @@ static void get_done(dm_job_t *job, PGresult *res, dm_status_t *err)
     cu.purge_after_unix_ms = dm_pg_time_ms(res, 0, 7);
     cu.close_reason = dm_pg_isnull(res, 0, 8) ? "" : (char *)dm_pg_bytes(res, 0, 8, &len);
     cu.purged_at_unix_ms = dm_pg_time_ms(res, 0, 9);
-    dm_call_reply(c->call, &cu.base);
+    dm_api_reply_wrapped(c->call, &cu.base);
     dm_labels_free(n, entries);
 }
 

@@ -65,6 +65,13 @@ bool dm_api_forward_to(dm_call_t *call, dm_region_t *region);
 /** Was this call forwarded by a peer gateway serving `handler`'s method there? */
 bool dm_api_forwarded_from(dm_call_t *call, dm_handler_fn handler);
 
+/**
+ * Reply to a unary call with `inner` as the one field of the method's response type (the
+ * `{ T x = 1; }` responses, e.g. GetCustomerResponse around Customer). `inner` stays the
+ * caller's. A method whose response has another shape is answered INTERNAL (a bug).
+ */
+void dm_api_reply_wrapped(dm_call_t *call, const ProtobufCMessage *inner);
+
 /* ---- transfers (src/api/transfer.c) ---- */
 
 #define DM_XFER_ID_LEN 129

@@ -1,5 +1,5 @@
 /*
- * domicile.v1.Records: validate -> resolve the customer's region -> one statement in that
+ * domicile.v1.RecordsService: validate -> resolve the customer's region -> one statement in that
  * region (and nowhere else) -> reply from the executor thread. Payloads are sealed here with
  * the customer's (or subject's) data key before they leave for the database, and opened here
  * after they come back.
@@ -786,14 +786,20 @@ static void bulk_on_message(dm_call_t *call, ProtobufCMessage *msg, dm_status_t 
         return;
     }
     int index = b->received++;
-    put_req_t *req = (put_req_t *)msg;
-    bool has_expected;
+    /* The put goes on alone (owned by its context): the message around it is freed here. */
+    Domicile__V1__BulkPutRecordsRequest *wrap = (Domicile__V1__BulkPutRecordsRequest *)msg;
+    put_req_t *req = wrap->put;
+    wrap->put = NULL;
+    protobuf_c_message_free_unpacked(msg, NULL);
+    bool has_expected = false;
     int64_t expected = 0;
-    dm_status_t *st = check_put(req, &has_expected, &expected);
+    dm_status_t *st = req ? check_put(req, &has_expected, &expected)
+                          : dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "put: required");
     if (st) {
-        bulk_note_failure_locked(b, index, req->record_id, st);
+        bulk_note_failure_locked(b, index, req ? req->record_id : "", st);
         dm_status_free(st);
-        protobuf_c_message_free_unpacked(msg, NULL);
+        if (req)
+            protobuf_c_message_free_unpacked(&req->base, NULL);
         b->reading = true; /* next message at once */
         pthread_mutex_unlock(&b->mu);
         dm_call_recv(call, bulk_on_message, b);
@@ -834,6 +840,13 @@ void dm_records_bulk_put(dm_call_t *call)
 
 /* ---- GetRecord ----------------------------------------------------------------------- */
 
+static void reply_record(dm_call_t *call, Domicile__V1__Record *rec)
+{
+    Domicile__V1__GetRecordResponse rep = DOMICILE__V1__GET_RECORD_RESPONSE__INIT;
+    rep.record = rec;
+    dm_call_reply(call, &rep.base);
+}
+
 static void get_logged(void *arg, dm_status_t *err)
 {
     rec_ctx_t *c = arg;
@@ -841,7 +854,7 @@ static void get_logged(void *arg, dm_status_t *err)
         dm_call_finish(c->call, err); /* not logged: not sent */
         return;
     }
-    dm_call_reply(c->call, &c->rec.base);
+    reply_record(c->call, &c->rec);
 }
 
 static void get_done(dm_job_t *job, PGresult *res, dm_status_t *err)
@@ -883,7 +896,7 @@ static void get_done(dm_job_t *job, PGresult *res, dm_status_t *err)
         return;
     }
     if (!c->xfer.cross) {
-        dm_call_reply(c->call, &rec->base);
+        reply_record(c->call, rec);
         return;
     }
     if (rec->has_subject) {

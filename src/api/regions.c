@@ -1,5 +1,5 @@
 /*
- * domicile.v1.Regions: ListRegions (each region's pool, breaker, fence and replication as
+ * domicile.v1.RegionsService: ListRegions (each region's pool, breaker, fence and replication as
  * this gateway sees them), Fence and Unfence (a versioned row written to every reachable
  * region, so that every gateway instance applies it, and brought to the others when they
  * answer again; see regions/schema/005_regions.sql and 007_fence_versions.sql).
@@ -255,7 +255,7 @@ static void fence_done(dm_fanout_t *f, void *arg)
             dm_regions_count(APP(c->call)->regions));
     status_view_t v;
     fill(&v, c->region, NULL);
-    dm_call_reply(c->call, &v.st.base);
+    dm_api_reply_wrapped(c->call, &v.st.base);
 }
 
 static void fence_common(dm_call_t *call, const char *request_id, const char *region,

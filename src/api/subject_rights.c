@@ -1,5 +1,5 @@
 /*
- * domicile.v1.SubjectRights. A request is stored in every reachable region (header + that
+ * domicile.v1.SubjectRightsService. A request is stored in every reachable region (header + that
  * region's leg) before it is acknowledged; workers (src/dsr/worker.c) run the legs in each
  * region and copy requests to regions that were down when they arrived. Status is read from
  * every region at once: a leg shows what its own region says about it.
@@ -305,7 +305,7 @@ static void status_done(dm_fanout_t *f, void *arg)
     if (st)
         dm_call_finish(c->call, st);
     else
-        dm_call_reply(c->call, &v->req.base);
+        dm_api_reply_wrapped(c->call, &v->req.base);
     free(v);
     dm_fanout_free(f);
 }
@@ -344,7 +344,7 @@ static void reply_stored(status_ctx_t *c)
     dm_fanout_t *f = c->stored;
     c->view = NULL;
     c->stored = NULL;
-    dm_call_reply(c->call, &v->req.base);
+    dm_api_reply_wrapped(c->call, &v->req.base);
     free(v);
     dm_fanout_free(f);
 }
@@ -554,16 +554,16 @@ void dm_dsr_erase(dm_call_t *call)
 
 void dm_dsr_restrict(dm_call_t *call)
 {
-    const Domicile__V1__RestrictRequest *r =
-        (const Domicile__V1__RestrictRequest *)dm_call_request(call);
+    const Domicile__V1__RestrictProcessingRequest *r =
+        (const Domicile__V1__RestrictProcessingRequest *)dm_call_request(call);
     create(call, DOMICILE__V1__DSR_KIND__DSR_KIND_RESTRICT, r->request_id, r->subject,
            r->customer_id, NULL, r->reason);
 }
 
 void dm_dsr_unrestrict(dm_call_t *call)
 {
-    const Domicile__V1__UnrestrictRequest *r =
-        (const Domicile__V1__UnrestrictRequest *)dm_call_request(call);
+    const Domicile__V1__UnrestrictProcessingRequest *r =
+        (const Domicile__V1__UnrestrictProcessingRequest *)dm_call_request(call);
     create(call, DOMICILE__V1__DSR_KIND__DSR_KIND_UNRESTRICT, r->request_id, r->subject,
            r->customer_id, NULL, r->reason);
 }
@@ -1060,8 +1060,8 @@ static void export_manifest(export_ctx_t *e)
     m.sha256_hex = hex;
     m.generated_at_unix_ms = dm_now_ms();
     m.complete = m.n_unreachable_regions == 0;
-    Domicile__V1__ExportChunk chunk = DOMICILE__V1__EXPORT_CHUNK__INIT;
-    chunk.item_case = DOMICILE__V1__EXPORT_CHUNK__ITEM_MANIFEST;
+    Domicile__V1__ExportResponse chunk = DOMICILE__V1__EXPORT_RESPONSE__INIT;
+    chunk.item_case = DOMICILE__V1__EXPORT_RESPONSE__ITEM_MANIFEST;
     chunk.manifest = &m;
     dm_call_send(e->call, &chunk.base);
     dm_call_finish(e->call, NULL);
@@ -1166,13 +1166,13 @@ static void export_emit(export_ctx_t *e)
             continue;
         }
         Domicile__V1__ExportLine el = DOMICILE__V1__EXPORT_LINE__INIT;
-        Domicile__V1__ExportChunk chunk = DOMICILE__V1__EXPORT_CHUNK__INIT;
+        Domicile__V1__ExportResponse chunk = DOMICILE__V1__EXPORT_RESPONSE__INIT;
         el.line.data = (uint8_t *)line;
         el.line.len = line_len;
         el.region = (char *)code;
         el.record_id = (char *)record_id;
         el.customer_id = (char *)customer;
-        chunk.item_case = DOMICILE__V1__EXPORT_CHUNK__ITEM_LINE;
+        chunk.item_case = DOMICILE__V1__EXPORT_RESPONSE__ITEM_LINE;
         chunk.line = &el;
         bool alive = dm_call_send(e->call, &chunk.base);
         OPENSSL_cleanse(line, line_len);
@@ -1316,12 +1316,12 @@ static void relay_part(export_ctx_t *e)
     e->records[i]++;
     e->bytes[i] += (int64_t)m->line.len;
     Domicile__V1__ExportLine el = DOMICILE__V1__EXPORT_LINE__INIT;
-    Domicile__V1__ExportChunk chunk = DOMICILE__V1__EXPORT_CHUNK__INIT;
+    Domicile__V1__ExportResponse chunk = DOMICILE__V1__EXPORT_RESPONSE__INIT;
     el.line = m->line;
     el.region = (char *)dm_region_code(dm_regions_at(e->app->regions, i));
     el.record_id = m->record_id;
     el.customer_id = m->customer_id;
-    chunk.item_case = DOMICILE__V1__EXPORT_CHUNK__ITEM_LINE;
+    chunk.item_case = DOMICILE__V1__EXPORT_RESPONSE__ITEM_LINE;
     chunk.line = &el;
     bool alive = dm_call_send(e->call, &chunk.base);
     OPENSSL_cleanse(m->line.data, m->line.len);

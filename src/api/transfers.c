@@ -1,5 +1,5 @@
 /*
- * domicile.v1.Transfers: VerifyLedger (walk a region's chain from its last checkpoint),
+ * domicile.v1.TransfersService: VerifyLedger (walk a region's chain from its last checkpoint),
  * ListTransfers (entries of one or every region's ledger, filtered, paged), Report (a fan-out
  * over every region: grouped by month x route x basis x purpose, plus each ledger's state).
  */
@@ -818,7 +818,7 @@ static void report_finish(report_t *r)
 {
     const Domicile__V1__ReportRequest *req =
         (const Domicile__V1__ReportRequest *)dm_call_request(r->call);
-    Domicile__V1__TransferReport out = DOMICILE__V1__TRANSFER_REPORT__INIT;
+    Domicile__V1__ReportResponse out = DOMICILE__V1__REPORT_RESPONSE__INIT;
     size_t total = 0;
     for (size_t i = 0; i < r->n; i++)
         total += r->parts[i].rows ? (size_t)PQntuples(r->parts[i].rows) : 0;

@@ -158,20 +158,35 @@ static char *new_request_id(void)
     return dm_sprintf("ctl-%d-%lld%09ld", (int)getpid(), (long long)ts.tv_sec, ts.tv_nsec);
 }
 
-static int print_customer(ProtobufCMessage *m)
+/* A response whose one message field (the customer, the region, the request) is missing. */
+static int empty_response(ProtobufCMessage *resp, const char *what)
 {
-    Domicile__V1__Customer *c = (Domicile__V1__Customer *)m;
+    fprintf(stderr, "domicilectl: the response carries no %s\n", what);
+    protobuf_c_message_free_unpacked(resp, NULL);
+    return 1;
+}
+
+/* `resp` holds `c`; both freed here. */
+static int print_customer(ProtobufCMessage *resp, const Domicile__V1__Customer *c)
+{
+    if (!c)
+        return empty_response(resp, "customer");
     const ProtobufCEnumValue *st =
         protobuf_c_enum_descriptor_get_value(&domicile__v1__customer_state__descriptor, c->state);
     printf("customer %s residency %s state %s created_at_ms %lld\n", c->customer_id, c->residency,
            st ? st->name : "?", (long long)c->created_at_unix_ms);
-    protobuf_c_message_free_unpacked(m, NULL);
+    protobuf_c_message_free_unpacked(resp, NULL);
     return 0;
 }
+
+#define CUSTOMERS "/domicile.v1.CustomersService/"
+#define REGIONS   "/domicile.v1.RegionsService/"
+#define RECORDS   "/domicile.v1.RecordsService/"
 
 static int cmd_customer(dm_client_t *c, int argc, char **argv)
 {
     ProtobufCMessage *resp = NULL;
+    const Domicile__V1__Customer *cu = NULL;
     dm_status_t *st;
     if (argc >= 3 && strcmp(argv[0], "register") == 0) {
         Domicile__V1__RegisterCustomerRequest r = DOMICILE__V1__REGISTER_CUSTOMER_REQUEST__INIT;
@@ -180,28 +195,35 @@ static int cmd_customer(dm_client_t *c, int argc, char **argv)
         r.customer_id = argv[1];
         r.residency = argv[2];
         r.display_name = argc > 3 ? argv[3] : "";
-        st = dm_client_unary(c, "/domicile.v1.Customers/RegisterCustomer", &r.base,
-                             &domicile__v1__customer__descriptor, timeout_g, &resp);
+        st = dm_client_unary(c, CUSTOMERS "RegisterCustomer", &r.base,
+                             &domicile__v1__register_customer_response__descriptor, timeout_g,
+                             &resp);
+        if (!st)
+            cu = ((Domicile__V1__RegisterCustomerResponse *)resp)->customer;
         free(rid);
     } else if (argc == 2 && strcmp(argv[0], "get") == 0) {
         Domicile__V1__GetCustomerRequest r = DOMICILE__V1__GET_CUSTOMER_REQUEST__INIT;
         r.customer_id = argv[1];
-        st = dm_client_unary(c, "/domicile.v1.Customers/GetCustomer", &r.base,
-                             &domicile__v1__customer__descriptor, timeout_g, &resp);
+        st = dm_client_unary(c, CUSTOMERS "GetCustomer", &r.base,
+                             &domicile__v1__get_customer_response__descriptor, timeout_g, &resp);
+        if (!st)
+            cu = ((Domicile__V1__GetCustomerResponse *)resp)->customer;
     } else if (argc == 3 && strcmp(argv[0], "close") == 0) {
         Domicile__V1__CloseCustomerRequest r = DOMICILE__V1__CLOSE_CUSTOMER_REQUEST__INIT;
         char *rid = new_request_id();
         r.request_id = rid;
         r.customer_id = argv[1];
         r.reason = argv[2];
-        st = dm_client_unary(c, "/domicile.v1.Customers/CloseCustomer", &r.base,
-                             &domicile__v1__customer__descriptor, timeout_g, &resp);
+        st = dm_client_unary(c, CUSTOMERS "CloseCustomer", &r.base,
+                             &domicile__v1__close_customer_response__descriptor, timeout_g, &resp);
+        if (!st)
+            cu = ((Domicile__V1__CloseCustomerResponse *)resp)->customer;
         free(rid);
     } else {
         usage(stderr);
         return 2;
     }
-    return st ? fail(st) : print_customer(resp);
+    return st ? fail(st) : print_customer(resp, cu);
 }
 
 static void print_region(const Domicile__V1__RegionStatus *r)
@@ -222,26 +244,31 @@ static void print_region(const Domicile__V1__RegionStatus *r)
 static int cmd_regions(dm_client_t *c, int argc, char **argv)
 {
     ProtobufCMessage *resp = NULL;
+    const Domicile__V1__RegionStatus *one = NULL; /* fence, unfence */
     dm_status_t *st;
     char *rid = new_request_id();
     if (argc == 1 && strcmp(argv[0], "list") == 0) {
         Domicile__V1__ListRegionsRequest r = DOMICILE__V1__LIST_REGIONS_REQUEST__INIT;
-        st = dm_client_unary(c, "/domicile.v1.Regions/ListRegions", &r.base,
+        st = dm_client_unary(c, REGIONS "ListRegions", &r.base,
                              &domicile__v1__list_regions_response__descriptor, timeout_g, &resp);
     } else if (argc == 3 && strcmp(argv[0], "fence") == 0) {
         Domicile__V1__FenceRequest r = DOMICILE__V1__FENCE_REQUEST__INIT;
         r.request_id = rid;
         r.region = argv[1];
         r.reason = argv[2];
-        st = dm_client_unary(c, "/domicile.v1.Regions/Fence", &r.base,
-                             &domicile__v1__region_status__descriptor, timeout_g, &resp);
+        st = dm_client_unary(c, REGIONS "Fence", &r.base, &domicile__v1__fence_response__descriptor,
+                             timeout_g, &resp);
+        if (!st)
+            one = ((Domicile__V1__FenceResponse *)resp)->region;
     } else if ((argc == 2 || argc == 3) && strcmp(argv[0], "unfence") == 0) {
         Domicile__V1__UnfenceRequest r = DOMICILE__V1__UNFENCE_REQUEST__INIT;
         r.request_id = rid;
         r.region = argv[1];
         r.reason = argc == 3 ? argv[2] : "";
-        st = dm_client_unary(c, "/domicile.v1.Regions/Unfence", &r.base,
-                             &domicile__v1__region_status__descriptor, timeout_g, &resp);
+        st = dm_client_unary(c, REGIONS "Unfence", &r.base,
+                             &domicile__v1__unfence_response__descriptor, timeout_g, &resp);
+        if (!st)
+            one = ((Domicile__V1__UnfenceResponse *)resp)->region;
     } else {
         free(rid);
         usage(stderr);
@@ -255,8 +282,10 @@ static int cmd_regions(dm_client_t *c, int argc, char **argv)
             (const Domicile__V1__ListRegionsResponse *)resp;
         for (size_t i = 0; i < l->n_regions; i++)
             print_region(l->regions[i]);
+    } else if (one) {
+        print_region(one);
     } else {
-        print_region((const Domicile__V1__RegionStatus *)resp);
+        return empty_response(resp, "region");
     }
     protobuf_c_message_free_unpacked(resp, NULL);
     return 0;
@@ -311,7 +340,7 @@ static int cmd_record(dm_client_t *c, int argc, char **argv)
         r.subject = argc == 5 ? argv[4] : "";
         r.payload.data = data;
         r.payload.len = len;
-        st = dm_client_unary(c, "/domicile.v1.Records/PutRecord", &r.base,
+        st = dm_client_unary(c, RECORDS "PutRecord", &r.base,
                              &domicile__v1__put_record_response__descriptor, timeout_g, &resp);
         free(rid);
         free(data);
@@ -327,11 +356,13 @@ static int cmd_record(dm_client_t *c, int argc, char **argv)
         Domicile__V1__GetRecordRequest r = DOMICILE__V1__GET_RECORD_REQUEST__INIT;
         r.customer_id = argv[1];
         r.record_id = argv[2];
-        st = dm_client_unary(c, "/domicile.v1.Records/GetRecord", &r.base,
-                             &domicile__v1__record__descriptor, timeout_g, &resp);
+        st = dm_client_unary(c, RECORDS "GetRecord", &r.base,
+                             &domicile__v1__get_record_response__descriptor, timeout_g, &resp);
         if (st)
             return fail(st);
-        Domicile__V1__Record *rec = (Domicile__V1__Record *)resp;
+        const Domicile__V1__Record *rec = ((Domicile__V1__GetRecordResponse *)resp)->record;
+        if (!rec)
+            return empty_response(resp, "record");
         fwrite(rec->payload.data, 1, rec->payload.len, stdout);
         protobuf_c_message_free_unpacked(resp, NULL);
         return 0;
@@ -341,7 +372,7 @@ static int cmd_record(dm_client_t *c, int argc, char **argv)
         r.customer_id = argv[1];
         r.kind = argc == 3 ? argv[2] : "";
         r.page_size = 1000;
-        st = dm_client_server_stream(c, "/domicile.v1.Records/ListRecords", &r.base,
+        st = dm_client_server_stream(c, RECORDS "ListRecords", &r.base,
                                      &domicile__v1__list_records_response__descriptor, timeout_g,
                                      print_listed, NULL);
         return st ? fail(st) : 0;
@@ -352,7 +383,7 @@ static int cmd_record(dm_client_t *c, int argc, char **argv)
         r.request_id = rid;
         r.customer_id = argv[1];
         r.record_id = argv[2];
-        st = dm_client_unary(c, "/domicile.v1.Records/DeleteRecord", &r.base,
+        st = dm_client_unary(c, RECORDS "DeleteRecord", &r.base,
                              &domicile__v1__delete_record_response__descriptor, timeout_g, &resp);
         free(rid);
         if (st)
@@ -368,7 +399,7 @@ static int cmd_record(dm_client_t *c, int argc, char **argv)
 
 /* ---- transfers ---------------------------------------------------------------------------- */
 
-#define TRANSFERS "/domicile.v1.Transfers/"
+#define TRANSFERS "/domicile.v1.TransfersService/"
 
 /* Report and VerifyLedger walk whole ledger chains: more than the 5 s meant for single rows. */
 static int ledger_timeout(void)
@@ -423,7 +454,7 @@ static int write_output(const char *path, const char *text)
     return 0;
 }
 
-static void report_warnings(const Domicile__V1__TransferReport *rep)
+static void report_warnings(const Domicile__V1__ReportResponse *rep)
 {
     for (size_t i = 0; i < rep->n_ledgers; i++) {
         const Domicile__V1__LedgerState *s = rep->ledgers[i];
@@ -510,11 +541,11 @@ static int cmd_transfers_report(dm_client_t *c, int argc, char **argv)
         return 2;
     ProtobufCMessage *resp = NULL;
     dm_status_t *st =
-        dm_client_unary(c, TRANSFERS "Report", &r.base, &domicile__v1__transfer_report__descriptor,
+        dm_client_unary(c, TRANSFERS "Report", &r.base, &domicile__v1__report_response__descriptor,
                         ledger_timeout(), &resp);
     if (st)
         return fail(st);
-    const Domicile__V1__TransferReport *rep = (const Domicile__V1__TransferReport *)resp;
+    const Domicile__V1__ReportResponse *rep = (const Domicile__V1__ReportResponse *)resp;
     char *text = dm_report_render(rep, fmt);
     int rc = write_output(output, text);
     /* The table on a terminal already shows them; files and pipes need them said too. */
@@ -760,7 +791,7 @@ static int cmd_transfers(dm_client_t *c, int argc, char **argv)
 
 /* ---- data-subject requests ---------------------------------------------------------------- */
 
-#define DSR "/domicile.v1.SubjectRights/"
+#define DSR "/domicile.v1.SubjectRightsService/"
 
 enum {
     DSR_EXIT_PARTIAL = 3,    /* an answer without some regions (locate) */
@@ -910,16 +941,23 @@ static void print_dsr(const Domicile__V1__DsrRequest *q)
     free(sk);
 }
 
-static int dsr_unary(dm_client_t *c, const char *method, const ProtobufCMessage *req)
+/* `out`: the method's response type, each `{ DsrRequest request = 1; }`. */
+static int dsr_unary(dm_client_t *c, const char *method, const ProtobufCMessage *req,
+                     const ProtobufCMessageDescriptor *out)
 {
     ProtobufCMessage *resp = NULL;
     char *path = dm_sprintf(DSR "%s", method);
-    dm_status_t *st =
-        dm_client_unary(c, path, req, &domicile__v1__dsr_request__descriptor, timeout_g, &resp);
+    dm_status_t *st = dm_client_unary(c, path, req, out, timeout_g, &resp);
     free(path);
     if (st)
         return fail(st);
-    print_dsr((const Domicile__V1__DsrRequest *)resp);
+    const ProtobufCFieldDescriptor *f =
+        protobuf_c_message_descriptor_get_field_by_name(out, "request");
+    const Domicile__V1__DsrRequest *q =
+        f ? *(const Domicile__V1__DsrRequest *const *)((const char *)resp + f->offset) : NULL;
+    if (!q)
+        return empty_response(resp, "request");
+    print_dsr(q);
     protobuf_c_message_free_unpacked(resp, NULL);
     return 0;
 }
@@ -1022,21 +1060,24 @@ static int cmd_dsr_file(dm_client_t *c, int argc, char **argv)
         r.subject = subject;
         r.customer_id = customer;
         r.reason = reason;
-        rc = dsr_unary(c, "Erase", &r.base);
+        rc = dsr_unary(c, "Erase", &r.base, &domicile__v1__erase_response__descriptor);
     } else if (strcmp(what, "restrict") == 0) {
-        Domicile__V1__RestrictRequest r = DOMICILE__V1__RESTRICT_REQUEST__INIT;
+        Domicile__V1__RestrictProcessingRequest r = DOMICILE__V1__RESTRICT_PROCESSING_REQUEST__INIT;
         r.request_id = rid;
         r.subject = subject;
         r.customer_id = customer;
         r.reason = reason;
-        rc = dsr_unary(c, "RestrictProcessing", &r.base);
+        rc = dsr_unary(c, "RestrictProcessing", &r.base,
+                       &domicile__v1__restrict_processing_response__descriptor);
     } else if (strcmp(what, "unrestrict") == 0) {
-        Domicile__V1__UnrestrictRequest r = DOMICILE__V1__UNRESTRICT_REQUEST__INIT;
+        Domicile__V1__UnrestrictProcessingRequest r =
+            DOMICILE__V1__UNRESTRICT_PROCESSING_REQUEST__INIT;
         r.request_id = rid;
         r.subject = subject;
         r.customer_id = customer;
         r.reason = reason;
-        rc = dsr_unary(c, "UnrestrictProcessing", &r.base);
+        rc = dsr_unary(c, "UnrestrictProcessing", &r.base,
+                       &domicile__v1__unrestrict_processing_response__descriptor);
     } else if (strcmp(what, "object") == 0) {
         Domicile__V1__ObjectRequest r = DOMICILE__V1__OBJECT_REQUEST__INIT;
         r.request_id = rid;
@@ -1044,7 +1085,7 @@ static int cmd_dsr_file(dm_client_t *c, int argc, char **argv)
         r.customer_id = customer;
         r.purpose = (char *)purpose;
         r.reason = reason;
-        rc = dsr_unary(c, "Object", &r.base);
+        rc = dsr_unary(c, "Object", &r.base, &domicile__v1__object_response__descriptor);
     } else {
         Domicile__V1__WithdrawRequest r = DOMICILE__V1__WITHDRAW_REQUEST__INIT;
         r.request_id = rid;
@@ -1052,7 +1093,7 @@ static int cmd_dsr_file(dm_client_t *c, int argc, char **argv)
         r.customer_id = customer;
         r.purpose = (char *)purpose;
         r.reason = reason;
-        rc = dsr_unary(c, "Withdraw", &r.base);
+        rc = dsr_unary(c, "Withdraw", &r.base, &domicile__v1__withdraw_response__descriptor);
     }
     free(subject);
     free(o.generated_id);
@@ -1067,7 +1108,7 @@ static int cmd_dsr_status(dm_client_t *c, int argc, char **argv)
     }
     Domicile__V1__GetRequestRequest r = DOMICILE__V1__GET_REQUEST_REQUEST__INIT;
     r.request_id = argv[1];
-    return dsr_unary(c, "GetRequest", &r.base);
+    return dsr_unary(c, "GetRequest", &r.base, &domicile__v1__get_request_response__descriptor);
 }
 
 static int cmd_dsr_extend(dm_client_t *c, int argc, char **argv)
@@ -1079,7 +1120,8 @@ static int cmd_dsr_extend(dm_client_t *c, int argc, char **argv)
     Domicile__V1__ExtendDeadlineRequest r = DOMICILE__V1__EXTEND_DEADLINE_REQUEST__INIT;
     r.request_id = argv[1];
     r.reason = argv[2];
-    return dsr_unary(c, "ExtendDeadline", &r.base);
+    return dsr_unary(c, "ExtendDeadline", &r.base,
+                     &domicile__v1__extend_deadline_response__descriptor);
 }
 
 static bool print_dsr_line(const ProtobufCMessage *m, void *arg)
@@ -1310,8 +1352,8 @@ static void export_progress(export_state_t *e, bool last)
 static bool export_chunk(const ProtobufCMessage *m, void *arg)
 {
     export_state_t *e = arg;
-    const Domicile__V1__ExportChunk *ch = (const Domicile__V1__ExportChunk *)m;
-    if (ch->item_case == DOMICILE__V1__EXPORT_CHUNK__ITEM_MANIFEST) {
+    const Domicile__V1__ExportResponse *ch = (const Domicile__V1__ExportResponse *)m;
+    if (ch->item_case == DOMICILE__V1__EXPORT_RESPONSE__ITEM_MANIFEST) {
         if (e->manifests++ == 0) {
             /* Keep a copy: the message is freed when this returns. */
             size_t n = protobuf_c_message_get_packed_size(&ch->manifest->base);
@@ -1322,7 +1364,7 @@ static bool export_chunk(const ProtobufCMessage *m, void *arg)
         }
         return true;
     }
-    if (ch->item_case != DOMICILE__V1__EXPORT_CHUNK__ITEM_LINE)
+    if (ch->item_case != DOMICILE__V1__EXPORT_RESPONSE__ITEM_LINE)
         return true;
     const Domicile__V1__ExportLine *l = ch->line;
     if (e->manifests)
@@ -1469,9 +1511,9 @@ static int cmd_dsr_export(dm_client_t *c, int argc, char **argv)
     r.customer_id = (char *)o.customer;
     r.reason = (char *)o.reason;
     r.allow_partial = o.allow_partial;
-    dm_status_t *st =
-        dm_client_server_stream(c, DSR "Export", &r.base, &domicile__v1__export_chunk__descriptor,
-                                export_timeout(), export_chunk, &e);
+    dm_status_t *st = dm_client_server_stream(c, DSR "Export", &r.base,
+                                              &domicile__v1__export_response__descriptor,
+                                              export_timeout(), export_chunk, &e);
     OPENSSL_cleanse(subject, strlen(subject));
     free(subject);
     export_progress(&e, true);

@@ -39,9 +39,9 @@ extern char **environ;
 int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const char *key,
                  int timeout_ms, int argc, char **argv);
 
-#define PATH_REGISTER "/domicile.v1.Customers/RegisterCustomer"
-#define PATH_PUT      "/domicile.v1.Records/PutRecord"
-#define PATH_GET      "/domicile.v1.Records/GetRecord"
+#define PATH_REGISTER "/domicile.v1.CustomersService/RegisterCustomer"
+#define PATH_PUT      "/domicile.v1.RecordsService/PutRecord"
+#define PATH_GET      "/domicile.v1.RecordsService/GetRecord"
 
 #define N_REGIONS      3
 #define N_CODES        17     /* gRPC status codes 0..16 */
@@ -393,8 +393,8 @@ static void read_one(worker_t *w, dm_client_t *cl, int principal_region)
     ProtobufCMessage *resp = NULL;
     w->c.calls++;
     int64_t started = now_us();
-    dm_status_t *st = dm_client_unary(cl, PATH_GET, &r.base, &domicile__v1__record__descriptor,
-                                      d->call_ms, &resp);
+    dm_status_t *st = dm_client_unary(
+        cl, PATH_GET, &r.base, &domicile__v1__get_record_response__descriptor, d->call_ms, &resp);
     if (st) {
         count_error(w, st, "GetRecord", started);
         if (st->code == GRPC_STATUS_NOT_FOUND)
@@ -403,8 +403,8 @@ static void read_one(worker_t *w, dm_client_t *cl, int principal_region)
         return;
     }
     lat_add(&w->c.get_lat, now_us() - started);
-    Domicile__V1__Record *rec = (Domicile__V1__Record *)resp;
-    if (rec->payload.len != x->len || memcmp(rec->payload.data, x->payload, x->len) != 0)
+    const Domicile__V1__Record *rec = ((Domicile__V1__GetRecordResponse *)resp)->record;
+    if (!rec || rec->payload.len != x->len || memcmp(rec->payload.data, x->payload, x->len) != 0)
         w->c.anomalies++;
     w->c.reads_ok++;
     if (principal_region != w->region)
@@ -430,8 +430,9 @@ static void verify(worker_t *w)
                 break;
             }
             ProtobufCMessage *resp = NULL;
-            dm_status_t *st = dm_client_unary(cl, PATH_GET, &r.base,
-                                              &domicile__v1__record__descriptor, d->call_ms, &resp);
+            dm_status_t *st =
+                dm_client_unary(cl, PATH_GET, &r.base,
+                                &domicile__v1__get_record_response__descriptor, d->call_ms, &resp);
             if (st && retryable(st->code)) {
                 dm_status_free(st);
                 sleep_us(RETRY_PAUSE_US);
@@ -445,12 +446,13 @@ static void verify(worker_t *w)
                 dm_status_free(st);
                 break;
             }
-            Domicile__V1__Record *rec = (Domicile__V1__Record *)resp;
-            if (rec->payload.len != x->len || memcmp(rec->payload.data, x->payload, x->len) != 0)
+            const Domicile__V1__Record *rec = ((Domicile__V1__GetRecordResponse *)resp)->record;
+            if (!rec || rec->payload.len != x->len ||
+                memcmp(rec->payload.data, x->payload, x->len) != 0)
                 w->c.mismatched++;
             else
                 w->c.verified++;
-            if (rec->version != 1)
+            if (rec && rec->version != 1)
                 w->c.dup_readback++;
             protobuf_c_message_free_unpacked(resp, NULL);
             break;
@@ -664,8 +666,9 @@ static bool register_customers(drill_t *d)
         int64_t deadline = now_us() + 15 * 1000000LL;
         for (;;) {
             ProtobufCMessage *resp = NULL;
-            dm_status_t *st = dm_client_unary(
-                c, PATH_REGISTER, &r.base, &domicile__v1__customer__descriptor, d->call_ms, &resp);
+            dm_status_t *st = dm_client_unary(c, PATH_REGISTER, &r.base,
+                                              &domicile__v1__register_customer_response__descriptor,
+                                              d->call_ms, &resp);
             if (!st) {
                 protobuf_c_message_free_unpacked(resp, NULL);
                 break;

@@ -281,7 +281,7 @@ static char *generated_text(int64_t ms, char *buf, size_t size)
     return buf;
 }
 
-static char *window_text(const Domicile__V1__TransferReport *r)
+static char *window_text(const Domicile__V1__ReportResponse *r)
 {
     char a[32], b[32];
     if (r->from_unix_ms && r->to_unix_ms)
@@ -309,7 +309,7 @@ static int64_t sat_add(int64_t a, int64_t b)
     return r;
 }
 
-static totals_t totals_of(const Domicile__V1__TransferReport *r)
+static totals_t totals_of(const Domicile__V1__ReportResponse *r)
 {
     totals_t t = {0, 0, 0, 0};
     for (size_t i = 0; i < r->n_rows; i++) {
@@ -339,7 +339,7 @@ const char *dm_report_damage_name(int damage)
 }
 
 /* Warnings shared by the table, Markdown and HTML outputs, as plain text lines. */
-static char **warnings_of(const Domicile__V1__TransferReport *r, size_t *n)
+static char **warnings_of(const Domicile__V1__ReportResponse *r, size_t *n)
 {
     char **w = dm_calloc(r->n_ledgers + 1, sizeof(*w));
     size_t k = 0;
@@ -456,7 +456,7 @@ static const char *yes_no(bool v)
     return v ? "yes" : "no";
 }
 
-static void render_table(sb_t *b, const Domicile__V1__TransferReport *r)
+static void render_table(sb_t *b, const Domicile__V1__ReportResponse *r)
 {
     static const bool rright[] = {false, false, false, false, true, true, true, true};
     static const bool lright[] = {false, false, false, true, true, false, false};
@@ -565,7 +565,7 @@ static void put_csv_field(sb_t *b, const char *s, bool last)
     free(c);
 }
 
-static void render_csv(sb_t *b, const Domicile__V1__TransferReport *r)
+static void render_csv(sb_t *b, const Domicile__V1__ReportResponse *r)
 {
     sb_puts(b, "month,from_region,to_region,basis_id,purpose,transfers,records,bytes,refusals\r\n");
     for (size_t i = 0; i < r->n_rows; i++) {
@@ -598,7 +598,7 @@ static json_t *jbound(int64_t ms)
     return ms ? jstr(bound_text(ms, buf, sizeof(buf))) : json_null();
 }
 
-static void render_json(sb_t *b, const Domicile__V1__TransferReport *r)
+static void render_json(sb_t *b, const Domicile__V1__ReportResponse *r)
 {
     char gen[32];
     totals_t t = totals_of(r);
@@ -669,7 +669,7 @@ static void md_cell(sb_t *b, const char *s)
     sb_puts(b, " |");
 }
 
-static void render_markdown(sb_t *b, const Domicile__V1__TransferReport *r)
+static void render_markdown(sb_t *b, const Domicile__V1__ReportResponse *r)
 {
     char gen[40], *win = window_text(r);
     size_t nw;
@@ -765,7 +765,7 @@ static ssize_t find_route(const chart_t *c, const char *from, const char *to)
     return hit ? hit - c->routes : -1;
 }
 
-static void chart_init(chart_t *c, const Domicile__V1__TransferReport *r)
+static void chart_init(chart_t *c, const Domicile__V1__ReportResponse *r)
 {
     size_t n = r->n_rows;
     c->months = dm_calloc(n + 1, sizeof(*c->months));
@@ -1004,7 +1004,7 @@ static const char html_css[] =
     ".unknown{color:#8a5a00;font-weight:600;background:#fff4e5}"
     "svg.chart{max-width:100%;height:auto;display:block}";
 
-static void render_html(sb_t *b, const Domicile__V1__TransferReport *r)
+static void render_html(sb_t *b, const Domicile__V1__ReportResponse *r)
 {
     char gen[40], iso[32], *win = window_text(r);
     size_t nw;
@@ -1118,7 +1118,7 @@ static void render_html(sb_t *b, const Domicile__V1__TransferReport *r)
     free(win);
 }
 
-char *dm_report_render(const Domicile__V1__TransferReport *rep, dm_report_format_t fmt)
+char *dm_report_render(const Domicile__V1__ReportResponse *rep, dm_report_format_t fmt)
 {
     sb_t b;
     sb_init(&b);

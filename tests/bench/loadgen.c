@@ -222,14 +222,14 @@ static const char *method_of(op_t op)
 {
     switch (op) {
     case OP_GET:
-        return "/domicile.v1.Records/GetRecord";
+        return "/domicile.v1.RecordsService/GetRecord";
     case OP_PUT:
     case OP_FILL:
-        return "/domicile.v1.Records/PutRecord";
+        return "/domicile.v1.RecordsService/PutRecord";
     case OP_LIST:
-        return "/domicile.v1.Records/ListRecords";
+        return "/domicile.v1.RecordsService/ListRecords";
     case OP_LOOKUP:
-        return "/domicile.v1.Customers/GetCustomer";
+        return "/domicile.v1.CustomersService/GetCustomer";
     default:
         return "/grpc.health.v1.Health/Check";
     }

@@ -18,9 +18,10 @@ import grpc  # noqa: E402  Debian's grpc owns the namespace; add our generated h
 grpc.__path__.append(os.path.join(build, "gen", "py", "grpc"))
 from google.protobuf import descriptor as D  # noqa: E402
 from grpc.health.v1 import health_pb2  # noqa: E402
+from grpc.reflection.v1alpha import reflection_pb2  # noqa: E402
 from domicile.v1 import customers_pb2, records_pb2, regions_pb2, subject_rights_pb2, transfers_pb2  # noqa: E402
 
-MODULES = (health_pb2, customers_pb2, records_pb2, regions_pb2, subject_rights_pb2, transfers_pb2)
+MODULES = (health_pb2, customers_pb2, records_pb2, regions_pb2, subject_rights_pb2, transfers_pb2, reflection_pb2)
 STRINGS = {
     "customer_id": "acme", "record_id": "rec-1", "record_ids": "rec-2", "kind": "note",
     "request_id": "req-1", "subject": " Alice@Example.COM ", "purpose": "service-delivery",

@@ -102,21 +102,21 @@ class Api:
             return unary_stub(channel, svc, method, req, rep)
 
         self.channel = channel
-        self.register = unary("Customers", "RegisterCustomer", customers_pb2.RegisterCustomerRequest, customers_pb2.Customer)
-        self.get_customer = unary("Customers", "GetCustomer", customers_pb2.GetCustomerRequest, customers_pb2.Customer)
-        self.close_customer = unary("Customers", "CloseCustomer", customers_pb2.CloseCustomerRequest, customers_pb2.Customer)
-        self.put = unary("Records", "PutRecord", records_pb2.PutRecordRequest, records_pb2.PutRecordResponse)
-        self.get = unary("Records", "GetRecord", records_pb2.GetRecordRequest, records_pb2.Record)
-        self.delete = unary("Records", "DeleteRecord", records_pb2.DeleteRecordRequest, records_pb2.DeleteRecordResponse)
-        self.list = stream_stub(channel, "Records", "ListRecords", records_pb2.ListRecordsRequest, records_pb2.ListRecordsResponse)
+        self.register = unary("CustomersService", "RegisterCustomer", customers_pb2.RegisterCustomerRequest, customers_pb2.RegisterCustomerResponse)
+        self.get_customer = unary("CustomersService", "GetCustomer", customers_pb2.GetCustomerRequest, customers_pb2.GetCustomerResponse)
+        self.close_customer = unary("CustomersService", "CloseCustomer", customers_pb2.CloseCustomerRequest, customers_pb2.CloseCustomerResponse)
+        self.put = unary("RecordsService", "PutRecord", records_pb2.PutRecordRequest, records_pb2.PutRecordResponse)
+        self.get = unary("RecordsService", "GetRecord", records_pb2.GetRecordRequest, records_pb2.GetRecordResponse)
+        self.delete = unary("RecordsService", "DeleteRecord", records_pb2.DeleteRecordRequest, records_pb2.DeleteRecordResponse)
+        self.list = stream_stub(channel, "RecordsService", "ListRecords", records_pb2.ListRecordsRequest, records_pb2.ListRecordsResponse)
         self.bulk = channel.stream_unary(
-            "/domicile.v1.Records/BulkPutRecords",
-            request_serializer=records_pb2.PutRecordRequest.SerializeToString,
+            "/domicile.v1.RecordsService/BulkPutRecords",
+            request_serializer=records_pb2.BulkPutRecordsRequest.SerializeToString,
             response_deserializer=records_pb2.BulkPutRecordsResponse.FromString,
         )
-        self.list_transfers = stream_stub(channel, "Transfers", "ListTransfers", transfers_pb2.ListTransfersRequest, transfers_pb2.ListTransfersResponse)
-        self.report = unary("Transfers", "Report", transfers_pb2.ReportRequest, transfers_pb2.TransferReport)
-        self.verify_ledger = unary("Transfers", "VerifyLedger", transfers_pb2.VerifyLedgerRequest, transfers_pb2.VerifyLedgerResponse)
+        self.list_transfers = stream_stub(channel, "TransfersService", "ListTransfers", transfers_pb2.ListTransfersRequest, transfers_pb2.ListTransfersResponse)
+        self.report = unary("TransfersService", "Report", transfers_pb2.ReportRequest, transfers_pb2.ReportResponse)
+        self.verify_ledger = unary("TransfersService", "VerifyLedger", transfers_pb2.VerifyLedgerRequest, transfers_pb2.VerifyLedgerResponse)
 
     def raw(self, svc, method, kind="unary", rep=None):
         """/domicile.v1.<svc>/<method> with the request sent as given (bytes): for bodies the
@@ -142,8 +142,10 @@ def list_once(api, req, metadata=None, timeout=30):
 
 
 def get(api, cid, rid, purpose=None, request_id=None, timeout=15):
-    """GetRecord through api.get, with md(purpose, request_id)."""
-    return api.get(records_pb2.GetRecordRequest(customer_id=cid, record_id=rid), metadata=md(purpose, request_id), timeout=timeout)
+    """GetRecord through api.get, with md(purpose, request_id): the Record of the response."""
+    rep = api.get(records_pb2.GetRecordRequest(customer_id=cid, record_id=rid), metadata=md(purpose, request_id), timeout=timeout)
+    assert rep.HasField("record"), rep
+    return rep.record
 
 
 def register(api, residency, cid=None, prefix="cust", timeout=15, reply=False, **kw):
@@ -153,7 +155,7 @@ def register(api, residency, cid=None, prefix="cust", timeout=15, reply=False, *
     Returns the customer id, or the Customer message with reply=True."""
     cid = cid or f"{prefix}-{residency}-{uid()}"
     kw.setdefault("request_id", f"reg-{uid()}")
-    c = api.register(customers_pb2.RegisterCustomerRequest(customer_id=cid, residency=residency, **kw), timeout=timeout)
+    c = api.register(customers_pb2.RegisterCustomerRequest(customer_id=cid, residency=residency, **kw), timeout=timeout).customer
     assert (c.customer_id, c.residency, c.state) == (cid, residency, customers_pb2.CUSTOMER_STATE_ACTIVE), c
     return c if reply else cid
 
@@ -168,6 +170,11 @@ def put(api, cid, rid, payload=b"", kind="note", timeout=15, metadata=None, purp
         metadata=list(metadata or ()) + md(purpose),
         timeout=timeout,
     )
+
+
+def bulk_stream(puts):
+    """BulkPutRecords client-stream messages, one per PutRecordRequest of `puts`."""
+    return (records_pb2.BulkPutRecordsRequest(put=p) for p in puts)
 
 
 def paged(stream, request_type, item, max_pages=1000, timeout=30, **filters):

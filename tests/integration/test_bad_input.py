@@ -20,11 +20,12 @@ import grpc
 import pytest
 
 from conftest import SERVING, GatewayFactory, demo_token, health_check
-from helpers import Api, asan_build, pb_bytes, pb_int, rpc_error, uid
+from helpers import Api, asan_build, bulk_stream, pb_bytes, pb_int, rpc_error, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 SC = grpc.StatusCode
 PutReq = records_pb2.PutRecordRequest
+BulkReq = records_pb2.BulkPutRecordsRequest
 GetReq = records_pb2.GetRecordRequest
 ListReq = records_pb2.ListRecordsRequest
 DelReq = records_pb2.DeleteRecordRequest
@@ -358,7 +359,7 @@ def rapid_reset(env, n=2000):
     for _ in range(n):
         sid = h2.next_sid
         h2.next_sid += 2
-        burst += H2.frame(HEADERS, END_HEADERS, sid, h2.request_headers("/domicile.v1.Records/GetRecord"))
+        burst += H2.frame(HEADERS, END_HEADERS, sid, h2.request_headers("/domicile.v1.RecordsService/GetRecord"))
         burst += H2.frame(DATA, END_STREAM, sid, body) + H2.frame(RST_STREAM, 0, sid, struct.pack(">I", 8))
     try:
         h2.send(bytes(burst) + H2.frame(PING, 0, 0, b"pingpong"))
@@ -390,7 +391,7 @@ def abandoned_streams(env, n=8):
 def fill_stream_customer(env, cid, n, size):
     """`n` records of `size` bytes each, for the streaming tests."""
     msgs = [PutReq(request_id=f"fill-{i}", customer_id=cid, record_id=f"r{i:04d}", kind="blob", payload=os.urandom(size)) for i in range(n)]
-    rep = env.api.bulk(iter(msgs), timeout=120)
+    rep = env.api.bulk(bulk_stream(iter(msgs)), timeout=120)
     assert rep.written == n and not rep.failures, rep
 
 
@@ -402,7 +403,7 @@ def workload(env):
     for f in futs:
         f.result()
     api.put(PutReq(request_id=f"warm-{uid()}", customer_id=cid, record_id="warm-big", kind="blob", payload=b"\xab" * PAYLOAD_MAX), timeout=60)
-    rpc_error(api.raw("Records", "PutRecord"), pb_bytes(2, b"a\xff"), timeout=15)
+    rpc_error(api.raw("RecordsService", "PutRecord"), pb_bytes(2, b"a\xff"), timeout=15)
     stream = api.list(ListReq(customer_id=env.cust["stream"], include_payload=True, page_size=20), timeout=60)
     next(stream)
     stream.cancel()
@@ -410,7 +411,7 @@ def workload(env):
     assert len(items) == 21
     h2 = H2(env.gw)
     for _ in range(20):
-        assert_clean(h2.response(h2.start("/domicile.v1.Records/GetRecord", b"\x00\x00")))
+        assert_clean(h2.response(h2.start("/domicile.v1.RecordsService/GetRecord", b"\x00\x00")))
     h2.close()
     rapid_reset(env)
     abandoned_streams(env)
@@ -452,7 +453,7 @@ def serving(env, request):
 # 1. garbage and truncated messages, through the gRPC client
 
 
-UNARY = [("Customers", "RegisterCustomer"), ("Customers", "GetCustomer"), ("Customers", "CloseCustomer"), ("Records", "PutRecord"), ("Records", "GetRecord"), ("Records", "DeleteRecord")]
+UNARY = [("CustomersService", "RegisterCustomer"), ("CustomersService", "GetCustomer"), ("CustomersService", "CloseCustomer"), ("RecordsService", "PutRecord"), ("RecordsService", "GetRecord"), ("RecordsService", "DeleteRecord")]
 
 
 def test_garbage_and_truncated_messages(serving):
@@ -475,12 +476,12 @@ def test_garbage_and_truncated_messages(serving):
             assert code in (SC.INVALID_ARGUMENT, SC.NOT_FOUND, SC.OK, SC.FAILED_PRECONDITION), (method, body, code)
             seen[code] = seen.get(code, 0) + 1
     for body in bodies[:10]:
-        e = rpc_error(lambda b: list(env.api.raw("Records", "ListRecords", "stream")(b, timeout=15)), body)
+        e = rpc_error(lambda b: list(env.api.raw("RecordsService", "ListRecords", "stream")(b, timeout=15)), body)
         assert e.code() in (SC.INVALID_ARGUMENT, SC.NOT_FOUND), e
     # A client stream whose third message is garbage: the stream reports it, nothing crashes.
-    msgs = [PutReq(request_id=f"g{i}", customer_id=env.cust["us"], record_id=f"g{i}", kind="note").SerializeToString() for i in range(2)]
+    msgs = [BulkReq(put=PutReq(request_id=f"g{i}", customer_id=env.cust["us"], record_id=f"g{i}", kind="note")).SerializeToString() for i in range(2)]
     try:
-        rep = env.api.raw("Records", "BulkPutRecords", "client-stream")(iter(msgs + [b"\xff\xff", msgs[0]]), timeout=30)
+        rep = env.api.raw("RecordsService", "BulkPutRecords", "client-stream")(iter(msgs + [b"\xff\xff", msgs[0]]), timeout=30)
         rep = records_pb2.BulkPutRecordsResponse.FromString(rep)
         assert any(f.code == SC.INVALID_ARGUMENT.value[0] for f in rep.failures), rep
     except grpc.RpcError as e:
@@ -494,7 +495,7 @@ def test_garbage_and_truncated_messages(serving):
 
 def test_truncated_grpc_frames(serving):
     env = serving
-    get = "/domicile.v1.Records/GetRecord"
+    get = "/domicile.v1.RecordsService/GetRecord"
     msg = GetReq(customer_id=env.cust["us"], record_id="nope").SerializeToString()
     h2 = H2(env.gw)
     cases = {
@@ -619,7 +620,7 @@ def test_oversized_metadata(serving):
     assert e.code() in (SC.RESOURCE_EXHAUSTED, SC.INTERNAL, SC.UNAVAILABLE), e
     # 1 MiB of header block in CONTINUATION frames, raw.
     h2 = H2(env.gw)
-    block = h2.request_headers("/domicile.v1.Records/GetRecord", extra=[(f"x-big-{i}", "b" * 1000) for i in range(1000)])
+    block = h2.request_headers("/domicile.v1.RecordsService/GetRecord", extra=[(f"x-big-{i}", "b" * 1000) for i in range(1000)])
     chunks = [block[i : i + 16384] for i in range(0, len(block), 16384)]
     try:
         h2.send_frame(HEADERS, 0, 1, chunks[0])
@@ -642,7 +643,7 @@ def test_oversized_metadata(serving):
 def test_bad_authorization_and_purpose_values(serving):
     env = serving
     h2 = H2(env.gw)
-    path = "/domicile.v1.Records/GetRecord"
+    path = "/domicile.v1.RecordsService/GetRecord"
     body = grpc_frame(GetReq(customer_id=env.cust["us"], record_id="nope").SerializeToString())
     tok = demo_token(env.gw.config, "admin")
     cases = [
@@ -666,7 +667,7 @@ def test_nul_in_metadata_values(serving):
     """A NUL byte in a header value: refused by the transport or by the authorizer, never
     served as the value's prefix (x-purpose "support\\0x" must not run as "support")."""
     env = serving
-    path = "/domicile.v1.Records/GetRecord"
+    path = "/domicile.v1.RecordsService/GetRecord"
     body = grpc_frame(GetReq(customer_id=env.cust["us"], record_id="nope").SerializeToString())
     tok = demo_token(env.gw.config, "admin")
     for extra in ([("authorization", f"Bearer {tok}"), ("x-purpose", b"support\x00x")], [("authorization", f"Bearer {tok}\x00x")]):
@@ -688,8 +689,8 @@ BAD_STRINGS = [b"a\xff", b"a\xc3", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\
 def test_invalid_utf8_in_string_fields(serving):
     env = serving
     cid = env.cust["us"].encode()
-    put = env.api.raw("Records", "PutRecord")
-    reg = env.api.raw("Customers", "RegisterCustomer")
+    put = env.api.raw("RecordsService", "PutRecord")
+    reg = env.api.raw("CustomersService", "RegisterCustomer")
     base_put = lambda: pb_bytes(1, b"u8-" + uid().encode()) + pb_bytes(2, cid) + pb_bytes(3, b"u8rec") + pb_bytes(4, b"note")  # noqa: E731
     for bad in BAD_STRINGS:
         for field, name in ((1, "request_id"), (2, "customer_id"), (3, "record_id"), (4, "kind"), (5, "subject"), (7, "content_type")):
@@ -703,7 +704,7 @@ def test_invalid_utf8_in_string_fields(serving):
             body = pb_bytes(1, b"reg-" + uid().encode()) + pb_bytes(2, b"u8-" + uid().encode()) + pb_bytes(3, b"us") + pb_bytes(field, bad)
             e = rpc_error(reg, body, timeout=15)
             assert (e.code(), e.details()) == (SC.INVALID_ARGUMENT, UTF8_MSG.format(name)), (field, bad, e.details())
-        e = rpc_error(lambda b: list(env.api.raw("Records", "ListRecords", "stream")(b, timeout=15)), pb_bytes(1, cid) + pb_bytes(3, bad))
+        e = rpc_error(lambda b: list(env.api.raw("RecordsService", "ListRecords", "stream")(b, timeout=15)), pb_bytes(1, cid) + pb_bytes(3, bad))
         assert (e.code(), e.details()) == (SC.INVALID_ARGUMENT, UTF8_MSG.format("subject")), e.details()
     # Nothing was written for the customer under those record ids.
     e = rpc_error(env.api.get, GetReq(customer_id=env.cust["us"], record_id="u8rec"), timeout=15)
@@ -712,7 +713,8 @@ def test_invalid_utf8_in_string_fields(serving):
     good = [PutReq(request_id=f"u8b-{i}", customer_id=env.cust["us"], record_id=f"u8b-{i}", kind="note").SerializeToString() for i in range(3)]
     bad = base_put() + pb_bytes(3, b"x\xff")
     try:
-        rep = records_pb2.BulkPutRecordsResponse.FromString(env.api.raw("Records", "BulkPutRecords", "client-stream")(iter([good[0], bad, good[1], good[2]]), timeout=30))
+        stream = [pb_bytes(1, m) for m in (good[0], bad, good[1], good[2])]  # BulkPutRecordsRequest.put
+        rep = records_pb2.BulkPutRecordsResponse.FromString(env.api.raw("RecordsService", "BulkPutRecords", "client-stream")(iter(stream), timeout=30))
         assert rep.written == 3 and [f.index for f in rep.failures] == [1], rep
         assert UTF8_MSG.format("record_id") in rep.failures[0].message, rep
     except grpc.RpcError as e:
@@ -733,7 +735,7 @@ def test_maximum_size_fields(serving):
 
     rep = put(payload=b"\x01" * PAYLOAD_MAX)
     assert rep.record.payload_size == PAYLOAD_MAX or rep.record.version >= 1
-    got = api.get(GetReq(customer_id=cid, record_id="max"), timeout=60)
+    got = api.get(GetReq(customer_id=cid, record_id="max"), timeout=60).record
     assert len(got.payload) == PAYLOAD_MAX
     e = rpc_error(put, payload=b"\x01" * (PAYLOAD_MAX + 1))
     assert e.code() == SC.INVALID_ARGUMENT and "payload" in e.details(), e
@@ -755,7 +757,7 @@ def test_maximum_size_fields(serving):
         e = rpc_error(put, **too_big)
         assert e.code() == SC.INVALID_ARGUMENT and field in e.details(), (field, e.details())
     for field, ok, too_big in (("customer_id", "c" * 128, "c" * 129), ("request_id", "q" * 128, "q" * 129)):
-        reg = lambda **kw: api.register(customers_pb2.RegisterCustomerRequest(residency="us", **kw), timeout=30)  # noqa: E731
+        reg = lambda **kw: api.register(customers_pb2.RegisterCustomerRequest(residency="us", **kw), timeout=30).customer  # noqa: E731
         if field == "customer_id":
             reg(request_id=uid(), customer_id=ok[:-33] + uid() + "c")
             e = rpc_error(reg, request_id=uid(), customer_id=too_big)
@@ -777,7 +779,7 @@ def test_zero_and_negative_numbers(serving):
     items = list(api.list(ListReq(customer_id=cid, page_size=0), timeout=15))  # 0 = the default
     assert items[-1].WhichOneof("item") == "end"
     # int32 page_size sent as a 64-bit varint: protobuf truncates it to int32 (-1).
-    e = rpc_error(lambda b: list(api.raw("Records", "ListRecords", "stream")(b, timeout=15)), pb_bytes(1, cid.encode()) + pb_int(4, 2**40 - 1))
+    e = rpc_error(lambda b: list(api.raw("RecordsService", "ListRecords", "stream")(b, timeout=15)), pb_bytes(1, cid.encode()) + pb_int(4, 2**40 - 1))
     assert e.code() == SC.INVALID_ARGUMENT, e
     for v in (-1, -(2**63)):
         e = rpc_error(api.put, PutReq(request_id=f"neg-{uid()}", customer_id=cid, record_id="neg", kind="note", expected_version=v), timeout=15)
@@ -791,7 +793,7 @@ def test_zero_and_negative_numbers(serving):
     assert e.code() in (SC.FAILED_PRECONDITION, SC.ABORTED, SC.ALREADY_EXISTS), e
     e = rpc_error(api.put, PutReq(request_id=f"big-{uid()}", customer_id=cid, record_id="zero", kind="note", expected_version=2**63 - 1), timeout=15)
     assert e.code() in (SC.FAILED_PRECONDITION, SC.ABORTED), e
-    assert api.get(GetReq(customer_id=cid, record_id="zero"), timeout=15).version == 1
+    assert api.get(GetReq(customer_id=cid, record_id="zero"), timeout=15).record.version == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -810,7 +812,7 @@ def test_deadline_of_one_microsecond_writes_nothing(serving):
     raw_codes = {}
     for i in range(40):
         body = grpc_frame(PutReq(request_id=f"dl-{uid()}", customer_id=cid, record_id=f"dl-raw-{i}", kind="note").SerializeToString())
-        r = h2.response(h2.start("/domicile.v1.Records/PutRecord", body, timeout="1u" if i % 2 else "1n"))
+        r = h2.response(h2.start("/domicile.v1.RecordsService/PutRecord", body, timeout="1u" if i % 2 else "1n"))
         st = assert_clean(r, {SC.DEADLINE_EXCEEDED, SC.CANCELLED})
         raw_codes[st] = raw_codes.get(st, 0) + 1
     h2.close()
@@ -826,7 +828,7 @@ def test_deadline_of_one_microsecond_writes_nothing(serving):
     # ListRecords and BulkPutRecords with the same deadline.
     e = rpc_error(lambda: list(api.list(ListReq(customer_id=cid), timeout=1e-6)))
     assert e.code() == SC.DEADLINE_EXCEEDED
-    e = rpc_error(api.bulk, iter([PutReq(request_id="dl-b", customer_id=cid, record_id="dl-bulk", kind="note")]), timeout=1e-6)
+    e = rpc_error(api.bulk, bulk_stream([PutReq(request_id="dl-b", customer_id=cid, record_id="dl-bulk", kind="note")]), timeout=1e-6)
     assert e.code() == SC.DEADLINE_EXCEEDED
     assert rpc_error(api.get, GetReq(customer_id=cid, record_id="dl-bulk"), timeout=15).code() == SC.NOT_FOUND
 
@@ -857,7 +859,7 @@ def test_thousand_concurrent_puts_with_the_same_request_id(serving):
     # The retryable ones, retried, are replays of the same write.
     for _ in range(sum(retryable.values())):
         assert api.put(req, timeout=30).replayed
-    assert api.get(GetReq(customer_id=cid, record_id="dup"), timeout=15).version == 1
+    assert api.get(GetReq(customer_id=cid, record_id="dup"), timeout=15).record.version == 1
 
 
 def test_concurrent_puts_of_one_new_record_with_distinct_request_ids(serving):
@@ -877,7 +879,7 @@ def test_concurrent_puts_of_one_new_record_with_distinct_request_ids(serving):
             errors[(e.code().name, e.details())] = errors.get((e.code().name, e.details()), 0) + 1
     print(f"200 racing creates: {len(versions)} OK, errors: {errors}")
     assert versions and len(set(versions)) == len(versions), sorted(versions)
-    assert api.get(GetReq(customer_id=cid, record_id=rid), timeout=15).version == max(versions) == len(versions)
+    assert api.get(GetReq(customer_id=cid, record_id=rid), timeout=15).record.version == max(versions) == len(versions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -899,7 +901,7 @@ def test_cancel_list_after_first_message(serving):
     # closed after the first DATA frame.
     for how in ("rst", "close"):
         h2 = H2(env.gw)
-        sid = h2.start("/domicile.v1.Records/ListRecords", grpc_frame(ListReq(customer_id=env.cust["stream"], include_payload=True).SerializeToString()))
+        sid = h2.start("/domicile.v1.RecordsService/ListRecords", grpc_frame(ListReq(customer_id=env.cust["stream"], include_payload=True).SerializeToString()))
         while True:
             f = h2.read_frame()
             assert f is not None and f[0] not in (GOAWAY, RST_STREAM), f
@@ -929,7 +931,7 @@ def test_cancel_bulk_put_mid_stream(serving):
             sent.set()
             hold.wait(60)  # the stream stays open until the test cancels it
 
-        fut = env.api.bulk.future(msgs(), timeout=60)
+        fut = env.api.bulk.future(bulk_stream(msgs()), timeout=60)
         assert sent.wait(30)
         fut.cancel()
         hold.set()
@@ -937,14 +939,14 @@ def test_cancel_bulk_put_mid_stream(serving):
             fut.result()
     # Raw: a BulkPutRecords stream cut in the middle of a message, then the connection closed.
     h2 = H2(env.gw)
-    m = grpc_frame(PutReq(request_id="bc-raw", customer_id=cid, record_id="bc-raw", kind="note").SerializeToString())
-    h2.start("/domicile.v1.Records/BulkPutRecords", m + m[:7], end_stream=False)
+    m = grpc_frame(BulkReq(put=PutReq(request_id="bc-raw", customer_id=cid, record_id="bc-raw", kind="note")).SerializeToString())
+    h2.start("/domicile.v1.RecordsService/BulkPutRecords", m + m[:7], end_stream=False)
     h2.close()
     # Written records are whole: each one that exists reads back with its payload.
     for round_ in range(5):
         for i in range(20):
             try:
-                rec = env.api.get(GetReq(customer_id=cid, record_id=f"bc-{round_}-{i}"), timeout=15)
+                rec = env.api.get(GetReq(customer_id=cid, record_id=f"bc-{round_}-{i}"), timeout=15).record
                 assert rec.payload == b"b" * 1000
             except grpc.RpcError as e:
                 assert e.code() == SC.NOT_FOUND

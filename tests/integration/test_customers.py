@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from conftest import NOT_SERVING, REGION_CODES, SERVING, wait_health
-from helpers import Api, assert_invalid, footprint, limits_case, lit, pb_bytes, pb_label, put, register, rows, rpc_error, uid
+from helpers import Api, assert_invalid, bulk_stream, footprint, limits_case, lit, pb_bytes, pb_label, put, register, rows, rpc_error, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 RegReq = customers_pb2.RegisterCustomerRequest
@@ -58,14 +58,14 @@ def test_register_writes_the_directory_row_only_in_the_residency_region(regions,
         c = api.register(
             RegReq(request_id=f"reg-{uid()}", customer_id=cid, residency=residency, display_name="Acme Ünïcode", labels={"tier": "gold"}),
             timeout=15,
-        )
+        ).customer
         assert (c.customer_id, c.residency, c.state, c.display_name, dict(c.labels)) == (cid, residency, ACTIVE, "Acme Ünïcode", {"tier": "gold"})
         assert close_to_now_ms(c.created_at_unix_ms)
         assert (c.closed_at_unix_ms, c.purge_after_unix_ms, c.purged_at_unix_ms, c.close_reason) == (0, 0, 0, "")
         assert directory_rows(regions, cid) == {residency: ["active", residency]}
         got = rows(regions, residency, f"SELECT display_name, labels FROM domicile.customers WHERE customer_id = {lit(cid)}")
         assert got == [["Acme Ünïcode", '{"tier": "gold"}']]
-        g = api.get_customer(GetCReq(customer_id=cid), timeout=10)
+        g = api.get_customer(GetCReq(customer_id=cid), timeout=10).customer
         assert (g.customer_id, g.residency, g.state, g.created_at_unix_ms, g.display_name) == (cid, residency, ACTIVE, c.created_at_unix_ms, c.display_name)
 
 
@@ -78,7 +78,7 @@ def test_a_fresh_gateway_resolves_customers_by_asking_every_region(regions, api,
     for r in REGION_CODES:
         wait_health(fresh.channel, f"domicile.region.{r}", SERVING, timeout=30)
     for r, cid in custs.items():
-        assert fresh.get_customer(GetCReq(customer_id=cid), timeout=10).residency == r
+        assert fresh.get_customer(GetCReq(customer_id=cid), timeout=10).customer.residency == r
         rep = put(fresh, cid, "via-fresh", b"x")
         assert rep.record.region == r
     # A record call as the first call for a customer resolves it as well.
@@ -87,7 +87,7 @@ def test_a_fresh_gateway_resolves_customers_by_asking_every_region(regions, api,
     for r in REGION_CODES:
         wait_health(fresh2.channel, f"domicile.region.{r}", SERVING, timeout=30)
     for r, cid in custs.items():
-        rec = fresh2.get(records_pb2.GetRecordRequest(customer_id=cid, record_id="via-fresh"), timeout=10)
+        rec = fresh2.get(records_pb2.GetRecordRequest(customer_id=cid, record_id="via-fresh"), timeout=10).record
         assert (rec.region, rec.payload) == (r, b"x")
         assert rows(regions, r, f"SELECT count(*) FROM domicile.records WHERE customer_id = {lit(cid)}") == [["1"]]
 
@@ -104,7 +104,7 @@ def test_unknown_residency_is_refused_and_lists_the_known_regions(regions, api):
     e = rpc_error(api.register, RegReq(request_id=uid(), customer_id=cid), timeout=10)
     assert_invalid(e, "residency")
     raw = RegReq(request_id=uid(), customer_id=cid, residency="us").SerializeToString() + pb_bytes(3, b"u\xffs")
-    assert_invalid(rpc_error(api.raw("Customers", "RegisterCustomer", rep=customers_pb2.Customer), raw, timeout=10), "residency")
+    assert_invalid(rpc_error(api.raw("CustomersService", "RegisterCustomer", rep=customers_pb2.RegisterCustomerResponse), raw, timeout=10), "residency")
     for r in REGION_CODES:
         assert footprint(regions, r, cid) == EMPTY, r
 
@@ -139,14 +139,14 @@ def test_a_closed_customers_id_is_never_registered_again(regions, api):
 def test_registration_retry_with_the_same_request_id_returns_the_customer(regions, api, gateways):
     cid = new_id()
     req = RegReq(request_id="reg-once", customer_id=cid, residency="eu", display_name="Once GmbH", labels={"a": "b"})
-    first = api.register(req, timeout=10)
-    again = api.register(req, timeout=10)
+    first = api.register(req, timeout=10).customer
+    again = api.register(req, timeout=10).customer
     assert again == first
     gw = gateways.start(name="fresh")
     fresh = Api(gw.channel())
     for r in REGION_CODES:
         wait_health(fresh.channel, f"domicile.region.{r}", SERVING, timeout=30)
-    assert fresh.register(req, timeout=10) == first
+    assert fresh.register(req, timeout=10).customer == first
     assert directory_rows(regions, cid) == {"eu": ["active", "eu"]}
     # Same request_id, other content: refused, nothing changed.
     for change in (dict(display_name="Other"), dict(labels={"a": "c"})):
@@ -185,7 +185,7 @@ def test_close_customer_makes_records_read_only(regions, api):
     cid = register(api, "eu")
     put(api, cid, "kept", b"still readable", request_id="before-close")
     req = CloseReq(request_id="close-1", customer_id=cid, reason="account closed by the customer")
-    c = api.close_customer(req, timeout=10)
+    c = api.close_customer(req, timeout=10).customer
     assert c.state == CLOSED and c.close_reason == req.reason
     assert close_to_now_ms(c.closed_at_unix_ms)
     assert c.purge_after_unix_ms == c.closed_at_unix_ms + RETENTION_DAYS * DAY_MS, (c.closed_at_unix_ms, c.purge_after_unix_ms)
@@ -195,9 +195,9 @@ def test_close_customer_makes_records_read_only(regions, api):
         f"SELECT state, close_reason, purge_after - closed_at FROM domicile.customers WHERE customer_id = {lit(cid)}",
     )
     assert got == [["closed", req.reason, f"{RETENTION_DAYS} days"]]
-    assert api.get_customer(GetCReq(customer_id=cid), timeout=10) == c
+    assert api.get_customer(GetCReq(customer_id=cid), timeout=10).customer == c
     # retry of the same close: the same answer; another close: refused
-    assert api.close_customer(req, timeout=10) == c
+    assert api.close_customer(req, timeout=10).customer == c
     e = rpc_error(api.close_customer, CloseReq(request_id="close-2", customer_id=cid, reason="again"), timeout=10)
     assert e.code() == SC.FAILED_PRECONDITION, (e.code(), e.details())
 
@@ -208,11 +208,11 @@ def test_close_customer_makes_records_read_only(regions, api):
     assert e.code() == SC.FAILED_PRECONDITION, (e.code(), e.details())
     e = rpc_error(api.delete, records_pb2.DeleteRecordRequest(request_id=uid(), customer_id=cid, record_id="kept"), timeout=10)
     assert e.code() == SC.FAILED_PRECONDITION, (e.code(), e.details())
-    rep = api.bulk(iter([records_pb2.PutRecordRequest(request_id=uid(), customer_id=cid, record_id="bulk", kind="note")]), timeout=10)
+    rep = api.bulk(bulk_stream(iter([records_pb2.PutRecordRequest(request_id=uid(), customer_id=cid, record_id="bulk", kind="note")])), timeout=10)
     assert [(f.index, f.code) for f in rep.failures] == [(0, SC.FAILED_PRECONDITION.value[0])] and rep.written == 0
     assert footprint(regions, "eu", cid) == before
     # reads still work
-    assert api.get(records_pb2.GetRecordRequest(customer_id=cid, record_id="kept"), timeout=10).payload == b"still readable"
+    assert api.get(records_pb2.GetRecordRequest(customer_id=cid, record_id="kept"), timeout=10).record.payload == b"still readable"
     items = list(api.list(records_pb2.ListRecordsRequest(customer_id=cid, include_payload=True), timeout=10))
     assert [m.record.record_id for m in items[:-1]] == ["kept"] and items[-1].WhichOneof("item") == "end"
     # a retry of a write acknowledged before the close returns its first result
@@ -252,7 +252,7 @@ def test_resolution_is_unavailable_when_a_region_cannot_answer(regions, api, gat
         # The customer of the stopped region.
         unavailable(fresh.get_customer, GetCReq(customer_id=ci))
         # A US customer: us has it, so the answer does not depend on `in`.
-        assert fresh.get_customer(GetCReq(customer_id=cu), timeout=5).residency == "us"
+        assert fresh.get_customer(GetCReq(customer_id=cu), timeout=5).customer.residency == "us"
         assert put(fresh, cu, "during", b"x").record.region == "us"
         # Registration must hear from every region.
         new = new_id()
@@ -267,7 +267,7 @@ def test_resolution_is_unavailable_when_a_region_cannot_answer(regions, api, gat
         assert gw.alive() and gw.pid == pid
         e = rpc_error(fresh.get_customer, GetCReq(customer_id=ghost), timeout=10)
         assert e.code() == SC.NOT_FOUND, (e.code(), e.details())
-        assert fresh.get_customer(GetCReq(customer_id=ci), timeout=10).residency == "in"
+        assert fresh.get_customer(GetCReq(customer_id=ci), timeout=10).customer.residency == "in"
         register(fresh, "us", cid=new)
         assert directory_rows(regions, new) == {"us": ["active", "us"]}
     finally:
@@ -327,7 +327,7 @@ REGISTER_LIMITS = [
 @pytest.mark.parametrize("case,build,field,limit", REGISTER_LIMITS, ids=[c[0] for c in REGISTER_LIMITS])
 def test_register_customer_limits(regions, api, case, build, field, limit):
     cid = new_id("lim")
-    e = rpc_error(api.raw("Customers", "RegisterCustomer", rep=customers_pb2.Customer), build(cid), timeout=10)
+    e = rpc_error(api.raw("CustomersService", "RegisterCustomer", rep=customers_pb2.RegisterCustomerResponse), build(cid), timeout=10)
     assert_invalid(e, field, limit)
     for r in REGION_CODES:
         assert footprint(regions, r, cid) == EMPTY, r
@@ -339,10 +339,10 @@ def test_register_customer_limits_at_their_maximum(regions, api):
     c = api.register(
         RegReq(request_id="~" * 128, customer_id=cid, residency="in", display_name="ü" * 128, labels=labels),
         timeout=10,
-    )
+    ).customer
     assert (c.customer_id, c.display_name, dict(c.labels)) == (cid, "ü" * 128, labels)
     assert directory_rows(regions, cid) == {"in": ["active", "in"]}
-    c = api.close_customer(CloseReq(request_id="~" * 128, customer_id=cid, reason="r" * 1024), timeout=10)
+    c = api.close_customer(CloseReq(request_id="~" * 128, customer_id=cid, reason="r" * 1024), timeout=10).customer
     assert c.close_reason == "r" * 1024
 
 
@@ -358,7 +358,7 @@ GET_CUSTOMER_LIMITS = [
 @pytest.mark.parametrize("case,build,field,limit", GET_CUSTOMER_LIMITS, ids=[c[0] for c in GET_CUSTOMER_LIMITS])
 def test_get_customer_limits(api, case, build, field, limit):
     cid = register(api, "us")  # an existing customer: an id cut short must not find it
-    assert_invalid(rpc_error(api.raw("Customers", "GetCustomer", rep=customers_pb2.Customer), build(cid), timeout=10), field, limit)
+    assert_invalid(rpc_error(api.raw("CustomersService", "GetCustomer", rep=customers_pb2.GetCustomerResponse), build(cid), timeout=10), field, limit)
 
 
 def _close(**kw):
@@ -382,6 +382,6 @@ CLOSE_LIMITS = [
 @pytest.mark.parametrize("case,build,field,limit", CLOSE_LIMITS, ids=[c[0] for c in CLOSE_LIMITS])
 def test_close_customer_limits(regions, api, case, build, field, limit):
     cid = register(api, "eu")
-    assert_invalid(rpc_error(api.raw("Customers", "CloseCustomer", rep=customers_pb2.Customer), build(cid), timeout=10), field, limit)
+    assert_invalid(rpc_error(api.raw("CustomersService", "CloseCustomer", rep=customers_pb2.CloseCustomerResponse), build(cid), timeout=10), field, limit)
     assert rows(regions, "eu", f"SELECT state, close_reason IS NULL FROM domicile.customers WHERE customer_id = {lit(cid)}") == [["active", "t"]]
-    assert api.get_customer(GetCReq(customer_id=cid), timeout=10).state == ACTIVE
+    assert api.get_customer(GetCReq(customer_id=cid), timeout=10).customer.state == ACTIVE

@@ -37,7 +37,7 @@ import grpc
 import pytest
 
 from conftest import BUILD_DIR, DOMICILE_LOCAL, NOT_SERVING, SERVING, demo_token, wait_health, wait_until
-from helpers import Api, get, list_once, lit, md, now_ms, paged, put, register, rpc_error, stream_stub, uid, unary_stub
+from helpers import Api, bulk_stream, get, list_once, lit, md, now_ms, paged, put, register, rpc_error, stream_stub, uid, unary_stub
 from domicile.v1 import common_pb2, customers_pb2, records_pb2
 from domicile.v1 import subject_rights_pb2 as SR
 
@@ -66,26 +66,34 @@ def bytea(hexstr):
 
 
 # --------------------------------------------------------------------------------------------
-# API (Customers and Records: helpers.Api)
+# API (CustomersService and RecordsService: helpers.Api)
 
 
 class Dsr:
-    """SubjectRights on one channel."""
+    """SubjectRightsService on one channel. The methods answering `{ DsrRequest request = 1; }`
+    (each rpc its own response type) return that DsrRequest."""
 
     def __init__(self, channel):
-        def u(method, req, rep=SR.DsrRequest):
-            return unary_stub(channel, "SubjectRights", method, req, rep)
+        def u(method):
+            stub = unary_stub(channel, "SubjectRightsService", method, getattr(SR, f"{method}Request"), getattr(SR, f"{method}Response"))
 
-        self.erase = u("Erase", SR.EraseRequest)
-        self.restrict = u("RestrictProcessing", SR.RestrictRequest)
-        self.unrestrict = u("UnrestrictProcessing", SR.UnrestrictRequest)
-        self.object = u("Object", SR.ObjectRequest)
-        self.withdraw = u("Withdraw", SR.WithdrawRequest)
-        self.get = u("GetRequest", SR.GetRequestRequest)
-        self.extend = u("ExtendDeadline", SR.ExtendDeadlineRequest)
-        self.locate = u("Locate", SR.LocateRequest, SR.LocateResponse)
-        self.export_stream = stream_stub(channel, "SubjectRights", "Export", SR.ExportRequest, SR.ExportChunk)
-        self.list_stream = stream_stub(channel, "SubjectRights", "ListRequests", SR.ListRequestsRequest, SR.ListRequestsResponse)
+            def call(*args, **kw):
+                rep = stub(*args, **kw)
+                assert rep.HasField("request"), rep
+                return rep.request
+
+            return call
+
+        self.erase = u("Erase")
+        self.restrict = u("RestrictProcessing")
+        self.unrestrict = u("UnrestrictProcessing")
+        self.object = u("Object")
+        self.withdraw = u("Withdraw")
+        self.get = u("GetRequest")
+        self.extend = u("ExtendDeadline")
+        self.locate = unary_stub(channel, "SubjectRightsService", "Locate", SR.LocateRequest, SR.LocateResponse)
+        self.export_stream = stream_stub(channel, "SubjectRightsService", "Export", SR.ExportRequest, SR.ExportResponse)
+        self.list_stream = stream_stub(channel, "SubjectRightsService", "ListRequests", SR.ListRequestsRequest, SR.ListRequestsResponse)
 
     def status(self, request_id):
         return self.get(SR.GetRequestRequest(request_id=request_id), timeout=15)
@@ -131,7 +139,7 @@ def bulk_put(api, cid, subj, n, prefix="bulk", size=64):
                 content_type="text/plain",
             )
 
-    rep = api.bulk(msgs(), timeout=300)
+    rep = api.bulk(bulk_stream(msgs()), timeout=300)
     assert rep.written == n and not rep.failures, rep
 
 
@@ -442,7 +450,7 @@ def test_same_request_id_is_one_request(regions, admin, po):
     for call, req in [
         (po.erase, SR.EraseRequest(request_id=rid, subject=subject())),
         (po.erase, SR.EraseRequest(request_id=rid, subject=s, customer_id=cid)),
-        (po.restrict, SR.RestrictRequest(request_id=rid, subject=s)),
+        (po.restrict, SR.RestrictProcessingRequest(request_id=rid, subject=s)),
         (po.object, SR.ObjectRequest(request_id=rid, subject=s, purpose="marketing")),
     ]:
         e = rpc_error(call, req, timeout=15)
@@ -476,7 +484,7 @@ def test_bad_requests_and_roles(session_gateway, admin, po):
     svc = Dsr(session_gateway.channel(token="service-eu"))
     for call, req in [
         (svc.erase, SR.EraseRequest(request_id=f"x-{uid()}", subject=s)),
-        (svc.restrict, SR.RestrictRequest(request_id=f"x-{uid()}", subject=s)),
+        (svc.restrict, SR.RestrictProcessingRequest(request_id=f"x-{uid()}", subject=s)),
         (svc.locate, SR.LocateRequest(subject=s)),
     ]:
         assert rpc_error(call, req, timeout=15).code() == SC.PERMISSION_DENIED
@@ -805,7 +813,7 @@ def test_restrict_then_unrestrict(regions, admin, po):
         put(admin, cid, "o1", b"other data", subject=other, content_type="text/plain")
 
     rid = f"restrict-{uid()}"
-    r = po.restrict(SR.RestrictRequest(request_id=rid, subject=s, reason="accuracy contested"), timeout=15)
+    r = po.restrict(SR.RestrictProcessingRequest(request_id=rid, subject=s, reason="accuracy contested"), timeout=15)
     assert r.kind == SR.DSR_KIND_RESTRICT
     done = wait_done(po, rid)
     assert {reg: leg.receipt.records_matched for reg, leg in legs(done).items()} == {"eu": 2, "in": 0, "us": 2}
@@ -831,7 +839,7 @@ def test_restrict_then_unrestrict(regions, admin, po):
     assert {c.region: c.records for c in loc.counts} == {"eu": 3, "in": 0, "us": 2}
 
     rid2 = f"unrestrict-{uid()}"
-    po.unrestrict(SR.UnrestrictRequest(request_id=rid2, subject=s), timeout=15)
+    po.unrestrict(SR.UnrestrictProcessingRequest(request_id=rid2, subject=s), timeout=15)
     done = wait_done(po, rid2)
     assert done.kind == SR.DSR_KIND_UNRESTRICT
     for cid, recs in ((ceu, ("s1", "s2", "s3")), (cus, ("s1", "s2"))):
@@ -842,7 +850,7 @@ def test_restrict_then_unrestrict(regions, admin, po):
 
     # One customer only; then erasure reaches the restricted records.
     rid3 = f"restrict-{uid()}"
-    po.restrict(SR.RestrictRequest(request_id=rid3, subject=s, customer_id=ceu), timeout=15)
+    po.restrict(SR.RestrictProcessingRequest(request_id=rid3, subject=s, customer_id=ceu), timeout=15)
     wait_done(po, rid3)
     assert rpc_error(get, admin, ceu, "s1").code() == SC.FAILED_PRECONDITION
     assert get(admin, cus, "s1").payload == b"subject data 1"
@@ -983,7 +991,7 @@ def test_undoing_nothing_ends_skipped(po, admin):
     s = subject()
     put(admin, register(admin, "us", prefix="dsr"), "r", b"x", subject=s, content_type="text/plain")
     rids = {"unrestrict": f"unr-{uid()}", "withdraw": f"wd-{uid()}"}
-    po.unrestrict(SR.UnrestrictRequest(request_id=rids["unrestrict"], subject=s), timeout=15)
+    po.unrestrict(SR.UnrestrictProcessingRequest(request_id=rids["unrestrict"], subject=s), timeout=15)
     po.withdraw(SR.WithdrawRequest(request_id=rids["withdraw"], subject=s, purpose="marketing"), timeout=15)
     got = {k: leg_states(wait_done(po, rid)) for k, rid in rids.items()}
     want = {k: {r: "DSR_LEG_STATE_SKIPPED" for r in REGION_ORDER} for k in rids}
@@ -1284,7 +1292,7 @@ def test_cli_dsr_commands(regions, admin, po, ctl_env, holds):
 
 
 class FakeExport:
-    """A SubjectRights server whose Export misbehaves on request (subject = the case name)."""
+    """A SubjectRightsService server whose Export misbehaves on request (subject = the case name)."""
 
     LINES = [b'{"region":"eu","n":1}\n', b'{"region":"eu","n":2}\n', b'{"region":"us","n":3}\n']
 
@@ -1293,10 +1301,10 @@ class FakeExport:
 
         self.server = g.server(futures.ThreadPoolExecutor(4))
         handler = g.method_handlers_generic_handler(
-            "domicile.v1.SubjectRights",
+            "domicile.v1.SubjectRightsService",
             {
                 "Export": g.unary_stream_rpc_method_handler(
-                    self.export, request_deserializer=SR.ExportRequest.FromString, response_serializer=SR.ExportChunk.SerializeToString
+                    self.export, request_deserializer=SR.ExportRequest.FromString, response_serializer=SR.ExportResponse.SerializeToString
                 )
             },
         )
@@ -1309,7 +1317,7 @@ class FakeExport:
         lines = list(self.LINES)
         for i, line in enumerate(lines):
             region = json.loads(line)["region"]
-            yield SR.ExportChunk(line=SR.ExportLine(line=line, region=region, record_id=str(i), customer_id="c"))
+            yield SR.ExportResponse(line=SR.ExportLine(line=line, region=region, record_id=str(i), customer_id="c"))
         if case == "no-manifest":
             return
         if case == "fail-midway":
@@ -1333,7 +1341,7 @@ class FakeExport:
         elif case == "incomplete":
             m.complete = False
             m.unreachable_regions.append("in")
-        yield SR.ExportChunk(manifest=m)
+        yield SR.ExportResponse(manifest=m)
 
     def stop(self):
         self.server.stop(None)

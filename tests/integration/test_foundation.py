@@ -85,7 +85,7 @@ def test_health_gateway_serving(channel):
     assert health_check(channel, "") == SERVING
 
 
-@pytest.mark.parametrize("service", ["grpc.health.v1.Health", "domicile.v1.Records", "domicile.v1.Regions"])
+@pytest.mark.parametrize("service", ["grpc.health.v1.Health", "domicile.v1.RecordsService", "domicile.v1.RegionsService"])
 def test_health_named_gateway_services_serving(channel, service):
     assert health_check(channel, service) == SERVING
 
@@ -157,7 +157,7 @@ def test_unimplemented_method_names_itself(channel):
     from google.protobuf import symbol_database
 
     listed = {path: impl for path, _kind, impl in list_methods()}
-    candidates = ["/domicile.v1.Records/GetRecord"] + sorted(
+    candidates = ["/domicile.v1.RecordsService/GetRecord"] + sorted(
         p for p, k in descriptor_methods().items() if k == "unary"
     )
     path = next((p for p in candidates if listed.get(p) == "unimplemented"), None)
@@ -208,7 +208,7 @@ def test_every_unimplemented_method_answers_unimplemented(channel):
 
 
 @pytest.mark.parametrize(
-    "path", ["/domicile.v1.Records/NoSuchMethod", "/no.such.Service/Call", "/domicile.v1.Records"]
+    "path", ["/domicile.v1.RecordsService/NoSuchMethod", "/no.such.Service/Call", "/domicile.v1.RecordsService"]
 )
 def test_unknown_method_unimplemented(channel, path):
     e = rpc_error(raw_unary(channel, path), b"", timeout=5)

@@ -32,7 +32,7 @@ import grpc
 import pytest
 
 from conftest import REGION_CODES, REGIONS_STATE, SERVING, wait_health, wait_until
-from helpers import Api, get, list_once, lit, md, now_ms, paged, put, register, rpc_error, scalar, uid
+from helpers import Api, bulk_stream, get, list_once, lit, md, now_ms, paged, put, register, rpc_error, scalar, uid
 from domicile.v1 import records_pb2, transfers_pb2
 
 SC = grpc.StatusCode
@@ -466,10 +466,10 @@ def test_cross_border_writes_are_logged(regions, p):
     # a bulk put: one write entry per record, each committed before the record is written
     sizes = [5, 0, 300, 41]
     resp = p["service-us"].bulk(
-        iter(
+        bulk_stream(iter(
             records_pb2.PutRecordRequest(request_id=f"bulk-{uid()}", customer_id=cid, record_id=f"b-{i}", kind="note", payload=b"b" * n)
             for i, n in enumerate(sizes)
-        ),
+        )),
         timeout=30,
     )
     assert resp.written == len(sizes) and not resp.failures, resp
@@ -492,10 +492,10 @@ def test_list_records_entries_add_up_to_what_was_streamed(regions, p):
     cid = register(p["admin"], "eu", prefix="led")
     sizes = [(i * 37) % 500 + 1 for i in range(40)]
     resp = p["service-eu"].bulk(
-        iter(
+        bulk_stream(iter(
             records_pb2.PutRecordRequest(request_id=f"bulk-{uid()}", customer_id=cid, record_id=f"r{i:03d}", kind="note", payload=os.urandom(n))
             for i, n in enumerate(sizes)
-        ),
+        )),
         timeout=60,
     )
     assert resp.written == 40 and not resp.failures, resp
@@ -545,7 +545,7 @@ def test_entry_method_names_the_rpc(regions, p):
     get(p["service-us"], cid, "rec-1")
     put(p["service-us"], cid, "rec-2", b"m")
     list_records(p["service-us"], cid)
-    p["service-in"].bulk(iter([records_pb2.PutRecordRequest(request_id=f"bulk-{uid()}", customer_id=cid, record_id="rec-3", kind="note", payload=b"b")]), timeout=30)
+    p["service-in"].bulk(bulk_stream(iter([records_pb2.PutRecordRequest(request_id=f"bulk-{uid()}", customer_id=cid, record_id="rec-3", kind="note", payload=b"b")])), timeout=30)
     wait_sealed(p["auditor"], "eu")
     methods = [e.method for e in list_transfers(p["auditor"], region="eu", customer_id=cid)]
     assert methods == ["GetRecord", "PutRecord", "ListRecords", "BulkPutRecords"], methods

@@ -47,25 +47,25 @@ def test_metrics_count_a_known_workload(gateways):
     ch_in = g.channel(token="service-in")     # a principal in "in": reads of eu data are transfers
     cid = "m-" + uuid.uuid4().hex[:12]
     before = scrape(port)
-    call(ch, "/domicile.v1.Customers/RegisterCustomer",
+    call(ch, "/domicile.v1.CustomersService/RegisterCustomer",
          customers_pb2.RegisterCustomerRequest(request_id="r-" + cid, customer_id=cid,
-                                               residency="eu"), customers_pb2.Customer)
+                                               residency="eu"), customers_pb2.RegisterCustomerResponse)
     for i in range(5):
-        call(ch, "/domicile.v1.Records/PutRecord",
+        call(ch, "/domicile.v1.RecordsService/PutRecord",
              records_pb2.PutRecordRequest(request_id=f"p{i}-{cid}", customer_id=cid,
                                           record_id=f"r{i}", kind="note", payload=b"x" * 10),
              records_pb2.PutRecordResponse)
     for i in range(3):
-        call(ch_in, "/domicile.v1.Records/GetRecord",
-             records_pb2.GetRecordRequest(customer_id=cid, record_id=f"r{i}"), records_pb2.Record)
+        call(ch_in, "/domicile.v1.RecordsService/GetRecord",
+             records_pb2.GetRecordRequest(customer_id=cid, record_id=f"r{i}"), records_pb2.GetRecordResponse)
     for i in range(2):
         with pytest.raises(grpc.RpcError) as ei:
-            call(ch, "/domicile.v1.Records/GetRecord",
+            call(ch, "/domicile.v1.RecordsService/GetRecord",
                  records_pb2.GetRecordRequest(customer_id=cid, record_id="missing"),
-                 records_pb2.Record)
+                 records_pb2.GetRecordResponse)
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
-    put = "/domicile.v1.Records/PutRecord"
-    get = "/domicile.v1.Records/GetRecord"
+    put = "/domicile.v1.RecordsService/PutRecord"
+    get = "/domicile.v1.RecordsService/GetRecord"
     # A call is counted when the server has finished it, which can be just after the client
     # has its status: scrape until the ten calls are in.
     after = wait_until(lambda: scrape(port),

@@ -24,7 +24,7 @@ from conftest import (
     health_check,
     wait_health,
 )
-from helpers import Api, assert_invalid, footprint, limits_case, lit, pb_bytes, pb_label, put, register, rows, rpc_error, scalar, subject_pepper, uid
+from helpers import Api, assert_invalid, bulk_stream, footprint, limits_case, lit, pb_bytes, pb_label, put, register, rows, rpc_error, scalar, subject_pepper, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 PutReq = records_pb2.PutRecordRequest
@@ -80,7 +80,7 @@ def test_placement_each_region_holds_exactly_its_own_customers_records(regions, 
                     payload=f"{r}:{i}".encode(),
                 )
             )
-    rep = api.bulk(iter(msgs), timeout=120)
+    rep = api.bulk(bulk_stream(iter(msgs)), timeout=120)
     assert (rep.written, rep.created, rep.replayed, list(rep.failures)) == (300, 300, 0, [])
 
     ids = ", ".join(lit(c) for c in custs.values())
@@ -100,7 +100,7 @@ def test_placement_each_region_holds_exactly_its_own_customers_records(regions, 
         assert got == [f"rec-{i:03d}" for i in range(100)]
 
     for r, cid in custs.items():
-        rec = api.get(GetReq(customer_id=cid, record_id="rec-042"), timeout=10)
+        rec = api.get(GetReq(customer_id=cid, record_id="rec-042"), timeout=10).record
         assert (rec.region, rec.payload, rec.version) == (r, f"{r}:42".encode(), 1)
 
 
@@ -134,10 +134,10 @@ def test_payload_and_subject_never_stored_in_clear(regions, api, gateway):
     expected_key = hmac.new(pepper, subject.encode(), hashlib.sha256).hexdigest()
     for region, (cid, sk_hex) in written.items():
         assert sk_hex == expected_key
-        rec = api.get(GetReq(customer_id=cid, record_id="with-subject"), timeout=10)
+        rec = api.get(GetReq(customer_id=cid, record_id="with-subject"), timeout=10).record
         assert rec.payload == payload and rec.payload_size == len(payload)
         assert rec.subject_key_hex == expected_key and rec.has_subject
-        assert api.get(GetReq(customer_id=cid, record_id="no-subject"), timeout=10).payload == binary
+        assert api.get(GetReq(customer_id=cid, record_id="no-subject"), timeout=10).record.payload == binary
         col = rows(
             regions,
             region,
@@ -240,7 +240,7 @@ def test_ciphertext_copied_onto_another_row_does_not_decrypt(regions, api, gatew
     )
     assert _ct_hex(regions, "us", c1, "rec-b") == ct_a
     _assert_data_loss(api, c1, "rec-b", secret_a)
-    assert api.get(GetReq(customer_id=c1, record_id="rec-a"), timeout=10).payload == secret_a
+    assert api.get(GetReq(customer_id=c1, record_id="rec-a"), timeout=10).record.payload == secret_a
     assert "does not authenticate" in gateway.log
     assert secret_a.decode() not in gateway.log
 
@@ -275,8 +275,8 @@ def test_ciphertext_copied_onto_another_row_does_not_decrypt(regions, api, gatew
     key_c = scalar(regions, "us", f"SELECT key_id FROM domicile.data_keys WHERE customer_id = {lit(c2)} AND subject_key = ''::bytea")
     _set_ct(regions, "us", c1, "rec-b", ct_b)
     _set_ct(regions, "us", c2, "rec-c", ct_c, key_id=key_c)
-    assert api.get(GetReq(customer_id=c1, record_id="rec-b"), timeout=10).payload == b"B's own data"
-    assert api.get(GetReq(customer_id=c2, record_id="rec-c"), timeout=10).payload == b"C's own data"
+    assert api.get(GetReq(customer_id=c1, record_id="rec-b"), timeout=10).record.payload == b"B's own data"
+    assert api.get(GetReq(customer_id=c2, record_id="rec-c"), timeout=10).record.payload == b"C's own data"
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def test_eu_outage_fails_eu_calls_fast_and_leaves_us_and_in_serving(regions, gat
                 rid = f"bg-{n}"
                 try:
                     put(api, cid, rid, b"bg", timeout=deadline_s)
-                    assert api.get(GetReq(customer_id=cid, record_id=rid), timeout=deadline_s).payload == b"bg"
+                    assert api.get(GetReq(customer_id=cid, record_id=rid), timeout=deadline_s).record.payload == b"bg"
                     background["ok"] += 1
                 except (grpc.RpcError, AssertionError) as e:
                     background["errors"].append((cid, rid, repr(e)))
@@ -346,7 +346,7 @@ def test_eu_outage_fails_eu_calls_fast_and_leaves_us_and_in_serving(regions, gat
                 assert rep.record.version == 1
                 rec, e, took = _timed(api.get, GetReq(customer_id=cid, record_id=f"during-{i}"), timeout=deadline_s)
                 assert e is None, (cid, i, e.code(), e.details())
-                assert rec.payload == f"{cid}:{i}".encode()
+                assert rec.record.payload == f"{cid}:{i}".encode()
         eu_call_fails(api.delete, DelReq(request_id="eu-del", customer_id=ce, record_id="before"))
         eu_call_fails(api.get_customer, customers_pb2.GetCustomerRequest(customer_id=ce))
         e = rpc_error(lambda: list(api.list(ListReq(customer_id=ce), timeout=deadline_s)))
@@ -371,8 +371,8 @@ def test_eu_outage_fails_eu_calls_fast_and_leaves_us_and_in_serving(regions, gat
         # The refused write, retried with its request_id: written once, now.
         rep = api.put(failed_put, timeout=deadline_s)
         assert (rep.created, rep.replayed, rep.record.version, rep.record.region) == (True, False, 1, "eu")
-        assert api.get(GetReq(customer_id=ce, record_id="during"), timeout=deadline_s).payload == b"eu during"
-        assert api.get(GetReq(customer_id=ce, record_id="before"), timeout=deadline_s).payload == b"eu before the outage"
+        assert api.get(GetReq(customer_id=ce, record_id="during"), timeout=deadline_s).record.payload == b"eu during"
+        assert api.get(GetReq(customer_id=ce, record_id="before"), timeout=deadline_s).record.payload == b"eu before the outage"
         rep = put(api, ce, "after", b"eu after", timeout=deadline_s)
         assert rep.record.region == "eu"
     finally:
@@ -443,7 +443,7 @@ def test_put_retry_with_same_request_id_replays_and_writes_nothing(regions, api)
     assert second.record.version == 2 and not second.created
     replay = api.put(req, timeout=10)
     assert replay.replayed and replay.record.version == 1
-    assert api.get(GetReq(customer_id=cid, record_id="doc"), timeout=10).payload == b"second"
+    assert api.get(GetReq(customer_id=cid, record_id="doc"), timeout=10).record.payload == b"second"
     assert rows(regions, "in", f"SELECT version FROM domicile.records WHERE customer_id = {lit(cid)}") == [["2"]]
 
 
@@ -471,7 +471,7 @@ def test_delete_retry_with_same_request_id_replays(regions, api):
     put(api, cid, "doc", b"reborn")
     again = api.delete(req, timeout=10)
     assert again.replayed and again.deleted
-    assert api.get(GetReq(customer_id=cid, record_id="doc"), timeout=10).payload == b"reborn"
+    assert api.get(GetReq(customer_id=cid, record_id="doc"), timeout=10).record.payload == b"reborn"
     # Same request_id, other request; a PutRecord's request_id reused for a delete.
     assert_invalid(rpc_error(api.delete, DelReq(request_id="del-1", customer_id=cid, record_id="other"), timeout=10), "request_id")
     assert_invalid(rpc_error(api.delete, DelReq(request_id="put-1", customer_id=cid, record_id="doc"), timeout=10), "request_id")
@@ -505,7 +505,7 @@ def test_expected_version(regions, api):
     assert e.code() == SC.FAILED_PRECONDITION and re.search(r"\b0\b", e.details()), (e.code(), e.details())
     assert_invalid(rpc_error(put, api, cid, "doc", b"x", expected_version=-1), "expected_version")
     assert version_in_db() == [["2"]]
-    assert api.get(GetReq(customer_id=cid, record_id="doc"), timeout=10).payload == b"v2"
+    assert api.get(GetReq(customer_id=cid, record_id="doc"), timeout=10).record.payload == b"v2"
     # unconditional replace
     assert put(api, cid, "doc", b"v3").record.version == 3
 
@@ -623,7 +623,7 @@ def _assert_untouched(regions, cid):
 @pytest.mark.parametrize("case,build,field,limit", PUT_LIMITS, ids=[c[0] for c in PUT_LIMITS])
 def test_put_record_limits(regions, api, limits_customer, case, build, field, limit):
     cid = limits_customer
-    put_raw = api.raw("Records", "PutRecord", rep=records_pb2.PutRecordResponse)
+    put_raw = api.raw("RecordsService", "PutRecord", rep=records_pb2.PutRecordResponse)
     body = build(cid)
     e = rpc_error(put_raw, body, timeout=15)
     assert_invalid(e, field, limit)
@@ -633,8 +633,9 @@ def test_put_record_limits(regions, api, limits_customer, case, build, field, li
     good = [_put_base(cid) for _ in range(2)]
     for i, m in enumerate(good):
         m.record_id = f"good-{i}"
-    stream = [good[0].SerializeToString(), body, good[1].SerializeToString()]
-    bulk_raw = api.raw("Records", "BulkPutRecords", "client-stream", rep=records_pb2.BulkPutRecordsResponse)
+    # Each BulkPutRecordsRequest carries the PutRecordRequest bytes as its field 1 (`put`).
+    stream = [pb_bytes(1, good[0].SerializeToString()), pb_bytes(1, body), pb_bytes(1, good[1].SerializeToString())]
+    bulk_raw = api.raw("RecordsService", "BulkPutRecords", "client-stream", rep=records_pb2.BulkPutRecordsResponse)
     try:
         rep = bulk_raw(iter(stream), timeout=15)
     except grpc.RpcError as e:
@@ -650,9 +651,9 @@ def test_put_record_limits(regions, api, limits_customer, case, build, field, li
 
 def test_bulk_failure_of_undecodable_message_is_reported(regions, api, limits_customer):
     body = with_raw_field(_put_base(limits_customer), 3, b"bad\xffid")
-    bulk_raw = api.raw("Records", "BulkPutRecords", "client-stream", rep=records_pb2.BulkPutRecordsResponse)
+    bulk_raw = api.raw("RecordsService", "BulkPutRecords", "client-stream", rep=records_pb2.BulkPutRecordsResponse)
     try:
-        rep = bulk_raw(iter([body]), timeout=15)  # the response parses: valid UTF-8
+        rep = bulk_raw(iter([pb_bytes(1, body)]), timeout=15)  # the response parses: valid UTF-8
     except grpc.RpcError as e:
         pytest.fail(f"the bad message ended the whole BulkPutRecords call: {e.code()} {e.details()!r}")
     assert len(rep.failures) == 1 and rep.failures[0].code == 3
@@ -684,7 +685,7 @@ GET_LIMITS = [
 
 @pytest.mark.parametrize("case,build,field,limit", GET_LIMITS, ids=[c[0] for c in GET_LIMITS])
 def test_get_record_limits(api, limits_customer, case, build, field, limit):
-    get_raw = api.raw("Records", "GetRecord", rep=records_pb2.Record)
+    get_raw = api.raw("RecordsService", "GetRecord", rep=records_pb2.GetRecordResponse)
     assert_invalid(rpc_error(get_raw, build(limits_customer), timeout=10), field, limit)
 
 
@@ -716,7 +717,7 @@ LIST_LIMITS = [
 
 @pytest.mark.parametrize("case,build,field,limit", LIST_LIMITS, ids=[c[0] for c in LIST_LIMITS])
 def test_list_records_limits(api, limits_customer, case, build, field, limit):
-    list_raw = api.raw("Records", "ListRecords", "stream", rep=records_pb2.ListRecordsResponse)
+    list_raw = api.raw("RecordsService", "ListRecords", "stream", rep=records_pb2.ListRecordsResponse)
     e = rpc_error(lambda: list(list_raw(build(limits_customer), timeout=10)))
     assert_invalid(e, field, limit)
 
@@ -741,7 +742,7 @@ DELETE_LIMITS = [
 
 @pytest.mark.parametrize("case,build,field,limit", DELETE_LIMITS, ids=[c[0] for c in DELETE_LIMITS])
 def test_delete_record_limits(regions, api, limits_customer, case, build, field, limit):
-    del_raw = api.raw("Records", "DeleteRecord", rep=records_pb2.DeleteRecordResponse)
+    del_raw = api.raw("RecordsService", "DeleteRecord", rep=records_pb2.DeleteRecordResponse)
     assert_invalid(rpc_error(del_raw, build(limits_customer), timeout=10), field, limit)
     _assert_untouched(regions, limits_customer)
 
@@ -788,14 +789,14 @@ def test_limits_at_their_maximum_are_accepted(regions, api):
     assert len(req.kind) == 64 and len(req.content_type) == 128 and len(req.request_id) == 128
     rep = api.put(req, timeout=60)
     assert rep.created and rep.record.payload_size == PAYLOAD_MAX
-    rec = api.get(GetReq(customer_id=cid, record_id=record_id), timeout=60)
+    rec = api.get(GetReq(customer_id=cid, record_id=record_id), timeout=60).record
     assert rec.payload == payload
     assert (rec.kind, rec.content_type, dict(rec.labels), rec.region) == (req.kind, req.content_type, labels, "eu")
     assert rows(regions, "eu", f"SELECT record_id, payload_size FROM domicile.records WHERE customer_id = {lit(cid)}") == [[record_id, str(PAYLOAD_MAX)]]
     # An empty payload, empty content type and no labels are fine too.
     rep = put(api, cid, "empty", b"")
     assert rep.record.payload_size == 0
-    assert api.get(GetReq(customer_id=cid, record_id="empty"), timeout=10).payload == b""
+    assert api.get(GetReq(customer_id=cid, record_id="empty"), timeout=10).record.payload == b""
 
 
 def test_request_id_refuses_whitespace(regions, api):
@@ -896,13 +897,13 @@ def test_records_of_an_unknown_customer_are_not_found_anywhere(regions, api):
     ghost = f"ghost-{uid()}"
     for call in (
         lambda: put(api, ghost, "r", b"x"),
-        lambda: api.get(GetReq(customer_id=ghost, record_id="r"), timeout=10),
+        lambda: api.get(GetReq(customer_id=ghost, record_id="r"), timeout=10).record,
         lambda: api.delete(DelReq(request_id="d", customer_id=ghost, record_id="r"), timeout=10),
         lambda: list(api.list(ListReq(customer_id=ghost), timeout=10)),
     ):
         e = rpc_error(call)
         assert e.code() == SC.NOT_FOUND, (e.code(), e.details())
-    rep = api.bulk(iter([_put_base(ghost)]), timeout=10)
+    rep = api.bulk(bulk_stream(iter([_put_base(ghost)])), timeout=10)
     assert [(f.index, f.code) for f in rep.failures] == [(0, SC.NOT_FOUND.value[0])]
     for r in REGION_CODES:
         assert footprint(regions, r, ghost) == dict(customers=0, records=0, data_keys=0, idempotency=0)
@@ -926,18 +927,18 @@ def test_bulk_put_one_bad_message_then_replay(regions, api):
                 payload=f"#{i}".encode(),
             )
 
-    rep = api.bulk(msgs(), timeout=120)
+    rep = api.bulk(bulk_stream(msgs()), timeout=120)
     assert (rep.written, rep.created, rep.replayed) == (499, 499, 0)
     assert [(f.index, f.code, f.record_id) for f in rep.failures] == [(bad, 3, f"r{bad:04d}")]
     assert "kind" in rep.failures[0].message
     assert int(scalar(regions, "eu", f"SELECT count(*) FROM domicile.records WHERE customer_id = {lit(cid)}")) == 499
     assert rows(regions, "eu", f"SELECT count(*) FROM domicile.records WHERE customer_id = {lit(cid)} AND record_id = 'r{bad:04d}'") == [["0"]]
 
-    again = api.bulk(msgs(), timeout=120)
+    again = api.bulk(bulk_stream(msgs()), timeout=120)
     assert (again.written, again.created, again.replayed) == (0, 0, 499)
     assert [(f.index, f.code) for f in again.failures] == [(bad, 3)]
     assert rows(regions, "eu", f"SELECT count(*), max(version) FROM domicile.records WHERE customer_id = {lit(cid)}") == [["499", "1"]]
-    assert api.get(GetReq(customer_id=cid, record_id="r0499"), timeout=10).payload == b"#499"
+    assert api.get(GetReq(customer_id=cid, record_id="r0499"), timeout=10).record.payload == b"#499"
 
 
 def test_bulk_put_messages_fail_independently(regions, api):
@@ -950,7 +951,7 @@ def test_bulk_put_messages_fail_independently(regions, api):
         PutReq(request_id="d", customer_id=cid, record_id="exists", kind="note", expected_version=1),
         PutReq(request_id="a", customer_id=cid, record_id="ok-other", kind="note"),  # request_id reused
     ]
-    rep = api.bulk(iter(msgs), timeout=30)
+    rep = api.bulk(bulk_stream(iter(msgs)), timeout=30)
     assert (rep.written, rep.created, rep.replayed) == (2, 1, 0)
     codes = [(f.index, f.code) for f in rep.failures]
     want = [(1, SC.FAILED_PRECONDITION.value[0]), (2, SC.NOT_FOUND.value[0]), (4, SC.INVALID_ARGUMENT.value[0])]
@@ -970,11 +971,11 @@ def test_bulk_put_messages_about_one_record_apply_in_stream_order(regions, api):
         msgs.append(PutReq(request_id=f"w{i}", customer_id=cid, record_id="same", kind="note", payload=b"v%d" % i))
         msgs.append(PutReq(request_id=f"o{i}", customer_id=cid, record_id=f"other-{i}", kind="note", payload=b"x"))
     msgs.append(PutReq(request_id="w0", customer_id=cid, record_id="same", kind="note", payload=b"v0"))  # a replay
-    rep = api.bulk(iter(msgs), timeout=60)
+    rep = api.bulk(bulk_stream(iter(msgs)), timeout=60)
     assert (rep.written, rep.replayed, list(rep.failures)) == (60, 1, []), rep
     got = rows(regions, "eu", f"SELECT version FROM domicile.records WHERE customer_id = {lit(cid)} AND record_id = 'same'")
     assert got == [["30"]], got
-    assert api.get(GetReq(customer_id=cid, record_id="same"), timeout=10).payload == b"v29"
+    assert api.get(GetReq(customer_id=cid, record_id="same"), timeout=10).record.payload == b"v29"
 
 
 def test_bulk_put_failures_are_reported_in_stream_order(api):
@@ -987,14 +988,14 @@ def test_bulk_put_failures_are_reported_in_stream_order(api):
             msgs.append(PutReq(request_id=f"o{i}", customer_id=f"ghost-{uid()}", record_id=f"r{i}", kind="note"))
         else:
             msgs.append(PutReq(request_id=f"o{i}", customer_id=f"ghost-{uid()}", record_id=f"r{i}", kind="BAD"))
-    rep = api.bulk(iter(msgs), timeout=60)
+    rep = api.bulk(bulk_stream(iter(msgs)), timeout=60)
     got = [(f.index, f.code) for f in rep.failures]
     assert sorted(got) == [(i, 5 if i % 2 == 0 else 3) for i in range(40)], got
     assert [i for i, _ in got] == list(range(40)), f"failures not in stream order: {[i for i, _ in got]}"
 
 
 def test_bulk_put_empty_stream(api):
-    rep = api.bulk(iter([]), timeout=10)
+    rep = api.bulk(bulk_stream(iter([])), timeout=10)
     assert (rep.written, rep.replayed, rep.created, list(rep.failures)) == (0, 0, 0, [])
 
 
@@ -1005,7 +1006,7 @@ def test_bulk_put_10001_messages_is_resource_exhausted(regions, api):
         for i in range(10001):
             yield PutReq(request_id=f"m{i}", customer_id=cid, record_id=f"r{i:05d}", kind="k")
 
-    e = rpc_error(api.bulk, msgs(), timeout=300)
+    e = rpc_error(api.bulk, bulk_stream(msgs()), timeout=300)
     assert e.code() == SC.RESOURCE_EXHAUSTED, (e.code(), e.details())
     assert "10000" in e.details(), e.details()
     n = int(scalar(regions, "us", f"SELECT count(*) FROM domicile.records WHERE customer_id = {lit(cid)}"))

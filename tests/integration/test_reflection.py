@@ -99,20 +99,20 @@ def test_host_is_echoed(anon):
 
 
 def test_file_containing_symbol_returns_protocs_descriptor(anon):
-    rep = one(anon, file_containing_symbol="domicile.v1.Records")
+    rep = one(anon, file_containing_symbol="domicile.v1.RecordsService")
     names, raw = files_of(rep)
     assert names[0] == "domicile/v1/records.proto"
     records_pb2 = importlib.import_module("domicile.v1.records_pb2")
     assert raw["domicile/v1/records.proto"] == records_pb2.DESCRIPTOR.serialized_pb
     assert set(names) == transitive_deps("domicile/v1/records.proto")
     fd = descriptor_pb2.FileDescriptorProto.FromString(raw["domicile/v1/records.proto"])
-    assert "Records" in [s.name for s in fd.service]
+    assert "RecordsService" in [s.name for s in fd.service]
     assert "GetRecord" in [m.name for s in fd.service for m in s.method]
 
 
 def test_file_containing_symbol_includes_dependencies(anon):
     # records.proto imports nothing; subject_rights.proto imports common.proto.
-    names, raw = files_of(one(anon, file_containing_symbol="domicile.v1.SubjectRights"))
+    names, raw = files_of(one(anon, file_containing_symbol="domicile.v1.SubjectRightsService"))
     assert names[0] == "domicile/v1/subject_rights.proto"
     assert set(names) == {"domicile/v1/subject_rights.proto", "domicile/v1/common.proto"}
     protoc = serialized_by_protoc()
@@ -139,7 +139,7 @@ def test_file_by_filename_for_every_file(anon):
 @pytest.mark.parametrize(
     "symbol, file",
     [
-        ("domicile.v1.Records.GetRecord", "domicile/v1/records.proto"),  # method
+        ("domicile.v1.RecordsService.GetRecord", "domicile/v1/records.proto"),  # method
         ("domicile.v1.PutRecordRequest", "domicile/v1/records.proto"),  # message
         ("domicile.v1.Record.LabelsEntry", "domicile/v1/records.proto"),  # nested message
         ("domicile.v1.CustomerState", "domicile/v1/customers.proto"),  # enum
@@ -157,7 +157,7 @@ def test_file_containing_symbol_kinds(anon, symbol, file):
     "kw, code",
     [
         ({"file_containing_symbol": "domicile.v1.NoSuchThing"}, NOT_FOUND),
-        ({"file_containing_symbol": "domicile.v1.Records.NoSuchMethod"}, NOT_FOUND),
+        ({"file_containing_symbol": "domicile.v1.RecordsService.NoSuchMethod"}, NOT_FOUND),
         ({"file_containing_symbol": ""}, NOT_FOUND),
         ({"file_by_filename": "domicile/v1/nope.proto"}, NOT_FOUND),
         ({"file_containing_extension": R.ExtensionRequest(containing_type="domicile.v1.Record", extension_number=100)}, UNIMPLEMENTED),
@@ -175,7 +175,7 @@ def test_several_requests_on_one_stream(anon):
     reqs = [
         R.ServerReflectionRequest(list_services=""),
         R.ServerReflectionRequest(file_containing_symbol="domicile.v1.NoSuchThing"),
-        R.ServerReflectionRequest(file_containing_symbol="domicile.v1.Transfers.Report"),
+        R.ServerReflectionRequest(file_containing_symbol="domicile.v1.TransfersService.Report"),
         R.ServerReflectionRequest(file_by_filename="grpc/health/v1/health.proto"),
         R.ServerReflectionRequest(all_extension_numbers_of_type="x.Y"),
         R.ServerReflectionRequest(list_services=""),
@@ -203,7 +203,7 @@ def test_answers_arrive_while_the_stream_stays_open(anon):
         response_deserializer=R.ServerReflectionResponse.FromString,
     )
     turn = threading.Semaphore(0)
-    symbols = ["domicile.v1.Records", "domicile.v1.Customers", "domicile.v1.Regions"]
+    symbols = ["domicile.v1.RecordsService", "domicile.v1.CustomersService", "domicile.v1.RegionsService"]
 
     def requests():
         for s in symbols:
@@ -299,12 +299,12 @@ def test_a_client_can_call_from_reflection_alone(gateway, anon):
         request_serializer=req_cls.SerializeToString,
         response_deserializer=rep_cls.FromString,
     )
-    assert call(req_cls(service="domicile.v1.Records"), timeout=10).status == SERVING
+    assert call(req_cls(service="domicile.v1.RecordsService"), timeout=10).status == SERVING
 
-    lr = pool.FindMethodByName("domicile.v1.Regions.ListRegions")
+    lr = pool.FindMethodByName("domicile.v1.RegionsService.ListRegions")
     req_cls, rep_cls = cls(lr.input_type.full_name), cls(lr.output_type.full_name)
     call = gateway.channel(token="admin").unary_unary(
-        "/domicile.v1.Regions/ListRegions",
+        "/domicile.v1.RegionsService/ListRegions",
         request_serializer=req_cls.SerializeToString,
         response_deserializer=rep_cls.FromString,
     )

@@ -1,5 +1,5 @@
 """
-domicile.v1.Regions: ListRegions, Fence and Unfence (regions.proto), and `domicilectl regions`.
+domicile.v1.RegionsService: ListRegions, Fence and Unfence (regions.proto), and `domicilectl regions`.
 
 A fence stops every call to one region on every gateway; it is a row in every region's
 domicile.fences table (005_regions.sql), versioned (007_fence_versions.sql) so that a lift
@@ -24,20 +24,24 @@ DOMICILECTL = os.path.join(BUILD_DIR, "domicilectl")
 
 
 class Ops:
-    """The Regions service on a channel."""
+    """RegionsService on a channel; fence and unfence return the RegionStatus of their response."""
 
     def __init__(self, channel):
-        self.list = unary_stub(channel, "Regions", "ListRegions", regions_pb2.ListRegionsRequest, regions_pb2.ListRegionsResponse)
-        self._fence = unary_stub(channel, "Regions", "Fence", regions_pb2.FenceRequest, regions_pb2.RegionStatus)
-        self._unfence = unary_stub(channel, "Regions", "Unfence", regions_pb2.UnfenceRequest, regions_pb2.RegionStatus)
+        self.list = unary_stub(channel, "RegionsService", "ListRegions", regions_pb2.ListRegionsRequest, regions_pb2.ListRegionsResponse)
+        self._fence = unary_stub(channel, "RegionsService", "Fence", regions_pb2.FenceRequest, regions_pb2.FenceResponse)
+        self._unfence = unary_stub(channel, "RegionsService", "Unfence", regions_pb2.UnfenceRequest, regions_pb2.UnfenceResponse)
 
     def fence(self, region, reason, **kw):
         kw.setdefault("request_id", f"fence-{uid()}")
-        return self._fence(regions_pb2.FenceRequest(region=region, reason=reason, **kw), timeout=15)
+        rep = self._fence(regions_pb2.FenceRequest(region=region, reason=reason, **kw), timeout=15)
+        assert rep.HasField("region"), rep
+        return rep.region
 
     def unfence(self, region, reason="", **kw):
         kw.setdefault("request_id", f"unfence-{uid()}")
-        return self._unfence(regions_pb2.UnfenceRequest(region=region, reason=reason, **kw), timeout=15)
+        rep = self._unfence(regions_pb2.UnfenceRequest(region=region, reason=reason, **kw), timeout=15)
+        assert rep.HasField("region"), rep
+        return rep.region
 
     def status(self, region):
         return {s.code: s for s in self.list(regions_pb2.ListRegionsRequest(), timeout=15).regions}[region]

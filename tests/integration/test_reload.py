@@ -18,7 +18,7 @@ from grpc.health.v1 import health_pb2
 def locate(ch, token):
     from domicile.v1 import subject_rights_pb2 as S
 
-    return ch.unary_unary("/domicile.v1.SubjectRights/Locate",
+    return ch.unary_unary("/domicile.v1.SubjectRightsService/Locate",
                           request_serializer=S.LocateRequest.SerializeToString,
                           response_deserializer=S.LocateResponse.FromString)(
         S.LocateRequest(subject="nobody@example.com"), timeout=10,

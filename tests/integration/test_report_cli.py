@@ -54,21 +54,21 @@ def traffic(session_gateway, tmp_path_factory):
     cid = f"cust-rpt-{uid()}"
     months = {month_now()}
 
-    register = unary(eu, "/domicile.v1.Customers/RegisterCustomer", customers_pb2.RegisterCustomerRequest, customers_pb2.Customer)
+    register = unary(eu, "/domicile.v1.CustomersService/RegisterCustomer", customers_pb2.RegisterCustomerRequest, customers_pb2.RegisterCustomerResponse)
     register(customers_pb2.RegisterCustomerRequest(request_id=f"reg-{uid()}", customer_id=cid, residency="eu"), timeout=15)
-    put_eu = unary(eu, "/domicile.v1.Records/PutRecord", records_pb2.PutRecordRequest, records_pb2.PutRecordResponse)
+    put_eu = unary(eu, "/domicile.v1.RecordsService/PutRecord", records_pb2.PutRecordRequest, records_pb2.PutRecordResponse)
     put_eu(
         records_pb2.PutRecordRequest(request_id=f"put-{uid()}", customer_id=cid, record_id="r1", kind="note", payload=PAYLOAD),
         timeout=15,
         metadata=md,
     )
-    get_us = unary(us, "/domicile.v1.Records/GetRecord", records_pb2.GetRecordRequest, records_pb2.Record)
-    get_in = unary(inn, "/domicile.v1.Records/GetRecord", records_pb2.GetRecordRequest, records_pb2.Record)
+    get_us = unary(us, "/domicile.v1.RecordsService/GetRecord", records_pb2.GetRecordRequest, records_pb2.GetRecordResponse)
+    get_in = unary(inn, "/domicile.v1.RecordsService/GetRecord", records_pb2.GetRecordRequest, records_pb2.GetRecordResponse)
     for _ in range(2):
-        assert get_us(records_pb2.GetRecordRequest(customer_id=cid, record_id="r1"), timeout=15, metadata=md).payload == PAYLOAD
-    assert get_in(records_pb2.GetRecordRequest(customer_id=cid, record_id="r1"), timeout=15, metadata=md).payload == PAYLOAD
+        assert get_us(records_pb2.GetRecordRequest(customer_id=cid, record_id="r1"), timeout=15, metadata=md).record.payload == PAYLOAD
+    assert get_in(records_pb2.GetRecordRequest(customer_id=cid, record_id="r1"), timeout=15, metadata=md).record.payload == PAYLOAD
     # A write by a US principal into the EU customer's region: route us -> eu.
-    put_us = unary(us, "/domicile.v1.Records/PutRecord", records_pb2.PutRecordRequest, records_pb2.PutRecordResponse)
+    put_us = unary(us, "/domicile.v1.RecordsService/PutRecord", records_pb2.PutRecordRequest, records_pb2.PutRecordResponse)
     put_us(
         records_pb2.PutRecordRequest(request_id=f"put-{uid()}", customer_id=cid, record_id="r2", kind="note", payload=PAYLOAD[:40]),
         timeout=15,
@@ -278,8 +278,8 @@ def test_list_by_basis(traffic):
     for f in mine:
         assert f[0] == "eu" and f[3] == f"eu{ARROW}us" and f[6] == "allowed"
         assert f[7:9] == ["1", str(len(PAYLOAD))]
-        # The proto says the full method ("/domicile.v1.Records/GetRecord"); accept the short one.
-        assert f[9] in ("/domicile.v1.Records/GetRecord", "GetRecord") and f[10] == "service-us"
+        # The proto says the full method ("/domicile.v1.RecordsService/GetRecord"); accept the short one.
+        assert f[9] in ("/domicile.v1.RecordsService/GetRecord", "GetRecord") and f[10] == "service-us"
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", f[2])
         assert f[1] == "-" or int(f[1]) > 0
 
@@ -306,7 +306,7 @@ def test_list_by_basis(traffic):
 def test_verify(traffic):
     t = traffic
     ch = t["gateway"].channel(token="auditor")
-    verify = unary(ch, "/domicile.v1.Transfers/VerifyLedger", transfers_pb2.VerifyLedgerRequest, transfers_pb2.VerifyLedgerResponse)
+    verify = unary(ch, "/domicile.v1.TransfersService/VerifyLedger", transfers_pb2.VerifyLedgerRequest, transfers_pb2.VerifyLedgerResponse)
     for region in ("eu", "in", "us"):
         want = verify(transfers_pb2.VerifyLedgerRequest(region=region), timeout=60)
         p = ctl(t, "transfers", "verify", region, check=False)

@@ -41,7 +41,7 @@ from conftest import (
     wait_health,
     write_config_copy,
 )
-from helpers import Api, list_once, put, register, rpc_error, subject_pepper, uid
+from helpers import Api, bulk_stream, list_once, put, register, rpc_error, subject_pepper, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 SC = grpc.StatusCode
@@ -281,7 +281,7 @@ def test_wrong_role_is_permission_denied_naming_the_roles_needed(gateway):
     assert "PutRecord" in e.details() and "service" in e.details() and "admin" in e.details(), e.details()
     assert "reader-us" in e.details(), e.details()
     # ... and it may read.
-    assert reader.get(GetReq(customer_id=cid, record_id="r1"), timeout=10).payload == b"payload"
+    assert reader.get(GetReq(customer_id=cid, record_id="r1"), timeout=10).record.payload == b"payload"
     e = rpc_error(reader.delete, DelReq(request_id=uid(), customer_id=cid, record_id="r1"), timeout=10)
     assert e.code() == SC.PERMISSION_DENIED and "service, admin" in e.details(), (e.code(), e.details())
 
@@ -566,7 +566,7 @@ def test_tls_transport_refuses_plaintext_and_old_protocols(regions, gateways, pk
     cid = register(api, "eu", prefix="sec")
     rep = put(api, cid, "over-tls", b"sent over TLS")
     assert rep.record.version == 1 and rep.record.region == "eu"
-    assert api.get(GetReq(customer_id=cid, record_id="over-tls"), timeout=10).payload == b"sent over TLS"
+    assert api.get(GetReq(customer_id=cid, record_id="over-tls"), timeout=10).record.payload == b"sent over TLS"
     e = rpc_error(Api(channels.tls(g, pki.ca_crt)).get, GetReq(customer_id=cid, record_id="over-tls"), timeout=10)
     assert e.code() == SC.UNAUTHENTICATED, (e.code(), e.details())
     # A client that trusts another CA refuses the gateway.
@@ -612,11 +612,11 @@ def test_mtls_require(regions, gateways, pki, channels, workdir):
     cid = register(svc, "in", prefix="sec")
     rep = put(svc, cid, "by-cert", b"written by a certificate")
     assert rep.created and rep.record.region == "in"
-    assert svc.get(GetReq(customer_id=cid, record_id="by-cert"), timeout=10).payload == b"written by a certificate"
+    assert svc.get(GetReq(customer_id=cid, record_id="by-cert"), timeout=10).record.payload == b"written by a certificate"
     # The reader's certificate is the reader principal: it may read, not write (and the
     # refusal names that principal, so the certificate was mapped to it).
     reader = Api(channels.tls(g, pki.ca_crt, *pki.reader))
-    assert reader.get(GetReq(customer_id=cid, record_id="by-cert"), timeout=10).payload == b"written by a certificate"
+    assert reader.get(GetReq(customer_id=cid, record_id="by-cert"), timeout=10).record.payload == b"written by a certificate"
     e = rpc_error(put, reader, cid, "by-reader", b"x")
     assert e.code() == SC.PERMISSION_DENIED and 'principal "cert-reader"' in e.details(), (e.code(), e.details())
     # A valid certificate that is nobody's: connected, but not authenticated.
@@ -638,7 +638,7 @@ def test_mtls_request(regions, gateways, pki, channels, workdir):
     api = Api(channels.tls(g, pki.ca_crt, token=demo_token(regions.conf, "admin")))
     cid = register(api, "us", prefix="sec")
     assert put(api, cid, "token-path", b"t").created
-    assert api.get(GetReq(customer_id=cid, record_id="token-path"), timeout=10).payload == b"t"
+    assert api.get(GetReq(customer_id=cid, record_id="token-path"), timeout=10).record.payload == b"t"
     # Without a certificate or a token: connected, not authenticated.
     anon = Api(channels.tls(g, pki.ca_crt))
     assert health_check(anon.channel, "", timeout=10) == SERVING
@@ -651,7 +651,7 @@ def test_mtls_request(regions, gateways, pki, channels, workdir):
     assert "certificate verify failed" in g.log, g.log
     svc = Api(channels.tls(g, pki.ca_crt, *pki.svc))
     assert put(svc, cid, "cert-path", b"c").created
-    assert svc.get(GetReq(customer_id=cid, record_id="cert-path"), timeout=10).payload == b"c"
+    assert svc.get(GetReq(customer_id=cid, record_id="cert-path"), timeout=10).record.payload == b"c"
     channels.close()
     assert g.stop() == 0, g.log
 
@@ -724,8 +724,8 @@ def test_region_with_a_wrong_ca_fails_closed(regions, gateway, gateways, pki, wo
     api = Api(ch)
     ce = cust["eu"]
     failures = {
-        "GetCustomer": lambda: api.get_customer(GetCustReq(customer_id=ce), timeout=10),
-        "GetRecord": lambda: api.get(GetReq(customer_id=ce, record_id="before"), timeout=10),
+        "GetCustomer": lambda: api.get_customer(GetCustReq(customer_id=ce), timeout=10).customer,
+        "GetRecord": lambda: api.get(GetReq(customer_id=ce, record_id="before"), timeout=10).record,
         "PutRecord": lambda: put(api, ce, "during", b"x", timeout=10),
         "ListRecords": lambda: list_once(api, ListReq(customer_id=ce), timeout=10),
         "DeleteRecord": lambda: api.delete(DelReq(request_id=uid(), customer_id=ce, record_id="before"), timeout=10),
@@ -738,7 +738,7 @@ def test_region_with_a_wrong_ca_fails_closed(regions, gateway, gateways, pki, wo
     # us and in serve.
     for r in ("us", "in"):
         cid = cust[r]
-        assert api.get(GetReq(customer_id=cid, record_id="before"), timeout=10).payload == f"{r} before".encode()
+        assert api.get(GetReq(customer_id=cid, record_id="before"), timeout=10).record.payload == f"{r} before".encode()
         assert put(api, cid, "during", f"{r} during".encode()).record.region == r
         assert [x.record_id for x in list_once(api, ListReq(customer_id=cid))] == ["before", "during"]
     # Nothing was written to eu through the gateway that could not verify it.
@@ -794,10 +794,10 @@ def test_randomised_tenant_isolation(regions, gateways, workdir):
             "put": lambda: api.put(PutReq(request_id=f"p-{uid()}", customer_id=cid, record_id=rid, kind="note",
                                           payload=tag(customers.get(cid, "T0"), cid, rid),
                                           labels={"tenant": customers.get(cid, "T0")}), timeout=20),
-            "get": lambda: api.get(GetReq(customer_id=cid, record_id=rid), timeout=20),
+            "get": lambda: api.get(GetReq(customer_id=cid, record_id=rid), timeout=20).record,
             "list": lambda: list_once(api, ListReq(customer_id=cid, include_payload=True, page_size=100), timeout=20),
             "delete": lambda: api.delete(DelReq(request_id=f"d-{uid()}", customer_id=cid, record_id=rid), timeout=20),
-            "get_customer": lambda: api.get_customer(GetCustReq(customer_id=cid), timeout=20),
+            "get_customer": lambda: api.get_customer(GetCustReq(customer_id=cid), timeout=20).customer,
         }
 
     # The answer for a customer that exists nowhere, per operation: the reference.
@@ -877,7 +877,7 @@ def test_randomised_tenant_isolation(regions, gateways, workdir):
     for cid, t in customers.items():
         e = rpc_error(apis[other[t]].close_customer, CloseReq(request_id=uid(), customer_id=cid, reason="not mine"), timeout=20)
         assert (e.code(), e.details()) == reference["get_customer"], (cid, e.code(), e.details())
-        assert apis[t].get_customer(GetCustReq(customer_id=cid), timeout=20).state == customers_pb2.CUSTOMER_STATE_ACTIVE
+        assert apis[t].get_customer(GetCustReq(customer_id=cid), timeout=20).customer.state == customers_pb2.CUSTOMER_STATE_ACTIVE
 
     # Afterwards every stored record of a customer carries its owner's tag only.
     stored = collections.Counter()
@@ -953,7 +953,7 @@ def test_sql_injection_payloads_are_stored_and_returned_byte_exact(regions, gate
         # Customers: display_name and label values.
         c = register(api, region, prefix="sec", reply=True, display_name=s, labels={"inj": s, "plain": "x"})
         assert (c.display_name, dict(c.labels)) == (s, {"inj": s, "plain": "x"}), repr(s)
-        got = api.get_customer(GetCustReq(customer_id=c.customer_id), timeout=10)
+        got = api.get_customer(GetCustReq(customer_id=c.customer_id), timeout=10).customer
         assert (got.display_name, dict(got.labels)) == (s, {"inj": s, "plain": "x"}), repr(s)
         # Records: record_id, content_type (printable ASCII only), label values, subject,
         # payload, and request_id (printable ASCII without blanks).
@@ -967,7 +967,7 @@ def test_sql_injection_payloads_are_stored_and_returned_byte_exact(regions, gate
         again = api.put(PutReq(request_id=req_id, customer_id=cid, record_id=s, kind="inj", subject=s,
                                payload=s.encode(), content_type=ctype, labels={"inj": s}), timeout=10)
         assert again.replayed and again.record.version == 1, repr(s)
-        rec = api.get(GetReq(customer_id=cid, record_id=s), timeout=10)
+        rec = api.get(GetReq(customer_id=cid, record_id=s), timeout=10).record
         assert (rec.record_id, rec.payload, rec.content_type, dict(rec.labels), rec.subject_key_hex) == (
             s, s.encode(), ctype, {"inj": s}, _subject_key(pepper, s)), repr(s)
         # Found by its subject, and only it.
@@ -980,9 +980,9 @@ def test_sql_injection_payloads_are_stored_and_returned_byte_exact(regions, gate
         assert regions.psql(region, f"SELECT encode(convert_to(display_name, 'UTF8'), 'hex') FROM domicile.customers "
                                     f"WHERE customer_id = '{c.customer_id}'") == want
         # CloseCustomer: reason.
-        closed = api.close_customer(CloseReq(request_id=uid(), customer_id=c.customer_id, reason=s), timeout=10)
+        closed = api.close_customer(CloseReq(request_id=uid(), customer_id=c.customer_id, reason=s), timeout=10).customer
         assert closed.close_reason == s, repr(s)
-        assert api.get_customer(GetCustReq(customer_id=c.customer_id), timeout=10).close_reason == s
+        assert api.get_customer(GetCustReq(customer_id=c.customer_id), timeout=10).customer.close_reason == s
 
     # Every record comes back, in byte order.
     for i, region in enumerate(REGION_CODES):
@@ -1003,8 +1003,8 @@ def test_sql_injection_payloads_are_stored_and_returned_byte_exact(regions, gate
     for s in strict:
         for what, call, field in (
             ("customer_id", lambda: register(api, "us", cid=s), "customer_id"),
-            ("customer_id", lambda: api.get(GetReq(customer_id=s, record_id="x"), timeout=10), "customer_id"),
-            ("residency", lambda: api.register(RegReq(request_id=uid(), customer_id=f"c-{uid()}", residency=s), timeout=10), "residency"),
+            ("customer_id", lambda: api.get(GetReq(customer_id=s, record_id="x"), timeout=10).record, "customer_id"),
+            ("residency", lambda: api.register(RegReq(request_id=uid(), customer_id=f"c-{uid()}", residency=s), timeout=10).customer, "residency"),
             ("kind", lambda: put(api, cid, "k", b"", kind=s), "kind"),
             ("kind filter", lambda: list_once(api, ListReq(customer_id=cid, kind=s)), "kind"),
             ("label key", lambda: put(api, cid, "k", b"", labels={s: "v"}), "labels"),
@@ -1280,10 +1280,10 @@ def test_logs_hold_no_token_payload_marker_or_subject(regions, gateways, workdir
     cid = register(svc, "eu", prefix="sec", display_name=f"Customer {marker} {subject}", labels={"note": marker})
     put(svc, cid, "rec-1", payload, subject=subject, labels={"m": marker}, content_type="text/plain")
     put(svc, cid, "rec-2", payload, subject=subject.upper())
-    assert svc.get(GetReq(customer_id=cid, record_id="rec-1"), timeout=10).payload == payload
+    assert svc.get(GetReq(customer_id=cid, record_id="rec-1"), timeout=10).record.payload == payload
     assert len(list_once(svc, ListReq(customer_id=cid, subject=subject, include_payload=True))) == 2
-    assert svc.bulk(iter([PutReq(request_id=uid(), customer_id=cid, record_id=f"b{i}", kind="note", payload=payload,
-                                 subject=subject) for i in range(3)]), timeout=20).written == 3
+    assert svc.bulk(bulk_stream(iter([PutReq(request_id=uid(), customer_id=cid, record_id=f"b{i}", kind="note", payload=payload,
+                                 subject=subject) for i in range(3)])), timeout=20).written == 3
     # Failing calls that carry the same secrets.
     reader = Api(g.channel(token=reader_token))
     attempt(put, reader, cid, "by-reader", payload, subject=subject)  # wrong role
@@ -1291,15 +1291,15 @@ def test_logs_hold_no_token_payload_marker_or_subject(regions, gateways, workdir
     attempt(put, Api(g.channel(token=None)), cid, "basic", payload, subject=subject,
             metadata=[("authorization", f"Basic {svc_token}")])  # malformed header
     attempt(put, svc, cid, "too-long-subject", payload, subject=subject + " " + "x" * 400)  # invalid subject
-    put_raw = svc.raw("Records", "PutRecord", rep=records_pb2.PutRecordResponse)
+    put_raw = svc.raw("RecordsService", "PutRecord", rep=records_pb2.PutRecordResponse)
     attempt(put_raw, PutReq(request_id=uid(), customer_id=cid, record_id="bad-utf8", kind="note", payload=payload).SerializeToString()
             + b"\x2a" + bytes([len(subject) + 1]) + subject.encode() + b"\xff", timeout=10)  # subject not UTF-8
     attempt(put, svc, cid, "rec-1", payload, subject=subject, expected_version=7)  # version mismatch
     attempt(put, svc, f"nobody-{uid()}", "x", payload, subject=subject)  # unknown customer
     attempt(put, svc, cid, "rec-1", payload, kind="Bad Kind", subject=subject)  # invalid kind
     attempt(list_once, svc, ListReq(customer_id=cid, subject=subject + "\x00"))  # NUL in the subject
-    attempt(svc.bulk, iter([PutReq(request_id=uid(), customer_id=cid, record_id="", kind="note", payload=payload,
-                                   subject=subject)]), timeout=20)
+    attempt(svc.bulk, bulk_stream([PutReq(request_id=uid(), customer_id=cid, record_id="", kind="note", payload=payload,
+                                          subject=subject)]), timeout=20)
     attempt(svc.close_customer, CloseReq(request_id=uid(), customer_id=cid, reason=f"asked by {subject} {marker}"), timeout=10)
     attempt(put, svc, cid, "after-close", payload, subject=subject)  # closed customer
     assert codes["PERMISSION_DENIED"] == 1 and codes["UNAUTHENTICATED"] == 2 and codes["INVALID_ARGUMENT"] >= 3, codes

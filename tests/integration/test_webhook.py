@@ -93,8 +93,8 @@ def test_webhook_signed_delivery(regions, gateways):
         # The request shows the delivery.
         stop = threading.Event()
         for _ in range(50):
-            req = unary(po, "/domicile.v1.SubjectRights/GetRequest",
-                        S.GetRequestRequest(request_id=rid), S.DsrRequest)
+            req = unary(po, "/domicile.v1.SubjectRightsService/GetRequest",
+                        S.GetRequestRequest(request_id=rid), S.GetRequestResponse).request
             if req.webhook.state == S.WEBHOOK_STATE_DELIVERED:
                 break
             stop.wait(0.1)
@@ -118,8 +118,8 @@ def test_webhook_retried_after_500(regions, gateways):
         assert "webhook for request" in g.log and "HTTP 500" in g.log
         # The receiver has the second POST; the gateway records the delivery right after.
         req = wait_until(
-            lambda: unary(po, "/domicile.v1.SubjectRights/GetRequest",
-                          S.GetRequestRequest(request_id=rid), S.DsrRequest),
+            lambda: unary(po, "/domicile.v1.SubjectRightsService/GetRequest",
+                          S.GetRequestRequest(request_id=rid), S.GetRequestResponse).request,
             lambda q: q.webhook.state == S.WEBHOOK_STATE_DELIVERED)
         assert req.webhook.state == S.WEBHOOK_STATE_DELIVERED and req.webhook.attempts >= 2, req.webhook
         assert g.stop() == 0, g.log
@@ -134,17 +134,17 @@ def erase_for(g, cid, residency, scoped=True):
     admin = g.channel(token="admin")
     po = g.channel(token="privacy-officer")
     subject = f"hook-{uuid.uuid4().hex[:8]}@example.com"
-    unary(admin, "/domicile.v1.Customers/RegisterCustomer",
+    unary(admin, "/domicile.v1.CustomersService/RegisterCustomer",
           customers_pb2.RegisterCustomerRequest(request_id="r-" + cid, customer_id=cid,
-                                                residency=residency), customers_pb2.Customer)
-    unary(admin, "/domicile.v1.Records/PutRecord",
+                                                residency=residency), customers_pb2.RegisterCustomerResponse)
+    unary(admin, "/domicile.v1.RecordsService/PutRecord",
           records_pb2.PutRecordRequest(request_id="p-" + cid, customer_id=cid, record_id="r1",
                                        kind="note", subject=subject, payload=b"x"),
           records_pb2.PutRecordResponse)
     rid = "erase-" + uuid.uuid4().hex[:10]
-    unary(po, "/domicile.v1.SubjectRights/Erase",
+    unary(po, "/domicile.v1.SubjectRightsService/Erase",
           S.EraseRequest(request_id=rid, subject=subject, customer_id=cid if scoped else "",
-                         reason="test"), S.DsrRequest)
+                         reason="test"), S.EraseResponse)
     return po, rid
 
 

@@ -20,11 +20,11 @@
 
 static const ProtobufCServiceDescriptor *services[] = {
     &grpc__health__v1__health__descriptor,
-    &domicile__v1__customers__descriptor,
-    &domicile__v1__records__descriptor,
-    &domicile__v1__subject_rights__descriptor,
-    &domicile__v1__transfers__descriptor,
-    &domicile__v1__regions__descriptor,
+    &domicile__v1__customers_service__descriptor,
+    &domicile__v1__records_service__descriptor,
+    &domicile__v1__subject_rights_service__descriptor,
+    &domicile__v1__transfers_service__descriptor,
+    &domicile__v1__regions_service__descriptor,
     &grpc__reflection__v1alpha__server_reflection__descriptor,
 };
 

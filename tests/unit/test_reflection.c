@@ -88,11 +88,11 @@ static void test_builtin_files_and_services(void **state)
         if (dm_descdb_find_file(db, files[i]) < 0)
             fail_msg("%s is not in the embedded set", files[i]);
     assert_int_equal(dm_descdb_find_file(db, "domicile/v1/nope.proto"), -1);
-    const char *services[] = {"domicile.v1.Customers",
-                              "domicile.v1.Records",
-                              "domicile.v1.Regions",
-                              "domicile.v1.SubjectRights",
-                              "domicile.v1.Transfers",
+    const char *services[] = {"domicile.v1.CustomersService",
+                              "domicile.v1.RecordsService",
+                              "domicile.v1.RegionsService",
+                              "domicile.v1.SubjectRightsService",
+                              "domicile.v1.TransfersService",
                               "grpc.health.v1.Health",
                               "grpc.reflection.v1alpha.ServerReflection"};
     assert_int_equal(dm_descdb_n_services(db), sizeof(services) / sizeof(services[0]));
@@ -110,9 +110,10 @@ static void test_builtin_symbols(void **state)
     const dm_descdb_t *db = dm_descdb_builtin();
     assert_non_null(db);
     /* service, method, message, nested message, enum, nested enum, field, enum value */
-    assert_string_equal(file_of(db, "domicile.v1.Records"), "domicile/v1/records.proto");
-    assert_string_equal(file_of(db, "domicile.v1.Records.GetRecord"), "domicile/v1/records.proto");
-    assert_string_equal(file_of(db, "domicile.v1.SubjectRights.Export"),
+    assert_string_equal(file_of(db, "domicile.v1.RecordsService"), "domicile/v1/records.proto");
+    assert_string_equal(file_of(db, "domicile.v1.RecordsService.GetRecord"),
+                        "domicile/v1/records.proto");
+    assert_string_equal(file_of(db, "domicile.v1.SubjectRightsService.Export"),
                         "domicile/v1/subject_rights.proto");
     assert_string_equal(file_of(db, "domicile.v1.PutRecordRequest"), "domicile/v1/records.proto");
     assert_string_equal(file_of(db, "domicile.v1.Record.LabelsEntry"), "domicile/v1/records.proto");
@@ -123,13 +124,14 @@ static void test_builtin_symbols(void **state)
     assert_string_equal(file_of(db, "grpc.health.v1.HealthCheckResponse.SERVING"),
                         "grpc/health/v1/health.proto");
     assert_string_equal(file_of(db, "domicile.v1.RegionCount"), "domicile/v1/common.proto");
-    assert_string_equal(file_of(db, ".domicile.v1.Records"), "domicile/v1/records.proto");
+    assert_string_equal(file_of(db, ".domicile.v1.RecordsService"), "domicile/v1/records.proto");
     assert_string_equal(file_of(db, "grpc.reflection.v1alpha.ServerReflection"),
                         "grpc/reflection/v1alpha/reflection.proto");
     /* unknown */
     const char *unknown[] = {"domicile.v1.Nope",
-                             "domicile.v1.Records.Nope",
-                             "domicile.v1.Records.",
+                             "domicile.v1.Records", /* the name before the Service suffix */
+                             "domicile.v1.RecordsService.Nope",
+                             "domicile.v1.RecordsService.",
                              "domicile.v1.records",
                              "Records",
                              "",

@@ -19,7 +19,7 @@
 /* ---- building reports ----------------------------------------------------------------------- */
 
 typedef struct fixture {
-    Domicile__V1__TransferReport rep;
+    Domicile__V1__ReportResponse rep;
     Domicile__V1__ReportRow rows[16];
     Domicile__V1__ReportRow *rowp[16];
     Domicile__V1__LedgerState states[4];
@@ -62,7 +62,7 @@ static Domicile__V1__LedgerState *add_ledger(fixture_t *f, const char *region, b
 static void fixture_init(fixture_t *f)
 {
     memset(f, 0, sizeof(*f));
-    domicile__v1__transfer_report__init(&f->rep);
+    domicile__v1__report_response__init(&f->rep);
     f->rep.rows = f->rowp;
     f->rep.ledgers = f->statep;
     f->rep.generated_at_unix_ms = 1714566896789LL; /* 2024-05-01T12:34:56.789Z */
