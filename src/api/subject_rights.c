@@ -905,6 +905,9 @@ typedef struct export_ctx {
     bool part;                  /* PeerService/ExportPart: this region's part, for a peer */
     struct export_parts *parts; /* the peer regions' parts, all started at once */
     bool relaying;              /* the region at `pos` is a peer's part being relayed */
+    pthread_mutex_t log_mu;     /* a chunk's ledger entries, one per customer */
+    int log_pending;
+    dm_status_t *log_err;
 } export_ctx_t;
 
 /*
@@ -945,6 +948,8 @@ static void parts_unref(struct export_parts *ps)
 static void export_free(void *p)
 {
     export_ctx_t *e = p;
+    pthread_mutex_destroy(&e->log_mu);
+    dm_status_free(e->log_err);
     if (e->parts) {
         /* Streams still running end on their own (cancelled with the call). */
         pthread_mutex_lock(&e->parts->mu);
@@ -1217,6 +1222,25 @@ static void export_logged(void *arg, dm_status_t *err)
     export_emit(e);
 }
 
+/* One customer's entry of a chunk is committed (or failed); the chunk goes on when all are,
+ * and is not sent if any failed. */
+static void export_group_logged(void *arg, dm_status_t *err)
+{
+    export_ctx_t *e = arg;
+    pthread_mutex_lock(&e->log_mu);
+    if (err && !e->log_err)
+        e->log_err = err;
+    else
+        dm_status_free(err);
+    bool last = --e->log_pending == 0;
+    dm_status_t *first = last ? e->log_err : NULL;
+    if (last)
+        e->log_err = NULL;
+    pthread_mutex_unlock(&e->log_mu);
+    if (last)
+        export_logged(e, first);
+}
+
 static void export_chunk_done(dm_job_t *job, PGresult *res, dm_status_t *err)
 {
     export_ctx_t *e = job->arg;
@@ -1230,24 +1254,43 @@ static void export_chunk_done(dm_job_t *job, PGresult *res, dm_status_t *err)
         export_emit(e);
         return;
     }
-    /* The part leaves its region: one ledger entry per chunk, committed first. */
-    int64_t bytes = 0;
-    size_t ids_len = 1;
-    for (int k = 0; k < to_send; k++) {
-        bytes += dm_pg_int4(res, k, 10);
-        ids_len += (size_t)PQgetlength(res, k, 1) + 1;
+    /* The part leaves its region: one ledger entry per customer whose records are in the
+     * chunk (rows come in customer order), all committed before any line is sent, so that
+     * "every transfer of customer C's data" is one indexed query, exports included. */
+    pthread_mutex_lock(&e->log_mu);
+    e->log_pending = 1;
+    pthread_mutex_unlock(&e->log_mu);
+    for (int first = 0; first < to_send;) {
+        int len, clen;
+        const char *customer = dm_pg_bytes(res, first, 0, &clen);
+        int end = first + 1;
+        while (end < to_send && PQgetlength(res, end, 0) == clen &&
+               memcmp(dm_pg_bytes(res, end, 0, &len), customer, (size_t)clen) == 0)
+            end++;
+        int64_t bytes = 0;
+        size_t ids_len = 1;
+        for (int k = first; k < end; k++) {
+            bytes += dm_pg_int4(res, k, 10);
+            ids_len += (size_t)PQgetlength(res, k, 1) + 1;
+        }
+        char *ids = dm_calloc(1, ids_len), *p = ids;
+        for (int k = first; k < end; k++) {
+            const char *id = dm_pg_bytes(res, k, 1, &len);
+            if (k > first)
+                *p++ = '\x1f';
+            memcpy(p, id, (size_t)len);
+            p += len;
+        }
+        dm_xfer_t x = e->xfer;
+        x.customer_id = customer;
+        pthread_mutex_lock(&e->log_mu);
+        e->log_pending++;
+        pthread_mutex_unlock(&e->log_mu);
+        dm_xfer_log(e->call, &x, end - first, bytes, ids, export_group_logged, e);
+        free(ids);
+        first = end;
     }
-    char *ids = dm_calloc(1, ids_len), *p = ids;
-    for (int k = 0; k < to_send; k++) {
-        int len;
-        const char *id = dm_pg_bytes(res, k, 1, &len);
-        if (k)
-            *p++ = '\x1f';
-        memcpy(p, id, (size_t)len);
-        p += len;
-    }
-    dm_xfer_log(e->call, &e->xfer, to_send, bytes, ids, export_logged, e);
-    free(ids);
+    export_group_logged(e, NULL);
 }
 
 static void export_next_chunk(export_ctx_t *e)
@@ -1493,6 +1536,7 @@ void dm_dsr_export(dm_call_t *call)
     dm_status_t *st;
     bool has;
     export_ctx_t *e = dm_calloc(1, sizeof(*e));
+    pthread_mutex_init(&e->log_mu, NULL);
     e->call = call;
     e->app = app;
     e->req = req;
@@ -1569,6 +1613,7 @@ void dm_peer_export_part(dm_call_t *call)
         return;
     }
     export_ctx_t *e = dm_calloc(1, sizeof(*e));
+    pthread_mutex_init(&e->log_mu, NULL);
     e->call = call;
     e->app = app;
     e->part = true;

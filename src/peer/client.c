@@ -410,6 +410,12 @@ static bool start_attempt(pcall_t *pc)
     ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
     ops[n].data.send_initial_metadata.count = pc->n_md;
     ops[n].data.send_initial_metadata.metadata = pc->md;
+    /* A gateway not health-checked yet (this one just started, or it did) is waited for
+     * while the channel connects, within the deadline; one known to be down fails fast, so
+     * that the call moves on to another gateway or answers UNAVAILABLE at once. */
+    if (atomic_load(&ep->state) == EP_UNKNOWN)
+        ops[n].flags = GRPC_INITIAL_METADATA_WAIT_FOR_READY |
+                       GRPC_INITIAL_METADATA_WAIT_FOR_READY_EXPLICITLY_SET;
     n++;
     ops[n].op = GRPC_OP_SEND_MESSAGE;
     ops[n].data.send_message.send_message = bb;
