@@ -24,7 +24,10 @@ typedef enum {
     DM_ROLE_ADMIN = 1 << 5,           /* everything */
 } dm_role_t;
 
-#define DM_ROLES_PUBLIC    0 /* a method anyone may call (health) */
+#define DM_ROLES_PUBLIC 0 /* a method anyone may call (health) */
+/* A method only gateways of other regions may call (src/peer): the caller's certificate is
+ * checked, then the asserted principal's roles for the method it serves. */
+#define DM_ROLES_GATEWAY   (1u << 30)
 #define DM_PURPOSE_MAX_LEN 64
 
 typedef struct dm_principal {

@@ -103,6 +103,11 @@ size_t dm_call_queued(dm_call_t *call);
  * dm_call_send() returns false.
  */
 void dm_call_on_drain(dm_call_t *call, dm_call_cb fn, void *arg);
+/**
+ * A second cancel hook, for a module serving the call beside its handler (src/peer: the peer
+ * call in flight for it), so that neither replaces the other's. Same rules as below.
+ */
+void dm_call_on_cancel_module(dm_call_t *call, dm_call_cb fn, void *arg);
 /** Run `fn` once if the call is cancelled (now, on this thread, if it already was). */
 void dm_call_on_cancel(dm_call_t *call, dm_call_cb fn, void *arg);
 /** End the call with `st` (NULL = OK). Takes ownership of `st`. Exactly once per call. */

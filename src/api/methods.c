@@ -39,7 +39,7 @@
 #define R_OPS      (DM_ROLE_OPERATOR | DM_ROLE_ADMIN)
 /* Gateways of other regions only: the authorizer checks the caller's certificate, the
  * handler the asserted principal's roles for the method it serves. */
-#define R_PEER 0x3f
+#define R_PEER DM_ROLES_GATEWAY
 
 static const dm_method_t methods[] = {
     M("grpc.health.v1.Health", "Check", U, HC(health_check_request), HC(health_check_response),

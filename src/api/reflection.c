@@ -19,6 +19,7 @@
 #include "grpc/reflection/v1alpha/reflection.pb-c.h"
 
 #include "domicile/api.h"
+#include "domicile/auth.h"
 #include "domicile/log.h"
 #include "domicile/reflection.h"
 
@@ -812,11 +813,14 @@ static bool answer(dm_call_t *call, stream_t *s, req_t *req)
     rep.original_request = req;
     switch (req->message_request_case) {
     case REQ(LIST_SERVICES): {
-        /* Every service of the method table, in its order, each once. */
+        /* Every service of the method table, in its order, each once; not the
+         * gateway-to-gateway one, which no client can call (its descriptor still resolves). */
         size_t n_methods;
         const dm_method_t *m = dm_api_methods(&n_methods);
         names = dm_calloc(n_methods, sizeof(char *));
         for (size_t i = 0; i < n_methods; i++) {
+            if (m[i].roles == DM_ROLES_GATEWAY)
+                continue;
             const char *svc = m[i].path + 1; /* "/<service>/<method>" */
             const char *slash = strchr(svc, '/');
             size_t len = slash ? (size_t)(slash - svc) : strlen(svc);

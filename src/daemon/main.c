@@ -153,7 +153,9 @@ int main(int argc, char **argv)
                         memmove(r, r + 1, strlen(r));
                 printf("%s %s %s roles=%s\n", m[i].path, kind_name(m[i].kind),
                        m[i].handler ? "implemented" : "unimplemented",
-                       m[i].roles ? roles : "public");
+                       m[i].roles == DM_ROLES_GATEWAY ? "gateway"
+                       : m[i].roles                   ? roles
+                                                      : "public");
             }
             return 0;
         }

@@ -504,7 +504,7 @@ static void launch(pcall_t *pc, dm_call_t *call)
     /* A call may have several peer calls in turn (a stream's chunks, a bulk's messages): the
      * last one registered is the one cancelled with it. */
     if (call && pc->kind != PC_HEALTH)
-        dm_call_on_cancel(call, on_server_cancel, (void *)(uintptr_t)pc->id);
+        dm_call_on_cancel_module(call, on_server_cancel, (void *)(uintptr_t)pc->id);
     if (!start_attempt(pc)) {
         live_remove(pc);
         fail_now(pc, dm_status_new(GRPC_STATUS_INTERNAL, "could not start a call to region \"%s\"",
@@ -800,6 +800,7 @@ void dm_peer_forward(dm_peers_t *p, dm_region_t *r, dm_call_t *call)
 {
     const dm_method_t *m = dm_call_method(call);
     const ProtobufCMessage *req = dm_call_request(call);
+    dm_call_set_region(call, dm_region_code(r)); /* the access log names the data's region */
     if (m->kind == DM_RPC_UNARY) {
         /* Reads, and writes that carry a request id, are safe on another gateway. */
         const ProtobufCFieldDescriptor *fd =

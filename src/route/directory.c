@@ -153,6 +153,7 @@ typedef struct ask {
     dm_region_t *found;
     const char *found_state;
     int holders;
+    bool answered; /* a region that holds the id answered first: fn has run */
     dm_status_t *err;
     int n_jobs;
     dm_region_t *regions[DM_MAX_REGIONS];
@@ -197,9 +198,29 @@ static void ask_done(dm_job_t *job, PGresult *res, dm_status_t *err)
             }
         }
     }
+    /* The first region that holds the customer wins (DESIGN.md §4): a slow or failing
+     * region does not hold up the calls of customers elsewhere. NOT_FOUND still waits for
+     * every region. A registration in flight ("pending") is not an answer yet. */
+    bool early = a->found && !a->answered && strcmp(a->found_state, "pending") != 0;
+    if (early)
+        a->answered = true;
+    dm_region_t *found = a->found;
+    const char *found_state = a->found_state;
     pthread_mutex_unlock(&a->mu);
+    if (early)
+        a->fn(a->arg, found, found_state, NULL);
     if (atomic_fetch_sub(&a->pending, 1) != 1)
         return;
+    if (a->answered) {
+        if (a->holders > 1)
+            dm_error("directory", "customer id held by %d regions (answered with the first)",
+                     a->holders);
+        dm_status_free(a->err);
+        pthread_mutex_destroy(&a->mu);
+        free(a->customer_id);
+        free(a);
+        return;
+    }
 
     /* Last answer: decide. Another region holding the id outranks an unavailable one (the
      * answer is then certain); otherwise an unanswered region makes it UNAVAILABLE. */
@@ -248,7 +269,10 @@ static void ask(dm_regions_t *regions, dm_region_t *skip, bool local_only, const
         dm_job_param_text(j, 0, a->customer_id);
         j->done = ask_done;
         j->arg = a;
-        j->call = call;
+        /* The call may end (first answer wins) while other regions' jobs are still queued:
+         * a local job must not point at it. A peer's job uses it only while it is submitted
+         * (the principal, the deadline). */
+        j->call = dm_region_is_local(a->regions[i]) ? NULL : call;
     }
     dm_region_t *targets[DM_MAX_REGIONS];
     dm_job_t *jobs[DM_MAX_REGIONS];

@@ -110,9 +110,9 @@ struct dm_call {
     outmsg_t *q_head, *q_tail;
     size_t q_len;
     grpc_byte_buffer *inflight_bb;
-    dm_call_cb on_drain, on_cancel;
-    void *drain_arg, *cancel_arg;
-    bool cancel_fired;
+    dm_call_cb on_drain, on_cancel, on_cancel2;
+    void *drain_arg, *cancel_arg, *cancel_arg2;
+    bool cancel_fired, cancel2_fired;
 
     void *data;
     void (*data_free)(void *);
@@ -424,8 +424,8 @@ void dm_call_on_cancel(dm_call_t *c, dm_call_cb fn, void *arg)
 
 static void mark_cancelled(dm_call_t *c)
 {
-    dm_call_cb fn = NULL;
-    void *arg = NULL;
+    dm_call_cb fn = NULL, fn2 = NULL;
+    void *arg = NULL, *arg2 = NULL;
     pthread_mutex_lock(&c->mu);
     atomic_store(&c->cancelled, true);
     /* After finish the handler has let go of the call: its cancel hook may be stale. */
@@ -434,8 +434,30 @@ static void mark_cancelled(dm_call_t *c)
         fn = c->on_cancel;
         arg = c->cancel_arg;
     }
+    if (c->on_cancel2 && !c->cancel2_fired && !c->finish_requested) {
+        c->cancel2_fired = true;
+        fn2 = c->on_cancel2;
+        arg2 = c->cancel_arg2;
+    }
     pthread_mutex_unlock(&c->mu);
     if (fn)
+        fn(c, arg);
+    if (fn2)
+        fn2(c, arg2);
+}
+
+void dm_call_on_cancel_module(dm_call_t *c, dm_call_cb fn, void *arg)
+{
+    bool fire_now = false;
+    pthread_mutex_lock(&c->mu);
+    c->on_cancel2 = fn;
+    c->cancel_arg2 = arg;
+    if (atomic_load(&c->cancelled) && !c->cancel2_fired && !c->finish_requested) {
+        c->cancel2_fired = true;
+        fire_now = true;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (fire_now)
         fn(c, arg);
 }
 

@@ -603,7 +603,8 @@ def test_gateway_killed_mid_erase_completes_after_restart(regions, gateways, adm
     sks = [get(admin, cid, f"s{i}-00000").subject_key_hex for i in range(2)]
     assert [subject_rows(regions, region, sk) for sk in sks] == [(1000, 1), (1000, 1)]
 
-    g1 = gateways.start(name="dsr-crash-1")
+    # A region's legs are run by that region's own gateways: g1 is an `in` gateway.
+    g1 = gateways.start(name="dsr-crash-1", entry=region)
     d1 = Dsr(g1.channel(token="privacy-officer"))
     me = f":{g1.pid}:"
     locks = [AdvisoryLock(regions, region, cid, sk) for sk in sks]
@@ -637,7 +638,7 @@ def test_gateway_killed_mid_erase_completes_after_restart(regions, gateways, adm
         for lock in locks:
             lock.release()
 
-    g2 = gateways.start(name="dsr-crash-2")
+    g2 = gateways.start(name="dsr-crash-2", entry=region)
     d2 = Dsr(g2.channel(token="privacy-officer"))
     st = d2.status(rids[target])
     assert legs(st)[region].state == LEG_RUNNING and me in legs(st)[region].claimed_by, legs(st)[region]

@@ -28,6 +28,7 @@ from conftest import (
     health_pb2,
     health_watch,
     read_until,
+    region_ports,
     wait_health,
     write_config_copy,
 )
@@ -58,7 +59,8 @@ def list_methods():
 def descriptor_methods():
     """{path: kind} for every rpc of our protos, from the Python descriptors (protoc's view,
     independent of the C method table)."""
-    mods = [importlib.import_module(f"domicile.v1.{m}_pb2") for m in V1_MODULES] + [health_pb2, reflection_pb2]
+    mods = [importlib.import_module(f"domicile.v1.{m}_pb2") for m in V1_MODULES] + [
+        health_pb2, reflection_pb2, importlib.import_module("domicile.peer.v1.peer_pb2")]
     out = {}
     for mod in mods:
         for svc in mod.DESCRIPTOR.services_by_name.values():
@@ -478,28 +480,29 @@ def test_three_real_regions(regions):
         assert regions.psql(r, "show synchronous_commit") == "on"
 
 
-def test_gateway_refuses_database_of_another_region(regions, gateways, tmp_path):
-    """eu's config pointed at us's servers (hosts and credentials): the connection succeeds,
-    but the database says it is "us", so the gateway never reports domicile.region.eu
-    SERVING, and says why."""
-    rdir = tmp_path / "regions"
-    shutil.copytree(regions.regions_dir, rdir)
-    with open(rdir / "us.conf") as f:
-        us = {l.split("=", 1)[0].strip(): l for l in f.read().splitlines() if "=" in l and not l.startswith("#")}
-    with open(rdir / "eu.conf") as f:
-        eu = [us["hosts"] if l.startswith("hosts") else us["password_file"] if l.startswith("password_file") else l
-              for l in f.read().splitlines()]
-    (rdir / "eu.conf").write_text("\n".join(eu) + "\n")
-    g = gateways.start(overrides={"regions_dir": str(rdir), "health_interval_ms": 100}, name="misrouted")
-    ch = g.channel()
-    wait_health(ch, "domicile.region.us", SERVING, timeout=30)
-    # Watch eu for 3 s (many probes with the back-off starting at 100 ms): never SERVING.
-    stream = health_watch(ch, "domicile.region.eu", timeout=3)
-    seen = []
-    with pytest.raises(grpc.RpcError) as ei:
-        for msg in stream:
-            seen.append(msg.status)
-    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (ei.value.code(), ei.value.details())
-    assert seen and all(s == NOT_SERVING for s in seen), [STATUS_NAME(s) for s in seen]
-    assert 'identifies as region "us", not "eu"' in g.log
+def test_gateway_refuses_database_of_another_region(regions, gateways):
+    """The eu gateway's own eu.conf pointed at us's servers (hosts and credentials): the
+    connection succeeds, but the database says it is "us", so the eu gateway never reports
+    domicile.region.eu SERVING, and says why; nor does the us gateway that asks it."""
+    us_hosts = [f"127.0.0.1:{p}" for p in region_ports(regions.port_base)[0:2]]
+    g = gateways.start(
+        name="misrouted",
+        overrides={"health_interval_ms": 100},
+        region_files={"eu": {"eu": {"hosts": us_hosts, "password_file": regions.secret_path("us", "db.password")}}},
+        converge=False,
+    )
+    eu = g.peers["eu"]
+    for gw in (eu, g):
+        ch = gw.channel()
+        wait_health(ch, "domicile.region.us", SERVING, timeout=30)
+        # Watch eu for 3 s (many probes with the back-off starting at 100 ms): never SERVING.
+        stream = health_watch(ch, "domicile.region.eu", timeout=3)
+        seen = []
+        with pytest.raises(grpc.RpcError) as ei:
+            for msg in stream:
+                seen.append(msg.status)
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (ei.value.code(), ei.value.details())
+        assert seen and all(s == NOT_SERVING for s in seen), [STATUS_NAME(s) for s in seen]
+    assert 'identifies as region "us", not "eu"' in eu.log
+    g = eu
     assert g.stop() == 0, g.log

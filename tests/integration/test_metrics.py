@@ -40,13 +40,17 @@ def call(ch, path, req, resp, token_md=None, timeout=10):
 
 
 def test_metrics_count_a_known_workload(gateways):
-    port = free_port()
+    port, eu_port = free_port(), free_port()
+    # Calls are counted by the gateway called (us); transfers and eu's commits by eu's own
+    # gateway, which decides and logs them (promise 10).
     g = gateways.start(overrides={"metrics_listen": f"127.0.0.1:{port}", "log_level": "debug"},
+                       region_overrides={"eu": {"metrics_listen": f"127.0.0.1:{eu_port}"}},
                        name="metrics")
     ch = g.channel(token="admin")             # admin runs in us
     ch_in = g.channel(token="service-in")     # a principal in "in": reads of eu data are transfers
     cid = "m-" + uuid.uuid4().hex[:12]
     before = scrape(port)
+    eu_before = scrape(eu_port)
     call(ch, "/domicile.v1.CustomersService/RegisterCustomer",
          customers_pb2.RegisterCustomerRequest(request_id="r-" + cid, customer_id=cid,
                                                residency="eu"), customers_pb2.RegisterCustomerResponse)
@@ -78,29 +82,49 @@ def test_metrics_count_a_known_workload(gateways):
     def delta(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
 
+    eu_after = wait_until(lambda: scrape(eu_port),
+                          lambda a: value(a, "domicile_transfers_total", **{"from": "eu", "to": "in",
+                                                                             "basis": "scc-2021-914-m2",
+                                                                             "outcome": "allowed"})
+                          - value(eu_before, "domicile_transfers_total", **{"from": "eu", "to": "in",
+                                                                              "basis": "scc-2021-914-m2",
+                                                                              "outcome": "allowed"}) >= 3,
+                          timeout=10)
+
+    def eu_delta(name, **labels):
+        return value(eu_after, name, **labels) - value(eu_before, name, **labels)
+
     assert delta("domicile_calls_total", method=put, status="OK") == 5
     assert delta("domicile_calls_total", method=get, status="OK") == 3
     assert delta("domicile_calls_total", method=get, status="NOT_FOUND") == 2
     assert delta("domicile_call_duration_seconds_count", method=get) == 5
-    # writes us -> eu (admin in us) and reads eu -> in (service-in) are transfers
-    assert delta("domicile_transfers_total", **{"from": "us", "to": "eu",
-                                                "basis": "us-no-restriction",
-                                                "outcome": "allowed"}) == 5
-    assert delta("domicile_transfers_total", **{"from": "eu", "to": "in",
-                                                "basis": "scc-2021-914-m2",
-                                                "outcome": "allowed"}) == 3
-    assert delta("domicile_transfer_bytes_total", **{"from": "eu", "to": "in",
-                                                     "basis": "scc-2021-914-m2",
-                                                     "outcome": "allowed"}) == 30
+    # writes us -> eu (admin in us) and reads eu -> in (service-in) are transfers, counted
+    # where they are logged: eu's gateway
+    assert eu_delta("domicile_transfers_total", **{"from": "us", "to": "eu",
+                                                   "basis": "us-no-restriction",
+                                                   "outcome": "allowed"}) == 5
+    assert eu_delta("domicile_transfers_total", **{"from": "eu", "to": "in",
+                                                   "basis": "scc-2021-914-m2",
+                                                   "outcome": "allowed"}) == 3
+    assert eu_delta("domicile_transfer_bytes_total", **{"from": "eu", "to": "in",
+                                                        "basis": "scc-2021-914-m2",
+                                                        "outcome": "allowed"}) == 30
+    assert delta("domicile_transfers_total", **{"from": "us", "to": "eu", "basis": "us-no-restriction",
+                                                "outcome": "allowed"}) == 0
     # Group commit counters: in eu, 5 puts + 5 ledger entries for them (written from us) +
     # 3 ledger entries for the reads, each a batched write; calls one after another, so at
     # most one batch each.
-    assert delta("domicile_region_batched_writes_total", region="eu") == 13
-    assert 1 <= delta("domicile_region_write_batches_total", region="eu") <= 13
+    assert eu_delta("domicile_region_batched_writes_total", region="eu") == 13
+    assert 1 <= eu_delta("domicile_region_write_batches_total", region="eu") <= 13
+    # Every eu call went to eu's gateway once: 5 puts, 5 gets (the customer was registered
+    # through this gateway, so it is known here).
+    assert delta("domicile_peer_calls_total", method=put, call=put, peer="eu") == 5
+    assert delta("domicile_peer_calls_total", method=get, call=get, peer="eu") == 5
     for region in ("us", "eu", "in"):
         assert value(after, "domicile_region_up", region=region) == 1
-        assert value(after, "domicile_region_pool_size", region=region) >= 1
         assert value(after, "domicile_region_breaker_open", region=region) == 0
+    assert value(after, "domicile_region_pool_size", region="us") >= 1
+    assert value(eu_after, "domicile_region_pool_size", region="eu") >= 1
     # Unknown paths are 404, not a crash.
     with pytest.raises(urllib.error.HTTPError) as ei:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)

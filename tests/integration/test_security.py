@@ -330,6 +330,7 @@ def test_purpose_metadata_is_validated(gateway):
 # 2. the role table: proto comments == the gateway's table == what the gateway enforces
 
 PROTO_FILES = sorted(glob.glob(os.path.join(SOURCE_DIR, "proto", "domicile", "v1", "*.proto"))) + [
+    os.path.join(SOURCE_DIR, "proto", "domicile", "peer", "v1", "peer.proto"),
     os.path.join(SOURCE_DIR, "proto", "grpc", "health", "v1", "health.proto"),
     os.path.join(SOURCE_DIR, "proto", "grpc", "reflection", "v1alpha", "reflection.proto"),
 ]
@@ -383,7 +384,7 @@ def gateway_methods(implemented=None):
         assert roles.startswith("roles=") and impl in ("implemented", "unimplemented"), line
         r = roles[len("roles="):]
         if implemented is None or implemented == (impl == "implemented"):
-            out[path] = (kind, "public" if r == "public" else frozenset(r.split(",")))
+            out[path] = (kind, r if r in ("public", "gateway") else frozenset(r.split(",")))
     return out
 
 
@@ -392,6 +393,8 @@ def test_roles_in_the_protos_equal_the_gateways_table():
     table = {path: roles for path, (_, roles) in gateway_methods().items()}
     problems = []
     for path, roles in sorted(documented.items()):
+        if roles == frozenset({"gateway"}):
+            roles = "gateway"
         if roles is None:
             problems.append(f"{path}: no `// Roles:` line in the proto")
         elif path not in table:
@@ -429,6 +432,13 @@ def _role_problems(gateway, methods):
         ch = gateway.channel(token=name)
         for path, (kind, mroles) in methods:
             if mroles == "public":
+                continue
+            if mroles == "gateway":
+                # Gateway to gateway only: a client's token is no gateway's certificate.
+                code, details = _empty_call(ch, path, kind)
+                calls += 1
+                if code != SC.UNAUTHENTICATED or "gateway of another region" not in details:
+                    problems.append(f"{name} -> {path}: {code.name} {details!r}, expected UNAUTHENTICATED")
                 continue
             code, details = _empty_call(ch, path, kind)
             calls += 1
@@ -701,13 +711,11 @@ def test_region_with_a_wrong_ca_fails_closed(regions, gateway, gateways, pki, wo
     for r, cid in cust.items():
         put(admin, cid, "before", f"{r} before".encode())
 
-    rdir = os.path.join(workdir, "regions")
-    shutil.copytree(regions.regions_dir, rdir)
-    eu = os.path.join(rdir, "eu.conf")
-    write_config_copy(eu, eu, {"ssl_root_cert": pki.other_ca_crt})
-    with open(eu) as f:
+    # The eu gateway's own eu.conf trusts another CA than the one of eu's servers.
+    g = gateways.start(overrides={"health_interval_ms": 100}, name="wrong-ca", converge=False,
+                       region_files={"eu": {"eu": {"ssl_root_cert": pki.other_ca_crt}}})
+    with open(os.path.join(os.path.dirname(g.peers["eu"].config), "regions", "eu.conf")) as f:
         assert f'ssl_root_cert = "{pki.other_ca_crt}";' in f.read()
-    g = gateways.start(overrides={"regions_dir": rdir, "health_interval_ms": 100}, name="wrong-ca")
     ch = g.channel()
     for r in ("us", "in"):
         wait_health(ch, f"domicile.region.{r}", SERVING, timeout=30)
@@ -1303,9 +1311,11 @@ def test_logs_hold_no_token_payload_marker_or_subject(regions, gateways, workdir
     attempt(svc.close_customer, CloseReq(request_id=uid(), customer_id=cid, reason=f"asked by {subject} {marker}"), timeout=10)
     attempt(put, svc, cid, "after-close", payload, subject=subject)  # closed customer
     assert codes["PERMISSION_DENIED"] == 1 and codes["UNAUTHENTICATED"] == 2 and codes["INVALID_ARGUMENT"] >= 3, codes
+    peers = dict(g.peers)
     assert g.stop() == 0, g.log
 
-    log = g.log
+    # Every gateway of the federation: the eu customer's calls were served by eu's own.
+    log = "\n".join(p.log for p in peers.values())
     assert "serving on" in log and "registered a customer" in log, log  # the log is real
     needles = {
         "service token": svc_token, "reader token": reader_token, "unknown token": unknown_token,
