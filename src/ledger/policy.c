@@ -30,16 +30,21 @@ static bool parse_day(const char *s, int64_t *ms)
     return true;
 }
 
-static dm_status_t *check_keys(const char *file, config_setting_t *s, const char *const *known,
-                               size_t n)
+static dm_status_t *check_keys(const char *file, const char *what, config_setting_t *s,
+                               const char *const *known, size_t n)
 {
+    /* A list or array element has no name (bases = ( ( {...} ) )): only a group is an entry. */
+    if (config_setting_type(s) != CONFIG_TYPE_GROUP)
+        return dm_config_error(file, (int)config_setting_source_line(s), what,
+                               "each entry must be a group { ... }");
     for (int i = 0; i < config_setting_length(s); i++) {
         config_setting_t *m = config_setting_get_elem(s, (unsigned)i);
+        const char *name = config_setting_name(m);
         bool ok = false;
-        for (size_t k = 0; k < n; k++)
-            ok = ok || strcmp(config_setting_name(m), known[k]) == 0;
+        for (size_t k = 0; name && k < n; k++)
+            ok = ok || strcmp(name, known[k]) == 0;
         if (!ok)
-            return dm_config_error(file, (int)config_setting_source_line(m), config_setting_name(m),
+            return dm_config_error(file, (int)config_setting_source_line(m), name ? name : what,
                                    "unknown key");
     }
     return NULL;
@@ -80,7 +85,7 @@ static dm_status_t *load_bases(const char *file, dm_policy_t *p)
         config_setting_t *s = config_setting_get_elem(list, (unsigned)i);
         int line = (int)config_setting_source_line(s);
         dm_basis_t *b = &p->bases[i];
-        if ((st = check_keys(file, s, known, DM_ARRAY_LEN(known))))
+        if ((st = check_keys(file, "bases", s, known, DM_ARRAY_LEN(known))))
             goto out;
         const char *id = member(s, "id"), *kind = member(s, "kind");
         const char *eff = member(s, "effective"), *rev = member(s, "revoked");
@@ -188,7 +193,7 @@ static dm_status_t *load_routes(const char *file, const dm_config_t *cfg, dm_pol
         config_setting_t *s = config_setting_get_elem(list, (unsigned)i);
         int line = (int)config_setting_source_line(s);
         dm_route_t *r = &p->routes[i];
-        if ((st = check_keys(file, s, known, DM_ARRAY_LEN(known))))
+        if ((st = check_keys(file, "routes", s, known, DM_ARRAY_LEN(known))))
             goto out;
         const char *from = member(s, "from"), *to = member(s, "to");
         const char *purpose = member(s, "purpose");
