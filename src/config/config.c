@@ -262,7 +262,7 @@ static dm_status_t *store_setting(const key_desc_t *k, void *target, const char 
                 for (int j = 0; j < i; j++)
                     free(items[j]);
                 free(items);
-                return cf_error(file, line, k->name,
+                return cf_error(file, e ? (int)config_setting_source_line(e) : line, k->name,
                                 "entry %d must be a non-empty string of at most 256 bytes", i + 1);
             }
             items[i] = dm_strdup(v);
@@ -278,45 +278,44 @@ static dm_status_t *store_setting(const key_desc_t *k, void *target, const char 
     return cf_error(file, line, k->name, "unsupported key type");
 }
 
-/* Parse one libconfig file against a key table into `target`. */
+/*
+ * Parse one libconfig file against a key table into `target`; lines[j] receives the line of
+ * keys[j] (0: absent, the default applies), for the cross-checks' messages.
+ */
 static dm_status_t *parse_file(const char *file, const key_desc_t *keys, size_t n_keys,
-                               void *target)
+                               void *target, int *lines)
 {
     config_t cf;
-    dm_status_t *st = NULL;
     char *base_dir = dir_of(file);
-    bool *seen = dm_calloc(n_keys, sizeof(bool));
-
-    config_init(&cf);
-    config_set_include_dir(&cf, base_dir);
-    if (config_read_file(&cf, file) != CONFIG_TRUE) {
-        if (config_error_type(&cf) == CONFIG_ERR_FILE_IO)
-            st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "%s: cannot read file: %s", file,
-                               strerror(errno ? errno : ENOENT));
-        else
-            st = cf_error(config_error_file(&cf) ? config_error_file(&cf) : file,
-                          config_error_line(&cf), NULL, "syntax error: %s", config_error_text(&cf));
-        goto out;
+    dm_status_t *st = dm_config_read_file(file, &cf, keys[0].name);
+    if (st) {
+        free(base_dir);
+        return st;
     }
-
+    memset(lines, 0, n_keys * sizeof(int));
     config_setting_t *root = config_root_setting(&cf);
     int n = config_setting_length(root);
     for (int i = 0; i < n && !st; i++) {
         config_setting_t *s = config_setting_get_elem(root, (unsigned)i);
         const char *name = config_setting_name(s);
-        size_t j;
-        for (j = 0; j < n_keys; j++)
-            if (strcmp(keys[j].name, name) == 0)
-                break;
-        if (j == n_keys) {
-            st = cf_error(file, (int)config_setting_source_line(s), name, "unknown key");
+        size_t j = 0;
+        while (name && j < n_keys && strcmp(keys[j].name, name) != 0)
+            j++;
+        if (!name || j == n_keys) {
+            st = dm_config_setting_error(file, s, name, "unknown key");
             break;
         }
-        seen[j] = true;
-        st = store_setting(&keys[j], target, file, base_dir, s);
+        lines[j] = (int)config_setting_source_line(s);
+        /* A setting from an @include'd file is reported in that file. */
+        const char *src = config_setting_source_file(s);
+        char *inc = src && src[0] != '/' && strcmp(src, file) != 0
+                        ? dm_sprintf("%s/%s", base_dir, src)
+                        : NULL;
+        st = store_setting(&keys[j], target, inc ? inc : src ? src : file, base_dir, s);
+        free(inc);
     }
     for (size_t j = 0; j < n_keys && !st; j++) {
-        if (seen[j])
+        if (lines[j])
             continue;
         const key_desc_t *k = &keys[j];
         if (!k->def) {
@@ -327,11 +326,18 @@ static dm_status_t *parse_file(const char *file, const key_desc_t *keys, size_t 
             st = store_string(k, target, file, 0, base_dir, k->def);
         }
     }
-out:
     config_destroy(&cf);
-    free(seen);
     free(base_dir);
     return st;
+}
+
+/* The line of key `name` in a file parsed with `keys` (0 when absent: defaulted). */
+static int line_of(const key_desc_t *keys, size_t n_keys, const int *lines, const char *name)
+{
+    for (size_t j = 0; j < n_keys; j++)
+        if (strcmp(keys[j].name, name) == 0)
+            return lines[j];
+    return 0;
 }
 
 dm_status_t *dm_config_read_secret(const char *path, size_t max, unsigned char **buf, size_t *len)
@@ -379,18 +385,30 @@ dm_status_t *dm_config_read_secret(const char *path, size_t max, unsigned char *
     return NULL;
 }
 
-static dm_status_t *check_secret(const char *file, const char *key, const char *path, size_t max)
+/* The secret must exist, be 0600 (no group/other bits) and hold min..max bytes; its contents
+ * are read, then cleansed, never printed. */
+static dm_status_t *check_secret(const char *file, int line, const char *key, const char *path,
+                                 size_t min, size_t max)
 {
     unsigned char *buf = NULL;
     size_t len = 0;
-    dm_status_t *st = dm_config_read_secret(path, max, &buf, &len);
+    /* Read a little more than allowed, so that "exactly 32 bytes" can say what it found. */
+    dm_status_t *st = dm_config_read_secret(path, max < 4096 ? 4096 : max, &buf, &len);
     if (st) {
-        dm_status_t *e = cf_error(file, 0, key, "%s", st->message);
+        dm_status_t *e = cf_error(file, line, key, "%s", st->message);
         dm_status_free(st);
         return e;
     }
     OPENSSL_cleanse(buf, len);
     free(buf);
+    if (len < min || len > max) {
+        if (min == max)
+            return cf_error(file, line, key,
+                            "secret file \"%s\" must hold exactly %zu bytes (has %zu)", path, min,
+                            len);
+        return cf_error(file, line, key, "secret file \"%s\" must hold %zu to %zu bytes (has %zu)",
+                        path, min, max, len);
+    }
     return NULL;
 }
 
@@ -404,43 +422,49 @@ static bool code_ok(const char *c)
     return true;
 }
 
-static dm_status_t *check_host_port(const char *file, const char *key, const char *hp,
+static dm_status_t *check_host_port(const char *file, int line, const char *key, const char *hp,
                                     bool allow_zero)
 {
     const char *colon = strrchr(hp, ':');
     char *end = NULL;
     if (!colon || colon == hp)
-        return cf_error(file, 0, key, "\"%s\" must be host:port", hp);
+        return cf_error(file, line, key, "\"%s\" must be host:port", hp);
     errno = 0;
     long port = strtol(colon + 1, &end, 10);
     if (errno || *end || end == colon + 1 || port < (allow_zero ? 0 : 1) || port > 65535)
-        return cf_error(file, 0, key, "\"%s\": port must be %d..65535", hp, allow_zero ? 0 : 1);
+        return cf_error(file, line, key, "\"%s\": port must be %d..65535", hp, allow_zero ? 0 : 1);
     return NULL;
 }
+
+#define KEY_LEN 32 /* kek_file and ledger_key_file: AES-256 and HMAC-SHA256 keys, raw bytes */
 
 static dm_status_t *load_region(const dm_config_t *cfg, const char *code, dm_region_config_t *r)
 {
     dm_status_t *st;
+    int lines[DM_ARRAY_LEN(region_keys)];
     char *file = dm_sprintf("%s/%s.conf", cfg->regions_dir, code);
     r->source = file;
-    st = parse_file(file, region_keys, DM_ARRAY_LEN(region_keys), r);
+    st = parse_file(file, region_keys, DM_ARRAY_LEN(region_keys), r, lines);
     if (st)
         return st;
+#define RL(key) line_of(region_keys, DM_ARRAY_LEN(region_keys), lines, key)
     if (strcmp(r->code, code) != 0)
-        return cf_error(file, 0, "code", "must equal the file's region \"%s\" (got \"%s\")", code,
-                        r->code);
+        return cf_error(file, RL("code"), "code",
+                        "must equal the file's region \"%s\" (got \"%s\")", code, r->code);
     for (size_t i = 0; i < r->n_hosts; i++)
-        if ((st = check_host_port(file, "hosts", r->hosts[i], false)))
+        if ((st = check_host_port(file, RL("hosts"), "hosts", r->hosts[i], false)))
             return st;
-    if ((st = check_secret(file, "password_file", r->password_file, 1024)))
+    if ((st = check_secret(file, RL("password_file"), "password_file", r->password_file, 1, 1024)))
         return st;
-    if ((st = check_secret(file, "kek_file", r->kek_file, 32)))
+    if ((st = check_secret(file, RL("kek_file"), "kek_file", r->kek_file, KEY_LEN, KEY_LEN)))
         return st;
-    if ((st = check_secret(file, "ledger_key_file", r->ledger_key_file, 32)))
+    if ((st = check_secret(file, RL("ledger_key_file"), "ledger_key_file", r->ledger_key_file,
+                           KEY_LEN, KEY_LEN)))
         return st;
     if (access(r->ssl_root_cert, R_OK) != 0)
-        return cf_error(file, 0, "ssl_root_cert", "cannot read \"%s\": %s", r->ssl_root_cert,
-                        strerror(errno));
+        return cf_error(file, RL("ssl_root_cert"), "ssl_root_cert", "cannot read \"%s\": %s",
+                        r->ssl_root_cert, strerror(errno));
+#undef RL
     return NULL;
 }
 
@@ -450,74 +474,83 @@ dm_status_t *dm_config_load(const char *path, dm_config_t **out)
     dm_config_t *cfg = dm_calloc(1, sizeof(*cfg));
     cfg->source = dm_strdup(path);
 
-    st = parse_file(path, gateway_keys, DM_ARRAY_LEN(gateway_keys), cfg);
+    int lines[DM_ARRAY_LEN(gateway_keys)];
+    st = parse_file(path, gateway_keys, DM_ARRAY_LEN(gateway_keys), cfg, lines);
     if (st)
         goto fail;
-    if ((st = check_host_port(path, "listen", cfg->listen, true)))
+#define GL(key) line_of(gateway_keys, DM_ARRAY_LEN(gateway_keys), lines, key)
+    if ((st = check_host_port(path, GL("listen"), "listen", cfg->listen, true)))
         goto fail;
     if (cfg->ledger_retention_days > 0 && cfg->ledger_retention_days < 365) {
         /* ledger_purge() refuses cut-offs younger than 365 days (so that the gateway's role
          * cannot erase recent entries); a shorter window would only fail every purge. */
-        st = cf_error(path, 0, "ledger_retention_days",
+        st = cf_error(path, GL("ledger_retention_days"), "ledger_retention_days",
                       "must be 0 (keep forever) or at least 365 (got %d)",
                       cfg->ledger_retention_days);
         goto fail;
     }
     if (strcmp(cfg->transport, "tls") == 0) {
         if (!cfg->tls_cert_file[0] || !cfg->tls_key_file[0]) {
-            st = cf_error(path, 0, "tls_cert_file",
+            st = cf_error(path, GL("transport"), "tls_cert_file",
                           "transport = \"tls\" needs tls_cert_file and tls_key_file");
             goto fail;
         }
         if (access(cfg->tls_cert_file, R_OK) != 0) {
-            st = cf_error(path, 0, "tls_cert_file", "cannot read \"%s\": %s", cfg->tls_cert_file,
-                          strerror(errno));
+            st = cf_error(path, GL("tls_cert_file"), "tls_cert_file", "cannot read \"%s\": %s",
+                          cfg->tls_cert_file, strerror(errno));
             goto fail;
         }
-        if ((st = check_secret(path, "tls_key_file", cfg->tls_key_file, 1 << 16)))
+        if ((st = check_secret(path, GL("tls_key_file"), "tls_key_file", cfg->tls_key_file, 1,
+                               1 << 16)))
             goto fail;
         if (strcmp(cfg->mtls, "off") != 0 &&
             (!cfg->tls_client_ca_file[0] || access(cfg->tls_client_ca_file, R_OK) != 0)) {
-            st = cf_error(path, 0, "tls_client_ca_file",
+            st = cf_error(path, GL("mtls"), "tls_client_ca_file",
                           "mtls = \"%s\" needs a readable tls_client_ca_file", cfg->mtls);
             goto fail;
         }
     } else if (strcmp(cfg->mtls, "off") != 0) {
-        st = cf_error(path, 0, "mtls", "client certificates need transport = \"tls\"");
+        st = cf_error(path, GL("mtls"), "mtls", "client certificates need transport = \"tls\"");
         goto fail;
     }
     if (cfg->webhook_url[0]) {
         if (strncmp(cfg->webhook_url, "http://", 7) != 0 &&
             strncmp(cfg->webhook_url, "https://", 8) != 0) {
-            st = cf_error(path, 0, "webhook_url", "must start with http:// or https://");
+            st = cf_error(path, GL("webhook_url"), "webhook_url",
+                          "must start with http:// or https://");
             goto fail;
         }
         if (!cfg->webhook_secret_file[0]) {
-            st = cf_error(path, 0, "webhook_secret_file", "required with webhook_url");
+            st = cf_error(path, GL("webhook_url"), "webhook_secret_file",
+                          "required with webhook_url");
             goto fail;
         }
-        if ((st = check_secret(path, "webhook_secret_file", cfg->webhook_secret_file, 1024)))
+        if ((st = check_secret(path, GL("webhook_secret_file"), "webhook_secret_file",
+                               cfg->webhook_secret_file, 1, 1024)))
             goto fail;
     }
     if (access(cfg->principals_file, R_OK) != 0) {
-        st = cf_error(path, 0, "principals_file", "cannot read \"%s\": %s", cfg->principals_file,
-                      strerror(errno));
+        st = cf_error(path, GL("principals_file"), "principals_file", "cannot read \"%s\": %s",
+                      cfg->principals_file, strerror(errno));
         goto fail;
     }
-    if ((st = check_secret(path, "subject_pepper_file", cfg->subject_pepper_file, 1024)))
+    /* The pepper keys HMAC-SHA256 of subjects: fewer than 16 bytes would make them guessable
+     * (dm_app_init() refuses it too; --check-config must say so first). */
+    if ((st = check_secret(path, GL("subject_pepper_file"), "subject_pepper_file",
+                           cfg->subject_pepper_file, 16, 1024)))
         goto fail;
     cfg->region_cfgs = dm_calloc(cfg->n_regions, sizeof(dm_region_config_t));
     for (size_t i = 0; i < cfg->n_regions; i++) {
         const char *code = cfg->regions[i];
         if (!code_ok(code) || strlen(code) < 2 || strlen(code) > DM_REGION_CODE_MAX) {
-            st = cf_error(path, 0, "regions",
+            st = cf_error(path, GL("regions"), "regions",
                           "\"%s\" is not a region code (2-16 of [a-z0-9], starting with a letter)",
                           code);
             goto fail;
         }
         for (size_t j = 0; j < i; j++) {
             if (strcmp(cfg->regions[j], code) == 0) {
-                st = cf_error(path, 0, "regions", "\"%s\" is listed twice", code);
+                st = cf_error(path, GL("regions"), "regions", "\"%s\" is listed twice", code);
                 goto fail;
             }
         }
@@ -525,10 +558,11 @@ dm_status_t *dm_config_load(const char *path, dm_config_t **out)
             goto fail;
     }
     if (!dm_config_region(cfg, cfg->gateway_region)) {
-        st = cf_error(path, 0, "gateway_region", "\"%s\" is not one of the configured regions",
-                      cfg->gateway_region);
+        st = cf_error(path, GL("gateway_region"), "gateway_region",
+                      "\"%s\" is not one of the configured regions", cfg->gateway_region);
         goto fail;
     }
+#undef GL
     *out = cfg;
     return NULL;
 fail:
