@@ -63,6 +63,20 @@ dm_status_t *dm_config_setting_error(const char *file, const config_setting_t *s
     return st;
 }
 
+/* A syntax error, in an @include'd file too (libconfig names it as written: relative to the
+ * include directory `dir`). */
+static dm_status_t *syntax_error(const char *file, const char *dir, const config_t *cf)
+{
+    const char *where = config_error_file(cf) ? config_error_file(cf) : file;
+    char *resolved =
+        where[0] != '/' && strcmp(where, file) != 0 && dir ? dm_sprintf("%s/%s", dir, where) : NULL;
+    dm_status_t *st =
+        dm_config_error(resolved ? resolved : where, config_error_line(cf), NULL,
+                        "syntax error: %s", config_error_text(cf) ? config_error_text(cf) : "?");
+    free(resolved);
+    return st;
+}
+
 dm_status_t *dm_config_read_file(const char *file, config_t *cf, const char *first_key)
 {
     dm_status_t *st = NULL;
@@ -72,21 +86,18 @@ dm_status_t *dm_config_read_file(const char *file, config_t *cf, const char *fir
     config_init(cf);
     config_set_include_dir(cf, dir ? dir : ".");
     errno = 0;
-    int ok = config_read_file(cf, file);
-    free(dir); /* @include is resolved while reading */
-    if (ok != CONFIG_TRUE) {
+    if (config_read_file(cf, file) != CONFIG_TRUE) {
         if (config_error_type(cf) == CONFIG_ERR_FILE_IO)
             st = dm_config_error(file, 0, NULL, "cannot read file: %s",
                                  strerror(errno ? errno : ENOENT));
         else
-            st = dm_config_error(config_error_file(cf) ? config_error_file(cf) : file,
-                                 config_error_line(cf), NULL, "syntax error: %s",
-                                 config_error_text(cf) ? config_error_text(cf) : "?");
+            st = syntax_error(file, dir, cf);
     } else if (config_setting_length(config_root_setting(cf)) == 0) {
         /* An empty file (or only comments): a truncated write or the wrong path, never what
          * the operator meant; say so rather than "key missing". */
         st = dm_config_error(file, 1, first_key, "missing: the file has no settings");
     }
+    free(dir);
     if (st)
         config_destroy(cf);
     return st;
