@@ -131,7 +131,8 @@ dm_status_t *dm_config_member_string(const char *file, config_setting_t *g, cons
     if (config_setting_type(m) != CONFIG_TYPE_STRING)
         return dm_config_setting_error(file, m, key, "must be a string in double quotes (got %s)",
                                        type_name(m));
-    *out = config_setting_get_string(m);
+    /* Never NULL for a string setting in the libconfig we build with; "" if one ever is. */
+    *out = config_setting_get_string(m) ? config_setting_get_string(m) : "";
     return NULL;
 }
 
@@ -160,7 +161,7 @@ dm_status_t *dm_config_member_strings(const char *file, config_setting_t *g, con
         return st;
     for (int i = 0; i < config_setting_length(m); i++) {
         config_setting_t *e = config_setting_get_elem(m, (unsigned)i);
-        if (config_setting_type(e) != CONFIG_TYPE_STRING)
+        if (config_setting_type(e) != CONFIG_TYPE_STRING || !config_setting_get_string(e))
             return dm_config_setting_error(file, e, key, "entry %d must be a string (got %s)",
                                            i + 1, type_name(e));
     }
