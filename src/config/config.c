@@ -280,7 +280,8 @@ static dm_status_t *store_setting(const key_desc_t *k, void *target, const char 
 
 /*
  * Parse one libconfig file against a key table into `target`; lines[j] receives the line of
- * keys[j] (0: absent, the default applies), for the cross-checks' messages.
+ * keys[j] (0: absent, the default applies; -1: present, line unknown), for the cross-checks'
+ * messages.
  */
 static dm_status_t *parse_file(const char *file, const key_desc_t *keys, size_t n_keys,
                                void *target, int *lines)
@@ -305,7 +306,8 @@ static dm_status_t *parse_file(const char *file, const key_desc_t *keys, size_t 
             st = dm_config_setting_error(file, s, name, "unknown key");
             break;
         }
-        lines[j] = (int)config_setting_source_line(s);
+        /* libconfig keeps lines in 16 bits: line 65536 reads as 0, which must not mean "absent". */
+        lines[j] = config_setting_source_line(s) ? (int)config_setting_source_line(s) : -1;
         /* A setting from an @include'd file is reported in that file. */
         const char *src = config_setting_source_file(s);
         char *inc = src && src[0] != '/' && strcmp(src, file) != 0
