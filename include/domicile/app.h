@@ -16,6 +16,7 @@
 #include "domicile/server.h"
 
 #include <stdatomic.h>
+#include <stdio.h>
 
 typedef struct dm_health dm_health_t;
 typedef struct dm_peers dm_peers_t;
@@ -52,6 +53,14 @@ static inline const dm_principal_t *dm_call_principal_of(dm_call_t *call)
     return (const dm_principal_t *)dm_call_principal(call);
 }
 
+/**
+ * Load, check and free every file the gateway reads beyond the gateway and region files
+ * (dm_config_load() checks those and every secret's presence, mode and size): principals,
+ * bases and routes, customer webhooks and their secrets. What `--check-config` runs, and what
+ * domiciled runs before it starts anything. Errors are "file:line: key ...: what"; no secret
+ * is printed. With `out`, one summary line per file is printed there.
+ */
+dm_status_t *dm_app_check(const dm_config_t *cfg, FILE *out) DM_WARN_UNUSED;
 /** Load the secrets and build the directory and caches (before the server starts). */
 dm_status_t *dm_app_init(dm_app_t *app) DM_WARN_UNUSED;
 /** Free what dm_app_init() built (after the server and regions stopped). */

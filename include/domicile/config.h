@@ -102,6 +102,55 @@ void dm_config_print(const dm_config_t *cfg, FILE *f);
  */
 dm_status_t *dm_config_error(const char *file, int line, const char *key, const char *fmt, ...)
     DM_PRINTF(4, 5);
+
+/*
+ * Shape checks for loaders of libconfig files (gateway and region files, bases, routes,
+ * principals, customer webhooks). Each returns NULL or an INVALID_ARGUMENT status
+ * "file:line: key \"k\": what is wrong" with the line (and, for an @include'd file, the file)
+ * of the offending setting. A setting of the wrong type is never taken for an absent one.
+ */
+struct config_t;
+struct config_setting_t;
+
+/**
+ * config_init() `cf` and read `file` into it (@include relative to the file's directory).
+ * I/O and syntax errors, and a file without any setting (an error at line 1 naming
+ * `first_key`, the key the file must have), return a status; `cf` is then already destroyed.
+ * On success the caller config_destroy()s `cf`.
+ */
+dm_status_t *dm_config_read_file(const char *file, struct config_t *cf,
+                                 const char *first_key) DM_WARN_UNUSED;
+/** dm_config_error() at the file and line of setting `s` (NULL: no line). */
+dm_status_t *dm_config_setting_error(const char *file, const struct config_setting_t *s,
+                                     const char *key, const char *fmt, ...) DM_PRINTF(4, 5);
+/**
+ * `s` must be a group { ... } (`what` names it in the error) whose members are all among the
+ * `n` names of `known`.
+ */
+dm_status_t *dm_config_check_group(const char *file, struct config_setting_t *s, const char *what,
+                                   const char *const *known, size_t n) DM_WARN_UNUSED;
+/**
+ * Member `key` of group `g` as a string (owned by the config): *out = NULL when absent and not
+ * `required`; absent and required, or of another type, is an error.
+ */
+dm_status_t *dm_config_member_string(const char *file, struct config_setting_t *g, const char *key,
+                                     bool required, const char **out) DM_WARN_UNUSED;
+/**
+ * Member `key` of `g` must be a list or array of `min`..`max` strings; *out is that setting
+ * (NULL when absent and not `required`). Its elements are then safe to read with
+ * config_setting_get_string_elem().
+ */
+dm_status_t *dm_config_member_strings(const char *file, struct config_setting_t *g, const char *key,
+                                      bool required, size_t min, size_t max,
+                                      struct config_setting_t **out) DM_WARN_UNUSED;
+/**
+ * Member `key` of `g` (required) must be a list ( { ... }, ... ) of `min`..`max` groups, each
+ * with members among the `n` names of `known`; *out is the list.
+ */
+dm_status_t *dm_config_member_groups(const char *file, struct config_setting_t *g, const char *key,
+                                     size_t min, size_t max, const char *const *known, size_t n,
+                                     struct config_setting_t **out) DM_WARN_UNUSED;
+
 /** Free a config; NULL is allowed. */
 void dm_config_free(dm_config_t *cfg);
 /** The region config with this code, or NULL. */

@@ -16,6 +16,12 @@ typedef struct dm_webhooks dm_webhooks_t;
 struct dm_app;
 /** Start the webhook thread when webhook_url is set (*out NULL otherwise). */
 dm_status_t *dm_webhooks_create(struct dm_app *app, dm_webhooks_t **out) DM_WARN_UNUSED;
+/**
+ * Load customer_webhooks_file (if set) as dm_webhooks_create() would, secrets included (read,
+ * mode-checked, cleansed, never printed), and free it: what --check-config runs. Errors are
+ * "file:line: key ...". *n_customers: the customers with their own receiver.
+ */
+dm_status_t *dm_webhooks_check(const dm_config_t *cfg, size_t *n_customers) DM_WARN_UNUSED;
 /** Stop the thread (before the regions stop: it runs statements). Idempotent; NULL is ok. */
 void dm_webhooks_stop(dm_webhooks_t *w);
 void dm_webhooks_destroy(dm_webhooks_t *w);

@@ -26,6 +26,31 @@ static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
     }
 }
 
+dm_status_t *dm_app_check(const dm_config_t *cfg, FILE *out)
+{
+    dm_principals_t *principals = NULL;
+    dm_policy_t *policy = NULL;
+    size_t n_hooks = 0;
+    dm_status_t *st;
+    if ((st = dm_principals_load(cfg->principals_file, cfg, &principals)))
+        return st;
+    if ((st = dm_policy_load(cfg->bases_file, cfg->routes_file, cfg, &policy))) {
+        dm_principals_free(principals);
+        return st;
+    }
+    if ((st = dm_webhooks_check(cfg, &n_hooks)) == NULL && out) {
+        fprintf(out, "# %zu principals from %s\n", principals->n, cfg->principals_file);
+        fprintf(out, "# %zu bases from %s\n", policy->n_bases, cfg->bases_file);
+        fprintf(out, "# %zu routes, %zu forbidden purposes from %s\n", policy->n_routes,
+                policy->n_forbidden, cfg->routes_file);
+        if (cfg->customer_webhooks_file[0])
+            fprintf(out, "# %zu customer webhooks from %s\n", n_hooks, cfg->customer_webhooks_file);
+    }
+    dm_principals_free(principals);
+    dm_policy_free(policy);
+    return st;
+}
+
 dm_status_t *dm_app_init(dm_app_t *app)
 {
     dm_status_t *st;

@@ -10,7 +10,6 @@
  * on).
  */
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +38,7 @@ typedef struct target {
     char *url;
     unsigned char *secret;
     size_t secret_len;
+    int line; /* of its entry in customer_webhooks_file (error messages) */
 } target_t;
 
 typedef struct item {
@@ -298,18 +298,6 @@ static void webhooks_free(dm_webhooks_t *w)
     free(w);
 }
 
-static dm_status_t *file_error(const char *file, int line, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static dm_status_t *file_error(const char *file, int line, const char *fmt, ...)
-{
-    char msg[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "%s:%d: %s", file, line, msg);
-}
-
 static bool url_ok(const char *url)
 {
     size_t n = strlen(url);
@@ -325,48 +313,44 @@ static bool url_ok(const char *url)
  */
 static dm_status_t *load_targets(dm_webhooks_t *w, const char *path)
 {
+    static const char *const roots[] = {"webhooks"};
+    static const char *const known[] = {"customer", "url", "secret_file"};
     config_t cf;
-    dm_status_t *st = NULL;
-    config_init(&cf);
-    if (!config_read_file(&cf, path)) {
-        st = file_error(path, config_error_line(&cf), "%s", config_error_text(&cf));
+    config_setting_t *list;
+    dm_status_t *st = dm_config_read_file(path, &cf, "webhooks");
+    if (st)
+        return st;
+    config_setting_t *root = config_root_setting(&cf);
+    if ((st = dm_config_check_group(path, root, NULL, roots, DM_ARRAY_LEN(roots))) ||
+        (st = dm_config_member_groups(path, root, "webhooks", 0, TARGETS_MAX, known,
+                                      DM_ARRAY_LEN(known), &list)))
         goto out;
-    }
-    config_setting_t *list = config_lookup(&cf, "webhooks");
-    if (!list || !config_setting_is_list(list)) {
-        st = file_error(path, 0, "webhooks: a list of groups ( {...}, ... ) is required");
-        goto out;
-    }
     int n = config_setting_length(list);
-    if (n > TARGETS_MAX) {
-        st = file_error(path, 0, "webhooks: at most %d entries", TARGETS_MAX);
-        goto out;
-    }
     const char *slash = strrchr(path, '/');
     char *dir = slash ? dm_strndup(path, (size_t)(slash - path) + 1) : dm_strdup("");
     w->targets = dm_calloc(n ? (size_t)n : 1, sizeof(target_t));
     for (int i = 0; i < n && !st; i++) {
         config_setting_t *e = config_setting_get_elem(list, (unsigned)i);
-        int line = config_setting_source_line(e);
-        const char *customer = NULL, *url = NULL, *secret = NULL;
-        if (!config_setting_is_group(e) ||
-            !config_setting_lookup_string(e, "customer", &customer) ||
-            !config_setting_lookup_string(e, "url", &url) ||
-            !config_setting_lookup_string(e, "secret_file", &secret) ||
-            config_setting_length(e) != 3) {
-            st = file_error(path, line,
-                            "each webhook is { customer = \"...\"; url = \"...\"; secret_file "
-                            "= \"...\"; } and nothing else");
+        const char *customer, *url, *secret;
+        if ((st = dm_config_member_string(path, e, "customer", true, &customer)) ||
+            (st = dm_config_member_string(path, e, "url", true, &url)) ||
+            (st = dm_config_member_string(path, e, "secret_file", true, &secret)))
             break;
-        }
         dm_status_t *bad = dm_check_customer_id("customer", customer);
         if (bad) {
-            st = file_error(path, line, "%s", bad->message);
             dm_status_free(bad);
+            st = dm_config_setting_error(path, config_setting_get_member(e, "customer"), "customer",
+                                         "\"%s\" is not a customer id", customer);
             break;
         }
         if (!url_ok(url)) {
-            st = file_error(path, line, "url: http:// or https://, at most 2048 bytes");
+            st = dm_config_setting_error(path, config_setting_get_member(e, "url"), "url",
+                                         "must be http:// or https://..., at most 2048 bytes");
+            break;
+        }
+        if (!*secret) {
+            st = dm_config_setting_error(path, config_setting_get_member(e, "secret_file"),
+                                         "secret_file", "must name a file");
             break;
         }
         target_t *t = &w->targets[w->n_targets++];
@@ -376,20 +360,38 @@ static dm_status_t *load_targets(dm_webhooks_t *w, const char *path)
         bad = dm_config_read_secret(sp, SECRET_MAX, &t->secret, &t->secret_len);
         free(sp);
         if (bad) {
-            st = file_error(path, line, "secret_file: %s", bad->message);
+            st = dm_config_setting_error(path, config_setting_get_member(e, "secret_file"),
+                                         "secret_file", "%s", bad->message);
             dm_status_free(bad);
         }
+        t->line = (int)config_setting_source_line(config_setting_get_member(e, "customer"));
     }
     free(dir);
     if (!st && w->n_targets > 1) {
+        /* Sorted for bsearch; a customer listed twice ends up next to itself. */
         qsort(w->targets, w->n_targets, sizeof(target_t), cmp_target);
-        for (size_t i = 1; i < w->n_targets && !st; i++)
-            if (strcmp(w->targets[i - 1].customer, w->targets[i].customer) == 0)
-                st =
-                    file_error(path, 0, "customer \"%s\" has two webhooks", w->targets[i].customer);
+        for (size_t i = 1; i < w->n_targets && !st; i++) {
+            const target_t *a = &w->targets[i - 1], *b = &w->targets[i];
+            if (strcmp(a->customer, b->customer) == 0)
+                st = dm_config_error(path, a->line > b->line ? a->line : b->line, "customer",
+                                     "\"%s\" has two webhooks (the other at line %d)", b->customer,
+                                     a->line < b->line ? a->line : b->line);
+        }
     }
 out:
     config_destroy(&cf);
+    return st;
+}
+
+dm_status_t *dm_webhooks_check(const dm_config_t *cfg, size_t *n_customers)
+{
+    *n_customers = 0;
+    if (!cfg->customer_webhooks_file[0])
+        return NULL;
+    dm_webhooks_t *w = dm_calloc(1, sizeof(*w));
+    dm_status_t *st = load_targets(w, cfg->customer_webhooks_file);
+    *n_customers = w->n_targets;
+    webhooks_free(w);
     return st;
 }
 

@@ -66,152 +66,128 @@ void dm_principals_free(dm_principals_t *ps)
     free(ps);
 }
 
-static const char *str_member(config_setting_t *s, const char *key)
-{
-    config_setting_t *m = config_setting_get_member(s, key);
-    return m && config_setting_type(m) == CONFIG_TYPE_STRING ? config_setting_get_string(m) : NULL;
-}
-
+/* Shapes are checked by src/config/setting.c: a member of the wrong type is an error at its
+ * line, never taken for an absent one (a `token_sha256 = 5;` must not leave a principal that
+ * silently has no token), and roles and tenants must be lists, not groups. */
 static dm_status_t *parse_principal(const char *file, config_setting_t *s, const dm_config_t *cfg,
                                     dm_principal_t *p)
 {
-    static const char *const known[] = {
-        "name", "roles", "tenants", "region", "default_purpose", "token_sha256", "cert_subject"};
-    int line = (int)config_setting_source_line(s);
+    const char *name, *region, *purpose, *tok, *subj;
+    config_setting_t *roles, *ten;
     dm_status_t *st;
 
-    if (config_setting_type(s) != CONFIG_TYPE_GROUP)
-        return dm_config_error(file, line, "principals", "each entry must be a group { ... }");
-    for (int i = 0; i < config_setting_length(s); i++) {
-        config_setting_t *m = config_setting_get_elem(s, (unsigned)i);
-        bool ok = false;
-        for (size_t k = 0; k < DM_ARRAY_LEN(known); k++)
-            ok = ok || strcmp(config_setting_name(m), known[k]) == 0;
-        if (!ok)
-            return dm_config_error(file, (int)config_setting_source_line(m), config_setting_name(m),
-                                   "unknown key");
-    }
-    const char *name = str_member(s, "name");
-    if (!name || !*name || strlen(name) > NAME_MAX_LEN)
-        return dm_config_error(file, line, "name", "required: 1..%d bytes", NAME_MAX_LEN);
+    if ((st = dm_config_member_string(file, s, "name", true, &name)) ||
+        (st = dm_config_member_strings(file, s, "roles", true, 1, 64, &roles)) ||
+        (st = dm_config_member_strings(file, s, "tenants", true, 1, MAX_TENANTS, &ten)) ||
+        (st = dm_config_member_string(file, s, "region", true, &region)) ||
+        (st = dm_config_member_string(file, s, "default_purpose", true, &purpose)) ||
+        (st = dm_config_member_string(file, s, "token_sha256", false, &tok)) ||
+        (st = dm_config_member_string(file, s, "cert_subject", false, &subj)))
+        return st;
+    config_setting_t *at_name = config_setting_get_member(s, "name");
+    if (!*name || strlen(name) > NAME_MAX_LEN)
+        return dm_config_setting_error(file, at_name, "name", "must be 1..%d bytes", NAME_MAX_LEN);
     for (const char *c = name; *c; c++)
         if (!isalnum((unsigned char)*c) && !strchr("._-@", *c))
-            return dm_config_error(file, line, "name", "must be of [A-Za-z0-9._@-]");
+            return dm_config_setting_error(file, at_name, "name", "must be of [A-Za-z0-9._@-]");
     p->name = dm_strdup(name);
 
-    config_setting_t *roles = config_setting_get_member(s, "roles");
-    if (!roles || !config_setting_is_aggregate(roles) || config_setting_length(roles) == 0)
-        return dm_config_error(file, line, "roles", "required: a non-empty list of role names");
     for (int i = 0; i < config_setting_length(roles); i++) {
         const char *r = config_setting_get_string_elem(roles, i);
         unsigned bit;
-        if (!r || !dm_role_parse(r, &bit))
-            return dm_config_error(file, (int)config_setting_source_line(roles), "roles",
-                                   "\"%s\" is not a role (service, reader, privacy-officer, "
-                                   "auditor, operator, admin)",
-                                   r ? r : "?");
+        if (!dm_role_parse(r, &bit))
+            return dm_config_setting_error(file, config_setting_get_elem(roles, (unsigned)i),
+                                           "roles",
+                                           "\"%s\" is not a role (service, reader, "
+                                           "privacy-officer, auditor, operator, admin)",
+                                           r);
         p->roles |= bit;
     }
 
-    config_setting_t *ten = config_setting_get_member(s, "tenants");
-    if (!ten || !config_setting_is_aggregate(ten) || config_setting_length(ten) == 0 ||
-        config_setting_length(ten) > MAX_TENANTS)
-        return dm_config_error(file, line, "tenants",
-                               "required: 1..%d customer ids, or [ \"*\" ] for every customer",
-                               MAX_TENANTS);
     p->n_tenants = (size_t)config_setting_length(ten);
     p->tenants = dm_calloc(p->n_tenants, sizeof(char *));
     for (size_t i = 0; i < p->n_tenants; i++) {
         const char *t = config_setting_get_string_elem(ten, (int)i);
-        if (t && strcmp(t, "*") == 0) {
+        if (strcmp(t, "*") == 0) {
             p->all_tenants = true;
-        } else if (!t || (st = dm_check_customer_id("tenants", t))) {
-            if (t)
-                dm_status_free(st);
-            return dm_config_error(file, (int)config_setting_source_line(ten), "tenants",
-                                   "entry %zu is not a customer id or \"*\"", i + 1);
+        } else if ((st = dm_check_customer_id("tenants", t))) {
+            dm_status_free(st);
+            return dm_config_setting_error(file, config_setting_get_elem(ten, (unsigned)i),
+                                           "tenants", "entry %zu is not a customer id or \"*\"",
+                                           i + 1);
         }
         p->tenants[i] = dm_strdup(t);
     }
 
-    const char *region = str_member(s, "region");
-    if (!region || !dm_config_region(cfg, region))
-        return dm_config_error(file, line, "region",
-                               "required: the region the principal runs in (one of the "
-                               "configured regions)");
+    if (!dm_config_region(cfg, region))
+        return dm_config_setting_error(file, config_setting_get_member(s, "region"), "region",
+                                       "\"%s\" is not one of the configured regions (where the "
+                                       "principal runs)",
+                                       region);
     p->region = dm_strdup(region);
 
-    const char *purpose = str_member(s, "default_purpose");
-    if (!purpose || (st = dm_check_purpose("default_purpose", purpose, false))) {
-        if (purpose)
-            dm_status_free(st);
-        return dm_config_error(file, line, "default_purpose", "required: 1..64 bytes of [a-z0-9-]");
+    if ((st = dm_check_purpose("default_purpose", purpose, false))) {
+        dm_status_free(st);
+        return dm_config_setting_error(file, config_setting_get_member(s, "default_purpose"),
+                                       "default_purpose", "must be 1..64 bytes of [a-z0-9-]");
     }
     p->default_purpose = dm_strdup(purpose);
 
-    const char *tok = str_member(s, "token_sha256");
     if (tok) {
         if (strlen(tok) != 64 || !dm_hex_decode(tok, p->token_sha256, sizeof(p->token_sha256)))
-            return dm_config_error(file, line, "token_sha256",
-                                   "must be 64 hex digits: the SHA-256 of the token, never "
-                                   "the token itself");
+            return dm_config_setting_error(file, config_setting_get_member(s, "token_sha256"),
+                                           "token_sha256",
+                                           "must be 64 hex digits: the SHA-256 of the token, "
+                                           "never the token itself");
         p->has_token = true;
     }
-    const char *subj = str_member(s, "cert_subject");
     if (subj) {
         if (!*subj || strlen(subj) > SUBJECT_MAX)
-            return dm_config_error(file, line, "cert_subject", "must be 1..%d bytes", SUBJECT_MAX);
+            return dm_config_setting_error(file, config_setting_get_member(s, "cert_subject"),
+                                           "cert_subject", "must be 1..%d bytes", SUBJECT_MAX);
         p->cert_subject = dm_strdup(subj);
     }
     if (!p->has_token && !p->cert_subject)
-        return dm_config_error(file, line, "token_sha256",
-                               "a principal needs token_sha256, cert_subject, or both");
+        return dm_config_setting_error(file, s, "token_sha256",
+                                       "a principal needs token_sha256, cert_subject, or both");
     return NULL;
 }
 
 dm_status_t *dm_principals_load(const char *path, const dm_config_t *cfg, dm_principals_t **out)
 {
+    static const char *const roots[] = {"principals"};
+    static const char *const known[] = {
+        "name", "roles", "tenants", "region", "default_purpose", "token_sha256", "cert_subject"};
     config_t cf;
-    dm_status_t *st = NULL;
+    config_setting_t *list;
     dm_principals_t *ps = dm_calloc(1, sizeof(*ps));
     ps->source = dm_strdup(path);
 
-    config_init(&cf);
-    if (config_read_file(&cf, path) != CONFIG_TRUE) {
-        st = config_error_type(&cf) == CONFIG_ERR_FILE_IO
-                 ? dm_config_error(path, 0, NULL, "cannot read file")
-                 : dm_config_error(path, config_error_line(&cf), NULL, "syntax error: %s",
-                                   config_error_text(&cf));
-        goto out;
+    dm_status_t *st = dm_config_read_file(path, &cf, "principals");
+    if (st) {
+        dm_principals_free(ps);
+        return st;
     }
     config_setting_t *root = config_root_setting(&cf);
-    for (int i = 0; i < config_setting_length(root); i++) {
-        config_setting_t *m = config_setting_get_elem(root, (unsigned)i);
-        if (strcmp(config_setting_name(m), "principals") != 0) {
-            st = dm_config_error(path, (int)config_setting_source_line(m), config_setting_name(m),
-                                 "unknown key (the file holds one list: principals)");
-            goto out;
-        }
-    }
-    config_setting_t *list = config_lookup(&cf, "principals");
-    if (!list || config_setting_type(list) != CONFIG_TYPE_LIST ||
-        config_setting_length(list) == 0 || config_setting_length(list) > MAX_PRINCIPALS) {
-        st = dm_config_error(path, 0, "principals", "required: a list ( { ... }, ... ) of 1..%d",
-                             MAX_PRINCIPALS);
+    if ((st = dm_config_check_group(path, root, NULL, roots, DM_ARRAY_LEN(roots))) ||
+        (st = dm_config_member_groups(path, root, "principals", 1, MAX_PRINCIPALS, known,
+                                      DM_ARRAY_LEN(known), &list)))
         goto out;
-    }
     ps->n = (size_t)config_setting_length(list);
     ps->items = dm_calloc(ps->n, sizeof(dm_principal_t));
     for (size_t i = 0; i < ps->n && !st; i++) {
-        st = parse_principal(path, config_setting_get_elem(list, (unsigned)i), cfg, &ps->items[i]);
+        config_setting_t *e = config_setting_get_elem(list, (unsigned)i);
+        st = parse_principal(path, e, cfg, &ps->items[i]);
         for (size_t j = 0; j < i && !st; j++) {
             if (strcmp(ps->items[j].name, ps->items[i].name) == 0)
-                st = dm_config_error(path, 0, "name", "\"%s\" is defined twice", ps->items[i].name);
+                st = dm_config_setting_error(path, config_setting_get_member(e, "name"), "name",
+                                             "\"%s\" is defined twice", ps->items[i].name);
             else if (ps->items[i].has_token && ps->items[j].has_token &&
                      CRYPTO_memcmp(ps->items[i].token_sha256, ps->items[j].token_sha256, 32) == 0)
-                st = dm_config_error(path, 0, "token_sha256",
-                                     "principals \"%s\" and \"%s\" share a token",
-                                     ps->items[j].name, ps->items[i].name);
+                st = dm_config_setting_error(path, config_setting_get_member(e, "token_sha256"),
+                                             "token_sha256",
+                                             "principals \"%s\" and \"%s\" share a token",
+                                             ps->items[j].name, ps->items[i].name);
         }
     }
 out:

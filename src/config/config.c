@@ -280,7 +280,7 @@ static dm_status_t *store_setting(const key_desc_t *k, void *target, const char 
                 for (int j = 0; j < i; j++)
                     free(items[j]);
                 free(items);
-                return cf_error(file, line, k->name,
+                return cf_error(file, e ? (int)config_setting_source_line(e) : line, k->name,
                                 "entry %d must be a non-empty string of at most 256 bytes", i + 1);
             }
             items[i] = dm_strdup(v);
@@ -296,47 +296,46 @@ static dm_status_t *store_setting(const key_desc_t *k, void *target, const char 
     return cf_error(file, line, k->name, "unsupported key type");
 }
 
-/* Parse one libconfig file against a key table into `target`. */
+/*
+ * Parse one libconfig file against a key table into `target`; lines[j] receives the line of
+ * keys[j] (0: absent, the default applies; -1: present, line unknown), for the cross-checks'
+ * messages.
+ */
 static dm_status_t *parse_file(const char *file, const key_desc_t *keys, size_t n_keys,
                                void *target, int *lines)
 {
     config_t cf;
-    dm_status_t *st = NULL;
     char *base_dir = dir_of(file);
-    bool *seen = dm_calloc(n_keys, sizeof(bool));
-
-    config_init(&cf);
-    config_set_include_dir(&cf, base_dir);
-    if (config_read_file(&cf, file) != CONFIG_TRUE) {
-        if (config_error_type(&cf) == CONFIG_ERR_FILE_IO)
-            st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "%s: cannot read file: %s", file,
-                               strerror(errno ? errno : ENOENT));
-        else
-            st = cf_error(config_error_file(&cf) ? config_error_file(&cf) : file,
-                          config_error_line(&cf), NULL, "syntax error: %s", config_error_text(&cf));
-        goto out;
+    dm_status_t *st = dm_config_read_file(file, &cf, keys[0].name);
+    if (st) {
+        free(base_dir);
+        return st;
     }
-
+    memset(lines, 0, n_keys * sizeof(int));
     config_setting_t *root = config_root_setting(&cf);
     int n = config_setting_length(root);
     for (int i = 0; i < n && !st; i++) {
         config_setting_t *s = config_setting_get_elem(root, (unsigned)i);
         const char *name = config_setting_name(s);
-        size_t j;
-        for (j = 0; j < n_keys; j++)
-            if (strcmp(keys[j].name, name) == 0)
-                break;
-        if (j == n_keys) {
-            st = cf_error(file, (int)config_setting_source_line(s), name, "unknown key");
+        size_t j = 0;
+        while (name && j < n_keys && strcmp(keys[j].name, name) != 0)
+            j++;
+        if (!name || j == n_keys) {
+            st = dm_config_setting_error(file, s, name, "unknown key");
             break;
         }
-        seen[j] = true;
-        if (lines)
-            lines[j] = (int)config_setting_source_line(s);
-        st = store_setting(&keys[j], target, file, base_dir, s);
+        /* libconfig keeps lines in 16 bits: line 65536 reads as 0, which must not mean "absent". */
+        lines[j] = config_setting_source_line(s) ? (int)config_setting_source_line(s) : -1;
+        /* A setting from an @include'd file is reported in that file. */
+        const char *src = config_setting_source_file(s);
+        char *inc = src && src[0] != '/' && strcmp(src, file) != 0
+                        ? dm_sprintf("%s/%s", base_dir, src)
+                        : NULL;
+        st = store_setting(&keys[j], target, inc ? inc : src ? src : file, base_dir, s);
+        free(inc);
     }
     for (size_t j = 0; j < n_keys && !st; j++) {
-        if (seen[j])
+        if (lines[j])
             continue;
         const key_desc_t *k = &keys[j];
         if (!k->def) {
@@ -349,11 +348,18 @@ static dm_status_t *parse_file(const char *file, const key_desc_t *keys, size_t 
             st = store_string(k, target, file, 0, base_dir, k->def);
         }
     }
-out:
     config_destroy(&cf);
-    free(seen);
     free(base_dir);
     return st;
+}
+
+/* The line of key `name` in a file parsed with `keys` (0 when absent: defaulted). */
+static int line_of(const key_desc_t *keys, size_t n_keys, const int *lines, const char *name)
+{
+    for (size_t j = 0; j < n_keys; j++)
+        if (strcmp(keys[j].name, name) == 0)
+            return lines[j];
+    return 0;
 }
 
 dm_status_t *dm_config_read_secret(const char *path, size_t max, unsigned char **buf, size_t *len)
@@ -401,18 +407,30 @@ dm_status_t *dm_config_read_secret(const char *path, size_t max, unsigned char *
     return NULL;
 }
 
-static dm_status_t *check_secret(const char *file, const char *key, const char *path, size_t max)
+/* The secret must exist, be 0600 (no group/other bits) and hold min..max bytes; its contents
+ * are read, then cleansed, never printed. */
+static dm_status_t *check_secret(const char *file, int line, const char *key, const char *path,
+                                 size_t min, size_t max)
 {
     unsigned char *buf = NULL;
     size_t len = 0;
-    dm_status_t *st = dm_config_read_secret(path, max, &buf, &len);
+    /* Read a little more than allowed, so that "exactly 32 bytes" can say what it found. */
+    dm_status_t *st = dm_config_read_secret(path, max < 4096 ? 4096 : max, &buf, &len);
     if (st) {
-        dm_status_t *e = cf_error(file, 0, key, "%s", st->message);
+        dm_status_t *e = cf_error(file, line, key, "%s", st->message);
         dm_status_free(st);
         return e;
     }
     OPENSSL_cleanse(buf, len);
     free(buf);
+    if (len < min || len > max) {
+        if (min == max)
+            return cf_error(file, line, key,
+                            "secret file \"%s\" must hold exactly %zu bytes (has %zu)", path, min,
+                            len);
+        return cf_error(file, line, key, "secret file \"%s\" must hold %zu to %zu bytes (has %zu)",
+                        path, min, max, len);
+    }
     return NULL;
 }
 
@@ -426,19 +444,21 @@ static bool code_ok(const char *c)
     return true;
 }
 
-static dm_status_t *check_host_port(const char *file, const char *key, const char *hp,
+static dm_status_t *check_host_port(const char *file, int line, const char *key, const char *hp,
                                     bool allow_zero)
 {
     const char *colon = strrchr(hp, ':');
     char *end = NULL;
     if (!colon || colon == hp)
-        return cf_error(file, 0, key, "\"%s\" must be host:port", hp);
+        return cf_error(file, line, key, "\"%s\" must be host:port", hp);
     errno = 0;
     long port = strtol(colon + 1, &end, 10);
     if (errno || *end || end == colon + 1 || port < (allow_zero ? 0 : 1) || port > 65535)
-        return cf_error(file, 0, key, "\"%s\": port must be %d..65535", hp, allow_zero ? 0 : 1);
+        return cf_error(file, line, key, "\"%s\": port must be %d..65535", hp, allow_zero ? 0 : 1);
     return NULL;
 }
+
+#define KEY_LEN 32 /* kek_file and ledger_key_file: AES-256 and HMAC-SHA256 keys, raw bytes */
 
 static int key_index(const key_desc_t *keys, size_t n, const char *name)
 {
@@ -463,16 +483,16 @@ static dm_status_t *check_foreign_region(const char *file, const char *code, con
         "pool_size", "connect_timeout_ms"};
     for (size_t i = 0; i < DM_ARRAY_LEN(secrets); i++) {
         int k = key_index(region_keys, DM_ARRAY_LEN(region_keys), secrets[i]);
-        if (lines[k] > 0)
-            return cf_error(file, lines[k], secrets[i],
+        if (lines[k] != 0)
+            return cf_error(file, lines[k] > 0 ? lines[k] : 0, secrets[i],
                             "a secret of region \"%s\": only that region's own gateways may hold "
                             "it (this gateway serves \"%s\")",
                             code, mine);
     }
     for (size_t i = 0; i < DM_ARRAY_LEN(database); i++) {
         int k = key_index(region_keys, DM_ARRAY_LEN(region_keys), database[i]);
-        if (lines[k] > 0)
-            return cf_error(file, lines[k], database[i],
+        if (lines[k] != 0)
+            return cf_error(file, lines[k] > 0 ? lines[k] : 0, database[i],
                             "the database of region \"%s\" is reached only through its own "
                             "gateways (this gateway serves \"%s\"): list them in `gateways`",
                             code, mine);
@@ -483,21 +503,22 @@ static dm_status_t *check_foreign_region(const char *file, const char *code, con
 static dm_status_t *load_region(const dm_config_t *cfg, const char *code, dm_region_config_t *r)
 {
     dm_status_t *st;
+    int lines[DM_ARRAY_LEN(region_keys)];
     char *file = dm_sprintf("%s/%s.conf", cfg->regions_dir, code);
-    int lines[DM_ARRAY_LEN(region_keys)] = {0};
     r->source = file;
     st = parse_file(file, region_keys, DM_ARRAY_LEN(region_keys), r, lines);
     if (st)
         return st;
+#define RL(key) line_of(region_keys, DM_ARRAY_LEN(region_keys), lines, key)
     if (strcmp(r->code, code) != 0)
-        return cf_error(file, 0, "code", "must equal the file's region \"%s\" (got \"%s\")", code,
-                        r->code);
+        return cf_error(file, RL("code"), "code",
+                        "must equal the file's region \"%s\" (got \"%s\")", code, r->code);
     if (!r->gateway_identity[0]) {
         free(r->gateway_identity);
         r->gateway_identity = dm_sprintf("%s.gateway.domicile", code);
     }
     for (size_t i = 0; i < r->n_gateways; i++)
-        if ((st = check_host_port(file, "gateways", r->gateways[i], false)))
+        if ((st = check_host_port(file, RL("gateways"), "gateways", r->gateways[i], false)))
             return st;
     r->local = strcmp(code, cfg->gateway_region) == 0;
     if (!r->local) {
@@ -515,41 +536,45 @@ static dm_status_t *load_region(const dm_config_t *cfg, const char *code, dm_reg
     if (r->n_hosts == 0)
         return cf_error(file, 0, "hosts", "missing (required for the gateway's own region)");
     for (size_t i = 0; i < DM_ARRAY_LEN(required); i++)
-        if (lines[key_index(region_keys, DM_ARRAY_LEN(region_keys), required[i])] <= 0)
+        if (lines[key_index(region_keys, DM_ARRAY_LEN(region_keys), required[i])] == 0)
             return cf_error(file, 0, required[i],
                             "missing (required for the gateway's own region)");
     for (size_t i = 0; i < r->n_hosts; i++)
-        if ((st = check_host_port(file, "hosts", r->hosts[i], false)))
+        if ((st = check_host_port(file, RL("hosts"), "hosts", r->hosts[i], false)))
             return st;
-    if ((st = check_secret(file, "password_file", r->password_file, 1024)))
+    if ((st = check_secret(file, RL("password_file"), "password_file", r->password_file, 1, 1024)))
         return st;
-    if ((st = check_secret(file, "kek_file", r->kek_file, 32)))
+    if ((st = check_secret(file, RL("kek_file"), "kek_file", r->kek_file, KEY_LEN, KEY_LEN)))
         return st;
-    if ((st = check_secret(file, "ledger_key_file", r->ledger_key_file, 32)))
+    if ((st = check_secret(file, RL("ledger_key_file"), "ledger_key_file", r->ledger_key_file,
+                           KEY_LEN, KEY_LEN)))
         return st;
     if (access(r->ssl_root_cert, R_OK) != 0)
-        return cf_error(file, 0, "ssl_root_cert", "cannot read \"%s\": %s", r->ssl_root_cert,
-                        strerror(errno));
+        return cf_error(file, RL("ssl_root_cert"), "ssl_root_cert", "cannot read \"%s\": %s",
+                        r->ssl_root_cert, strerror(errno));
+#undef RL
     return NULL;
 }
 
 /* Gateways of other regions are called, and call us, over mutual TLS only. */
-static dm_status_t *check_peers(const char *path, const dm_config_t *cfg)
+static dm_status_t *check_peers(const char *path, const dm_config_t *cfg, const int *lines)
 {
+#define PL(key) line_of(gateway_keys, DM_ARRAY_LEN(gateway_keys), lines, key)
     if (cfg->n_regions < 2)
         return NULL;
     if (!cfg->peer_listen[0])
-        return cf_error(path, 0, "peer_listen",
+        return cf_error(path, PL("peer_listen"), "peer_listen",
                         "required: gateways of the other regions forward their calls here");
     if (!cfg->peer_cert_file[0] || access(cfg->peer_cert_file, R_OK) != 0)
-        return cf_error(path, 0, "peer_cert_file", "required and readable (\"%s\")",
-                        cfg->peer_cert_file);
+        return cf_error(path, PL("peer_cert_file"), "peer_cert_file",
+                        "required and readable (\"%s\")", cfg->peer_cert_file);
     if (!cfg->peer_ca_file[0] || access(cfg->peer_ca_file, R_OK) != 0)
-        return cf_error(path, 0, "peer_ca_file", "required and readable (\"%s\")",
+        return cf_error(path, PL("peer_ca_file"), "peer_ca_file", "required and readable (\"%s\")",
                         cfg->peer_ca_file);
     if (!cfg->peer_key_file[0])
-        return cf_error(path, 0, "peer_key_file", "required");
-    return check_secret(path, "peer_key_file", cfg->peer_key_file, 1 << 16);
+        return cf_error(path, PL("peer_key_file"), "peer_key_file", "required");
+    return check_secret(path, PL("peer_key_file"), "peer_key_file", cfg->peer_key_file, 1, 1 << 16);
+#undef PL
 }
 
 dm_status_t *dm_config_load(const char *path, dm_config_t **out)
@@ -558,76 +583,86 @@ dm_status_t *dm_config_load(const char *path, dm_config_t **out)
     dm_config_t *cfg = dm_calloc(1, sizeof(*cfg));
     cfg->source = dm_strdup(path);
 
-    st = parse_file(path, gateway_keys, DM_ARRAY_LEN(gateway_keys), cfg, NULL);
+    int lines[DM_ARRAY_LEN(gateway_keys)];
+    st = parse_file(path, gateway_keys, DM_ARRAY_LEN(gateway_keys), cfg, lines);
     if (st)
         goto fail;
-    if ((st = check_host_port(path, "listen", cfg->listen, true)))
+#define GL(key) line_of(gateway_keys, DM_ARRAY_LEN(gateway_keys), lines, key)
+    if ((st = check_host_port(path, GL("listen"), "listen", cfg->listen, true)))
         goto fail;
     if (cfg->ledger_retention_days > 0 && cfg->ledger_retention_days < 365) {
         /* ledger_purge() refuses cut-offs younger than 365 days (so that the gateway's role
          * cannot erase recent entries); a shorter window would only fail every purge. */
-        st = cf_error(path, 0, "ledger_retention_days",
+        st = cf_error(path, GL("ledger_retention_days"), "ledger_retention_days",
                       "must be 0 (keep forever) or at least 365 (got %d)",
                       cfg->ledger_retention_days);
         goto fail;
     }
     if (strcmp(cfg->transport, "tls") == 0) {
         if (!cfg->tls_cert_file[0] || !cfg->tls_key_file[0]) {
-            st = cf_error(path, 0, "tls_cert_file",
+            st = cf_error(path, GL("transport"), "tls_cert_file",
                           "transport = \"tls\" needs tls_cert_file and tls_key_file");
             goto fail;
         }
         if (access(cfg->tls_cert_file, R_OK) != 0) {
-            st = cf_error(path, 0, "tls_cert_file", "cannot read \"%s\": %s", cfg->tls_cert_file,
-                          strerror(errno));
+            st = cf_error(path, GL("tls_cert_file"), "tls_cert_file", "cannot read \"%s\": %s",
+                          cfg->tls_cert_file, strerror(errno));
             goto fail;
         }
-        if ((st = check_secret(path, "tls_key_file", cfg->tls_key_file, 1 << 16)))
+        if ((st = check_secret(path, GL("tls_key_file"), "tls_key_file", cfg->tls_key_file, 1,
+                               1 << 16)))
             goto fail;
         if (strcmp(cfg->mtls, "off") != 0 &&
             (!cfg->tls_client_ca_file[0] || access(cfg->tls_client_ca_file, R_OK) != 0)) {
-            st = cf_error(path, 0, "tls_client_ca_file",
+            st = cf_error(path, GL("mtls"), "tls_client_ca_file",
                           "mtls = \"%s\" needs a readable tls_client_ca_file", cfg->mtls);
             goto fail;
         }
     } else if (strcmp(cfg->mtls, "off") != 0) {
-        st = cf_error(path, 0, "mtls", "client certificates need transport = \"tls\"");
+        st = cf_error(path, GL("mtls"), "mtls", "client certificates need transport = \"tls\"");
         goto fail;
     }
     if (cfg->webhook_url[0]) {
         if (strncmp(cfg->webhook_url, "http://", 7) != 0 &&
             strncmp(cfg->webhook_url, "https://", 8) != 0) {
-            st = cf_error(path, 0, "webhook_url", "must start with http:// or https://");
+            st = cf_error(path, GL("webhook_url"), "webhook_url",
+                          "must start with http:// or https://");
             goto fail;
         }
         if (!cfg->webhook_secret_file[0]) {
-            st = cf_error(path, 0, "webhook_secret_file", "required with webhook_url");
+            st = cf_error(path, GL("webhook_url"), "webhook_secret_file",
+                          "required with webhook_url");
             goto fail;
         }
-        if ((st = check_secret(path, "webhook_secret_file", cfg->webhook_secret_file, 1024)))
+        if ((st = check_secret(path, GL("webhook_secret_file"), "webhook_secret_file",
+                               cfg->webhook_secret_file, 1, 1024)))
             goto fail;
     }
     if (access(cfg->principals_file, R_OK) != 0) {
-        st = cf_error(path, 0, "principals_file", "cannot read \"%s\": %s", cfg->principals_file,
-                      strerror(errno));
+        st = cf_error(path, GL("principals_file"), "principals_file", "cannot read \"%s\": %s",
+                      cfg->principals_file, strerror(errno));
         goto fail;
     }
-    if ((st = check_secret(path, "subject_pepper_file", cfg->subject_pepper_file, 1024)))
+    /* The pepper keys HMAC-SHA256 of subjects: fewer than 16 bytes would make them guessable
+     * (dm_app_init() refuses it too; --check-config must say so first). */
+    if ((st = check_secret(path, GL("subject_pepper_file"), "subject_pepper_file",
+                           cfg->subject_pepper_file, 16, 1024)))
         goto fail;
-    if (cfg->peer_listen[0] && (st = check_host_port(path, "peer_listen", cfg->peer_listen, true)))
+    if (cfg->peer_listen[0] &&
+        (st = check_host_port(path, GL("peer_listen"), "peer_listen", cfg->peer_listen, true)))
         goto fail;
     cfg->region_cfgs = dm_calloc(cfg->n_regions, sizeof(dm_region_config_t));
     for (size_t i = 0; i < cfg->n_regions; i++) {
         const char *code = cfg->regions[i];
         if (!code_ok(code) || strlen(code) < 2 || strlen(code) > DM_REGION_CODE_MAX) {
-            st = cf_error(path, 0, "regions",
+            st = cf_error(path, GL("regions"), "regions",
                           "\"%s\" is not a region code (2-16 of [a-z0-9], starting with a letter)",
                           code);
             goto fail;
         }
         for (size_t j = 0; j < i; j++) {
             if (strcmp(cfg->regions[j], code) == 0) {
-                st = cf_error(path, 0, "regions", "\"%s\" is listed twice", code);
+                st = cf_error(path, GL("regions"), "regions", "\"%s\" is listed twice", code);
                 goto fail;
             }
         }
@@ -635,12 +670,13 @@ dm_status_t *dm_config_load(const char *path, dm_config_t **out)
             goto fail;
     }
     if (!dm_config_region(cfg, cfg->gateway_region)) {
-        st = cf_error(path, 0, "gateway_region", "\"%s\" is not one of the configured regions",
-                      cfg->gateway_region);
+        st = cf_error(path, GL("gateway_region"), "gateway_region",
+                      "\"%s\" is not one of the configured regions", cfg->gateway_region);
         goto fail;
     }
-    if ((st = check_peers(path, cfg)))
+    if ((st = check_peers(path, cfg, lines)))
         goto fail;
+#undef GL
     *out = cfg;
     return NULL;
 fail:

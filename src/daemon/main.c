@@ -23,7 +23,9 @@ static void usage(FILE *f)
 {
     fputs("usage: domiciled --config FILE [options]\n"
           "  -c, --config FILE     gateway configuration (libconfig syntax)\n"
-          "      --check-config    validate the configuration, print it (no secrets), exit\n"
+          "      --check-config    check every file the gateway loads (config, regions, secrets'\n"
+          "                        presence and modes, principals, bases, routes, customer\n"
+          "                        webhooks), print the configuration (no secrets), exit\n"
           "      --listen ADDR     override `listen` (host:port, port 0 = any free port)\n"
           "      --ready-fd N      write \"READY <port>\\n\" to fd N once serving, then close it\n"
           "      --list-methods    print every rpc with its kind and exit\n"
@@ -192,17 +194,17 @@ int main(int argc, char **argv)
         free(app.cfg->listen);
         app.cfg->listen = dm_strdup(listen);
     }
+    /* Everything else the gateway will load (principals, bases and routes, customer
+     * webhooks), before anything starts: a file it cannot load is refused here, with its
+     * file:line, for --check-config and for a start alike. */
+    if ((st = dm_app_check(app.cfg, check_only ? stdout : NULL))) {
+        fprintf(stderr, "domiciled: invalid configuration: %s\n", st->message);
+        dm_status_free(st);
+        dm_config_free(app.cfg);
+        return 2;
+    }
     if (check_only) {
-        dm_principals_t *ps = NULL;
-        if ((st = dm_principals_load(app.cfg->principals_file, app.cfg, &ps))) {
-            fprintf(stderr, "domiciled: invalid principals: %s\n", st->message);
-            dm_status_free(st);
-            dm_config_free(app.cfg);
-            return 2;
-        }
         dm_config_print(app.cfg, stdout);
-        printf("\n# %zu principals from %s\n", ps->n, ps->source);
-        dm_principals_free(ps);
         dm_config_free(app.cfg);
         return 0;
     }
@@ -248,7 +250,10 @@ int main(int argc, char **argv)
         dm_info("main", "received SIGHUP: reloading %s", config_path);
         notify_reloading();
         if ((st = dm_app_reload(&app, config_path))) {
-            dm_error("config", "reload failed, keeping the running configuration: %s", st->message);
+            dm_error("config",
+                     "reload failed, keeping the running configuration (principals, transfer "
+                     "policy and settings as before): %s",
+                     st->message);
             dm_status_free(st);
             st = NULL;
         }

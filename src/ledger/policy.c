@@ -9,118 +9,109 @@
 #include "domicile/ledger.h"
 #include "domicile/validate.h"
 
-#define MAX_BASES  256
-#define MAX_ROUTES 1024
-#define TEXT_MAX   2048
+#define MAX_BASES     256
+#define MAX_ROUTES    1024
+#define MAX_FORBIDDEN 256
+#define TEXT_MAX      2048
 
-static const char *member(config_setting_t *s, const char *key)
-{
-    config_setting_t *m = config_setting_get_member(s, key);
-    return m && config_setting_type(m) == CONFIG_TYPE_STRING ? config_setting_get_string(m) : NULL;
-}
+/* Every shape check below goes through src/config/setting.c: a member of the wrong type is an
+ * error at its own line, never taken for an absent one (`revoked = 2031;` read as "no
+ * revocation" would keep a fallen basis in force). */
 
+/* A UTC calendar day, exactly YYYY-MM-DD and a real date (timegm() would turn 2021-02-30 into
+ * 2 March without a word). */
 static bool parse_day(const char *s, int64_t *ms)
 {
-    struct tm tm;
-    memset(&tm, 0, sizeof(tm));
-    const char *end = strptime(s, "%Y-%m-%d", &tm);
-    if (!end || *end || strlen(s) != 10)
+    struct tm tm, back;
+    if (strlen(s) != 10 || s[4] != '-' || s[7] != '-')
         return false;
-    *ms = (int64_t)timegm(&tm) * 1000;
+    for (int i = 0; i < 10; i++)
+        if (i != 4 && i != 7 && (s[i] < '0' || s[i] > '9'))
+            return false;
+    memset(&tm, 0, sizeof(tm));
+    tm.tm_year = atoi(s) - 1900;
+    tm.tm_mon = atoi(s + 5) - 1;
+    tm.tm_mday = atoi(s + 8);
+    time_t t = timegm(&tm);
+    if (!gmtime_r(&t, &back) || back.tm_year != tm.tm_year || back.tm_mon != atoi(s + 5) - 1 ||
+        back.tm_mday != atoi(s + 8))
+        return false;
+    *ms = (int64_t)t * 1000;
     return true;
-}
-
-static dm_status_t *check_keys(const char *file, config_setting_t *s, const char *const *known,
-                               size_t n)
-{
-    for (int i = 0; i < config_setting_length(s); i++) {
-        config_setting_t *m = config_setting_get_elem(s, (unsigned)i);
-        bool ok = false;
-        for (size_t k = 0; k < n; k++)
-            ok = ok || strcmp(config_setting_name(m), known[k]) == 0;
-        if (!ok)
-            return dm_config_error(file, (int)config_setting_source_line(m), config_setting_name(m),
-                                   "unknown key");
-    }
-    return NULL;
-}
-
-static dm_status_t *read_file(const char *file, config_t *cf)
-{
-    config_init(cf);
-    if (config_read_file(cf, file) == CONFIG_TRUE)
-        return NULL;
-    dm_status_t *st = config_error_type(cf) == CONFIG_ERR_FILE_IO
-                          ? dm_config_error(file, 0, NULL, "cannot read file")
-                          : dm_config_error(file, config_error_line(cf), NULL, "syntax error: %s",
-                                            config_error_text(cf));
-    config_destroy(cf);
-    return st;
 }
 
 static dm_status_t *load_bases(const char *file, dm_policy_t *p)
 {
+    static const char *const roots[] = {"bases"};
     static const char *const known[] = {"id",        "instrument", "citation", "kind",
                                         "effective", "revoked",    "notes"};
     static const char *const kinds[] = {"adequacy", "scc", "derogation", "domestic-law"};
     config_t cf;
-    dm_status_t *st = read_file(file, &cf);
+    config_setting_t *list;
+    dm_status_t *st = dm_config_read_file(file, &cf, "bases");
     if (st)
         return st;
-    config_setting_t *list = config_lookup(&cf, "bases");
-    if (!list || config_setting_type(list) != CONFIG_TYPE_LIST ||
-        config_setting_length(list) == 0 || config_setting_length(list) > MAX_BASES) {
-        st = dm_config_error(file, 0, "bases", "required: a list ( { ... }, ... ) of 1..%d",
-                             MAX_BASES);
+    config_setting_t *root = config_root_setting(&cf);
+    if ((st = dm_config_check_group(file, root, NULL, roots, DM_ARRAY_LEN(roots))) ||
+        (st = dm_config_member_groups(file, root, "bases", 1, MAX_BASES, known, DM_ARRAY_LEN(known),
+                                      &list)))
         goto out;
-    }
     p->n_bases = (size_t)config_setting_length(list);
     p->bases = dm_calloc(p->n_bases, sizeof(dm_basis_t));
     for (size_t i = 0; i < p->n_bases; i++) {
         config_setting_t *s = config_setting_get_elem(list, (unsigned)i);
-        int line = (int)config_setting_source_line(s);
         dm_basis_t *b = &p->bases[i];
-        if ((st = check_keys(file, s, known, DM_ARRAY_LEN(known))))
+        const char *id, *kind, *eff, *rev, *instrument, *citation, *notes;
+        if ((st = dm_config_member_string(file, s, "id", true, &id)) ||
+            (st = dm_config_member_string(file, s, "instrument", true, &instrument)) ||
+            (st = dm_config_member_string(file, s, "citation", true, &citation)) ||
+            (st = dm_config_member_string(file, s, "kind", true, &kind)) ||
+            (st = dm_config_member_string(file, s, "effective", true, &eff)) ||
+            (st = dm_config_member_string(file, s, "revoked", false, &rev)) ||
+            (st = dm_config_member_string(file, s, "notes", false, &notes)))
             goto out;
-        const char *id = member(s, "id"), *kind = member(s, "kind");
-        const char *eff = member(s, "effective"), *rev = member(s, "revoked");
-        dm_status_t *bad = id ? dm_check_kind("id", id, false) : NULL;
-        if (!id || bad) {
+        dm_status_t *bad = dm_check_kind("id", id, false);
+        if (bad) {
             dm_status_free(bad);
-            st = dm_config_error(file, line, "id", "required: 1..64 bytes of [a-z0-9._-]");
+            st = dm_config_setting_error(file, config_setting_get_member(s, "id"), "id",
+                                         "must be 1..64 bytes of [a-z0-9._-] (got \"%s\")", id);
             goto out;
         }
         for (size_t j = 0; j < i; j++) {
             if (strcmp(p->bases[j].id, id) == 0) {
-                st = dm_config_error(file, line, "id", "\"%s\" is defined twice", id);
+                st = dm_config_setting_error(file, config_setting_get_member(s, "id"), "id",
+                                             "\"%s\" is defined twice", id);
                 goto out;
             }
         }
-        bool kind_ok = false;
-        for (size_t k = 0; kind && k < DM_ARRAY_LEN(kinds); k++)
-            kind_ok = kind_ok || strcmp(kind, kinds[k]) == 0;
-        if (!kind_ok) {
-            st = dm_config_error(file, line, "kind",
-                                 "must be adequacy, scc, derogation or domestic-law");
+        size_t k = 0;
+        while (k < DM_ARRAY_LEN(kinds) && strcmp(kind, kinds[k]) != 0)
+            k++;
+        if (k == DM_ARRAY_LEN(kinds)) {
+            st = dm_config_setting_error(file, config_setting_get_member(s, "kind"), "kind",
+                                         "must be adequacy, scc, derogation or domestic-law");
             goto out;
         }
-        if (!eff || !parse_day(eff, &b->effective_ms)) {
-            st = dm_config_error(file, line, "effective", "required: a date YYYY-MM-DD");
+        if (!parse_day(eff, &b->effective_ms)) {
+            st = dm_config_setting_error(file, config_setting_get_member(s, "effective"),
+                                         "effective", "must be a date YYYY-MM-DD");
             goto out;
         }
         if (rev && *rev && (!parse_day(rev, &b->revoked_ms) || b->revoked_ms <= b->effective_ms)) {
-            st = dm_config_error(file, line, "revoked",
-                                 "must be \"\" or a date YYYY-MM-DD after `effective`");
+            st = dm_config_setting_error(file, config_setting_get_member(s, "revoked"), "revoked",
+                                         "must be \"\" or a date YYYY-MM-DD after `effective`");
             goto out;
         }
-        const char *instrument = member(s, "instrument"), *citation = member(s, "citation");
-        const char *notes = member(s, "notes");
-        if (!instrument || !*instrument || strlen(instrument) > TEXT_MAX || !citation ||
-            strlen(citation) > TEXT_MAX || (notes && strlen(notes) > TEXT_MAX)) {
-            st = dm_config_error(file, line, "instrument",
-                                 "instrument and citation are required (at most %d bytes)",
-                                 TEXT_MAX);
-            goto out;
+        const char *texts[][2] = {
+            {"instrument", instrument}, {"citation", citation}, {"notes", notes ? notes : ""}};
+        for (size_t t = 0; t < DM_ARRAY_LEN(texts); t++) {
+            size_t n = strlen(texts[t][1]);
+            if ((t == 0 && n == 0) || n > TEXT_MAX) {
+                st = dm_config_setting_error(file, config_setting_get_member(s, texts[t][0]),
+                                             texts[t][0], "must be %d..%d bytes (got %zu)",
+                                             t == 0 ? 1 : 0, TEXT_MAX, n);
+                goto out;
+            }
         }
         b->id = dm_strdup(id);
         b->kind = dm_strdup(kind);
@@ -135,79 +126,68 @@ out:
 
 static bool region_or_star(const dm_config_t *cfg, const char *v)
 {
-    return v && (strcmp(v, "*") == 0 || dm_config_region(cfg, v));
+    return strcmp(v, "*") == 0 || dm_config_region(cfg, v);
 }
 
 static dm_status_t *load_routes(const char *file, const dm_config_t *cfg, dm_policy_t *p)
 {
+    static const char *const roots[] = {"routes", "forbidden_purposes"};
     static const char *const known[] = {"from", "to", "purpose", "bases"};
     config_t cf;
-    dm_status_t *st = read_file(file, &cf);
+    config_setting_t *fp, *list;
+    dm_status_t *st = dm_config_read_file(file, &cf, "routes");
     if (st)
         return st;
     config_setting_t *root = config_root_setting(&cf);
-    for (int i = 0; i < config_setting_length(root); i++) {
-        config_setting_t *m = config_setting_get_elem(root, (unsigned)i);
-        const char *n = config_setting_name(m);
-        if (strcmp(n, "routes") != 0 && strcmp(n, "forbidden_purposes") != 0) {
-            st = dm_config_error(file, (int)config_setting_source_line(m), n, "unknown key");
-            goto out;
-        }
-    }
-    config_setting_t *fp = config_lookup(&cf, "forbidden_purposes");
+    if ((st = dm_config_check_group(file, root, NULL, roots, DM_ARRAY_LEN(roots))) ||
+        (st = dm_config_member_strings(file, root, "forbidden_purposes", false, 0, MAX_FORBIDDEN,
+                                       &fp)))
+        goto out;
     if (fp) {
-        if (!config_setting_is_aggregate(fp)) {
-            st = dm_config_error(file, (int)config_setting_source_line(fp), "forbidden_purposes",
-                                 "must be a list of purposes");
-            goto out;
-        }
         p->n_forbidden = (size_t)config_setting_length(fp);
         p->forbidden = dm_calloc(p->n_forbidden + 1, sizeof(char *));
         for (size_t i = 0; i < p->n_forbidden; i++) {
             const char *v = config_setting_get_string_elem(fp, (int)i);
-            dm_status_t *bad = v ? dm_check_purpose("forbidden_purposes", v, false) : NULL;
-            if (!v || bad) {
+            dm_status_t *bad = dm_check_purpose("forbidden_purposes", v, false);
+            if (bad) {
                 dm_status_free(bad);
-                st = dm_config_error(file, (int)config_setting_source_line(fp),
-                                     "forbidden_purposes", "entry %zu is not a purpose", i + 1);
+                st = dm_config_setting_error(
+                    file, config_setting_get_elem(fp, (unsigned)i), "forbidden_purposes",
+                    "entry %zu is not a purpose (1..64 bytes of [a-z0-9-])", i + 1);
                 goto out;
             }
             p->forbidden[i] = dm_strdup(v);
         }
     }
-    config_setting_t *list = config_lookup(&cf, "routes");
-    if (!list || config_setting_type(list) != CONFIG_TYPE_LIST ||
-        config_setting_length(list) > MAX_ROUTES) {
-        st = dm_config_error(file, 0, "routes", "required: a list ( { ... }, ... ) of 0..%d",
-                             MAX_ROUTES);
+    if ((st = dm_config_member_groups(file, root, "routes", 0, MAX_ROUTES, known,
+                                      DM_ARRAY_LEN(known), &list)))
         goto out;
-    }
     p->n_routes = (size_t)config_setting_length(list);
     p->routes = dm_calloc(p->n_routes + 1, sizeof(dm_route_t));
     for (size_t i = 0; i < p->n_routes; i++) {
-        config_setting_t *s = config_setting_get_elem(list, (unsigned)i);
-        int line = (int)config_setting_source_line(s);
+        config_setting_t *s = config_setting_get_elem(list, (unsigned)i), *bl;
         dm_route_t *r = &p->routes[i];
-        if ((st = check_keys(file, s, known, DM_ARRAY_LEN(known))))
+        const char *from, *to, *purpose;
+        if ((st = dm_config_member_string(file, s, "from", true, &from)) ||
+            (st = dm_config_member_string(file, s, "to", true, &to)) ||
+            (st = dm_config_member_string(file, s, "purpose", true, &purpose)) ||
+            (st = dm_config_member_strings(file, s, "bases", true, 1, MAX_BASES, &bl)))
             goto out;
-        const char *from = member(s, "from"), *to = member(s, "to");
-        const char *purpose = member(s, "purpose");
-        if (!region_or_star(cfg, from) || !region_or_star(cfg, to)) {
-            st = dm_config_error(file, line, "from",
-                                 "from and to must be configured region codes or \"*\"");
-            goto out;
+        const char *ends[][2] = {{"from", from}, {"to", to}};
+        for (size_t e = 0; e < DM_ARRAY_LEN(ends); e++) {
+            if (!region_or_star(cfg, ends[e][1])) {
+                st = dm_config_setting_error(
+                    file, config_setting_get_member(s, ends[e][0]), ends[e][0],
+                    "\"%s\" is not a configured region code or \"*\"", ends[e][1]);
+                goto out;
+            }
         }
-        dm_status_t *bad = purpose && strcmp(purpose, "*") != 0
-                               ? dm_check_purpose("purpose", purpose, false)
-                               : NULL;
-        if (!purpose || bad) {
+        dm_status_t *bad =
+            strcmp(purpose, "*") != 0 ? dm_check_purpose("purpose", purpose, false) : NULL;
+        if (bad) {
             dm_status_free(bad);
-            st = dm_config_error(file, line, "purpose", "required: a purpose or \"*\"");
-            goto out;
-        }
-        config_setting_t *bl = config_setting_get_member(s, "bases");
-        if (!bl || !config_setting_is_aggregate(bl) || config_setting_length(bl) == 0) {
-            st = dm_config_error(file, line, "bases", "required: a non-empty list of basis ids");
+            st = dm_config_setting_error(file, config_setting_get_member(s, "purpose"), "purpose",
+                                         "must be a purpose (1..64 bytes of [a-z0-9-]) or \"*\"");
             goto out;
         }
         r->from = dm_strdup(from);
@@ -217,10 +197,10 @@ static dm_status_t *load_routes(const char *file, const dm_config_t *cfg, dm_pol
         r->bases = dm_calloc(r->n_bases, sizeof(dm_basis_t *));
         for (size_t k = 0; k < r->n_bases; k++) {
             const char *id = config_setting_get_string_elem(bl, (int)k);
-            r->bases[k] = id ? dm_policy_basis(p, id) : NULL;
+            r->bases[k] = dm_policy_basis(p, id);
             if (!r->bases[k]) {
-                st = dm_config_error(file, (int)config_setting_source_line(bl), "bases",
-                                     "\"%s\" is not in the basis catalogue", id ? id : "?");
+                st = dm_config_setting_error(file, config_setting_get_elem(bl, (unsigned)k),
+                                             "bases", "\"%s\" is not in the basis catalogue", id);
                 goto out;
             }
         }

@@ -26,7 +26,7 @@ void fz_write_text(const char *name, const char *text, mode_t mode);
 /**
  * A valid gateway configuration written once into the temp dir: regions "us", "eu", "in"
  * (regions/<code>.conf), their 0600 secrets, pepper, CA, TLS cert and key, principals.conf,
- * bases.conf and routes.conf (a small transfer policy).
+ * bases.conf and routes.conf (a small transfer policy), hook.secret (a webhook's secret).
  */
 void fz_fixture(void);
 /** dm_config_load() of the fixture's gateway.conf (once; kept for the process). */
@@ -35,7 +35,8 @@ const dm_config_t *fz_config(void);
  * Oracle for a returned status; frees it. NULL is fine; else the code must be INVALID_ARGUMENT
  * (or FAILED_PRECONDITION when `client_safe` is false: secret files), the message non-empty
  * and, when `client_safe` (it goes to a client as grpc-message), valid UTF-8 without control
- * characters. Config errors go to the operator's log and may quote the file's bytes.
+ * characters. Config errors go to the operator's log and may quote the file's bytes, but must
+ * name the file first (an absolute path in the fixture).
  */
 void fz_status(dm_status_t *st, bool client_safe);
 

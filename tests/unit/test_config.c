@@ -14,7 +14,10 @@
 
 #include <cmocka.h>
 
+#include "domicile/auth.h"
 #include "domicile/config.h"
+#include "domicile/dsr.h"
+#include "domicile/ledger.h"
 
 static char dir[64];
 
@@ -71,6 +74,7 @@ static int setup(void **state)
     write_file("pw", "pw-s3cr3t-value\n", 0600);
     write_file("kek", "0123456789abcdef0123456789abcdef", 0600);
     write_file("ca.crt", "not parsed by the loader\n", 0644);
+    write_file("hook.secret", "webhook-secret", 0600);
     write_region("eu", "");
     write_region("in", "pool_size = 4;\n");
     write_good();
@@ -206,13 +210,288 @@ static void test_region_errors(void **state)
     dm_config_free(cfg);
 }
 
+/*
+ * Every loader of a libconfig file on settings of the wrong shape: each must fail with
+ * "file:line: key \"k\": what" (and must not crash: a NULL name reached strcmp() for a list
+ * element where a group was expected, found by fuzz_policy).
+ */
+typedef enum {
+    F_GATEWAY,    /* gw.conf (dm_config_load) */
+    F_REGION,     /* regions/in.conf (dm_config_load of a good gw.conf) */
+    F_BASES,      /* bases.conf (dm_policy_load with good_routes) */
+    F_ROUTES,     /* routes.conf (dm_policy_load with good_bases) */
+    F_PRINCIPALS, /* principals.conf (dm_principals_load) */
+    F_WEBHOOKS,   /* hooks.conf (dm_webhooks_check) */
+} file_kind_t;
+
+typedef struct {
+    file_kind_t kind;
+    const char *text; /* the file under test */
+    const char *want; /* the error starts "<dir>/" followed by this */
+    const char *also; /* and contains this (NULL: nothing more) */
+} shape_case_t;
+
+static const char good_bases[] =
+    "bases = (\n"
+    "  { id = \"scc\"; instrument = \"SCC\"; citation = \"OJ\"; kind = \"scc\";\n"
+    "    effective = \"2021-06-27\"; revoked = \"\"; notes = \"\"; }\n"
+    ");\n";
+static const char good_routes[] = "forbidden_purposes = [ \"sale\" ];\n"
+                                  "routes = ( { from = \"eu\"; to = \"*\"; purpose = \"*\"; "
+                                  "bases = [ \"scc\" ]; } );\n";
+#define TOKEN "\"840f135a0cd6a2ca7c9865624d5434f90a072d562d58ec4503fc480d1b65a25d\""
+#define BASIS(extra)                                                                               \
+    "bases = (\n  { id = \"scc\"; instrument = \"SCC\"; citation = \"OJ\"; kind = \"scc\";\n"      \
+    "    effective = \"2021-06-27\";\n" extra " }\n);\n"
+#define ROUTE(extra)                                                                               \
+    "routes = (\n  { from = \"eu\"; to = \"in\"; purpose = \"*\";\n" extra " }\n);\n"
+#define HOOK(extra)                                                                                \
+    "webhooks = (\n  { customer = \"acme\"; url = \"https://h.example/dsr\";\n" extra " }\n);\n"
+
+static const shape_case_t shape_cases[] = {
+    /* bases */
+    {F_BASES, "bases = ( ( { revoked = \"\"; } ) );\n",
+     "bases.conf:1: key \"bases\": entry 1 must be a group", "got a list"},
+    {F_BASES, "bases = ( [ \"x\" ] );\n", "bases.conf:1: key \"bases\": entry 1 must be a group",
+     NULL},
+    {F_BASES, "bases = (\n  \"scc\" );\n", "bases.conf:2: key \"bases\": entry 1 must be a group",
+     "got a string"},
+    {F_BASES, "bases = { id = \"x\"; };\n", "bases.conf:1: key \"bases\": must be a list of groups",
+     NULL},
+    {F_BASES, "bases = \"x\";\n", "bases.conf:1: key \"bases\": must be a list of groups", NULL},
+    {F_BASES, "bases = ();\n", "bases.conf:1: key \"bases\": must have 1 to", NULL},
+    {F_BASES, "", "bases.conf:1: key \"bases\": missing: the file has no settings", NULL},
+    {F_BASES, "# only a comment\n",
+     "bases.conf:1: key \"bases\": missing: the file has no settings", NULL},
+    {F_BASES, "basis = ();\n", "bases.conf:1: key \"basis\": unknown key", NULL},
+    {F_BASES, BASIS("") "more = 1;\n", "bases.conf:6: key \"more\": unknown key", NULL},
+    {F_BASES, BASIS("    revoked = 2031;"), "bases.conf:4: key \"revoked\": must be a string",
+     "got an integer"},
+    {F_BASES, BASIS("    revoked = [ \"2031-01-01\" ];"),
+     "bases.conf:4: key \"revoked\": must be a string", NULL},
+    {F_BASES, BASIS("    notes = ( \"a\" );"), "bases.conf:4: key \"notes\": must be a string",
+     "got a list"},
+    {F_BASES, BASIS("    notes = { a = 1; };"), "bases.conf:4: key \"notes\": must be a string",
+     "got a group"},
+    {F_BASES, BASIS("    revoked = \"2021-02-30\";"), "bases.conf:4: key \"revoked\": must be",
+     NULL},
+    {F_BASES, BASIS("    bogus = 1;"), "bases.conf:4: key \"bogus\": unknown key", NULL},
+    {F_BASES,
+     "bases = ( { id = 5; instrument = \"I\"; citation = \"C\"; kind = \"scc\"; effective = "
+     "\"2021-01-01\"; } );\n",
+     "bases.conf:1: key \"id\": must be a string", NULL},
+    {F_BASES, "bases = (\n  { }\n);\n", "bases.conf:2: key \"id\": missing (required)", NULL},
+    {F_BASES,
+     "bases = ( { id = \"a\"; instrument = \"I\"; citation = \"C\"; kind = \"scc\";\n"
+     "  effective = \" 202-01-01\"; } );\n",
+     "bases.conf:2: key \"effective\": must be a date", NULL},
+    {F_BASES, "@include \"more-bases.conf\"\n",
+     "more-bases.conf:4: key \"notes\": must be a string", NULL},
+    /* routes */
+    {F_ROUTES, "routes = ( ( { from = \"eu\"; } ) );\n",
+     "routes.conf:1: key \"routes\": entry 1 must be a group", NULL},
+    {F_ROUTES, "routes = { from = \"eu\"; };\n",
+     "routes.conf:1: key \"routes\": must be a list of groups", NULL},
+    {F_ROUTES, "", "routes.conf:1: key \"routes\": missing: the file has no settings", NULL},
+    {F_ROUTES, "forbidden_purposes = [ \"sale\" ];\n",
+     "routes.conf: key \"routes\": missing (required)", NULL},
+    {F_ROUTES, "forbidden_purposes = { a = \"sale\"; };\nroutes = ();\n",
+     "routes.conf:1: key \"forbidden_purposes\": must be a list of strings", NULL},
+    {F_ROUTES, "forbidden_purposes = \"sale\";\nroutes = ();\n",
+     "routes.conf:1: key \"forbidden_purposes\": must be a list of strings", NULL},
+    {F_ROUTES, "forbidden_purposes = ( \"ok\",\n ( \"sale\" ) );\nroutes = ();\n",
+     "routes.conf:2: key \"forbidden_purposes\": entry 2 must be a string", NULL},
+    {F_ROUTES, ROUTE("    bases = { a = \"scc\"; };"),
+     "routes.conf:3: key \"bases\": must be a list of strings", NULL},
+    {F_ROUTES, ROUTE("    bases = ( ( \"scc\" ) );"),
+     "routes.conf:3: key \"bases\": entry 1 must be a string", NULL},
+    {F_ROUTES, ROUTE("    bases = \"scc\";"),
+     "routes.conf:3: key \"bases\": must be a list of strings", NULL},
+    {F_ROUTES, ROUTE("    bases = [ \"scc\" ]; to = 1;"), NULL,
+     NULL}, /* duplicate `to`: syntax error */
+    {F_ROUTES,
+     "routes = (\n  { from = 1; to = \"in\"; purpose = \"*\"; bases = [ \"scc\" ]; }\n);\n",
+     "routes.conf:2: key \"from\": must be a string", NULL},
+    {F_ROUTES,
+     "routes = (\n  { from = \"eu\"; to = \"uk\"; purpose = \"*\"; bases = [ \"scc\" ]; }\n);\n",
+     "routes.conf:2: key \"to\": \"uk\" is not a configured region", NULL},
+    {F_ROUTES,
+     "routes = (\n  { from = \"eu\"; to = \"in\"; purpose = \"*\";\n    bases = [ \"nope\" ]; "
+     "}\n);\n",
+     "routes.conf:3: key \"bases\": \"nope\" is not in the basis catalogue", NULL},
+    /* principals */
+    {F_PRINCIPALS, "principals = ( ( { name = \"x\"; } ) );\n",
+     "principals.conf:1: key \"principals\": entry 1 must be a group", NULL},
+    {F_PRINCIPALS, "principals = \"x\";\n",
+     "principals.conf:1: key \"principals\": must be a list of groups", NULL},
+    {F_PRINCIPALS, "", "principals.conf:1: key \"principals\": missing: the file has no settings",
+     NULL},
+    {F_PRINCIPALS,
+     "principals = (\n  { name = \"svc\"; roles = { a = \"admin\"; }; tenants = [ \"*\" ];\n"
+     "    region = \"eu\"; default_purpose = \"support\"; token_sha256 = " TOKEN "; }\n);\n",
+     "principals.conf:2: key \"roles\": must be a list of strings", "got a group"},
+    {F_PRINCIPALS,
+     "principals = (\n  { name = \"svc\"; roles = [ \"admin\" ]; tenants = ( ( \"acme\" ) );\n"
+     "    region = \"eu\"; default_purpose = \"support\"; token_sha256 = " TOKEN "; }\n);\n",
+     "principals.conf:2: key \"tenants\": entry 1 must be a string", NULL},
+    {F_PRINCIPALS, "principals = (\n", NULL, NULL}, /* syntax error */
+    {F_PRINCIPALS,
+     "principals = (\n  { name = \"svc\"; roles = [ \"service\" ]; tenants = [ \"*\" ]; region = "
+     "\"eu\";\n"
+     "    default_purpose = \"support\";\n    token_sha256 = 5; cert_subject = \"CN=svc\"; }\n);\n",
+     "principals.conf:4: key \"token_sha256\": must be a string", NULL},
+    {F_PRINCIPALS,
+     "principals = (\n  { name = \"svc\"; roles = [ \"service\" ]; tenants = [ \"*\" ]; region = "
+     "\"eu\";\n"
+     "    default_purpose = \"support\";\n    token_sha256 = " TOKEN
+     "; cert_subject = [ \"CN=svc\" ]; }\n);\n",
+     "principals.conf:4: key \"cert_subject\": must be a string", NULL},
+    {F_PRINCIPALS,
+     "principals = (\n  { name = 1; roles = [ \"service\" ]; tenants = [ \"*\" ]; region = "
+     "\"eu\";\n"
+     "    default_purpose = \"support\"; token_sha256 = " TOKEN "; }\n);\n",
+     "principals.conf:2: key \"name\": must be a string", NULL},
+    {F_PRINCIPALS,
+     "principals = (\n  { name = \"svc\"; roles = [ \"service\" ]; tenants = [ \"*\" ]; region = "
+     "\"eu\";\n"
+     "    default_purpose = \"support\"; token_sha256 = " TOKEN "; }\n);\nextra = 1;\n",
+     "principals.conf:5: key \"extra\": unknown key", NULL},
+    /* customer webhooks */
+    {F_WEBHOOKS, "webhooks = ( ( { customer = \"acme\"; } ) );\n",
+     "hooks.conf:1: key \"webhooks\": entry 1 must be a group", NULL},
+    {F_WEBHOOKS, "webhooks = { customer = \"acme\"; };\n",
+     "hooks.conf:1: key \"webhooks\": must be a list of groups", NULL},
+    {F_WEBHOOKS, "", "hooks.conf:1: key \"webhooks\": missing: the file has no settings", NULL},
+    {F_WEBHOOKS, "webhooks = ();\nextra = 1;\n", "hooks.conf:2: key \"extra\": unknown key", NULL},
+    {F_WEBHOOKS, HOOK("    secret_file = 5;"),
+     "hooks.conf:3: key \"secret_file\": must be a string", NULL},
+    {F_WEBHOOKS, HOOK("    secret_file = \"hook.secret\"; extra = 1;"),
+     "hooks.conf:3: key \"extra\": unknown key", NULL},
+    {F_WEBHOOKS,
+     "webhooks = (\n  { customer = 5; url = \"https://h.example\"; secret_file = \"hook.secret\"; "
+     "}\n);\n",
+     "hooks.conf:2: key \"customer\": must be a string", NULL},
+    {F_WEBHOOKS, HOOK("    secret_file = \"pw-missing\";"),
+     "hooks.conf:3: key \"secret_file\": cannot open", NULL},
+    {F_WEBHOOKS,
+     "webhooks = (\n  { customer = \"acme\"; url = \"https://a.example\"; secret_file = "
+     "\"hook.secret\"; },\n"
+     "  { customer = \"acme\"; url = \"https://b.example\"; secret_file = \"hook.secret\"; }\n);\n",
+     "hooks.conf:3: key \"customer\": \"acme\" has two webhooks", NULL},
+    /* gateway and region files */
+    {F_GATEWAY, "", "gw.conf:1: key \"listen\": missing: the file has no settings", NULL},
+    {F_GATEWAY, "listen = ( \"127.0.0.1:0\" );\n", "gw.conf:1: key \"listen\": must be a string",
+     NULL},
+    {F_GATEWAY, "threads = { n = 2; };\n", "gw.conf:1: key \"threads\": must be an integer", NULL},
+    {F_GATEWAY, "regions = (\n ( \"eu\" ) );\n", "gw.conf:2: key \"regions\": entry 1 must be",
+     NULL},
+    {F_REGION, "", "regions/in.conf:1: key \"code\": missing: the file has no settings", NULL},
+    {F_REGION, "code = \"in\";\nhosts = ( ( \"h:1\" ) );\n",
+     "regions/in.conf:2: key \"hosts\": entry 1 must be", NULL},
+    {F_REGION, "code = { c = \"in\"; };\n", "regions/in.conf:1: key \"code\": must be a string",
+     NULL},
+};
+
+static void test_shapes(void **state)
+{
+    char path[256], other[256], want[512];
+    dm_config_t *cfg = NULL;
+    write_file("more-bases.conf", BASIS("    notes = 1;"), 0644);
+    write_file("good-bases.conf", good_bases, 0644);
+    write_file("good-routes.conf", good_routes, 0644);
+    assert_null(load(&cfg));
+    for (size_t i = 0; i < sizeof(shape_cases) / sizeof(shape_cases[0]); i++) {
+        const shape_case_t *c = &shape_cases[i];
+        dm_status_t *st = NULL;
+        dm_config_t *got = NULL;
+        dm_policy_t *policy = NULL;
+        dm_principals_t *ps = NULL;
+        size_t n = 0;
+        switch (c->kind) {
+        case F_GATEWAY:
+            write_file("gw.conf", c->text, 0644);
+            st = load(&got);
+            write_good();
+            break;
+        case F_REGION:
+            write_file("regions/in.conf", c->text, 0644);
+            st = load(&got);
+            write_region("in", "pool_size = 4;\n");
+            break;
+        case F_BASES:
+        case F_ROUTES:
+            write_file(c->kind == F_BASES ? "bases.conf" : "routes.conf", c->text, 0644);
+            snprintf(path, sizeof(path), "%s/%s", dir,
+                     c->kind == F_BASES ? "bases.conf" : "good-bases.conf");
+            snprintf(other, sizeof(other), "%s/%s", dir,
+                     c->kind == F_ROUTES ? "routes.conf" : "good-routes.conf");
+            st = dm_policy_load(path, other, cfg, &policy);
+            break;
+        case F_PRINCIPALS:
+            write_file("principals.conf", c->text, 0644);
+            snprintf(path, sizeof(path), "%s/principals.conf", dir);
+            st = dm_principals_load(path, cfg, &ps);
+            break;
+        case F_WEBHOOKS:
+            write_file("hooks.conf", c->text, 0644);
+            free(cfg->customer_webhooks_file);
+            cfg->customer_webhooks_file = malloc(256);
+            snprintf(cfg->customer_webhooks_file, 256, "%s/hooks.conf", dir);
+            st = dm_webhooks_check(cfg, &n);
+            break;
+        }
+        if (!st)
+            fail_msg("case %zu loaded but should fail with \"%s\"", i,
+                     c->want ? c->want : "syntax error");
+        assert_null(got);
+        assert_null(policy);
+        assert_null(ps);
+        assert_int_equal(st->code, GRPC_STATUS_INVALID_ARGUMENT);
+        snprintf(want, sizeof(want), "%s/%s", dir, c->want ? c->want : "");
+        if (!c->want && !strstr(st->message, "syntax error"))
+            fail_msg("case %zu: \"%s\" is not a syntax error", i, st->message);
+        if (c->want && (strncmp(st->message, want, strlen(want)) != 0 ||
+                        (c->also && !strstr(st->message, c->also))))
+            fail_msg("case %zu: message \"%s\" does not start \"%s\" / lacks \"%s\"", i,
+                     st->message, want, c->also ? c->also : "");
+        dm_status_free(st);
+    }
+    /* the good files still load (the cases did not break the fixture) */
+    snprintf(path, sizeof(path), "%s/good-bases.conf", dir);
+    snprintf(other, sizeof(other), "%s/good-routes.conf", dir);
+    dm_policy_t *policy = NULL;
+    dm_status_t *st = dm_policy_load(path, other, cfg, &policy);
+    if (st)
+        fail_msg("%s", st->message);
+    assert_int_equal(policy->n_bases, 1);
+    assert_int_equal(policy->n_routes, 1);
+    dm_policy_free(policy);
+    dm_config_free(cfg);
+}
+
+/* Secrets are checked where dm_config_load() reads the config: presence, mode and size. */
+static void test_secret_sizes(void **state)
+{
+    write_file("pepper", "0123456789", 0600); /* 10 bytes: a guessable subject HMAC key */
+    expect_error(gw_good, "gw.conf:6: key \"subject_pepper_file\"",
+                 "must hold 16 to 1024 bytes (has 10)");
+    write_file("pepper", "0123456789abcdef0123456789abcdef", 0600);
+    write_file("kek", "0123456789abcdef0123456789abcde", 0600); /* 31 bytes */
+    expect_error(gw_good, "key \"kek_file\"", "exactly 32 bytes (has 31)");
+    write_file("kek", "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", 0600);
+    expect_error(gw_good, "key \"kek_file\"", "exactly 32 bytes (has 64)");
+    write_file("kek", "0123456789abcdef0123456789abcdef", 0600);
+    dm_config_t *cfg = NULL;
+    assert_null(load(&cfg));
+    dm_config_free(cfg);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_good),
-        cmocka_unit_test(test_gateway_errors),
-        cmocka_unit_test(test_cross_checks),
-        cmocka_unit_test(test_region_errors),
+        cmocka_unit_test(test_good),         cmocka_unit_test(test_gateway_errors),
+        cmocka_unit_test(test_cross_checks), cmocka_unit_test(test_region_errors),
+        cmocka_unit_test(test_shapes),       cmocka_unit_test(test_secret_sizes),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
