@@ -34,13 +34,17 @@ static void write_file(const char *name, const char *text, mode_t mode)
 
 static const char *gw_good = "listen = \"127.0.0.1:0\";\n"
                              "transport = \"plaintext\";\n"
-                             "gateway_region = \"eu\";\n"
+                             "gateway_region = \"in\";\n"
                              "regions_dir = \"regions\";\n"
                              "regions = [ \"eu\", \"in\" ];\n"
                              "subject_pepper_file = \"pepper\";\n"
                              "principals_file = \"pepper\";\n"
                              "bases_file = \"pepper\";\n"
-                             "routes_file = \"pepper\";\n";
+                             "routes_file = \"pepper\";\n"
+                             "peer_listen = \"127.0.0.1:0\";\n"
+                             "peer_cert_file = \"ca.crt\";\n"
+                             "peer_key_file = \"kek\";\n"
+                             "peer_ca_file = \"ca.crt\";\n";
 static const char *threads3 = "threads = 3;\n";
 
 static void write_region(const char *code, const char *extra)
@@ -51,6 +55,18 @@ static void write_region(const char *code, const char *extra)
              "hosts = [ \"localhost:5432\", \"127.0.0.1:5433\" ];\n"
              "password_file = \"../pw\";\nssl_root_cert = \"../ca.crt\";\n"
              "kek_file = \"../kek\";\nledger_key_file = \"../kek\";\n%s",
+             code, code, extra);
+    snprintf(name, sizeof(name), "regions/%s.conf", code);
+    write_file(name, text, 0644);
+}
+
+/* Another region's file, as a gateway of "in" sees it: where its gateways are, nothing else. */
+static void write_foreign(const char *code, const char *extra)
+{
+    char text[1024], name[64];
+    snprintf(text, sizeof(text),
+             "code = \"%s\";\nname = \"Region %s\";\njurisdiction = \"J\";\n"
+             "gateways = [ \"127.0.0.1:7001\", \"127.0.0.1:7002\" ];\n%s",
              code, code, extra);
     snprintf(name, sizeof(name), "regions/%s.conf", code);
     write_file(name, text, 0644);
@@ -75,7 +91,7 @@ static int setup(void **state)
     write_file("kek", "0123456789abcdef0123456789abcdef", 0600);
     write_file("ca.crt", "not parsed by the loader\n", 0644);
     write_file("hook.secret", "webhook-secret", 0600);
-    write_region("eu", "");
+    write_foreign("eu", "");
     write_region("in", "pool_size = 4;\n");
     write_good();
     return 0;
@@ -172,11 +188,11 @@ static void test_cross_checks(void **state)
                        "routes_file = \"pepper\";\n";
     snprintf(buf, sizeof(buf), "%sgateway_region = \"us\";\nregions = [ \"eu\" ];\n", base);
     expect_error(buf, "key \"gateway_region\"", "not one of the configured regions");
-    snprintf(buf, sizeof(buf), "%sgateway_region = \"eu\";\nregions = [ \"eu\", \"eu\" ];\n", base);
+    snprintf(buf, sizeof(buf), "%sgateway_region = \"in\";\nregions = [ \"in\", \"in\" ];\n", base);
     expect_error(buf, "key \"regions\"", "listed twice");
-    snprintf(buf, sizeof(buf), "%sgateway_region = \"eu\";\nregions = [ \"EU\" ];\n", base);
+    snprintf(buf, sizeof(buf), "%sgateway_region = \"in\";\nregions = [ \"IN\" ];\n", base);
     expect_error(buf, "key \"regions\"", "not a region code");
-    snprintf(buf, sizeof(buf), "%sgateway_region = \"eu\";\nregions = [ \"eu\", \"uk\" ];\n", base);
+    snprintf(buf, sizeof(buf), "%sgateway_region = \"in\";\nregions = [ \"in\", \"uk\" ];\n", base);
     expect_error(buf, "uk.conf", "cannot read file"); /* no region file */
     snprintf(buf, sizeof(buf), "listen = \"127.0.0.1\";\n%s",
              gw_good + strlen("listen = \"127.0.0.1:0\";\n"));
@@ -198,13 +214,13 @@ static void test_region_errors(void **state)
     expect_error(gw_good, "key \"kek_file\"", "mode 644");
     write_file("kek", "0123456789abcdef0123456789abcdef", 0600);
     write_file(
-        "regions/eu.conf",
-        "code = \"eu\";\nname = \"E\";\njurisdiction = \"J\";\nhosts = [ \"h:99999\" ];\n"
+        "regions/in.conf",
+        "code = \"in\";\nname = \"E\";\njurisdiction = \"J\";\nhosts = [ \"h:99999\" ];\n"
         "password_file = \"../pw\";\nssl_root_cert = \"../ca.crt\";\nkek_file = \"../kek\";\n"
         "ledger_key_file = \"../kek\";\n",
         0644);
     expect_error(gw_good, "key \"hosts\"", "port must be");
-    write_region("eu", "");
+    write_region("in", "pool_size = 4;\n");
     dm_config_t *cfg = NULL;
     assert_null(load(&cfg)); /* restored: loads again */
     dm_config_free(cfg);
@@ -469,6 +485,51 @@ static void test_shapes(void **state)
     dm_config_free(cfg);
 }
 
+/* Sovereign regions: another region's file names its gateways only; the own region's has
+ * its database and secrets; the peer keys come with more than one region. */
+static void test_foreign_regions(void **state)
+{
+    char buf[1024];
+    write_foreign("eu", "kek_file = \"../kek\";\n");
+    expect_error(gw_good, "regions/eu.conf:5: key \"kek_file\": a secret of region \"eu\"",
+                 "only that region's own gateways may hold it (this gateway serves \"in\")");
+    write_foreign("eu", "password_file = \"../pw\";\n");
+    expect_error(gw_good, "regions/eu.conf:5: key \"password_file\": a secret of region", NULL);
+    write_foreign("eu", "ledger_key_file = \"../kek\";\n");
+    expect_error(gw_good, "regions/eu.conf:5: key \"ledger_key_file\": a secret of region", NULL);
+    write_foreign("eu", "hosts = [ \"127.0.0.1:5432\" ];\n");
+    expect_error(gw_good, "regions/eu.conf:5: key \"hosts\": the database of region \"eu\"",
+                 "reached only through its own gateways");
+    write_foreign("eu", "ssl_root_cert = \"../ca.crt\";\n");
+    expect_error(gw_good, "regions/eu.conf:5: key \"ssl_root_cert\": the database of region", NULL);
+    write_file("regions/eu.conf", "code = \"eu\";\nname = \"E\";\njurisdiction = \"J\";\n", 0644);
+    expect_error(gw_good, "regions/eu.conf: key \"gateways\": missing", NULL);
+    write_foreign("eu", "gateways = [ \"no-port\" ];\n"); /* a second `gateways`: duplicate */
+    expect_error(gw_good, "regions/eu.conf", NULL);
+    write_foreign("eu", "");
+    write_region("in", "");
+    write_file("regions/in.conf",
+               "code = \"in\";\nname = \"I\";\njurisdiction = \"J\";\nhosts = [ \"h:1\" ];\n"
+               "password_file = \"../pw\";\nssl_root_cert = \"../ca.crt\";\n"
+               "ledger_key_file = \"../kek\";\n",
+               0644);
+    expect_error(gw_good, "key \"kek_file\": missing (required for the gateway's own region)",
+                 NULL);
+    write_region("in", "pool_size = 4;\n");
+    /* two regions: the gateway must have its peer listener and certificate */
+    snprintf(buf, sizeof(buf), "%s", gw_good);
+    char *pl = strstr(buf, "peer_listen");
+    memcpy(pl, "#eer_listen", 11);
+    expect_error(buf, "key \"peer_listen\": required", NULL);
+    dm_config_t *cfg = NULL;
+    assert_null(load(&cfg));
+    assert_true(dm_config_region(cfg, "in")->local);
+    assert_false(dm_config_region(cfg, "eu")->local);
+    assert_int_equal(dm_config_region(cfg, "eu")->n_gateways, 2);
+    assert_string_equal(dm_config_region(cfg, "eu")->gateway_identity, "eu.gateway.domicile");
+    dm_config_free(cfg);
+}
+
 /* Secrets are checked where dm_config_load() reads the config: presence, mode and size. */
 static void test_secret_sizes(void **state)
 {
@@ -489,9 +550,13 @@ static void test_secret_sizes(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_good),         cmocka_unit_test(test_gateway_errors),
-        cmocka_unit_test(test_cross_checks), cmocka_unit_test(test_region_errors),
-        cmocka_unit_test(test_shapes),       cmocka_unit_test(test_secret_sizes),
+        cmocka_unit_test(test_good),
+        cmocka_unit_test(test_gateway_errors),
+        cmocka_unit_test(test_cross_checks),
+        cmocka_unit_test(test_region_errors),
+        cmocka_unit_test(test_shapes),
+        cmocka_unit_test(test_secret_sizes),
+        cmocka_unit_test(test_foreign_regions),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

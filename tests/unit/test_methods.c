@@ -15,6 +15,7 @@
 #include "domicile/v1/regions.pb-c.h"
 #include "domicile/v1/subject_rights.pb-c.h"
 #include "domicile/v1/transfers.pb-c.h"
+#include "domicile/peer/v1/peer.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "grpc/reflection/v1alpha/reflection.pb-c.h"
 
@@ -26,6 +27,7 @@ static const ProtobufCServiceDescriptor *services[] = {
     &domicile__v1__transfers_service__descriptor,
     &domicile__v1__regions_service__descriptor,
     &grpc__reflection__v1alpha__server_reflection__descriptor,
+    &domicile__peer__v1__peer_service__descriptor,
 };
 
 static void test_table_matches_proto(void **state)

@@ -83,12 +83,16 @@ static void test_builtin_files_and_services(void **state)
         "domicile/v1/common.proto",         "domicile/v1/customers.proto",
         "domicile/v1/records.proto",        "domicile/v1/regions.proto",
         "domicile/v1/subject_rights.proto", "domicile/v1/transfers.proto",
-        "grpc/health/v1/health.proto",      "grpc/reflection/v1alpha/reflection.proto"};
+        "grpc/health/v1/health.proto",      "grpc/reflection/v1alpha/reflection.proto",
+        "domicile/peer/v1/peer.proto"};
     for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++)
         if (dm_descdb_find_file(db, files[i]) < 0)
             fail_msg("%s is not in the embedded set", files[i]);
     assert_int_equal(dm_descdb_find_file(db, "domicile/v1/nope.proto"), -1);
-    const char *services[] = {"domicile.v1.CustomersService",
+    /* The embedded set has every proto, the gateway-to-gateway one too (ListServices leaves
+     * it out; its descriptor still resolves). */
+    const char *services[] = {"domicile.peer.v1.PeerService",
+                              "domicile.v1.CustomersService",
                               "domicile.v1.RecordsService",
                               "domicile.v1.RegionsService",
                               "domicile.v1.SubjectRightsService",
