@@ -26,7 +26,7 @@
 #include "domicile/client.h"
 #include "domicile/report.h"
 
-/* src/cli/drill.c: `drill failover`. timeout_ms <= 0: the drill's own call deadline. */
+/* src/cli/drill.c: `drill failover|gateway`. timeout_ms <= 0: the drill's own call deadline. */
 int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const char *key,
                  int timeout_ms, int argc, char **argv);
 
@@ -89,13 +89,16 @@ static void usage(FILE *f)
           "      status 3 when a region could not answer\n"
           "  dsr extend REQUEST_ID REASON   extend the deadline once, by two months\n"
           "      SUBJECT \"-\" reads the subject from the first line of stdin\n"
-          "  drill failover --region R [--duration 30s] [--state DIR] [--json FILE|-]\n"
-          "                 [--clients N] [--rate N] [--domicile-local PATH]\n"
-          "      failover drill against the deploy/local regions (state DIR): load on every\n"
-          "      region, SIGKILL of R's primary, promotion, rejoin; then checks that no\n"
-          "      acknowledged write was lost, duplicated or misplaced, that the ledger has\n"
-          "      every cross-border read and that the other regions saw no error. Uses the\n"
-          "      tokens of DIR (not --token); --timeout is the call deadline (default 2000).\n"
+          "  drill failover|gateway --region R [--duration 30s] [--state DIR] [--json FILE|-]\n"
+          "                 [--clients N] [--rate N] [--gateway R=H:P]... [--victim N]\n"
+          "                 [--victim-pid PID] [--domicile-local PATH]\n"
+          "      drills against the deploy/local regions (state DIR) and their gateways: load\n"
+          "      on every region through the federation; failover: SIGKILL of R's primary,\n"
+          "      promotion, rejoin; gateway: SIGKILL of one of R's gateways (calls in flight\n"
+          "      may fail, none after). Then checks that no acknowledged write was lost,\n"
+          "      duplicated or misplaced, that the ledger has every cross-border read and\n"
+          "      that the other regions saw no error. Uses the tokens of DIR (not --token);\n"
+          "      --timeout is the call deadline (default 2000).\n"
           "      Exit status 1 when a goal is missed, 3 when a step failed (drill --help)\n"
           "(calls that read whole ledgers default to a 60 s deadline unless --timeout is given)\n",
           f);

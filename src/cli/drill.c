@@ -1,9 +1,20 @@
 /*
- * domicilectl drill failover: a region failover drill against the deploy/local regions
- * (DESIGN.md §7, issue 7). Under a mixed load on every region it SIGKILLs one region's
- * primary, promotes its standby, rejoins the old primary as the new standby (all through
- * deploy/local/domicile-local), then proves that nothing was lost, written twice, misplaced
- * or left out of the transfer ledger, and that the other regions saw no error.
+ * domicilectl drill failover|gateway: drills against the deploy/local regions and their
+ * federation of gateways (DESIGN.md §7, issues 7 and 15).
+ *
+ * failover: under a mixed load on every region it SIGKILLs one region's primary, promotes its
+ * standby, rejoins the old primary as the new standby (all through deploy/local/domicile-local),
+ * then proves that nothing was lost, written twice, misplaced or left out of the transfer
+ * ledger, and that the other regions saw no error.
+ *
+ * gateway: the region has two gateways (or more); under the same load it SIGKILLs one of them
+ * and proves that only calls in flight at that moment failed, none after; that no
+ * acknowledged write was lost or written twice; that the surviving gateways serve; and that
+ * the other regions saw no error.
+ *
+ * The load runs through the federation: each region's data is called both at the region's own
+ * gateways and at another region's gateway (which forwards it), and each region's data is read
+ * by a principal of another region at that principal's own gateway (cross-border, forwarded).
  *
  * Threads: `clients` load workers per region, each with its own dm_client per principal; the
  * main thread runs the drill steps. Workers share only atomics with the main thread until
@@ -14,6 +25,7 @@
 #include <getopt.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <spawn.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -32,6 +44,7 @@
 #include "domicile/client.h"
 #include "domicile/v1/customers.pb-c.h"
 #include "domicile/v1/records.pb-c.h"
+#include "grpc/health/v1/health.pb-c.h"
 
 extern char **environ;
 
@@ -42,6 +55,7 @@ int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const c
 #define PATH_REGISTER "/domicile.v1.CustomersService/RegisterCustomer"
 #define PATH_PUT      "/domicile.v1.RecordsService/PutRecord"
 #define PATH_GET      "/domicile.v1.RecordsService/GetRecord"
+#define PATH_HEALTH   "/grpc.health.v1.Health/Check"
 
 #define N_REGIONS      3
 #define N_CODES        17     /* gRPC status codes 0..16 */
@@ -50,12 +64,17 @@ int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const c
 #define RETRY_PAUSE_US 200000 /* between retries of a region that does not answer */
 #define TAIL_AFTER_MS  2000   /* load kept running after the rejoin at least this long */
 #define STATE_DEFAULT  "/var/lib/domicile-local"
+#define MAX_GW         8     /* gateways per region (a region file lists up to 8) */
+#define MAX_FAILS      8     /* failures of the gateway drill kept per worker for the report */
+#define SERVE_WAIT_MS  15000 /* gateway drill: until the survivors answer SERVING */
+
+enum { MODE_FAILOVER, MODE_GATEWAY };
 
 /* The deploy/local regions and demo principals (domicile-local's DEMO_PRINCIPALS). */
 static const char *const region_codes[N_REGIONS] = {"us", "eu", "in"};
 /* admin is in us: its reads of eu and in records are cross-border, so are its writes. */
 #define ADMIN_REGION 0
-/* A second reader per region from another region, for cross-border reads on every route. */
+/* The cross-border reader of the drilled region's data (a principal of another region). */
 static const int xb_region_of[N_REGIONS] = {2, 2, 1};
 static const char *const service_of[N_REGIONS] = {"service-us", "service-eu", "service-in"};
 
@@ -195,9 +214,20 @@ static void wlist_free(wlist_t *l)
     free(l->v);
 }
 
+/* A failed call of the gateway drill, for the report (times: monotonic microseconds). */
+typedef struct {
+    int64_t started, ended;
+    int code;
+    bool at_target; /* called at the drilled region's gateways */
+    bool unseen;    /* the first call of its client after the kill */
+    const char *method;
+    char message[160];
+} fail_t;
+
 /* Counts of one worker, later of one region. */
 typedef struct {
     long calls, puts_ok, replays, reads_ok, xb_reads_ok;
+    long forwarded;        /* calls made at a gateway of another region than the data's */
     long anomalies;        /* an acknowledged record read back missing or different */
     long err[N_CODES];     /* non-OK statuses of the load (and the drain), by code */
     long errors_after_rec; /* of those, in calls started after the first recovered write */
@@ -205,9 +235,32 @@ typedef struct {
     char *sample[N_CODES]; /* the first error message of each code, owned */
     long verified, lost, mismatched, unverified, dup_readback;
     lat_t put_lat, get_lat;
+    /* Gateway drill. "At the target": calls made at the drilled region's gateways; the others
+     * reach the drilled region's data, if at all, forwarded by another region's gateway. */
+    long in_flight;     /* calls at the target in flight at the kill (started before it ended,
+                         * ended after it began) */
+    long in_flight_fwd; /* forwarded calls on the drilled region's data in flight at the kill */
+    long fail_in_flight, fail_after, fail_before; /* failed calls at the target, by window */
+    long fail_unseen;  /* failed calls at the target started after the kill, each the first
+                        * call of its client after it: sent on a connection to the dead
+                        * gateway that the client had not yet seen closed */
+    long fail_fwd;     /* failed forwarded calls on the drilled region's data */
+    long ok_after;     /* calls at the target started after the kill that succeeded */
+    long ok_after_fwd; /* forwarded calls on the drilled region's data, the same */
+    fail_t fails[MAX_FAILS];
+    int n_fails;
 } counts_t;
 
 struct drill;
+
+/* A client of one principal at one gateway (or at a region's list of gateways). */
+typedef struct {
+    dm_client_t *c;
+    int at;            /* region whose gateways it calls */
+    bool at_target;    /* the drilled region's gateways (gateway drill) */
+    bool called_after; /* a call of this client started after the kill */
+    char *target;      /* gRPC target, owned */
+} dclient_t;
 
 typedef struct {
     struct drill *d;
@@ -223,7 +276,16 @@ typedef struct drill {
     const char *addr;
     char *ca_pem, *cert_pem, *key_pem; /* owned; NULL for plaintext */
     int call_ms;
+    int mode;   /* MODE_* */
     int target; /* drilled region */
+    /* The federation: each region's gateways (public addresses), from --gateway, else from the
+     * state's running gateways (domicile-local gateways start), else --addr for every region. */
+    char *gw[N_REGIONS][MAX_GW]; /* owned */
+    int n_gw[N_REGIONS];
+    const char *gw_source;
+    /* Gateway drill: the gateway killed (index into gw[target]) and its process. */
+    int victim;
+    long victim_pid; /* 0: from the state's pid file */
     int64_t duration_ms;
     int clients;
     double rate;
@@ -234,6 +296,7 @@ typedef struct drill {
     char customer[N_REGIONS][96];
 
     atomic_bool stop;
+    atomic_llong kill_start_us;  /* 0 until the kill step began */
     atomic_llong kill_end_us;    /* 0 until the kill step returned */
     atomic_llong first_write_us; /* end of the first OK write started after kill_end_us */
     int64_t t0_us;
@@ -242,14 +305,101 @@ typedef struct drill {
     int n_workers;
 } drill_t;
 
-static dm_client_t *drill_client(const drill_t *d, const char *token)
+static dm_client_t *client_at(const drill_t *d, const char *target, const char *token)
 {
-    dm_client_t *c = d->ca_pem ? dm_client_create_tls(d->addr, d->ca_pem, d->cert_pem, d->key_pem)
-                               : dm_client_create(d->addr);
+    dm_client_t *c = d->ca_pem ? dm_client_create_tls(target, d->ca_pem, d->cert_pem, d->key_pem)
+                               : dm_client_create(target);
     char *h = dm_sprintf("Bearer %s", token);
     dm_client_add_metadata(c, "authorization", h);
     free(h);
     return c;
+}
+
+/* "127.0.0.1:50051" and the like: an IPv4 literal with a port. */
+static bool ipv4_literal(const char *a)
+{
+    unsigned x[5];
+    char tail;
+    return sscanf(a, "%u.%u.%u.%u:%u%c", &x[0], &x[1], &x[2], &x[3], &x[4], &tail) == 5;
+}
+
+/* The gRPC target of region r's gateways. One gateway: its address. Several: all of them in
+ * one channel ("ipv4:a,b", pick_first), so that a client whose gateway dies moves to the next
+ * (calls started after that find a connected gateway, or wait while the channel connects);
+ * `first` is the index listed first, the one the channel connects to while it answers.
+ * Addresses that are not IPv4 literals (or TLS, whose target name a list would not carry):
+ * gateway `first` alone. */
+static char *region_target(const drill_t *d, int r, int first)
+{
+    int n = d->n_gw[r];
+    first = first % n;
+    bool list = n > 1 && !d->ca_pem;
+    for (int i = 0; i < n && list; i++)
+        list = ipv4_literal(d->gw[r][i]);
+    if (!list)
+        return dm_strdup(d->gw[r][first]);
+    size_t cap = 8;
+    for (int i = 0; i < n; i++)
+        cap += strlen(d->gw[r][i]) + 1;
+    char *t = dm_malloc(cap);
+    size_t len = (size_t)snprintf(t, cap, "ipv4:");
+    for (int k = 0; k < n; k++)
+        len +=
+            (size_t)snprintf(t + len, cap - len, "%s%s", k ? "," : "", d->gw[r][(first + k) % n]);
+    return t;
+}
+
+static dclient_t dclient(const drill_t *d, int at, int first, const char *token)
+{
+    dclient_t c;
+    c.at = at;
+    c.at_target = d->mode == MODE_GATEWAY && at == d->target;
+    c.called_after = false;
+    c.target = region_target(d, at, first);
+    c.c = client_at(d, c.target, token);
+    return c;
+}
+
+static void dclient_free(dclient_t *c)
+{
+    dm_client_destroy(c->c);
+    free(c->target);
+    c->c = NULL;
+    c->target = NULL;
+}
+
+/* Where worker w's main client calls: even workers at their data's own region, odd ones at
+ * another region's gateway, which forwards (us for eu and in; for us, a region other than the
+ * drilled one). */
+static int main_gateway_region(const drill_t *d, int region, int idx)
+{
+    if (idx % 2 == 0)
+        return region;
+    if (region != 0)
+        return 0;
+    return d->target == 1 ? 2 : 1;
+}
+
+/* The principal reading a region's data across the border: for the drilled region the usual
+ * one; for the others a principal of the third region (never of the drilled one, so that the
+ * other regions' load does not call the drilled region's gateways). It calls at its own
+ * region's gateways. */
+static int xb_principal_region(const drill_t *d, int region)
+{
+    if (region == d->target)
+        return xb_region_of[region];
+    return N_REGIONS - region - d->target; /* indices 0 + 1 + 2 = 3 */
+}
+
+/* Among the drilled region's gateways, which a worker's channel lists first: the victim for
+ * every other direct worker (so that some clients lose their gateway), a survivor for the
+ * rest. */
+static int first_gateway(const drill_t *d, int region, int idx)
+{
+    if (d->mode != MODE_GATEWAY || region != d->target)
+        return 0;
+    int n = d->n_gw[region];
+    return (idx / 2) % 2 == 0 ? d->victim : (d->victim + 1) % n;
 }
 
 static bool retryable(grpc_status_code code)
@@ -271,21 +421,78 @@ static bool retryable(grpc_status_code code)
 /* ------------------------------------------------------------------------------------------
  * the load */
 
-static void count_error(worker_t *w, const dm_status_t *st, const char *method, int64_t started)
+/* Every call of the load ends here: forwarded calls counted; for the gateway drill, where the
+ * call stood relative to the kill. st NULL: it succeeded. */
+static void call_end(worker_t *w, dclient_t *cl, const dm_status_t *st, const char *method,
+                     int64_t started, int64_t ended)
+{
+    drill_t *d = w->d;
+    if (cl->at != w->region)
+        w->c.forwarded++;
+    if (d->mode != MODE_GATEWAY)
+        return;
+    long long ks = atomic_load(&d->kill_start_us), ke = atomic_load(&d->kill_end_us);
+    bool mine = w->region == d->target; /* the drilled region's data */
+    bool in_flight = ks && ended >= ks && (!ke || started < ke);
+    bool after = ke && started >= ke;
+    /* A client learns that its gateway died from its first call after the kill: gRPC sees a
+     * connection closed when it next reads it, and that call may already be on its way. */
+    bool unseen = after && !cl->called_after;
+    if (after)
+        cl->called_after = true;
+    if (cl->at_target && in_flight)
+        w->c.in_flight++;
+    else if (!cl->at_target && mine && in_flight)
+        w->c.in_flight_fwd++;
+    if (!st) {
+        if (after && cl->at_target)
+            w->c.ok_after++;
+        else if (after && mine)
+            w->c.ok_after_fwd++;
+        return;
+    }
+    if (cl->at_target) {
+        if (in_flight)
+            w->c.fail_in_flight++;
+        else if (unseen)
+            w->c.fail_unseen++;
+        else if (after)
+            w->c.fail_after++;
+        else
+            w->c.fail_before++;
+    } else if (mine) {
+        w->c.fail_fwd++;
+    }
+    if (w->c.n_fails < MAX_FAILS) {
+        fail_t *f = &w->c.fails[w->c.n_fails++];
+        f->started = started;
+        f->ended = ended;
+        f->code = (int)st->code;
+        f->at_target = cl->at_target;
+        f->unseen = unseen;
+        f->method = method;
+        snprintf(f->message, sizeof(f->message), "%s", st->message);
+    }
+}
+
+static void count_error(worker_t *w, dclient_t *cl, const dm_status_t *st, const char *method,
+                        int64_t started)
 {
     int k = (int)st->code >= 0 && (int)st->code < N_CODES ? (int)st->code : GRPC_STATUS_UNKNOWN;
     w->c.err[k]++;
     if (!w->c.sample[k])
-        w->c.sample[k] = dm_sprintf("%s at %.1f s: %s", method,
-                                    (double)(started - w->d->t0_us) / 1e6, st->message);
+        w->c.sample[k] = dm_sprintf("%s at %.1f s (at the %s gateway%s): %s", method,
+                                    (double)(started - w->d->t0_us) / 1e6, region_codes[cl->at],
+                                    w->d->n_gw[cl->at] > 1 ? "s" : "", st->message);
     long long rec = atomic_load(&w->d->first_write_us);
     if (w->region == w->d->target && rec && started > rec)
         w->c.errors_after_rec++;
+    call_end(w, cl, st, method, started, now_us());
 }
 
 /* One PutRecord attempt of `x`. Returns the status code; *replayed set on OK. (Versions are
  * checked where they are stored, after the load: check_regions.) */
-static grpc_status_code put_once(worker_t *w, dm_client_t *cl, const dwrite_t *x, bool *replayed,
+static grpc_status_code put_once(worker_t *w, dclient_t *cl, const dwrite_t *x, bool *replayed,
                                  int64_t *started)
 {
     drill_t *d = w->d;
@@ -299,14 +506,16 @@ static grpc_status_code put_once(worker_t *w, dm_client_t *cl, const dwrite_t *x
     r.content_type = "application/octet-stream";
     ProtobufCMessage *resp = NULL;
     *started = now_us();
-    dm_status_t *st = dm_client_unary(
-        cl, PATH_PUT, &r.base, &domicile__v1__put_record_response__descriptor, d->call_ms, &resp);
+    dm_status_t *st =
+        dm_client_unary(cl->c, PATH_PUT, &r.base, &domicile__v1__put_record_response__descriptor,
+                        d->call_ms, &resp);
     if (st) {
         grpc_status_code code = st->code;
-        count_error(w, st, "PutRecord", *started);
+        count_error(w, cl, st, "PutRecord", *started);
         dm_status_free(st);
         return code;
     }
+    call_end(w, cl, NULL, "PutRecord", *started, now_us());
     Domicile__V1__PutRecordResponse *pr = (Domicile__V1__PutRecordResponse *)resp;
     *replayed = pr->replayed;
     protobuf_c_message_free_unpacked(resp, NULL);
@@ -315,7 +524,7 @@ static grpc_status_code put_once(worker_t *w, dm_client_t *cl, const dwrite_t *x
 
 /* Tries the write once. Acknowledged: moved into w->acked (true). Otherwise the caller keeps
  * it for a retry if the status is retryable, or frees it. */
-static bool try_write(worker_t *w, dm_client_t *cl, dwrite_t *x, grpc_status_code *code_out)
+static bool try_write(worker_t *w, dclient_t *cl, dwrite_t *x, grpc_status_code *code_out)
 {
     drill_t *d = w->d;
     bool replayed = false;
@@ -355,7 +564,7 @@ static dwrite_t new_write(worker_t *w)
     return x;
 }
 
-static void write_new(worker_t *w, dm_client_t *cl)
+static void write_new(worker_t *w, dclient_t *cl)
 {
     dwrite_t x = new_write(w);
     grpc_status_code code;
@@ -368,7 +577,7 @@ static void write_new(worker_t *w, dm_client_t *cl)
 }
 
 /* Retries the oldest unacknowledged write, with its request_id. */
-static bool write_retry(worker_t *w, dm_client_t *cl)
+static bool write_retry(worker_t *w, dclient_t *cl)
 {
     dwrite_t x = w->pending.v[0];
     grpc_status_code code;
@@ -383,7 +592,7 @@ static bool write_retry(worker_t *w, dm_client_t *cl)
 }
 
 /* GetRecord of one of this worker's acknowledged records as `principal_region`. */
-static void read_one(worker_t *w, dm_client_t *cl, int principal_region)
+static void read_one(worker_t *w, dclient_t *cl, int principal_region)
 {
     drill_t *d = w->d;
     const dwrite_t *x = &w->acked.v[rng_next(&w->rng) % w->acked.n];
@@ -393,16 +602,19 @@ static void read_one(worker_t *w, dm_client_t *cl, int principal_region)
     ProtobufCMessage *resp = NULL;
     w->c.calls++;
     int64_t started = now_us();
-    dm_status_t *st = dm_client_unary(
-        cl, PATH_GET, &r.base, &domicile__v1__get_record_response__descriptor, d->call_ms, &resp);
+    dm_status_t *st =
+        dm_client_unary(cl->c, PATH_GET, &r.base, &domicile__v1__get_record_response__descriptor,
+                        d->call_ms, &resp);
     if (st) {
-        count_error(w, st, "GetRecord", started);
+        count_error(w, cl, st, "GetRecord", started);
         if (st->code == GRPC_STATUS_NOT_FOUND)
             w->c.anomalies++;
         dm_status_free(st);
         return;
     }
-    lat_add(&w->c.get_lat, now_us() - started);
+    int64_t ended = now_us();
+    call_end(w, cl, NULL, "GetRecord", started, ended);
+    lat_add(&w->c.get_lat, ended - started);
     const Domicile__V1__Record *rec = ((Domicile__V1__GetRecordResponse *)resp)->record;
     if (!rec || rec->payload.len != x->len || memcmp(rec->payload.data, x->payload, x->len) != 0)
         w->c.anomalies++;
@@ -412,12 +624,14 @@ static void read_one(worker_t *w, dm_client_t *cl, int principal_region)
     protobuf_c_message_free_unpacked(resp, NULL);
 }
 
-/* Reads every acknowledged write back as a principal of the record's own region (no
- * transfer, so the ledger counts stay those of the load). */
+/* Reads every acknowledged write back as a principal of the record's own region, at that
+ * region's gateways (no transfer, so the ledger counts stay those of the load). */
 static void verify(worker_t *w)
 {
     drill_t *d = w->d;
-    dm_client_t *cl = drill_client(d, d->token_service[w->region]);
+    dclient_t own =
+        dclient(d, w->region, first_gateway(d, w->region, w->idx), d->token_service[w->region]);
+    dm_client_t *cl = own.c;
     int64_t deadline = now_us() + (int64_t)VERIFY_MS * 1000;
     for (size_t i = 0; i < w->acked.n; i++) {
         const dwrite_t *x = &w->acked.v[i];
@@ -458,15 +672,18 @@ static void verify(worker_t *w)
             break;
         }
     }
-    dm_client_destroy(cl);
+    dclient_free(&own);
 }
 
 static void *worker_main(void *arg)
 {
     worker_t *w = arg;
     drill_t *d = w->d;
-    dm_client_t *admin = drill_client(d, d->token_admin);
-    dm_client_t *xb = drill_client(d, d->token_service[xb_region_of[w->region]]);
+    int at = main_gateway_region(d, w->region, w->idx);
+    int xr = xb_principal_region(d, w->region);
+    dclient_t main_cl = dclient(d, at, first_gateway(d, at, w->idx), d->token_admin);
+    dclient_t xb_cl = dclient(d, xr, first_gateway(d, xr, w->idx), d->token_service[xr]);
+    dclient_t *admin = &main_cl, *xb = &xb_cl;
     int64_t period = (int64_t)(1e6 / d->rate);
     /* Workers start out of step, so their calls spread over the period. */
     int64_t next = now_us() + (int64_t)(rng_next(&w->rng) % (uint64_t)period);
@@ -487,7 +704,7 @@ static void *worker_main(void *arg)
         else if (op < 75)
             read_one(w, admin, ADMIN_REGION);
         else
-            read_one(w, xb, xb_region_of[w->region]);
+            read_one(w, xb, xr);
     }
     /* Drain: a write that was never acknowledged may still have committed; its retry (same
      * request_id) must then replay, not write again. */
@@ -497,8 +714,8 @@ static void *worker_main(void *arg)
             sleep_us(RETRY_PAUSE_US);
     }
     w->c.unresolved = (long)w->pending.n;
-    dm_client_destroy(admin);
-    dm_client_destroy(xb);
+    dclient_free(&main_cl);
+    dclient_free(&xb_cl);
     verify(w);
     return NULL;
 }
@@ -654,7 +871,7 @@ static char *region_sql(const drill_t *d, int region, const char *sql)
 
 static bool register_customers(drill_t *d)
 {
-    dm_client_t *c = drill_client(d, d->token_admin);
+    dm_client_t *c = client_at(d, d->gw[0][0], d->token_admin);
     bool ok = true;
     for (int i = 0; i < N_REGIONS && ok; i++) {
         Domicile__V1__RegisterCustomerRequest r = DOMICILE__V1__REGISTER_CUSTOMER_REQUEST__INIT;
@@ -707,6 +924,183 @@ static bool load_tokens(drill_t *d)
         free(path);
     }
     return ok;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * the federation's gateways */
+
+/* The pid in `path` if that process runs and is a domiciled; 0 otherwise. */
+static long gateway_pid(const char *path)
+{
+    char *text = read_file(path, true);
+    if (!text)
+        return 0;
+    char *end;
+    long pid = strtol(text, &end, 10);
+    bool ok = end != text && *end == '\0' && pid > 0;
+    free(text);
+    if (!ok)
+        return 0;
+    char exe[64], target[PATH_MAX];
+    snprintf(exe, sizeof(exe), "/proc/%ld/exe", pid);
+    ssize_t n = readlink(exe, target, sizeof(target) - 1);
+    if (n <= 0)
+        return 0;
+    target[n] = '\0';
+    const char *base = strrchr(target, '/');
+    base = base ? base + 1 : target;
+    return strncmp(base, "domiciled", 9) == 0 && (base[9] == '\0' || base[9] == ' ') ? pid : 0;
+}
+
+/* File of gateway k (0-based) of region r in the state: "listening", "listening-2", ... */
+static char *state_gw_file(const drill_t *d, int r, int k, const char *what)
+{
+    return k == 0 ? dm_sprintf("%s/gw/%s/%s", d->state, region_codes[r], what)
+                  : dm_sprintf("%s/gw/%s/%s-%d", d->state, region_codes[r], what, k + 1);
+}
+
+static char *state_pid_file(const drill_t *d, int r, int k)
+{
+    return k == 0 ? dm_sprintf("%s/gw/%s/domiciled.pid", d->state, region_codes[r])
+                  : dm_sprintf("%s/gw/%s/domiciled-%d.pid", d->state, region_codes[r], k + 1);
+}
+
+/* Each region's gateways: --gateway given, else the state's running gateways (the addresses
+ * `domicile-local gateways start` wrote, only of those whose process runs), else --addr. A
+ * region some of whose gateways are stopped keeps its numbering in the pid files: the index
+ * of gateway k is remembered for the kill (gw_num). */
+static int gw_num[N_REGIONS][MAX_GW];
+
+static bool discover_gateways(drill_t *d)
+{
+    bool given = false;
+    for (int r = 0; r < N_REGIONS; r++)
+        given = given || d->n_gw[r] > 0;
+    if (given) {
+        d->gw_source = "--gateway";
+        for (int r = 0; r < N_REGIONS; r++) {
+            if (d->n_gw[r] == 0) {
+                fprintf(stderr, "domicilectl: drill: --gateway: no gateway of %s given\n",
+                        region_codes[r]);
+                return false;
+            }
+            for (int k = 0; k < d->n_gw[r]; k++)
+                gw_num[r][k] = k;
+        }
+        return true;
+    }
+    int found = 0;
+    for (int r = 0; r < N_REGIONS; r++) {
+        for (int k = 0; k < MAX_GW; k++) {
+            char *lf = state_gw_file(d, r, k, "listening");
+            char *pf = state_pid_file(d, r, k);
+            char *addr = gateway_pid(pf) ? read_file(lf, true) : NULL;
+            free(lf);
+            free(pf);
+            if (!addr || !addr[0]) {
+                free(addr);
+                continue;
+            }
+            gw_num[r][d->n_gw[r]] = k;
+            d->gw[r][d->n_gw[r]++] = addr;
+        }
+        found += d->n_gw[r] > 0;
+    }
+    if (found == N_REGIONS) {
+        d->gw_source = "state";
+        return true;
+    }
+    /* No federation of the state's (or only part of one): one gateway serves everything. */
+    for (int r = 0; r < N_REGIONS; r++) {
+        for (int k = 0; k < d->n_gw[r]; k++)
+            free(d->gw[r][k]);
+        d->n_gw[r] = 1;
+        d->gw[r][0] = dm_strdup(d->addr);
+        gw_num[r][0] = 0;
+    }
+    d->gw_source = "--addr";
+    return true;
+}
+
+static json_t *gateways_json(const drill_t *d)
+{
+    json_t *o = json_object();
+    for (int r = 0; r < N_REGIONS; r++) {
+        json_t *a = json_array();
+        for (int k = 0; k < d->n_gw[r]; k++)
+            json_array_append_new(a, json_string(d->gw[r][k]));
+        json_object_set_new(o, region_codes[r], a);
+    }
+    return o;
+}
+
+/* Health of `service` at one gateway: the serving status, -1 if it did not answer. */
+static int health_at(const drill_t *d, const char *addr, const char *service)
+{
+    dm_client_t *c = d->ca_pem ? dm_client_create_tls(addr, d->ca_pem, d->cert_pem, d->key_pem)
+                               : dm_client_create(addr);
+    Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
+    req.service = (char *)service;
+    ProtobufCMessage *resp = NULL;
+    dm_status_t *st =
+        dm_client_unary(c, PATH_HEALTH, &req.base,
+                        &grpc__health__v1__health_check_response__descriptor, d->call_ms, &resp);
+    int out = -1;
+    if (!st) {
+        out = (int)((Grpc__Health__V1__HealthCheckResponse *)resp)->status;
+        protobuf_c_message_free_unpacked(resp, NULL);
+    }
+    dm_status_free(st);
+    dm_client_destroy(c);
+    return out;
+}
+
+/* Until `service` is SERVING at `addr`, at most `ms`. */
+static bool wait_serving(const drill_t *d, const char *addr, const char *service, int64_t ms)
+{
+    int64_t deadline = now_us() + ms * 1000;
+    for (;;) {
+        if (health_at(d, addr, service) ==
+            GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING)
+            return true;
+        if (now_us() > deadline)
+            return false;
+        sleep_us(100000);
+    }
+}
+
+/* Alive and not a zombie. */
+static bool process_alive(long pid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return false;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *rp = strrchr(buf, ')');
+    return !(rp && rp[1] == ' ' && rp[2] == 'Z');
+}
+
+/* SIGKILL of the victim, then until it is dead (a zombie counts: its sockets are closed). */
+static bool kill_gateway(const drill_t *d, long pid)
+{
+    if (kill((pid_t)pid, SIGKILL) != 0) {
+        fprintf(stderr, "domicilectl: drill: kill -9 %ld: %s\n", pid, strerror(errno));
+        return false;
+    }
+    int64_t deadline = now_us() + 30 * 1000000LL;
+    while (process_alive(pid)) {
+        if (now_us() > deadline) {
+            fprintf(stderr, "domicilectl: drill: gateway pid %ld survives SIGKILL\n", pid);
+            return false;
+        }
+        sleep_us(500);
+    }
+    (void)d;
+    return true;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -821,15 +1215,25 @@ static void errors_text(const counts_t *c, char *buf, size_t size)
 
 static void drill_usage(FILE *f)
 {
-    fputs("usage: domicilectl [--addr H:P] [--timeout MS] drill failover --region REGION\n"
+    fputs("usage: domicilectl [--addr H:P] [--timeout MS] drill failover|gateway --region REGION\n"
           "         [--duration 30s] [--state DIR] [--json FILE|-] [--clients N] [--rate N]\n"
+          "         [--gateway REGION=H:P]... [--victim N] [--victim-pid PID]\n"
           "         [--domicile-local PATH]\n"
           "  Against the deploy/local regions (state DIR, default $DOMICILE_LOCAL_STATE or\n"
-          "  " STATE_DEFAULT "): a mixed load on every region (N client threads per region,\n"
-          "  default 2, each N calls per second, default 20; call deadline --timeout, default\n"
-          "  2000 ms), SIGKILL of REGION's primary at a third of the duration, promotion of its\n"
-          "  standby, rejoin of the old primary; then every acknowledged write is read back and\n"
-          "  every region checked. Tokens: DIR/secrets/tokens/{admin,service-*}.token.\n"
+          "  " STATE_DEFAULT ") and their gateways: a mixed load on every region (N client\n"
+          "  threads per region, default 2, each N calls per second, default 20; call deadline\n"
+          "  --timeout, default 2000 ms) through the federation: each region's data at its own\n"
+          "  gateways and at another region's (forwarded), read across the border at a third.\n"
+          "  Gateways: --gateway REGION=H:P, repeated (a region's gateways in order), else the\n"
+          "  state's running gateways (domicile-local gateways start), else --addr for all.\n"
+          "  failover: SIGKILL of REGION's primary at a third of the duration, promotion of its\n"
+          "  standby, rejoin of the old primary.\n"
+          "  gateway: REGION has two gateways or more; SIGKILL of gateway N (--victim, 1-based,\n"
+          "  default the last) at a third of the duration: its pid from the state's pid file,\n"
+          "  or --victim-pid. Calls in flight at the kill may fail, none after; the survivors\n"
+          "  must serve. Restart it afterwards: domicile-local gateways start.\n"
+          "  Then every acknowledged write is read back and every region checked. Tokens:\n"
+          "  DIR/secrets/tokens/{admin,service-*}.token.\n"
           "  Exit status: 0 every zero-goal met, 1 a goal missed, 2 usage or the regions are\n"
           "  not healthy before the drill, 3 a drill step (kill, promote, rejoin) failed.\n",
           f);
@@ -845,11 +1249,14 @@ static int parse_args(drill_t *d, int argc, char **argv)
         {"clients", required_argument, NULL, 'c'},
         {"rate", required_argument, NULL, 'R'},
         {"domicile-local", required_argument, NULL, 'L'},
+        {"gateway", required_argument, NULL, 'g'},
+        {"victim", required_argument, NULL, 'v'},
+        {"victim-pid", required_argument, NULL, 'p'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *region = NULL;
-    int opt;
+    int opt, victim = 0;
     optind = 0; /* GNU getopt: start over on this sub-argv */
     while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (opt) {
@@ -887,6 +1294,41 @@ static int parse_args(drill_t *d, int argc, char **argv)
             free(d->local);
             d->local = dm_strdup(optarg);
             break;
+        case 'g': {
+            const char *eq = strchr(optarg, '=');
+            int r = -1;
+            for (int i = 0; eq && i < N_REGIONS; i++)
+                if ((size_t)(eq - optarg) == strlen(region_codes[i]) &&
+                    strncmp(optarg, region_codes[i], (size_t)(eq - optarg)) == 0)
+                    r = i;
+            if (r < 0 || !eq[1]) {
+                fprintf(stderr,
+                        "domicilectl: --gateway wants REGION=HOST:PORT (us, eu, in), not "
+                        "\"%s\"\n",
+                        optarg);
+                return 2;
+            }
+            if (d->n_gw[r] == MAX_GW) {
+                fprintf(stderr, "domicilectl: --gateway: at most %d gateways per region\n", MAX_GW);
+                return 2;
+            }
+            d->gw[r][d->n_gw[r]++] = dm_strdup(eq + 1);
+            break;
+        }
+        case 'v':
+            victim = atoi(optarg);
+            if (victim < 1 || victim > MAX_GW) {
+                fprintf(stderr, "domicilectl: --victim must be 1..%d\n", MAX_GW);
+                return 2;
+            }
+            break;
+        case 'p':
+            d->victim_pid = atol(optarg);
+            if (d->victim_pid <= 1) {
+                fprintf(stderr, "domicilectl: --victim-pid must be a process id\n");
+                return 2;
+            }
+            break;
         case 'h':
             drill_usage(stdout);
             return -1;
@@ -907,6 +1349,11 @@ static int parse_args(drill_t *d, int argc, char **argv)
         fprintf(stderr, "domicilectl: unknown region \"%s\" (us, eu, in)\n", region);
         return 2;
     }
+    if (d->mode != MODE_GATEWAY && (victim || d->victim_pid)) {
+        fprintf(stderr, "domicilectl: --victim and --victim-pid are options of drill gateway\n");
+        return 2;
+    }
+    d->victim = victim - 1; /* -1: the last, once the gateways are known */
     return 0;
 }
 
@@ -930,8 +1377,90 @@ static bool step(const drill_t *d, const char *what, const char *node, int64_t *
     return rc == 0;
 }
 
-static int drill_failover(drill_t *d)
+/* Gateway drill, before the load: the victim (index and process) and that the region has a
+ * gateway left. */
+static bool choose_victim(drill_t *d)
 {
+    int t = d->target, n = d->n_gw[t];
+    if (n < 2) {
+        fprintf(stderr,
+                "domicilectl: drill gateway: %s has %d gateway(s) (from %s); it needs two or "
+                "more: domicile-local up --replicas %s=2, then gateways start (or --gateway "
+                "%s=H:P twice)\n",
+                region_codes[t], n, d->gw_source, region_codes[t], region_codes[t]);
+        return false;
+    }
+    if (d->victim < 0)
+        d->victim = n - 1;
+    if (d->victim >= n) {
+        fprintf(stderr, "domicilectl: drill gateway: --victim %d, but %s has %d gateways\n",
+                d->victim + 1, region_codes[t], n);
+        return false;
+    }
+    if (!d->victim_pid) {
+        char *pf = state_pid_file(d, t, gw_num[t][d->victim]);
+        d->victim_pid = gateway_pid(pf);
+        if (!d->victim_pid)
+            fprintf(stderr,
+                    "domicilectl: drill gateway: no running domiciled in %s (give --victim-pid)\n",
+                    pf);
+        free(pf);
+        if (!d->victim_pid)
+            return false;
+    }
+    if (!process_alive(d->victim_pid)) {
+        fprintf(stderr, "domicilectl: drill gateway: process %ld is not running\n", d->victim_pid);
+        return false;
+    }
+    return true;
+}
+
+static void merge_counts(counts_t *t, const counts_t *c)
+{
+    t->calls += c->calls;
+    t->puts_ok += c->puts_ok;
+    t->replays += c->replays;
+    t->reads_ok += c->reads_ok;
+    t->xb_reads_ok += c->xb_reads_ok;
+    t->forwarded += c->forwarded;
+    t->anomalies += c->anomalies;
+    t->errors_after_rec += c->errors_after_rec;
+    t->unresolved += c->unresolved;
+    t->verified += c->verified;
+    t->lost += c->lost;
+    t->mismatched += c->mismatched;
+    t->unverified += c->unverified;
+    t->dup_readback += c->dup_readback;
+    t->in_flight += c->in_flight;
+    t->in_flight_fwd += c->in_flight_fwd;
+    t->fail_in_flight += c->fail_in_flight;
+    t->fail_after += c->fail_after;
+    t->fail_unseen += c->fail_unseen;
+    t->fail_before += c->fail_before;
+    t->fail_fwd += c->fail_fwd;
+    t->ok_after += c->ok_after;
+    t->ok_after_fwd += c->ok_after_fwd;
+    for (int k = 0; k < N_CODES; k++) {
+        t->err[k] += c->err[k];
+        if (!t->sample[k] && c->sample[k])
+            t->sample[k] = dm_strdup(c->sample[k]);
+    }
+    for (int i = 0; i < c->n_fails && t->n_fails < MAX_FAILS; i++)
+        t->fails[t->n_fails++] = c->fails[i];
+    lat_merge(&t->put_lat, &c->put_lat);
+    lat_merge(&t->get_lat, &c->get_lat);
+}
+
+static int cmp_fail(const void *a, const void *b)
+{
+    const fail_t *x = a, *y = b;
+    return (x->started > y->started) - (x->started < y->started);
+}
+
+static int drill_run(drill_t *d)
+{
+    bool gw_mode = d->mode == MODE_GATEWAY;
+    const char *mode_name = gw_mode ? "gateway" : "failover";
     region_state_t all[N_REGIONS], before, after;
     if (!regions_state(d, all))
         return 2;
@@ -946,13 +1475,36 @@ static int drill_failover(drill_t *d)
             return 2;
         }
     }
+    if (gw_mode && !choose_victim(d))
+        return 2;
+    /* Every gateway sees every region serving before the load: a gateway learns a peer
+     * region's state from its health checks, so one just started may not yet. */
+    for (int g = 0; g < N_REGIONS; g++)
+        for (int k = 0; k < d->n_gw[g]; k++)
+            for (int r = 0; r < N_REGIONS; r++) {
+                char service[64];
+                snprintf(service, sizeof(service), "domicile.region.%s", region_codes[r]);
+                if (!wait_serving(d, d->gw[g][k], service, SERVE_WAIT_MS)) {
+                    fprintf(stderr,
+                            "domicilectl: drill: the %s gateway %s does not see %s serving\n",
+                            region_codes[g], d->gw[g][k], region_codes[r]);
+                    return 2;
+                }
+            }
     if (!register_customers(d))
         return 2;
 
-    fprintf(stderr,
-            "domicilectl: drill: run %s, %d clients per region, %.0f s, primary of %s: %s\n",
-            d->run_id, d->clients, (double)d->duration_ms / 1000, region_codes[d->target],
-            before.primary);
+    if (gw_mode)
+        fprintf(stderr,
+                "domicilectl: drill: run %s, %d clients per region, %.0f s, %s gateway %d of %d "
+                "(%s, pid %ld) to be killed\n",
+                d->run_id, d->clients, (double)d->duration_ms / 1000, region_codes[d->target],
+                d->victim + 1, d->n_gw[d->target], d->gw[d->target][d->victim], d->victim_pid);
+    else
+        fprintf(stderr,
+                "domicilectl: drill: run %s, %d clients per region, %.0f s, primary of %s: %s\n",
+                d->run_id, d->clients, (double)d->duration_ms / 1000, region_codes[d->target],
+                before.primary);
     d->n_workers = d->clients * N_REGIONS;
     d->workers = dm_calloc((size_t)d->n_workers, sizeof(worker_t));
     d->t0_us = now_us();
@@ -971,13 +1523,27 @@ static int drill_failover(drill_t *d)
     int64_t t_kill0 = 0, t_kill1 = 0, t_prom0 = 0, t_prom1 = 0, t_rej0 = 0, t_rej1 = 0;
     bool steps_ok;
     main_wait_until(d->t0_us + d->duration_ms * 1000 / 3);
-    steps_ok = step(d, "kill", before.primary, &t_kill0, &t_kill1);
-    atomic_store(&d->kill_end_us, t_kill1);
-    steps_ok = steps_ok && step(d, "promote", NULL, &t_prom0, &t_prom1);
-    steps_ok = steps_ok && step(d, "rejoin", NULL, &t_rej0, &t_rej1);
+    if (gw_mode) {
+        fprintf(stderr, "domicilectl: drill: kill -9 of %s gateway %d (pid %ld) at %.1f s\n",
+                region_codes[d->target], d->victim + 1, d->victim_pid,
+                (double)(now_us() - d->t0_us) / 1e6);
+        t_kill0 = now_us();
+        atomic_store(&d->kill_start_us, t_kill0);
+        steps_ok = kill_gateway(d, d->victim_pid);
+        t_kill1 = now_us();
+        atomic_store(&d->kill_end_us, t_kill1);
+    } else {
+        steps_ok = step(d, "kill", before.primary, &t_kill0, &t_kill1);
+        atomic_store(&d->kill_start_us, t_kill0);
+        atomic_store(&d->kill_end_us, t_kill1);
+        steps_ok = steps_ok && step(d, "promote", NULL, &t_prom0, &t_prom1);
+        steps_ok = steps_ok && step(d, "rejoin", NULL, &t_rej0, &t_rej1);
+    }
     int64_t end = d->t0_us + d->duration_ms * 1000;
     if (t_rej1 && t_rej1 + TAIL_AFTER_MS * 1000 > end)
         end = t_rej1 + TAIL_AFTER_MS * 1000;
+    if (t_kill1 && t_kill1 + TAIL_AFTER_MS * 1000 > end)
+        end = t_kill1 + TAIL_AFTER_MS * 1000;
     main_wait_until(end);
     int64_t load_end = now_us();
     atomic_store(&d->stop, true);
@@ -988,33 +1554,29 @@ static int drill_failover(drill_t *d)
 
     region_result_t res[N_REGIONS];
     memset(res, 0, sizeof(res));
-    for (int i = 0; i < d->n_workers; i++) {
-        const counts_t *c = &d->workers[i].c;
-        counts_t *t = &res[d->workers[i].region].c;
-        t->calls += c->calls;
-        t->puts_ok += c->puts_ok;
-        t->replays += c->replays;
-        t->reads_ok += c->reads_ok;
-        t->xb_reads_ok += c->xb_reads_ok;
-        t->anomalies += c->anomalies;
-        t->errors_after_rec += c->errors_after_rec;
-        t->unresolved += c->unresolved;
-        t->verified += c->verified;
-        t->lost += c->lost;
-        t->mismatched += c->mismatched;
-        t->unverified += c->unverified;
-        t->dup_readback += c->dup_readback;
-        for (int k = 0; k < N_CODES; k++) {
-            t->err[k] += c->err[k];
-            if (!t->sample[k] && c->sample[k])
-                t->sample[k] = dm_strdup(c->sample[k]);
-        }
-        lat_merge(&t->put_lat, &c->put_lat);
-        lat_merge(&t->get_lat, &c->get_lat);
-    }
+    for (int i = 0; i < d->n_workers; i++)
+        merge_counts(&res[d->workers[i].region].c, &d->workers[i].c);
     check_regions(d, res);
     bool after_ok = regions_state(d, all);
     after = all[d->target];
+
+    /* Gateway drill: the survivors serve the region, and every other region's gateways see it
+     * serving through them. */
+    bool survivors_serving = true;
+    if (gw_mode) {
+        char service[64];
+        snprintf(service, sizeof(service), "domicile.region.%s", region_codes[d->target]);
+        for (int g = 0; g < N_REGIONS; g++)
+            for (int k = 0; k < d->n_gw[g]; k++) {
+                if (g == d->target && k == d->victim)
+                    continue;
+                if (!wait_serving(d, d->gw[g][k], service, SERVE_WAIT_MS)) {
+                    fprintf(stderr, "domicilectl: drill: %s is not SERVING at the %s gateway %s\n",
+                            service, region_codes[g], d->gw[g][k]);
+                    survivors_serving = false;
+                }
+            }
+    }
 
     /* Goals. */
     long lost = 0, dups = 0, misplaced = 0, ledger_missing = 0, other_errors = 0, anomalies = 0;
@@ -1036,6 +1598,7 @@ static int drill_failover(drill_t *d)
             other_errors += errors_total(c);
         sql_ok = sql_ok && res[r].sql_ok;
     }
+    const counts_t *tc = &res[d->target].c;
     long long fw = atomic_load(&d->first_write_us);
     double kill_to_write = fw ? (double)(fw - t_kill0) / 1000.0 : -1;
     double promote_to_write = fw && t_prom1 ? (double)(fw - t_prom1) / 1000.0 : -1;
@@ -1043,16 +1606,29 @@ static int drill_failover(drill_t *d)
         promote_to_write = 0; /* the gateway wrote through before the promote step returned */
     bool switched = after_ok && before.primary[0] && after.primary[0] &&
                     strcmp(before.primary, after.primary) != 0;
+    bool unchanged = after_ok && strcmp(before.primary, after.primary) == 0;
     bool recovered = fw != 0;
     bool goals = lost == 0 && dups == 0 && misplaced == 0 && ledger_missing == 0 &&
                  other_errors == 0 && anomalies == 0 && sql_ok && recovered;
+    if (gw_mode)
+        goals = goals && tc->fail_after == 0 && tc->fail_before == 0 && tc->fail_fwd == 0 &&
+                survivors_serving && tc->ok_after > 0;
     /* A write never acknowledged, even after the drain, leaves its fate open: not a loss, but
      * the region did not fully recover. */
-    bool passed = goals && steps_ok && switched && after.healthy && unresolved == 0;
+    bool passed =
+        goals && steps_ok && after.healthy && unresolved == 0 && (gw_mode ? unchanged : switched);
+
+    /* The gateway drill's failures, in order, relative to the kill. */
+    fail_t fails[MAX_FAILS * 4];
+    int n_fails = 0;
+    for (int i = 0; i < d->n_workers && gw_mode; i++)
+        for (int k = 0; k < d->workers[i].c.n_fails && n_fails < (int)DM_ARRAY_LEN(fails); k++)
+            fails[n_fails++] = d->workers[i].c.fails[k];
+    qsort(fails, (size_t)n_fails, sizeof(fail_t), cmp_fail);
 
     /* JSON. */
     json_t *j = json_object();
-    json_object_set_new(j, "drill", json_string("failover"));
+    json_object_set_new(j, "drill", json_string(mode_name));
     json_object_set_new(j, "region", json_string(region_codes[d->target]));
     json_object_set_new(j, "run_id", json_string(d->run_id));
     json_object_set_new(j, "passed", json_boolean(passed));
@@ -1061,6 +1637,8 @@ static int drill_failover(drill_t *d)
     json_object_set_new(j, "clients_per_region", json_integer(d->clients));
     json_object_set_new(j, "rate_per_client", json_real(d->rate));
     json_object_set_new(j, "call_timeout_ms", json_integer(d->call_ms));
+    json_object_set_new(j, "gateways", gateways_json(d));
+    json_object_set_new(j, "gateways_from", json_string(d->gw_source));
     json_object_set_new(j, "primary_before", json_string(before.primary));
     json_object_set_new(j, "primary_after", json_string(after.primary));
     json_object_set_new(j, "replication_after", json_string(after.repl));
@@ -1068,14 +1646,56 @@ static int drill_failover(drill_t *d)
     json_t *steps = json_object();
     json_object_set_new(steps, "kill_at_ms", json_real(ms_since(d->t0_us, t_kill0)));
     json_object_set_new(steps, "kill_ms", json_real(t_kill1 ? ms_since(t_kill0, t_kill1) : -1));
-    json_object_set_new(steps, "promote_at_ms", json_real(ms_since(d->t0_us, t_prom0)));
-    json_object_set_new(steps, "promote_ms", json_real(t_prom1 ? ms_since(t_prom0, t_prom1) : -1));
-    json_object_set_new(steps, "rejoin_at_ms", json_real(ms_since(d->t0_us, t_rej0)));
-    json_object_set_new(steps, "rejoin_ms", json_real(t_rej1 ? ms_since(t_rej0, t_rej1) : -1));
+    if (!gw_mode) {
+        json_object_set_new(steps, "promote_at_ms", json_real(ms_since(d->t0_us, t_prom0)));
+        json_object_set_new(steps, "promote_ms",
+                            json_real(t_prom1 ? ms_since(t_prom0, t_prom1) : -1));
+        json_object_set_new(steps, "rejoin_at_ms", json_real(ms_since(d->t0_us, t_rej0)));
+        json_object_set_new(steps, "rejoin_ms", json_real(t_rej1 ? ms_since(t_rej0, t_rej1) : -1));
+    }
     json_object_set_new(steps, "first_write_at_ms", json_real(fw ? ms_since(d->t0_us, fw) : -1));
     json_object_set_new(j, "steps", steps);
     json_object_set_new(j, "kill_to_first_write_ms", json_real(kill_to_write));
-    json_object_set_new(j, "promote_to_first_write_ms", json_real(promote_to_write));
+    if (!gw_mode)
+        json_object_set_new(j, "promote_to_first_write_ms", json_real(promote_to_write));
+    if (gw_mode) {
+        json_t *v = json_object();
+        json_object_set_new(v, "index", json_integer(d->victim + 1));
+        json_object_set_new(v, "address", json_string(d->gw[d->target][d->victim]));
+        json_object_set_new(v, "pid", json_integer(d->victim_pid));
+        json_object_set_new(j, "victim", v);
+        json_object_set_new(j, "calls_in_flight_at_kill", json_integer(tc->in_flight));
+        json_object_set_new(j, "forwarded_in_flight_at_kill", json_integer(tc->in_flight_fwd));
+        json_object_set_new(j, "failed_in_flight", json_integer(tc->fail_in_flight));
+        json_object_set_new(j, "failed_first_call_after_kill", json_integer(tc->fail_unseen));
+        json_object_set_new(j, "failed_after_kill", json_integer(tc->fail_after));
+        json_object_set_new(j, "failed_before_kill", json_integer(tc->fail_before));
+        json_object_set_new(j, "forwarded_errors", json_integer(tc->fail_fwd));
+        json_object_set_new(j, "calls_after_kill_ok", json_integer(tc->ok_after));
+        json_object_set_new(j, "forwarded_after_kill_ok", json_integer(tc->ok_after_fwd));
+        json_object_set_new(j, "survivors_serving", json_boolean(survivors_serving));
+        json_t *fa = json_array();
+        for (int i = 0; i < n_fails; i++) {
+            const fail_t *f = &fails[i];
+            json_t *o = json_object();
+            json_object_set_new(o, "start_ms", json_real((double)(f->started - t_kill0) / 1000.0));
+            json_object_set_new(o, "end_ms", json_real((double)(f->ended - t_kill0) / 1000.0));
+            json_object_set_new(o, "method", json_string(f->method));
+            json_object_set_new(o, "code", json_string(dm_status_code_name(f->code)));
+            json_object_set_new(o, "at",
+                                json_string(f->at_target ? "drilled region's gateways"
+                                                         : "another region's gateway"));
+            json_object_set_new(o, "window",
+                                json_string(f->started < t_kill1 && f->ended >= t_kill0
+                                                ? "in flight"
+                                            : f->unseen ? "first call of its client after the kill"
+                                            : f->started >= t_kill1 ? "after the kill"
+                                                                    : "before the kill"));
+            json_object_set_new(o, "message", json_string(f->message));
+            json_array_append_new(fa, o);
+        }
+        json_object_set_new(j, "failures", fa);
+    }
     json_t *regions = json_array();
     for (int r = 0; r < N_REGIONS; r++) {
         const counts_t *c = &res[r].c;
@@ -1084,6 +1704,7 @@ static int drill_failover(drill_t *d)
         json_object_set_new(o, "drilled", json_boolean(r == d->target));
         json_object_set_new(o, "customer", json_string(d->customer[r]));
         json_object_set_new(o, "calls", json_integer(c->calls));
+        json_object_set_new(o, "forwarded_calls", json_integer(c->forwarded));
         json_object_set_new(o, "writes_acked", json_integer(c->puts_ok));
         json_object_set_new(o, "writes_replayed", json_integer(c->replays));
         json_object_set_new(o, "writes_unresolved", json_integer(c->unresolved));
@@ -1126,31 +1747,79 @@ static int drill_failover(drill_t *d)
     /* Table: on stdout, unless the JSON goes there. */
     bool json_stdout = d->json_path && strcmp(d->json_path, "-") == 0;
     FILE *tf = json_stdout ? stderr : stdout;
-    fprintf(tf, "failover drill of %s, run %s: %s\n", region_codes[d->target], d->run_id,
+    fprintf(tf, "%s drill of %s, run %s: %s\n", mode_name, region_codes[d->target], d->run_id,
             passed ? "PASSED" : "FAILED");
-    fprintf(tf, "  primary %s -> %s (standby %s); kill %.0f ms, promote %.0f ms, rejoin %.0f ms\n",
-            before.primary, after.primary[0] ? after.primary : "?",
-            after.repl[0] ? after.repl : "?", t_kill1 ? ms_since(t_kill0, t_kill1) : -1,
-            t_prom1 ? ms_since(t_prom0, t_prom1) : -1, t_rej1 ? ms_since(t_rej0, t_rej1) : -1);
-    fprintf(tf, "  first write after the kill: %.0f ms; after the promotion: %.0f ms\n",
-            kill_to_write, promote_to_write);
-    fprintf(tf, "  %-6s %7s %7s %8s %7s %5s %4s %9s %8s %8s %8s  %s\n", "REGION", "WRITES", "READS",
-            "XB-READS", "LEDGER", "LOST", "DUP", "MISPLACED", "LEDG-MISS", "W-P50ms", "W-P99ms",
-            "ERRORS");
+    fprintf(tf, "  gateways (%s):", d->gw_source);
+    for (int r = 0; r < N_REGIONS; r++) {
+        fprintf(tf, " %s", region_codes[r]);
+        for (int k = 0; k < d->n_gw[r]; k++)
+            fprintf(tf, "%c%s", k ? ',' : '=', d->gw[r][k]);
+    }
+    fputc('\n', tf);
+    if (gw_mode) {
+        fprintf(tf,
+                "  killed %s gateway %d of %d (%s, pid %ld) at %.1f s, dead after %.0f ms; primary "
+                "%s -> %s (standby %s)\n",
+                region_codes[d->target], d->victim + 1, d->n_gw[d->target],
+                d->gw[d->target][d->victim], d->victim_pid, ms_since(d->t0_us, t_kill0) / 1000.0,
+                t_kill1 ? ms_since(t_kill0, t_kill1) : -1, before.primary,
+                after.primary[0] ? after.primary : "?", after.repl[0] ? after.repl : "?");
+        fprintf(tf,
+                "  at the %s gateways: %ld calls in flight at the kill, %ld of them failed; %ld "
+                "failed as their client's first call after the kill; later calls failed %ld "
+                "(before the kill %ld); succeeded after the kill %ld\n",
+                region_codes[d->target], tc->in_flight, tc->fail_in_flight, tc->fail_unseen,
+                tc->fail_after, tc->fail_before, tc->ok_after);
+        fprintf(tf,
+                "  forwarded by the other regions' gateways: %ld in flight at the kill, %ld "
+                "failed, %ld succeeded after it; survivors serving: %s\n",
+                tc->in_flight_fwd, tc->fail_fwd, tc->ok_after_fwd,
+                survivors_serving ? "yes" : "NO");
+        for (int i = 0; i < n_fails; i++) {
+            const fail_t *f = &fails[i];
+            fprintf(tf,
+                    "    %s %s at the %s, started %+.1f ms, ended %+.1f ms from the kill%s: %s\n",
+                    f->method, dm_status_code_name(f->code),
+                    f->at_target ? "drilled region's gateways" : "another region's gateway",
+                    (double)(f->started - t_kill0) / 1000.0, (double)(f->ended - t_kill0) / 1000.0,
+                    f->started < t_kill1 && f->ended >= t_kill0 ? " (in flight)"
+                    : f->unseen                                 ? " (its client's first call after)"
+                                                                : "",
+                    f->message);
+        }
+        fprintf(tf, "  first write after the kill: %.0f ms\n", kill_to_write);
+    } else {
+        fprintf(tf,
+                "  primary %s -> %s (standby %s); kill %.0f ms, promote %.0f ms, rejoin %.0f ms\n",
+                before.primary, after.primary[0] ? after.primary : "?",
+                after.repl[0] ? after.repl : "?", t_kill1 ? ms_since(t_kill0, t_kill1) : -1,
+                t_prom1 ? ms_since(t_prom0, t_prom1) : -1, t_rej1 ? ms_since(t_rej0, t_rej1) : -1);
+        fprintf(tf, "  first write after the kill: %.0f ms; after the promotion: %.0f ms\n",
+                kill_to_write, promote_to_write);
+    }
+    fprintf(tf, "  %-6s %7s %7s %8s %7s %7s %5s %4s %9s %8s %8s %8s  %s\n", "REGION", "WRITES",
+            "READS", "XB-READS", "LEDGER", "FWD", "LOST", "DUP", "MISPLACED", "LEDG-MISS",
+            "W-P50ms", "W-P99ms", "ERRORS");
     for (int r = 0; r < N_REGIONS; r++) {
         const counts_t *c = &res[r].c;
         char errs[256], label[8];
         errors_text(c, errs, sizeof(errs));
         snprintf(label, sizeof(label), "%s%s", region_codes[r], r == d->target ? "*" : "");
-        fprintf(tf, "  %-6s %7ld %7ld %8ld %7ld %5ld %4ld %9ld %8ld %8.1f %8.1f  %s\n", label,
-                c->puts_ok, c->reads_ok, c->xb_reads_ok, res[r].ledger,
+        fprintf(tf, "  %-6s %7ld %7ld %8ld %7ld %7ld %5ld %4ld %9ld %8ld %8.1f %8.1f  %s\n", label,
+                c->puts_ok, c->reads_ok, c->xb_reads_ok, res[r].ledger, c->forwarded,
                 c->lost + c->mismatched + c->unverified, res[r].duplicates, res[r].misplaced,
                 res[r].ledger_missing, lat_pct(&c->put_lat, 50), lat_pct(&c->put_lat, 99), errs);
     }
     fprintf(tf,
             "  goals: lost %ld, duplicates %ld, misplaced %ld, ledger_missing %ld, "
-            "other_region_errors %ld, read_anomalies %ld; writes never acknowledged %ld\n",
-            lost, dups, misplaced, ledger_missing, other_errors, anomalies, unresolved);
+            "other_region_errors %ld, read_anomalies %ld",
+            lost, dups, misplaced, ledger_missing, other_errors, anomalies);
+    if (gw_mode)
+        fprintf(tf, ", failed_after_kill %ld, forwarded_errors %ld", tc->fail_after, tc->fail_fwd);
+    fprintf(tf, "; writes never acknowledged %ld\n", unresolved);
+    if (gw_mode && strcmp(d->gw_source, "state") == 0)
+        fprintf(tf, "  restart the killed gateway: domicile-local --state %s gateways start\n",
+                d->state);
 
     int rc = 0;
     if (d->json_path) {
@@ -1183,11 +1852,12 @@ int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const c
         drill_usage(stdout);
         return 0;
     }
-    if (argc < 1 || strcmp(argv[0], "failover") != 0) {
+    if (argc < 1 || (strcmp(argv[0], "failover") != 0 && strcmp(argv[0], "gateway") != 0)) {
         drill_usage(stderr);
         return 2;
     }
     drill_t *d = dm_calloc(1, sizeof(*d));
+    d->mode = strcmp(argv[0], "gateway") == 0 ? MODE_GATEWAY : MODE_FAILOVER;
     d->addr = addr;
     d->call_ms = timeout_ms > 0 ? timeout_ms : 2000;
     d->duration_ms = 30000;
@@ -1213,7 +1883,7 @@ int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const c
             goto out;
         }
     }
-    if (!load_tokens(d))
+    if (!load_tokens(d) || !discover_gateways(d))
         goto out;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
@@ -1225,7 +1895,7 @@ int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const c
              (unsigned long)(ts.tv_nsec / 1000) & 0xffff);
     for (int i = 0; i < N_REGIONS; i++)
         snprintf(d->customer[i], sizeof(d->customer[i]), "%s-%s", d->run_id, region_codes[i]);
-    rc = drill_failover(d);
+    rc = drill_run(d);
 out:
     if (d->workers) {
         for (int i = 0; i < d->n_workers; i++) {
@@ -1235,6 +1905,9 @@ out:
         }
         free(d->workers);
     }
+    for (int r = 0; r < N_REGIONS; r++)
+        for (int k = 0; k < d->n_gw[r]; k++)
+            free(d->gw[r][k]);
     free(d->local);
     free(d->ca_pem);
     free(d->cert_pem);
