@@ -397,7 +397,8 @@ void dm_peer_exec(dm_call_t *call)
             continue;
         }
         x->values[i] = dm_malloc(pp->value.len + 1);
-        memcpy(x->values[i], pp->value.data, pp->value.len);
+        if (pp->value.len)
+            memcpy(x->values[i], pp->value.data, pp->value.len);
         x->values[i][pp->value.len] = '\0';
         if (pp->binary)
             dm_job_param_bin(&x->job, (int)i, x->values[i], (int)pp->value.len);
