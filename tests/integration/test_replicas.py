@@ -25,7 +25,7 @@ import urllib.request
 
 import grpc
 
-from conftest import SERVING, wait_health, wait_until
+from conftest import SERVING, _config_string, wait_health, wait_until
 from domicile.v1 import records_pb2
 from grpc.health.v1 import health_pb2
 from helpers import Api, get, lit, put, register, rpc_error, rows, uid
@@ -201,7 +201,8 @@ class FakePeer:
         with open(os.path.join(state, "ca", "federation", "ca.crt"), "rb") as f:
             ca = f.read()
         creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
-        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4), handlers=[self._Handler(self)])
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=16), handlers=[self._Handler(self)])
+        self.started = time.monotonic()
         assert self.server.add_secure_port(f"127.0.0.1:{port}", creds) == port, f"port {port} is taken"
         self.server.start()
 
@@ -249,8 +250,8 @@ def test_only_attempts_no_gateway_answered_are_retried(gateways, regions):
         # The us (and in) gateways health-check the fake and take it in turn with eu's gateway 1.
         assert wait_until(lambda: fake.health, lambda n: n >= 10, timeout=30) >= 10
 
-        def puts(prefix, method=PUT, most=40):
-            """PutRecords until two of them reached the fake (or `most` calls)."""
+        def puts(prefix, need, method=PUT, most=40):
+            """PutRecords until `need` of them reached the fake (or `most` calls)."""
             out, start = {}, fake.calls[method]
             for i in range(most):
                 rid, req = f"{prefix}{i}", f"{prefix}-{uid()}"
@@ -259,14 +260,14 @@ def test_only_attempts_no_gateway_answered_are_retried(gateways, regions):
                     out[rid] = (req, "OK", "")
                 except grpc.RpcError as e:
                     out[rid] = (req, e.code().name, e.details())
-                if fake.calls[method] - start >= 2:
+                if fake.calls[method] - start >= need:
                     break
             return out
 
         # 1. Answered: never tried again, though safe to repeat.
         log_at = len(g.raw_log)
         before = _peer_puts(port)
-        answered = puts("a")
+        answered = puts("a", 2)
         n = len(answered)
         attempts = _peer_puts(port) - before
         failed = {rid: o for rid, o in answered.items() if o[1] != "OK"}
@@ -307,10 +308,13 @@ def test_only_attempts_no_gateway_answered_are_retried(gateways, regions):
         at_fake = fake.calls[PUT]
         log_at = len(g.raw_log)
         before = _peer_puts(port)
-        unanswered = puts("u")
+        # (An attempt without an answer marks that gateway down until its next health check:
+        # one such attempt is enough.)
+        unanswered = puts("u", 1)
         attempts = _peer_puts(port) - before
         to_fake = fake.calls[PUT] - at_fake
         print(f"not answered: {len(unanswered)} PutRecords, {attempts} attempts, {to_fake} at the fake")
+        print(f"the fake: {fake.health} health checks in {time.monotonic() - fake.started:.1f} s")
         assert all(o[1] == "OK" for o in unanswered.values()), unanswered
         assert to_fake > 0 and attempts == len(unanswered) + to_fake, (attempts, to_fake)
         assert RETRIED in g.raw_log[log_at:], g.log
@@ -322,3 +326,46 @@ def test_only_attempts_no_gateway_answered_are_retried(gateways, regions):
         assert len(rids) == len(set(rids)) == len(want)
     finally:
         fake.stop()
+
+
+def test_domicile_local_writes_a_region_with_two_gateways(regions):
+    """`domicile-local up --replicas eu=2` on the session's state (files only: the session's
+    gateways run on the state's peer ports, so this test starts none): eu's gateway 2 gets its own
+    configuration in eu's directory, with its own public and peer ports; every other region's file
+    lists both eu gateways; `gateways status` shows it. `up --replicas eu=1` undoes it."""
+    state, base = regions.state, regions.port_base
+    eu_dir = os.path.join(state, "gw", "eu", "etc")
+    conf2 = os.path.join(eu_dir, "domiciled-2.conf")
+
+    def listed(code):
+        text = open(os.path.join(state, "gw", code, "etc", "regions", "eu.conf")).read()
+        return re.findall(r'"([^"]+)"', re.search(r"^gateways = \[(.*)\];", text, re.M).group(1))
+
+    try:
+        regions.run("up", "--replicas", "eu=2", timeout=300)
+        assert _config_string(conf2, "gateway_region") == "eu"
+        # README Ports: gateway 2 of region i, peer port base + 50 + i; public port the first
+        # gateway's + 3.
+        assert _config_string(conf2, "peer_listen") == f"127.0.0.1:{base + 51}"
+        eu1_port = int(_config_string(regions.gateway_conf("eu"), "listen").rsplit(":", 1)[1])
+        assert _config_string(conf2, "listen").endswith(f":{eu1_port + 3}")
+        for key in ("regions_dir", "peer_cert_file", "peer_key_file", "subject_pepper_file"):
+            assert _config_string(conf2, key) == _config_string(regions.gateway_conf("eu"), key), key
+        for code in ("us", "in"):
+            assert listed(code) == [f"127.0.0.1:{regions.peer_port('eu')}", f"127.0.0.1:{base + 51}"], code
+        with open(os.path.join(state, "gw", "replicas.env")) as f:
+            assert "REPLICAS_eu=2" in f.read().split()
+        out = regions.run("gateways", "status").stdout
+        line = next(l for l in out.splitlines() if l.startswith("eu-2 "))
+        assert f"127.0.0.1:{base + 51}" in line and " - " in line, line  # not running
+        us_line = next(l for l in out.splitlines() if l.startswith("us "))
+        assert f"eu=127.0.0.1:{regions.peer_port('eu')},127.0.0.1:{base + 51}" in us_line, us_line
+        p = regions.run("kill-gateway", "eu", "2", check=False)
+        assert p.returncode != 0 and "gateway eu-2 is not running" in p.stderr, p.stderr
+        p = regions.run("up", "--replicas", "eu=5", check=False)
+        assert p.returncode != 0 and "1 to 4 gateways per region" in p.stderr, p.stderr
+    finally:
+        regions.run("up", "--replicas", "eu=1", timeout=300)
+    assert not os.path.exists(conf2)
+    for code in ("us", "in"):
+        assert listed(code) == [f"127.0.0.1:{regions.peer_port('eu')}"], code
