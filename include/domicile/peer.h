@@ -108,6 +108,8 @@ dm_status_t *dm_peer_authenticate(dm_call_t *call, const dm_config_t *cfg, char 
 dm_status_t *dm_peer_principal(dm_call_t *call, const char *via, dm_principal_t **out,
                                char purpose[DM_PURPOSE_MAX_LEN + 1]) DM_WARN_UNUSED;
 void dm_peer_principal_free(void *p);
+/** Free what dm_peer_authenticate() keeps (the federation CA's store), at exit. */
+void dm_peer_auth_cleanup(void);
 
 /** PeerService/Exec handler. */
 void dm_peer_exec(dm_call_t *call);

@@ -7,6 +7,7 @@
  * x-domicile-region trailer every gateway answer carries) is tried on the region's next
  * gateway when the caller said it is safe to repeat; an answer of a gateway is never retried.
  */
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -934,8 +935,10 @@ static void *health_main(void *arg)
         int64_t ns = ts.tv_nsec + (int64_t)p->cfg->peer_health_interval_ms * 1000000;
         ts.tv_sec += ns / 1000000000;
         ts.tv_nsec = ns % 1000000000;
-        if (!atomic_load(&p->stopping))
-            pthread_cond_timedwait(&p->cond, &p->mu, &ts);
+        /* p->cond is also broadcast whenever a peer call ends: sleep the whole interval. */
+        while (!atomic_load(&p->stopping) &&
+               pthread_cond_timedwait(&p->cond, &p->mu, &ts) != ETIMEDOUT)
+            ;
         pthread_mutex_unlock(&p->mu);
     }
     return NULL;
@@ -1091,4 +1094,5 @@ void dm_peers_destroy(dm_peers_t *p)
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cond);
     free(p);
+    dm_peer_auth_cleanup();
 }

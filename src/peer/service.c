@@ -84,6 +84,15 @@ static void region_of_cert(const dm_config_t *cfg, const char *pem, size_t len, 
     X509_free(cert);
 }
 
+void dm_peer_auth_cleanup(void)
+{
+    pthread_mutex_lock(&auth_mu);
+    X509_STORE_free(ca_store);
+    ca_store = NULL;
+    cache_n = cache_next = 0;
+    pthread_mutex_unlock(&auth_mu);
+}
+
 dm_status_t *dm_peer_authenticate(dm_call_t *call, const dm_config_t *cfg, char *region, size_t len)
 {
     char *pem = NULL;
