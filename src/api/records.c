@@ -473,6 +473,7 @@ static void put_resolved(void *arg, dm_region_t *r, const char *state, dm_status
     c->xfer.method = c->bulk ? "BulkPutRecords" : "PutRecord";
     c->xfer.customer_id = c->put_req->customer_id;
     c->xfer.subject_key = c->has_subject ? c->subject_key : NULL;
+    c->xfer.record_id = c->put_req->record_id;
     dm_xfer_request_id(c->call, c->put_req->request_id, c->xfer.request_id);
     dm_xfer_gate(c->call, r, &c->xfer, put_gated, c);
 }
@@ -909,6 +910,7 @@ static void get_resolved(void *arg, dm_region_t *r, const char *state, dm_status
         dm_call_finish(c->call, err);
         return;
     }
+    c->xfer.record_id = req->record_id;
     read_gate(c, r, "GetRecord", req->customer_id, get_gated);
 }
 
