@@ -236,3 +236,16 @@ def _principals_file(regions, path, extra):
 # regions.proto
 
 
+def test_replication_state_none_without_a_standby(regions, session_gateway):
+    """regions.proto RegionStatus.replication_state: "none" when no standby is connected (the
+    gateway said "no standby"). The standby of region `in` is stopped, then started again."""
+    ops = Ops(session_gateway.channel(token="operator"))
+    assert ops.status("in").replication_state == "sync"
+    standby = next(n["node"] for n in regions.status_json() if n["region"] == "in" and n["role"] == "standby" and n["running"])
+    regions.stop("in", standby)
+    try:
+        got = wait_until(lambda: ops.status("in"), lambda s: s.replication_state != "sync", timeout=30)
+        assert got.replication_state == "none" and got.replication_lag_bytes == 0, got
+    finally:
+        regions.start("in", standby)
+    assert wait_until(lambda: ops.status("in").replication_state, lambda v: v == "sync", timeout=60) == "sync"
