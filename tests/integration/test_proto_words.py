@@ -170,6 +170,42 @@ def _unfenced(ops, region):
 # customers.proto
 
 
+def test_get_customer_returns_the_purged_tombstone(regions, who):
+    """customers.proto GetCustomer: "Returns a customer in any state, PURGED included (a
+    tombstone: its records, data keys, display name and labels are gone; purged_at_unix_ms says
+    when)"; PURGED: "Writes answer NOT_FOUND; there is nothing left to read (GetRecord
+    NOT_FOUND, ListRecords empty)". (GetCustomer answered NOT_FOUND for a purged customer,
+    while RegisterCustomer refused its id.)"""
+    admin = who["admin"]
+    cid = register(admin, "us", prefix="words", display_name="Acme Ltd", labels={"tier": "gold"})
+    put(admin, cid, "r1", b"data", subject=subject())
+    close_rid = f"close-{uid()}"
+    admin.close_customer(C.CloseCustomerRequest(request_id=close_rid, customer_id=cid, reason="contract ended"), timeout=15)
+    # the purge, as the region's executor runs it once purge_after has passed
+    regions.psql("us", f"UPDATE domicile.customers SET purge_after = now() WHERE customer_id = {lit(cid)}")
+    regions.psql("us", "SELECT domicile.purge_due_customers(100)")
+
+    c = admin.get_customer(C.GetCustomerRequest(customer_id=cid), timeout=15).customer
+    assert (c.customer_id, c.residency, c.state) == (cid, "us", C.CUSTOMER_STATE_PURGED), c
+    assert c.purged_at_unix_ms >= c.closed_at_unix_ms > 0 and c.close_reason == "contract ended", c
+    assert (c.display_name, dict(c.labels)) == ("", {}), c
+    # the close's retry reads the same tombstone
+    again = admin.close_customer(C.CloseCustomerRequest(request_id=close_rid, customer_id=cid, reason="contract ended"), timeout=15).customer
+    assert again.state == C.CUSTOMER_STATE_PURGED and again.purged_at_unix_ms == c.purged_at_unix_ms, again
+
+    e = rpc_error(get, admin, cid, "r1")
+    assert e.code() == SC.NOT_FOUND, (e.code(), e.details())
+    assert list_once(admin, R.ListRecordsRequest(customer_id=cid)) == []
+    for write in (
+        lambda: put(admin, cid, "r2", b"x"),
+        lambda: admin.delete(R.DeleteRecordRequest(request_id=f"del-{uid()}", customer_id=cid, record_id="r1"), timeout=15),
+    ):
+        e = rpc_error(write)
+        assert (e.code(), e.details()) == (SC.NOT_FOUND, "customer not found"), (e.code(), e.details())
+    e = rpc_error(register, admin, "us", cid=cid)
+    assert e.code() == SC.ALREADY_EXISTS, (e.code(), e.details())
+
+
 # --------------------------------------------------------------------------------------------
 # records.proto
 
