@@ -292,11 +292,24 @@ static void status_ctx_free(void *p)
     free(c);
 }
 
+/* Tenant scope: a request about one customer is seen by principals whose scope holds that
+ * customer; one about every customer by its filer and by scope `*`. Others are answered as
+ * for a request that does not exist. */
+static bool visible(dm_call_t *call, const Domicile__V1__DsrRequest *q)
+{
+    const dm_principal_t *p = dm_call_principal_of(call);
+    return !p || p->all_tenants ||
+           (q->customer_id[0] ? dm_principal_in_scope(p, q->customer_id)
+                              : strcmp(q->principal, p->name) == 0);
+}
+
 static void status_done(dm_fanout_t *f, void *arg)
 {
     status_ctx_t *c = arg;
     req_view_t *v = dm_calloc(1, sizeof(*v));
     dm_status_t *st = view_from_fanout(v, f, c->app->regions);
+    if (!st && !visible(c->call, &v->req))
+        st = dm_status_new(GRPC_STATUS_NOT_FOUND, "request not found");
     if (st)
         dm_call_finish(c->call, st);
     else
@@ -612,6 +625,8 @@ static void extend_found(dm_fanout_t *f, void *arg)
     status_ctx_t *c = arg;
     req_view_t *v = dm_calloc(1, sizeof(*v));
     dm_status_t *st = view_from_fanout(v, f, c->app->regions);
+    if (!st && !visible(c->call, &v->req))
+        st = dm_status_new(GRPC_STATUS_NOT_FOUND, "request not found");
     if (!st && v->req.extended && strcmp(v->req.extension_reason, c->reason) == 0) {
         /* A retry of the extension (its answer was lost): the request as it stands. */
         free(v);
@@ -748,7 +763,7 @@ static void list_done(dm_fanout_t *f, void *arg)
         summarise(v, f->n);
         a = b;
         Domicile__V1__DsrRequest *q = &v->req;
-        if ((req->state && (int)q->state != (int)req->state) ||
+        if (!visible(c->call, q) || (req->state && (int)q->state != (int)req->state) ||
             (req->overdue_only && !q->overdue) ||
             (req->due_within_days > 0 &&
              (q->state == DOMICILE__V1__DSR_STATE__DSR_STATE_DONE ||

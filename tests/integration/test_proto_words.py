@@ -268,6 +268,57 @@ def _principals_file(regions, path, extra):
     return path
 
 
+def test_requests_are_visible_within_the_tenant_scope(regions, gateways, who):
+    """subject_rights.proto: "A request about one customer is visible (GetRequest, ListRequests,
+    ExtendDeadline) to principals whose scope holds that customer, one about every customer to
+    its filer and to scope `*`; to others it does not exist (NOT_FOUND, not listed)"; "empty
+    means every customer, and only a principal whose scope is `*` may send it". (GetRequest,
+    ListRequests and ExtendDeadline showed any request to any privacy officer or auditor.)"""
+    admin = who["admin"]
+    mine, theirs = register(admin, "eu", prefix="words"), register(admin, "us", prefix="words")
+    tokens = {"po": f"tok-{uid()}", "aud": f"tok-{uid()}"}
+    pfile = _principals_file(regions, f"{gateways.workdir}/principals.conf", [
+        {"name": f"po-{mine}", "roles": ["privacy-officer"], "tenants": [mine], "region": "eu", "token": tokens["po"]},
+        {"name": f"aud-{mine}", "roles": ["auditor"], "tenants": [mine], "region": "eu", "token": tokens["aud"]},
+    ])
+    g = gateways.start(overrides={"principals_file": pfile}, name="scoped-dsr")
+    ch = g.channel(token=None)
+    for r in REGION_ORDER:
+        wait_health(ch, f"domicile.region.{r}", SERVING, timeout=60)
+    full = Dsr(g.channel(token="privacy-officer"))
+    scoped, aud = Dsr(g.channel(token=tokens["po"])), Dsr(g.channel(token=tokens["aud"]))
+    s = subject()
+    filed = {
+        "mine": full.erase(SR.EraseRequest(request_id=f"w-{uid()}", subject=s, customer_id=mine)).request_id,
+        "theirs": full.erase(SR.EraseRequest(request_id=f"w-{uid()}", subject=s, customer_id=theirs)).request_id,
+        "all": full.erase(SR.EraseRequest(request_id=f"w-{uid()}", subject=s)).request_id,
+        "own": scoped.erase(SR.EraseRequest(request_id=f"w-{uid()}", subject=s, customer_id=mine)).request_id,
+    }
+    for rid in filed.values():
+        wait_done(full, rid)
+    for d in (scoped, aud):
+        assert d.status(filed["mine"]).customer_id == mine and d.status(filed["own"]).request_id == filed["own"]
+        for hidden in ("theirs", "all"):
+            e = rpc_error(d.status, filed[hidden])
+            assert (e.code(), e.details()) == (SC.NOT_FOUND, "request not found"), (hidden, e.code(), e.details())
+        listed = {q.request_id for q in d.list()}
+        assert {filed["mine"], filed["own"]} <= listed and not {filed["theirs"], filed["all"]} & listed, listed
+        assert d.list(customer_id=theirs) == []
+    e = rpc_error(scoped.extend, SR.ExtendDeadlineRequest(request_id=filed["theirs"], reason="more time"))
+    assert (e.code(), e.details()) == (SC.NOT_FOUND, "request not found"), (e.code(), e.details())
+    assert not full.status(filed["theirs"]).extended
+    # filing: one customer in scope, never every customer
+    e = rpc_error(scoped.erase, SR.EraseRequest(request_id=f"w-{uid()}", subject=s))
+    assert e.code() == SC.INVALID_ARGUMENT and "customer_id" in e.details(), e.details()
+    for call in (
+        lambda: scoped.erase(SR.EraseRequest(request_id=f"w-{uid()}", subject=s, customer_id=theirs)),
+        lambda: list(scoped.export_stream(SR.ExportRequest(request_id=f"w-{uid()}", subject=s, customer_id=theirs), timeout=30)),
+        lambda: scoped.locate(SR.LocateRequest(subject=s, customer_id=theirs), timeout=15),
+    ):
+        e = rpc_error(call)
+        assert (e.code(), e.details()) == (SC.NOT_FOUND, "customer not found"), (e.code(), e.details())
+
+
 # --------------------------------------------------------------------------------------------
 # regions.proto
 
