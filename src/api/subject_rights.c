@@ -861,6 +861,33 @@ static void locate_done(dm_fanout_t *f, void *arg)
     dm_fanout_free(f);
 }
 
+typedef struct locate_ctx {
+    dm_call_t *call;
+    unsigned char sk[DM_SUBJECT_KEY_LEN];
+} locate_ctx_t;
+
+static void locate_start(locate_ctx_t *c)
+{
+    const Domicile__V1__LocateRequest *req =
+        (const Domicile__V1__LocateRequest *)dm_call_request(c->call);
+    const char *vals[2] = {(const char *)c->sk, req->customer_id};
+    int lens[2] = {DM_SUBJECT_KEY_LEN, 0};
+    int fmts[2] = {1, 0};
+    dm_fanout_start(c->call, APP(c->call)->regions, DM_SQL_LOCATE, 2, vals, lens, fmts, locate_done,
+                    c->call);
+}
+
+static void locate_resolved(void *arg, dm_region_t *region, const char *state, dm_status_t *err)
+{
+    locate_ctx_t *c = arg;
+    (void)region;
+    (void)state;
+    if (err)
+        dm_call_finish(c->call, err);
+    else
+        locate_start(c);
+}
+
 void dm_dsr_locate(dm_call_t *call)
 {
     const Domicile__V1__LocateRequest *req =
@@ -876,17 +903,20 @@ void dm_dsr_locate(dm_call_t *call)
     if (!st && p && !p->all_tenants && !req->customer_id[0])
         st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
                            "customer_id: required for a principal whose scope is limited");
-    if (!st && p && req->customer_id[0] && !dm_principal_in_scope(p, req->customer_id))
-        st = dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found");
     if (st) {
         dm_call_finish(call, st);
         return;
     }
-    const char *vals[2] = {(const char *)sk, req->customer_id};
-    int lens[2] = {DM_SUBJECT_KEY_LEN, 0};
-    int fmts[2] = {1, 0};
-    dm_fanout_start(call, APP(call)->regions, DM_SQL_LOCATE, 2, vals, lens, fmts, locate_done,
-                    call);
+    locate_ctx_t *c = dm_calloc(1, sizeof(*c));
+    c->call = call;
+    memcpy(c->sk, sk, sizeof(sk));
+    dm_call_set_data(call, c, free);
+    /* One customer: one that exists and is in scope (else NOT_FOUND, as for every request),
+     * so that a mistyped id is not answered "nothing anywhere". */
+    if (req->customer_id[0])
+        dm_api_resolve(call, req->customer_id, locate_resolved, c);
+    else
+        locate_start(c);
 }
 
 /* ---- Export -------------------------------------------------------------------------- */
@@ -1282,6 +1312,17 @@ static void export_received(dm_fanout_t *f, void *arg)
     export_region(e);
 }
 
+static void export_resolved(void *arg, dm_region_t *region, const char *state, dm_status_t *err)
+{
+    export_ctx_t *e = arg;
+    (void)region;
+    (void)state;
+    if (err)
+        dm_call_finish(e->call, err);
+    else
+        receive_fanout(&e->st, false, export_received, e);
+}
+
 void dm_dsr_export(dm_call_t *call)
 {
     const Domicile__V1__ExportRequest *req =
@@ -1307,14 +1348,11 @@ void dm_dsr_export(dm_call_t *call)
         dm_call_finish(call, st);
         return;
     }
-    if (!has || (p && !p->all_tenants && !req->customer_id[0]) ||
-        (p && req->customer_id[0] && !dm_principal_in_scope(p, req->customer_id))) {
+    if (!has || (p && !p->all_tenants && !req->customer_id[0])) {
         dm_call_finish(call, !has ? dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "subject: required")
-                             : req->customer_id[0]
-                                 ? dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found")
-                                 : dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
-                                                 "customer_id: required for a principal whose "
-                                                 "scope is limited"));
+                                  : dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                                  "customer_id: required for a principal whose "
+                                                  "scope is limited"));
         return;
     }
     /* Each part that leaves its region is a transfer for the purpose of the export. */
@@ -1332,5 +1370,10 @@ void dm_dsr_export(dm_call_t *call)
     for (size_t i = 0; i < e->n; i++)
         e->order[i] = i;
     qsort_r(e->order, e->n, sizeof(size_t), cmp_region_code, app->regions);
-    receive_fanout(&e->st, false, export_received, e);
+    /* One customer: one that exists and is in scope (else NOT_FOUND, nothing stored), so that
+     * a mistyped id is not exported as "no data anywhere". */
+    if (e->st.customer[0])
+        dm_api_resolve(call, e->st.customer, export_resolved, e);
+    else
+        receive_fanout(&e->st, false, export_received, e);
 }

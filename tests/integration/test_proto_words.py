@@ -249,6 +249,25 @@ def test_refused_transfers_log_the_records_the_call_named(regions, who):
 # subject_rights.proto
 
 
+def test_export_and_locate_of_an_unknown_customer_are_not_found(who, po):
+    """subject_rights.proto: "`customer_id` names one customer, which must exist and be in the
+    caller's tenant scope"; common errors "NOT_FOUND customer_id unknown". (Export streamed an
+    empty, complete export and marked the request DONE; Locate counted 0 everywhere.)"""
+    ghost = f"ghost-{uid()}"
+    rid = f"ex-{uid()}"
+    e = stream_error(lambda: po.export_stream(SR.ExportRequest(request_id=rid, subject=subject(), customer_id=ghost), timeout=30))
+    assert (e.code(), e.details()) == (SC.NOT_FOUND, "customer not found"), (e.code(), e.details())
+    assert rpc_error(po.status, rid).code() == SC.NOT_FOUND  # nothing was filed
+    e = rpc_error(po.locate, SR.LocateRequest(subject=subject(), customer_id=ghost), timeout=15)
+    assert (e.code(), e.details()) == (SC.NOT_FOUND, "customer not found"), (e.code(), e.details())
+    # a customer that exists, without data of the subject: zeros, and an empty export
+    cid = register(who["admin"], "in", prefix="words")
+    rep = po.locate(SR.LocateRequest(subject=subject(), customer_id=cid), timeout=15)
+    assert [(c.region, c.records) for c in rep.counts] == [(r, 0) for r in REGION_ORDER], rep
+    lines, manifest = po.export(request_id=f"ex-{uid()}", subject=subject(), customer_id=cid)
+    assert lines == [] and manifest.complete
+
+
 def _principals_file(regions, path, extra):
     """The demo principals file plus `extra` principals (name, roles, tenants, region, token)."""
     with open(f"{regions.state}/etc/principals.conf") as f:
