@@ -127,7 +127,10 @@ static void header_from_row(req_view_t *v, const PGresult *res, int row)
                                        : DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_NOT_CONFIGURED;
     v->webhook.attempts = dm_pg_int4(res, row, DM_DC_WEBHOOK_ATTEMPTS);
     v->webhook.last_error = (char *)dm_pg_bytes(res, row, DM_DC_WEBHOOK_ERROR, &len);
-    v->webhook.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_WEBHOOK_NEXT);
+    /* The column keeps its last value; an attempt is planned only while pending or failed. */
+    if (v->webhook.state == DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_PENDING ||
+        v->webhook.state == DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_FAILED)
+        v->webhook.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_WEBHOOK_NEXT);
     v->webhook.delivered_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_WEBHOOK_DELIVERED);
     q->webhook = &v->webhook;
 }
@@ -138,7 +141,11 @@ static void leg_from_row(leg_view_t *l, const PGresult *res, int row)
     l->leg.state = leg_state(dm_pg_bytes(res, row, DM_DC_STATE, &len));
     l->leg.attempts = dm_pg_int4(res, row, DM_DC_ATTEMPTS);
     l->leg.last_error = (char *)dm_pg_bytes(res, row, DM_DC_LAST_ERROR, &len);
-    l->leg.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_NEXT_ATTEMPT);
+    /* The column keeps its last value (an export's finished leg: infinity); an attempt is
+     * planned only for a leg that waits for a worker. */
+    if (l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_PENDING ||
+        l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_FAILED)
+        l->leg.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_NEXT_ATTEMPT);
     l->leg.started_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_STARTED);
     l->leg.finished_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_FINISHED);
     if (l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_RUNNING) {

@@ -249,6 +249,49 @@ def test_refused_transfers_log_the_records_the_call_named(regions, who):
 # subject_rights.proto
 
 
+def test_finished_legs_and_an_unconfigured_webhook_plan_no_attempt(who, po):
+    """subject_rights.proto DsrLeg and WebhookDelivery.next_attempt_at_unix_ms: "When the next
+    attempt is due; 0 when none is planned" (a DONE or SKIPPED leg, a webhook NOT_CONFIGURED);
+    WEBHOOK_STATE_FAILED / DSR_LEG_STATE_FAILED: retried at next_attempt_at_unix_ms (the "or
+    never if that is 0" was never true). Both carried the time the row was last touched."""
+    cid = register(who["admin"], "us", prefix="words")
+    s = subject()
+    put(who["admin"], cid, "r1", b"x", subject=s)
+    rid = f"erase-{uid()}"
+    po.erase(SR.EraseRequest(request_id=rid, subject=s, customer_id=cid))
+    q = wait_done(po, rid)
+    assert [(l.region, l.state, l.next_attempt_at_unix_ms) for l in q.legs] == [
+        ("eu", SR.DSR_LEG_STATE_SKIPPED, 0),
+        ("in", SR.DSR_LEG_STATE_SKIPPED, 0),
+        ("us", SR.DSR_LEG_STATE_DONE, 0),
+    ], q.legs
+    assert (q.webhook.state, q.webhook.next_attempt_at_unix_ms, q.webhook.attempts) == (SR.WEBHOOK_STATE_NOT_CONFIGURED, 0, 0), q.webhook
+
+
+def test_export_legs_are_run_by_the_call(who, po):
+    """subject_rights.proto DsrLeg: "An EXPORT leg is run by the exporting call, not by workers:
+    it is RUNNING (claimed_by "export-stream") from filing until its part was sent, then DONE
+    with records_matched = the lines sent; its attempts and started_at_unix_ms stay 0";
+    Receipt.receipt_sha256_hex: "Empty for an EXPORT leg". (The finished leg's
+    next_attempt_at_unix_ms was the year 294247: the column's 'infinity'.)"""
+    admin = who["admin"]
+    s = subject()
+    for region, n in (("eu", 2), ("in", 1)):
+        cid = register(admin, region, prefix="words")
+        for i in range(n):
+            put(admin, cid, f"r{i}", b"x", subject=s)
+    rid = f"ex-{uid()}"
+    lines, manifest = po.export(request_id=rid, subject=s)
+    per_region = {c.region: c.records for c in manifest.regions}
+    assert per_region == {"eu": 2, "in": 1, "us": 0} and len(lines) == 3, manifest
+    q = po.status(rid)
+    assert (q.kind, q.state) == (SR.DSR_KIND_EXPORT, SR.DSR_STATE_DONE), q
+    for l in q.legs:
+        assert (l.state, l.attempts, l.started_at_unix_ms, l.claimed_by, l.lease_expires_at_unix_ms, l.next_attempt_at_unix_ms) == (SR.DSR_LEG_STATE_DONE, 0, 0, "", 0, 0), l
+        assert l.finished_at_unix_ms > 0 and l.receipt.records_matched == per_region[l.region], l
+        assert l.receipt.receipt_sha256_hex == "" and l.receipt.finished_at_unix_ms == l.finished_at_unix_ms, l
+
+
 def test_export_and_locate_of_an_unknown_customer_are_not_found(who, po):
     """subject_rights.proto: "`customer_id` names one customer, which must exist and be in the
     caller's tenant scope"; common errors "NOT_FOUND customer_id unknown". (Export streamed an
