@@ -707,6 +707,7 @@ typedef struct list_ctx {
     dm_call_t *call;
     dm_app_t *app;
     char limit_s[16];
+    char tag[17]; /* the filters, in the page token */
 } list_ctx_t;
 
 static void list_done(dm_fanout_t *f, void *arg)
@@ -742,14 +743,21 @@ static void list_done(dm_fanout_t *f, void *arg)
     }
     qsort(refs, k, sizeof(*refs), cmp_ref);
     int64_t skip = 0, sent = 0;
-    if (req->page_token[0] && sscanf(req->page_token, "o%lld", (long long *)&skip) != 1)
-        skip = -1;
-    if (skip < 0 || strlen(req->page_token) > 32) {
+    if (req->page_token[0]) {
+        char tag[17], extra;
+        long long at;
+        skip = strlen(req->page_token) <= 64 &&
+                       sscanf(req->page_token, "o2.%16[0-9a-f].%lld%c", tag, &at, &extra) == 2 &&
+                       strcmp(tag, c->tag) == 0
+                   ? at
+                   : -1;
+    }
+    if (skip < 0) {
         free(refs);
         dm_fanout_free(f);
         dm_call_finish(c->call, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
                                               "page_token: not a token returned by "
-                                              "ListRequests"));
+                                              "ListRequests with these filters"));
         return;
     }
     int64_t page = req->page_size ? req->page_size : 100, matched = 0;
@@ -794,9 +802,9 @@ static void list_done(dm_fanout_t *f, void *arg)
     dm_fanout_free(f);
     Domicile__V1__ListRequestsResponse msg = DOMICILE__V1__LIST_REQUESTS_RESPONSE__INIT;
     Domicile__V1__ListRequestsPage end = DOMICILE__V1__LIST_REQUESTS_PAGE__INIT;
-    char tok[32] = "";
+    char tok[48] = "";
     if (more)
-        snprintf(tok, sizeof(tok), "o%lld", (long long)(skip + sent));
+        snprintf(tok, sizeof(tok), "o2.%s.%lld", c->tag, (long long)(skip + sent));
     end.next_page_token = tok;
     msg.item_case = DOMICILE__V1__LIST_REQUESTS_RESPONSE__ITEM_END;
     msg.end = &end;
@@ -824,6 +832,17 @@ void dm_dsr_list(dm_call_t *call)
     c->call = call;
     c->app = APP(call);
     dm_call_set_data(call, c, free);
+    /* A token is valid only with the filters of the listing it came from (it is a position
+     * in that listing): they are in it, so one used with others is refused. */
+    unsigned char h[32];
+    char state_s[12], due_s[12];
+    snprintf(state_s, sizeof(state_s), "%d", (int)req->state);
+    snprintf(due_s, sizeof(due_s), "%d", (int)req->due_within_days);
+    DM_FINGERPRINT(h, DM_AAD_STR("ListRequests"), DM_AAD_STR(state_s),
+                   DM_AAD_STR(req->overdue_only ? "overdue" : ""), DM_AAD_STR(due_s),
+                   DM_AAD_STR(req->kind ? kind_names[req->kind] : ""),
+                   DM_AAD_STR(req->customer_id));
+    dm_hex_encode(h, 8, c->tag);
     /* Each region answers its newest 10000: enough for any page a privacy office reads. */
     snprintf(c->limit_s, sizeof(c->limit_s), "%d", 10000);
     const char *vals[3] = {req->kind ? kind_names[req->kind] : "", req->customer_id, c->limit_s};

@@ -210,6 +210,32 @@ def test_get_customer_returns_the_purged_tombstone(regions, who):
 # records.proto
 
 
+def test_list_records_page_token_is_bound_to_its_filters(who):
+    """records.proto ListRecordsRequest.page_token: "Valid only with the same customer_id, kind
+    and subject (otherwise INVALID_ARGUMENT); page_size and include_payload may change".
+    (Any filter was accepted with any token.)"""
+    admin = who["admin"]
+    cid, other = register(admin, "us", prefix="words"), register(admin, "us", prefix="words")
+    s = subject()
+    for i in range(4):
+        put(admin, cid, f"n{i}", b"x", kind="note", subject=s)
+        put(admin, other, f"n{i}", b"x", kind="note")
+    first = list(admin.list(R.ListRecordsRequest(customer_id=cid, kind="note", page_size=2), timeout=15))
+    token = first[-1].end.next_page_token
+    assert token and [m.record.record_id for m in first[:-1]] == ["n0", "n1"]
+    for changed in ({"customer_id": other}, {"kind": ""}, {"kind": "other"}, {"subject": s}):
+        req = dict(customer_id=cid, kind="note", page_token=token)
+        req.update(changed)
+        e = stream_error(lambda: admin.list(R.ListRecordsRequest(**req), timeout=15))
+        assert e.code() == SC.INVALID_ARGUMENT and e.details().startswith("page_token"), (changed, e.details())
+    rest = list_once(admin, R.ListRecordsRequest(customer_id=cid, kind="note", page_size=10, include_payload=True, page_token=token))
+    assert [(r.record_id, r.payload) for r in rest] == [("n2", b"x"), ("n3", b"x")]
+    # with the subject filter the tokens are that listing's
+    page = list(admin.list(R.ListRecordsRequest(customer_id=cid, subject=s, page_size=3), timeout=15))
+    rest = list_once(admin, R.ListRecordsRequest(customer_id=cid, subject=f"  {s.upper()}", page_token=page[-1].end.next_page_token))
+    assert [r.record_id for r in rest] == ["n3"]
+
+
 # --------------------------------------------------------------------------------------------
 # transfers.proto
 
@@ -243,6 +269,37 @@ def test_refused_transfers_log_the_records_the_call_named(regions, who):
     # and through the API
     refused = transfers_of(who["auditor"], customer_id=cid, outcome=T.TRANSFER_OUTCOME_REFUSED)
     assert [(e.method, e.record_count, list(e.record_ids)) for e in refused] == [(m, n, ids) for _, m, n, _, ids in got]
+
+
+def test_list_transfers_filters_and_token_as_stated(who):
+    """transfers.proto ListTransfersRequest: to_unix_ms "must be >= from_unix_ms when both are
+    set (equal: an empty range)" (it said >); principal "at most 128 bytes of [A-Za-z0-9._@-]";
+    page_token "Valid only with the same filters and region (otherwise INVALID_ARGUMENT)" (a
+    token was refused only when its region was outside the listing)."""
+    auditor = who["auditor"]
+    cid = register(who["admin"], "eu", prefix="words")
+    put(who["service-eu"], cid, "r1", b"x")
+    for _ in range(3):
+        get(who["service-us"], cid, "r1")
+    t = 1_700_000_000_000
+    assert transfers_of(auditor, from_unix_ms=t, to_unix_ms=t) == []
+    for bad in ({"from_unix_ms": t, "to_unix_ms": t - 1}, {"to_unix_ms": -1}, {"principal": "bad name"}, {"principal": "a" * 129}):
+        e = stream_error(lambda: auditor.list_transfers(T.ListTransfersRequest(**bad), timeout=15))
+        assert e.code() == SC.INVALID_ARGUMENT, (bad, e.details())
+    assert len(transfers_of(auditor, customer_id=cid, principal="service-us")) == 3
+
+    base = dict(customer_id=cid, direction=T.TRANSFER_DIRECTION_READ)
+    for scope in ({}, {"region": "eu"}):
+        page = list(auditor.list_transfers(T.ListTransfersRequest(page_size=1, **base, **scope), timeout=15))
+        token = page[-1].end.next_page_token
+        assert len(page) == 2 and token, page
+        for changed in ({"purpose": "marketing"}, {"outcome": T.TRANSFER_OUTCOME_ALLOWED}, {"region": "eu" if not scope else ""}, {"principal": "service-us"}, {"customer_id": ""}):
+            req = dict(base, **scope, page_token=token)
+            req.update(changed)
+            e = stream_error(lambda: auditor.list_transfers(T.ListTransfersRequest(**req), timeout=15))
+            assert e.code() == SC.INVALID_ARGUMENT and e.details().startswith("page_token"), (scope, changed, e.details())
+        msgs = list(auditor.list_transfers(T.ListTransfersRequest(page_token=token, page_size=5, **base, **scope), timeout=15))
+        assert [m.WhichOneof("item") for m in msgs] == ["entry", "entry", "end"], msgs
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,6 +436,22 @@ def test_requests_are_visible_within_the_tenant_scope(regions, gateways, who):
     ):
         e = rpc_error(call)
         assert (e.code(), e.details()) == (SC.NOT_FOUND, "customer not found"), (e.code(), e.details())
+
+
+def test_list_requests_page_token_is_bound_to_its_filters(who, po):
+    """common.proto: page_token "valid only with the same filters (otherwise INVALID_ARGUMENT;
+    page_size may change)". (A ListRequests token was an offset accepted with any filters.)"""
+    cid = register(who["admin"], "in", prefix="words")
+    rids = [po.restrict(SR.RestrictProcessingRequest(request_id=f"rs-{i}-{uid()}", subject=subject(), customer_id=cid)).request_id for i in range(3)]
+    first, token = po.page(customer_id=cid, page_size=1)
+    assert len(first) == 1 and token
+    for changed in ({"kind": SR.DSR_KIND_RESTRICT}, {"customer_id": ""}, {"state": SR.DSR_STATE_DONE}, {"due_within_days": 30}, {"overdue_only": True}):
+        req = dict(customer_id=cid, page_token=token)
+        req.update(changed)
+        e = stream_error(lambda: po.list_stream(SR.ListRequestsRequest(**req), timeout=30))
+        assert e.code() == SC.INVALID_ARGUMENT and e.details().startswith("page_token"), (changed, e.details())
+    rest, token = po.page(customer_id=cid, page_size=10, page_token=token)
+    assert [q.request_id for q in first + rest] == rids and token == ""
 
 
 # --------------------------------------------------------------------------------------------
