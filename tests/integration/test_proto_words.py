@@ -159,6 +159,61 @@ def stream_error(stream_call):
 # common.proto
 
 
+def test_region_codes_are_2_to_16_bytes_and_unknown_ones_are_refused_where_they_name_a_region(session_gateway, who):
+    """common.proto: region codes "of 2..16 bytes, [a-z][a-z0-9]*"; "An unknown code in a field
+    that names a region to act on (residency, region) is INVALID_ARGUMENT naming the field;
+    RegisterCustomer's message also lists the known codes. The from_region/to_region filters of
+    TransfersService are not checked against the loaded regions ...: an unknown code matches
+    nothing." (It said "at most 32 bytes", and that every unknown code is refused with the
+    known codes listed.)"""
+    admin, auditor = who["admin"], who["auditor"]
+    ops = Ops(session_gateway.channel(token="operator"))
+    for bad in ("zz", "a" * 17, "a" * 32):
+        e = rpc_error(register, admin, bad)
+        assert e.code() == SC.INVALID_ARGUMENT and e.details().startswith("residency: unknown region"), (bad, e.details())
+        assert "known regions: " in e.details() and all(r in e.details() for r in REGION_ORDER), e.details()
+    for call in (
+        lambda: auditor.verify_ledger(T.VerifyLedgerRequest(region="zz"), timeout=15),
+        lambda: list(auditor.list_transfers(T.ListTransfersRequest(region="zz"), timeout=15)),
+        lambda: ops.fence("zz", "no such region", f"fence-{uid()}"),
+    ):
+        e = rpc_error(call)
+        assert e.code() == SC.INVALID_ARGUMENT and e.details().startswith("region: "), e.details()
+    # filters: any code up to 16 bytes, matching nothing when unknown; longer ones are refused
+    for f in ({"from_region": "zz"}, {"to_region": "a" * 16}):
+        assert transfers_of(auditor, **f) == [], f
+    e = rpc_error(lambda: list(auditor.list_transfers(T.ListTransfersRequest(to_region="a" * 17), timeout=15)))
+    assert e.code() == SC.INVALID_ARGUMENT and "16" in e.details(), e.details()
+
+
+def test_fence_request_id_is_checked_but_not_stored(regions, session_gateway):
+    """common.proto: "RegionsService.Fence/Unfence check request_id's form but keep no record of
+    it: they are idempotent by the state they set"; regions.proto Fence: "a retry after the
+    region was unfenced fences it again". (It said a retry with the same request_id returns
+    the first result, and another request under it is INVALID_ARGUMENT.)"""
+    ops = Ops(session_gateway.channel(token="operator"))
+    rid = f"fence-{uid()}"
+    try:
+        first = ops.fence("in", "words test: first", rid)
+        assert first.fenced and first.fence_reason == "words test: first", first
+        # the same request_id, another reason, while fenced: the state decides (first reason kept)
+        again = ops.fence("in", "words test: other", rid)
+        assert again.fenced and again.fence_reason == "words test: first", again
+        assert not ops.unfence("in").fenced
+        # the same request_id after the lift: fenced again, with this call's reason
+        retry = ops.fence("in", "words test: second", rid)
+        assert retry.fenced and retry.fence_reason == "words test: second", retry
+        e = rpc_error(ops.fence, "in", "words test", "has space")
+        assert e.code() == SC.INVALID_ARGUMENT and "request_id" in e.details(), e.details()
+    finally:
+        wait_until(lambda: _unfenced(ops, "in"), bool, timeout=60)
+        wait_until(
+            lambda: regions.psql("in", "SELECT count(*) FROM domicile.fences WHERE region = 'in' AND NOT lifted"),
+            lambda n: n == "0",
+            timeout=30,
+        )
+
+
 def _unfenced(ops, region):
     try:
         return not ops.unfence(region).fenced
@@ -166,8 +221,84 @@ def _unfenced(ops, region):
         return False
 
 
+def test_reason_is_not_compared_when_a_request_id_is_reused(who, po):
+    """common.proto: "the `reason` of CloseCustomer and of a data-subject request is not
+    compared (a retry with another reason returns the first call's result)"; customers.proto
+    CloseCustomer: "a retry returns the customer as it is now (the reason is not compared)"."""
+    admin = who["admin"]
+    cid = register(admin, "eu", prefix="words")
+    rid = f"close-{uid()}"
+    first = admin.close_customer(C.CloseCustomerRequest(request_id=rid, customer_id=cid, reason="first reason"), timeout=15).customer
+    again = admin.close_customer(C.CloseCustomerRequest(request_id=rid, customer_id=cid, reason="other reason"), timeout=15).customer
+    assert first.state == again.state == C.CUSTOMER_STATE_CLOSED and again.close_reason == "first reason", again
+    e = rpc_error(admin.close_customer, C.CloseCustomerRequest(request_id=f"close-{uid()}", customer_id=cid, reason="x"), timeout=15)
+    assert e.code() == SC.FAILED_PRECONDITION, (e.code(), e.details())
+
+    s, drid = subject(), f"erase-{uid()}"
+    q1 = po.erase(SR.EraseRequest(request_id=drid, subject=s, customer_id=cid, reason="ticket 1"))
+    q2 = po.erase(SR.EraseRequest(request_id=drid, subject=s, customer_id=cid, reason="ticket 2"))
+    assert q1.reason == q2.reason == "ticket 1" and q2.received_at_unix_ms == q1.received_at_unix_ms, (q1, q2)
+    e = rpc_error(po.erase, SR.EraseRequest(request_id=drid, subject=subject(), customer_id=cid))
+    assert e.code() == SC.INVALID_ARGUMENT and "request_id" in e.details(), e.details()
+    wait_done(po, drid)
+
+
+def test_a_retried_cross_border_put_is_logged_again(regions, who):
+    """common.proto: "a retried cross-border PutRecord is still a transfer: the payload crossed
+    again, and the ledger logs it again"; records.proto PutRecord: "writes no record (a
+    cross-border retry is logged in the ledger again ...)"."""
+    cid = register(who["admin"], "eu", prefix="words")
+    rid = f"put-{uid()}"
+    a = put(who["service-us"], cid, "w-1", b"12345", request_id=rid)
+    b = put(who["service-us"], cid, "w-1", b"12345", request_id=rid)
+    assert (a.replayed, b.replayed, a.record.version, b.record.version) == (False, True, 1, 1), (a, b)
+    rows = ledger_rows(regions, "eu", f"request_id = {lit(rid)}")
+    assert [(r["outcome"], r["direction"], r["method"], r["record_count"], r["bytes"], r["record_ids"]) for r in rows] == [
+        ("allowed", "write", "PutRecord", 1, 5, ["w-1"])
+    ] * 2, rows
+
+
+def test_subjects_are_normalised_in_ascii_only(who):
+    """common.proto: subjects are "normalised: ASCII whitespace trimmed at both ends, ASCII
+    letters A-Z lower-cased, every other byte kept as sent (so "José" and "josé" are different
+    subjects, and control characters inside are kept); 1..320 bytes of UTF-8 after trimming".
+    (It said "trimmed, lower-cased".)"""
+    admin = who["admin"]
+    cid = register(admin, "us", prefix="words")
+    tag = uid()[:8]
+
+    def key(rid, s):
+        rep = put(admin, cid, rid, b"x", subject=s)
+        assert rep.record.has_subject, rep
+        return rep.record.subject_key_hex
+
+    assert key("a1", f" \t Ann.{tag}@Example.ORG\r\n") == key("a2", f"ann.{tag}@example.org")
+    assert key("j1", f"José.{tag}@x.org") == key("j2", f"josé.{tag}@x.org")
+    assert key("j3", f"JOSÉ.{tag}@x.org") != key("j4", f"josé.{tag}@x.org")  # É is not A-Z
+    assert key("c1", f"a\x01b.{tag}") != key("c2", f"ab.{tag}")  # kept, not refused
+    key("l1", "  " + "a" * 320 + "\t")
+    e = rpc_error(put, admin, cid, "l2", b"x", subject="a" * 321)
+    assert e.code() == SC.INVALID_ARGUMENT and "subject" in e.details() and "320" in e.details(), e.details()
+
+
 # --------------------------------------------------------------------------------------------
 # customers.proto
+
+
+def test_register_refusals_named_in_the_proto(regions, session_gateway, who):
+    """customers.proto RegisterCustomer errors: "PERMISSION_DENIED customer_id is outside the
+    caller's tenant scope" is pinned by test_security; "ABORTED the same customer_id is being
+    registered at the same time (retry)" here: a fresh pending row for the id in another region
+    (another gateway's registration in progress) makes this one ABORTED, nothing kept."""
+    cid = f"words-{uid()}"
+    regions.psql("eu", f"INSERT INTO domicile.customers (customer_id, residency, state, request_id, fingerprint) VALUES ({lit(cid)}, 'eu', 'pending', 'other', '\\x00')")
+    try:
+        e = rpc_error(register, who["admin"], "us", cid=cid)
+        assert e.code() == SC.ABORTED and "retry" in e.details(), (e.code(), e.details())
+        assert regions.psql("us", f"SELECT count(*) FROM domicile.customers WHERE customer_id = {lit(cid)}") == "0"
+    finally:
+        regions.psql("eu", f"DELETE FROM domicile.customers WHERE customer_id = {lit(cid)} AND state = 'pending'")
+    assert register(who["admin"], "us", cid=cid) == cid  # the retry, once the other is gone
 
 
 def test_get_customer_returns_the_purged_tombstone(regions, who):
@@ -208,6 +339,31 @@ def test_get_customer_returns_the_purged_tombstone(regions, who):
 
 # --------------------------------------------------------------------------------------------
 # records.proto
+
+
+def test_delete_record_is_not_a_transfer(regions, who):
+    """records.proto RecordsService: "DeleteRecord moves no record data: it is not a transfer
+    (no policy check, no ledger entry, whatever the purpose)"."""
+    cid = register(who["admin"], "eu", prefix="words")
+    put(who["service-eu"], cid, "r1", b"payload")
+    rep = who["service-us"].delete(R.DeleteRecordRequest(request_id=f"del-{uid()}", customer_id=cid, record_id="r1"), metadata=md("sale"), timeout=15)
+    assert rep.deleted and rep.version == 1, rep
+    for region in REGION_ORDER:
+        assert ledger_rows(regions, region, f"customer_id = {lit(cid)}") == [], region
+    # the same purpose on a read is refused (a forbidden purpose), and that refusal is logged
+    put(who["service-eu"], cid, "r2", b"payload")
+    assert rpc_error(get, who["service-us"], cid, "r2", purpose="sale").code() == SC.PERMISSION_DENIED
+
+
+def test_bulk_put_lists_at_most_1000_failures(who):
+    """records.proto BulkPutRecordsResponse.failures: "Messages that failed, in stream order: at
+    most 1000 of them (the first to fail); how many failed in all is the number of messages sent
+    minus written minus replayed"."""
+    n = 1005
+    rep = who["admin"].bulk(iter([R.BulkPutRecordsRequest()] * n), timeout=120)
+    assert (rep.written, rep.replayed, rep.created) == (0, 0, 0), rep
+    assert [f.index for f in rep.failures] == list(range(1000)), [f.index for f in rep.failures][:5]
+    assert all(f.code == SC.INVALID_ARGUMENT.value[0] and "put" in f.message for f in rep.failures)
 
 
 def test_list_records_page_token_is_bound_to_its_filters(who):
@@ -271,6 +427,22 @@ def test_refused_transfers_log_the_records_the_call_named(regions, who):
     assert [(e.method, e.record_count, list(e.record_ids)) for e in refused] == [(m, n, ids) for _, m, n, _, ids in got]
 
 
+def test_read_entries_carry_the_x_request_id_or_a_made_up_one(regions, who):
+    """transfers.proto TransferEntry.request_id: "for other reads, the call's `x-request-id`
+    metadata when it is 1..128 bytes of printable ASCII without space (...), else an id the
+    gateway made up: "gw-" and 24 lower-case hex digits". (It said "the id the gateway gave
+    the call (the one in its log lines)"; the log line has no such id.)"""
+    cid = register(who["admin"], "eu", prefix="words")
+    put(who["service-eu"], cid, "r1", b"x")
+    trace = f"trace-{uid()}"
+    get(who["service-us"], cid, "r1", request_id=trace)
+    get(who["service-us"], cid, "r1")
+    get(who["service-us"], cid, "r1", request_id="has space")
+    ids = [r["request_id"] for r in ledger_rows(regions, "eu", f"customer_id = {lit(cid)}")]
+    assert len(ids) == 3 and ids[0] == trace, ids
+    assert all(re.fullmatch(r"gw-[0-9a-f]{24}", i) for i in ids[1:]) and ids[1] != ids[2], ids
+
+
 def test_list_transfers_filters_and_token_as_stated(who):
     """transfers.proto ListTransfersRequest: to_unix_ms "must be >= from_unix_ms when both are
     set (equal: an empty range)" (it said >); principal "at most 128 bytes of [A-Za-z0-9._@-]";
@@ -306,6 +478,21 @@ def test_list_transfers_filters_and_token_as_stated(who):
 # subject_rights.proto
 
 
+def test_erase_answers_in_progress_with_its_legs_running(who, po):
+    """subject_rights.proto Erase: "Returns the request as stored: IN_PROGRESS, each leg RUNNING
+    (claimed by this gateway, which starts it at once) or PENDING (...)". (It said "state
+    RECEIVED, legs PENDING".)"""
+    cid = register(who["admin"], "eu", prefix="words")
+    s = subject()
+    put(who["admin"], cid, "r1", b"x", subject=s)
+    rid = f"erase-{uid()}"
+    q = po.erase(SR.EraseRequest(request_id=rid, subject=s, customer_id=cid))
+    assert q.state == SR.DSR_STATE_IN_PROGRESS, q
+    assert [(l.region, l.state, l.attempts) for l in q.legs] == [(r, SR.DSR_LEG_STATE_RUNNING, 1) for r in REGION_ORDER], q
+    assert all(l.claimed_by and l.lease_expires_at_unix_ms > l.started_at_unix_ms > 0 for l in q.legs), q
+    wait_done(po, rid)
+
+
 def test_finished_legs_and_an_unconfigured_webhook_plan_no_attempt(who, po):
     """subject_rights.proto DsrLeg and WebhookDelivery.next_attempt_at_unix_ms: "When the next
     attempt is due; 0 when none is planned" (a DONE or SKIPPED leg, a webhook NOT_CONFIGURED);
@@ -323,6 +510,65 @@ def test_finished_legs_and_an_unconfigured_webhook_plan_no_attempt(who, po):
         ("us", SR.DSR_LEG_STATE_DONE, 0),
     ], q.legs
     assert (q.webhook.state, q.webhook.next_attempt_at_unix_ms, q.webhook.attempts) == (SR.WEBHOOK_STATE_NOT_CONFIGURED, 0, 0), q.webhook
+
+
+def test_skipped_means_nothing_to_do(who, po):
+    """subject_rights.proto DSR_LEG_STATE_SKIPPED: "an erasure found no record or data key of the
+    subject in scope, or an unrestriction or withdrawal found no restriction or objection to
+    lift ... (A restriction or an objection is recorded even where the subject has no record
+    yet ...: that leg is DONE.)" (It said SKIPPED meant "The region holds no data of the
+    subject in scope".)"""
+    nobody = subject()
+    rids = {
+        "restrict": po.restrict(SR.RestrictProcessingRequest(request_id=f"rs-{uid()}", subject=nobody)).request_id,
+        "object": po.object(SR.ObjectRequest(request_id=f"ob-{uid()}", subject=nobody, purpose="marketing")).request_id,
+        "erase": po.erase(SR.EraseRequest(request_id=f"er-{uid()}", subject=nobody)).request_id,
+    }
+    want = {"restrict": SR.DSR_LEG_STATE_DONE, "object": SR.DSR_LEG_STATE_DONE, "erase": SR.DSR_LEG_STATE_SKIPPED}
+    for kind, rid in rids.items():
+        q = wait_done(po, rid)
+        assert [(l.state, l.receipt.records_matched) for l in q.legs] == [(want[kind], 0)] * 3, (kind, q.legs)
+    # the restriction recorded without records covers a record written later
+    cid = register(who["admin"], "eu", prefix="words")
+    assert put(who["admin"], cid, "later", b"x", subject=nobody).record.restricted
+    # data of the subject, but nothing to lift: SKIPPED
+    s = subject()
+    put(who["admin"], cid, "r1", b"x", subject=s)
+    rid = po.unrestrict(SR.UnrestrictProcessingRequest(request_id=f"un-{uid()}", subject=s)).request_id
+    assert [l.state for l in wait_done(po, rid).legs] == [SR.DSR_LEG_STATE_SKIPPED] * 3
+
+
+def test_restriction_and_objection_reach_reads_as_stated(who, po):
+    """subject_rights.proto RestrictProcessing: "GetRecord refuses restricted records
+    (FAILED_PRECONDITION) and ListRecords streams them without payload (`restricted` set);
+    they are still exported, erasable and deletable"; Object: "GetRecord and PutRecord ... are
+    refused with FAILED_PRECONDITION, and ListRecords streams those records without payload
+    (`purpose_objected` set). Other purposes, DeleteRecord and the data-subject requests are
+    unaffected". (Both said every "read" was refused.)"""
+    admin = who["admin"]
+    cid = register(admin, "us", prefix="words")
+    s, o = subject(), subject()
+    for rid, subj in (("s1", s), ("s2", s), ("o1", o), ("o2", o)):
+        put(admin, cid, rid, b"payload", subject=subj)
+    wait_done(po, po.restrict(SR.RestrictProcessingRequest(request_id=f"rs-{uid()}", subject=s, customer_id=cid)).request_id)
+    wait_done(po, po.object(SR.ObjectRequest(request_id=f"ob-{uid()}", subject=o, customer_id=cid, purpose="marketing")).request_id)
+
+    assert rpc_error(get, admin, cid, "s1").code() == SC.FAILED_PRECONDITION
+    assert rpc_error(get, admin, cid, "o1", purpose="marketing").code() == SC.FAILED_PRECONDITION
+    assert rpc_error(put, admin, cid, "o3", b"x", subject=o, purpose="marketing").code() == SC.FAILED_PRECONDITION
+    assert get(admin, cid, "o1").payload == b"payload"  # another purpose
+    listed = {r.record_id: r for r in list_once(admin, R.ListRecordsRequest(customer_id=cid, include_payload=True), metadata=md("marketing"))}
+    assert {k: (r.restricted, r.purpose_objected, r.payload, r.payload_size) for k, r in listed.items()} == {
+        "s1": (True, False, b"", 7),
+        "s2": (True, False, b"", 7),
+        "o1": (False, True, b"", 7),
+        "o2": (False, True, b"", 7),
+    }, listed
+    for rid in ("s1", "o1"):
+        rep = admin.delete(R.DeleteRecordRequest(request_id=f"del-{uid()}", customer_id=cid, record_id=rid), metadata=md("marketing"), timeout=15)
+        assert rep.deleted, (rid, rep)
+    lines, manifest = po.export(request_id=f"ex-{uid()}", subject=s, customer_id=cid)
+    assert [json.loads(l.line)["record_id"] for l in lines] == ["s2"] and manifest.complete
 
 
 def test_export_legs_are_run_by_the_call(who, po):
@@ -452,6 +698,30 @@ def test_list_requests_page_token_is_bound_to_its_filters(who, po):
         assert e.code() == SC.INVALID_ARGUMENT and e.details().startswith("page_token"), (changed, e.details())
     rest, token = po.page(customer_id=cid, page_size=10, page_token=token)
     assert [q.request_id for q in first + rest] == rids and token == ""
+
+
+def test_list_requests_looks_at_each_regions_10000_latest(regions, who):
+    """subject_rights.proto ListRequests: "Only the 10000 requests each region received last are
+    looked at: older ones are not listed (GetRequest still finds them)". 10001 requests of one
+    (made-up) customer are written into region `in` directly, finished there."""
+    cid = f"words-cap-{uid()}"
+    insert = (
+        "INSERT INTO domicile.dsr_requests (request_id, kind, fingerprint, subject_key, customer_id, principal, "
+        "received_at, due_at, gdpr_due_at) "
+        f"SELECT {lit(cid)} || '-' || lpad(g::text, 5, '0'), 'erase', '\\x00', '\\x00', {lit(cid)}, 'words-test', "
+        "now() - interval '1 hour' + g * interval '1 millisecond', now() + interval '30 days', now() + interval '30 days' "
+        "FROM generate_series(0, 10000) g; "
+        "INSERT INTO domicile.dsr_legs (request_id, state, finished_at) "
+        f"SELECT request_id, 'done', now() FROM domicile.dsr_requests WHERE customer_id = {lit(cid)}"
+    )
+    regions.psql("in", insert)
+    try:
+        admin = Dsr(who["admin"].channel)
+        listed = [q.request_id for q in admin.list(customer_id=cid, page_size=1000)]
+        assert listed == [f"{cid}-{i:05d}" for i in range(1, 10001)], (len(listed), listed[:2])
+        assert admin.status(f"{cid}-00000").request_id == f"{cid}-00000"
+    finally:
+        regions.psql("in", f"DELETE FROM domicile.dsr_legs WHERE request_id LIKE {lit(cid + '-%')}; DELETE FROM domicile.dsr_requests WHERE customer_id = {lit(cid)}")
 
 
 # --------------------------------------------------------------------------------------------
