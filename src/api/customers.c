@@ -78,11 +78,9 @@ static void get_done(dm_job_t *job, PGresult *res, dm_status_t *err)
     }
     Domicile__V1__Customer cu = DOMICILE__V1__CUSTOMER__INIT;
     const char *state = dm_pg_bytes(res, 0, 2, &len);
+    /* A PURGED customer is answered too: the tombstone tells when its data went and why its
+     * id cannot be registered again. */
     cu.state = dm_customer_state_enum(state, (size_t)len);
-    if (cu.state == DOMICILE__V1__CUSTOMER_STATE__CUSTOMER_STATE_PURGED) {
-        dm_call_finish(c->call, dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found"));
-        return;
-    }
     cu.customer_id = (char *)dm_pg_bytes(res, 0, 0, &len);
     cu.residency = (char *)dm_pg_bytes(res, 0, 1, &len);
     cu.display_name = (char *)dm_pg_bytes(res, 0, 3, &len);

@@ -76,13 +76,14 @@ void dm_api_reply_wrapped(dm_call_t *call, const ProtobufCMessage *inner);
 
 #define DM_XFER_ID_LEN 129
 
-/** A call's transfer, filled by the caller (dir, method, customer, subject, request id) and
- * by dm_xfer_gate() (the rest). Lives in the call's context. */
+/** A call's transfer, filled by the caller (dir, method, customer, subject, record id, request
+ * id) and by dm_xfer_gate() (the rest). Lives in the call's context. */
 typedef struct dm_xfer {
     dm_transfer_dir_t dir;
     const char *method;
     const char *customer_id;
     const unsigned char *subject_key; /* NULL: none */
+    const char *record_id;            /* the one record the call names, else NULL */
     char request_id[DM_XFER_ID_LEN];
     /* set by the gate */
     dm_region_t *region;
@@ -98,7 +99,8 @@ void dm_xfer_request_id(dm_call_t *call, const char *given, char out[DM_XFER_ID_
 /**
  * Decide whether the call may move data of `region` (DESIGN.md §5). `fn` gets NULL to go on
  * (x->cross tells whether dm_xfer_log() is due) or PERMISSION_DENIED; a refused cross-border
- * transfer is logged in the region's ledger before `fn` runs.
+ * transfer is logged in the region's ledger before `fn` runs, with the record the call names
+ * (x->record_id: count 1 and its id) or none (count 0).
  */
 void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn fn, void *arg);
 /** Log an allowed cross-border transfer; `done` runs once it is committed (or failed). */

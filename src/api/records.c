@@ -24,7 +24,8 @@
  * 200 small records a query, and at most 4 MiB plus one payload (1 MiB) per stream in memory
  * (16 rows of up to 1 MiB before). */
 #define LIST_PAYLOAD_BUDGET "4194304"
-#define PAGE_TOKEN_PREFIX   "r1."
+#define PAGE_TOKEN_PREFIX   "r2."
+#define PAGE_TOKEN_TAG      16 /* hex digits of the filters' digest in a token */
 #define KEY_RETRIES         2
 
 typedef Domicile__V1__PutRecordRequest put_req_t;
@@ -67,6 +68,7 @@ typedef struct rec_ctx {
 
     /* ListRecords */
     char *after; /* last record id sent */
+    char tag[PAGE_TOKEN_TAG + 1];
     int remaining;
     char limit_s[16];
     bool with_payload;
@@ -494,6 +496,7 @@ static void put_resolved(void *arg, dm_region_t *r, const char *state, dm_status
                          : "PutRecord";
     c->xfer.customer_id = c->put_req->customer_id;
     c->xfer.subject_key = c->has_subject ? c->subject_key : NULL;
+    c->xfer.record_id = c->put_req->record_id;
     dm_xfer_request_id(c->call, c->put_req->request_id, c->xfer.request_id);
     dm_xfer_gate(c->call, r, &c->xfer, put_gated, c);
 }
@@ -933,6 +936,7 @@ static void get_resolved(void *arg, dm_region_t *r, const char *state, dm_status
         dm_call_finish(c->call, err);
         return;
     }
+    c->xfer.record_id = req->record_id;
     read_gate(c, r, "GetRecord", req->customer_id, get_gated);
 }
 
@@ -964,17 +968,29 @@ static bool send_end(rec_ctx_t *c, const char *token)
     return dm_call_send(c->call, &msg.base);
 }
 
-static char *make_token(const char *last)
+/* The filters a token belongs to (customer, kind, subject): a token is valid only with the
+ * listing it came from, so one used with other filters is refused instead of being read as a
+ * position in another listing. */
+static void list_tag(const char *customer, const char *kind, const unsigned char *sk,
+                     char out[PAGE_TOKEN_TAG + 1])
+{
+    unsigned char h[32];
+    DM_FINGERPRINT(h, DM_AAD_STR("ListRecords"), DM_AAD_STR(customer), DM_AAD_STR(kind),
+                   DM_AAD_BYTES(sk ? (const void *)sk : "", sk ? DM_SUBJECT_KEY_LEN : 0));
+    dm_hex_encode(h, PAGE_TOKEN_TAG / 2, out);
+}
+
+static char *make_token(const char *tag, const char *last)
 {
     size_t n = strlen(last);
     char *hex = dm_malloc(2 * n + 1);
     dm_hex_encode((const unsigned char *)last, n, hex);
-    char *tok = dm_sprintf(PAGE_TOKEN_PREFIX "%s", hex);
+    char *tok = dm_sprintf(PAGE_TOKEN_PREFIX "%s%s", tag, hex);
     free(hex);
     return tok;
 }
 
-static dm_status_t *parse_token(const char *tok, char **after)
+static dm_status_t *parse_token(const char *tok, const char *tag, char **after)
 {
     size_t n = strlen(tok);
     *after = NULL;
@@ -982,12 +998,16 @@ static dm_status_t *parse_token(const char *tok, char **after)
         *after = dm_strdup("");
         return NULL;
     }
-    size_t plen = strlen(PAGE_TOKEN_PREFIX);
+    size_t plen = strlen(PAGE_TOKEN_PREFIX) + PAGE_TOKEN_TAG;
     size_t hlen = n - plen;
-    if (n > 1024 || n <= plen || strncmp(tok, PAGE_TOKEN_PREFIX, plen) != 0 || hlen % 2 != 0 ||
-        hlen / 2 > DM_RECORD_ID_MAX)
+    if (n > 1024 || n <= plen || strncmp(tok, PAGE_TOKEN_PREFIX, strlen(PAGE_TOKEN_PREFIX)) != 0 ||
+        hlen % 2 != 0 || hlen / 2 > DM_RECORD_ID_MAX)
         return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
                              "page_token: not a token returned by ListRecords");
+    if (memcmp(tok + strlen(PAGE_TOKEN_PREFIX), tag, PAGE_TOKEN_TAG) != 0)
+        return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                             "page_token: valid only with the customer_id, kind and subject of "
+                             "the listing it came from");
     char *id = dm_calloc(1, hlen / 2 + 1);
     if (!dm_hex_decode(tok + plen, (unsigned char *)id, hlen / 2) || strlen(id) != hlen / 2) {
         free(id);
@@ -1067,7 +1087,7 @@ static void list_emit(rec_ctx_t *c)
     c->remaining -= to_send;
     bool more = rows > to_send;
     if (!more || c->remaining == 0) {
-        char *tok = more ? make_token(c->after) : dm_strdup("");
+        char *tok = more ? make_token(c->tag, c->after) : dm_strdup("");
         send_end(c, tok);
         free(tok);
         dm_call_finish(c->call, NULL);
@@ -1174,20 +1194,22 @@ void dm_records_list(dm_call_t *call)
     const Domicile__V1__ListRecordsRequest *req =
         (const Domicile__V1__ListRecordsRequest *)dm_call_request(call);
     dm_status_t *st;
-    char *after = NULL;
     if ((st = dm_check_customer_id("customer_id", req->customer_id)) ||
         (st = dm_check_kind("kind", req->kind, true)) ||
-        (st = dm_check_page_size("page_size", req->page_size, LIST_MAX_PAGE)) ||
-        (st = parse_token(req->page_token, &after))) {
+        (st = dm_check_page_size("page_size", req->page_size, LIST_MAX_PAGE))) {
         dm_call_finish(call, st);
         return;
     }
     rec_ctx_t *c = ctx_new(call);
-    c->after = after;
     c->remaining = req->page_size ? req->page_size : LIST_DEFAULT_PAGE;
     c->with_payload = req->include_payload;
     if ((st =
              dm_subject_to_key(c->app, "subject", req->subject, &c->has_subject, c->subject_key))) {
+        dm_call_finish(call, st);
+        return;
+    }
+    list_tag(req->customer_id, req->kind, c->has_subject ? c->subject_key : NULL, c->tag);
+    if ((st = parse_token(req->page_token, c->tag, &c->after))) {
         dm_call_finish(call, st);
         return;
     }

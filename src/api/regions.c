@@ -55,7 +55,7 @@ static void fill(status_view_t *v, dm_region_t *r, const PGresult *repl)
         s->replication_state = v->state;
         s->replication_lag_bytes = dm_pg_int8(repl, 0, 2);
     } else if (repl) {
-        s->replication_state = "no standby";
+        s->replication_state = "none"; /* regions.proto: no standby connected */
     }
 }
 

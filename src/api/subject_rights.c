@@ -132,7 +132,10 @@ static void header_from_row(req_view_t *v, const PGresult *res, int row)
                                        : DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_NOT_CONFIGURED;
     v->webhook.attempts = dm_pg_int4(res, row, DM_DC_WEBHOOK_ATTEMPTS);
     v->webhook.last_error = (char *)dm_pg_bytes(res, row, DM_DC_WEBHOOK_ERROR, &len);
-    v->webhook.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_WEBHOOK_NEXT);
+    /* The column keeps its last value; an attempt is planned only while pending or failed. */
+    if (v->webhook.state == DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_PENDING ||
+        v->webhook.state == DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_FAILED)
+        v->webhook.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_WEBHOOK_NEXT);
     v->webhook.delivered_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_WEBHOOK_DELIVERED);
     q->webhook = &v->webhook;
 }
@@ -143,7 +146,11 @@ static void leg_from_row(leg_view_t *l, const PGresult *res, int row)
     l->leg.state = leg_state(dm_pg_bytes(res, row, DM_DC_STATE, &len));
     l->leg.attempts = dm_pg_int4(res, row, DM_DC_ATTEMPTS);
     l->leg.last_error = (char *)dm_pg_bytes(res, row, DM_DC_LAST_ERROR, &len);
-    l->leg.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_NEXT_ATTEMPT);
+    /* The column keeps its last value (an export's finished leg: infinity); an attempt is
+     * planned only for a leg that waits for a worker. */
+    if (l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_PENDING ||
+        l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_FAILED)
+        l->leg.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_NEXT_ATTEMPT);
     l->leg.started_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_STARTED);
     l->leg.finished_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_FINISHED);
     if (l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_RUNNING) {
@@ -297,11 +304,24 @@ static void status_ctx_free(void *p)
     free(c);
 }
 
+/* Tenant scope: a request about one customer is seen by principals whose scope holds that
+ * customer; one about every customer by its filer and by scope `*`. Others are answered as
+ * for a request that does not exist. */
+static bool visible(dm_call_t *call, const Domicile__V1__DsrRequest *q)
+{
+    const dm_principal_t *p = dm_call_principal_of(call);
+    return !p || p->all_tenants ||
+           (q->customer_id[0] ? dm_principal_in_scope(p, q->customer_id)
+                              : strcmp(q->principal, p->name) == 0);
+}
+
 static void status_done(dm_fanout_t *f, void *arg)
 {
     status_ctx_t *c = arg;
     req_view_t *v = dm_calloc(1, sizeof(*v));
     dm_status_t *st = view_from_fanout(v, f, c->app->regions);
+    if (!st && !visible(c->call, &v->req))
+        st = dm_status_new(GRPC_STATUS_NOT_FOUND, "request not found");
     if (st)
         dm_call_finish(c->call, st);
     else
@@ -617,6 +637,8 @@ static void extend_found(dm_fanout_t *f, void *arg)
     status_ctx_t *c = arg;
     req_view_t *v = dm_calloc(1, sizeof(*v));
     dm_status_t *st = view_from_fanout(v, f, c->app->regions);
+    if (!st && !visible(c->call, &v->req))
+        st = dm_status_new(GRPC_STATUS_NOT_FOUND, "request not found");
     if (!st && v->req.extended && strcmp(v->req.extension_reason, c->reason) == 0) {
         /* A retry of the extension (its answer was lost): the request as it stands. */
         free(v);
@@ -690,6 +712,7 @@ typedef struct list_ctx {
     dm_call_t *call;
     dm_app_t *app;
     char limit_s[16];
+    char tag[17]; /* the filters, in the page token */
 } list_ctx_t;
 
 static void list_done(dm_fanout_t *f, void *arg)
@@ -725,14 +748,21 @@ static void list_done(dm_fanout_t *f, void *arg)
     }
     qsort(refs, k, sizeof(*refs), cmp_ref);
     int64_t skip = 0, sent = 0;
-    if (req->page_token[0] && sscanf(req->page_token, "o%lld", (long long *)&skip) != 1)
-        skip = -1;
-    if (skip < 0 || strlen(req->page_token) > 32) {
+    if (req->page_token[0]) {
+        char tag[17], extra;
+        long long at;
+        skip = strlen(req->page_token) <= 64 &&
+                       sscanf(req->page_token, "o2.%16[0-9a-f].%lld%c", tag, &at, &extra) == 2 &&
+                       strcmp(tag, c->tag) == 0
+                   ? at
+                   : -1;
+    }
+    if (skip < 0) {
         free(refs);
         dm_fanout_free(f);
         dm_call_finish(c->call, dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
                                               "page_token: not a token returned by "
-                                              "ListRequests"));
+                                              "ListRequests with these filters"));
         return;
     }
     int64_t page = req->page_size ? req->page_size : 100, matched = 0;
@@ -753,7 +783,7 @@ static void list_done(dm_fanout_t *f, void *arg)
         summarise(v, f->n);
         a = b;
         Domicile__V1__DsrRequest *q = &v->req;
-        if ((req->state && (int)q->state != (int)req->state) ||
+        if (!visible(c->call, q) || (req->state && (int)q->state != (int)req->state) ||
             (req->overdue_only && !q->overdue) ||
             (req->due_within_days > 0 &&
              (q->state == DOMICILE__V1__DSR_STATE__DSR_STATE_DONE ||
@@ -777,9 +807,9 @@ static void list_done(dm_fanout_t *f, void *arg)
     dm_fanout_free(f);
     Domicile__V1__ListRequestsResponse msg = DOMICILE__V1__LIST_REQUESTS_RESPONSE__INIT;
     Domicile__V1__ListRequestsPage end = DOMICILE__V1__LIST_REQUESTS_PAGE__INIT;
-    char tok[32] = "";
+    char tok[48] = "";
     if (more)
-        snprintf(tok, sizeof(tok), "o%lld", (long long)(skip + sent));
+        snprintf(tok, sizeof(tok), "o2.%s.%lld", c->tag, (long long)(skip + sent));
     end.next_page_token = tok;
     msg.item_case = DOMICILE__V1__LIST_REQUESTS_RESPONSE__ITEM_END;
     msg.end = &end;
@@ -807,6 +837,17 @@ void dm_dsr_list(dm_call_t *call)
     c->call = call;
     c->app = APP(call);
     dm_call_set_data(call, c, free);
+    /* A token is valid only with the filters of the listing it came from (it is a position
+     * in that listing): they are in it, so one used with others is refused. */
+    unsigned char h[32];
+    char state_s[12], due_s[12];
+    snprintf(state_s, sizeof(state_s), "%d", (int)req->state);
+    snprintf(due_s, sizeof(due_s), "%d", (int)req->due_within_days);
+    DM_FINGERPRINT(h, DM_AAD_STR("ListRequests"), DM_AAD_STR(state_s),
+                   DM_AAD_STR(req->overdue_only ? "overdue" : ""), DM_AAD_STR(due_s),
+                   DM_AAD_STR(req->kind ? kind_names[req->kind] : ""),
+                   DM_AAD_STR(req->customer_id));
+    dm_hex_encode(h, 8, c->tag);
     /* Each region answers its newest 10000: enough for any page a privacy office reads. */
     snprintf(c->limit_s, sizeof(c->limit_s), "%d", 10000);
     const char *vals[3] = {req->kind ? kind_names[req->kind] : "", req->customer_id, c->limit_s};
@@ -851,6 +892,33 @@ static void locate_done(dm_fanout_t *f, void *arg)
     dm_fanout_free(f);
 }
 
+typedef struct locate_ctx {
+    dm_call_t *call;
+    unsigned char sk[DM_SUBJECT_KEY_LEN];
+} locate_ctx_t;
+
+static void locate_start(locate_ctx_t *c)
+{
+    const Domicile__V1__LocateRequest *req =
+        (const Domicile__V1__LocateRequest *)dm_call_request(c->call);
+    const char *vals[2] = {(const char *)c->sk, req->customer_id};
+    int lens[2] = {DM_SUBJECT_KEY_LEN, 0};
+    int fmts[2] = {1, 0};
+    dm_fanout_start(c->call, APP(c->call)->regions, DM_SQL_LOCATE, 2, vals, lens, fmts, locate_done,
+                    c->call);
+}
+
+static void locate_resolved(void *arg, dm_region_t *region, const char *state, dm_status_t *err)
+{
+    locate_ctx_t *c = arg;
+    (void)region;
+    (void)state;
+    if (err)
+        dm_call_finish(c->call, err);
+    else
+        locate_start(c);
+}
+
 void dm_dsr_locate(dm_call_t *call)
 {
     const Domicile__V1__LocateRequest *req =
@@ -866,17 +934,20 @@ void dm_dsr_locate(dm_call_t *call)
     if (!st && p && !p->all_tenants && !req->customer_id[0])
         st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
                            "customer_id: required for a principal whose scope is limited");
-    if (!st && p && req->customer_id[0] && !dm_principal_in_scope(p, req->customer_id))
-        st = dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found");
     if (st) {
         dm_call_finish(call, st);
         return;
     }
-    const char *vals[2] = {(const char *)sk, req->customer_id};
-    int lens[2] = {DM_SUBJECT_KEY_LEN, 0};
-    int fmts[2] = {1, 0};
-    dm_fanout_start(call, APP(call)->regions, DM_SQL_LOCATE, 2, vals, lens, fmts, locate_done,
-                    call);
+    locate_ctx_t *c = dm_calloc(1, sizeof(*c));
+    c->call = call;
+    memcpy(c->sk, sk, sizeof(sk));
+    dm_call_set_data(call, c, free);
+    /* One customer: one that exists and is in scope (else NOT_FOUND, as for every request),
+     * so that a mistyped id is not answered "nothing anywhere". */
+    if (req->customer_id[0])
+        dm_api_resolve(call, req->customer_id, locate_resolved, c);
+    else
+        locate_start(c);
 }
 
 /* ---- Export -------------------------------------------------------------------------- */
@@ -1527,6 +1598,17 @@ static void export_received(dm_fanout_t *f, void *arg)
     export_region(e);
 }
 
+static void export_resolved(void *arg, dm_region_t *region, const char *state, dm_status_t *err)
+{
+    export_ctx_t *e = arg;
+    (void)region;
+    (void)state;
+    if (err)
+        dm_call_finish(e->call, err);
+    else
+        receive_fanout(&e->st, false, export_received, e);
+}
+
 void dm_dsr_export(dm_call_t *call)
 {
     const Domicile__V1__ExportRequest *req =
@@ -1553,14 +1635,11 @@ void dm_dsr_export(dm_call_t *call)
         dm_call_finish(call, st);
         return;
     }
-    if (!has || (p && !p->all_tenants && !req->customer_id[0]) ||
-        (p && req->customer_id[0] && !dm_principal_in_scope(p, req->customer_id))) {
+    if (!has || (p && !p->all_tenants && !req->customer_id[0])) {
         dm_call_finish(call, !has ? dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "subject: required")
-                             : req->customer_id[0]
-                                 ? dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found")
-                                 : dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
-                                                 "customer_id: required for a principal whose "
-                                                 "scope is limited"));
+                                  : dm_status_new(GRPC_STATUS_INVALID_ARGUMENT,
+                                                  "customer_id: required for a principal whose "
+                                                  "scope is limited"));
         return;
     }
     /* Each part that leaves its region is a transfer for the purpose of the export. */
@@ -1578,7 +1657,12 @@ void dm_dsr_export(dm_call_t *call)
     for (size_t i = 0; i < e->n; i++)
         e->order[i] = i;
     qsort_r(e->order, e->n, sizeof(size_t), cmp_region_code, app->regions);
-    receive_fanout(&e->st, false, export_received, e);
+    /* One customer: one that exists and is in scope (else NOT_FOUND, nothing stored), so that
+     * a mistyped id is not exported as "no data anywhere". */
+    if (e->st.customer[0])
+        dm_api_resolve(call, e->st.customer, export_resolved, e);
+    else
+        receive_fanout(&e->st, false, export_received, e);
 }
 
 void dm_peer_export_part(dm_call_t *call)

@@ -112,7 +112,10 @@ void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn
         .basis_id = considered ? considered->id : "",
         .allowed = false,
         .refusal = why,
-        .record_ids = "",
+        /* What the call asked for: the one record it names; a listing or an export names
+         * none before its records are read, and they are not read to count them. */
+        .record_count = x->record_id ? 1 : 0,
+        .record_ids = x->record_id ? x->record_id : "",
     };
     dm_ledger_append(region, app->ledger_keys[dm_app_region_index(app, region)], &t, call,
                      refusal_logged, rf);

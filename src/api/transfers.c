@@ -22,7 +22,8 @@
 #define LIST_DEFAULT 100
 #define LIST_MAX     1000
 #define LIST_CHUNK   200
-#define TOKEN_PREFIX "t2."
+#define TOKEN_PREFIX "t3."
+#define TOKEN_TAG    16 /* hex digits of the filters' digest in a token */
 
 /* ---- verification -------------------------------------------------------------------- */
 
@@ -386,6 +387,7 @@ struct list_ctx {
     unsigned char subject_key[DM_SUBJECT_KEY_LEN];
     int64_t last_at, last_id; /* sort key of the last entry sent */
     const char *last_code;
+    char tag[TOKEN_TAG + 1]; /* the filters, in the page token */
     atomic_int pending;
     atomic_bool awaiting_drain;
 };
@@ -409,9 +411,9 @@ static void list_end(list_ctx_t *c, bool more)
 {
     Domicile__V1__ListTransfersResponse msg = DOMICILE__V1__LIST_TRANSFERS_RESPONSE__INIT;
     Domicile__V1__ListTransfersPage end = DOMICILE__V1__LIST_TRANSFERS_PAGE__INIT;
-    char tok[80] = "";
+    char tok[100] = "";
     if (more && c->last_code)
-        snprintf(tok, sizeof(tok), TOKEN_PREFIX "%lld.%lld.%s", (long long)c->last_at,
+        snprintf(tok, sizeof(tok), TOKEN_PREFIX "%s.%lld.%lld.%s", c->tag, (long long)c->last_at,
                  (long long)c->last_id, c->last_code);
     end.next_page_token = tok;
     msg.item_case = DOMICILE__V1__LIST_TRANSFERS_RESPONSE__ITEM_END;
@@ -735,14 +737,25 @@ void dm_transfers_list(dm_call_t *call)
         s->c = c;
         s->region_i = i;
     }
+    /* A token is valid only with the filters of the listing it came from: every filter and
+     * the region are in it, so one used with others is refused instead of being read as a
+     * position in another listing. */
+    unsigned char h[32];
+    DM_FINGERPRINT(h, DM_AAD_STR("ListTransfers"), DM_AAD_STR(c->from_s), DM_AAD_STR(c->to_s),
+                   DM_AAD_STR(req->from_region), DM_AAD_STR(req->to_region),
+                   DM_AAD_STR(req->basis_id), DM_AAD_STR(req->purpose), DM_AAD_STR(c->outcome),
+                   DM_AAD_STR(req->customer_id), DM_AAD_STR(req->region), DM_AAD_STR(c->direction),
+                   DM_AAD_STR(req->principal),
+                   DM_AAD_BYTES(c->subject_key, c->has_subject ? DM_SUBJECT_KEY_LEN : 0));
+    dm_hex_encode(h, TOKEN_TAG / 2, c->tag);
     if (req->page_token[0]) {
         long long at, id;
-        char code[DM_REGION_CODE_MAX + 1], extra;
+        char code[DM_REGION_CODE_MAX + 1], tag[TOKEN_TAG + 1], extra;
         dm_region_t *tr = NULL;
-        if (strlen(req->page_token) <= 64 &&
-            sscanf(req->page_token, TOKEN_PREFIX "%lld.%lld.%16[a-z0-9]%c", &at, &id, code,
-                   &extra) == 3 &&
-            at >= 0 && id >= 0)
+        if (strlen(req->page_token) <= 96 &&
+            sscanf(req->page_token, TOKEN_PREFIX "%16[0-9a-f].%lld.%lld.%16[a-z0-9]%c", tag, &at,
+                   &id, code, &extra) == 4 &&
+            strcmp(tag, c->tag) == 0 && at >= 0 && id >= 0)
             tr = dm_regions_find(app->regions, code);
         size_t ti = tr ? dm_app_region_index(app, tr) : 0;
         if (!tr || ti < first || ti >= end) {
