@@ -9,7 +9,8 @@
  *           [--page-size N]
  *   loadgen --scenario sql --pq CONNINFO [--purpose P] [--concurrency N] ...
  *   loadgen --addr H:P --scenario idle --connections N
- *   loadgen --print-sql      (the gateway's get_record statement, for pgbench)
+ *   loadgen --print-sql[=NAME]   (the gateway's statement NAME of src/region/sql.c, default
+ *                                 get_record, for pgbench)
  *
  * Scenarios (record "<prefix><i>", i in [0, K), customer "<customer>" or, with --customers N,
  * "<customer><i mod N>"):
@@ -22,6 +23,8 @@
  *   fill    PutRecord of records 0 .. K-1 once each, then exit (set-up for get and list)
  *   lookup  GetCustomer of customers "<customer>0" .. "<customer>K-1" once each, then exit
  *           (fills the gateway's directory cache)
+ *   customer  GetCustomer of "<customer>" (or of "<customer><i mod N>") in a loop: for a customer
+ *           of another region, one forwarded call with no ledger entry (the cost of the hop)
  *   sql     libpq, no gRPC: the gateway's own prepared get_record statement (the same text,
  *           taken from the library), same record ids, same result format
  *   idle    N channels, each on its own TCP connection, one Health call on each; prints a
@@ -77,12 +80,13 @@ typedef enum {
     SC_LOOKUP,
     SC_SQL,
     SC_IDLE,
+    SC_CUSTOMER,
 } scenario_t;
 
 static const char *const scenario_names[] = {
-    [SC_GET] = "get",       [SC_PUT] = "put",       [SC_MIXED] = "mixed",
-    [SC_LIST] = "list",     [SC_HEALTH] = "health", [SC_FILL] = "fill",
-    [SC_LOOKUP] = "lookup", [SC_SQL] = "sql",       [SC_IDLE] = "idle",
+    [SC_GET] = "get",       [SC_PUT] = "put",           [SC_MIXED] = "mixed",   [SC_LIST] = "list",
+    [SC_HEALTH] = "health", [SC_FILL] = "fill",         [SC_LOOKUP] = "lookup", [SC_SQL] = "sql",
+    [SC_IDLE] = "idle",     [SC_CUSTOMER] = "customer",
 };
 
 static struct {
@@ -196,7 +200,7 @@ static void customer_of(long i, char *buf, size_t size)
         snprintf(buf, size, "%s", opt.customer);
 }
 
-typedef enum { OP_GET, OP_PUT, OP_FILL, OP_LIST, OP_HEALTH, OP_LOOKUP } op_t;
+typedef enum { OP_GET, OP_PUT, OP_FILL, OP_LIST, OP_HEALTH, OP_LOOKUP, OP_CUSTOMER } op_t;
 
 static op_t op_of(long n)
 {
@@ -213,6 +217,8 @@ static op_t op_of(long n)
         return OP_FILL;
     case SC_LOOKUP:
         return OP_LOOKUP;
+    case SC_CUSTOMER:
+        return OP_CUSTOMER;
     default:
         return OP_HEALTH;
     }
@@ -229,6 +235,7 @@ static const char *method_of(op_t op)
     case OP_LIST:
         return "/domicile.v1.RecordsService/ListRecords";
     case OP_LOOKUP:
+    case OP_CUSTOMER:
         return "/domicile.v1.CustomersService/GetCustomer";
     default:
         return "/grpc.health.v1.Health/Check";
@@ -246,6 +253,12 @@ static grpc_byte_buffer *make_request(op_t op, long n)
     case OP_LOOKUP: {
         Domicile__V1__GetCustomerRequest r = DOMICILE__V1__GET_CUSTOMER_REQUEST__INIT;
         snprintf(cid, sizeof(cid), "%s%ld", opt.customer, n);
+        r.customer_id = cid;
+        return pack(&r.base);
+    }
+    case OP_CUSTOMER: {
+        Domicile__V1__GetCustomerRequest r = DOMICILE__V1__GET_CUSTOMER_REQUEST__INIT;
+        customer_of(n, cid, sizeof(cid));
         r.customer_id = cid;
         return pack(&r.base);
     }
@@ -669,14 +682,14 @@ static bool bounded_string(const char *s, size_t max)
 
 static void usage(FILE *out)
 {
-    fputs("usage: loadgen --addr H:P --scenario get|put|mixed|list|health|fill|lookup\n"
+    fputs("usage: loadgen --addr H:P --scenario get|put|mixed|list|health|fill|lookup|customer\n"
           "               [--concurrency N | --rate CALLS_PER_S [--max-inflight M]]\n"
           "               [--duration S] [--warmup S] [--threads T] [--token TOKEN]\n"
           "               [--customer ID] [--customers N] [--records K] [--prefix P]\n"
           "               [--payload BYTES] [--page-size N]\n"
           "       loadgen --scenario sql --pq CONNINFO [--purpose P] [--concurrency N] ...\n"
           "       loadgen --addr H:P --scenario idle --connections N   (holds them until EOF)\n"
-          "       loadgen --print-sql\n"
+          "       loadgen --print-sql[=NAME]   (default get_record)\n"
           "One JSON line on stdout. Details: the comment at the top of tests/bench/loadgen.c.\n",
           out);
 }
@@ -702,7 +715,7 @@ int main(int argc, char **argv)
         {"pq", required_argument, NULL, 'q'},
         {"purpose", required_argument, NULL, 'o'},
         {"connections", required_argument, NULL, 'n'},
-        {"print-sql", no_argument, NULL, 'S'},
+        {"print-sql", optional_argument, NULL, 'S'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -770,8 +783,14 @@ int main(int argc, char **argv)
             ok = parse_int(optarg, 1, MAX_CONNECTIONS, &opt.connections);
             break;
         case 'S':
-            printf("%s\n", dm_sql[DM_SQL_GET_RECORD].text);
-            return 0;
+            for (int i = 0; i < DM_SQL__COUNT; i++) {
+                if (strcmp(dm_sql[i].name, optarg ? optarg : "get_record") == 0) {
+                    printf("%s\n", dm_sql[i].text);
+                    return 0;
+                }
+            }
+            fprintf(stderr, "loadgen: no statement %s in src/region/sql.c\n", optarg);
+            return 2;
         case 'h':
             usage(stdout);
             return 0;
