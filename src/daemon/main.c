@@ -280,7 +280,9 @@ out:
     dm_peers_destroy(app.peers);
     dm_regions_destroy(app.regions);
     dm_app_dispose(&app);
-    grpc_shutdown();
+    /* Blocking: gRPC may otherwise finish its clean-up on a thread of its own (a peer
+     * channel's subchannel still connecting) while exit() tears OpenSSL down under it. */
+    grpc_shutdown_blocking();
     dm_config_free(app.cfg);
     if (rc == 0)
         dm_info("main", "exiting cleanly");
