@@ -4,6 +4,7 @@
  * region and copy requests to regions that were down when they arrived. Status is read from
  * every region at once: a leg shows what its own region says about it.
  */
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -968,11 +969,16 @@ typedef struct export_ctx {
     char limit_s[16];
     atomic_bool awaiting_drain;
     char count_s[24];
+    pthread_mutex_t log_mu; /* a chunk's ledger entries, one per customer */
+    int log_pending;
+    dm_status_t *log_err;
 } export_ctx_t;
 
 static void export_free(void *p)
 {
     export_ctx_t *e = p;
+    pthread_mutex_destroy(&e->log_mu);
+    dm_status_free(e->log_err);
     EVP_MD_CTX_free(e->sha);
     PQclear(e->held);
     free(e->st.reason);
@@ -1211,6 +1217,25 @@ static void export_logged(void *arg, dm_status_t *err)
     export_emit(e);
 }
 
+/* One customer's entry of a chunk is committed (or failed); the chunk goes on when all are,
+ * and is not sent if any failed. */
+static void export_group_logged(void *arg, dm_status_t *err)
+{
+    export_ctx_t *e = arg;
+    pthread_mutex_lock(&e->log_mu);
+    if (err && !e->log_err)
+        e->log_err = err;
+    else
+        dm_status_free(err);
+    bool last = --e->log_pending == 0;
+    dm_status_t *first = last ? e->log_err : NULL;
+    if (last)
+        e->log_err = NULL;
+    pthread_mutex_unlock(&e->log_mu);
+    if (last)
+        export_logged(e, first);
+}
+
 static void export_chunk_done(dm_job_t *job, PGresult *res, dm_status_t *err)
 {
     export_ctx_t *e = job->arg;
@@ -1224,24 +1249,43 @@ static void export_chunk_done(dm_job_t *job, PGresult *res, dm_status_t *err)
         export_emit(e);
         return;
     }
-    /* The part leaves its region: one ledger entry per chunk, committed first. */
-    int64_t bytes = 0;
-    size_t ids_len = 1;
-    for (int k = 0; k < to_send; k++) {
-        bytes += dm_pg_int4(res, k, 10);
-        ids_len += (size_t)PQgetlength(res, k, 1) + 1;
+    /* The part leaves its region: one ledger entry per customer whose records are in the
+     * chunk (rows come in customer order), all committed before any line is sent, so that
+     * "every transfer of customer C's data" is one indexed query, exports included. */
+    pthread_mutex_lock(&e->log_mu);
+    e->log_pending = 1;
+    pthread_mutex_unlock(&e->log_mu);
+    for (int first = 0; first < to_send;) {
+        int len, clen;
+        const char *customer = dm_pg_bytes(res, first, 0, &clen);
+        int end = first + 1;
+        while (end < to_send && PQgetlength(res, end, 0) == clen &&
+               memcmp(dm_pg_bytes(res, end, 0, &len), customer, (size_t)clen) == 0)
+            end++;
+        int64_t bytes = 0;
+        size_t ids_len = 1;
+        for (int k = first; k < end; k++) {
+            bytes += dm_pg_int4(res, k, 10);
+            ids_len += (size_t)PQgetlength(res, k, 1) + 1;
+        }
+        char *ids = dm_calloc(1, ids_len), *p = ids;
+        for (int k = first; k < end; k++) {
+            const char *id = dm_pg_bytes(res, k, 1, &len);
+            if (k > first)
+                *p++ = '\x1f';
+            memcpy(p, id, (size_t)len);
+            p += len;
+        }
+        dm_xfer_t x = e->xfer;
+        x.customer_id = customer;
+        pthread_mutex_lock(&e->log_mu);
+        e->log_pending++;
+        pthread_mutex_unlock(&e->log_mu);
+        dm_xfer_log(e->call, &x, end - first, bytes, ids, export_group_logged, e);
+        free(ids);
+        first = end;
     }
-    char *ids = dm_calloc(1, ids_len), *p = ids;
-    for (int k = 0; k < to_send; k++) {
-        int len;
-        const char *id = dm_pg_bytes(res, k, 1, &len);
-        if (k)
-            *p++ = '\x1f';
-        memcpy(p, id, (size_t)len);
-        p += len;
-    }
-    dm_xfer_log(e->call, &e->xfer, to_send, bytes, ids, export_logged, e);
-    free(ids);
+    export_group_logged(e, NULL);
 }
 
 static void export_next_chunk(export_ctx_t *e)
@@ -1358,6 +1402,7 @@ void dm_dsr_export(dm_call_t *call)
     dm_status_t *st;
     bool has;
     export_ctx_t *e = dm_calloc(1, sizeof(*e));
+    pthread_mutex_init(&e->log_mu, NULL);
     e->call = call;
     e->app = app;
     e->req = req;
