@@ -11,6 +11,7 @@ gRPC core encodes the headers we read (:status, grpc-status, grpc-message) witho
 
 import os
 import random
+import re
 import socket
 import struct
 import tempfile
@@ -19,8 +20,8 @@ import threading
 import grpc
 import pytest
 
-from conftest import SERVING, GatewayFactory, demo_token, health_check
-from helpers import Api, asan_build, bulk_stream, pb_bytes, pb_int, rpc_error, uid
+from conftest import SERVING, GatewayFactory, demo_token, health_check, health_pb2
+from helpers import Api, GrpcioClient, NodeClient, asan_build, bulk_stream, pb_bytes, pb_int, rpc_error, uid
 from domicile.v1 import customers_pb2, records_pb2
 
 SC = grpc.StatusCode
@@ -638,6 +639,107 @@ def test_oversized_metadata(serving):
         print("1 MiB header block: connection reset")
     h2.close()
     own.close()
+
+
+# max_metadata_bytes of this module's gateway (the default) and the answer above it. The size
+# is the rule of src/server/server.c and the README: over the metadata entries the gateway
+# receives, key length + value length + 32 each (-bin values decoded).
+MD_LIMIT = 16384
+MD_REFUSED = re.compile(r"request metadata is (\d+) bytes, limit (\d+)")
+
+
+def md_entry(key, value_len):
+    return len(key) + value_len + 32
+
+
+def one_channel_oversized_metadata(env, client):
+    """Issue 14, item 2, on one channel of `client` (GrpcioClient or NodeClient): a Health/Watch
+    stream and a half-read ListRecords stream (15 MiB that the client does not read yet) are
+    in flight while calls with too much metadata are refused; each refused call is
+    RESOURCE_EXHAUSTED "request metadata is N bytes, limit M" alone, the call sent right
+    after it is served, the Watch stream is still open after each (it ends only when
+    cancelled), the ListRecords stream is whole at the end, and a refused write writes
+    nothing. Sizes: 20 KiB, 48 KiB, limit - 1, limit, limit + 1."""
+    cid = env.cust["us"]
+    get_path, put_path = "/domicile.v1.RecordsService/GetRecord", "/domicile.v1.RecordsService/PutRecord"
+    get_req = GetReq(customer_id=cid, record_id="md-nope").SerializeToString()
+    watch = client.open_stream("/grpc.health.v1.Health/Watch", health_pb2.HealthCheckRequest().SerializeToString())
+    assert watch.first is not None, (watch.code, watch.details)
+    assert health_pb2.HealthCheckResponse.FromString(watch.first).status == SERVING
+    pages = client.open_stream("/domicile.v1.RecordsService/ListRecords", ListReq(customer_id=env.cust["stream"], include_payload=True, page_size=60).SerializeToString())
+    assert pages.first is not None, (pages.code, pages.details)
+
+    def next_call_served(after):
+        code, details, rep = client.unary("/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest().SerializeToString())
+        assert code == SC.OK, f"{client.name}: the call right after {after} failed: {code} {details!r}"
+        assert health_pb2.HealthCheckResponse.FromString(rep).status == SERVING
+        # Watch never ends by itself: had the connection gone, it would have ended with it.
+        assert client.active(watch), f"{client.name}: the Watch stream in flight ended after {after}"
+
+    def refused(what, metadata, path=get_path, req=get_req):
+        code, details, _ = client.unary(path, req, metadata)
+        next_call_served(what)
+        assert code == SC.RESOURCE_EXHAUSTED, f"{client.name}: {what}: {code} {details!r}"
+        m = MD_REFUSED.fullmatch(details)
+        assert m and int(m.group(2)) == MD_LIMIT, f"{client.name}: {what}: {details!r}"
+        return int(m.group(1))
+
+    def served(what, metadata, path=get_path, req=get_req, want=SC.NOT_FOUND):
+        code, details, rep = client.unary(path, req, metadata)
+        next_call_served(what)
+        assert code == want, f"{client.name}: {what}: {code} {details!r}"
+        return rep
+
+    # 20 KiB also measures what the client sends besides (user-agent, authorization, ...).
+    n20 = refused("20 KiB of metadata", [("x-pad", "a" * 20480)])
+    base = n20 - md_entry("x-pad", 20480)
+    assert 0 < base < 1024, (client.name, n20)
+    assert refused("48 KiB of metadata", [("x-pad", "a" * 49152)]) == base + md_entry("x-pad", 49152)
+    assert refused("20 KiB and one more entry", [("x-pad", "a" * 20480), ("x-two", "yy")]) == n20 + md_entry("x-two", 2)
+    assert refused("20 KiB in a -bin entry", [("x-pad-bin", b"\x00\xff" * 10240)]) == base + md_entry("x-pad-bin", 20480)
+
+    def pad_to(total):
+        return [("x-pad", "a" * (total - base - md_entry("x-pad", 0)))]
+
+    served("limit - 1", pad_to(MD_LIMIT - 1))
+    served("exactly the limit", pad_to(MD_LIMIT))
+    assert refused("limit + 1", pad_to(MD_LIMIT + 1)) == MD_LIMIT + 1
+
+    # A refused write writes nothing; a write with exactly the limit is served.
+    tag = uid()
+    for what, metadata in (("a write with 48 KiB", [("x-pad", "a" * 49152)]), ("a write with limit + 1", pad_to(MD_LIMIT + 1))):
+        rid = f"md-refused-{tag}-{len(metadata[0][1])}"
+        put = PutReq(request_id=f"md-{uid()}", customer_id=cid, record_id=rid, kind="note", payload=b"never")
+        refused(what, metadata, path=put_path, req=put.SerializeToString())
+        served(f"GetRecord after {what}", [], req=GetReq(customer_id=cid, record_id=rid).SerializeToString())
+    put = PutReq(request_id=f"md-{uid()}", customer_id=cid, record_id=f"md-at-limit-{tag}", kind="note", payload=b"kept")
+    assert records_pb2.PutRecordResponse.FromString(served("a write with exactly the limit", pad_to(MD_LIMIT), path=put_path, req=put.SerializeToString(), want=SC.OK)).created
+    stored = env.regions.psql("us", f"SELECT string_agg(record_id, ',') FROM domicile.records WHERE customer_id = '{cid}' AND record_id LIKE 'md-%-{tag}%'")
+    assert stored == f"md-at-limit-{tag}", stored
+
+    # The streams in flight all along end as they would have.
+    code, details, rest = client.drain(pages)
+    assert code == SC.OK, (client.name, code, details)
+    items = [records_pb2.ListRecordsResponse.FromString(m) for m in [pages.first] + rest]
+    assert [m.WhichOneof("item") for m in items] == ["record"] * 60 + ["end"], client.name
+    code, details = client.cancel(watch)
+    assert code == SC.CANCELLED, (client.name, code, details)
+
+
+def test_oversized_metadata_fails_only_its_call_python(serving):
+    env = serving
+    ch = env.gw.channel(options=[("grpc.max_receive_message_length", 64 << 20)])
+    one_channel_oversized_metadata(env, GrpcioClient(ch))
+    ch.close()
+
+
+def test_oversized_metadata_fails_only_its_call_node(serving):
+    env = serving
+    client = NodeClient(env.gw.address, demo_token(env.gw.config, "admin"))
+    try:
+        one_channel_oversized_metadata(env, client)
+    finally:
+        client.close()
 
 
 def test_bad_authorization_and_purpose_values(serving):
