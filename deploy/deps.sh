@@ -12,9 +12,11 @@
 # run:   PostgreSQL 15 server and client, the openssl CLI, CA certificates
 # test:  build + run + Python gRPC client, pytest, PyYAML (deployment manifests), cmocka,
 #        valgrind, clang and its sanitizer runtime (libFuzzer, LeakSanitizer) for tests/fuzz,
-#        and buf (tests api.lint, api.breaking) from npm: Node.js and npm from Debian when no
-#        npm is on PATH, then @bufbuild/buf, pinned, into $DOMICILE_BUF_DIR (default
-#        /var/cache/domicile/buf as root, ~/.cache/domicile/buf otherwise)
+#        Node.js and npm from Debian when no npm is on PATH (for buf, and for the second gRPC
+#        client stack of the integration tests, tests/integration/node, which installs its
+#        own pinned packages), and buf (tests api.lint, api.breaking) from npm:
+#        @bufbuild/buf, pinned, into $DOMICILE_BUF_DIR (default /var/cache/domicile/buf as
+#        root, ~/.cache/domicile/buf otherwise)
 #
 # Each package is checked with dpkg-query; apt-get update + apt-get install run only when
 # something is missing, so a machine that has everything pays one dpkg-query call and
@@ -64,7 +66,7 @@ domicile_deps() {
         # shellcheck disable=SC2086
         domicile_apt_install $missing || return 1
     fi
-    case " $* " in *" test "*) domicile_deps_buf || return 1 ;; esac
+    case " $* " in *" test "*) domicile_deps_node && domicile_deps_buf || return 1 ;; esac
     return 0
 }
 
@@ -96,6 +98,13 @@ domicile_buf_dir() {
     fi
 }
 
+# domicile_deps_node — Node.js and npm. They may come from elsewhere (NodeSource ships npm
+# inside its nodejs package, which conflicts with Debian's npm): only a machine without npm
+# gets Debian's.
+domicile_deps_node() {
+    command -v npm >/dev/null 2>&1 || domicile_apt_install nodejs npm
+}
+
 # domicile_deps_buf — buf $DOMICILE_BUF_VERSION in $(domicile_buf_dir), unless it is there.
 domicile_deps_buf() {
     local dir buf
@@ -104,11 +113,7 @@ domicile_deps_buf() {
     if [ -x "$buf" ] && [ "$("$buf" --version 2>/dev/null)" = "$DOMICILE_BUF_VERSION" ]; then
         return 0
     fi
-    # Node.js may come from elsewhere (NodeSource ships npm inside its nodejs package): only
-    # a machine without npm gets Debian's.
-    if ! command -v npm >/dev/null 2>&1; then
-        domicile_apt_install nodejs npm || return 1
-    fi
+    domicile_deps_node || return 1
     echo "deps.sh: installing buf $DOMICILE_BUF_VERSION from npm into $dir" >&2
     mkdir -p "$dir" || return 1
     npm install --prefix "$dir" --no-audit --no-fund --loglevel=error \

@@ -30,6 +30,16 @@
 typedef struct verify verify_t;
 typedef void (*verify_done_fn)(verify_t *v, dm_status_t *err);
 
+/* One link as stored, with what its entry's MAC shows. */
+typedef struct link {
+    int64_t seq, entry_id;
+    bool present;  /* its entry exists */
+    bool mac_ok;   /* the entry's MAC verifies: the gateway wrote it */
+    bool has_mac;  /* mac holds the stored MAC (32 bytes) */
+    bool has_hash; /* hash holds the stored link (32 bytes) */
+    unsigned char mac[32], hash[32];
+} link_t;
+
 struct verify {
     dm_call_t *call;
     dm_region_t *region;
@@ -56,6 +66,10 @@ struct verify {
     int64_t unsealed;
     int damage; /* Domicile__V1__LedgerDamage */
     int64_t bad_seq;
+    /* The first link that did not verify, judged once the next one is read (settle()). */
+    bool suspect;
+    link_t suspect_link;
+    unsigned char suspect_prev[32]; /* the link before it */
     char detail[256];
     bool has_checkpoint;
     Domicile__V1__LedgerCheckpoint cp;
@@ -79,6 +93,16 @@ static void set_damage(verify_t *v, int kind, int64_t seq, const char *fmt, ...)
     va_end(ap);
 }
 
+/* "link 7 is" or "links 7 to 9 are". */
+static const char *links_are(char buf[64], int64_t first, int64_t last)
+{
+    if (first == last)
+        snprintf(buf, 64, "link %lld is", (long long)first);
+    else
+        snprintf(buf, 64, "links %lld to %lld are", (long long)first, (long long)last);
+    return buf;
+}
+
 /* Rows outside the chain: committed but not sealed yet, or forged (no valid MAC). */
 static void verify_loose_row(verify_t *v, const PGresult *res, int i)
 {
@@ -90,6 +114,169 @@ static void verify_loose_row(verify_t *v, const PGresult *res, int i)
         v->unsealed++;
 }
 
+/*
+ * Classifying damage. The database never holds the ledger key, so only the gateway can make an
+ * entry's MAC (over its content) or a link, HMAC(key, previous link || seq || entry_id || MAC).
+ * At link s, after the verified link P, the verifier computes C = HMAC(key, P || s || entry_id
+ * || MAC) from what is stored there: the gateway produced that value only if it sealed that very
+ * MAC at s after P. The MAC at s is "sealed here" when C shows up where only the gateway puts
+ * links: as the stored link, as the link the next one was chained over, or as the head another
+ * region witnessed at s. (The next link chaining over the *stored* link at s proves nothing
+ * about it: the sealer chains over whatever head it finds, a forged one too.) A link that does
+ * not verify is judged when the next one is read (one link of lookahead, still one pass); only
+ * the first damage is reported.
+ *
+ * - EDITED: the entry's MAC does not verify but is sealed here: the gateway's entry is in place
+ *   with the MAC it was sealed with, and its content changed (its link overwritten or not).
+ * - DELETED: an entry the gateway sealed is missing: a link without its entry; a gap in seq;
+ *   the chain ending before the head witnessed in another region, or verifying up to that head
+ *   but with another link there (cut, then sealed again); an entry with a valid MAC whose link
+ *   the next one was chained over k positions further on (k links taken out, the rest
+ *   renumbered; k <= RENUMBER_MAX); an entry with no valid MAC, not sealed here, where the
+ *   gateway sealed another one: the head witnessed at s is another link, or the next entry
+ *   (valid MAC) was chained neither over this link at s+1 nor over P at s, so after a link at s
+ *   that is gone.
+ * - INSERTED: an entry with no valid MAC (the gateway did not write it) where nothing shows an
+ *   entry of the gateway's missing: unchained, linked at the end of the chain, linked in the
+ *   middle with the rest moved on (the next entry was sealed at s, after P), or followed by
+ *   entries the sealer chained over its forged link. An entry whose content and MAC were both
+ *   overwritten under its kept link leaves the same evidence as that last case, and is
+ *   reported INSERTED too: nothing the gateway wrote for it remains.
+ * - REORDERED: an entry with a valid MAC that the chain does not hold at s as stored: moved
+ *   (not sealed here, and not renumbered after a deletion), or sealed here under a link that
+ *   was overwritten.
+ */
+#define RENUMBER_MAX 1000
+
+static bool same32(const unsigned char *a, const unsigned char *b)
+{
+    return CRYPTO_memcmp(a, b, 32) == 0;
+}
+
+static void read_link(const verify_t *v, const PGresult *res, int i, link_t *l)
+{
+    int mlen = 0, hlen = 0;
+    const char *hash = dm_pg_bytes(res, i, 2, &hlen);
+    memset(l, 0, sizeof(*l));
+    l->seq = dm_pg_int8(res, i, 0);
+    l->entry_id = dm_pg_int8(res, i, 1);
+    l->present = !dm_pg_isnull(res, i, 3 + DM_LC_ENTRY_ID);
+    if (l->present) {
+        const char *mac = dm_pg_bytes(res, i, 3 + DM_LC_MAC, &mlen);
+        l->mac_ok = dm_ledger_entry_verifies(v->key, res, i, 3);
+        l->has_mac = mlen == 32;
+        if (l->has_mac)
+            memcpy(l->mac, mac, 32);
+    }
+    l->has_hash = hlen == 32;
+    if (l->has_hash)
+        memcpy(l->hash, hash, 32);
+}
+
+/* True when l's stored link is the one the gateway computes for its entry at seq after prev. */
+static bool chains(const verify_t *v, const unsigned char prev[32], int64_t seq, const link_t *l)
+{
+    unsigned char h[32];
+    if (!l->present || !l->has_mac || !l->has_hash)
+        return false;
+    dm_ledger_chain_hash(v->key, prev, seq, l->entry_id, l->mac, h);
+    return same32(h, l->hash);
+}
+
+/* How many links were taken out before `s` (the rest renumbered): `next` was chained over the
+ * link of `s` that many positions further on than it stands now. 0: not that. */
+static int renumbered(const verify_t *v, const link_t *s, const link_t *next)
+{
+    for (int k = 1; s->has_hash && k <= RENUMBER_MAX; k++)
+        if (chains(v, s->hash, next->seq + k, next))
+            return k;
+    return 0;
+}
+
+/* Judge the suspect link (see "Classifying damage") now that `next`, the link read after it,
+ * is known (NULL: the chain ended or has a gap). */
+static void settle(verify_t *v, const link_t *next)
+{
+    if (!v->suspect)
+        return;
+    v->suspect = false;
+    const link_t *s = &v->suspect_link;
+    const unsigned char *p = v->suspect_prev;
+    const link_t *n = next && next->present && next->seq == s->seq + 1 ? next : NULL;
+    bool witnessed = s->seq == v->witness_seq;
+    bool stored = false, sealed = false;
+    long long seq = s->seq, id = s->entry_id;
+    char buf[64];
+    unsigned char c[32];
+    if (s->has_mac) {
+        dm_ledger_chain_hash(v->key, p, s->seq, s->entry_id, s->mac, c);
+        stored = s->has_hash && same32(c, s->hash);
+        sealed =
+            stored || (witnessed && same32(c, v->witness_hash)) || (n && chains(v, c, n->seq, n));
+    }
+    if (!s->mac_ok) {
+        if (sealed)
+            set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_EDITED, seq,
+                       "entry %lld (link %lld) was changed after it was written: its content no "
+                       "longer matches the MAC sealed there",
+                       id, seq);
+        else if (witnessed)
+            set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, seq,
+                       "the entry sealed at link %lld is missing (region %s witnessed a link "
+                       "there that is not this entry's): entry %lld now at it carries no valid MAC",
+                       seq, v->witness_region, id);
+        else if (n && n->mac_ok && !chains(v, p, s->seq, n) &&
+                 !(s->has_hash && chains(v, s->hash, n->seq, n)))
+            set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, seq,
+                       "the entry sealed at link %lld is missing (link %lld was sealed after "
+                       "another link): entry %lld now at it carries no valid MAC",
+                       seq, (long long)n->seq, id);
+        else
+            set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_INSERTED, seq,
+                       "entry %lld at link %lld carries no valid MAC: inserted outside the gateway",
+                       id, seq);
+        return;
+    }
+    int k = 0;
+    if (stored) /* then only the witnessed head differs */
+        set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, seq,
+                   "link %lld is not the one region %s witnessed: the chain was cut at or before "
+                   "it and sealed again",
+                   seq, v->witness_region);
+    else if (sealed)
+        set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_REORDERED, seq,
+                   "link %lld is not the one sealed there for entry %lld: the chain was rewritten",
+                   seq, id);
+    else if (n && (k = renumbered(v, s, n)) > 0)
+        set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, seq,
+                   "%s missing: the links after %s were renumbered (entry %lld, now at link "
+                   "%lld, was sealed at link %lld)",
+                   links_are(buf, seq, seq + k - 1), k == 1 ? "it" : "them", id, seq, seq + k);
+    else
+        set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_REORDERED, seq,
+                   "link %lld does not follow link %lld: entries were moved or the chain was "
+                   "rewritten",
+                   seq, seq - 1);
+}
+
+static void verify_link(verify_t *v, const link_t *l)
+{
+    if (!l->present) {
+        set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, l->seq,
+                   "entry %lld (link %lld) was deleted", (long long)l->entry_id, (long long)l->seq);
+    } else if (v->damage == DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_NONE) {
+        bool witness_differs =
+            l->seq == v->witness_seq && (!l->has_hash || !same32(l->hash, v->witness_hash));
+        if (!l->mac_ok || !chains(v, v->prev, l->seq, l) || witness_differs) {
+            v->suspect = true;
+            v->suspect_link = *l;
+            memcpy(v->suspect_prev, v->prev, 32);
+        }
+    }
+    if (l->has_hash)
+        memcpy(v->prev, l->hash, 32); /* continue from the stored link */
+}
+
 static void verify_chain_done(dm_job_t *job, PGresult *res, dm_status_t *err)
 {
     verify_t *v = job->arg;
@@ -97,18 +284,13 @@ static void verify_chain_done(dm_job_t *job, PGresult *res, dm_status_t *err)
         v->done(v, err);
         return;
     }
-    int n = PQntuples(res), links = 0;
-    for (int i = 0; i < n; i++) {
-        if (dm_pg_isnull(res, i, 0)) {
-            verify_loose_row(v, res, i);
-            continue;
-        }
-        links++;
-        int64_t seq = dm_pg_int8(res, i, 0);
-        int64_t entry_id = dm_pg_int8(res, i, 1);
-        int len;
-        const unsigned char *link = (const unsigned char *)dm_pg_bytes(res, i, 2, &len);
-        if (seq != v->expected) {
+    /* Links in seq order, then (on the last page) the unsealed rows. */
+    int n = PQntuples(res), i = 0;
+    for (; i < n && !dm_pg_isnull(res, i, 0); i++) {
+        link_t l;
+        read_link(v, res, i, &l);
+        settle(v, &l);
+        if (l.seq != v->expected) {
             if (v->checked == 0 && !v->restarted) {
                 /* A purge may have moved the checkpoint since it was read: read it again,
                  * once. A gap that is still there then is damage. */
@@ -118,48 +300,29 @@ static void verify_chain_done(dm_job_t *job, PGresult *res, dm_status_t *err)
             }
             set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, v->expected,
                        "chain link %lld is missing", (long long)v->expected);
-            v->expected = seq; /* carry on from what is there */
+            v->expected = l.seq; /* carry on from what is there */
         }
-        if (dm_pg_isnull(res, i, 3 + DM_LC_ENTRY_ID)) {
-            set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, seq,
-                       "entry %lld (link %lld) was deleted", (long long)entry_id, (long long)seq);
-        } else {
-            unsigned char h[32];
-            int mlen;
-            const char *stored = dm_pg_bytes(res, i, 3 + DM_LC_MAC, &mlen);
-            if (!dm_ledger_entry_verifies(v->key, res, i, 3))
-                set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_EDITED, seq,
-                           "entry %lld (link %lld) was changed after it was written",
-                           (long long)entry_id, (long long)seq);
-            dm_ledger_chain_hash(v->key, v->prev, seq, entry_id, (const unsigned char *)stored, h);
-            if (len != 32 || CRYPTO_memcmp(h, link, 32) != 0)
-                set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_REORDERED, seq,
-                           "link %lld does not follow link %lld: entries were moved or the "
-                           "chain was rewritten",
-                           (long long)seq, (long long)seq - 1);
-        }
-        if (seq == v->witness_seq && (len != 32 || CRYPTO_memcmp(link, v->witness_hash, 32) != 0))
-            set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_REORDERED, seq,
-                       "link %lld is not the one region %s witnessed: the chain was rewritten",
-                       (long long)seq, v->witness_region);
-        if (len == 32)
-            memcpy(v->prev, link, 32); /* continue from the stored link */
-        v->expected = seq + 1;
+        verify_link(v, &l);
+        v->expected = l.seq + 1;
         v->checked++;
     }
     /* A short page also carried the unsealed rows, read in the same snapshot as its links:
      * an entry sealed meanwhile is counted exactly once. */
-    if (links == VERIFY_PAGE) {
+    if (i == VERIFY_PAGE) {
         verify_page(v);
         return;
     }
+    settle(v, NULL);
     /* The witnesses were read before the chain, after their links had been committed here:
      * a chain ending before the witnessed head lost its tail. */
+    char buf[64];
     if (v->witness_seq > v->expected - 1)
         set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, v->expected,
-                   "links %lld to %lld are missing: region %s witnessed the chain up to link %lld",
-                   (long long)v->expected, (long long)v->witness_seq, v->witness_region,
+                   "%s missing: region %s witnessed the chain up to link %lld",
+                   links_are(buf, v->expected, v->witness_seq), v->witness_region,
                    (long long)v->witness_seq);
+    for (; i < n; i++)
+        verify_loose_row(v, res, i);
     v->done(v, NULL);
 }
 
@@ -222,6 +385,7 @@ static void verify_read(verify_t *v)
 {
     v->damage = DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_NONE;
     v->bad_seq = 0;
+    v->suspect = false;
     v->detail[0] = '\0';
     v->checked = 0;
     v->unsealed = 0;

@@ -27,6 +27,18 @@
 #define POSTED_PER_METHOD 4
 #define POSTED_GENERIC    2
 
+/* HPACK's per-entry overhead (RFC 7541 §4.1), which chttp2 also adds to every header when it
+ * sums a header block against GRPC_ARG_MAX_METADATA_SIZE. */
+#define METADATA_ENTRY_OVERHEAD 32
+
+/* The transport's own limit on a request's header block: 8 times max_metadata_bytes, at least
+ * 1 MiB. gRPC 1.51's chttp2 answers a block over its limit with a connection error that fails
+ * every call on the connection, not only the offending one (hpack_parser.cc reports it without
+ * a stream id, so parsing.cc cannot reset just that stream). So max_metadata_bytes is
+ * enforced per call in start_call(), and this limit is only a far-away backstop. */
+#define METADATA_BACKSTOP_MIN   (1 << 20)
+#define METADATA_BACKSTOP_RATIO 8
+
 typedef enum {
     TAG_NEW,      /* request_(registered_)call completed: a new call or shutdown */
     TAG_CLOSE,    /* RECV_CLOSE_ON_SERVER completed */
@@ -77,6 +89,7 @@ struct dm_server {
     dm_authorize_fn authorize;
     void *authorize_arg;
     grpc_metadata answered_md; /* x-domicile-region: on every status (src/peer) */
+    size_t max_metadata_bytes; /* per call; cfg->max_metadata_bytes */
 };
 
 struct dm_call {
@@ -729,6 +742,19 @@ static bool decode_request(dm_call_t *c)
     return true;
 }
 
+/* Request metadata as max_metadata_bytes counts it: over the entries the call received (the
+ * headers gRPC consumes itself, such as :path, :authority, content-type, te and
+ * grpc-timeout, are not among them), key length + value length + METADATA_ENTRY_OVERHEAD
+ * each; a -bin value counts decoded, as it arrives here. */
+static size_t metadata_bytes(const grpc_metadata_array *md)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < md->count; i++)
+        n += GRPC_SLICE_LENGTH(md->metadata[i].key) + GRPC_SLICE_LENGTH(md->metadata[i].value) +
+             METADATA_ENTRY_OVERHEAD;
+    return n;
+}
+
 static void start_call(dm_call_t *c)
 {
     grpc_op op;
@@ -748,6 +774,14 @@ static void start_call(dm_call_t *c)
         return;
     }
 
+    /* First, so that a refused call is neither authorised nor routed and writes nothing. */
+    size_t md_bytes = metadata_bytes(&c->md);
+    if (md_bytes > c->srv->max_metadata_bytes) {
+        dm_call_finish(c, dm_status_new(GRPC_STATUS_RESOURCE_EXHAUSTED,
+                                        "request metadata is %zu bytes, limit %zu", md_bytes,
+                                        c->srv->max_metadata_bytes));
+        return;
+    }
     if (!c->method) {
         char *method = dm_strndup((const char *)GRPC_SLICE_START_PTR(c->details.method),
                                   GRPC_SLICE_LENGTH(c->details.method));
@@ -872,6 +906,7 @@ dm_status_t *dm_server_create(const dm_config_t *cfg, const dm_method_t *methods
     srv->n_methods = n_methods;
     srv->app = app;
     srv->n_workers = cfg->threads;
+    srv->max_metadata_bytes = (size_t)cfg->max_metadata_bytes;
     pthread_rwlock_init(&srv->post_lock, NULL);
     pthread_mutex_init(&srv->mu, NULL);
     pthread_cond_init(&srv->cond, NULL);
@@ -890,7 +925,10 @@ dm_status_t *dm_server_create(const dm_config_t *cfg, const dm_method_t *methods
     args[1].value.integer = cfg->max_send_message_bytes;
     args[2].type = GRPC_ARG_INTEGER;
     args[2].key = GRPC_ARG_MAX_METADATA_SIZE;
-    args[2].value.integer = cfg->max_metadata_bytes;
+    args[2].value.integer =
+        cfg->max_metadata_bytes > METADATA_BACKSTOP_MIN / METADATA_BACKSTOP_RATIO
+            ? cfg->max_metadata_bytes * METADATA_BACKSTOP_RATIO
+            : METADATA_BACKSTOP_MIN;
     args[3].type = GRPC_ARG_INTEGER;
     args[3].key = GRPC_ARG_MAX_CONCURRENT_STREAMS;
     args[3].value.integer = cfg->max_concurrent_streams;

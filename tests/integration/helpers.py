@@ -7,15 +7,20 @@ Test modules import it after conftest, which puts the generated Python stubs (do
 sys.path; pytest loads conftest.py before it collects any test module.
 """
 
+import base64
+import json
 import os
 import re
+import select
+import shutil
+import subprocess
 import time
 import uuid
 
 import grpc
 import pytest
 
-from conftest import BUILD_DIR
+from conftest import BUILD_DIR, SOURCE_DIR
 from domicile.v1 import customers_pb2, records_pb2, transfers_pb2
 
 
@@ -271,3 +276,167 @@ def region_layout(regions, region):
             other = "node2" if primary == "node1" else "node1"
             repl = e.get("standbys", {}).get(other)
     return primary, repl, running
+
+
+# --------------------------------------------------------------------------------------------
+# one channel of raw calls, from two client stacks (grpcio here, @grpc/grpc-js in node/)
+#
+# Both classes answer the same methods, so a test written once runs on both stacks:
+#   unary(path, request, metadata) -> (grpc.StatusCode, details, response bytes or None)
+#   open_stream(path, request, metadata) -> a stream handle whose .first is the first message
+#       (or .code/.details when the call ended before one arrived)
+#   active(h) -> no status yet;  drain(h) -> (code, details, the messages after the first)
+#   cancel(h) -> (code, details): CANCELLED unless the call had ended already
+# Requests and responses are serialized bytes; metadata is [(key, str)], bytes for "-bin" keys.
+
+SC_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class _Stream:
+    def __init__(self, first=None, code=None, details=None, handle=None):
+        self.first, self.code, self.details, self.handle = first, code, details, handle
+
+
+class GrpcioClient:
+    """The calls on one grpcio channel (Debian's python3-grpcio)."""
+
+    name = "python3-grpcio"
+
+    def __init__(self, channel):
+        self.channel = channel
+
+    def unary(self, path, request=b"", metadata=(), timeout=15):
+        call = self.channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+        try:
+            return grpc.StatusCode.OK, "", call(request, metadata=list(metadata), timeout=timeout)
+        except grpc.RpcError as e:
+            return e.code(), e.details(), None
+
+    def open_stream(self, path, request=b"", metadata=(), timeout=300):
+        it = self.channel.unary_stream(path, request_serializer=None, response_deserializer=None)(request, metadata=list(metadata), timeout=timeout)
+        try:
+            return _Stream(first=next(it), handle=it)
+        except grpc.RpcError as e:
+            return _Stream(code=e.code(), details=e.details(), handle=it)
+
+    def active(self, s):
+        return s.handle.is_active()
+
+    def drain(self, s):
+        msgs = []
+        try:
+            for m in s.handle:
+                msgs.append(m)
+        except grpc.RpcError:
+            pass
+        return s.handle.code(), s.handle.details(), msgs
+
+    def cancel(self, s):
+        s.handle.cancel()
+        return s.handle.code(), s.handle.details()
+
+    def close(self):
+        pass
+
+
+NODE_SOURCE = os.path.join(SOURCE_DIR, "tests", "integration", "node")
+
+
+def node_client_modules():
+    """node_modules of tests/integration/node/package-lock.json, installed with `npm ci` into
+    BUILD_DIR/node-client once per lock file. Skips the test when node or npm is missing
+    (deploy/deps.sh test installs both); a failing install fails it."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("the second client stack needs Node.js and npm (not found on PATH; deploy/deps.sh test installs them)")
+    dest = os.path.join(BUILD_DIR, "node-client")
+    stamp = os.path.join(dest, "node_modules", ".installed-lock")
+    with open(os.path.join(NODE_SOURCE, "package-lock.json"), "rb") as f:
+        lock = f.read()
+    if os.path.isfile(stamp):
+        with open(stamp, "rb") as f:
+            if f.read() == lock:
+                return os.path.join(dest, "node_modules")
+    os.makedirs(dest, exist_ok=True)
+    for name in ("package.json", "package-lock.json"):
+        shutil.copyfile(os.path.join(NODE_SOURCE, name), os.path.join(dest, name))
+    p = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=dest, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, f"npm ci in {dest} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+    with open(stamp, "wb") as f:
+        f.write(lock)
+    return os.path.join(dest, "node_modules")
+
+
+class NodeClient:
+    """The calls on one @grpc/grpc-js channel: tests/integration/node/client.js in a child
+    process, one JSON command and answer per line. Every call carries `token`."""
+
+    name = "@grpc/grpc-js"
+
+    def __init__(self, address, token, reply_timeout=120):
+        modules = node_client_modules()
+        self.reply_timeout = reply_timeout
+        self.stderr = open(os.path.join(os.path.dirname(modules), "client.stderr"), "w+")
+        self.proc = subprocess.Popen(
+            [shutil.which("node"), os.path.join(NODE_SOURCE, "client.js"), address, token],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            env=dict(os.environ, NODE_PATH=modules),
+        )
+        self.buf = b""
+
+    def _ask(self, **cmd):
+        self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + self.reply_timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            r, _, _ = select.select([self.proc.stdout], [], [], max(left, 0))
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 20) if r else b""
+            if not chunk:
+                self.stderr.seek(0)
+                raise AssertionError(f"node client: no answer to {cmd['op']} (exit code {self.proc.poll()})\n{self.stderr.read()[-5000:]}")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    @staticmethod
+    def _md(metadata):
+        return [[k, base64.b64encode(v).decode() if k.endswith("-bin") else v] for k, v in metadata]
+
+    @staticmethod
+    def _b64(data):
+        return base64.b64encode(data).decode()
+
+    def unary(self, path, request=b"", metadata=(), timeout=15):
+        r = self._ask(op="unary", path=path, request=self._b64(request), metadata=self._md(metadata), timeout_ms=int(timeout * 1000))
+        rep = base64.b64decode(r["response"]) if "response" in r else None
+        return SC_BY_VALUE[r["code"]], r["details"], rep
+
+    def open_stream(self, path, request=b"", metadata=(), timeout=300):
+        r = self._ask(op="open_stream", path=path, request=self._b64(request), metadata=self._md(metadata), timeout_ms=int(timeout * 1000))
+        if "first" in r:
+            return _Stream(first=base64.b64decode(r["first"]), handle=r["stream"])
+        return _Stream(code=SC_BY_VALUE[r["code"]], details=r["details"], handle=r["stream"])
+
+    def active(self, s):
+        return self._ask(op="active", stream=s.handle)["active"]
+
+    def drain(self, s):
+        r = self._ask(op="drain", stream=s.handle)
+        return SC_BY_VALUE[r["code"]], r["details"], [base64.b64decode(m) for m in r["messages"]]
+
+    def cancel(self, s):
+        r = self._ask(op="cancel", stream=s.handle)
+        return SC_BY_VALUE[r["code"]], r["details"]
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self._ask(op="close")
+                self.proc.wait(timeout=30)
+            except (AssertionError, BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self.stderr.close()

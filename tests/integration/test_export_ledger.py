@@ -44,6 +44,7 @@ def test_all_customer_export_is_logged_per_customer(session_federation, regions)
         assert (e.customer_id, e.method, e.from_region, e.to_region) == (cid, "Export", r, "eu"), e
         assert e.record_count == len(written[cid]), e
         assert e.bytes == sum(b for _, b in written[cid]), e
+        assert sorted(e.record_ids) == sorted(x for x, _ in written[cid]), e
     for r in ("us", "in"):
         assert regions.psql(r, f"SELECT count(*) FROM domicile.ledger WHERE request_id = '{rid}' "
                                "AND customer_id = '*'") == "0"

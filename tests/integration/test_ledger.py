@@ -757,13 +757,15 @@ def _sealed_entries(regions, p, region="in", n=5):
     return cid, chain, v
 
 
-def _damaged(p, region, kind, seq, before):
+def _damaged(p, region, kind, seq, before, sealed_up_to=None):
+    """VerifyLedger (and Report's state of that region) finds damage `kind` at `seq`; the chain
+    read reaches `sealed_up_to` (default: where it did `before`)."""
     v = verify(p["auditor"], region)
     assert not v.ok, v
     assert v.damage == kind, (T.LedgerDamage.Name(v.damage), v)
     assert v.first_bad_seq == seq, (seq, v)
     assert v.detail, v
-    assert v.sealed_up_to_seq == before.sealed_up_to_seq, v
+    assert v.sealed_up_to_seq == (before.sealed_up_to_seq if sealed_up_to is None else sealed_up_to), v
     # Report shows that region's ledger in the same state
     rep = p["auditor"].report(T.ReportRequest(from_unix_ms=now_ms() - 60000), timeout=60)
     state = {s.region: s for s in rep.ledgers}[region]
@@ -772,70 +774,11 @@ def _damaged(p, region, kind, seq, before):
     return v
 
 
-def _repaired(p, region, before):
+def _repaired(p, region, before, added=0):
+    """The ledger verifies again as `before`, plus `added` entries sealed meanwhile."""
     v = assert_verifies(p["auditor"], region)
-    assert (v.sealed_up_to_seq, v.entries_checked) == (before.sealed_up_to_seq, before.entries_checked), (v, before)
-
-
-def _tampered_row(regions, p, region, before, entry, sql, kind, names_entry=True):
-    """Runs `sql`, a change to the ledger row of `entry` (seq, entry_id, _); VerifyLedger must
-    find damage `kind` at that seq (its detail naming the entry_id when `names_entry`). The row
-    is put back whatever happens, and the ledger must then verify as `before`."""
-    seq, entry_id, _ = entry
-    saved = saved_row(regions, region, "ledger", "entry_id", entry_id)
-    try:
-        regions.psql(region, sql)
-        v = _damaged(p, region, kind, seq, before)
-        if names_entry:
-            assert str(entry_id) in v.detail, v.detail
-    finally:
-        restore_ledger_rows(regions, region, [saved])
-    _repaired(p, region, before)
-
-
-def _saved_row_and_link(regions, region, seq, entry_id):
-    """The ledger row `entry_id` and its chain link `seq`, saved before a test deletes both."""
-    return saved_row(regions, region, "ledger", "entry_id", entry_id), saved_row(regions, region, "ledger_chain", "seq", seq)
-
-
-def _restore_row_and_link(regions, region, saved, link):
-    """Row and link back in one transaction: a row without its link would look unsealed to the
-    sealers, which would chain it again at the head."""
-    restore_ledger_rows(
-        regions,
-        region,
-        [saved],
-        extra=f"INSERT INTO domicile.ledger_chain SELECT * FROM json_populate_record(NULL::domicile.ledger_chain, {jlit(link)}) "
-        "ON CONFLICT (seq) DO NOTHING",
-    )
-
-
-def test_tamper_edit_one_entry(regions, p):
-    region = "in"
-    cid, chain, before = _sealed_entries(regions, p, region)
-    sql = f"UPDATE domicile.ledger SET bytes = bytes + 1000 WHERE entry_id = {chain[2][1]}"
-    _tampered_row(regions, p, region, before, chain[2], sql, T.LEDGER_DAMAGE_EDITED)
-
-    # an edit of a text field (the basis a transfer relied on) is found the same way
-    sql = f"UPDATE domicile.ledger SET basis_id = 'scc-2021-914-m1' WHERE entry_id = {chain[0][1]}"
-    _tampered_row(regions, p, region, before, chain[0], sql, T.LEDGER_DAMAGE_EDITED, names_entry=False)
-
-
-def test_tamper_delete_one_entry(regions, p):
-    region = "in"
-    cid, chain, before = _sealed_entries(regions, p, region)
-    sql = f"DELETE FROM domicile.ledger WHERE entry_id = {chain[1][1]}"
-    _tampered_row(regions, p, region, before, chain[1], sql, T.LEDGER_DAMAGE_DELETED)
-
-    # the entry and its chain link deleted together: the gap in the chain is found
-    seq, entry_id, _ = chain[3]
-    saved, link = _saved_row_and_link(regions, region, seq, entry_id)
-    try:
-        regions.psql(region, f"DELETE FROM domicile.ledger_chain WHERE seq = {seq}; DELETE FROM domicile.ledger WHERE entry_id = {entry_id}")
-        _damaged(p, region, T.LEDGER_DAMAGE_DELETED, seq, before)
-    finally:
-        _restore_row_and_link(regions, region, saved, link)
-    _repaired(p, region, before)
+    got = (v.sealed_up_to_seq, v.entries_checked)
+    assert got == (before.sealed_up_to_seq + added, before.entries_checked + added), (v, before)
 
 
 def forge_entry(regions, region, cid, to_region, basis, queued=False):
@@ -906,38 +849,346 @@ def test_forged_entry_in_the_seal_queue_is_dequeued_not_chained(regions, p):
     assert_verifies(p["auditor"], region)
 
 
-def test_tamper_swap_two_entries(regions, p):
-    """Two sealed entries exchange places: (a) their contents swapped under the same entry ids
-    (each row keeps a valid MAC), (b) their chain links' positions swapped. Both REORDERED
-    at the first of the two positions."""
-    region = "in"
-    cid, chain, before = _sealed_entries(regions, p, region)
-    (s1, e1, _), (_, e2, _) = chain[1], chain[2]
-    saved = [saved_row(regions, region, "ledger", "entry_id", e) for e in (e1, e2)]
-    try:
-        swapped = [dict(saved[1], entry_id=e1), dict(saved[0], entry_id=e2)]
-        restore_ledger_rows(regions, region, swapped)
-        rows = customer_rows(regions, region, cid)
-        assert [r["entry_id"] for r in rows[1:3]] == [e1, e2] and rows[1]["entry_mac"] == saved[1]["entry_mac"][2:]
-        _damaged(p, region, T.LEDGER_DAMAGE_REORDERED, s1, before)
-    finally:
-        restore_ledger_rows(regions, region, saved)
-    _repaired(p, region, before)
+# Every tamper kind, with and without a forged chain link (issue 14, item 3). A forged link is
+# one the attacker wrote into domicile.ledger_chain: links renumbered, a hash overwritten, or a
+# new link (its hash random: the chain key is not in the database). VerifyLedger classifies by
+# what the MACs, links and witnesses prove (src/api/transfers.c, "Classifying damage"); each
+# case names the kind, the position and the exact message.
 
-    (s1, _, _), (s3, _, _) = chain[0], chain[3]
-    swap = (
-        f"UPDATE domicile.ledger_chain SET seq = seq + 1000000000 WHERE seq IN ({s1}, {s3}); "
-        f"UPDATE domicile.ledger_chain SET seq = {s3} WHERE seq = {s1 + 1000000000}; "
-        f"UPDATE domicile.ledger_chain SET seq = {s1} WHERE seq = {s3 + 1000000000}"
+WITNESS = "(eu|us)"  # the region that witnessed the chain's head (the first to answer)
+
+
+def _hash():
+    """A random 32-byte value as a bytea literal: a link hash nobody could verify."""
+    return f"'\\x{os.urandom(32).hex()}'::bytea"
+
+
+class Tamper:
+    """Five sealed entries of a fresh customer at the head of `region`'s chain, saved before a
+    case tampers with them as a superuser: the links from the first of them on, their ledger
+    rows, and the chain's head as witnessed in the other regions. restore() puts all of it
+    back, removes the forged rows, and queues the honest entries written meanwhile again (the
+    sealer then chains them after the restored head); the ledger must verify as `before` plus
+    those entries."""
+
+    def __init__(self, regions, p, region):
+        self.regions, self.p, self.region = regions, p, region
+        self.cid, self.chain, self.before = _sealed_entries(regions, p, region)
+        self.head = self.chain[-1][0]
+        # the sealer stores the head in the other regions right after the seal, asynchronously
+        witnessed = wait_until(
+            lambda: [
+                scalar(regions, w, f"SELECT seq FROM domicile.ledger_witness WHERE region = {lit(region)}")
+                for w in REGION_CODES
+                if w != region
+            ],
+            lambda seqs: all(s == str(self.head) for s in seqs),
+            timeout=10,
+        )
+        assert all(s == str(self.head) for s in witnessed), (self.head, witnessed)
+        self.links = sql_json(regions, region, f"SELECT * FROM domicile.ledger_chain WHERE seq >= {self.seq(0)} ORDER BY seq")
+        assert [(r["seq"], r["entry_id"]) for r in self.links] == [c[:2] for c in self.chain], self.links
+        self.rows = [saved_row(regions, region, "ledger", "entry_id", c[1]) for c in self.chain]
+        self.last_entry = int(scalar(regions, region, "SELECT max(entry_id) FROM domicile.ledger"))
+        self.witnesses = {
+            w: sql_json(regions, w, f"SELECT * FROM domicile.ledger_witness WHERE region = {lit(region)}")
+            for w in REGION_CODES
+            if w != region
+        }
+        self.forged = []
+        self.honest = 0
+
+    def seq(self, i):
+        return self.chain[i][0]
+
+    def entry(self, i):
+        return self.chain[i][1]
+
+    def sql(self, sql):
+        return self.regions.psql(self.region, sql)
+
+    def forge(self):
+        """A ledger row with a random MAC (not in the sealer's queue); its entry_id."""
+        f = forge_entry(self.regions, self.region, self.cid, "us", DPDP)
+        self.forged.append(f)
+        return f
+
+    def link(self, seq, entry_id):
+        """A forged link: `entry_id` at `seq` with a random hash."""
+        self.sql(f"INSERT INTO domicile.ledger_chain (seq, entry_id, chain_hash) VALUES ({seq}, {entry_id}, {_hash()})")
+
+    def renumber(self, first, by):
+        """Links from `first` on moved by `by` positions (in two steps: seq is unique)."""
+        self.sql(
+            f"UPDATE domicile.ledger_chain SET seq = seq + 1000000000 WHERE seq >= {first}; "
+            f"UPDATE domicile.ledger_chain SET seq = seq - 1000000000 + {by} WHERE seq >= 1000000000"
+        )
+
+    def cut(self, i):
+        """Entry i and its link deleted."""
+        self.sql(f"DELETE FROM domicile.ledger_chain WHERE seq = {self.seq(i)}; DELETE FROM domicile.ledger WHERE entry_id = {self.entry(i)}")
+
+    def honest_entry(self, sealed_at):
+        """A cross-border read logged by the gateway; waits until the sealer chained it at
+        `sealed_at` (after whatever the chain's head is)."""
+        get(self.p[READER_OF[self.region]], self.cid, "rec-1")
+        self.honest += 1
+        v = wait_until(
+            lambda: verify(self.p["auditor"], self.region),
+            lambda v: v.unsealed_entries == 0 and v.sealed_up_to_seq == sealed_at,
+        )
+        assert v.unsealed_entries == 0 and v.sealed_up_to_seq == sealed_at, v
+
+    def restore(self):
+        lo = self.seq(0)
+        stmts = [f"DELETE FROM domicile.ledger_chain WHERE seq >= {lo}"]
+        if self.forged:
+            stmts.append(f"DELETE FROM domicile.ledger WHERE entry_id IN ({', '.join(map(str, self.forged))})")
+        stmts.append(restore_sql(self.rows))
+        stmts.append(f"INSERT INTO domicile.ledger_chain SELECT * FROM json_populate_recordset(NULL::domicile.ledger_chain, {jlit(self.links)})")
+        stmts.append(
+            "INSERT INTO domicile.ledger_seal_queue SELECT l.entry_id FROM domicile.ledger l "
+            f"WHERE l.entry_id > {self.last_entry} AND NOT EXISTS "
+            "(SELECT 1 FROM domicile.ledger_chain c WHERE c.entry_id = l.entry_id) ON CONFLICT DO NOTHING"
+        )
+        self.sql("; ".join(stmts))
+        # after the chain: a head the sealer witnesses now is one of the restored chain's
+        for w, saved in self.witnesses.items():
+            self.regions.psql(
+                w,
+                f"DELETE FROM domicile.ledger_witness WHERE region = {lit(self.region)}; "
+                f"INSERT INTO domicile.ledger_witness SELECT * FROM json_populate_recordset(NULL::domicile.ledger_witness, {jlit(saved)})",
+            )
+
+
+# Each case tampers through `t` (a Tamper) and returns (kind, seq, message regex, sealed_up_to
+# or None for the chain's head before).
+NO_MAC = "carries no valid MAC: inserted outside the gateway"
+MOVED = "entries were moved or the chain was rewritten"
+
+
+def edited(t):
+    """An entry's content changed; its MAC and link untouched."""
+    t.sql(f"UPDATE domicile.ledger SET bytes = bytes + 1000 WHERE entry_id = {t.entry(2)}")
+    return "EDITED", t.seq(2), rf"entry {t.entry(2)} \(link {t.seq(2)}\) was changed after it was written: its content no longer matches the MAC sealed there", None
+
+
+def edited_link_forged(t):
+    """An entry's content changed and its link overwritten (to hide the edit): the next link
+    still chains over the MAC the gateway sealed at that position."""
+    t.sql(
+        f"UPDATE domicile.ledger SET basis_id = 'scc-2021-914-m1' WHERE entry_id = {t.entry(2)}; "
+        f"UPDATE domicile.ledger_chain SET chain_hash = {_hash()} WHERE seq = {t.seq(2)}"
     )
+    return "EDITED", t.seq(2), rf"entry {t.entry(2)} \(link {t.seq(2)}\) was changed after it was written: its content no longer matches the MAC sealed there", None
+
+
+def edited_newest_link_forged(t):
+    """The newest entry changed and its link overwritten: no next link, but the head witnessed
+    in another region is the link the gateway sealed over its MAC."""
+    t.sql(
+        f"UPDATE domicile.ledger SET record_count = 0 WHERE entry_id = {t.entry(4)}; "
+        f"UPDATE domicile.ledger_chain SET chain_hash = {_hash()} WHERE seq = {t.head}"
+    )
+    return "EDITED", t.head, rf"entry {t.entry(4)} \(link {t.head}\) was changed after it was written: its content no longer matches the MAC sealed there", None
+
+
+def edited_with_its_mac(t):
+    """Content and MAC both overwritten, link kept: nothing of the gateway's entry is left, and
+    a link the sealer chained over proves nothing (it chains over whatever head it finds, as
+    after inserted_linked_at_head_then_chained_over). The entry at that position is not the
+    gateway's: INSERTED there."""
+    t.sql(f"UPDATE domicile.ledger SET bytes = 1, entry_mac = {_hash()} WHERE entry_id = {t.entry(2)}")
+    return "INSERTED", t.seq(2), rf"entry {t.entry(2)} at link {t.seq(2)} {NO_MAC}", None
+
+
+def edited_newest_with_its_mac(t):
+    """The same to the newest entry: the head witnessed in another region is the link kept
+    there, and this entry's MAC does not give it, so the gateway's entry there is gone."""
+    t.sql(f"UPDATE domicile.ledger SET bytes = 1, entry_mac = {_hash()} WHERE entry_id = {t.entry(4)}")
+    return (
+        "DELETED",
+        t.head,
+        rf"the entry sealed at link {t.head} is missing \(region {WITNESS} witnessed a link there that is not this entry's\): "
+        rf"entry {t.entry(4)} now at it carries no valid MAC",
+        None,
+    )
+
+
+def deleted(t):
+    """An entry deleted, its link kept."""
+    t.sql(f"DELETE FROM domicile.ledger WHERE entry_id = {t.entry(1)}")
+    return "DELETED", t.seq(1), rf"entry {t.entry(1)} \(link {t.seq(1)}\) was deleted", None
+
+
+def deleted_with_link(t):
+    """An entry and its link deleted: a gap."""
+    t.cut(3)
+    return "DELETED", t.seq(3), rf"chain link {t.seq(3)} is missing", None
+
+
+def deleted_links_renumbered(t):
+    """An entry and its link deleted, the links after it renumbered to close the gap: the next
+    link still chains over the moved one at one position further."""
+    t.cut(1)
+    t.renumber(t.seq(2), -1)
+    return (
+        "DELETED",
+        t.seq(1),
+        rf"link {t.seq(1)} is missing: the links after it were renumbered \(entry {t.entry(2)}, now at link {t.seq(1)}, was sealed at link {t.seq(2)}\)",
+        t.head - 1,
+    )
+
+
+def deleted_two_links_renumbered(t):
+    """Two entries and their links deleted, the links after them renumbered."""
+    t.cut(1)
+    t.cut(2)
+    t.renumber(t.seq(3), -2)
+    return (
+        "DELETED",
+        t.seq(1),
+        rf"links {t.seq(1)} to {t.seq(2)} are missing: the links after them were renumbered "
+        rf"\(entry {t.entry(3)}, now at link {t.seq(1)}, was sealed at link {t.seq(3)}\)",
+        t.head - 2,
+    )
+
+
+def deleted_replaced_by_forged_link(t):
+    """An entry deleted and a forged one linked in its place (random hash): the next entry,
+    the gateway's, was sealed after a link that is not there."""
+    t.sql(f"DELETE FROM domicile.ledger WHERE entry_id = {t.entry(2)}")
+    f = t.forge()
+    t.sql(f"UPDATE domicile.ledger_chain SET entry_id = {f}, chain_hash = {_hash()} WHERE seq = {t.seq(2)}")
+    return (
+        "DELETED",
+        t.seq(2),
+        rf"the entry sealed at link {t.seq(2)} is missing \(link {t.seq(3)} was sealed after another link\): entry {f} now at it carries no valid MAC",
+        None,
+    )
+
+
+def inserted(t):
+    """A forged entry without a link: never chained."""
+    f = t.forge()
+    return "INSERTED", t.head + 1, rf"entry {f} {NO_MAC}", None
+
+
+def inserted_linked_at_head(t):
+    """A forged entry with a forged link at head+1 (the case issue 14 found reported EDITED)."""
+    f = t.forge()
+    t.link(t.head + 1, f)
+    return "INSERTED", t.head + 1, rf"entry {f} at link {t.head + 1} {NO_MAC}", t.head + 1
+
+
+def inserted_linked_at_head_then_chained_over(t):
+    """The same, then an honest entry that the sealer chains after the forged link."""
+    f = t.forge()
+    t.link(t.head + 1, f)
+    t.honest_entry(sealed_at=t.head + 2)
+    return "INSERTED", t.head + 1, rf"entry {f} at link {t.head + 1} {NO_MAC}", t.head + 2
+
+
+def inserted_linked_in_the_middle(t):
+    """A forged entry linked in the middle, the links after it moved one position on: the next
+    entry was sealed at the forged one's position."""
+    t.renumber(t.seq(2), 1)
+    f = t.forge()
+    t.link(t.seq(2), f)
+    return "INSERTED", t.seq(2), rf"entry {f} at link {t.seq(2)} {NO_MAC}", t.head + 1
+
+
+def _swap_contents(t, i, j):
+    restore_ledger_rows(t.regions, t.region, [dict(t.rows[j], entry_id=t.entry(i)), dict(t.rows[i], entry_id=t.entry(j))])
+
+
+def reordered(t):
+    """Two entries' contents exchanged under their entry ids (each keeps a valid MAC)."""
+    _swap_contents(t, 1, 2)
+    return "REORDERED", t.seq(1), rf"link {t.seq(1)} does not follow link {t.seq(1) - 1}: {MOVED}", None
+
+
+def reordered_links_moved(t):
+    """Two links exchanged positions."""
+    s0, s3 = t.seq(0), t.seq(3)
+    t.sql(
+        f"UPDATE domicile.ledger_chain SET seq = seq + 1000000000 WHERE seq IN ({s0}, {s3}); "
+        f"UPDATE domicile.ledger_chain SET seq = {s3} WHERE seq = {s0 + 1000000000}; "
+        f"UPDATE domicile.ledger_chain SET seq = {s0} WHERE seq = {s3 + 1000000000}"
+    )
+    return "REORDERED", s0, rf"link {s0} does not follow link {s0 - 1}: {MOVED}", None
+
+
+def reordered_links_forged(t):
+    """Two entries' contents exchanged and both their links overwritten."""
+    _swap_contents(t, 1, 2)
+    t.sql(f"UPDATE domicile.ledger_chain SET chain_hash = {_hash()} WHERE seq IN ({t.seq(1)}, {t.seq(2)})")
+    return "REORDERED", t.seq(1), rf"link {t.seq(1)} does not follow link {t.seq(1) - 1}: {MOVED}", None
+
+
+def tail_cut(t):
+    """The newest entry and its link deleted: the chain ends before the witnessed head."""
+    t.cut(4)
+    return "DELETED", t.head, rf"link {t.head} is missing: region {WITNESS} witnessed the chain up to link {t.head}", t.head - 1
+
+
+def tail_cut_forged_in_its_place(t):
+    """The newest entry and its link deleted, a forged entry linked in their place: the head
+    witnessed in another region is another link."""
+    t.cut(4)
+    f = t.forge()
+    t.link(t.head, f)
+    return (
+        "DELETED",
+        t.head,
+        rf"the entry sealed at link {t.head} is missing \(region {WITNESS} witnessed a link there that is not this entry's\): "
+        rf"entry {f} now at it carries no valid MAC",
+        None,
+    )
+
+
+def tail_cut_sealed_again(t):
+    """The newest entry and its link deleted, then an honest entry sealed in its place by the
+    gateway: a valid link, but not the one witnessed."""
+    t.cut(4)
+    t.honest_entry(sealed_at=t.head)
+    return "DELETED", t.head, rf"link {t.head} is not the one region {WITNESS} witnessed: the chain was cut at or before it and sealed again", None
+
+
+TAMPERS = [
+    edited,
+    edited_link_forged,
+    edited_newest_link_forged,
+    edited_with_its_mac,
+    edited_newest_with_its_mac,
+    deleted,
+    deleted_with_link,
+    deleted_links_renumbered,
+    deleted_two_links_renumbered,
+    deleted_replaced_by_forged_link,
+    inserted,
+    inserted_linked_at_head,
+    inserted_linked_at_head_then_chained_over,
+    inserted_linked_in_the_middle,
+    reordered,
+    reordered_links_moved,
+    reordered_links_forged,
+    tail_cut,
+    tail_cut_forged_in_its_place,
+    tail_cut_sealed_again,
+]
+
+
+@pytest.mark.parametrize("tamper", TAMPERS, ids=[f.__name__ for f in TAMPERS])
+def test_tamper_is_classified_with_and_without_a_forged_link(regions, p, tamper):
+    t = Tamper(regions, p, "in")
     try:
-        regions.psql(region, swap)
-        assert [c[1] for c in chain_of(regions, region, cid)] == [chain[3][1], chain[1][1], chain[2][1], chain[0][1], chain[4][1]]
-        _damaged(p, region, T.LEDGER_DAMAGE_REORDERED, s1, before)
+        kind, seq, message, sealed_up_to = tamper(t)
+        v = _damaged(p, t.region, getattr(T, "LEDGER_DAMAGE_" + kind), seq, t.before, sealed_up_to)
+        assert re.fullmatch(message, v.detail), (message, v.detail)
     finally:
-        regions.psql(region, swap)
-    assert chain_of(regions, region, cid) == chain
-    _repaired(p, region, before)
+        t.restore()
+    _repaired(p, t.region, t.before, added=t.honest)
 
 
 def test_report_ledger_state_names_the_damage(regions, p):
@@ -1228,34 +1479,6 @@ def test_list_transfers_merges_regions_by_time(regions, p):
     for size in (1, 2):
         paged = list_transfers(p["auditor"], from_unix_ms=t0, to_unix_ms=t1, page_size=size)
         assert [(e.at_unix_ms, e.region, e.entry_id) for e in paged] == keys, (size, paged)
-
-
-def test_tamper_delete_the_newest_entry(regions, p):
-    """DESIGN.md promise 4: VerifyLedger finds any deleted entry. Cutting the tail (the last
-    entry and its link) leaves no gap in the region's own tables; the sealer stores each head
-    it writes as a witness in the other regions (domicile.ledger_witness), and VerifyLedger
-    reports the chain ending before the highest witnessed head as DELETED there."""
-    region = "in"
-    cid, chain, before = _sealed_entries(regions, p, region, n=3)
-    seq, entry_id, h = chain[-1]
-    # witnesses are stored right after the seal, asynchronously: wait for one to be there
-    witnessed = wait_until(
-        lambda: [
-            scalar(regions, w, f"SELECT count(*) FROM domicile.ledger_witness WHERE region = {lit(region)} AND seq >= {seq}") == "1"
-            for w in ("eu", "us")
-        ],
-        any,
-        timeout=10,
-    )
-    assert any(witnessed), "the head of the chain was not witnessed in another region"
-    saved, link = _saved_row_and_link(regions, region, seq, entry_id)
-    try:
-        regions.psql(region, f"DELETE FROM domicile.ledger_chain WHERE seq = {seq}; DELETE FROM domicile.ledger WHERE entry_id = {entry_id}")
-        v = verify(p["auditor"], region)
-        assert not v.ok and v.damage == T.LEDGER_DAMAGE_DELETED and v.first_bad_seq == seq, v
-    finally:
-        _restore_row_and_link(regions, region, saved, link)
-        _repaired(p, region, before)
 
 
 def test_list_transfers_filters_by_subject_principal_and_direction(regions, p):
