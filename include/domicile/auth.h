@@ -57,6 +57,9 @@ typedef struct dm_principals {
 dm_status_t *dm_principals_load(const char *path, const dm_config_t *cfg,
                                 dm_principals_t **out) DM_WARN_UNUSED;
 void dm_principals_free(dm_principals_t *p);
+/** Free what a principal owns (names, tenants, region, purpose, certificate subject; the
+ * token hash is wiped), not the struct itself. */
+void dm_principal_dispose(dm_principal_t *p);
 
 /**
  * The principal whose token hashes to SHA-256(token), or NULL. Every principal is compared

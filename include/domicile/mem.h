@@ -23,5 +23,12 @@ char *dm_strdup(const char *s);
 char *dm_strndup(const char *s, size_t n);
 /** asprintf() that aborts on failure; the result is the caller's to free. */
 char *dm_sprintf(const char *fmt, ...) DM_PRINTF(1, 2);
+/**
+ * The whole of a small file (PEM files and the like) as a NUL-terminated string; NULL when it
+ * cannot be read or holds more than `max` bytes (never a silently shortened copy).
+ */
+char *dm_read_small_file(const char *path, size_t max);
+/** Limit for certificate, key and CA files (chains stay far below it). */
+#define DM_PEM_MAX ((size_t)1 << 20)
 
 #endif

@@ -87,9 +87,15 @@ typedef struct dm_xfer {
     char request_id[DM_XFER_ID_LEN];
     /* set by the gate */
     dm_region_t *region;
-    bool cross;
+    bool cross;  /* dm_xfer_log() is due: `direct`, or a transit through a third region */
+    bool direct; /* the principal's region is not the data's: from -> to under `basis` */
     const char *from, *to;
     const dm_basis_t *basis;
+    /* A call a peer gateway forwarded from a region V that is neither the data's nor the
+     * principal's: the plaintext passes through V's gateway, a transfer of its own
+     * (read: region -> V; write: principal's region -> V) under `via_basis`. */
+    const char *via, *via_from;
+    const dm_basis_t *via_basis;
 } dm_xfer_t;
 
 typedef void (*dm_xfer_fn)(void *arg, dm_status_t *err);
@@ -103,7 +109,8 @@ void dm_xfer_request_id(dm_call_t *call, const char *given, char out[DM_XFER_ID_
  * (x->record_id: count 1 and its id) or none (count 0).
  */
 void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn fn, void *arg);
-/** Log an allowed cross-border transfer; `done` runs once it is committed (or failed). */
+/** Log an allowed cross-border transfer (and its transit through a third region, if any: two
+ * entries, same request id); `done` runs once both are committed (or one failed). */
 void dm_xfer_log(dm_call_t *call, const dm_xfer_t *x, int64_t records, int64_t bytes,
                  const char *record_ids, dm_ledger_done_fn done, void *arg);
 

@@ -1609,6 +1609,22 @@ static void export_resolved(void *arg, dm_region_t *region, const char *state, d
         receive_fanout(&e->st, false, export_received, e);
 }
 
+/* The export's context, owned by the call from here on. */
+static export_ctx_t *export_new(dm_call_t *call, dm_app_t *app)
+{
+    export_ctx_t *e = dm_calloc(1, sizeof(*e));
+    pthread_mutex_init(&e->log_mu, NULL);
+    e->call = call;
+    e->app = app;
+    e->st.call = call;
+    e->st.app = app;
+    e->st.kind = DOMICILE__V1__DSR_KIND__DSR_KIND_EXPORT;
+    e->sha = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(e->sha, EVP_sha256(), NULL);
+    dm_call_set_data(call, e, export_free);
+    return e;
+}
+
 void dm_dsr_export(dm_call_t *call)
 {
     const Domicile__V1__ExportRequest *req =
@@ -1617,17 +1633,8 @@ void dm_dsr_export(dm_call_t *call)
     const dm_principal_t *p = dm_call_principal_of(call);
     dm_status_t *st;
     bool has;
-    export_ctx_t *e = dm_calloc(1, sizeof(*e));
-    pthread_mutex_init(&e->log_mu, NULL);
-    e->call = call;
-    e->app = app;
+    export_ctx_t *e = export_new(call, app);
     e->req = req;
-    e->st.call = call;
-    e->st.app = app;
-    e->st.kind = DOMICILE__V1__DSR_KIND__DSR_KIND_EXPORT;
-    e->sha = EVP_MD_CTX_new();
-    EVP_DigestInit_ex(e->sha, EVP_sha256(), NULL);
-    dm_call_set_data(call, e, export_free);
     if ((st = dm_check_request_id("request_id", req->request_id)) ||
         (st = dm_check_text("reason", req->reason, 0, REASON_MAX)) ||
         (req->customer_id[0] && (st = dm_check_customer_id("customer_id", req->customer_id))) ||
@@ -1696,17 +1703,8 @@ void dm_peer_export_part(dm_call_t *call)
         dm_call_finish(call, st);
         return;
     }
-    export_ctx_t *e = dm_calloc(1, sizeof(*e));
-    pthread_mutex_init(&e->log_mu, NULL);
-    e->call = call;
-    e->app = app;
+    export_ctx_t *e = export_new(call, app);
     e->part = true;
-    e->st.call = call;
-    e->st.app = app;
-    e->st.kind = DOMICILE__V1__DSR_KIND__DSR_KIND_EXPORT;
-    e->sha = EVP_MD_CTX_new();
-    EVP_DigestInit_ex(e->sha, EVP_sha256(), NULL);
-    dm_call_set_data(call, e, export_free);
     dm_call_set_purpose(call, EXPORT_PURPOSE);
     snprintf(e->st.request_id, sizeof(e->st.request_id), "%s", req->request_id);
     snprintf(e->st.customer, sizeof(e->st.customer), "%s", req->customer_id);

@@ -43,7 +43,7 @@ void dm_roles_format(unsigned mask, char *buf, size_t len)
     }
 }
 
-static void principal_dispose(dm_principal_t *p)
+void dm_principal_dispose(dm_principal_t *p)
 {
     free(p->name);
     for (size_t i = 0; i < p->n_tenants; i++)
@@ -60,7 +60,7 @@ void dm_principals_free(dm_principals_t *ps)
     if (!ps)
         return;
     for (size_t i = 0; i < ps->n; i++)
-        principal_dispose(&ps->items[i]);
+        dm_principal_dispose(&ps->items[i]);
     free(ps->items);
     free(ps->source);
     free(ps);

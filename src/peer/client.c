@@ -120,28 +120,6 @@ struct dm_peer_stream {
 
 /* ---- small helpers ---- */
 
-static char *read_file(const char *path)
-{
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return NULL;
-    char *buf = NULL;
-    size_t cap = 0, n = 0;
-    for (;;) {
-        if (n + 4097 > cap) {
-            cap = cap ? cap * 2 : 8192;
-            buf = dm_realloc(buf, cap);
-        }
-        size_t r = fread(buf + n, 1, 4096, f);
-        n += r;
-        if (r == 0 || n > (1 << 20))
-            break;
-    }
-    fclose(f);
-    buf[n] = '\0';
-    return buf;
-}
-
 static grpc_byte_buffer *bb_from_slice(grpc_slice s)
 {
     return grpc_raw_byte_buffer_create(&s, 1);
@@ -558,15 +536,7 @@ static void stream_status_done(tag_t *t, bool ok)
         return;
     live_remove(pc);
     pc->end_fn(pc->arg, pc->status == GRPC_STATUS_OK ? NULL : status_of(pc, answered));
-    free(pc->path);
-    pc->path = NULL;
-    attempt_reset(pc);
-    grpc_metadata_array_destroy(&pc->initial_md);
-    grpc_metadata_array_destroy(&pc->trailing_md);
-    grpc_slice_unref(pc->req);
-    for (size_t i = 0; i < pc->n_md; i++)
-        grpc_slice_unref(pc->md[i].value);
-    free((dm_peer_stream_t *)pc);
+    pcall_free(pc); /* the stream's pcall_t is its first member */
 }
 
 static void stream_got(pcall_t *pc)
@@ -975,9 +945,9 @@ dm_status_t *dm_peers_create(const dm_config_t *cfg, dm_regions_t *regions, dm_p
     char *ca = NULL, *cert = NULL, *key = NULL;
     grpc_channel_credentials *creds = NULL;
     if (any) {
-        ca = read_file(cfg->peer_ca_file);
-        cert = read_file(cfg->peer_cert_file);
-        key = read_file(cfg->peer_key_file);
+        ca = dm_read_small_file(cfg->peer_ca_file, DM_PEM_MAX);
+        cert = dm_read_small_file(cfg->peer_cert_file, DM_PEM_MAX);
+        key = dm_read_small_file(cfg->peer_key_file, DM_PEM_MAX);
         if (!ca || !cert || !key) {
             free(ca);
             free(cert);

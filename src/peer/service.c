@@ -144,12 +144,7 @@ void dm_peer_principal_free(void *arg)
     dm_principal_t *p = arg;
     if (!p)
         return;
-    free(p->name);
-    for (size_t i = 0; i < p->n_tenants; i++)
-        free(p->tenants[i]);
-    free(p->tenants);
-    free(p->region);
-    free(p->default_purpose);
+    dm_principal_dispose(p);
     free(p->via);
     free(p);
 }

@@ -959,28 +959,6 @@ dm_status_t *dm_server_create(const dm_config_t *cfg, const dm_method_t *methods
     return NULL;
 }
 
-static char *read_pem(const char *path)
-{
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return NULL;
-    char *buf = NULL;
-    size_t cap = 0, n = 0;
-    for (;;) {
-        if (n + 4096 + 1 > cap) {
-            cap = cap ? cap * 2 : 8192;
-            buf = dm_realloc(buf, cap);
-        }
-        size_t r = fread(buf + n, 1, 4096, f);
-        n += r;
-        if (r == 0 || n > (1 << 20))
-            break;
-    }
-    fclose(f);
-    buf[n] = '\0';
-    return buf;
-}
-
 static grpc_server_credentials *make_credentials(const dm_config_t *cfg, dm_status_t **st)
 {
     if (strcmp(cfg->transport, "tls") != 0) {
@@ -988,8 +966,11 @@ static grpc_server_credentials *make_credentials(const dm_config_t *cfg, dm_stat
                           "only on a trusted network");
         return grpc_insecure_server_credentials_create();
     }
-    char *cert = read_pem(cfg->tls_cert_file), *key = read_pem(cfg->tls_key_file);
-    char *ca = strcmp(cfg->mtls, "off") != 0 ? read_pem(cfg->tls_client_ca_file) : NULL;
+    char *cert = dm_read_small_file(cfg->tls_cert_file, DM_PEM_MAX),
+         *key = dm_read_small_file(cfg->tls_key_file, DM_PEM_MAX);
+    char *ca = strcmp(cfg->mtls, "off") != 0
+                   ? dm_read_small_file(cfg->tls_client_ca_file, DM_PEM_MAX)
+                   : NULL;
     grpc_server_credentials *creds = NULL;
     if (!cert || !key || (strcmp(cfg->mtls, "off") != 0 && !ca)) {
         *st = dm_status_new(GRPC_STATUS_FAILED_PRECONDITION, "cannot read the TLS files");
@@ -1030,8 +1011,9 @@ dm_status_t *dm_server_start(dm_server_t *srv, int *port)
         return dm_status_new(GRPC_STATUS_UNAVAILABLE, "cannot listen on %s", srv->cfg->listen);
     if (srv->cfg->peer_listen[0]) {
         /* Gateways of the other regions: mutual TLS with the federation's CA, always. */
-        char *cert = read_pem(srv->cfg->peer_cert_file), *key = read_pem(srv->cfg->peer_key_file);
-        char *ca = read_pem(srv->cfg->peer_ca_file);
+        char *cert = dm_read_small_file(srv->cfg->peer_cert_file, DM_PEM_MAX),
+             *key = dm_read_small_file(srv->cfg->peer_key_file, DM_PEM_MAX);
+        char *ca = dm_read_small_file(srv->cfg->peer_ca_file, DM_PEM_MAX);
         grpc_server_credentials *pc = NULL;
         if (cert && key && ca) {
             grpc_ssl_pem_key_cert_pair pair = {key, cert};

@@ -1106,18 +1106,21 @@ def _session_wan():
     return os.environ.get("DOMICILE_TEST_WAN", "") not in ("", "0", "off", "no")
 
 
-@pytest.fixture(scope="session")
-def session_federation(regions):
-    """The session's gateways us, eu, in: the state's configuration as deploy/local wrote it
-    (WAN off), or with the WAN proxy when DOMICILE_TEST_WAN=1."""
-    workdir = tempfile.mkdtemp(prefix="gw-session-", dir=regions.tmp)
-    fed = Federation(regions, workdir, name="session", wan=_session_wan(), state_config=not _session_wan())
+def _run_federation(regions, name, **kw):
+    fed = Federation(regions, tempfile.mkdtemp(prefix=f"gw-{name}-", dir=regions.tmp), name=name, **kw)
     try:
         fed.start()
         yield fed
     finally:
         fed.stop()
         fed.unreport()
+
+
+@pytest.fixture(scope="session")
+def session_federation(regions):
+    """The session's gateways us, eu, in: the state's configuration as deploy/local wrote it
+    (WAN off), or with the WAN proxy when DOMICILE_TEST_WAN=1."""
+    yield from _run_federation(regions, "session", wan=_session_wan(), state_config=not _session_wan())
 
 
 @pytest.fixture(scope="session")
@@ -1127,14 +1130,7 @@ def wan_federation(regions):
     the published figures of deploy/local/README.md, "WAN emulation": us-eu 97 ms, eu-in 150 ms,
     us-in 216 ms). Started when a test first asks for it.
     """
-    workdir = tempfile.mkdtemp(prefix="gw-wan-", dir=regions.tmp)
-    fed = Federation(regions, workdir, name="wan", wan=True)
-    try:
-        fed.start()
-        yield fed
-    finally:
-        fed.stop()
-        fed.unreport()
+    yield from _run_federation(regions, "wan", wan=True)
 
 
 @pytest.fixture(scope="session")

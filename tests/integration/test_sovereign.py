@@ -162,15 +162,16 @@ def test_same_answers_through_every_gateway(session_federation, regions):
     assert seen["us-unknown"][0] == grpc.StatusCode.NOT_FOUND
     assert seen["us-forbidden"][0] == grpc.StatusCode.PERMISSION_DENIED
     # The admin principal runs in us: each read of eu's record left eu as eu->us, logged in eu
-    # by eu's gateway with the same basis, whichever gateway the client called.
+    # by eu's gateway with the same basis, whichever gateway the client called; the read
+    # through the in gateway also passed through in, and says so (a transit eu->in).
     out = regions.psql(
         "eu",
         "SELECT from_region, to_region, basis_id, principal, method FROM domicile.ledger "
         f"WHERE customer_id = '{cid}' AND direction = 'read' AND outcome = 'allowed' ORDER BY at",
     )
-    entries = [l.split("|") for l in out.splitlines()]
-    assert len(entries) == 3, entries
-    assert {tuple(e) for e in entries} == {("eu", "us", "eu-us-dpf-2023-1795", "admin", "GetRecord")}
+    entries = sorted(tuple(l.split("|")) for l in out.splitlines())
+    assert entries == [("eu", "in", "scc-2021-914-m2", "admin", "GetRecord")] + 3 * [
+        ("eu", "us", "eu-us-dpf-2023-1795", "admin", "GetRecord")], entries
 
 
 def test_records_of_a_region_are_stored_there_only(session_federation, regions):
@@ -338,3 +339,65 @@ def test_wide_area_calls_per_method(gateways):
     # The ledger of another region is verified by its own gateway: one call.
     assert calls(lambda: api.verify_ledger(transfers_pb2.VerifyLedgerRequest(region="eu"), timeout=30),
                  "/VerifyLedger") == {("/domicile.v1.TransfersService/VerifyLedger", "eu"): 1}
+
+
+# --------------------------------------------------------------------------------------------
+# promise 2: plaintext of R's data outside R only where the ledger says it went
+
+
+def _entries(regions, region, cid):
+    from test_ledger import customer_rows
+
+    return [(r["direction"], r["outcome"], r["from_region"], r["to_region"], r["basis_id"], r["record_count"], r["request_id"])
+            for r in customer_rows(regions, region, cid)]
+
+
+def test_a_call_through_a_third_regions_gateway_logs_the_transit(session_federation, regions):
+    """The us admin reads an eu record through the in gateway: the plaintext passes through
+    in, so eu's gateway logs eu->us (to the principal) and eu->in (the transit), same request
+    id, before the bytes leave. Through the us gateway only eu->us. An eu principal reading
+    through the us gateway (no transfer to the principal) still leaves a transit eu->us. A
+    write through a third region's gateway logs the principal's region -> in as well."""
+    fed = session_federation
+    admin = {code: Api(g.channel(token="admin")) for code, g in fed.gateways.items()}
+    cid = register(admin["eu"], "eu")
+    put(Api(fed["eu"].channel(token="service-eu")), cid, "r1", payload=b"twelve bytes")
+    assert _entries(regions, "eu", cid) == []
+
+    get(admin["in"], cid, "r1", request_id="via-in")
+    got = sorted(_entries(regions, "eu", cid))
+    assert got == [("read", "allowed", "eu", "in", "scc-2021-914-m2", 1, "via-in"),
+                   ("read", "allowed", "eu", "us", "eu-us-dpf-2023-1795", 1, "via-in")], got
+
+    get(admin["us"], cid, "r1", request_id="via-us")
+    assert [e for e in _entries(regions, "eu", cid) if e[-1] == "via-us"] == [
+        ("read", "allowed", "eu", "us", "eu-us-dpf-2023-1795", 1, "via-us")]
+
+    get(Api(fed["us"].channel(token="service-eu")), cid, "r1", request_id="eu-via-us")
+    assert [e for e in _entries(regions, "eu", cid) if e[-1] == "eu-via-us"] == [
+        ("read", "allowed", "eu", "us", "eu-us-dpf-2023-1795", 1, "eu-via-us")]
+
+    put(admin["in"], cid, "r2", payload=b"w", request_id="put-via-in")
+    assert sorted(e for e in _entries(regions, "eu", cid) if e[-1] == "put-via-in") == [
+        ("write", "allowed", "us", "eu", "us-no-restriction", 1, "put-via-in"),
+        ("write", "allowed", "us", "in", "us-no-restriction", 1, "put-via-in")]
+
+
+def test_a_transit_without_a_basis_is_refused_and_logged(regions, gateways):
+    """No eu->in route: the us admin's read of an eu record through the in gateway is refused
+    (the transfer to the principal, eu->us, would be allowed) with a message naming the
+    transit; the refusal is in eu's ledger and no payload left eu. Through the us gateway
+    the same read is served."""
+    from test_ledger import write_policy
+
+    policy = write_policy(regions, gateways.workdir, "no-eu-in-transit", drop_routes=[("eu", "in")])
+    g = gateways.start(name="transit", overrides=policy)
+    cid = register(Api(g.channel()), "eu")
+    put(Api(g.peers["eu"].channel(token="service-eu")), cid, "r1", payload=b"secret")
+
+    e = rpc_error(get, Api(g.peers["in"].channel(token="admin")), cid, "r1", request_id="refused-transit")
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e.details()
+    assert "eu -> in" in e.details() and 'gateway in in' in e.details(), e.details()
+    assert _entries(regions, "eu", cid) == [("read", "refused", "eu", "in", "", 1, "refused-transit")]
+
+    assert get(Api(g.channel(token="admin")), cid, "r1").payload == b"secret"
