@@ -45,7 +45,8 @@ def sighup(gw):
 
 
 def test_sighup_with_a_crashing_bases_file_keeps_the_old_policy(regions, gateways):
-    """Serving gateway, bases file replaced by the fuzzer's input, SIGHUP: the gateway refuses
+    """Serving gateways, bases file replaced by the fuzzer's input, SIGHUP to the gateway of
+    the data's region (it decides the transfer): it refuses
     the reload naming file:line and key, keeps serving, and a cross-border read still gets the
     basis of the old policy. Then a good edit (the DPF revoked) is applied by the next SIGHUP:
     the refusal did not leave the policy stuck."""
@@ -53,6 +54,8 @@ def test_sighup_with_a_crashing_bases_file_keeps_the_old_policy(regions, gateway
     bases = policy["bases_file"]
     gw = start(gateways, name="policy-reload", overrides=policy)
     p = Principals(gw)
+    # EU -> US is decided by the eu gateway (the data's region): that is the one reloaded.
+    eu = gw.peers["eu"]
     cid = register(p["admin"], "eu", prefix="pol")
     put(p["service-eu"], cid, "rec-1", b"payload-policy-reload")
     assert get(p["service-us"], cid, "rec-1").payload == b"payload-policy-reload"
@@ -61,10 +64,10 @@ def test_sighup_with_a_crashing_bases_file_keeps_the_old_policy(regions, gateway
     good = open(bases).read()
     with open(bases, "w") as f:
         f.write(CRASHING_BASES)
-    sighup(gw)
-    assert "reload failed, keeping the running configuration" in gw.log, gw.log
-    assert bases + CRASHING_SAYS in gw.log, gw.log
-    assert health_check(gw.channel(token=None)) == SERVING
+    sighup(eu)
+    assert "reload failed, keeping the running configuration" in eu.log, eu.log
+    assert bases + CRASHING_SAYS in eu.log, eu.log
+    assert health_check(eu.channel(token=None)) == SERVING
     # the old policy still decides: EU -> US under the DPF, logged before the data leaves
     n = len(customer_rows(regions, "eu", cid))
     assert get(p["service-us"], cid, "rec-1").payload == b"payload-policy-reload"
@@ -77,11 +80,11 @@ def test_sighup_with_a_crashing_bases_file_keeps_the_old_policy(regions, gateway
     assert revoked != good
     with open(bases, "w") as f:
         f.write(revoked)
-    sighup(gw)
-    assert "reloaded " in gw.log, gw.log
+    sighup(eu)
+    assert "reloaded " in eu.log, eu.log
     assert get(p["service-us"], cid, "rec-1").payload == b"payload-policy-reload"
     assert customer_rows(regions, "eu", cid)[-1]["basis_id"] == SCC2
-    assert gw.stop() == 0, gw.log
+    assert eu.stop() == 0, eu.log
 
 
 def test_gateway_refuses_to_start_with_a_crashing_bases_file(regions, gateways):
@@ -138,9 +141,11 @@ def test_check_config_passes_the_deploy_config_and_checks_every_file(regions, tm
     etc = os.path.join(regions.state, "etc")
     for name, what in (("principals.conf", "principals"), ("bases.conf", "bases"), ("routes.conf", "routes")):
         assert re.search(rf"^# \d+ {what}.* from .*{name}$", p.stdout, re.M), p.stdout
-    for r in ("us", "eu", "in"):  # the passwords are hex text: they would show if printed
-        with open(os.path.join(regions.state, "secrets", f"{r}.password")) as f:
-            assert f.read().strip() not in p.stdout
+    for r in ("us", "eu", "in"):  # each gateway's own; the passwords are hex text: they would show if printed
+        pr = check_config(regions.gateway_conf(r))
+        assert pr.returncode == 0, pr.stderr
+        with open(regions.secret_path(r, "db.password")) as f:
+            assert f.read().strip() not in pr.stdout
 
     def copy_etc(name):
         d = tmp_path / name
@@ -180,12 +185,13 @@ def test_check_config_passes_the_deploy_config_and_checks_every_file(regions, tm
     p = check_config(conf)
     assert p.returncode == 2 and 'key "subject_pepper_file"' in p.stderr and "16 to 1024 bytes" in p.stderr, p.stderr
 
-    # a region file with a nested list of hosts, and one whose KEK is not 32 bytes
-    d = copy_etc("regions")
+    # the eu gateway's own region file with a nested list of hosts
+    d = tmp_path / "regions-eu"
+    shutil.copytree(regions.gateway_regions_dir("eu"), d / "regions")
     eu = d / "regions" / "eu.conf"
     text, n = re.subn(r"^hosts = (\[.*\]);$", r"hosts = ( \1 );", eu.read_text(), count=1, flags=re.M)
     assert n == 1
     eu.write_text(text)
-    conf = write_config_copy(regions.conf, str(d / "domiciled.conf"), {"regions_dir": str(d / "regions")})
+    conf = write_config_copy(regions.gateway_conf("eu"), str(d / "domiciled.conf"), {"regions_dir": str(d / "regions")})
     p = check_config(conf)
     assert p.returncode == 2 and f"{d}/regions/eu.conf:" in p.stderr and 'key "hosts"' in p.stderr, p.stderr
