@@ -173,4 +173,13 @@ void dm_region_fence_seen(dm_region_t *r, int src, const dm_fence_t *f);
 /** The newest row known about r's fence into *out; false when none is known. */
 bool dm_region_fence_newest(dm_region_t *r, dm_fence_t *out);
 
+/* ---- fences kept in step across regions (src/region/fences.c) ---- */
+
+/** Read the peer regions' fences tables through their gateways (asynchronously, at most one
+ * read per region in flight); what they hold counts as for the own table. */
+void dm_regions_poll_peer_fences(dm_regions_t *rs);
+/** The regions' maintenance task: apply the fences that region `src` holds (and bring its
+ * table up to date with the newest row known). */
+void dm_regions_refresh_fences(dm_regions_t *rs, dm_region_t *src, dm_exec_t *x);
+
 #endif

@@ -15,6 +15,7 @@
 #include "domicile/v1/records.pb-c.h"
 
 #include "domicile/log.h"
+#include "domicile/transfer.h"
 #include "internal.h"
 
 #define LIST_DEFAULT_PAGE 100

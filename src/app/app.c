@@ -7,7 +7,6 @@
 #include "domicile/log.h"
 #include "domicile/peer.h"
 #include <stddef.h>
-#include "internal.h"
 
 #define FENCE_REFRESH_MS 1000
 
@@ -21,8 +20,8 @@ static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
     dm_ledger_idle(r, x, &app->ledger);
     if (dm_mono_ms() - app->fences_read_ms[i] >= FENCE_REFRESH_MS) {
         app->fences_read_ms[i] = dm_mono_ms();
-        dm_regions_poll_peer_fences(app);
-        dm_regions_refresh_fences(app, r, x);
+        dm_regions_poll_peer_fences(app->regions);
+        dm_regions_refresh_fences(app->regions, r, x);
     }
 }
 
@@ -100,7 +99,7 @@ dm_status_t *dm_app_init(dm_app_t *app)
     app->ledger.keys = (const unsigned char(*)[32])app->ledger_keys;
     app->ledger.retention_days = app->cfg->ledger_retention_days;
     dm_dsr_ctx_init(&app->dsr, app->regions);
-    if ((st = dm_webhooks_create(app, &app->webhooks)))
+    if ((st = dm_webhooks_create(app->cfg, app->regions, &app->webhooks)))
         return st;
     app->dsr.webhooks = app->webhooks;
     dm_regions_set_idle_task(app->regions, app_idle, app, app->cfg->ledger_seal_interval_ms);

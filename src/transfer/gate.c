@@ -14,7 +14,8 @@
 #include <time.h>
 
 #include "domicile/log.h"
-#include "internal.h"
+#include "domicile/app.h"
+#include "domicile/transfer.h"
 
 void dm_xfer_request_id(dm_call_t *call, const char *given, char out[DM_XFER_ID_LEN])
 {
@@ -63,7 +64,7 @@ static void refusal_logged(void *arg, dm_status_t *err)
 
 void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn fn, void *arg)
 {
-    dm_app_t *app = APP(call);
+    dm_app_t *app = dm_call_app(call);
     const dm_principal_t *p = dm_call_principal_of(call);
     const char *purpose = dm_call_purpose(call);
     const char *r = dm_region_code(region);
@@ -124,7 +125,7 @@ void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn
 void dm_xfer_log(dm_call_t *call, const dm_xfer_t *x, int64_t records, int64_t bytes,
                  const char *record_ids, dm_ledger_done_fn done, void *arg)
 {
-    dm_app_t *app = APP(call);
+    dm_app_t *app = dm_call_app(call);
     const dm_principal_t *p = dm_call_principal_of(call);
     dm_transfer_t t = {
         .request_id = x->request_id,

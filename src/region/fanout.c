@@ -6,7 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "domicile/fanout.h"
+#include "domicile/mem.h"
 
 struct fanout_job {
     dm_job_t job;
