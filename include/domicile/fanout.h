@@ -24,9 +24,9 @@ typedef void (*dm_fanout_fn)(dm_fanout_t *f, void *arg);
 /**
  * Run `stmt` with the given parameters (copied) in every region; `done` runs once with all
  * answers (on an executor thread, or this one) and must free `f` with dm_fanout_free().
- * `formats` may be NULL (all text). `call` (may be NULL) goes with every job.
+ * `formats` may be NULL (all text). `owner` (may be NULL) is every job's owner (dm_job_t).
  */
-void dm_fanout_start(dm_call_t *call, dm_regions_t *regions, dm_sql_id_t stmt, int n,
+void dm_fanout_start(void *owner, dm_regions_t *regions, dm_sql_id_t stmt, int n,
                      const char *const *values, const int *lengths, const int *formats,
                      dm_fanout_fn done, void *arg);
 void dm_fanout_free(dm_fanout_t *f);

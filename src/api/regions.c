@@ -162,7 +162,7 @@ void dm_regions_list(dm_call_t *call)
             c->job.stmt = DM_SQL_REPLICATION;
             c->job.done = list_local_done;
             c->job.arg = c;
-            c->job.call = call;
+            c->job.owner = call;
             dm_region_submit(r, &c->job);
             continue;
         }
@@ -219,7 +219,7 @@ void dm_peer_region_info(dm_call_t *call)
     c->job.stmt = DM_SQL_REPLICATION;
     c->job.done = info_done;
     c->job.arg = c;
-    c->job.call = call;
+    c->job.owner = call;
     dm_region_submit(c->region, &c->job);
 }
 

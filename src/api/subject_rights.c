@@ -1131,7 +1131,7 @@ static void export_next_chunk(export_ctx_t *e)
     e->job.stmt = DM_SQL_EXPORT_RECORDS;
     e->job.done = export_chunk_done;
     e->job.arg = e;
-    e->job.call = e->call;
+    e->job.owner = e->call;
     snprintf(e->limit_s, sizeof(e->limit_s), "%d", EXPORT_CHUNK + 1);
     dm_job_param_bin(&e->job, 0, e->st.sk, DM_SUBJECT_KEY_LEN);
     dm_job_param_text(&e->job, 1, e->st.customer);

@@ -10,6 +10,22 @@
 
 #define FENCE_REFRESH_MS 1000
 
+/* A job's owner, in the gateway, is the gRPC call it serves (or NULL). */
+static bool owner_cancelled(void *owner)
+{
+    return dm_call_cancelled(owner);
+}
+
+static int64_t owner_deadline_left_ms(void *owner)
+{
+    return dm_call_deadline_left_ms(owner);
+}
+
+static const dm_job_owner_ops_t call_owner_ops = {
+    .cancelled = owner_cancelled,
+    .deadline_left_ms = owner_deadline_left_ms,
+};
+
 /* The regions' maintenance: seal the ledger, run data-subject request legs, read fences. */
 static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
 {
@@ -53,6 +69,7 @@ dm_status_t *dm_app_check(const dm_config_t *cfg, FILE *out)
 dm_status_t *dm_app_init(dm_app_t *app)
 {
     dm_status_t *st;
+    dm_regions_set_owner_ops(app->regions, &call_owner_ops);
     /* Only the own region's keys: another region's are held by its own gateways alone. */
     for (size_t i = 0; i < app->cfg->n_regions; i++) {
         if (!app->cfg->region_cfgs[i].local)
