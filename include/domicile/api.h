@@ -51,7 +51,8 @@ void dm_health_watch(dm_call_t *call);
 void dm_peer_region_info(dm_call_t *call);
 /** domicile.peer.v1.PeerService/ExportPart: this region's part of an Export, for a peer. */
 void dm_peer_export_part(dm_call_t *call);
-/** grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo (src/api/reflection.c). */
+/** grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo (src/api/reflection.c; the
+ * descriptors: src/server/reflection.c). */
 void dm_reflection_info(dm_call_t *call);
 
 #endif

@@ -77,7 +77,7 @@ typedef struct dm_config {
     int ledger_seal_interval_ms;
     char *webhook_url; /* "" = none */
     char *webhook_secret_file;
-    char *customer_webhooks_file; /* "" = none; read by src/api/webhook.c */
+    char *customer_webhooks_file; /* "" = none; read by src/dsr/webhook.c */
     int webhook_timeout_ms;
     char *metrics_listen; /* "" = off */
     int customer_retention_days;

@@ -11,7 +11,6 @@
 #define DOMICILE_DIRECTORY_H
 
 #include "domicile/region.h"
-#include "domicile/server.h"
 
 typedef struct dm_directory dm_directory_t;
 
@@ -26,14 +25,15 @@ typedef void (*dm_resolve_fn)(void *arg, dm_region_t *region, const char *state,
 /** A directory over `regions` caching at most `max_entries` customers. */
 dm_directory_t *dm_directory_create(dm_regions_t *regions, size_t max_entries);
 void dm_directory_destroy(dm_directory_t *d);
-/** Resolve `customer_id` (valid id) and call `fn` exactly once. `call` may be NULL. */
-void dm_directory_resolve(dm_directory_t *d, const char *customer_id, dm_call_t *call,
-                          dm_resolve_fn fn, void *arg);
+/** Resolve `customer_id` (valid id) and call `fn` exactly once. `owner` (may be NULL) is
+ * the owner of the jobs it runs (dm_job_t). */
+void dm_directory_resolve(dm_directory_t *d, const char *customer_id, void *owner, dm_resolve_fn fn,
+                          void *arg);
 /**
  * The same, asking only the gateway's own region on a miss: for a call a gateway of another
  * region forwarded here because the customer is ours (no second wide-area round).
  */
-void dm_directory_resolve_local(dm_directory_t *d, const char *customer_id, dm_call_t *call,
+void dm_directory_resolve_local(dm_directory_t *d, const char *customer_id, void *owner,
                                 dm_resolve_fn fn, void *arg);
 /** Record that `customer_id` lives in `region` (after registration). */
 void dm_directory_remember(dm_directory_t *d, const char *customer_id, dm_region_t *region);
@@ -48,6 +48,6 @@ size_t dm_directory_size(dm_directory_t *d);
  * directory and by registration.
  */
 void dm_directory_ask_all(dm_regions_t *regions, dm_region_t *skip, const char *customer_id,
-                          dm_call_t *call, dm_resolve_fn fn, void *arg);
+                          void *owner, dm_resolve_fn fn, void *arg);
 
 #endif

@@ -1,6 +1,7 @@
 /*
  * Data-subject requests: the worker that runs legs in every region (the regions' idle task),
- * and deadline arithmetic. The API side is src/api/subject_rights.c.
+ * completion webhooks (src/dsr/webhook.c), and deadline arithmetic. The API side is
+ * src/api/subject_rights.c.
  */
 #ifndef DOMICILE_DSR_H
 #define DOMICILE_DSR_H
@@ -13,9 +14,12 @@
 
 typedef struct dm_webhooks dm_webhooks_t;
 
-struct dm_app;
-/** Start the webhook thread when webhook_url is set (*out NULL otherwise). */
-dm_status_t *dm_webhooks_create(struct dm_app *app, dm_webhooks_t **out) DM_WARN_UNUSED;
+/**
+ * Start the webhook thread when webhook_url is set (*out NULL otherwise). `cfg` and `regions`
+ * must outlive it.
+ */
+dm_status_t *dm_webhooks_create(const dm_config_t *cfg, dm_regions_t *regions,
+                                dm_webhooks_t **out) DM_WARN_UNUSED;
 /**
  * Load customer_webhooks_file (if set) as dm_webhooks_create() would, secrets included (read,
  * mode-checked, cleansed, never printed), and free it: what --check-config runs. Errors are
@@ -25,6 +29,9 @@ dm_status_t *dm_webhooks_check(const dm_config_t *cfg, size_t *n_customers) DM_W
 /** Stop the thread (before the regions stop: it runs statements). Idempotent; NULL is ok. */
 void dm_webhooks_stop(dm_webhooks_t *w);
 void dm_webhooks_destroy(dm_webhooks_t *w);
+/** Is a completion webhook configured for requests of `customer` ("" = every customer in
+ * scope: only the global webhook applies)? False when w is NULL. */
+bool dm_webhooks_apply(const dm_webhooks_t *w, const char *customer);
 /** Hand a request whose webhook is due to the webhook thread; false when not queued. */
 bool dm_webhooks_enqueue(dm_webhooks_t *w, const char *request_id, size_t region);
 

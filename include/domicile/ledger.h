@@ -99,10 +99,10 @@ typedef void (*dm_ledger_done_fn)(void *arg, dm_status_t *err);
 /**
  * Append `t` to region `r`'s ledger (MAC computed here) and call `done` once the entry is
  * committed (err NULL) or could not be (err: the data must not be sent). `t` is copied.
- * `call` (may be NULL) only bounds the wait by its deadline.
+ * `owner` (may be NULL: the job's owner, dm_job_t) only bounds the wait by its deadline.
  */
 void dm_ledger_append(dm_region_t *r, const unsigned char key[32], const dm_transfer_t *t,
-                      dm_call_t *call, dm_ledger_done_fn done, void *arg);
+                      void *owner, dm_ledger_done_fn done, void *arg);
 
 /** MAC of a stored entry (columns in the order of DM_SQL_LEDGER_* results, see sql.c). */
 void dm_ledger_entry_mac(const unsigned char key[32], const PGresult *res, int row, int col0,

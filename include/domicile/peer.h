@@ -81,7 +81,7 @@ void dm_peer_stream_cancel(dm_peer_stream_t *s);
 
 /** Cancel the peer call with this id if it is still in flight (server call cancelled). */
 void dm_peers_cancel(dm_peers_t *p, uint64_t id);
-/** The app's hook for the above: the peers of `call`'s app (src/api/app.c). */
+/** The app's hook for the above: the peers of `call`'s app (src/app/app.c). */
 void dm_app_peers_cancel(dm_call_t *call, uint64_t id);
 
 /**

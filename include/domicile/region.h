@@ -18,9 +18,9 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "domicile/config.h"
-#include "domicile/server.h"
 #include "domicile/sql.h"
 #include "domicile/status.h"
 
@@ -52,13 +52,25 @@ struct dm_job {
                        report expected failures in its result, never raise them */
     dm_job_fn done;
     void *arg;
-    dm_call_t *call; /* optional: a job whose call is dead is not sent */
+    void *owner; /* optional: what the job is for (dm_job_owner_ops_t); a job whose owner
+                    is cancelled or past its deadline is not sent */
 
     /* executor-private */
     dm_job_t *next;
     bool solo;
     PGresult *held;
 };
+
+/**
+ * What the regions may ask of a job's owner (opaque here; for the gateway, the gRPC call the
+ * job serves: src/app/app.c registers the ops, src/peer reads the owner as a call).
+ */
+typedef struct dm_job_owner_ops {
+    /** True once the owner no longer wants the answer (cancelled, deadline passed). */
+    bool (*cancelled)(void *owner);
+    /** Milliseconds left before the owner's deadline; INT64_MAX when it has none. */
+    int64_t (*deadline_left_ms)(void *owner);
+} dm_job_owner_ops_t;
 
 /** Set parameter i (text, NUL-terminated; NULL = SQL NULL). */
 void dm_job_param_text(dm_job_t *job, int i, const char *v);
@@ -95,6 +107,11 @@ PGresult *dm_region_exec(dm_exec_t *x, dm_sql_id_t stmt, int n, const char *cons
  */
 typedef void (*dm_remote_submit_fn)(void *arg, dm_region_t *r, dm_job_t *job);
 void dm_regions_set_remote(dm_regions_t *rs, dm_remote_submit_fn fn, void *arg);
+/**
+ * How to ask jobs' owners whether they still want their answer and how long they may wait
+ * (`ops` static storage). Without it, owners are never asked. Set before start.
+ */
+void dm_regions_set_owner_ops(dm_regions_t *rs, const dm_job_owner_ops_t *ops);
 /** UNAVAILABLE naming the reason while r is fenced (as its jobs fail), else NULL. */
 dm_status_t *dm_region_fence_check(dm_region_t *r) DM_WARN_UNUSED;
 /** True for the gateway's own region (database and secrets here); false for a peer region. */
@@ -172,5 +189,14 @@ int dm_fence_cmp(const dm_fence_t *a, const dm_fence_t *b);
 void dm_region_fence_seen(dm_region_t *r, int src, const dm_fence_t *f);
 /** The newest row known about r's fence into *out; false when none is known. */
 bool dm_region_fence_newest(dm_region_t *r, dm_fence_t *out);
+
+/* ---- fences kept in step across regions (src/region/fences.c) ---- */
+
+/** Read the peer regions' fences tables through their gateways (asynchronously, at most one
+ * read per region in flight); what they hold counts as for the own table. */
+void dm_regions_poll_peer_fences(dm_regions_t *rs);
+/** The regions' maintenance task: apply the fences that region `src` holds (and bring its
+ * table up to date with the newest row known). */
+void dm_regions_refresh_fences(dm_regions_t *rs, dm_region_t *src, dm_exec_t *x);
 
 #endif

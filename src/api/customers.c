@@ -53,7 +53,7 @@ static void job_init(cust_ctx_t *c, dm_sql_id_t stmt, dm_job_fn done)
     c->job.stmt = stmt;
     c->job.done = done;
     c->job.arg = c;
-    c->job.call = c->call;
+    c->job.owner = c->call;
 }
 
 static int has_status(const PGresult *res, const char *want)
@@ -168,7 +168,7 @@ static void submit_finish(cust_ctx_t *c, bool commit, dm_status_t *why)
     c->pending_err = why;
     job_init(c, DM_SQL_REGISTER_FINISH, finish_done);
     /* The abort must run even when the caller has gone away. */
-    c->job.call = commit ? c->call : NULL;
+    c->job.owner = commit ? c->call : NULL;
     dm_job_param_text(&c->job, 0, req->customer_id);
     dm_job_param_text(&c->job, 1, req->request_id);
     dm_job_param_text(&c->job, 2, commit ? "true" : "false");

@@ -1,5 +1,6 @@
 /*
- * Helpers shared by the service files of src/api/. Not a public header.
+ * Helpers shared by the service handlers of src/api/ (src/api/common.c). Not a public header:
+ * nothing outside src/api/ includes it (tests/layout/check-layout).
  */
 #ifndef DOMICILE_API_INTERNAL_H
 #define DOMICILE_API_INTERNAL_H
@@ -11,8 +12,6 @@
 #include "domicile/crypto.h"
 #include "domicile/peer.h"
 #include "domicile/validate.h"
-
-#include "domicile/v1/subject_rights.pb-c.h"
 
 #define APP(call) ((dm_app_t *)dm_call_app(call))
 
@@ -71,92 +70,6 @@ bool dm_api_forwarded_from(dm_call_t *call, dm_handler_fn handler);
  * caller's. A method whose response has another shape is answered INTERNAL (a bug).
  */
 void dm_api_reply_wrapped(dm_call_t *call, const ProtobufCMessage *inner);
-
-/* ---- transfers (src/api/transfer.c) ---- */
-
-#define DM_XFER_ID_LEN 129
-
-/** A call's transfer, filled by the caller (dir, method, customer, subject, record id, request
- * id) and by dm_xfer_gate() (the rest). Lives in the call's context. */
-typedef struct dm_xfer {
-    dm_transfer_dir_t dir;
-    const char *method;
-    const char *customer_id;
-    const unsigned char *subject_key; /* NULL: none */
-    const char *record_id;            /* the one record the call names, else NULL */
-    char request_id[DM_XFER_ID_LEN];
-    /* set by the gate */
-    dm_region_t *region;
-    bool cross;  /* dm_xfer_log() is due: `direct`, or a transit through a third region */
-    bool direct; /* the principal's region is not the data's: from -> to under `basis` */
-    const char *from, *to;
-    const dm_basis_t *basis;
-    /* A call a peer gateway forwarded from a region V that is neither the data's nor the
-     * principal's: the plaintext passes through V's gateway, a transfer of its own
-     * (read: region -> V; write: principal's region -> V) under `via_basis`. */
-    const char *via, *via_from;
-    const dm_basis_t *via_basis;
-} dm_xfer_t;
-
-typedef void (*dm_xfer_fn)(void *arg, dm_status_t *err);
-
-/** The call's request id for the ledger: `given`, else x-request-id metadata, else generated. */
-void dm_xfer_request_id(dm_call_t *call, const char *given, char out[DM_XFER_ID_LEN]);
-/**
- * Decide whether the call may move data of `region` (DESIGN.md §5). `fn` gets NULL to go on
- * (x->cross tells whether dm_xfer_log() is due) or PERMISSION_DENIED; a refused cross-border
- * transfer is logged in the region's ledger before `fn` runs, with the record the call names
- * (x->record_id: count 1 and its id) or none (count 0).
- */
-void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn fn, void *arg);
-/** Log an allowed cross-border transfer (and its transit through a third region, if any: two
- * entries, same request id); `done` runs once both are committed (or one failed). */
-void dm_xfer_log(dm_call_t *call, const dm_xfer_t *x, int64_t records, int64_t bytes,
-                 const char *record_ids, dm_ledger_done_fn done, void *arg);
-
-/* ---- fan-out (src/api/fanout.c) ---- */
-
-/** Every region's answer to one statement: res[i] (owned) or err[i] (owned). */
-typedef struct dm_fanout {
-    size_t n;
-    dm_region_t *region[DM_MAX_REGIONS];
-    PGresult *res[DM_MAX_REGIONS];
-    dm_status_t *err[DM_MAX_REGIONS];
-    struct dm_fanout_priv *priv;
-} dm_fanout_t;
-
-typedef void (*dm_fanout_fn)(dm_fanout_t *f, void *arg);
-
-/**
- * Run `stmt` with the given parameters (copied) in every region; `done` runs once with all
- * answers (on an executor thread, or this one) and must free `f` with dm_fanout_free().
- * `formats` may be NULL (all text).
- */
-void dm_fanout_start(dm_call_t *call, dm_regions_t *regions, dm_sql_id_t stmt, int n,
-                     const char *const *values, const int *lengths, const int *formats,
-                     dm_fanout_fn done, void *arg);
-void dm_fanout_free(dm_fanout_t *f);
-
-/* ---- data-subject requests (src/api/subject_rights.c, webhook.c) ---- */
-
-/**
- * The request as every region describes it (fan-out of DM_SQL_DSR_STATUS): *out is a new view
- * (free with dm_dsr_view_free; it points into f's results, so free it before f);
- * *webhook_attempts the notify region's count. NOT_FOUND / UNAVAILABLE when no region has it.
- */
-dm_status_t *dm_dsr_view(dm_fanout_t *f, dm_regions_t *regions, Domicile__V1__DsrRequest **out,
-                         int *webhook_attempts);
-void dm_dsr_view_free(Domicile__V1__DsrRequest *q);
-
-/** Is a completion webhook configured for requests of `customer` ("" = every customer in
- * scope: only the global webhook applies)? False when w is NULL. */
-bool dm_webhooks_apply(const dm_webhooks_t *w, const char *customer);
-
-/** Read the peer regions' fences tables through their gateways (asynchronously, at most one
- * read per region in flight); what they hold counts as for the own table. */
-void dm_regions_poll_peer_fences(dm_app_t *app);
-/** The regions' maintenance task: apply the fences that region `src` holds. */
-void dm_regions_refresh_fences(dm_app_t *app, dm_region_t *src, dm_exec_t *x);
 
 /** "active" | "closed" | "purged" text -> enum. */
 int dm_customer_state_enum(const char *s, size_t len);

@@ -15,6 +15,7 @@
 #include "domicile/v1/records.pb-c.h"
 
 #include "domicile/log.h"
+#include "domicile/transfer.h"
 #include "internal.h"
 
 #define LIST_DEFAULT_PAGE 100
@@ -118,7 +119,7 @@ static void job_init(rec_ctx_t *c, dm_sql_id_t stmt, dm_job_fn done, bool batcha
     c->job.stmt = stmt;
     c->job.done = done;
     c->job.arg = c;
-    c->job.call = c->call;
+    c->job.owner = c->call;
     c->job.batchable = batchable;
 }
 

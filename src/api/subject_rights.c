@@ -19,6 +19,9 @@
 
 #include "domicile/clock.h"
 #include "domicile/dsr.h"
+#include "domicile/dsr_view.h"
+#include "domicile/fanout.h"
+#include "domicile/transfer.h"
 #include "domicile/log.h"
 #include "internal.h"
 
@@ -31,250 +34,6 @@
 #define EXTENSION_MONTH 2
 #define LIST_MAX        1000
 #define DAY_MS          86400000LL
-
-static const char *const kind_names[] = {
-    [DOMICILE__V1__DSR_KIND__DSR_KIND_ERASE] = "erase",
-    [DOMICILE__V1__DSR_KIND__DSR_KIND_EXPORT] = "export",
-    [DOMICILE__V1__DSR_KIND__DSR_KIND_RESTRICT] = "restrict",
-    [DOMICILE__V1__DSR_KIND__DSR_KIND_UNRESTRICT] = "unrestrict",
-    [DOMICILE__V1__DSR_KIND__DSR_KIND_OBJECT] = "object",
-    [DOMICILE__V1__DSR_KIND__DSR_KIND_WITHDRAW] = "withdraw",
-};
-
-static int kind_from_name(const char *s, int len)
-{
-    for (size_t i = 1; i < DM_ARRAY_LEN(kind_names); i++)
-        if ((int)strlen(kind_names[i]) == len && memcmp(kind_names[i], s, (size_t)len) == 0)
-            return (int)i;
-    return 0;
-}
-
-int64_t dm_add_months_ms(int64_t ms, int months)
-{
-    /* Calendar months (GDPR Art. 12(3)): 31 Jan + 1 month = 28/29 Feb, never 2/3 March. */
-    time_t t = (time_t)(ms / 1000);
-    struct tm tm;
-    gmtime_r(&t, &tm);
-    int day = tm.tm_mday;
-    tm.tm_mday = 1;
-    tm.tm_mon += months;
-    time_t first = timegm(&tm);
-    gmtime_r(&first, &tm);
-    static const int mdays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    int y = tm.tm_year + 1900;
-    int last =
-        mdays[tm.tm_mon] + (tm.tm_mon == 1 && ((y % 4 == 0 && y % 100 != 0) || y % 400 == 0));
-    tm.tm_mday = day < last ? day : last;
-    return (int64_t)timegm(&tm) * 1000 + ms % 1000;
-}
-
-/* ---- the status of a request, from every region ------------------------------------- */
-
-typedef struct leg_view {
-    Domicile__V1__DsrLeg leg;
-    Domicile__V1__Receipt receipt;
-    char receipt_hex[65];
-} leg_view_t;
-
-typedef struct req_view {
-    Domicile__V1__DsrRequest req; /* first: a view is freed through &req */
-    Domicile__V1__WebhookDelivery webhook;
-    leg_view_t legs[DM_MAX_REGIONS];
-    Domicile__V1__DsrLeg *legp[DM_MAX_REGIONS];
-    char sk_hex[65];
-    int64_t effective_due;
-} req_view_t;
-
-static int leg_state(const char *s)
-{
-    if (strcmp(s, "pending") == 0)
-        return DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_PENDING;
-    if (strcmp(s, "running") == 0)
-        return DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_RUNNING;
-    if (strcmp(s, "done") == 0)
-        return DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_DONE;
-    if (strcmp(s, "failed") == 0)
-        return DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_FAILED;
-    return DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_SKIPPED;
-}
-
-/* Fill the header from a DSR_COLUMNS row (pointers into `res`). */
-static void header_from_row(req_view_t *v, const PGresult *res, int row)
-{
-    Domicile__V1__DsrRequest *q = &v->req;
-    int len;
-    q->request_id = (char *)dm_pg_bytes(res, row, DM_DC_REQUEST_ID, &len);
-    const char *kind = dm_pg_bytes(res, row, DM_DC_KIND, &len);
-    q->kind = kind_from_name(kind, len);
-    const char *sk = dm_pg_bytes(res, row, DM_DC_SUBJECT, &len);
-    if (len == DM_SUBJECT_KEY_LEN)
-        dm_hex_encode((const unsigned char *)sk, DM_SUBJECT_KEY_LEN, v->sk_hex);
-    q->subject_key_hex = v->sk_hex;
-    q->customer_id = (char *)dm_pg_bytes(res, row, DM_DC_CUSTOMER, &len);
-    q->purpose = (char *)dm_pg_bytes(res, row, DM_DC_PURPOSE, &len);
-    q->reason = (char *)dm_pg_bytes(res, row, DM_DC_REASON, &len);
-    q->principal = (char *)dm_pg_bytes(res, row, DM_DC_PRINCIPAL, &len);
-    q->received_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_RECEIVED);
-    q->due_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_DUE);
-    q->gdpr_due_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_GDPR_DUE);
-    q->extended = !dm_pg_isnull(res, row, DM_DC_EXTENDED_AT);
-    q->extended_due_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_EXTENDED_DUE);
-    q->extended_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_EXTENDED_AT);
-    q->extension_reason = dm_pg_isnull(res, row, DM_DC_EXTENSION_REASON)
-                              ? ""
-                              : (char *)dm_pg_bytes(res, row, DM_DC_EXTENSION_REASON, &len);
-    const char *wh = dm_pg_bytes(res, row, DM_DC_WEBHOOK_STATE, &len);
-    domicile__v1__webhook_delivery__init(&v->webhook);
-    v->webhook.state =
-        strcmp(wh, "pending") == 0     ? DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_PENDING
-        : strcmp(wh, "delivered") == 0 ? DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_DELIVERED
-        : strcmp(wh, "failed") == 0    ? DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_FAILED
-                                       : DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_NOT_CONFIGURED;
-    v->webhook.attempts = dm_pg_int4(res, row, DM_DC_WEBHOOK_ATTEMPTS);
-    v->webhook.last_error = (char *)dm_pg_bytes(res, row, DM_DC_WEBHOOK_ERROR, &len);
-    /* The column keeps its last value; an attempt is planned only while pending or failed. */
-    if (v->webhook.state == DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_PENDING ||
-        v->webhook.state == DOMICILE__V1__WEBHOOK_STATE__WEBHOOK_STATE_FAILED)
-        v->webhook.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_WEBHOOK_NEXT);
-    v->webhook.delivered_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_WEBHOOK_DELIVERED);
-    q->webhook = &v->webhook;
-}
-
-static void leg_from_row(leg_view_t *l, const PGresult *res, int row)
-{
-    int len;
-    l->leg.state = leg_state(dm_pg_bytes(res, row, DM_DC_STATE, &len));
-    l->leg.attempts = dm_pg_int4(res, row, DM_DC_ATTEMPTS);
-    l->leg.last_error = (char *)dm_pg_bytes(res, row, DM_DC_LAST_ERROR, &len);
-    /* The column keeps its last value (an export's finished leg: infinity); an attempt is
-     * planned only for a leg that waits for a worker. */
-    if (l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_PENDING ||
-        l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_FAILED)
-        l->leg.next_attempt_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_NEXT_ATTEMPT);
-    l->leg.started_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_STARTED);
-    l->leg.finished_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_FINISHED);
-    if (l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_RUNNING) {
-        l->leg.claimed_by = (char *)dm_pg_bytes(res, row, DM_DC_CLAIMED_BY, &len);
-        l->leg.lease_expires_at_unix_ms = dm_pg_time_ms(res, row, DM_DC_LEASE);
-    }
-    if (l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_DONE ||
-        l->leg.state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_SKIPPED) {
-        l->receipt.records_matched = dm_pg_int8(res, row, DM_DC_MATCHED);
-        l->receipt.records_deleted = dm_pg_int8(res, row, DM_DC_DELETED);
-        l->receipt.keys_destroyed = dm_pg_int8(res, row, DM_DC_KEYS);
-        l->receipt.finished_at_unix_ms = l->leg.finished_at_unix_ms;
-        const char *h = dm_pg_bytes(res, row, DM_DC_RECEIPT, &len);
-        if (!dm_pg_isnull(res, row, DM_DC_RECEIPT) && len == 32)
-            dm_hex_encode((const unsigned char *)h, 32, l->receipt_hex);
-        l->receipt.receipt_sha256_hex = l->receipt_hex;
-        l->leg.receipt = &l->receipt;
-    }
-}
-
-static int cmp_leg_region(const void *a, const void *b)
-{
-    const Domicile__V1__DsrLeg *x = *(Domicile__V1__DsrLeg *const *)a;
-    const Domicile__V1__DsrLeg *y = *(Domicile__V1__DsrLeg *const *)b;
-    return strcmp(x->region, y->region);
-}
-
-/* Overall state, completion, overdue; legs in region code order. */
-static void summarise(req_view_t *v, size_t n)
-{
-    Domicile__V1__DsrRequest *q = &v->req;
-    int done = 0, started = 0, failed = 0;
-    int64_t completed = 0;
-    for (size_t i = 0; i < n; i++) {
-        const Domicile__V1__DsrLeg *l = &v->legs[i].leg;
-        if (l->state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_DONE ||
-            l->state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_SKIPPED) {
-            done++;
-            if (l->finished_at_unix_ms > completed)
-                completed = l->finished_at_unix_ms;
-        }
-        if (l->state != DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_PENDING)
-            started++;
-        failed += l->state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_FAILED;
-    }
-    if ((size_t)done == n) {
-        q->state = DOMICILE__V1__DSR_STATE__DSR_STATE_DONE;
-        q->completed_at_unix_ms = completed;
-    } else if (failed && q->kind == DOMICILE__V1__DSR_KIND__DSR_KIND_EXPORT) {
-        q->state = DOMICILE__V1__DSR_STATE__DSR_STATE_FAILED; /* an export is not retried */
-    } else {
-        q->state = started ? DOMICILE__V1__DSR_STATE__DSR_STATE_IN_PROGRESS
-                           : DOMICILE__V1__DSR_STATE__DSR_STATE_RECEIVED;
-    }
-    /* The deadline that binds: the stricter of the policy's 30 days and the GDPR month,
-     * or the extended one. */
-    v->effective_due = q->extended                                  ? q->extended_due_at_unix_ms
-                       : q->due_at_unix_ms < q->gdpr_due_at_unix_ms ? q->due_at_unix_ms
-                                                                    : q->gdpr_due_at_unix_ms;
-    q->overdue =
-        q->state != DOMICILE__V1__DSR_STATE__DSR_STATE_DONE && dm_now_ms() > v->effective_due;
-    for (size_t i = 0; i < n; i++)
-        v->legp[i] = &v->legs[i].leg;
-    qsort(v->legp, n, sizeof(v->legp[0]), cmp_leg_region);
-    q->n_legs = n;
-    q->legs = v->legp;
-}
-
-static void view_init(req_view_t *v, size_t n, dm_regions_t *regions)
-{
-    domicile__v1__dsr_request__init(&v->req);
-    v->sk_hex[0] = '\0';
-    for (size_t i = 0; i < n; i++) {
-        domicile__v1__dsr_leg__init(&v->legs[i].leg);
-        domicile__v1__receipt__init(&v->legs[i].receipt);
-        v->legs[i].leg.region = (char *)dm_region_code(dm_regions_at(regions, i));
-        v->legs[i].leg.state = DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_PENDING;
-        v->legs[i].leg.last_error = "not received yet: the region was unreachable; a worker "
-                                    "delivers it when the region is back";
-        v->legs[i].receipt_hex[0] = '\0';
-        v->legp[i] = &v->legs[i].leg;
-    }
-}
-
-/* Build the request's view from a fan-out of DSR_STATUS. NULL status: *v is filled. */
-static dm_status_t *view_from_fanout(req_view_t *v, dm_fanout_t *f, dm_regions_t *regions)
-{
-    bool found = false, unanswered = false;
-    view_init(v, f->n, regions);
-    for (size_t i = 0; i < f->n; i++) {
-        if (f->err[i]) {
-            unanswered = true;
-            v->legs[i].leg.last_error = "region unreachable: state unknown until it answers";
-            continue;
-        }
-        if (PQntuples(f->res[i]) != 1)
-            continue;
-        if (!found)
-            header_from_row(v, f->res[i], 0);
-        found = true;
-        leg_from_row(&v->legs[i], f->res[i], 0);
-    }
-    if (!found)
-        return unanswered ? dm_status_new(GRPC_STATUS_UNAVAILABLE,
-                                          "a region could not be asked about the request")
-                          : dm_status_new(GRPC_STATUS_NOT_FOUND, "request not found");
-    summarise(v, f->n);
-    return NULL;
-}
-
-dm_status_t *dm_dsr_view(dm_fanout_t *f, dm_regions_t *regions, Domicile__V1__DsrRequest **out,
-                         int *webhook_attempts)
-{
-    req_view_t *v = dm_calloc(1, sizeof(*v));
-    dm_status_t *st = view_from_fanout(v, f, regions);
-    *out = &v->req;
-    *webhook_attempts = st ? 0 : v->webhook.attempts;
-    return st;
-}
-
-void dm_dsr_view_free(Domicile__V1__DsrRequest *q)
-{
-    free(q); /* the view's first member */
-}
 
 typedef struct status_ctx {
     dm_call_t *call;
@@ -289,7 +48,7 @@ typedef struct status_ctx {
     unsigned char fp[32];
     int64_t received, due, gdpr_due;
     char missing[DM_MAX_REGIONS * (DM_REGION_CODE_MAX + 1) + 3];
-    req_view_t *view; /* the reply, built from `stored` (the receive's answers); both owned */
+    dm_dsr_view_t *view; /* the reply, built from `stored` (the receive's answers); both owned */
     dm_fanout_t *stored;
     /* extension */
     char until_s[24];
@@ -318,8 +77,8 @@ static bool visible(dm_call_t *call, const Domicile__V1__DsrRequest *q)
 static void status_done(dm_fanout_t *f, void *arg)
 {
     status_ctx_t *c = arg;
-    req_view_t *v = dm_calloc(1, sizeof(*v));
-    dm_status_t *st = view_from_fanout(v, f, c->app->regions);
+    dm_dsr_view_t *v = dm_calloc(1, sizeof(*v));
+    dm_status_t *st = dm_dsr_view_fill(v, f, c->app->regions);
     if (!st && !visible(c->call, &v->req))
         st = dm_status_new(GRPC_STATUS_NOT_FOUND, "request not found");
     if (st)
@@ -360,7 +119,7 @@ void dm_dsr_get(dm_call_t *call)
 static void reply_stored(status_ctx_t *c)
 {
     /* The call may end, and `c` with it, as soon as the reply is queued. */
-    req_view_t *v = c->view;
+    dm_dsr_view_t *v = c->view;
     dm_fanout_t *f = c->stored;
     c->view = NULL;
     c->stored = NULL;
@@ -417,7 +176,7 @@ static void receive_done(dm_fanout_t *f, void *arg)
     dm_dsr_ctx_t *dsr = &c->app->dsr;
     char id[DM_REQUEST_ID_MAX + 1];
     snprintf(id, sizeof(id), "%s", c->request_id);
-    const char *kind = kind_names[c->kind];
+    const char *kind = dm_dsr_kind_names[c->kind];
     if (reused) {
         dm_fanout_free(f);
         dm_status_free(first_err);
@@ -442,7 +201,7 @@ static void receive_done(dm_fanout_t *f, void *arg)
     dm_status_free(first_err);
     c->view = dm_calloc(1, sizeof(*c->view));
     c->stored = f;
-    dm_status_t *st = view_from_fanout(c->view, f, c->app->regions);
+    dm_status_t *st = dm_dsr_view_fill(c->view, f, c->app->regions);
     if (st) {
         dm_call_finish(c->call, st); /* c->view and c->stored go with the call */
         dm_dsr_run_now(dsr, id, kind, took, claimed, n_took);
@@ -474,7 +233,7 @@ static void receive_fanout(status_ctx_t *c, bool claim, dm_fanout_fn done, void 
     snprintf(gdpr, sizeof(gdpr), "%lld", (long long)c->gdpr_due);
     /* The receiving gateway's region notifies (webhook) when every leg is done. */
     const char *vals[15] = {c->request_id,
-                            kind_names[c->kind],
+                            dm_dsr_kind_names[c->kind],
                             (const char *)c->fp,
                             (const char *)c->sk,
                             c->customer,
@@ -555,7 +314,7 @@ static void create(dm_call_t *call, int kind, const char *request_id, const char
     c->received = dm_now_ms();
     c->due = c->received + POLICY_DAYS * DAY_MS;
     c->gdpr_due = dm_add_months_ms(c->received, 1);
-    DM_FINGERPRINT(c->fp, DM_AAD_STR("dsr"), DM_AAD_STR(kind_names[kind]),
+    DM_FINGERPRINT(c->fp, DM_AAD_STR("dsr"), DM_AAD_STR(dm_dsr_kind_names[kind]),
                    DM_AAD_BYTES(c->sk, sizeof(c->sk)), DM_AAD_STR(c->customer),
                    DM_AAD_STR(c->purpose));
     /* A request about one customer names a customer that exists (and is in scope). */
@@ -635,8 +394,8 @@ static void extend_done(dm_fanout_t *f, void *arg)
 static void extend_found(dm_fanout_t *f, void *arg)
 {
     status_ctx_t *c = arg;
-    req_view_t *v = dm_calloc(1, sizeof(*v));
-    dm_status_t *st = view_from_fanout(v, f, c->app->regions);
+    dm_dsr_view_t *v = dm_calloc(1, sizeof(*v));
+    dm_status_t *st = dm_dsr_view_fill(v, f, c->app->regions);
     if (!st && !visible(c->call, &v->req))
         st = dm_status_new(GRPC_STATUS_NOT_FOUND, "request not found");
     if (!st && v->req.extended && strcmp(v->req.extension_reason, c->reason) == 0) {
@@ -768,19 +527,19 @@ static void list_done(dm_fanout_t *f, void *arg)
     int64_t page = req->page_size ? req->page_size : 100, matched = 0;
     bool more = false;
     int64_t now = dm_now_ms();
-    req_view_t *v = dm_calloc(1, sizeof(*v));
+    dm_dsr_view_t *v = dm_calloc(1, sizeof(*v));
     for (size_t a = 0; a < k && !more;) {
         size_t b = a;
         while (b < k && strcmp(refs[b].id, refs[a].id) == 0)
             b++;
-        view_init(v, f->n, c->app->regions);
+        dm_dsr_view_init(v, f->n, c->app->regions);
         for (size_t i = 0; i < f->n; i++)
             if (f->err[i])
                 v->legs[i].leg.last_error = "region unreachable: state unknown";
-        header_from_row(v, refs[a].res, refs[a].row);
+        dm_dsr_view_header(v, refs[a].res, refs[a].row);
         for (size_t j = a; j < b; j++)
-            leg_from_row(&v->legs[refs[j].region], refs[j].res, refs[j].row);
-        summarise(v, f->n);
+            dm_dsr_view_leg(&v->legs[refs[j].region], refs[j].res, refs[j].row);
+        dm_dsr_view_summarise(v, f->n);
         a = b;
         Domicile__V1__DsrRequest *q = &v->req;
         if (!visible(c->call, q) || (req->state && (int)q->state != (int)req->state) ||
@@ -826,7 +585,7 @@ void dm_dsr_list(dm_call_t *call)
         st = dm_check_customer_id("customer_id", req->customer_id);
     if (!st && (req->due_within_days < 0 || req->due_within_days > 366))
         st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "due_within_days: must be 0..366");
-    if (!st && ((size_t)req->kind >= DM_ARRAY_LEN(kind_names) || (int)req->state < 0 ||
+    if (!st && ((size_t)req->kind >= (size_t)DM_DSR_KINDS || (int)req->state < 0 ||
                 (int)req->state > DOMICILE__V1__DSR_STATE__DSR_STATE_FAILED))
         st = dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "kind/state: unknown value");
     if (st) {
@@ -845,12 +604,13 @@ void dm_dsr_list(dm_call_t *call)
     snprintf(due_s, sizeof(due_s), "%d", (int)req->due_within_days);
     DM_FINGERPRINT(h, DM_AAD_STR("ListRequests"), DM_AAD_STR(state_s),
                    DM_AAD_STR(req->overdue_only ? "overdue" : ""), DM_AAD_STR(due_s),
-                   DM_AAD_STR(req->kind ? kind_names[req->kind] : ""),
+                   DM_AAD_STR(req->kind ? dm_dsr_kind_names[req->kind] : ""),
                    DM_AAD_STR(req->customer_id));
     dm_hex_encode(h, 8, c->tag);
     /* Each region answers its newest 10000: enough for any page a privacy office reads. */
     snprintf(c->limit_s, sizeof(c->limit_s), "%d", 10000);
-    const char *vals[3] = {req->kind ? kind_names[req->kind] : "", req->customer_id, c->limit_s};
+    const char *vals[3] = {req->kind ? dm_dsr_kind_names[req->kind] : "", req->customer_id,
+                           c->limit_s};
     dm_fanout_start(call, c->app->regions, DM_SQL_DSR_LIST, 3, vals, NULL, NULL, list_done, c);
 }
 
@@ -1371,7 +1131,7 @@ static void export_next_chunk(export_ctx_t *e)
     e->job.stmt = DM_SQL_EXPORT_RECORDS;
     e->job.done = export_chunk_done;
     e->job.arg = e;
-    e->job.call = e->call;
+    e->job.owner = e->call;
     snprintf(e->limit_s, sizeof(e->limit_s), "%d", EXPORT_CHUNK + 1);
     dm_job_param_bin(&e->job, 0, e->st.sk, DM_SUBJECT_KEY_LEN);
     dm_job_param_text(&e->job, 1, e->st.customer);

@@ -332,7 +332,7 @@ static void verify_page(verify_t *v)
     v->job.stmt = DM_SQL_LEDGER_VERIFY;
     v->job.done = verify_chain_done;
     v->job.arg = v;
-    v->job.call = v->call;
+    v->job.owner = v->call;
     snprintf(v->after_s, sizeof(v->after_s), "%lld", (long long)(v->expected - 1));
     snprintf(v->limit_s, sizeof(v->limit_s), "%d", VERIFY_PAGE);
     snprintf(v->loose_s, sizeof(v->loose_s), "%d", LOOSE_LIMIT);
@@ -396,7 +396,7 @@ static void verify_read(verify_t *v)
     v->job.stmt = DM_SQL_LEDGER_CHECKPOINT;
     v->job.done = verify_checkpoint_done;
     v->job.arg = v;
-    v->job.call = v->call;
+    v->job.owner = v->call;
     dm_region_submit(v->region, &v->job);
 }
 
@@ -450,7 +450,7 @@ static void verify_start(verify_t *v)
         j->stmt = DM_SQL_WITNESS_GET;
         j->done = witness_got;
         j->arg = v;
-        j->call = v->call;
+        j->owner = v->call;
         dm_job_param_text(j, 0, dm_region_code(v->region));
     }
     for (size_t k = 0; k < n; k++)
@@ -787,7 +787,7 @@ static void list_fetch(list_ctx_t *c)
         s->job.stmt = DM_SQL_LEDGER_LIST;
         s->job.done = list_fetched;
         s->job.arg = s;
-        s->job.call = c->call;
+        s->job.owner = c->call;
         dm_job_param_text(&s->job, 0, c->from_s);
         dm_job_param_text(&s->job, 1, c->to_s);
         dm_job_param_text(&s->job, 2, req->from_region);
@@ -1169,7 +1169,7 @@ void dm_transfers_report(dm_call_t *call)
         p->job.stmt = DM_SQL_LEDGER_REPORT;
         p->job.done = part_rows;
         p->job.arg = p;
-        p->job.call = call;
+        p->job.owner = call;
         dm_job_param_text(&p->job, 0, r->from_s);
         dm_job_param_text(&p->job, 1, r->to_s);
         dm_job_param_text(&p->job, 2, req->basis_id);

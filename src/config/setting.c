@@ -1,7 +1,7 @@
 /*
  * Shape checks of libconfig settings, shared by every loader of a libconfig file: the gateway
  * and region files (config.c), bases and routes (src/ledger/policy.c), principals
- * (src/auth/principals.c) and customer webhooks (src/api/webhook.c).
+ * (src/auth/principals.c) and customer webhooks (src/dsr/webhook.c).
  *
  * libconfig accepts any nesting of groups, lists and arrays, and its accessors answer NULL or
  * 0 for a setting of another type than asked. A loader that reads "the member `revoked`, if it

@@ -143,7 +143,7 @@ static void append_done(dm_job_t *job, PGresult *res, dm_status_t *err)
 }
 
 void dm_ledger_append(dm_region_t *r, const unsigned char key[32], const dm_transfer_t *t,
-                      dm_call_t *call, dm_ledger_done_fn done, void *arg)
+                      void *owner, dm_ledger_done_fn done, void *arg)
 {
     append_t *a = dm_calloc(1, sizeof(*a));
     fields_t f;
@@ -194,7 +194,7 @@ void dm_ledger_append(dm_region_t *r, const unsigned char key[32], const dm_tran
     j->stmt = DM_SQL_LEDGER_APPEND;
     j->done = append_done;
     j->arg = a;
-    j->call = call;
+    j->owner = owner;
     /* A plain insert: batched with other writes, one commit for many entries. */
     j->batchable = true;
     dm_job_param_bin(j, 0, a->uuid, sizeof(a->uuid));

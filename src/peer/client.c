@@ -699,7 +699,8 @@ void dm_peers_submit(void *peers, dm_region_t *r, dm_job_t *job)
     Domicile__Peer__V1__ExecRequest req = DOMICILE__PEER__V1__EXEC_REQUEST__INIT;
     Domicile__Peer__V1__ExecParam params[DM_JOB_MAX_PARAMS], *pp[DM_JOB_MAX_PARAMS];
     req.statement = (char *)dm_sql[job->stmt].name;
-    req.method = job->call ? (char *)dm_call_method(job->call)->path : "";
+    dm_call_t *call = job->owner; /* in the gateway, a job's owner is the call it serves */
+    req.method = call ? (char *)dm_call_method(call)->path : "";
     for (int i = 0; i < job->n_params; i++) {
         domicile__peer__v1__exec_param__init(&params[i]);
         params[i].is_null = job->values[i] == NULL;
@@ -715,8 +716,8 @@ void dm_peers_submit(void *peers, dm_region_t *r, dm_job_t *job)
     req.params = pp;
     /* Every allow-listed statement is safe to repeat: reads, or writes keyed by a request id
      * or a version. */
-    dm_peer_unary(p, r, job->call, EXEC_PATH, &req.base,
-                  &domicile__peer__v1__exec_response__descriptor, true, exec_reply, job);
+    dm_peer_unary(p, r, call, EXEC_PATH, &req.base, &domicile__peer__v1__exec_response__descriptor,
+                  true, exec_reply, job);
 }
 
 /* ---- forwarding a whole call ---- */

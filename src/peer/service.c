@@ -393,7 +393,7 @@ void dm_peer_exec(dm_call_t *call)
     x->job.stmt = (dm_sql_id_t)id;
     x->job.done = exec_done;
     x->job.arg = x;
-    x->job.call = call;
+    x->job.owner = call;
     for (size_t i = 0; i < req->n_params; i++) {
         const Domicile__Peer__V1__ExecParam *pp = req->params[i];
         if (pp->is_null) {

@@ -103,6 +103,7 @@ struct dm_regions {
     void *idle_arg;
     dm_remote_submit_fn remote_submit; /* jobs of regions served by other gateways */
     void *remote_arg;
+    const dm_job_owner_ops_t *owner_ops; /* NULL: owners are never asked */
     int idle_interval_ms;
     atomic_bool stopping;
 };
@@ -399,15 +400,16 @@ static dm_status_t *status_from_result(dm_region_t *r, const PGresult *res, PGco
     return dm_status_detail(st, "%s%s", sqlstate ? sqlstate : "", text ? text : "");
 }
 
-static bool job_dead(dm_job_t *job, dm_status_t **why)
+static bool job_dead(const dm_regions_t *rs, dm_job_t *job, dm_status_t **why)
 {
-    if (!job->call)
+    const dm_job_owner_ops_t *ops = rs->owner_ops;
+    if (!job->owner || !ops)
         return false;
-    if (dm_call_cancelled(job->call)) {
+    if (ops->cancelled(job->owner)) {
         *why = dm_status_new(GRPC_STATUS_CANCELLED, "call cancelled");
         return true;
     }
-    if (dm_call_deadline_left_ms(job->call) <= 0) {
+    if (ops->deadline_left_ms(job->owner) <= 0) {
         *why = dm_status_new(GRPC_STATUS_DEADLINE_EXCEEDED, "deadline exceeded before the "
                                                             "statement was sent");
         return true;
@@ -474,9 +476,10 @@ static void run_round(executor_t *e, dm_job_t *alone, dm_job_t *batch)
      * a black-holed region costs a call its deadline, not more. */
     int64_t longest = 0;
     bool unbounded = false;
+    const dm_job_owner_ops_t *ops = r->set->owner_ops;
     for (int pass = 0; pass < 2; pass++) {
         for (dm_job_t *j = pass ? batch : alone; j; j = j->next) {
-            int64_t left = j->call ? dm_call_deadline_left_ms(j->call) : INT64_MAX;
+            int64_t left = j->owner && ops ? ops->deadline_left_ms(j->owner) : INT64_MAX;
             if (left == INT64_MAX)
                 unbounded = true;
             else if (left > longest)
@@ -805,7 +808,7 @@ static void *executor_main(void *arg)
                 r->queued_batchable--;
             bytes += job_bytes(j);
             dm_status_t *why = NULL;
-            if (job_dead(j, &why)) {
+            if (job_dead(r->set, j, &why)) {
                 j->next = dead;
                 dead = j;
                 dm_status_free(why);
@@ -837,7 +840,7 @@ static void *executor_main(void *arg)
         while (dead) {
             dm_job_t *next = dead->next;
             dm_status_t *why = NULL;
-            job_dead(dead, &why);
+            job_dead(r->set, dead, &why);
             fail_job(dead, why ? why : dm_status_new(GRPC_STATUS_CANCELLED, "call ended"));
             dead = next;
         }
@@ -1073,6 +1076,11 @@ void dm_regions_set_remote(dm_regions_t *rs, dm_remote_submit_fn fn, void *arg)
 {
     rs->remote_submit = fn;
     rs->remote_arg = arg;
+}
+
+void dm_regions_set_owner_ops(dm_regions_t *rs, const dm_job_owner_ops_t *ops)
+{
+    rs->owner_ops = ops;
 }
 
 bool dm_region_is_local(const dm_region_t *r)

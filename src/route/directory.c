@@ -242,7 +242,7 @@ static void ask_done(dm_job_t *job, PGresult *res, dm_status_t *err)
 }
 
 static void ask(dm_regions_t *regions, dm_region_t *skip, bool local_only, const char *customer_id,
-                dm_call_t *call, dm_resolve_fn fn, void *arg)
+                void *owner, dm_resolve_fn fn, void *arg)
 {
     ask_t *a = dm_calloc(1, sizeof(*a));
     a->fn = fn;
@@ -269,10 +269,10 @@ static void ask(dm_regions_t *regions, dm_region_t *skip, bool local_only, const
         dm_job_param_text(j, 0, a->customer_id);
         j->done = ask_done;
         j->arg = a;
-        /* The call may end (first answer wins) while other regions' jobs are still queued:
-         * a local job must not point at it. A peer's job uses it only while it is submitted
-         * (the principal, the deadline). */
-        j->call = dm_region_is_local(a->regions[i]) ? NULL : call;
+        /* The owner (a call) may end (first answer wins) while other regions' jobs are still
+         * queued: a local job must not point at it. A peer's job uses it only while it is
+         * submitted (the principal, the deadline). */
+        j->owner = dm_region_is_local(a->regions[i]) ? NULL : owner;
     }
     dm_region_t *targets[DM_MAX_REGIONS];
     dm_job_t *jobs[DM_MAX_REGIONS];
@@ -285,9 +285,9 @@ static void ask(dm_regions_t *regions, dm_region_t *skip, bool local_only, const
 }
 
 void dm_directory_ask_all(dm_regions_t *regions, dm_region_t *skip, const char *customer_id,
-                          dm_call_t *call, dm_resolve_fn fn, void *arg)
+                          void *owner, dm_resolve_fn fn, void *arg)
 {
-    ask(regions, skip, false, customer_id, call, fn, arg);
+    ask(regions, skip, false, customer_id, owner, fn, arg);
 }
 
 typedef struct resolve {
@@ -311,7 +311,7 @@ static void resolve_done(void *arg, dm_region_t *region, const char *state, dm_s
     free(rv);
 }
 
-static void resolve(dm_directory_t *d, const char *customer_id, dm_call_t *call, bool local_only,
+static void resolve(dm_directory_t *d, const char *customer_id, void *owner, bool local_only,
                     dm_resolve_fn fn, void *arg)
 {
     dm_region_t *r = lookup(d, customer_id);
@@ -325,17 +325,17 @@ static void resolve(dm_directory_t *d, const char *customer_id, dm_call_t *call,
     rv->customer_id = dm_strdup(customer_id);
     rv->fn = fn;
     rv->arg = arg;
-    ask(d->regions, NULL, local_only, customer_id, call, resolve_done, rv);
+    ask(d->regions, NULL, local_only, customer_id, owner, resolve_done, rv);
 }
 
-void dm_directory_resolve(dm_directory_t *d, const char *customer_id, dm_call_t *call,
-                          dm_resolve_fn fn, void *arg)
+void dm_directory_resolve(dm_directory_t *d, const char *customer_id, void *owner, dm_resolve_fn fn,
+                          void *arg)
 {
-    resolve(d, customer_id, call, false, fn, arg);
+    resolve(d, customer_id, owner, false, fn, arg);
 }
 
-void dm_directory_resolve_local(dm_directory_t *d, const char *customer_id, dm_call_t *call,
+void dm_directory_resolve_local(dm_directory_t *d, const char *customer_id, void *owner,
                                 dm_resolve_fn fn, void *arg)
 {
-    resolve(d, customer_id, call, true, fn, arg);
+    resolve(d, customer_id, owner, true, fn, arg);
 }

@@ -1,4 +1,4 @@
-/* The descriptor database behind gRPC server reflection (src/api/reflection.c): the embedded
+/* The descriptor database behind gRPC server reflection (src/server/reflection.c): the embedded
  * FileDescriptorSet of proto/, symbol lookup, dependencies, and malformed input. */
 #include <setjmp.h>
 #include <stdarg.h>

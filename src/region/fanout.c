@@ -6,7 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "domicile/fanout.h"
+#include "domicile/mem.h"
 
 struct fanout_job {
     dm_job_t job;
@@ -34,7 +35,7 @@ static void fanout_job_done(dm_job_t *job, PGresult *res, dm_status_t *err)
         f->priv->done(f, f->priv->arg);
 }
 
-void dm_fanout_start(dm_call_t *call, dm_regions_t *regions, dm_sql_id_t stmt, int n,
+void dm_fanout_start(void *owner, dm_regions_t *regions, dm_sql_id_t stmt, int n,
                      const char *const *values, const int *lengths, const int *formats,
                      dm_fanout_fn done, void *arg)
 {
@@ -62,7 +63,7 @@ void dm_fanout_start(dm_call_t *call, dm_regions_t *regions, dm_sql_id_t stmt, i
         fj->job.stmt = stmt;
         fj->job.done = fanout_job_done;
         fj->job.arg = fj;
-        fj->job.call = call;
+        fj->job.owner = owner;
         for (int k = 0; k < n; k++) {
             if (formats && formats[k])
                 dm_job_param_bin(&fj->job, k, f->priv->values[k], lengths[k]);

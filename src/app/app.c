@@ -7,9 +7,24 @@
 #include "domicile/log.h"
 #include "domicile/peer.h"
 #include <stddef.h>
-#include "internal.h"
 
 #define FENCE_REFRESH_MS 1000
+
+/* A job's owner, in the gateway, is the gRPC call it serves (or NULL). */
+static bool owner_cancelled(void *owner)
+{
+    return dm_call_cancelled(owner);
+}
+
+static int64_t owner_deadline_left_ms(void *owner)
+{
+    return dm_call_deadline_left_ms(owner);
+}
+
+static const dm_job_owner_ops_t call_owner_ops = {
+    .cancelled = owner_cancelled,
+    .deadline_left_ms = owner_deadline_left_ms,
+};
 
 /* The regions' maintenance: seal the ledger, run data-subject request legs, read fences. */
 static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
@@ -21,8 +36,8 @@ static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
     dm_ledger_idle(r, x, &app->ledger);
     if (dm_mono_ms() - app->fences_read_ms[i] >= FENCE_REFRESH_MS) {
         app->fences_read_ms[i] = dm_mono_ms();
-        dm_regions_poll_peer_fences(app);
-        dm_regions_refresh_fences(app, r, x);
+        dm_regions_poll_peer_fences(app->regions);
+        dm_regions_refresh_fences(app->regions, r, x);
     }
 }
 
@@ -54,6 +69,7 @@ dm_status_t *dm_app_check(const dm_config_t *cfg, FILE *out)
 dm_status_t *dm_app_init(dm_app_t *app)
 {
     dm_status_t *st;
+    dm_regions_set_owner_ops(app->regions, &call_owner_ops);
     /* Only the own region's keys: another region's are held by its own gateways alone. */
     for (size_t i = 0; i < app->cfg->n_regions; i++) {
         if (!app->cfg->region_cfgs[i].local)
@@ -100,7 +116,7 @@ dm_status_t *dm_app_init(dm_app_t *app)
     app->ledger.keys = (const unsigned char(*)[32])app->ledger_keys;
     app->ledger.retention_days = app->cfg->ledger_retention_days;
     dm_dsr_ctx_init(&app->dsr, app->regions);
-    if ((st = dm_webhooks_create(app, &app->webhooks)))
+    if ((st = dm_webhooks_create(app->cfg, app->regions, &app->webhooks)))
         return st;
     app->dsr.webhooks = app->webhooks;
     dm_regions_set_idle_task(app->regions, app_idle, app, app->cfg->ledger_seal_interval_ms);

@@ -17,8 +17,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "domicile/app.h"
 #include "domicile/log.h"
-#include "internal.h"
+#include "domicile/transfer.h"
 
 void dm_xfer_request_id(dm_call_t *call, const char *given, char out[DM_XFER_ID_LEN])
 {
@@ -91,7 +92,7 @@ static dm_transfer_t leg_entry(dm_call_t *call, const dm_xfer_t *x, const char *
 static void refuse(dm_call_t *call, const dm_xfer_t *x, const char *from, const char *to,
                    const char *why, dm_status_t *answer, dm_xfer_fn fn, void *arg)
 {
-    dm_app_t *app = APP(call);
+    dm_app_t *app = dm_call_app(call);
     const char *purpose = dm_call_purpose(call);
     refusal_t *rf = dm_malloc(sizeof(*rf));
     rf->fn = fn;
@@ -110,7 +111,7 @@ static void refuse(dm_call_t *call, const dm_xfer_t *x, const char *from, const 
 
 void dm_xfer_gate(dm_call_t *call, dm_region_t *region, dm_xfer_t *x, dm_xfer_fn fn, void *arg)
 {
-    dm_app_t *app = APP(call);
+    dm_app_t *app = dm_call_app(call);
     const dm_principal_t *p = dm_call_principal_of(call);
     const char *purpose = dm_call_purpose(call);
     const char *r = dm_region_code(region);
@@ -187,7 +188,7 @@ static void leg_logged(void *arg, dm_status_t *err)
 void dm_xfer_log(dm_call_t *call, const dm_xfer_t *x, int64_t records, int64_t bytes,
                  const char *record_ids, dm_ledger_done_fn done, void *arg)
 {
-    dm_app_t *app = APP(call);
+    dm_app_t *app = dm_call_app(call);
     const unsigned char *key = app->ledger_keys[dm_app_region_index(app, x->region)];
     dm_transfer_t t[2];
     int n = 0;

@@ -23,8 +23,12 @@
 #include "domicile/v1/subject_rights.pb-c.h"
 
 #include "domicile/clock.h"
+#include "domicile/crypto.h"
 #include "domicile/log.h"
-#include "internal.h"
+#include "domicile/validate.h"
+#include "domicile/dsr.h"
+#include "domicile/dsr_view.h"
+#include "domicile/fanout.h"
 
 #define QUEUE_MAX   256
 #define NOT_DONE_MS 2000
@@ -47,7 +51,8 @@ typedef struct item {
 } item_t;
 
 struct dm_webhooks {
-    dm_app_t *app;
+    const dm_config_t *cfg;
+    dm_regions_t *regions;
     target_t global;   /* url NULL: none */
     target_t *targets; /* per customer, sorted by customer id */
     size_t n_targets;
@@ -95,7 +100,7 @@ static void got_answer(dm_fanout_t *f, void *arg)
 /* Run one statement everywhere and wait for it (this thread may block). */
 static dm_fanout_t *fanout_wait(dm_webhooks_t *w, dm_sql_id_t stmt, int n, const char *const *v)
 {
-    dm_fanout_start(NULL, w->app->regions, stmt, n, v, NULL, NULL, got_answer, w);
+    dm_fanout_start(NULL, w->regions, stmt, n, v, NULL, NULL, got_answer, w);
     pthread_mutex_lock(&w->mu);
     while (!w->answer)
         pthread_cond_wait(&w->cond, &w->mu);
@@ -164,7 +169,7 @@ static int post(dm_webhooks_t *w, const target_t *t, const char *body, char *err
     curl_easy_setopt(curl, CURLOPT_URL, t->url);
     curl_easy_setopt(curl, CURLOPT_HTTPHEADER, h);
     curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body);
-    curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, (long)w->app->cfg->webhook_timeout_ms);
+    curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, (long)w->cfg->webhook_timeout_ms);
     curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, discard);
     curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
@@ -223,7 +228,7 @@ static void deliver(dm_webhooks_t *w, const item_t *it)
     dm_fanout_t *f = fanout_wait(w, DM_SQL_DSR_STATUS, 1, vals);
     Domicile__V1__DsrRequest *q = NULL;
     int attempts = 0;
-    dm_status_t *st = dm_dsr_view(f, w->app->regions, &q, &attempts);
+    dm_status_t *st = dm_dsr_view(f, w->regions, &q, &attempts);
     if (st || q->state != DOMICILE__V1__DSR_STATE__DSR_STATE_DONE) {
         /* Not done (or a region not answering): look again shortly, not an attempt. */
         dm_status_free(st);
@@ -395,14 +400,14 @@ dm_status_t *dm_webhooks_check(const dm_config_t *cfg, size_t *n_customers)
     return st;
 }
 
-dm_status_t *dm_webhooks_create(dm_app_t *app, dm_webhooks_t **out)
+dm_status_t *dm_webhooks_create(const dm_config_t *cfg, dm_regions_t *regions, dm_webhooks_t **out)
 {
-    const dm_config_t *cfg = app->cfg;
     *out = NULL;
     if (!cfg->webhook_url[0] && !cfg->customer_webhooks_file[0])
         return NULL;
     dm_webhooks_t *w = dm_calloc(1, sizeof(*w));
-    w->app = app;
+    w->cfg = cfg;
+    w->regions = regions;
     dm_status_t *st = NULL;
     if (cfg->webhook_url[0]) {
         w->global.url = dm_strdup(cfg->webhook_url);
