@@ -750,26 +750,34 @@ def test_export_streams_every_region_with_a_matching_manifest(regions, admin, po
     assert {leg.region: leg.receipt.records_matched for leg in req.legs} == {"eu": 7, "in": 2, "us": 2}
 
     # Ledger: the us and in parts left their regions for the officer's (eu): logged there,
-    # before they left; the eu part did not cross a border.
+    # before they left; the eu part did not cross a border to the officer. The officer called
+    # the us gateway, so the eu and in parts also passed through us: a transit each, logged
+    # in their regions too (the us part was already there).
     sizes = {}
     for region, rec, payload in written:
         n, b = sizes.get(region, (0, 0))
         sizes[region] = (n + 1, b + len(payload))
-    basis = {"us": "us-no-restriction", "in": "dpdp-s16"}
-    for region in ("us", "in"):
+    routes = {
+        "us": {("us", "eu"): "us-no-restriction"},
+        "in": {("in", "eu"): "dpdp-s16", ("in", "us"): "dpdp-s16"},
+        "eu": {("eu", "us"): "eu-us-dpf-2023-1795"},
+    }
+    for region, want in routes.items():
         entries = pg_json(
             regions,
             region,
             "SELECT record_count, bytes, from_region, to_region, direction, purpose, basis_id, outcome, principal, method, "
             f"encode(subject_key, 'hex') AS sk FROM domicile.ledger WHERE request_id = {lit(rid)}",
         )
-        assert entries, f"no ledger entry for the export in {region}"
-        assert sum(e["record_count"] for e in entries) == sizes[region][0]
-        assert sum(e["bytes"] for e in entries) == sizes[region][1]
+        assert {(e["from_region"], e["to_region"]) for e in entries} == set(want), (region, entries)
+        for route in want:
+            legs = [e for e in entries if (e["from_region"], e["to_region"]) == route]
+            assert sum(e["record_count"] for e in legs) == sizes[region][0], (route, legs)
+            assert sum(e["bytes"] for e in legs) == sizes[region][1], (route, legs)
         for e in entries:
-            assert (e["from_region"], e["to_region"], e["direction"], e["purpose"], e["outcome"]) == (region, "eu", "read", "dsr-export", "allowed"), e
-            assert (e["method"], e["principal"], e["basis_id"], e["sk"]) == ("Export", "privacy-officer", basis[region], written[0][1].subject_key_hex), e
-    assert pg(regions, "eu", f"SELECT count(*) FROM domicile.ledger WHERE request_id = {lit(rid)}") == "0"
+            assert (e["direction"], e["purpose"], e["outcome"]) == ("read", "dsr-export", "allowed"), e
+            assert (e["method"], e["principal"], e["basis_id"], e["sk"]) == (
+                "Export", "privacy-officer", want[(e["from_region"], e["to_region"])], written[0][1].subject_key_hex), e
 
     # A retry with the same request_id streams the same export again.
     _, again, man2 = po.export(request_id=rid, subject=s, reason="access request")
