@@ -29,6 +29,15 @@ typedef void (*dm_fanout_fn)(dm_fanout_t *f, void *arg);
 void dm_fanout_start(void *owner, dm_regions_t *regions, dm_sql_id_t stmt, int n,
                      const char *const *values, const int *lengths, const int *formats,
                      dm_fanout_fn done, void *arg);
+/**
+ * Called as region i's answer (f->res[i] or f->err[i]) arrives, before `done`, on the thread
+ * that completed it: it may read that answer only (the others are still being written).
+ */
+typedef void (*dm_fanout_each_fn)(dm_fanout_t *f, size_t i, void *arg);
+/** dm_fanout_start() that also calls `each` per region as its answer arrives. */
+void dm_fanout_start_each(void *owner, dm_regions_t *regions, dm_sql_id_t stmt, int n,
+                          const char *const *values, const int *lengths, const int *formats,
+                          dm_fanout_each_fn each, dm_fanout_fn done, void *arg);
 void dm_fanout_free(dm_fanout_t *f);
 
 #endif

@@ -50,6 +50,7 @@ typedef struct status_ctx {
     char missing[DM_MAX_REGIONS * (DM_REGION_CODE_MAX + 1) + 3];
     dm_dsr_view_t *view; /* the reply, built from `stored` (the receive's answers); both owned */
     dm_fanout_t *stored;
+    bool started[DM_MAX_REGIONS]; /* the own region's leg, run as soon as it was stored */
     /* extension */
     char until_s[24];
 } status_ctx_t;
@@ -167,6 +168,8 @@ static void receive_done(dm_fanout_t *f, void *arg)
             reused = true;
         } else {
             stored++;
+            if (c->started[i])
+                continue; /* running since it was stored (leg_stored) */
             claimed[n_took] = strcmp(s, "created") == 0; /* by this gateway, as it stored it */
             took[n_took++] = f->region[i];
         }
@@ -207,8 +210,9 @@ static void receive_done(dm_fanout_t *f, void *arg)
         dm_dsr_run_now(dsr, id, kind, took, claimed, n_took);
         return;
     }
-    /* The legs start once the reply is on its way, on the regions' free executors (a region
-     * that missed the request gets it, and runs its leg, from the workers). */
+    /* The other legs start once the reply is on its way, on the regions' free executors (a
+     * region that missed the request gets it, and runs its leg, from the workers); the own
+     * region's is running since it was stored (leg_stored), the peers' since they stored. */
     if (ml > 1) {
         dm_info("dsr", "request stored in %zu regions; missing %s (delivered when they return)",
                 stored, c->missing);
@@ -219,6 +223,23 @@ static void receive_done(dm_fanout_t *f, void *arg)
         reply_stored(c);
     }
     dm_dsr_run_now(dsr, id, kind, took, claimed, n_took);
+}
+
+/* The own region's answer to DM_SQL_DSR_RECEIVE_CLAIM: a leg this gateway created and claimed
+ * there runs at once, as the peer regions' gateways run theirs on receipt, instead of after
+ * the slowest region (a wide-area round trip away) has stored the request too. */
+static void leg_stored(dm_fanout_t *f, size_t i, void *arg)
+{
+    status_ctx_t *c = arg;
+    if (f->err[i] || !dm_region_is_local(f->region[i]) || PQntuples(f->res[i]) != 1)
+        return;
+    int len;
+    if (strcmp(dm_pg_bytes(f->res[i], 0, DM_DC__COUNT, &len), "created") != 0)
+        return;
+    bool claimed = true;
+    c->started[i] = true;
+    dm_dsr_run_now(&c->app->dsr, c->request_id, dm_dsr_kind_names[c->kind], &f->region[i], &claimed,
+                   1);
 }
 
 /* Store the request (header + leg) in every region; `done` sees each region's answer. With
@@ -250,8 +271,8 @@ static void receive_fanout(status_ctx_t *c, bool claim, dm_fanout_fn done, void 
     int lens[15] = {0, 0, 32, DM_SUBJECT_KEY_LEN};
     int fmts[15] = {0, 0, 1, 1};
     if (claim)
-        dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_RECEIVE_CLAIM, 15, vals, lens, fmts,
-                        done, arg);
+        dm_fanout_start_each(c->call, c->app->regions, DM_SQL_DSR_RECEIVE_CLAIM, 15, vals, lens,
+                             fmts, leg_stored, done, arg);
     else
         dm_fanout_start(c->call, c->app->regions, DM_SQL_DSR_RECEIVE, 13, vals, lens, fmts, done,
                         arg);

@@ -17,6 +17,7 @@ struct fanout_job {
 
 struct dm_fanout_priv {
     atomic_int pending;
+    dm_fanout_each_fn each;
     dm_fanout_fn done;
     void *arg;
     char *values[DM_JOB_MAX_PARAMS];
@@ -31,6 +32,8 @@ static void fanout_job_done(dm_job_t *job, PGresult *res, dm_status_t *err)
         f->err[fj->i] = err;
     else
         f->res[fj->i] = PQcopyResult(res, PG_COPYRES_ATTRS | PG_COPYRES_TUPLES);
+    if (f->priv->each)
+        f->priv->each(f, fj->i, f->priv->arg);
     if (atomic_fetch_sub(&f->priv->pending, 1) == 1)
         f->priv->done(f, f->priv->arg);
 }
@@ -39,9 +42,17 @@ void dm_fanout_start(void *owner, dm_regions_t *regions, dm_sql_id_t stmt, int n
                      const char *const *values, const int *lengths, const int *formats,
                      dm_fanout_fn done, void *arg)
 {
+    dm_fanout_start_each(owner, regions, stmt, n, values, lengths, formats, NULL, done, arg);
+}
+
+void dm_fanout_start_each(void *owner, dm_regions_t *regions, dm_sql_id_t stmt, int n,
+                          const char *const *values, const int *lengths, const int *formats,
+                          dm_fanout_each_fn each, dm_fanout_fn done, void *arg)
+{
     dm_fanout_t *f = dm_calloc(1, sizeof(*f));
     f->priv = dm_calloc(1, sizeof(*f->priv));
     f->n = dm_regions_count(regions);
+    f->priv->each = each;
     f->priv->done = done;
     f->priv->arg = arg;
     for (int k = 0; k < n; k++) {

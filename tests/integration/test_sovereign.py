@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from conftest import DOMICILED, REGION_CODES, region_ports, wait_until
-from helpers import Api, get, md, put, register, rpc_error, uid
+from helpers import Api, get, md, put, register, rpc_error, uid, unary_stub
 
 from domicile.v1 import records_pb2, subject_rights_pb2, transfers_pb2
 
@@ -401,3 +401,32 @@ def test_a_transit_without_a_basis_is_refused_and_logged(regions, gateways):
     assert _entries(regions, "eu", cid) == [("read", "refused", "eu", "in", "", 1, "refused-transit")]
 
     assert get(Api(g.channel(token="admin")), cid, "r1").payload == b"secret"
+
+
+def test_the_own_regions_leg_runs_without_waiting_for_far_regions(regions, gateways):
+    """An Erase at the us gateway while in is 5 s of round trip away (emulated): the us leg
+    runs as soon as us has stored the request, as the peers run theirs on receipt; it is done
+    in us's database while the call still waits for in's answer. Before, the own leg started
+    only after the slowest region had stored the request: one more wide-area round trip
+    before a fan-out's local part could finish (R8)."""
+    far = 5000
+    rtt = {("us", "eu"): 100, ("eu", "us"): 100, ("eu", "in"): 100, ("in", "eu"): 100,
+           ("us", "in"): far, ("in", "us"): far}
+    # health checks get a deadline of their interval: longer than the far round trip
+    g = gateways.start(name="own-leg", wan=True, rtt_ms=rtt, overrides={"peer_health_interval_ms": 2 * far})
+    admin = Api(g.channel())
+    cid = register(admin, "us", timeout=4 * far / 1000)
+    s = f"own-leg-{uid()}@example.org"
+    put(admin, cid, "r1", payload=b"x", subject=s)
+    erase = unary_stub(g.channel(token="privacy-officer"), "SubjectRightsService", "Erase",
+                       subject_rights_pb2.EraseRequest, subject_rights_pb2.EraseResponse)
+    rid = f"own-leg-{uid()}"
+    fut = erase.future(subject_rights_pb2.EraseRequest(request_id=rid, subject=s, reason="R8"), timeout=4 * far / 1000)
+
+    def leg():
+        return regions.psql("us", f"SELECT state FROM domicile.dsr_legs WHERE request_id = '{rid}'")
+
+    wait_until(lambda: (leg(), fut.done()), lambda r: r[0] == "done" or r[1], timeout=3 * far / 1000)
+    assert leg() == "done" and not fut.done(), (leg(), fut.done())
+    assert fut.result().request.request_id == rid
+    assert regions.psql("us", f"SELECT count(*) FROM domicile.records WHERE customer_id = '{cid}'") == "0"
