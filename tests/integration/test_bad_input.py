@@ -347,7 +347,9 @@ class Env:
         """Alive and SERVING, asked on a new connection: a test may have made the server close
         the shared one (oversized metadata), which its next call would see as UNAVAILABLE."""
         assert self.gw.alive(), f"gateway exited with {self.gw.proc.poll()}\n{self.gw.log[-5000:]}"
-        with self.gw.channel() as ch:
+        # A subchannel of its own: grpcio shares connections between channels with the same
+        # target and options, and the shared one may be the connection the server closed.
+        with self.gw.channel(options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
             assert health_check(ch, "", timeout=15) == SERVING
 
 
@@ -632,7 +634,7 @@ def test_oversized_metadata(serving):
     the connection close first, and the gateway serves the next connection. So these calls go
     on a channel of their own."""
     env = serving
-    own = env.gw.channel()
+    own = env.gw.channel(options=[("grpc.use_local_subchannel_pool", 1)])  # its connection only
     get = Api(own).get
     req = GetReq(customer_id=env.cust["us"], record_id="nope")
     # 8 KiB of metadata is under max_metadata_bytes (16 KiB): served as usual.
