@@ -40,12 +40,13 @@ void dm_metrics_ledger_verified(size_t r, bool ok, int64_t entries);
 
 /** Open legs by time left to their due date: overdue, < 1 day, < 5, < 10, < 30, later. */
 #define DM_DSR_DUE_BUCKETS 6
-/** Data-subject legs in region index `r`'s database. */
+/** Data-subject legs in a region's database (domicile.dsr_legs with their requests). */
 typedef struct dm_dsr_counts {
     int64_t legs[5];                 /* by state: pending, running, done, failed, skipped */
     int64_t due[DM_DSR_DUE_BUCKETS]; /* open legs (not done, not skipped) by time to due */
     int64_t next_due_ms;             /* earliest due date of an open leg; 0: none open */
 } dm_dsr_counts_t;
+/** The legs of region index `r`, as counted by its maintenance (copied). */
 void dm_metrics_dsr(size_t r, const dm_dsr_counts_t *c);
 /**
  * Replication of region index `r`'s primary (pg_stat_replication): standbys connected, those
