@@ -16,7 +16,11 @@
 #        client stack of the integration tests, tests/integration/node, which installs its
 #        own pinned packages), and buf (tests api.lint, api.breaking) from npm:
 #        @bufbuild/buf, pinned, into $DOMICILE_BUF_DIR (default /var/cache/domicile/buf as
-#        root, ~/.cache/domicile/buf otherwise)
+#        root, ~/.cache/domicile/buf otherwise); python3-jsonschema (the Grafana dashboard's
+#        check) and promtool (tests monitoring.*: the alerting rules), taken out of Debian's
+#        prometheus package into $DOMICILE_PROMTOOL_DIR (default /var/cache/domicile/promtool
+#        as root, ~/.cache/domicile/promtool otherwise) unless promtool is on PATH: the
+#        package itself would also install and start a Prometheus server
 #
 # Each package is checked with dpkg-query; apt-get update + apt-get install run only when
 # something is missing, so a machine that has everything pays one dpkg-query call and
@@ -27,8 +31,8 @@ DOMICILE_DEPS_BUILD="build-essential cmake pkg-config libgrpc-dev protobuf-c-com
 libprotobuf-c-dev protobuf-compiler libpq-dev libssl-dev libcurl4-openssl-dev libconfig-dev
 libjansson-dev libmicrohttpd-dev"
 DOMICILE_DEPS_RUN="postgresql-15 postgresql-client-15 openssl ca-certificates"
-DOMICILE_DEPS_TEST="python3-grpcio python3-protobuf python3-pytest python3-yaml libcmocka-dev valgrind
-clang libclang-rt-14-dev"
+DOMICILE_DEPS_TEST="python3-grpcio python3-protobuf python3-pytest python3-yaml python3-jsonschema
+libcmocka-dev valgrind clang libclang-rt-14-dev"
 # buf is not packaged by Debian; the npm package ships the release binary.
 DOMICILE_BUF_VERSION=1.75.0
 # Optional (deploy/local Patroni mode, tests/integration/test_patroni.py): Patroni 3.0 with
@@ -66,7 +70,7 @@ domicile_deps() {
         # shellcheck disable=SC2086
         domicile_apt_install $missing || return 1
     fi
-    case " $* " in *" test "*) domicile_deps_node && domicile_deps_buf || return 1 ;; esac
+    case " $* " in *" test "*) domicile_deps_node && domicile_deps_buf && domicile_deps_promtool || return 1 ;; esac
     return 0
 }
 
@@ -122,6 +126,45 @@ domicile_deps_buf() {
         echo "deps.sh: $buf is not buf $DOMICILE_BUF_VERSION after npm install" >&2
         return 1
     }
+}
+
+# domicile_promtool_dir — where deps.sh puts promtool (tests/monitoring/promtool-check looks
+# there too).
+domicile_promtool_dir() {
+    if [ -n "${DOMICILE_PROMTOOL_DIR:-}" ]; then
+        echo "$DOMICILE_PROMTOOL_DIR"
+    elif [ "$(id -u)" -eq 0 ]; then
+        echo /var/cache/domicile/promtool
+    else
+        echo "${XDG_CACHE_HOME:-$HOME/.cache}/domicile/promtool"
+    fi
+}
+
+# domicile_deps_promtool — promtool from Debian's prometheus package (apt-get download, then
+# only usr/bin/promtool out of the .deb), unless one is on PATH or already there.
+domicile_deps_promtool() {
+    local dir tmp deb
+    command -v promtool >/dev/null 2>&1 && return 0
+    dir=$(domicile_promtool_dir)
+    [ -x "$dir/promtool" ] && return 0
+    if ! apt-cache show prometheus >/dev/null 2>&1; then
+        local sudo=""
+        [ "$(id -u)" -ne 0 ] && sudo="sudo"
+        $sudo apt-get update -qq || return 1
+    fi
+    echo "deps.sh: installing promtool from Debian's prometheus package into $dir" >&2
+    tmp=$(mktemp -d) || return 1
+    chmod 0777 "$tmp" # apt's sandbox user (_apt) writes the download there
+    (cd "$tmp" && apt-get download -qq prometheus) || {
+        rm -rf "$tmp"
+        return 1
+    }
+    deb=$(find "$tmp" -maxdepth 1 -name 'prometheus_*.deb' | head -n 1)
+    mkdir -p "$dir" && dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" ./usr/bin/promtool &&
+        install -m 0755 "$tmp/usr/bin/promtool" "$dir/promtool"
+    local rc=$?
+    rm -rf "$tmp"
+    [ "$rc" -eq 0 ] && "$dir/promtool" --version >/dev/null 2>&1
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

@@ -40,6 +40,7 @@ typedef struct dm_app {
     dm_dsr_ctx_t dsr;                              /* the data-subject request worker */
     dm_webhooks_t *webhooks;                       /* NULL without webhook_url */
     int64_t fences_read_ms[DM_MAX_REGIONS];        /* maintenance: last read of each region */
+    int64_t replication_read_ms[DM_MAX_REGIONS];   /* maintenance: pg_stat_replication */
     dm_health_t *health;
     dm_server_t *server;
     dm_peers_t *peers; /* gateways of the other regions (src/peer) */

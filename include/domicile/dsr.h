@@ -35,6 +35,15 @@ bool dm_webhooks_apply(const dm_webhooks_t *w, const char *customer);
 /** Hand a request whose webhook is due to the webhook thread; false when not queued. */
 bool dm_webhooks_enqueue(dm_webhooks_t *w, const char *request_id, size_t region);
 
+/** What this gateway's webhook thread has seen since it started (metrics). */
+typedef struct dm_webhook_stats {
+    int64_t delivered, failed; /* attempts by outcome */
+    int64_t failing_receivers; /* receivers whose last attempt failed */
+    int64_t failing_since_ms;  /* first failure of the one failing longest; 0: none */
+} dm_webhook_stats_t;
+/** Fill *out (zeros when `w` is NULL: no webhook configured). Any thread. */
+void dm_webhooks_stats(dm_webhooks_t *w, dm_webhook_stats_t *out);
+
 /** A request's legs being run at once by this gateway (dm_dsr_run_now). */
 typedef struct dm_dsr_now dm_dsr_now_t;
 

@@ -92,6 +92,13 @@ void dm_app_peers_cancel(dm_call_t *call, uint64_t id);
 typedef void (*dm_peer_count_fn)(void *arg, const char *origin, const char *path,
                                  const char *region, int64_t calls);
 void dm_peers_counts(dm_peers_t *p, dm_peer_count_fn fn, void *arg);
+/**
+ * Each peer gateway's last health check (metrics): its region, address, and whether it
+ * answered (serving or not: a gateway whose database is down still answers). A gateway not
+ * checked yet has not answered.
+ */
+typedef void (*dm_peer_health_fn)(void *arg, const char *region, const char *addr, bool answers);
+void dm_peers_health(dm_peers_t *p, dm_peer_health_fn fn, void *arg);
 
 /* ---- the callee side (src/peer/service.c) ---- */
 

@@ -59,10 +59,12 @@ typedef enum {
     DM_SQL_FENCE_PUT,         /* (region, reason, by, at_ms, lifted, version) */
     DM_SQL_FENCE_LIST,        /* () -> region, reason, fenced_by, fenced_at, lifted, version */
     DM_SQL_REPLICATION,       /* () -> standby, sync_state, lag bytes */
-    DM_SQL_DSR_COUNTS,        /* () -> pending, running, done, failed, skipped, overdue */
+    DM_SQL_DSR_COUNTS,        /* () -> pending, running, done, failed, skipped, overdue, open
+                                 due < 1, 5, 10, 30 days, later, next due (unix ms, or NULL) */
     DM_SQL_DSR_CLAIM_ONE,     /* (request_id, me, lease_s) -> request_id, kind, attempts */
     DM_SQL_DSR_RECEIVE_CLAIM, /* DM_SQL_DSR_RECEIVE's 13, claimant, lease_s -> DSR_COLUMNS,
                                  status */
+    DM_SQL_REPLICATION_SUMMARY, /* () -> standbys, sync standbys, largest replay lag bytes */
     DM_SQL__COUNT
 } dm_sql_id_t;
 

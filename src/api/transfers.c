@@ -15,6 +15,7 @@
 #include "domicile/v1/transfers.pb-c.h"
 
 #include "domicile/log.h"
+#include "domicile/metrics.h"
 #include "internal.h"
 
 #define VERIFY_PAGE  1000
@@ -459,6 +460,15 @@ static void verify_start(verify_t *v)
     witness_arrived(v);
 }
 
+/* A verification of the own region's ledger ran to its end: what the alerts watch. */
+static void verify_record(const verify_t *v)
+{
+    for (size_t k = 0; k < dm_regions_count(v->regions); k++)
+        if (dm_regions_at(v->regions, k) == v->region)
+            dm_metrics_ledger_verified(
+                k, v->damage == DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_NONE, v->checked);
+}
+
 static void verify_reply(verify_t *v, dm_status_t *err)
 {
     dm_call_t *call = v->call;
@@ -466,6 +476,7 @@ static void verify_reply(verify_t *v, dm_status_t *err)
         dm_call_finish(call, err);
         return;
     }
+    verify_record(v);
     Domicile__V1__VerifyLedgerResponse rep = DOMICILE__V1__VERIFY_LEDGER_RESPONSE__INIT;
     rep.region = (char *)dm_region_code(v->region);
     rep.ok = v->damage == DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_NONE;
@@ -1084,6 +1095,8 @@ static void part_verified(verify_t *v, dm_status_t *err)
     if (err) {
         p->reachable = false;
         dm_status_free(err);
+    } else {
+        verify_record(v);
     }
     part_done(p);
 }

@@ -5,10 +5,12 @@
 
 #include "domicile/app.h"
 #include "domicile/log.h"
+#include "domicile/metrics.h"
 #include "domicile/peer.h"
 #include <stddef.h>
 
-#define FENCE_REFRESH_MS 1000
+#define FENCE_REFRESH_MS       1000
+#define REPLICATION_REFRESH_MS 5000
 
 /* A job's owner, in the gateway, is the gRPC call it serves (or NULL). */
 static bool owner_cancelled(void *owner)
@@ -26,7 +28,8 @@ static const dm_job_owner_ops_t call_owner_ops = {
     .deadline_left_ms = owner_deadline_left_ms,
 };
 
-/* The regions' maintenance: seal the ledger, run data-subject request legs, read fences. */
+/* The regions' maintenance: seal the ledger, run data-subject request legs, read fences and
+ * (for the metrics) the replication state. */
 static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
 {
     dm_app_t *app = arg;
@@ -38,6 +41,18 @@ static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
         app->fences_read_ms[i] = dm_mono_ms();
         dm_regions_poll_peer_fences(app->regions);
         dm_regions_refresh_fences(app->regions, r, x);
+    }
+    if (dm_mono_ms() - app->replication_read_ms[i] >= REPLICATION_REFRESH_MS) {
+        app->replication_read_ms[i] = dm_mono_ms();
+        dm_status_t *err = NULL;
+        PGresult *res = dm_region_exec(x, DM_SQL_REPLICATION_SUMMARY, 0, NULL, NULL, NULL, &err);
+        if (res && PQntuples(res) == 1)
+            dm_metrics_replication(i, dm_pg_int8(res, 0, 0), dm_pg_int8(res, 0, 1),
+                                   dm_pg_int8(res, 0, 2));
+        else
+            dm_metrics_replication(i, -1, 0, 0);
+        PQclear(res);
+        dm_status_free(err);
     }
 }
 

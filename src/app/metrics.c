@@ -10,6 +10,8 @@
 
 #include "domicile/api.h"
 #include "domicile/app.h"
+#include "domicile/clock.h"
+#include "domicile/dsr.h"
 #include "domicile/peer.h"
 #include "domicile/log.h"
 #include "domicile/metrics.h"
@@ -35,12 +37,17 @@ typedef struct route_stats {
 static struct {
     method_stats_t *methods;
     size_t n_methods;
-    pthread_mutex_t mu; /* routes, dsr, seal */
+    pthread_mutex_t mu; /* routes, dsr, seal, verification, replication */
     route_stats_t routes[256];
     size_t n_routes;
     atomic_llong appends;
     long long sealed[DM_MAX_REGIONS], unsealed[DM_MAX_REGIONS];
-    long long legs[DM_MAX_REGIONS][5], overdue[DM_MAX_REGIONS];
+    int64_t caught_up_ms[DM_MAX_REGIONS]; /* 0: not since start */
+    bool verified[DM_MAX_REGIONS], verify_ok[DM_MAX_REGIONS];
+    int64_t verified_ms[DM_MAX_REGIONS], verified_entries[DM_MAX_REGIONS];
+    dm_dsr_counts_t dsr[DM_MAX_REGIONS];
+    bool repl_known[DM_MAX_REGIONS];
+    int64_t standbys[DM_MAX_REGIONS], sync_standbys[DM_MAX_REGIONS], lag_bytes[DM_MAX_REGIONS];
     struct MHD_Daemon *daemon;
 } M = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
@@ -88,24 +95,48 @@ void dm_metrics_transfer(const char *from, const char *to, const char *basis, bo
     pthread_mutex_unlock(&M.mu);
 }
 
-void dm_metrics_sealed(size_t r, int64_t n, int64_t unsealed)
+void dm_metrics_sealed(size_t r, int64_t n, int64_t unsealed, bool caught_up)
 {
     if (r >= DM_MAX_REGIONS)
         return;
     pthread_mutex_lock(&M.mu);
     M.sealed[r] += n;
     M.unsealed[r] = unsealed;
+    if (caught_up)
+        M.caught_up_ms[r] = dm_now_ms();
     pthread_mutex_unlock(&M.mu);
 }
 
-void dm_metrics_dsr(size_t r, const int64_t legs[5], int64_t overdue)
+void dm_metrics_ledger_verified(size_t r, bool ok, int64_t entries)
 {
     if (r >= DM_MAX_REGIONS)
         return;
     pthread_mutex_lock(&M.mu);
-    for (int i = 0; i < 5; i++)
-        M.legs[r][i] = legs[i];
-    M.overdue[r] = overdue;
+    M.verified[r] = true;
+    M.verify_ok[r] = ok;
+    M.verified_ms[r] = dm_now_ms();
+    M.verified_entries[r] = entries;
+    pthread_mutex_unlock(&M.mu);
+}
+
+void dm_metrics_dsr(size_t r, const dm_dsr_counts_t *c)
+{
+    if (r >= DM_MAX_REGIONS)
+        return;
+    pthread_mutex_lock(&M.mu);
+    M.dsr[r] = *c;
+    pthread_mutex_unlock(&M.mu);
+}
+
+void dm_metrics_replication(size_t r, int64_t standbys, int64_t sync_standbys, int64_t lag_bytes)
+{
+    if (r >= DM_MAX_REGIONS)
+        return;
+    pthread_mutex_lock(&M.mu);
+    M.repl_known[r] = standbys >= 0;
+    M.standbys[r] = standbys;
+    M.sync_standbys[r] = sync_standbys;
+    M.lag_bytes[r] = lag_bytes;
     pthread_mutex_unlock(&M.mu);
 }
 
@@ -137,6 +168,54 @@ static void put_peer_count(void *arg, const char *origin, const char *path, cons
 {
     put(arg, "domicile_peer_calls_total{method=\"%s\",call=\"%s\",peer=\"%s\"} %lld\n",
         origin[0] ? origin : "maintenance", path, region, (long long)calls);
+}
+
+static void put_peer_gateway(void *arg, const char *region, const char *addr, bool answers)
+{
+    put(arg, "domicile_peer_gateway_up{peer=\"%s\",gateway=\"%s\"} %d\n", region, addr, answers);
+}
+
+static void put_help(out_t *o, const char *name, const char *type, const char *help)
+{
+    put(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* What the own region's database says (sealing, verification, replication, legs). */
+static void render_local(out_t *o, size_t i, const char *code)
+{
+    static const char *const states[5] = {"pending", "running", "done", "failed", "skipped"};
+    static const char *const due[DM_DSR_DUE_BUCKETS] = {"overdue", "1d",  "5d",
+                                                        "10d",     "30d", "later"};
+    put(o, "domicile_ledger_sealed_total{region=\"%s\"} %lld\n", code, M.sealed[i]);
+    put(o, "domicile_ledger_unsealed_entries{region=\"%s\"} %lld\n", code, M.unsealed[i]);
+    if (M.caught_up_ms[i])
+        put(o, "domicile_ledger_sealed_up_to_timestamp_seconds{region=\"%s\"} %.3f\n", code,
+            (double)M.caught_up_ms[i] / 1e3);
+    if (M.verified[i]) {
+        put(o, "domicile_ledger_verify_ok{region=\"%s\"} %d\n", code, M.verify_ok[i]);
+        put(o, "domicile_ledger_verify_timestamp_seconds{region=\"%s\"} %.3f\n", code,
+            (double)M.verified_ms[i] / 1e3);
+        put(o, "domicile_ledger_verified_entries{region=\"%s\"} %lld\n", code,
+            (long long)M.verified_entries[i]);
+    }
+    if (M.repl_known[i]) {
+        put(o, "domicile_region_standbys{region=\"%s\"} %lld\n", code, (long long)M.standbys[i]);
+        put(o, "domicile_region_sync_standbys{region=\"%s\"} %lld\n", code,
+            (long long)M.sync_standbys[i]);
+        put(o, "domicile_region_replication_lag_bytes{region=\"%s\"} %lld\n", code,
+            (long long)M.lag_bytes[i]);
+    }
+    const dm_dsr_counts_t *c = &M.dsr[i];
+    for (int s = 0; s < 5; s++)
+        put(o, "domicile_dsr_legs{region=\"%s\",state=\"%s\"} %lld\n", code, states[s],
+            (long long)c->legs[s]);
+    put(o, "domicile_dsr_overdue_requests{region=\"%s\"} %lld\n", code, (long long)c->due[0]);
+    for (int b = 0; b < DM_DSR_DUE_BUCKETS; b++)
+        put(o, "domicile_dsr_open_legs{region=\"%s\",due=\"%s\"} %lld\n", code, due[b],
+            (long long)c->due[b]);
+    if (c->next_due_ms)
+        put(o, "domicile_dsr_next_due_timestamp_seconds{region=\"%s\"} %.3f\n", code,
+            (double)c->next_due_ms / 1e3);
 }
 
 char *dm_metrics_render(dm_app_t *app)
@@ -196,21 +275,34 @@ char *dm_metrics_render(dm_app_t *app)
         put(&o, "# HELP domicile_peer_calls_total Calls to gateways of other regions, by the "
                 "method they serve.\n# TYPE domicile_peer_calls_total counter\n");
         dm_peers_counts(app->peers, put_peer_count, &o);
+        put_help(&o, "domicile_peer_gateway_up", "gauge",
+                 "1 while a gateway of another region answers this gateway's health checks.");
+        dm_peers_health(app->peers, put_peer_gateway, &o);
     }
+    dm_webhook_stats_t ws = {0};
+    if (app)
+        dm_webhooks_stats(app->webhooks, &ws);
+    put_help(&o, "domicile_webhook_deliveries_total", "counter",
+             "Completion webhook attempts by this gateway, by outcome.");
+    put(&o, "domicile_webhook_deliveries_total{outcome=\"delivered\"} %lld\n",
+        (long long)ws.delivered);
+    put(&o, "domicile_webhook_deliveries_total{outcome=\"failed\"} %lld\n", (long long)ws.failed);
+    put_help(&o, "domicile_webhook_failing_receivers", "gauge",
+             "Webhook receivers whose last attempt failed.");
+    put(&o, "domicile_webhook_failing_receivers %lld\n", (long long)ws.failing_receivers);
+    put_help(&o, "domicile_webhook_failing_since_timestamp_seconds", "gauge",
+             "Since when the receiver failing longest has failed every attempt; 0: none fails.");
+    put(&o, "domicile_webhook_failing_since_timestamp_seconds %.3f\n",
+        (double)ws.failing_since_ms / 1e3);
     pthread_mutex_lock(&M.mu);
     put(&o,
         "# HELP domicile_ledger_appends_total Ledger entries appended by this gateway.\n"
         "# TYPE domicile_ledger_appends_total counter\ndomicile_ledger_appends_total %lld\n",
         (long long)atomic_load(&M.appends));
-    for (size_t i = 0; app && i < dm_regions_count(app->regions); i++) {
-        const char *code = dm_region_code(dm_regions_at(app->regions, i));
-        put(&o, "domicile_ledger_sealed_total{region=\"%s\"} %lld\n", code, M.sealed[i]);
-        put(&o, "domicile_ledger_unsealed_entries{region=\"%s\"} %lld\n", code, M.unsealed[i]);
-        static const char *const states[5] = {"pending", "running", "done", "failed", "skipped"};
-        for (int s = 0; s < 5; s++)
-            put(&o, "domicile_dsr_legs{region=\"%s\",state=\"%s\"} %lld\n", code, states[s],
-                M.legs[i][s]);
-        put(&o, "domicile_dsr_overdue_requests{region=\"%s\"} %lld\n", code, M.overdue[i]);
+    for (size_t i = 0; app && i < dm_regions_count(app->regions) && i < DM_MAX_REGIONS; i++) {
+        dm_region_t *r = dm_regions_at(app->regions, i);
+        if (dm_region_is_local(r))
+            render_local(&o, i, dm_region_code(r));
     }
     put(&o, "# HELP domicile_transfers_total Cross-border transfers logged, by route and "
             "basis.\n# TYPE domicile_transfers_total counter\n");

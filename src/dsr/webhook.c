@@ -65,6 +65,10 @@ struct dm_webhooks {
     bool stopping;
     /* the fan-out answer the thread waits for */
     dm_fanout_t *answer;
+    /* Metrics (under mu): attempts by outcome, and per receiver (targets in order, then the
+     * global one) the first failure since its last delivery, 0 while it delivers. */
+    int64_t delivered, failed;
+    int64_t *failing_since_ms;
 };
 
 bool dm_webhooks_enqueue(dm_webhooks_t *w, const char *request_id, size_t region)
@@ -222,6 +226,40 @@ static char *summary_json(const Domicile__V1__DsrRequest *q)
     return out;
 }
 
+static void note_outcome(dm_webhooks_t *w, const target_t *t, bool delivered)
+{
+    size_t i = t == &w->global ? w->n_targets : (size_t)(t - w->targets);
+    pthread_mutex_lock(&w->mu);
+    if (delivered) {
+        w->delivered++;
+        w->failing_since_ms[i] = 0;
+    } else {
+        w->failed++;
+        if (!w->failing_since_ms[i])
+            w->failing_since_ms[i] = dm_now_ms();
+    }
+    pthread_mutex_unlock(&w->mu);
+}
+
+void dm_webhooks_stats(dm_webhooks_t *w, dm_webhook_stats_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!w)
+        return;
+    pthread_mutex_lock(&w->mu);
+    out->delivered = w->delivered;
+    out->failed = w->failed;
+    for (size_t i = 0; i <= w->n_targets; i++) {
+        int64_t since = w->failing_since_ms[i];
+        if (!since)
+            continue;
+        out->failing_receivers++;
+        if (!out->failing_since_ms || since < out->failing_since_ms)
+            out->failing_since_ms = since;
+    }
+    pthread_mutex_unlock(&w->mu);
+}
+
 static void deliver(dm_webhooks_t *w, const item_t *it)
 {
     const char *vals[1] = {it->id};
@@ -250,7 +288,8 @@ static void deliver(dm_webhooks_t *w, const item_t *it)
     dm_dsr_view_free(q);
     dm_fanout_free(f);
     char err[256] = "";
-    if (post(w, t, body, err, sizeof(err)) == 0) {
+    bool ok = post(w, t, body, err, sizeof(err)) == 0;
+    if (ok) {
         dm_info("dsr", "webhook for request %s delivered", it->id);
         mark(w, it, "delivered", "", 0, true);
     } else {
@@ -261,6 +300,7 @@ static void deliver(dm_webhooks_t *w, const item_t *it)
                 attempts + 1, (long long)backoff, err);
         mark(w, it, "failed", err, backoff, true);
     }
+    note_outcome(w, t, ok);
     free(body);
 }
 
@@ -300,6 +340,7 @@ static void webhooks_free(dm_webhooks_t *w)
     for (size_t i = 0; i < w->n_targets; i++)
         target_clear(&w->targets[i]);
     free(w->targets);
+    free(w->failing_since_ms);
     free(w);
 }
 
@@ -423,6 +464,7 @@ dm_status_t *dm_webhooks_create(const dm_config_t *cfg, dm_regions_t *regions, d
     if (w->n_targets)
         dm_info("dsr", "webhooks: %zu customers with their own receiver%s", w->n_targets,
                 w->global.url ? ", the global one for the others" : "");
+    w->failing_since_ms = dm_calloc(w->n_targets + 1, sizeof(int64_t));
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->cond, NULL);
     curl_global_init(CURL_GLOBAL_DEFAULT);

@@ -379,10 +379,13 @@ void dm_dsr_idle(dm_dsr_ctx_t *ctx, dm_region_t *r, size_t ri, dm_exec_t *x)
         ctx->last_count_ms[ri] = now;
         res = dm_region_exec(x, DM_SQL_DSR_COUNTS, 0, NULL, NULL, NULL, &err);
         if (res && PQntuples(res) == 1) {
-            int64_t legs[5];
+            dm_dsr_counts_t c;
             for (int i = 0; i < 5; i++)
-                legs[i] = dm_pg_int8(res, 0, i);
-            dm_metrics_dsr(ri, legs, dm_pg_int8(res, 0, 5));
+                c.legs[i] = dm_pg_int8(res, 0, i);
+            for (int b = 0; b < DM_DSR_DUE_BUCKETS; b++)
+                c.due[b] = dm_pg_int8(res, 0, 5 + b);
+            c.next_due_ms = dm_pg_int8(res, 0, 5 + DM_DSR_DUE_BUCKETS);
+            dm_metrics_dsr(ri, &c);
         }
         PQclear(res);
         dm_status_free(err);

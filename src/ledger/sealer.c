@@ -71,8 +71,9 @@ static void close_array(char **buf, size_t *len, size_t *cap)
     (*buf)[*len] = '\0';
 }
 
-/* One batch: returns the number of links stored (0: nothing to do or failed); then the new
- * head is in *head_seq, head_hash; *full says the queue gave a whole batch (more may wait). */
+/* One batch: returns the number of links stored (0: nothing to do), -1 when it could not read
+ * or seal; then the new head is in *head_seq, head_hash; *full says the queue gave a whole
+ * batch (more may wait). */
 static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32], int64_t *head_seq,
                       unsigned char head_hash[32], bool *full)
 {
@@ -85,11 +86,11 @@ static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32],
 
     *full = false;
     if (!chain_head(x, &seq, prev))
-        return 0;
+        return -1;
     PGresult *rows = dm_region_exec(x, DM_SQL_LEDGER_LOOSE, 1, &lp, NULL, NULL, &err);
     if (!rows) {
         dm_status_free(err);
-        return 0;
+        return -1;
     }
     int n = PQntuples(rows), linked = 0, rejected = 0;
     size_t cap = 64, sl = 1, el = 1, hl = 1, rl = 1;
@@ -142,7 +143,7 @@ static int seal_batch(dm_region_t *r, dm_exec_t *x, const unsigned char key[32],
             dm_debug("ledger", "region %s: sealing deferred: %s", dm_region_code(r),
                      err->detail ? err->detail : err->message);
             dm_status_free(err);
-            linked = 0;
+            linked = -1;
         } else if (linked > 0) {
             *head_seq = seq;
             memcpy(head_hash, prev, 32);
@@ -254,15 +255,19 @@ void dm_ledger_idle(dm_region_t *r, dm_exec_t *x, void *arg)
     size_t i = region_index(ctx, r);
     const unsigned char *key = ctx->keys[i];
     int64_t sealed = 0;
-    bool full = true;
+    bool full = true, failed = false;
     int64_t head_seq = 0;
     unsigned char head_hash[32];
-    for (int round = 0; round < SEAL_ROUNDS && full; round++)
-        sealed += seal_batch(r, x, key, &head_seq, head_hash, &full);
+    for (int round = 0; round < SEAL_ROUNDS && full && !failed; round++) {
+        int n = seal_batch(r, x, key, &head_seq, head_hash, &full);
+        failed = n < 0;
+        sealed += n > 0 ? n : 0;
+    }
     if (head_seq > 0)
         witness(ctx, r, head_seq, head_hash);
-    /* A full last batch means more wait: report what was left as at least one batch. */
-    dm_metrics_sealed(i, sealed, full ? SEAL_BATCH : 0);
+    /* A full last batch means more wait: report what was left as at least one batch. Caught
+     * up (seal lag zero) only when this round read the queue to its end and sealed it. */
+    dm_metrics_sealed(i, sealed, full ? SEAL_BATCH : 0, !full && !failed);
     if (ctx->retention_days > 0 && dm_mono_ms() - ctx->last_purge_ms[i] >= PURGE_EVERY_MS) {
         ctx->last_purge_ms[i] = dm_mono_ms();
         /* Seal first, so that a purge never leaves old entries outside the chain. */

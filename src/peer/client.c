@@ -181,6 +181,14 @@ void dm_peers_counts(dm_peers_t *p, dm_peer_count_fn fn, void *arg)
     pthread_mutex_unlock(&p->mu);
 }
 
+void dm_peers_health(dm_peers_t *p, dm_peer_health_fn fn, void *arg)
+{
+    for (size_t i = 0; i < dm_regions_count(p->regions); i++)
+        for (size_t k = 0; k < p->pr[i].n; k++)
+            fn(arg, p->pr[i].cfg->code, p->pr[i].eps[k].addr,
+               atomic_load(&p->pr[i].eps[k].state) >= EP_NOT_SERVING);
+}
+
 static peer_region_t *peer_region(dm_peers_t *p, dm_region_t *r)
 {
     for (size_t i = 0; i < dm_regions_count(p->regions); i++)

@@ -233,17 +233,29 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                             "pg_current_wal_lsn(), replay_lsn), 0)::bigint FROM "
                             "pg_stat_replication ORDER BY application_name LIMIT 1",
                             0},
+    /* Open legs by time to due: the buckets of dm_dsr_counts_t.due (metrics.h). */
     [DM_SQL_DSR_COUNTS] = {"dsr_counts",
-                           "SELECT count(*) FILTER (WHERE l.state = 'pending'), "
-                           "count(*) FILTER (WHERE l.state = 'running'), "
-                           "count(*) FILTER (WHERE l.state = 'done'), "
-                           "count(*) FILTER (WHERE l.state = 'failed'), "
-                           "count(*) FILTER (WHERE l.state = 'skipped'), "
-                           "count(*) FILTER (WHERE l.state NOT IN ('done', 'skipped') AND "
+                           "SELECT count(*) FILTER (WHERE state = 'pending'), "
+                           "count(*) FILTER (WHERE state = 'running'), "
+                           "count(*) FILTER (WHERE state = 'done'), "
+                           "count(*) FILTER (WHERE state = 'failed'), "
+                           "count(*) FILTER (WHERE state = 'skipped'), "
+                           "count(*) FILTER (WHERE open AND due < now()), "
+                           "count(*) FILTER (WHERE open AND due >= now() "
+                           "AND due < now() + interval '1 day'), "
+                           "count(*) FILTER (WHERE open AND due >= now() + interval '1 day' "
+                           "AND due < now() + interval '5 days'), "
+                           "count(*) FILTER (WHERE open AND due >= now() + interval '5 days' "
+                           "AND due < now() + interval '10 days'), "
+                           "count(*) FILTER (WHERE open AND due >= now() + interval '10 days' "
+                           "AND due < now() + interval '30 days'), "
+                           "count(*) FILTER (WHERE open AND due >= now() + interval '30 days'), "
+                           "(extract(epoch FROM min(due) FILTER (WHERE open)) * 1000)::bigint "
+                           "FROM (SELECT l.state, l.state NOT IN ('done', 'skipped') AS open, "
                            "CASE WHEN r.extended_at IS NOT NULL THEN r.extended_due_at "
-                           "ELSE least(r.due_at, r.gdpr_due_at) END < now()) "
+                           "ELSE least(r.due_at, r.gdpr_due_at) END AS due "
                            "FROM domicile.dsr_legs l JOIN domicile.dsr_requests r "
-                           "USING (request_id)",
+                           "USING (request_id)) x",
                            0},
     [DM_SQL_DELETE_RECORD] = {"delete_record",
                               "SELECT * FROM domicile.delete_record($1, $2, $3, $4, $5)", 5},
@@ -257,6 +269,13 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                   "$15) x CROSS JOIN LATERAL (SELECT (x.request).*) r "
                                   "CROSS JOIN LATERAL (SELECT (x.leg).*) l",
                                   15},
+    /* Metrics: a synchronous standby is what promise 9 (nothing lost) stands on. */
+    [DM_SQL_REPLICATION_SUMMARY] = {"replication_summary",
+                                    "SELECT count(*), count(*) FILTER (WHERE state = 'streaming' "
+                                    "AND sync_state IN ('sync', 'quorum')), "
+                                    "coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), "
+                                    "replay_lsn)), 0)::bigint FROM pg_stat_replication",
+                                    0},
 };
 
 static uint64_t be64(const char *p)

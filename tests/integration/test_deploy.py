@@ -9,7 +9,7 @@ gateway Deployment per region (issue 15, sovereign regions): each region's pods 
 region's Secrets and the shared pepper only, load other regions' files that say only where
 their gateways are, reach only their own CloudNativePG cluster, and find the other regions'
 gateways by Service DNS, verified by a certificate naming the region. Checked: one image tag,
-the `listen` and `peer_listen` ports everywhere a port is named, grpc probes, selectors,
+the `listen`, `peer_listen` and `metrics_listen` ports everywhere a port is named, grpc probes, selectors,
 NetworkPolicies, `domiciled --check-config` on each region's configuration (its files and
 placeholder secrets laid out as the pod sees them) and its refusal of another region's
 secret, the keys of src/config/config.c, the certificates, and the CloudNativePG clusters'
@@ -396,8 +396,10 @@ def test_one_gateway_deployment_per_region(objects, region_gateways):
 def test_container_ports_probes_and_service(objects, region_gateways, code):
     g = region_gateways[code]
     ports = {p["name"]: p["containerPort"] for p in g.container["ports"]}
-    assert ports == {"grpc": g.port("listen"), "peer": g.port("peer_listen")}, (
-        f"{g.name}: container ports {ports} are not listen ({g.conf['listen']}) and peer_listen ({g.conf['peer_listen']})")
+    assert ports == {"grpc": g.port("listen"), "peer": g.port("peer_listen"), "metrics": g.port("metrics_listen")}, (
+        f"{g.name}: container ports {ports} are not listen ({g.conf['listen']}), peer_listen "
+        f"({g.conf['peer_listen']}) and metrics_listen ({g.conf.get('metrics_listen')}: "
+        "monitoring/podmonitor.yaml scrapes the port named metrics)")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         p = g.container.get(probe)
         assert p, f"{g.name}: the gateway container has no {probe}"
@@ -485,17 +487,19 @@ def test_network_policy_reaches_only_its_own_cluster_and_the_peers(objects, regi
     assert [d["metadata"]["name"] for d in nps] == [g.name], f"the {code} gateways must be governed by exactly one policy: {nps}"
     (np,) = nps
     assert set(np["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-    listen, peer_port = g.port("listen"), g.port("peer_listen")
+    listen, peer_port, metrics = g.port("listen"), g.port("peer_listen"), g.port("metrics_listen")
 
     # In: the public port from the platform namespace; the peer port from the other regions'
-    # gateways only.
+    # gateways only; the metrics port from the monitoring namespace (Prometheus).
     ingress = {}
     for rule in np["spec"]["ingress"]:
         (p,) = rule["ports"]
         assert p.get("protocol", "TCP") == "TCP" and p["port"] not in ingress, rule
         ingress[p["port"]] = rule["from"]
-    assert set(ingress) == {listen, peer_port}, f"ingress ports {sorted(ingress)} != listen {listen}, peer {peer_port}"
+    assert set(ingress) == {listen, peer_port, metrics}, (
+        f"ingress ports {sorted(ingress)} != listen {listen}, peer {peer_port}, metrics {metrics}")
     assert ingress[listen] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "platform"}}}]
+    assert ingress[metrics] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     (peer_from,) = ingress[peer_port]
     assert peer_selector_regions(peer_from) == others, f"peer port open to {peer_selector_regions(peer_from)}, not {others}"
 
