@@ -60,8 +60,19 @@ WRITE = T.TRANSFER_DIRECTION_WRITE
 # API (helpers.Api: Customers, Records and Transfers)
 
 
+def principal_region(name):
+    """The region of a demo principal, as deploy/local's principals.conf says."""
+    with open(os.path.join(REGIONS_STATE[0], "etc", "principals.conf")) as f:
+        m = re.search(r'name = "' + re.escape(name) + r'";[^}]*region = "([a-z]+)"', f.read())
+    assert m, f"principal {name} not in principals.conf"
+    return m.group(1)
+
+
 class Principals:
-    """One Api per demo principal on one gateway: `p["service-us"].get(...)`."""
+    """One Api per demo principal: `p["service-us"].get(...)`. Each calls the gateway of its own
+    region in `gateway`'s federation, as a service does in production (a call through a third
+    region's gateway is a transfer there too, test_sovereign.py); `gateway` itself when the
+    federation has no gateway for that region."""
 
     def __init__(self, gateway):
         self.gateway = gateway
@@ -69,7 +80,8 @@ class Principals:
 
     def __getitem__(self, name):
         if name not in self._apis:
-            self._apis[name] = Api(self.gateway.channel(token=name))
+            gw = (getattr(self.gateway, "peers", None) or {}).get(principal_region(name), self.gateway)
+            self._apis[name] = Api(gw.channel(token=name))
         return self._apis[name]
 
 
