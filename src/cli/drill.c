@@ -292,6 +292,7 @@ typedef struct drill {
     const dm_ctl_output_t *out; /* -o: where the report goes and as what */
     dm_progress_t *progress;    /* NULL: stderr is no terminal */
     const char *phase;          /* what the progress line says the drill is doing */
+    int64_t load_end_us;        /* 0 while the load runs */
     char *local;                /* domicile-local, owned */
     char *token_admin, *token_service[N_REGIONS];
     char run_id[64];
@@ -1372,7 +1373,7 @@ static void drill_progress(const drill_t *d)
 {
     if (!d->progress)
         return;
-    double at = (double)(now_us() - d->t0_us) / 1e6;
+    double at = (double)((d->load_end_us ? d->load_end_us : now_us()) - d->t0_us) / 1e6;
     dm_progress_status(d->progress, "%s %s, %s; load %.0f/%.0f s, %ld calls, %ld failed",
                        d->mode == MODE_GATEWAY ? "gateway" : "failover", region_codes[d->target],
                        d->phase, at < 0 ? 0 : at, (double)d->duration_ms / 1000,
@@ -1583,6 +1584,7 @@ static int drill_run(drill_t *d)
     d->phase = "load after the kill";
     main_wait_until(d, end);
     int64_t load_end = now_us();
+    d->load_end_us = load_end;
     atomic_store(&d->stop, true);
     dm_progress_note(d->progress,
                      "domicilectl: drill: load stopped at %.1f s; draining and reading back",
