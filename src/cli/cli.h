@@ -41,10 +41,4 @@ int dm_ctl_drill(const dm_ctl_output_t *out, const char *addr, const char *cacer
 /** `domicilectl completion bash` (src/cli/completion.c): argv[0] is "completion". */
 int dm_ctl_completion(int argc, char **argv);
 
-/**
- * The flags of command `path` ("dsr list", "transfers report"; "" the global ones) as
- * completion offers them, one string "--a --b ..." (static storage); NULL for an unknown path.
- */
-const char *dm_ctl_command_flags(const char *path);
-
 #endif
