@@ -48,6 +48,12 @@ char *dm_report_time_iso(int64_t ms, char *buf, size_t size);
 char *dm_report_plain(const char *s);
 
 /**
+ * A new string (the caller's to free): `s` with invalid UTF-8 replaced by U+FFFD and control
+ * characters kept, for an encoder that escapes them itself (JSON). NULL gives "".
+ */
+char *dm_report_utf8(const char *s);
+
+/**
  * Lower-case name of a LedgerDamage value ("none", "edited", "deleted", "inserted", "reordered",
  * "checkpoint-invalid"); NULL for UNSPECIFIED, "unknown" for values this build does not know.
  * Static storage.

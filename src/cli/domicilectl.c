@@ -1,13 +1,24 @@
 /*
- * domicilectl: command-line client of the Domicile gateway.
+ * domicilectl: command-line client of the Domicile gateway. What it prints, its formats and
+ * exit statuses: docs/cli.md.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <grpc/grpc.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
 
+#include "domicile/client.h"
+#include "domicile/output.h"
+#include "domicile/progress.h"
+#include "domicile/report.h"
 #include "domicile/v1/customers.pb-c.h"
 #include "domicile/v1/records.pb-c.h"
 #include "domicile/v1/regions.pb-c.h"
@@ -15,128 +26,222 @@
 #include "domicile/v1/transfers.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
 
-#include <errno.h>
-#include <fcntl.h>
-#include <time.h>
-#include <unistd.h>
-
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-
-#include "domicile/client.h"
-#include "domicile/report.h"
-
-/* src/cli/drill.c: `drill failover|gateway`. timeout_ms <= 0: the drill's own call deadline. */
-int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const char *key,
-                 int timeout_ms, int argc, char **argv);
+#include "cli.h"
 
 #define HEALTH_CHECK "/grpc.health.v1.Health/Check"
 #define HEALTH_WATCH "/grpc.health.v1.Health/Watch"
 
 static void usage(FILE *f)
 {
-    fputs("usage: domicilectl [options] COMMAND [ARGS]\n"
+    fputs("usage: domicilectl [options] COMMAND [ARGS] [-o FORMAT]\n"
           "  --addr HOST:PORT   gateway address (default $DOMICILE_ADDR or 127.0.0.1:50051)\n"
           "  --timeout MS       deadline of each call (default 5000)\n"
           "  --token TOKEN      bearer token (default $DOMICILE_TOKEN); --token-file FILE\n"
           "  --purpose P        x-purpose of the calls (default: the principal's)\n"
           "  --cacert FILE      use TLS, verifying the gateway with this CA\n"
           "  --cert FILE --key FILE   client certificate (mTLS)\n"
+          "  -o, --output FORMAT   table (default: aligned columns under a header line), wide\n"
+          "                     (more columns), tsv (the table's cells, tab-separated, no\n"
+          "                     header), json (a list as {\"items\": [...]}, one record as the\n"
+          "                     object), jsonl (one object per line); before or after COMMAND\n"
+          "  --no-headers       table and wide without the header line\n"
+          "  JSON: proto field names; times RFC 3339 UTC with milliseconds, e.g.\n"
+          "  2026-12-06T22:40:00.000Z (null when not set); int64 as numbers; bytes as base64.\n"
+          "  Table: \"-\" for empty or not set. docs/cli.md describes every command's fields.\n"
           "commands:\n"
-          "  health [SERVICE]   grpc.health.v1 Check: \"\" = gateway, domicile.region.<code>\n"
+          "  health [SERVICE]   grpc.health.v1 Check: \"\" = gateway, domicile.region.<code>;\n"
+          "      prints the status (SERVING ...) alone unless -o json|jsonl\n"
           "  watch [SERVICE]    grpc.health.v1 Watch: print every status change\n"
           "  customer register ID RESIDENCY [DISPLAY_NAME]\n"
           "  customer get ID\n"
           "  customer close ID REASON\n"
-          "  regions list       one tab-separated line per region: code reachable primary\n"
-          "      replication lag_bytes breaker pool_in_use/pool_size queued fence\n"
-          "      (fence: - or fenced:REASON by:PRINCIPAL at:UNIX_MS)\n"
+          "  regions list       per region: reachability, primary, replication, breaker,\n"
+          "      pool, queued statements, fence\n"
           "  regions fence REGION REASON     stop all traffic to REGION (every gateway)\n"
           "  regions unfence REGION [REASON] lift it\n"
           "  record put CUSTOMER RECORD_ID KIND [SUBJECT]   payload read from stdin\n"
-          "  record get CUSTOMER RECORD_ID                  payload written to stdout\n"
-          "  record list CUSTOMER [KIND]\n"
+          "  record get CUSTOMER RECORD_ID   payload written to stdout; with -o, the record\n"
+          "      (-o json|jsonl: with the payload in base64)\n"
+          "  record list CUSTOMER [KIND] [--limit N]\n"
           "  record delete CUSTOMER RECORD_ID\n"
           "  transfers report [--from DATE] [--to DATE] [--basis ID] [--purpose P]\n"
-          "                   [--from-region R] [--to-region R]\n"
-          "                   [--format table|csv|json|markdown|html] [--output FILE]\n"
+          "                   [--from-region R] [--to-region R] [--output-file FILE]\n"
+          "                   [-o table|json|jsonl|tsv|csv|markdown|html]\n"
           "      DATE is YYYY-MM-DD (UTC), --to exclusive; default: every entry. Warnings\n"
-          "      (incomplete report, ledger not verified) also go to stderr\n"
+          "      (incomplete report, ledger not verified) also go to stderr. jsonl and tsv:\n"
+          "      the rows only. --format is the old name of -o here\n"
           "  transfers list [--basis ID] [--region R] [--customer C] [--outcome allowed|refused]\n"
           "                 [--purpose P] [--from DATE] [--to DATE] [--from-region R]\n"
           "                 [--to-region R] [--principal NAME] [--direction read|write]\n"
           "                 [--subject S] [--limit N]\n"
-          "      one tab-separated line per entry: region seq time route basis purpose\n"
-          "      outcome records bytes method principal (seq - while not sealed)\n"
+          "      per entry: region seq time route basis purpose outcome records bytes method\n"
+          "      principal (seq - while not sealed)\n"
           "  transfers verify REGION   exit status 4 when the ledger does not verify\n"
           "  dsr erase SUBJECT [--customer C] [--reason R] [--request-id ID]\n"
           "  dsr restrict|unrestrict SUBJECT [--customer C] [--reason R] [--request-id ID]\n"
           "  dsr object|withdraw SUBJECT PURPOSE [--customer C] [--reason R] [--request-id ID]\n"
           "      file a data-subject request (stored in every reachable region) and print it;\n"
           "      a new request id is generated unless --request-id repeats an earlier one\n"
-          "  dsr export SUBJECT [--customer C] [--output FILE] [--allow-partial] [--reason R]\n"
-          "                     [--request-id ID]\n"
+          "  dsr export SUBJECT [--customer C] [--output-file FILE] [--allow-partial]\n"
+          "                     [--reason R] [--request-id ID]\n"
           "      the subject's records from every region as JSON Lines to FILE (mode 0600) or\n"
           "      stdout, with a progress line on a terminal; then checks the manifest (SHA-256\n"
           "      and counts of the lines written): exit status 5 when they differ or no\n"
-          "      manifest came (FILE removed), 6 when regions are missing (--allow-partial)\n"
+          "      manifest came (FILE removed), 6 when regions are missing (--allow-partial).\n"
+          "      With FILE, the verified export's summary is printed (-o)\n"
           "  dsr status REQUEST_ID      the request and each region's leg\n"
           "  dsr list [--overdue] [--due-within DAYS] [--state received|in_progress|done|failed]\n"
           "           [--kind K] [--customer C] [--limit N]\n"
-          "      one tab-separated line per request: id kind state received_at effective_due\n"
-          "      overdue customer legs\n"
+          "      per request: id kind state received_at effective_due overdue customer legs\n"
           "  dsr locate SUBJECT [--customer C]   records and payload bytes per region; exit\n"
           "      status 3 when a region could not answer\n"
           "  dsr extend REQUEST_ID REASON   extend the deadline once, by two months\n"
           "      SUBJECT \"-\" reads the subject from the first line of stdin\n"
           "  drill failover|gateway --region R [--duration 30s] [--state DIR] [--json FILE|-]\n"
           "                 [--clients N] [--rate N] [--gateway R=H:P]... [--victim N]\n"
-          "                 [--victim-pid PID] [--domicile-local PATH]\n"
+          "                 [--victim-pid PID] [--domicile-local PATH] [-o table|json|jsonl]\n"
           "      drills against the deploy/local regions (state DIR) and their gateways: load\n"
           "      on every region through the federation; failover: SIGKILL of R's primary,\n"
           "      promotion, rejoin; gateway: SIGKILL of one of R's gateways (calls in flight\n"
           "      may fail, none after). Then checks that no acknowledged write was lost,\n"
           "      duplicated or misplaced, that the ledger has every cross-border read and\n"
           "      that the other regions saw no error. Uses the tokens of DIR (not --token);\n"
-          "      --timeout is the call deadline (default 2000).\n"
-          "      Exit status 1 when a goal is missed, 3 when a step failed (drill --help)\n"
-          "(calls that read whole ledgers default to a 60 s deadline unless --timeout is given)\n",
+          "      --timeout is the call deadline (default 2000). More: drill --help\n"
+          "  completion bash    print a bash completion script:\n"
+          "      source <(domicilectl completion bash)\n"
+          "(calls that read whole ledgers default to a 60 s deadline unless --timeout is given)\n"
+          "Long commands (dsr export, drill, transfers report) draw a progress line on stderr\n"
+          "when it is a terminal, nothing when it is a file or a pipe.\n"
+          "exit status:\n"
+          "  0   success\n"
+          "  1   failed here: the output could not be written, a malformed answer, a drill\n"
+          "      goal missed\n"
+          "  2   usage: unknown command, option or value (drill: also the regions were not\n"
+          "      healthy before it)\n"
+          "  3   partial: dsr locate without some region; health not SERVING; a drill step\n"
+          "      (kill, promote, rejoin) failed\n"
+          "  4   transfers verify: the ledger does not verify\n"
+          "  5   dsr export: the lines do not match the manifest, or no manifest (FILE removed)\n"
+          "  6   dsr export: the manifest says regions are missing\n"
+          "  10+N  the gateway answered gRPC status N: 13 INVALID_ARGUMENT, 14\n"
+          "      DEADLINE_EXCEEDED, 15 NOT_FOUND, 16 ALREADY_EXISTS, 17 PERMISSION_DENIED,\n"
+          "      18 RESOURCE_EXHAUSTED, 19 FAILED_PRECONDITION, 20 ABORTED, 23 INTERNAL,\n"
+          "      24 UNAVAILABLE (also: gateway unreachable), 25 DATA_LOSS, 26 UNAUTHENTICATED\n"
+          "      (11 CANCELLED, 12 UNKNOWN, 21 OUT_OF_RANGE, 22 UNIMPLEMENTED)\n",
           f);
 }
 
-static const char *serving_name(int s)
-{
-    const ProtobufCEnumValue *v = protobuf_c_enum_descriptor_get_value(
-        &grpc__health__v1__health_check_response__serving_status__descriptor, s);
-    return v ? v->name : "?";
-}
-
-static bool print_watch(const ProtobufCMessage *m, void *arg)
-{
-    const Grpc__Health__V1__HealthCheckResponse *r =
-        (const Grpc__Health__V1__HealthCheckResponse *)m;
-    printf("%s\n", serving_name(r->status));
-    fflush(stdout);
-    return true;
-}
+static int timeout_g = 5000;
+static bool timeout_explicit_g;
+static dm_ctl_output_t out_g = {NULL, DM_OUTPUT_TABLE, false};
 
 static int fail(dm_status_t *st)
 {
     fprintf(stderr, "domicilectl: %s: %s\n", dm_status_code_name(st->code), st->message);
     int code = (int)st->code;
     dm_status_free(st);
-    return code == 0 ? 1 : 10 + code; /* distinct exit codes per status, for scripts */
+    return code == 0 ? DM_EXIT_FAILURE : DM_EXIT_STATUS + code;
+}
+
+static int bad_usage(void)
+{
+    usage(stderr);
+    return DM_EXIT_USAGE;
+}
+
+/* ---- output ------------------------------------------------------------------------------- */
+
+static dm_output_t *out_open(dm_output_shape_t shape, const dm_output_column_t *cols, size_t n)
+{
+    return dm_output_create(stdout, out_g.fmt, shape, out_g.no_headers ? DM_OUTPUT_NO_HEADERS : 0,
+                            cols, n);
+}
+
+/* Ends `o`; the exit status of a command whose records were all written (or not). */
+static int out_close(dm_output_t *o, bool complete)
+{
+    if (dm_output_end(o, complete))
+        return DM_EXIT_OK;
+    fprintf(stderr, "domicilectl: cannot write the output: %s\n", strerror(errno));
+    return DM_EXIT_FAILURE;
+}
+
+/* One record, printed and ended. */
+static int out_one(dm_output_shape_t shape, const dm_output_column_t *cols, size_t n,
+                   json_t *record)
+{
+    dm_output_t *o = out_open(shape, cols, n);
+    dm_output_record(o, record);
+    return out_close(o, true);
+}
+
+static bool is_json(void)
+{
+    return out_g.fmt == DM_OUTPUT_JSON || out_g.fmt == DM_OUTPUT_JSONL;
+}
+
+/* ---- health ------------------------------------------------------------------------------- */
+
+static const dm_output_column_t health_cols[] = {
+    {"STATUS", "status", NULL, 0},
+    {"SERVICE", "service", NULL, DM_OUTPUT_COL_WIDE},
+    {"OBSERVED_AT", "observed_at", NULL, DM_OUTPUT_COL_WIDE},
+};
+
+static json_t *health_json(const char *service, int status, bool observed)
+{
+    char *name = dm_output_enum_name(
+        &grpc__health__v1__health_check_response__serving_status__descriptor, status);
+    json_t *o = json_object();
+    json_object_set_new(o, "service", dm_output_string(service));
+    json_object_set_new(o, "status", name ? dm_output_string(name) : json_integer(status));
+    if (observed) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        json_object_set_new(
+            o, "observed_at",
+            dm_output_time((int64_t)ts.tv_sec * 1000 + (int64_t)ts.tv_nsec / 1000000));
+    }
+    free(name);
+    return o;
+}
+
+/* A probe's answer is the word alone, as grpc_health_probe prints it, so that scripts keep
+ * comparing it: the table of health and watch has no header, wide has one. */
+static dm_output_t *health_open(void)
+{
+    unsigned flags = out_g.no_headers || out_g.fmt == DM_OUTPUT_TABLE ? DM_OUTPUT_NO_HEADERS : 0;
+    return dm_output_create(stdout, out_g.fmt, DM_OUTPUT_ONE, flags | DM_OUTPUT_FLUSH, health_cols,
+                            DM_ARRAY_LEN(health_cols));
+}
+
+typedef struct watch_state {
+    const char *service;
+    dm_output_t *out;
+} watch_state_t;
+
+static bool print_watch(const ProtobufCMessage *m, void *arg)
+{
+    watch_state_t *w = arg;
+    const Grpc__Health__V1__HealthCheckResponse *r =
+        (const Grpc__Health__V1__HealthCheckResponse *)m;
+    dm_output_record(w->out, health_json(w->service, r->status, true));
+    return true;
 }
 
 static int cmd_health(dm_client_t *c, int argc, char **argv, int timeout_ms, bool watch)
 {
+    if (argc > 1)
+        return bad_usage();
     Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
     req.service = argc > 0 ? argv[0] : "";
     if (watch) {
+        watch_state_t w = {req.service, health_open()};
         dm_status_t *st = dm_client_server_stream(
             c, HEALTH_WATCH, &req.base, &grpc__health__v1__health_check_response__descriptor,
-            timeout_ms, print_watch, NULL);
-        return st ? fail(st) : 0;
+            timeout_ms, print_watch, &w);
+        int rc = out_close(w.out, true);
+        return st ? fail(st) : rc;
     }
     ProtobufCMessage *resp = NULL;
     dm_status_t *st =
@@ -145,13 +250,15 @@ static int cmd_health(dm_client_t *c, int argc, char **argv, int timeout_ms, boo
     if (st)
         return fail(st);
     int s = ((Grpc__Health__V1__HealthCheckResponse *)resp)->status;
-    printf("%s\n", serving_name(s));
     protobuf_c_message_free_unpacked(resp, NULL);
-    return s == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING ? 0 : 3;
+    dm_output_t *o = health_open();
+    dm_output_record(o, health_json(req.service, s, false));
+    int rc = out_close(o, true);
+    if (rc)
+        return rc;
+    return s == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING ? DM_EXIT_OK
+                                                                                 : DM_EXIT_PARTIAL;
 }
-
-static int timeout_g = 5000;
-static bool timeout_explicit_g;
 
 static char *new_request_id(void)
 {
@@ -166,32 +273,42 @@ static int empty_response(ProtobufCMessage *resp, const char *what)
 {
     fprintf(stderr, "domicilectl: the response carries no %s\n", what);
     protobuf_c_message_free_unpacked(resp, NULL);
-    return 1;
+    return DM_EXIT_FAILURE;
 }
+
+/* ---- customers ---------------------------------------------------------------------------- */
+
+#define CUSTOMERS "/domicile.v1.CustomersService/"
+#define REGIONS   "/domicile.v1.RegionsService/"
+#define RECORDS   "/domicile.v1.RecordsService/"
+
+static const dm_output_column_t customer_cols[] = {
+    {"CUSTOMER_ID", "customer_id", NULL, 0},
+    {"RESIDENCY", "residency", NULL, 0},
+    {"STATE", "state", NULL, 0},
+    {"CREATED_AT", "created_at", NULL, 0},
+    {"DISPLAY_NAME", "display_name", NULL, DM_OUTPUT_COL_WIDE},
+    {"CLOSED_AT", "closed_at", NULL, DM_OUTPUT_COL_WIDE},
+    {"PURGE_AFTER", "purge_after", NULL, DM_OUTPUT_COL_WIDE},
+    {"LABELS", "labels", NULL, DM_OUTPUT_COL_WIDE},
+};
 
 /* `resp` holds `c`; both freed here. */
 static int print_customer(ProtobufCMessage *resp, const Domicile__V1__Customer *c)
 {
     if (!c)
         return empty_response(resp, "customer");
-    const ProtobufCEnumValue *st =
-        protobuf_c_enum_descriptor_get_value(&domicile__v1__customer_state__descriptor, c->state);
-    printf("customer %s residency %s state %s created_at_ms %lld\n", c->customer_id, c->residency,
-           st ? st->name : "?", (long long)c->created_at_unix_ms);
+    json_t *j = dm_output_message(&c->base);
     protobuf_c_message_free_unpacked(resp, NULL);
-    return 0;
+    return out_one(DM_OUTPUT_ONE, customer_cols, DM_ARRAY_LEN(customer_cols), j);
 }
-
-#define CUSTOMERS "/domicile.v1.CustomersService/"
-#define REGIONS   "/domicile.v1.RegionsService/"
-#define RECORDS   "/domicile.v1.RecordsService/"
 
 static int cmd_customer(dm_client_t *c, int argc, char **argv)
 {
     ProtobufCMessage *resp = NULL;
     const Domicile__V1__Customer *cu = NULL;
     dm_status_t *st;
-    if (argc >= 3 && strcmp(argv[0], "register") == 0) {
+    if ((argc == 3 || argc == 4) && strcmp(argv[0], "register") == 0) {
         Domicile__V1__RegisterCustomerRequest r = DOMICILE__V1__REGISTER_CUSTOMER_REQUEST__INIT;
         char *rid = new_request_id();
         r.request_id = rid;
@@ -223,26 +340,54 @@ static int cmd_customer(dm_client_t *c, int argc, char **argv)
             cu = ((Domicile__V1__CloseCustomerResponse *)resp)->customer;
         free(rid);
     } else {
-        usage(stderr);
-        return 2;
+        return bad_usage();
     }
     return st ? fail(st) : print_customer(resp, cu);
 }
 
-static void print_region(const Domicile__V1__RegionStatus *r)
+/* ---- regions ------------------------------------------------------------------------------ */
+
+static char *region_status_cell(const json_t *v, const json_t *rec)
 {
-    printf("%s\t%s\t%s\t%s\t%lld\t%s\t%d/%d\t%d\t", r->code,
-           r->reachable ? "reachable" : "unreachable", r->primary_host[0] ? r->primary_host : "-",
-           r->replication_state[0] ? r->replication_state : "-",
-           (long long)r->replication_lag_bytes,
-           r->breaker == DOMICILE__V1__BREAKER_STATE__BREAKER_STATE_OPEN ? "open" : "closed",
-           (int)r->pool_in_use, (int)r->pool_size, (int)r->queued_statements);
-    if (r->fenced)
-        printf("fenced:%s by:%s at:%lld\n", r->fence_reason, r->fenced_by,
-               (long long)r->fenced_at_unix_ms);
-    else
-        printf("-\n");
+    (void)v;
+    return dm_strdup(json_is_true(json_object_get(rec, "reachable")) ? "reachable" : "unreachable");
 }
+
+static char *region_pool_cell(const json_t *v, const json_t *rec)
+{
+    (void)v;
+    return dm_sprintf("%lld/%lld",
+                      (long long)json_integer_value(json_object_get(rec, "pool_in_use")),
+                      (long long)json_integer_value(json_object_get(rec, "pool_size")));
+}
+
+static char *region_fence_cell(const json_t *v, const json_t *rec)
+{
+    (void)v;
+    if (!json_is_true(json_object_get(rec, "fenced")))
+        return NULL;
+    const json_t *at = json_object_get(rec, "fenced_at");
+    return dm_sprintf("fenced:%s by:%s at:%s",
+                      json_string_value(json_object_get(rec, "fence_reason")),
+                      json_string_value(json_object_get(rec, "fenced_by")),
+                      json_is_string(at) ? json_string_value(at) : "-");
+}
+
+static const dm_output_column_t region_cols[] = {
+    {"REGION", "code", NULL, 0},
+    {"STATUS", NULL, region_status_cell, 0},
+    {"PRIMARY", "primary_host", NULL, 0},
+    {"REPLICATION", "replication_state", NULL, 0},
+    {"LAG_BYTES", "replication_lag_bytes", NULL, 0},
+    {"BREAKER", "breaker", NULL, 0},
+    {"POOL", NULL, region_pool_cell, 0},
+    {"QUEUED", "queued_statements", NULL, 0},
+    {"FENCE", NULL, region_fence_cell, 0},
+    {"NAME", "name", NULL, DM_OUTPUT_COL_WIDE},
+    {"JURISDICTION", "jurisdiction", NULL, DM_OUTPUT_COL_WIDE},
+    {"LAST_ERROR", "last_error", NULL, DM_OUTPUT_COL_WIDE},
+    {"LAST_ERROR_AT", "last_error_at", NULL, DM_OUTPUT_COL_WIDE},
+};
 
 static int cmd_regions(dm_client_t *c, int argc, char **argv)
 {
@@ -274,24 +419,142 @@ static int cmd_regions(dm_client_t *c, int argc, char **argv)
             one = ((Domicile__V1__UnfenceResponse *)resp)->region;
     } else {
         free(rid);
-        usage(stderr);
-        return 2;
+        return bad_usage();
     }
     free(rid);
     if (st)
         return fail(st);
+    int rc;
     if (strcmp(argv[0], "list") == 0) {
         const Domicile__V1__ListRegionsResponse *l =
             (const Domicile__V1__ListRegionsResponse *)resp;
+        dm_output_t *o = out_open(DM_OUTPUT_LIST, region_cols, DM_ARRAY_LEN(region_cols));
         for (size_t i = 0; i < l->n_regions; i++)
-            print_region(l->regions[i]);
+            dm_output_record(o, dm_output_message(&l->regions[i]->base));
+        rc = out_close(o, true);
     } else if (one) {
-        print_region(one);
+        rc = out_one(DM_OUTPUT_ONE, region_cols, DM_ARRAY_LEN(region_cols),
+                     dm_output_message(&one->base));
     } else {
         return empty_response(resp, "region");
     }
     protobuf_c_message_free_unpacked(resp, NULL);
-    return 0;
+    return rc;
+}
+
+/* ---- paged listings ----------------------------------------------------------------------- */
+
+typedef struct list_state {
+    int64_t printed;
+    char *next_token; /* owned; from the page's `end` */
+    dm_output_t *out;
+} list_state_t;
+
+/* A record of a listing; counted. */
+static void list_record(list_state_t *ls, json_t *record)
+{
+    dm_output_record(ls->out, record);
+    ls->printed++;
+}
+
+static void list_page_end(list_state_t *ls, const char *next_page_token)
+{
+    free(ls->next_token);
+    ls->next_token = dm_strdup(next_page_token);
+}
+
+/*
+ * Call a paged server-streaming method until its last page or `limit` items (0: no limit),
+ * 1000 per page, printing to `o` (ended here). `page_size` and `page_token` point into `req`;
+ * `cb` prints an item with list_record and keeps the page's next token with list_page_end.
+ * `what` names the items in the message shown when --limit cut the listing short.
+ */
+static int page_through(dm_client_t *c, const char *method, ProtobufCMessage *req,
+                        int32_t *page_size, char **page_token,
+                        const ProtobufCMessageDescriptor *desc, dm_client_stream_fn cb,
+                        long long limit, const char *what, int timeout_ms, dm_output_t *o)
+{
+    list_state_t ls = {0, NULL, o};
+    char *token = dm_strdup("");
+    int rc = 0;
+    for (;;) {
+        long long left = limit ? limit - ls.printed : 1000;
+        *page_size = (int32_t)(left < 1000 ? left : 1000);
+        *page_token = token;
+        dm_status_t *st = dm_client_server_stream(c, method, req, desc, timeout_ms, cb, &ls);
+        if (st) {
+            rc = fail(st);
+            break;
+        }
+        if (!ls.next_token || !ls.next_token[0])
+            break;
+        if (limit && ls.printed >= limit) {
+            fprintf(stderr, "domicilectl: more %s match: raise --limit to see them\n", what);
+            break;
+        }
+        free(token);
+        token = ls.next_token;
+        ls.next_token = NULL;
+    }
+    free(token);
+    free(ls.next_token);
+    int wrc = out_close(o, rc == 0);
+    return rc ? rc : wrc;
+}
+
+static bool parse_limit(const char *v, long long *limit, const char *what)
+{
+    char *end;
+    errno = 0;
+    *limit = strtoll(v, &end, 10);
+    if (errno || end == v || *end || *limit < 1) {
+        fprintf(stderr, "domicilectl: --limit: a positive number of %s\n", what);
+        return false;
+    }
+    return true;
+}
+
+/* ---- records ------------------------------------------------------------------------------ */
+
+static const dm_output_column_t record_cols[] = {
+    {"RECORD_ID", "record_id", NULL, 0},
+    {"KIND", "kind", NULL, 0},
+    {"VERSION", "version", NULL, 0},
+    {"SIZE", "payload_size", NULL, 0},
+    {"RESTRICTED", "restricted", NULL, 0},
+    {"UPDATED_AT", "updated_at", NULL, 0},
+    {"REGION", "region", NULL, DM_OUTPUT_COL_WIDE},
+    {"CONTENT_TYPE", "content_type", NULL, DM_OUTPUT_COL_WIDE},
+    {"HAS_SUBJECT", "has_subject", NULL, DM_OUTPUT_COL_WIDE},
+    {"CREATED_AT", "created_at", NULL, DM_OUTPUT_COL_WIDE},
+    {"LABELS", "labels", NULL, DM_OUTPUT_COL_WIDE},
+};
+
+static const dm_output_column_t put_cols[] = {
+    {"RECORD_ID", "record.record_id", NULL, 0},
+    {"VERSION", "record.version", NULL, 0},
+    {"REGION", "record.region", NULL, 0},
+    {"CREATED", "created", NULL, 0},
+    {"REPLAYED", "replayed", NULL, DM_OUTPUT_COL_WIDE},
+    {"KIND", "record.kind", NULL, DM_OUTPUT_COL_WIDE},
+    {"SIZE", "record.payload_size", NULL, DM_OUTPUT_COL_WIDE},
+    {"UPDATED_AT", "record.updated_at", NULL, DM_OUTPUT_COL_WIDE},
+};
+
+static const dm_output_column_t delete_cols[] = {
+    {"CUSTOMER_ID", "customer_id", NULL, 0},
+    {"RECORD_ID", "record_id", NULL, 0},
+    {"DELETED", "deleted", NULL, 0},
+    {"VERSION", "version", NULL, 0},
+    {"REPLAYED", "replayed", NULL, DM_OUTPUT_COL_WIDE},
+};
+
+/* A record without its payload (listings and writes carry none: payload_size tells). */
+static json_t *record_json(const Domicile__V1__Record *r)
+{
+    json_t *j = dm_output_message(&r->base);
+    json_object_del(j, "payload");
+    return j;
 }
 
 static unsigned char *read_stdin(size_t *len)
@@ -316,21 +579,48 @@ static unsigned char *read_stdin(size_t *len)
 
 static bool print_listed(const ProtobufCMessage *m, void *arg)
 {
+    list_state_t *ls = arg;
     const Domicile__V1__ListRecordsResponse *r = (const Domicile__V1__ListRecordsResponse *)m;
     if (r->item_case == DOMICILE__V1__LIST_RECORDS_RESPONSE__ITEM_RECORD)
-        printf("%s\t%s\tv%lld\t%lld bytes%s\n", r->record->record_id, r->record->kind,
-               (long long)r->record->version, (long long)r->record->payload_size,
-               r->record->restricted ? "\trestricted" : "");
-    else if (r->item_case == DOMICILE__V1__LIST_RECORDS_RESPONSE__ITEM_END &&
-             r->end->next_page_token[0])
-        printf("# more: next page token %s\n", r->end->next_page_token);
+        list_record(ls, record_json(r->record));
+    else if (r->item_case == DOMICILE__V1__LIST_RECORDS_RESPONSE__ITEM_END)
+        list_page_end(ls, r->end->next_page_token);
     return true;
+}
+
+static int cmd_record_list(dm_client_t *c, int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"limit", required_argument, NULL, 'n'},
+        {NULL, 0, NULL, 0},
+    };
+    long long limit = 0;
+    int opt;
+    optind = 0;
+    while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        if (opt != 'n')
+            return bad_usage();
+        if (!parse_limit(optarg, &limit, "records"))
+            return DM_EXIT_USAGE;
+    }
+    /* argv[0] is "list": getopt starts after it; the arguments are CUSTOMER [KIND]. */
+    if (argc - optind != 1 && argc - optind != 2)
+        return bad_usage();
+    Domicile__V1__ListRecordsRequest r = DOMICILE__V1__LIST_RECORDS_REQUEST__INIT;
+    r.customer_id = argv[optind];
+    r.kind = argc - optind == 2 ? argv[optind + 1] : "";
+    return page_through(c, RECORDS "ListRecords", &r.base, &r.page_size, &r.page_token,
+                        &domicile__v1__list_records_response__descriptor, print_listed, limit,
+                        "records", timeout_g,
+                        out_open(DM_OUTPUT_LIST, record_cols, DM_ARRAY_LEN(record_cols)));
 }
 
 static int cmd_record(dm_client_t *c, int argc, char **argv)
 {
     ProtobufCMessage *resp = NULL;
     dm_status_t *st;
+    if (argc >= 1 && strcmp(argv[0], "list") == 0)
+        return cmd_record_list(c, argc, argv);
     if ((argc == 4 || argc == 5) && strcmp(argv[0], "put") == 0) {
         Domicile__V1__PutRecordRequest r = DOMICILE__V1__PUT_RECORD_REQUEST__INIT;
         char *rid = new_request_id();
@@ -350,10 +640,12 @@ static int cmd_record(dm_client_t *c, int argc, char **argv)
         if (st)
             return fail(st);
         Domicile__V1__PutRecordResponse *p = (Domicile__V1__PutRecordResponse *)resp;
-        printf("record %s version %lld in region %s%s\n", p->record->record_id,
-               (long long)p->record->version, p->record->region, p->created ? " (created)" : "");
+        if (!p->record)
+            return empty_response(resp, "record");
+        json_t *j = dm_output_message(&p->base);
+        json_object_del(json_object_get(j, "record"), "payload");
         protobuf_c_message_free_unpacked(resp, NULL);
-        return 0;
+        return out_one(DM_OUTPUT_ONE, put_cols, DM_ARRAY_LEN(put_cols), j);
     }
     if (argc == 3 && strcmp(argv[0], "get") == 0) {
         Domicile__V1__GetRecordRequest r = DOMICILE__V1__GET_RECORD_REQUEST__INIT;
@@ -366,19 +658,20 @@ static int cmd_record(dm_client_t *c, int argc, char **argv)
         const Domicile__V1__Record *rec = ((Domicile__V1__GetRecordResponse *)resp)->record;
         if (!rec)
             return empty_response(resp, "record");
-        fwrite(rec->payload.data, 1, rec->payload.len, stdout);
+        int rc = DM_EXIT_OK;
+        if (!out_g.name) {
+            /* No -o: the payload itself, as it was stored. */
+            if (fwrite(rec->payload.data, 1, rec->payload.len, stdout) != rec->payload.len ||
+                fflush(stdout) != 0) {
+                fprintf(stderr, "domicilectl: cannot write the payload: %s\n", strerror(errno));
+                rc = DM_EXIT_FAILURE;
+            }
+        } else {
+            json_t *j = is_json() ? dm_output_message(&rec->base) : record_json(rec);
+            rc = out_one(DM_OUTPUT_ONE, record_cols, DM_ARRAY_LEN(record_cols), j);
+        }
         protobuf_c_message_free_unpacked(resp, NULL);
-        return 0;
-    }
-    if ((argc == 2 || argc == 3) && strcmp(argv[0], "list") == 0) {
-        Domicile__V1__ListRecordsRequest r = DOMICILE__V1__LIST_RECORDS_REQUEST__INIT;
-        r.customer_id = argv[1];
-        r.kind = argc == 3 ? argv[2] : "";
-        r.page_size = 1000;
-        st = dm_client_server_stream(c, RECORDS "ListRecords", &r.base,
-                                     &domicile__v1__list_records_response__descriptor, timeout_g,
-                                     print_listed, NULL);
-        return st ? fail(st) : 0;
+        return rc;
     }
     if (argc == 3 && strcmp(argv[0], "delete") == 0) {
         Domicile__V1__DeleteRecordRequest r = DOMICILE__V1__DELETE_RECORD_REQUEST__INIT;
@@ -391,13 +684,16 @@ static int cmd_record(dm_client_t *c, int argc, char **argv)
         free(rid);
         if (st)
             return fail(st);
-        printf("%s\n",
-               ((Domicile__V1__DeleteRecordResponse *)resp)->deleted ? "deleted" : "not found");
+        json_t *j = json_object();
+        json_object_set_new(j, "customer_id", dm_output_string(argv[1]));
+        json_object_set_new(j, "record_id", dm_output_string(argv[2]));
+        json_t *d = dm_output_message(resp);
+        json_object_update(j, d);
+        json_decref(d);
         protobuf_c_message_free_unpacked(resp, NULL);
-        return 0;
+        return out_one(DM_OUTPUT_ONE, delete_cols, DM_ARRAY_LEN(delete_cols), j);
     }
-    usage(stderr);
-    return 2;
+    return bad_usage();
 }
 
 /* ---- transfers ---------------------------------------------------------------------------- */
@@ -434,14 +730,14 @@ static int write_output(const char *path, const char *text)
     if (!path || strcmp(path, "-") == 0) {
         if (fwrite(text, 1, n, stdout) != n || fflush(stdout) != 0) {
             fprintf(stderr, "domicilectl: cannot write the report: %s\n", strerror(errno));
-            return 1;
+            return DM_EXIT_FAILURE;
         }
-        return 0;
+        return DM_EXIT_OK;
     }
     FILE *f = fopen(path, "w");
     if (!f) {
         fprintf(stderr, "domicilectl: cannot write %s: %s\n", path, strerror(errno));
-        return 1;
+        return DM_EXIT_FAILURE;
     }
     bool ok = fwrite(text, 1, n, f) == n;
     int err = errno;
@@ -452,9 +748,9 @@ static int write_output(const char *path, const char *text)
     if (!ok) {
         fprintf(stderr, "domicilectl: cannot write %s: %s\n", path, strerror(err));
         unlink(path);
-        return 1;
+        return DM_EXIT_FAILURE;
     }
-    return 0;
+    return DM_EXIT_OK;
 }
 
 static void report_warnings(const Domicile__V1__ReportResponse *rep)
@@ -480,6 +776,31 @@ static void report_warnings(const Domicile__V1__ReportResponse *rep)
         fprintf(stderr, "domicilectl: warning: incomplete report\n");
 }
 
+static const dm_output_column_t report_row_cols[] = {
+    {"MONTH", "month", NULL, 0},         {"FROM_REGION", "from_region", NULL, 0},
+    {"TO_REGION", "to_region", NULL, 0}, {"BASIS_ID", "basis_id", NULL, 0},
+    {"PURPOSE", "purpose", NULL, 0},     {"TRANSFERS", "transfers", NULL, 0},
+    {"RECORDS", "records", NULL, 0},     {"BYTES", "bytes", NULL, 0},
+    {"REFUSALS", "refusals", NULL, 0},
+};
+
+/* The report's rows as JSON Lines or TSV: a new text. */
+static char *report_rows(const Domicile__V1__ReportResponse *rep, dm_output_format_t fmt)
+{
+    char *text = NULL;
+    size_t len = 0;
+    FILE *mem = open_memstream(&text, &len);
+    if (!mem)
+        abort();
+    dm_output_t *o = dm_output_create(mem, fmt, DM_OUTPUT_LIST, 0, report_row_cols,
+                                      DM_ARRAY_LEN(report_row_cols));
+    for (size_t i = 0; i < rep->n_rows; i++)
+        dm_output_record(o, dm_output_message(&rep->rows[i]->base));
+    if (!dm_output_end(o, true) || fclose(mem) != 0)
+        abort(); /* a memory stream fails only when out of memory */
+    return text;
+}
+
 static int cmd_transfers_report(dm_client_t *c, int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -490,12 +811,13 @@ static int cmd_transfers_report(dm_client_t *c, int argc, char **argv)
         {"from-region", required_argument, NULL, 'F'},
         {"to-region", required_argument, NULL, 'R'},
         {"format", required_argument, NULL, 'o'},
+        {"output-file", required_argument, NULL, 'O'},
+        /* The old name of --output-file: main() left it here because FILE is no format. */
         {"output", required_argument, NULL, 'O'},
         {NULL, 0, NULL, 0},
     };
     Domicile__V1__ReportRequest r = DOMICILE__V1__REPORT_REQUEST__INIT;
-    dm_report_format_t fmt = DM_REPORT_TABLE;
-    const char *output = NULL;
+    const char *output = NULL, *format = NULL;
     int opt;
 
     optind = 0; /* GNU getopt: start over on this sub-argv */
@@ -503,11 +825,11 @@ static int cmd_transfers_report(dm_client_t *c, int argc, char **argv)
         switch (opt) {
         case 'f':
             if (!date_opt("from", optarg, &r.from_unix_ms))
-                return 2;
+                return DM_EXIT_USAGE;
             break;
         case 't':
             if (!date_opt("to", optarg, &r.to_unix_ms))
-                return 2;
+                return DM_EXIT_USAGE;
             break;
         case 'b':
             r.basis_id = optarg;
@@ -522,120 +844,103 @@ static int cmd_transfers_report(dm_client_t *c, int argc, char **argv)
             r.to_region = optarg;
             break;
         case 'o':
-            if (!dm_report_format_parse(optarg, &fmt)) {
-                fprintf(stderr, "domicilectl: --format: one of table, csv, json, markdown, "
-                                "html\n");
-                return 2;
-            }
+            format = optarg;
             break;
         case 'O':
             output = optarg;
             break;
         default:
-            usage(stderr);
-            return 2;
+            return bad_usage();
         }
     }
-    if (optind != argc) {
-        usage(stderr);
-        return 2;
+    if (optind != argc)
+        return bad_usage();
+    if (format && out_g.name && strcmp(format, out_g.name) != 0) {
+        fprintf(stderr, "domicilectl: --format %s and --output %s disagree\n", format, out_g.name);
+        return DM_EXIT_USAGE;
+    }
+    const char *name = format ? format : out_g.name ? out_g.name : "table";
+    dm_report_format_t rfmt = DM_REPORT_TABLE;
+    dm_output_format_t ofmt = DM_OUTPUT_TABLE;
+    bool rows_only = false;
+    if (strcmp(name, "wide") == 0) {
+        rfmt = DM_REPORT_TABLE;
+    } else if (strcmp(name, "jsonl") == 0 || strcmp(name, "tsv") == 0) {
+        rows_only = dm_output_format_parse(name, &ofmt);
+    } else if (!dm_report_format_parse(name, &rfmt)) {
+        fprintf(stderr, "domicilectl: --output: one of table, json, jsonl, tsv, csv, markdown, "
+                        "html\n");
+        return DM_EXIT_USAGE;
     }
     if (!window_ok(r.from_unix_ms, r.to_unix_ms))
-        return 2;
+        return DM_EXIT_USAGE;
+
+    /* A report over a long window walks whole ledger chains in every region: say that it is
+     * waiting, on a terminal only. */
+    dm_progress_t *progress = dm_progress_start("report", DM_PROGRESS_TICK);
+    char from[32], to[32];
+    dm_progress_status(progress, "waiting for the gateway (%s to %s)",
+                       r.from_unix_ms ? dm_report_time_iso(r.from_unix_ms, from, sizeof(from))
+                                      : "the first entry",
+                       r.to_unix_ms ? dm_report_time_iso(r.to_unix_ms, to, sizeof(to)) : "now");
     ProtobufCMessage *resp = NULL;
     dm_status_t *st =
         dm_client_unary(c, TRANSFERS "Report", &r.base, &domicile__v1__report_response__descriptor,
                         ledger_timeout(), &resp);
+    dm_progress_end(progress, false);
     if (st)
         return fail(st);
     const Domicile__V1__ReportResponse *rep = (const Domicile__V1__ReportResponse *)resp;
-    char *text = dm_report_render(rep, fmt);
+    char *text = rows_only ? report_rows(rep, ofmt) : dm_report_render(rep, rfmt);
     int rc = write_output(output, text);
     /* The table on a terminal already shows them; files and pipes need them said too. */
-    if (fmt != DM_REPORT_TABLE || output)
+    if (rfmt != DM_REPORT_TABLE || rows_only || output)
         report_warnings(rep);
     free(text);
     protobuf_c_message_free_unpacked(resp, NULL);
     return rc;
 }
 
-typedef struct list_state {
-    int64_t printed;
-    char *next_token; /* owned; from the page's `end` */
-} list_state_t;
-
-/*
- * Call a paged server-streaming method until its last page or `limit` items (0: no limit),
- * 1000 per page. `page_size` and `page_token` point into `req`; `cb` prints an item, counts
- * it in ls->printed and keeps the page's next token in ls->next_token. `what` names the items
- * in the message shown when --limit cut the listing short.
- */
-static int page_through(dm_client_t *c, const char *method, ProtobufCMessage *req,
-                        int32_t *page_size, char **page_token,
-                        const ProtobufCMessageDescriptor *desc, dm_client_stream_fn cb,
-                        long long limit, const char *what)
+static char *transfer_seq_cell(const json_t *v, const json_t *rec)
 {
-    list_state_t ls = {0, NULL};
-    char *token = dm_strdup("");
-    int rc = 0;
-    for (;;) {
-        long long left = limit ? limit - ls.printed : 1000;
-        *page_size = (int32_t)(left < 1000 ? left : 1000);
-        *page_token = token;
-        dm_status_t *st = dm_client_server_stream(c, method, req, desc, ledger_timeout(), cb, &ls);
-        if (st) {
-            rc = fail(st);
-            break;
-        }
-        if (!ls.next_token || !ls.next_token[0])
-            break;
-        if (limit && ls.printed >= limit) {
-            fprintf(stderr, "domicilectl: more %s match: raise --limit to see them\n", what);
-            break;
-        }
-        free(token);
-        token = ls.next_token;
-        ls.next_token = NULL;
-    }
-    free(token);
-    free(ls.next_token);
-    return rc;
+    (void)rec;
+    return json_integer_value(v) > 0 ? dm_output_text(v) : NULL;
 }
+
+static char *transfer_route_cell(const json_t *v, const json_t *rec)
+{
+    (void)v;
+    return dm_sprintf("%s\xe2\x86\x92%s", json_string_value(json_object_get(rec, "from_region")),
+                      json_string_value(json_object_get(rec, "to_region")));
+}
+
+static const dm_output_column_t transfer_cols[] = {
+    {"REGION", "region", NULL, 0},
+    {"SEQ", "seq", transfer_seq_cell, 0},
+    {"TIME", "at", NULL, 0},
+    {"ROUTE", NULL, transfer_route_cell, 0},
+    {"BASIS", "basis_id", NULL, 0},
+    {"PURPOSE", "purpose", NULL, 0},
+    {"OUTCOME", "outcome", NULL, 0},
+    {"RECORDS", "record_count", NULL, 0},
+    {"BYTES", "bytes", NULL, 0},
+    {"METHOD", "method", NULL, 0},
+    {"PRINCIPAL", "principal", NULL, 0},
+    {"DIRECTION", "direction", NULL, DM_OUTPUT_COL_WIDE},
+    {"CUSTOMER_ID", "customer_id", NULL, DM_OUTPUT_COL_WIDE},
+    {"REQUEST_ID", "request_id", NULL, DM_OUTPUT_COL_WIDE},
+    {"ENTRY_ID", "entry_id", NULL, DM_OUTPUT_COL_WIDE},
+    {"REFUSAL_REASON", "refusal_reason", NULL, DM_OUTPUT_COL_WIDE},
+};
 
 static bool print_transfer(const ProtobufCMessage *m, void *arg)
 {
     list_state_t *ls = arg;
     const Domicile__V1__ListTransfersResponse *r = (const Domicile__V1__ListTransfersResponse *)m;
-    if (r->item_case == DOMICILE__V1__LIST_TRANSFERS_RESPONSE__ITEM_END) {
-        free(ls->next_token);
-        ls->next_token = dm_strdup(r->end->next_page_token);
-        return true;
-    }
-    if (r->item_case != DOMICILE__V1__LIST_TRANSFERS_RESPONSE__ITEM_ENTRY)
-        return true;
-    const Domicile__V1__TransferEntry *e = r->entry;
-    char when[32], seq[24];
-    const char *outcome =
-        e->outcome == DOMICILE__V1__TRANSFER_OUTCOME__TRANSFER_OUTCOME_ALLOWED   ? "allowed"
-        : e->outcome == DOMICILE__V1__TRANSFER_OUTCOME__TRANSFER_OUTCOME_REFUSED ? "refused"
-                                                                                 : "?";
-    if (e->seq > 0)
-        snprintf(seq, sizeof(seq), "%lld", (long long)e->seq);
-    else
-        snprintf(seq, sizeof(seq), "-");
-    /* Ledger strings are data: no terminal escapes, no tabs or newlines breaking the columns. */
-    char *f[] = {
-        dm_report_plain(e->region),    dm_report_plain(e->from_region),
-        dm_report_plain(e->to_region), dm_report_plain(e->basis_id[0] ? e->basis_id : "-"),
-        dm_report_plain(e->purpose),   dm_report_plain(e->method),
-        dm_report_plain(e->principal),
-    };
-    printf("%s\t%s\t%s\t%s\xe2\x86\x92%s\t%s\t%s\t%s\t%lld\t%lld\t%s\t%s\n", f[0], seq,
-           dm_report_time_iso(e->at_unix_ms, when, sizeof(when)), f[1], f[2], f[3], f[4], outcome,
-           (long long)e->record_count, (long long)e->bytes, f[5], f[6]);
-    for (size_t i = 0; i < DM_ARRAY_LEN(f); i++)
-        free(f[i]);
-    ls->printed++;
+    if (r->item_case == DOMICILE__V1__LIST_TRANSFERS_RESPONSE__ITEM_END)
+        list_page_end(ls, r->end->next_page_token);
+    else if (r->item_case == DOMICILE__V1__LIST_TRANSFERS_RESPONSE__ITEM_ENTRY)
+        list_record(ls, dm_output_message(&r->entry->base));
     return true;
 }
 
@@ -673,7 +978,7 @@ static int cmd_transfers_list(dm_client_t *c, int argc, char **argv)
                 r.outcome = DOMICILE__V1__TRANSFER_OUTCOME__TRANSFER_OUTCOME_REFUSED;
             } else {
                 fprintf(stderr, "domicilectl: --outcome: allowed or refused\n");
-                return 2;
+                return DM_EXIT_USAGE;
             }
             break;
         case 'p':
@@ -681,22 +986,16 @@ static int cmd_transfers_list(dm_client_t *c, int argc, char **argv)
             break;
         case 'f':
             if (!date_opt("from", optarg, &r.from_unix_ms))
-                return 2;
+                return DM_EXIT_USAGE;
             break;
         case 't':
             if (!date_opt("to", optarg, &r.to_unix_ms))
-                return 2;
+                return DM_EXIT_USAGE;
             break;
-        case 'n': {
-            char *end;
-            errno = 0;
-            limit = strtoll(optarg, &end, 10);
-            if (errno || end == optarg || *end || limit < 1) {
-                fprintf(stderr, "domicilectl: --limit: a positive number of entries\n");
-                return 2;
-            }
+        case 'n':
+            if (!parse_limit(optarg, &limit, "entries"))
+                return DM_EXIT_USAGE;
             break;
-        }
         case 'F':
             r.from_region = optarg;
             break;
@@ -713,34 +1012,62 @@ static int cmd_transfers_list(dm_client_t *c, int argc, char **argv)
                 r.direction = DOMICILE__V1__TRANSFER_DIRECTION__TRANSFER_DIRECTION_WRITE;
             } else {
                 fprintf(stderr, "domicilectl: --direction: read or write\n");
-                return 2;
+                return DM_EXIT_USAGE;
             }
             break;
         case 's':
             r.subject = optarg;
             break;
         default:
-            usage(stderr);
-            return 2;
+            return bad_usage();
         }
     }
-    if (optind != argc) {
-        usage(stderr);
-        return 2;
-    }
+    if (optind != argc)
+        return bad_usage();
     if (!window_ok(r.from_unix_ms, r.to_unix_ms))
-        return 2;
+        return DM_EXIT_USAGE;
     return page_through(c, TRANSFERS "ListTransfers", &r.base, &r.page_size, &r.page_token,
                         &domicile__v1__list_transfers_response__descriptor, print_transfer, limit,
-                        "entries");
+                        "entries", ledger_timeout(),
+                        out_open(DM_OUTPUT_LIST, transfer_cols, DM_ARRAY_LEN(transfer_cols)));
 }
+
+static char *verify_ok_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    return dm_strdup(json_is_true(v) ? "yes" : "NO");
+}
+
+static char *verify_checkpoint_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    if (!json_is_object(v))
+        return dm_strdup("none");
+    const json_t *before = json_object_get(v, "purged_before");
+    return dm_sprintf("seq %lld, %lld entries purged before %s, signature %s",
+                      (long long)json_integer_value(json_object_get(v, "seq")),
+                      (long long)json_integer_value(json_object_get(v, "entries_purged")),
+                      json_is_string(before) ? json_string_value(before) : "-",
+                      json_is_true(json_object_get(v, "valid")) ? "valid" : "INVALID");
+}
+
+static const dm_output_column_t verify_cols[] = {
+    {"REGION", "region", NULL, 0},
+    {"OK", "ok", verify_ok_cell, 0},
+    {"DAMAGE", "damage", NULL, 0},
+    {"FIRST_BAD_SEQ", "first_bad_seq", NULL, 0},
+    {"ENTRIES_CHECKED", "entries_checked", NULL, 0},
+    {"SEALED_UP_TO_SEQ", "sealed_up_to_seq", NULL, 0},
+    {"UNSEALED", "unsealed_entries", NULL, 0},
+    {"VERIFIED_AT", "verified_at", NULL, 0},
+    {"CHECKPOINT", "checkpoint", verify_checkpoint_cell, DM_OUTPUT_COL_WIDE},
+    {"DETAIL", "detail", NULL, DM_OUTPUT_COL_WIDE},
+};
 
 static int cmd_transfers_verify(dm_client_t *c, int argc, char **argv)
 {
-    if (argc != 2) {
-        usage(stderr);
-        return 2;
-    }
+    if (argc != 2)
+        return bad_usage();
     Domicile__V1__VerifyLedgerRequest r = DOMICILE__V1__VERIFY_LEDGER_REQUEST__INIT;
     r.region = argv[1];
     ProtobufCMessage *resp = NULL;
@@ -750,34 +1077,11 @@ static int cmd_transfers_verify(dm_client_t *c, int argc, char **argv)
     if (st)
         return fail(st);
     const Domicile__V1__VerifyLedgerResponse *v = (const Domicile__V1__VerifyLedgerResponse *)resp;
-    const char *damage = dm_report_damage_name(v->damage);
-    char when[32], *region = dm_report_plain(v->region), *detail = dm_report_plain(v->detail);
-    printf("region            %s\n"
-           "ok                %s\n"
-           "damage            %s\n"
-           "first_bad_seq     %lld\n"
-           "entries_checked   %lld\n"
-           "sealed_up_to_seq  %lld\n"
-           "unsealed_entries  %lld\n",
-           region, v->ok ? "yes" : "NO", damage ? damage : "-", (long long)v->first_bad_seq,
-           (long long)v->entries_checked, (long long)v->sealed_up_to_seq,
-           (long long)v->unsealed_entries);
-    if (v->checkpoint)
-        printf("checkpoint        seq %lld, %lld entries purged before %s, signature %s\n",
-               (long long)v->checkpoint->seq, (long long)v->checkpoint->entries_purged,
-               dm_report_time_iso(v->checkpoint->purged_before_unix_ms, when, sizeof(when)),
-               v->checkpoint->valid ? "valid" : "INVALID");
-    else
-        printf("checkpoint        none\n");
-    printf("verified_at       %s\n",
-           dm_report_time_iso(v->verified_at_unix_ms, when, sizeof(when)));
-    if (detail[0])
-        printf("detail            %s\n", detail);
-    int rc = v->ok ? 0 : 4;
-    free(region);
-    free(detail);
+    bool ok = v->ok;
+    int rc =
+        out_one(DM_OUTPUT_ONE, verify_cols, DM_ARRAY_LEN(verify_cols), dm_output_message(&v->base));
     protobuf_c_message_free_unpacked(resp, NULL);
-    return rc;
+    return rc ? rc : ok ? DM_EXIT_OK : DM_EXIT_LEDGER;
 }
 
 static int cmd_transfers(dm_client_t *c, int argc, char **argv)
@@ -788,32 +1092,12 @@ static int cmd_transfers(dm_client_t *c, int argc, char **argv)
         return cmd_transfers_list(c, argc, argv);
     if (argc >= 1 && strcmp(argv[0], "verify") == 0)
         return cmd_transfers_verify(c, argc, argv);
-    usage(stderr);
-    return 2;
+    return bad_usage();
 }
 
 /* ---- data-subject requests ---------------------------------------------------------------- */
 
 #define DSR "/domicile.v1.SubjectRightsService/"
-
-enum {
-    DSR_EXIT_PARTIAL = 3,    /* an answer without some regions (locate) */
-    DSR_EXIT_MISMATCH = 5,   /* the export does not match its manifest, or has none */
-    DSR_EXIT_INCOMPLETE = 6, /* the manifest says regions are missing */
-};
-
-static const char *const dsr_kind_names[] = {"-",          "erase",  "export",  "restrict",
-                                             "unrestrict", "object", "withdraw"};
-static const char *const dsr_state_names[] = {"-", "received", "in_progress", "done", "failed"};
-static const char *const dsr_leg_names[] = {"-", "pending", "running", "done", "failed", "skipped"};
-static const char *const dsr_webhook_names[] = {"-", "not_configured", "pending", "delivered",
-                                                "failed"};
-
-static const char *name_of(const char *const *names, size_t n, int v)
-{
-    return v >= 0 && (size_t)v < n ? names[v] : "?";
-}
-#define NAME_OF(names, v) name_of(names, DM_ARRAY_LEN(names), (int)(v))
 
 static int name_index(const char *const *names, size_t n, const char *s)
 {
@@ -831,13 +1115,6 @@ static int64_t dsr_effective_due(const Domicile__V1__DsrRequest *q)
     return q->due_at_unix_ms < q->gdpr_due_at_unix_ms ? q->due_at_unix_ms : q->gdpr_due_at_unix_ms;
 }
 
-static const char *iso_or_dash(int64_t ms, char *buf, size_t size)
-{
-    if (ms <= 0)
-        return "-";
-    return dm_report_time_iso(ms, buf, size);
-}
-
 static int cmp_leg_region(const void *a, const void *b)
 {
     return strcmp((*(Domicile__V1__DsrLeg *const *)a)->region,
@@ -850,98 +1127,176 @@ static int cmp_count_region(const void *a, const void *b)
                   (*(Domicile__V1__RegionCount *const *)b)->region);
 }
 
-/* Legs in region code order, whatever order the gateway sent them in (a copy of the
- * pointers; the caller frees it). */
-static Domicile__V1__DsrLeg **sorted_legs(const Domicile__V1__DsrRequest *q)
+/* The request as JSON: its legs in region code order, whatever order the gateway sent them in
+ * (sorted in place), and the deadline that binds, effective_due_at. */
+static json_t *dsr_json(Domicile__V1__DsrRequest *q)
 {
-    Domicile__V1__DsrLeg **l = dm_calloc(q->n_legs + 1, sizeof(*l));
-    if (q->n_legs)
-        memcpy(l, q->legs, q->n_legs * sizeof(*l));
-    qsort(l, q->n_legs, sizeof(*l), cmp_leg_region);
-    return l;
+    qsort(q->legs, q->n_legs, sizeof(*q->legs), cmp_leg_region);
+    json_t *j = dm_output_message(&q->base);
+    json_object_set_new(j, "effective_due_at", dm_output_time(dsr_effective_due(q)));
+    return j;
 }
 
-static void print_dsr(const Domicile__V1__DsrRequest *q)
+static const char *str_at(const json_t *rec, const char *path)
 {
-    char t[32];
-    char *id = dm_report_plain(q->request_id), *customer = dm_report_plain(q->customer_id),
-         *purpose = dm_report_plain(q->purpose), *reason = dm_report_plain(q->reason),
-         *principal = dm_report_plain(q->principal), *sk = dm_report_plain(q->subject_key_hex);
-    printf("request_id       %s\n"
-           "kind             %s\n"
-           "state            %s\n"
-           "subject_key      %s\n"
-           "customer         %s\n",
-           id, NAME_OF(dsr_kind_names, q->kind), NAME_OF(dsr_state_names, q->state), sk,
-           customer[0] ? customer : "* (every customer in scope)");
-    if (purpose[0])
-        printf("purpose          %s\n", purpose);
-    if (reason[0])
-        printf("reason           %s\n", reason);
-    printf("principal        %s\n", principal);
-    printf("received_at      %s\n", iso_or_dash(q->received_at_unix_ms, t, sizeof(t)));
-    printf("due_at           %s (policy: 30 days)\n", iso_or_dash(q->due_at_unix_ms, t, sizeof(t)));
-    printf("gdpr_due_at      %s (one calendar month)\n",
-           iso_or_dash(q->gdpr_due_at_unix_ms, t, sizeof(t)));
-    if (q->extended) {
-        char *why = dm_report_plain(q->extension_reason), at[32];
-        printf("extended_due_at  %s (extended at %s: %s)\n",
-               iso_or_dash(q->extended_due_at_unix_ms, t, sizeof(t)),
-               iso_or_dash(q->extended_at_unix_ms, at, sizeof(at)), why);
-        free(why);
-    } else {
-        printf("extended_due_at  - (not extended)\n");
+    const char *s = json_string_value(dm_output_get(rec, path));
+    return s ? s : "";
+}
+
+static const char *time_at(const json_t *rec, const char *path)
+{
+    const char *s = json_string_value(dm_output_get(rec, path));
+    return s ? s : "-";
+}
+
+static char *nonempty_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    return json_string_length(v) ? dm_strdup(json_string_value(v)) : NULL;
+}
+
+static char *dsr_customer_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    return dm_strdup(json_string_length(v) ? json_string_value(v) : "* (every customer in scope)");
+}
+
+static char *dsr_customer_short_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    return dm_strdup(json_string_length(v) ? json_string_value(v) : "*");
+}
+
+static char *dsr_due_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    return dm_sprintf("%s (policy: 30 days)", json_is_string(v) ? json_string_value(v) : "-");
+}
+
+static char *dsr_gdpr_due_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    return dm_sprintf("%s (one calendar month)", json_is_string(v) ? json_string_value(v) : "-");
+}
+
+static char *dsr_extended_cell(const json_t *v, const json_t *rec)
+{
+    (void)v;
+    if (!json_is_true(json_object_get(rec, "extended")))
+        return dm_strdup("- (not extended)");
+    return dm_sprintf("%s (extended at %s: %s)", time_at(rec, "extended_due_at"),
+                      time_at(rec, "extended_at"), str_at(rec, "extension_reason"));
+}
+
+static char *dsr_effective_cell(const json_t *v, const json_t *rec)
+{
+    return dm_sprintf("%s%s", json_is_string(v) ? json_string_value(v) : "-",
+                      json_is_true(json_object_get(rec, "overdue")) ? " OVERDUE" : "");
+}
+
+static char *dsr_webhook_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    if (!json_is_object(v))
+        return NULL;
+    const char *state = json_string_value(json_object_get(v, "state"));
+    char *s = dm_sprintf("%s, %lld attempts", state ? state : "-",
+                         (long long)json_integer_value(json_object_get(v, "attempts"))),
+         *n;
+    if (json_is_string(json_object_get(v, "delivered_at"))) {
+        n = dm_sprintf("%s, delivered %s", s, time_at(v, "delivered_at"));
+        free(s);
+        s = n;
     }
-    printf("effective_due    %s%s\n", iso_or_dash(dsr_effective_due(q), t, sizeof(t)),
-           q->overdue ? " OVERDUE" : "");
-    printf("completed_at     %s\n", iso_or_dash(q->completed_at_unix_ms, t, sizeof(t)));
-    if (q->webhook) {
-        const Domicile__V1__WebhookDelivery *w = q->webhook;
-        char *err = dm_report_plain(w->last_error);
-        printf("webhook          %s, %d attempts", NAME_OF(dsr_webhook_names, w->state),
-               (int)w->attempts);
-        if (w->delivered_at_unix_ms > 0)
-            printf(", delivered %s", iso_or_dash(w->delivered_at_unix_ms, t, sizeof(t)));
-        if (err[0])
-            printf(", last error: %s", err);
-        printf("\n");
-        free(err);
+    if (str_at(v, "last_error")[0]) {
+        n = dm_sprintf("%s, last error: %s", s, str_at(v, "last_error"));
+        free(s);
+        s = n;
     }
-    Domicile__V1__DsrLeg **sorted = sorted_legs(q);
+    return s;
+}
+
+static char *dsr_leg_cell(const json_t *l, const json_t *rec)
+{
+    (void)rec;
+    const char *state = json_string_value(json_object_get(l, "state"));
+    char *s = dm_sprintf("%s, %lld attempts", state ? state : "-",
+                         (long long)json_integer_value(json_object_get(l, "attempts"))),
+         *n = NULL;
+    const json_t *r = json_object_get(l, "receipt");
+    if (json_is_object(r)) {
+        const char *sha = str_at(r, "receipt_sha256_hex");
+        n = dm_sprintf("%s, matched %lld, deleted %lld, keys destroyed %lld, finished %s, "
+                       "receipt %s",
+                       s, (long long)json_integer_value(json_object_get(r, "records_matched")),
+                       (long long)json_integer_value(json_object_get(r, "records_deleted")),
+                       (long long)json_integer_value(json_object_get(r, "keys_destroyed")),
+                       time_at(r, "finished_at"), sha[0] ? sha : "-");
+        free(s);
+        s = n;
+    }
+    bool running = state && strcmp(state, "running") == 0;
+    bool failed = state && strcmp(state, "failed") == 0;
+    bool over = state && (strcmp(state, "done") == 0 || strcmp(state, "skipped") == 0);
+    if (running && str_at(l, "claimed_by")[0]) {
+        n = dm_sprintf("%s, claimed by %s until %s", s, str_at(l, "claimed_by"),
+                       time_at(l, "lease_expires_at"));
+        free(s);
+        s = n;
+    }
+    if (failed && json_is_string(json_object_get(l, "next_attempt_at"))) {
+        n = dm_sprintf("%s, next attempt %s", s, time_at(l, "next_attempt_at"));
+        free(s);
+        s = n;
+    }
+    if (!over && str_at(l, "last_error")[0]) {
+        n = dm_sprintf("%s, last error: %s", s, str_at(l, "last_error"));
+        free(s);
+        s = n;
+    }
+    return s;
+}
+
+/* `dsr status` and the filing commands: one request in detail, a line per field and per leg. */
+static const dm_output_column_t dsr_detail_cols[] = {
+    {"request_id", "request_id", NULL, 0},
+    {"kind", "kind", NULL, 0},
+    {"state", "state", NULL, 0},
+    {"subject_key", "subject_key_hex", NULL, 0},
+    {"customer", "customer_id", dsr_customer_cell, 0},
+    {"purpose", "purpose", nonempty_cell, 0},
+    {"reason", "reason", nonempty_cell, 0},
+    {"principal", "principal", NULL, 0},
+    {"received_at", "received_at", NULL, 0},
+    {"due_at", "due_at", dsr_due_cell, 0},
+    {"gdpr_due_at", "gdpr_due_at", dsr_gdpr_due_cell, 0},
+    {"extended_due_at", NULL, dsr_extended_cell, 0},
+    {"effective_due", "effective_due_at", dsr_effective_cell, 0},
+    {"completed_at", "completed_at", NULL, 0},
+    {"webhook", "webhook", dsr_webhook_cell, 0},
+};
+
+static int print_dsr(Domicile__V1__DsrRequest *q)
+{
+    json_t *j = dsr_json(q);
+    size_t n = DM_ARRAY_LEN(dsr_detail_cols);
+    /* One line per leg: columns of their own, made for this request. */
+    dm_output_column_t *cols = dm_calloc(n + q->n_legs, sizeof(*cols));
+    char **labels = dm_calloc(q->n_legs + 1, 2 * sizeof(char *));
+    memcpy(cols, dsr_detail_cols, sizeof(dsr_detail_cols));
     for (size_t i = 0; i < q->n_legs; i++) {
-        const Domicile__V1__DsrLeg *l = sorted[i];
-        char *region = dm_report_plain(l->region), *err = dm_report_plain(l->last_error),
-             *by = dm_report_plain(l->claimed_by);
-        printf("leg %-12s %s, %d attempts", region, NAME_OF(dsr_leg_names, l->state),
-               (int)l->attempts);
-        if (l->receipt) {
-            const Domicile__V1__Receipt *r = l->receipt;
-            printf(", matched %lld, deleted %lld, keys destroyed %lld, finished %s, receipt %s",
-                   (long long)r->records_matched, (long long)r->records_deleted,
-                   (long long)r->keys_destroyed, iso_or_dash(r->finished_at_unix_ms, t, sizeof(t)),
-                   r->receipt_sha256_hex[0] ? r->receipt_sha256_hex : "-");
-        }
-        if (l->state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_RUNNING && by[0])
-            printf(", claimed by %s until %s", by,
-                   iso_or_dash(l->lease_expires_at_unix_ms, t, sizeof(t)));
-        if (l->next_attempt_at_unix_ms > 0 &&
-            l->state == DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_FAILED)
-            printf(", next attempt %s", iso_or_dash(l->next_attempt_at_unix_ms, t, sizeof(t)));
-        if (err[0] && l->state != DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_DONE &&
-            l->state != DOMICILE__V1__DSR_LEG_STATE__DSR_LEG_STATE_SKIPPED)
-            printf(", last error: %s", err);
-        printf("\n");
+        char *region = dm_report_plain(q->legs[i]->region);
+        labels[2 * i] = dm_sprintf("leg %s", region);
+        labels[2 * i + 1] = dm_sprintf("legs.%zu", i);
+        cols[n + i] = (dm_output_column_t){labels[2 * i], labels[2 * i + 1], dsr_leg_cell, 0};
         free(region);
-        free(err);
-        free(by);
     }
-    free(sorted);
-    free(id);
-    free(customer);
-    free(purpose);
-    free(reason);
-    free(principal);
-    free(sk);
+    int rc = out_one(DM_OUTPUT_DETAIL, cols, n + q->n_legs, j);
+    for (size_t i = 0; i < 2 * q->n_legs; i++)
+        free(labels[i]);
+    free(labels);
+    free(cols);
+    return rc;
 }
 
 /* `out`: the method's response type, each `{ DsrRequest request = 1; }`. */
@@ -956,13 +1311,13 @@ static int dsr_unary(dm_client_t *c, const char *method, const ProtobufCMessage 
         return fail(st);
     const ProtobufCFieldDescriptor *f =
         protobuf_c_message_descriptor_get_field_by_name(out, "request");
-    const Domicile__V1__DsrRequest *q =
-        f ? *(const Domicile__V1__DsrRequest *const *)((const char *)resp + f->offset) : NULL;
+    Domicile__V1__DsrRequest *q =
+        f ? *(Domicile__V1__DsrRequest **)((char *)resp + f->offset) : NULL;
     if (!q)
         return empty_response(resp, "request");
-    print_dsr(q);
+    int rc = print_dsr(q);
     protobuf_c_message_free_unpacked(resp, NULL);
-    return 0;
+    return rc;
 }
 
 /* SUBJECT "-": the first line of stdin, so that the subject stays out of the process list. */
@@ -989,14 +1344,20 @@ typedef struct dsr_opts {
     char *generated_id; /* owned */
 } dsr_opts_t;
 
-/* Parses --customer, --reason, --request-id (and, for export, --output and --allow-partial);
- * the positional arguments end up in argv[optind..]. Returns false after a usage error. */
+/* Parses --customer, --reason, --request-id (and, for export, --output-file and
+ * --allow-partial); the positional arguments end up in argv[optind..]. Returns false after a
+ * usage error. */
 static bool dsr_parse(int argc, char **argv, dsr_opts_t *o, bool export)
 {
     static const struct option opts[] = {
-        {"customer", required_argument, NULL, 'c'},   {"reason", required_argument, NULL, 'r'},
-        {"request-id", required_argument, NULL, 'i'}, {"output", required_argument, NULL, 'o'},
-        {"allow-partial", no_argument, NULL, 'p'},    {NULL, 0, NULL, 0},
+        {"customer", required_argument, NULL, 'c'},
+        {"reason", required_argument, NULL, 'r'},
+        {"request-id", required_argument, NULL, 'i'},
+        {"output-file", required_argument, NULL, 'o'},
+        /* The old name of --output-file: main() left it here because FILE is no format. */
+        {"output", required_argument, NULL, 'o'},
+        {"allow-partial", no_argument, NULL, 'p'},
+        {NULL, 0, NULL, 0},
     };
     int opt;
     memset(o, 0, sizeof(*o));
@@ -1043,16 +1404,15 @@ static int cmd_dsr_file(dm_client_t *c, int argc, char **argv)
     bool with_purpose = strcmp(what, "object") == 0 || strcmp(what, "withdraw") == 0;
     dsr_opts_t o;
     if (!dsr_parse(argc, argv, &o, false))
-        return 2;
+        return DM_EXIT_USAGE;
     if (argc - optind != (with_purpose ? 2 : 1)) {
         free(o.generated_id);
-        usage(stderr);
-        return 2;
+        return bad_usage();
     }
     char *subject = subject_arg(argv[optind]);
     if (!subject) {
         free(o.generated_id);
-        return 2;
+        return DM_EXIT_USAGE;
     }
     const char *purpose = with_purpose ? argv[optind + 1] : "";
     char *rid = (char *)o.request_id, *customer = (char *)o.customer, *reason = (char *)o.reason;
@@ -1098,6 +1458,7 @@ static int cmd_dsr_file(dm_client_t *c, int argc, char **argv)
         r.reason = reason;
         rc = dsr_unary(c, "Withdraw", &r.base, &domicile__v1__withdraw_response__descriptor);
     }
+    OPENSSL_cleanse(subject, strlen(subject));
     free(subject);
     free(o.generated_id);
     return rc;
@@ -1105,10 +1466,8 @@ static int cmd_dsr_file(dm_client_t *c, int argc, char **argv)
 
 static int cmd_dsr_status(dm_client_t *c, int argc, char **argv)
 {
-    if (argc != 2) {
-        usage(stderr);
-        return 2;
-    }
+    if (argc != 2)
+        return bad_usage();
     Domicile__V1__GetRequestRequest r = DOMICILE__V1__GET_REQUEST_REQUEST__INIT;
     r.request_id = argv[1];
     return dsr_unary(c, "GetRequest", &r.base, &domicile__v1__get_request_response__descriptor);
@@ -1116,10 +1475,8 @@ static int cmd_dsr_status(dm_client_t *c, int argc, char **argv)
 
 static int cmd_dsr_extend(dm_client_t *c, int argc, char **argv)
 {
-    if (argc != 3) {
-        usage(stderr);
-        return 2;
-    }
+    if (argc != 3)
+        return bad_usage();
     Domicile__V1__ExtendDeadlineRequest r = DOMICILE__V1__EXTEND_DEADLINE_REQUEST__INIT;
     r.request_id = argv[1];
     r.reason = argv[2];
@@ -1127,38 +1484,57 @@ static int cmd_dsr_extend(dm_client_t *c, int argc, char **argv)
                      &domicile__v1__extend_deadline_response__descriptor);
 }
 
+static char *dsr_overdue_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    return json_is_true(v) ? dm_strdup("overdue") : NULL;
+}
+
+static char *dsr_legs_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    char *s = dm_strdup("");
+    size_t i;
+    const json_t *l;
+    json_array_foreach(v, i, l)
+    {
+        const char *state = json_string_value(json_object_get(l, "state"));
+        char *n =
+            dm_sprintf("%s%s%s:%s", s, i ? "," : "", str_at(l, "region"), state ? state : "-");
+        free(s);
+        s = n;
+    }
+    return s;
+}
+
+static const dm_output_column_t dsr_list_cols[] = {
+    {"REQUEST_ID", "request_id", NULL, 0},
+    {"KIND", "kind", NULL, 0},
+    {"STATE", "state", NULL, 0},
+    {"RECEIVED_AT", "received_at", NULL, 0},
+    {"DUE", "effective_due_at", NULL, 0},
+    {"OVERDUE", "overdue", dsr_overdue_cell, 0},
+    {"CUSTOMER", "customer_id", dsr_customer_short_cell, 0},
+    {"LEGS", "legs", dsr_legs_cell, 0},
+    {"PRINCIPAL", "principal", NULL, DM_OUTPUT_COL_WIDE},
+    {"PURPOSE", "purpose", NULL, DM_OUTPUT_COL_WIDE},
+    {"COMPLETED_AT", "completed_at", NULL, DM_OUTPUT_COL_WIDE},
+};
+
 static bool print_dsr_line(const ProtobufCMessage *m, void *arg)
 {
     list_state_t *ls = arg;
     const Domicile__V1__ListRequestsResponse *r = (const Domicile__V1__ListRequestsResponse *)m;
-    if (r->item_case == DOMICILE__V1__LIST_REQUESTS_RESPONSE__ITEM_END) {
-        free(ls->next_token);
-        ls->next_token = dm_strdup(r->end->next_page_token);
-        return true;
-    }
-    if (r->item_case != DOMICILE__V1__LIST_REQUESTS_RESPONSE__ITEM_REQUEST)
-        return true;
-    const Domicile__V1__DsrRequest *q = r->request;
-    char received[32], due[32];
-    char *id = dm_report_plain(q->request_id), *customer = dm_report_plain(q->customer_id);
-    printf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t", id, NAME_OF(dsr_kind_names, q->kind),
-           NAME_OF(dsr_state_names, q->state),
-           iso_or_dash(q->received_at_unix_ms, received, sizeof(received)),
-           iso_or_dash(dsr_effective_due(q), due, sizeof(due)), q->overdue ? "overdue" : "-",
-           customer[0] ? customer : "*");
-    Domicile__V1__DsrLeg **sorted = sorted_legs(q);
-    for (size_t i = 0; i < q->n_legs; i++) {
-        char *region = dm_report_plain(sorted[i]->region);
-        printf("%s%s:%s", i ? "," : "", region, NAME_OF(dsr_leg_names, sorted[i]->state));
-        free(region);
-    }
-    free(sorted);
-    printf("\n");
-    free(id);
-    free(customer);
-    ls->printed++;
+    if (r->item_case == DOMICILE__V1__LIST_REQUESTS_RESPONSE__ITEM_END)
+        list_page_end(ls, r->end->next_page_token);
+    else if (r->item_case == DOMICILE__V1__LIST_REQUESTS_RESPONSE__ITEM_REQUEST)
+        list_record(ls, dsr_json(r->request)); /* sorts the legs of a message freed after */
     return true;
 }
+
+static const char *const dsr_kind_names[] = {"-",          "erase",  "export",  "restrict",
+                                             "unrestrict", "object", "withdraw"};
+static const char *const dsr_state_names[] = {"-", "received", "in_progress", "done", "failed"};
 
 static int cmd_dsr_list(dm_client_t *c, int argc, char **argv)
 {
@@ -1187,13 +1563,13 @@ static int cmd_dsr_list(dm_client_t *c, int argc, char **argv)
             if (errno || end == optarg || *end || r.due_within_days < 1 ||
                 r.due_within_days > 366) {
                 fprintf(stderr, "domicilectl: --due-within: a number of days, 1..366\n");
-                return 2;
+                return DM_EXIT_USAGE;
             }
             break;
         case 's':
             if ((v = name_index(dsr_state_names, DM_ARRAY_LEN(dsr_state_names), optarg)) < 0) {
                 fprintf(stderr, "domicilectl: --state: received, in_progress, done or failed\n");
-                return 2;
+                return DM_EXIT_USAGE;
             }
             r.state = v;
             break;
@@ -1201,7 +1577,7 @@ static int cmd_dsr_list(dm_client_t *c, int argc, char **argv)
             if ((v = name_index(dsr_kind_names, DM_ARRAY_LEN(dsr_kind_names), optarg)) < 0) {
                 fprintf(stderr, "domicilectl: --kind: erase, export, restrict, unrestrict, "
                                 "object or withdraw\n");
-                return 2;
+                return DM_EXIT_USAGE;
             }
             r.kind = v;
             break;
@@ -1209,26 +1585,33 @@ static int cmd_dsr_list(dm_client_t *c, int argc, char **argv)
             r.customer_id = optarg;
             break;
         case 'n':
-            errno = 0;
-            limit = strtoll(optarg, &end, 10);
-            if (errno || end == optarg || *end || limit < 1) {
-                fprintf(stderr, "domicilectl: --limit: a positive number of requests\n");
-                return 2;
-            }
+            if (!parse_limit(optarg, &limit, "requests"))
+                return DM_EXIT_USAGE;
             break;
         default:
-            usage(stderr);
-            return 2;
+            return bad_usage();
         }
     }
-    if (optind != argc) {
-        usage(stderr);
-        return 2;
-    }
+    if (optind != argc)
+        return bad_usage();
     return page_through(c, DSR "ListRequests", &r.base, &r.page_size, &r.page_token,
                         &domicile__v1__list_requests_response__descriptor, print_dsr_line, limit,
-                        "requests");
+                        "requests", ledger_timeout(),
+                        out_open(DM_OUTPUT_LIST, dsr_list_cols, DM_ARRAY_LEN(dsr_list_cols)));
 }
+
+static char *locate_status_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    return dm_strdup(json_is_true(v) ? "reachable" : "unreachable");
+}
+
+static const dm_output_column_t locate_cols[] = {
+    {"REGION", "region", NULL, 0},
+    {"RECORDS", "records", NULL, 0},
+    {"BYTES", "bytes", NULL, 0},
+    {"STATUS", "reachable", locate_status_cell, 0},
+};
 
 static int cmd_dsr_locate(dm_client_t *c, int argc, char **argv)
 {
@@ -1240,50 +1623,58 @@ static int cmd_dsr_locate(dm_client_t *c, int argc, char **argv)
     int opt;
     optind = 0;
     while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        if (opt != 'c') {
-            usage(stderr);
-            return 2;
-        }
+        if (opt != 'c')
+            return bad_usage();
         customer = optarg;
     }
-    if (argc - optind != 1) {
-        usage(stderr);
-        return 2;
-    }
+    if (argc - optind != 1)
+        return bad_usage();
     char *subject = subject_arg(argv[optind]);
     if (!subject)
-        return 2;
+        return DM_EXIT_USAGE;
     Domicile__V1__LocateRequest r = DOMICILE__V1__LOCATE_REQUEST__INIT;
     r.subject = subject;
     r.customer_id = (char *)customer;
     ProtobufCMessage *resp = NULL;
     dm_status_t *st = dm_client_unary(c, DSR "Locate", &r.base,
                                       &domicile__v1__locate_response__descriptor, timeout_g, &resp);
+    OPENSSL_cleanse(subject, strlen(subject));
     free(subject);
     if (st)
         return fail(st);
     Domicile__V1__LocateResponse *l = (Domicile__V1__LocateResponse *)resp;
     qsort(l->counts, l->n_counts, sizeof(*l->counts), cmp_count_region);
     long long records = 0, bytes = 0;
+    dm_output_t *o = out_open(DM_OUTPUT_LIST, locate_cols, DM_ARRAY_LEN(locate_cols));
     for (size_t i = 0; i < l->n_counts; i++) {
-        char *region = dm_report_plain(l->counts[i]->region);
-        printf("%s\t%lld\t%lld\n", region, (long long)l->counts[i]->records,
-               (long long)l->counts[i]->bytes);
+        json_t *j = dm_output_message(&l->counts[i]->base);
+        json_object_set_new(j, "reachable", json_true());
+        dm_output_record(o, j);
         records += l->counts[i]->records;
         bytes += l->counts[i]->bytes;
-        free(region);
     }
     for (size_t i = 0; i < l->n_unreachable_regions; i++) {
+        json_t *j = json_object();
+        json_object_set_new(j, "region", dm_output_string(l->unreachable_regions[i]));
+        json_object_set_new(j, "records", json_null());
+        json_object_set_new(j, "bytes", json_null());
+        json_object_set_new(j, "reachable", json_false());
+        dm_output_record(o, j);
         char *region = dm_report_plain(l->unreachable_regions[i]);
-        printf("%s\t-\t-\tunreachable\n", region);
         fprintf(stderr,
                 "domicilectl: warning: region %s could not be asked: its count is "
                 "unknown\n",
                 region);
         free(region);
     }
-    printf("total\t%lld\t%lld%s\n", records, bytes, l->n_unreachable_regions ? "\tpartial" : "");
-    int rc = l->n_unreachable_regions ? DSR_EXIT_PARTIAL : 0;
+    char tr[24], tb[24];
+    snprintf(tr, sizeof(tr), "%lld", records);
+    snprintf(tb, sizeof(tb), "%lld", bytes);
+    const char *total[] = {"total", tr, tb, l->n_unreachable_regions ? "partial" : "complete"};
+    dm_output_extra(o, total);
+    int rc = out_close(o, true);
+    if (!rc && l->n_unreachable_regions)
+        rc = DM_EXIT_PARTIAL;
     protobuf_c_message_free_unpacked(resp, NULL);
     return rc;
 }
@@ -1307,18 +1698,9 @@ typedef struct export_state {
     Domicile__V1__ExportManifest *manifest; /* a copy of the manifest; owned */
     int manifests;
     bool line_after_manifest, bad_line;
-    int write_errno; /* non-zero: writing failed */
-    bool progress;   /* stderr is a terminal */
-    int64_t last_progress_ms;
-    int progress_len;
+    int write_errno;         /* non-zero: writing failed */
+    dm_progress_t *progress; /* NULL: stderr is no terminal, or the lines go to it */
 } export_state_t;
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static export_region_count_t *export_region_of(export_state_t *e, const char *region)
 {
@@ -1333,23 +1715,22 @@ static export_region_count_t *export_region_of(export_state_t *e, const char *re
     return r;
 }
 
-static void export_progress(export_state_t *e, bool last)
+/* "eu 2, in 2, us 2 — 6 records, 1234 bytes" */
+static void export_progress(export_state_t *e)
 {
     if (!e->progress)
         return;
-    int64_t now = mono_ms();
-    if (!last && now - e->last_progress_ms < 100)
-        return;
-    e->last_progress_ms = now;
-    fputs("\rexport:", stderr);
+    char *text = dm_strdup("");
     for (size_t i = 0; i < e->n_regions; i++) {
-        char *region = dm_report_plain(e->regions[i].region);
-        fprintf(stderr, "%s %s %lld", i ? "," : "", region, (long long)e->regions[i].records);
-        free(region);
+        char *n = dm_sprintf("%s%s%s %lld", text, i ? ", " : "", e->regions[i].region,
+                             (long long)e->regions[i].records);
+        free(text);
+        text = n;
     }
-    fprintf(stderr, "%s %lld records, %lld bytes\033[K%s", e->n_regions ? " \xe2\x80\x94" : "",
-            (long long)e->records, (long long)e->bytes, last ? "\n" : "");
-    fflush(stderr);
+    dm_progress_status(e->progress, "%s%s%lld records, %lld bytes", text,
+                       e->n_regions ? " \xe2\x80\x94 " : "", (long long)e->records,
+                       (long long)e->bytes);
+    free(text);
 }
 
 static bool export_chunk(const ProtobufCMessage *m, void *arg)
@@ -1386,10 +1767,9 @@ static bool export_chunk(const ProtobufCMessage *m, void *arg)
     r->bytes += (int64_t)l->line.len;
     e->records++;
     e->bytes += (int64_t)l->line.len;
-    export_progress(e, false);
+    export_progress(e);
     return true;
 }
-
 /* Checks what was written against the manifest; prints every difference. */
 static bool export_verify(export_state_t *e, const char *sha_hex)
 {
@@ -1471,26 +1851,60 @@ static int export_timeout(void)
     return timeout_explicit_g ? timeout_g : 0;
 }
 
+static char *export_regions_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    char *s = dm_strdup("");
+    size_t i;
+    const json_t *r;
+    json_array_foreach(v, i, r)
+    {
+        char *n = dm_sprintf("%s%s%s:%lld", s, i ? "," : "", str_at(r, "region"),
+                             (long long)json_integer_value(json_object_get(r, "records")));
+        free(s);
+        s = n;
+    }
+    return s;
+}
+
+/* The summary of an export written to a file: its manifest, verified. */
+static const dm_output_column_t export_cols[] = {
+    {"REQUEST_ID", "request_id", NULL, 0},
+    {"RECORDS", "total_records", NULL, 0},
+    {"BYTES", "total_bytes", NULL, 0},
+    {"SHA256", "sha256_hex", NULL, 0},
+    {"COMPLETE", "complete", NULL, 0},
+    {"REGIONS", "regions", export_regions_cell, DM_OUTPUT_COL_WIDE},
+    {"UNREACHABLE", "unreachable_regions", NULL, DM_OUTPUT_COL_WIDE},
+    {"FILE", "output_file", NULL, DM_OUTPUT_COL_WIDE},
+};
+
 static int cmd_dsr_export(dm_client_t *c, int argc, char **argv)
 {
     dsr_opts_t o;
     if (!dsr_parse(argc, argv, &o, true))
-        return 2;
+        return DM_EXIT_USAGE;
     if (argc - optind != 1) {
         free(o.generated_id);
-        usage(stderr);
-        return 2;
-    }
-    char *subject = subject_arg(argv[optind]);
-    if (!subject) {
-        free(o.generated_id);
-        return 2;
+        return bad_usage();
     }
     export_state_t e;
     memset(&e, 0, sizeof(e));
     e.path = o.output && strcmp(o.output, "-") != 0 ? o.output : NULL;
-    /* The progress line goes to a terminal, unless the lines themselves go to that terminal. */
-    e.progress = isatty(STDERR_FILENO) == 1 && (e.path || isatty(STDOUT_FILENO) != 1);
+    if (!e.path && out_g.name) {
+        fprintf(stderr,
+                "domicilectl: dsr export: --output %s formats the export's summary, "
+                "printed when the records go to --output-file FILE (without it they go "
+                "to stdout as JSON Lines)\n",
+                out_g.name);
+        free(o.generated_id);
+        return DM_EXIT_USAGE;
+    }
+    char *subject = subject_arg(argv[optind]);
+    if (!subject) {
+        free(o.generated_id);
+        return DM_EXIT_USAGE;
+    }
     if (e.path) {
         /* Personal data: readable by the owner only. */
         int fd = open(e.path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -1500,13 +1914,16 @@ static int cmd_dsr_export(dm_client_t *c, int argc, char **argv)
                 close(fd);
             free(subject);
             free(o.generated_id);
-            return 1;
+            return DM_EXIT_FAILURE;
         }
     } else {
         e.out = stdout;
     }
     e.sha = EVP_MD_CTX_new();
     EVP_DigestInit_ex(e.sha, EVP_sha256(), NULL);
+    /* The progress line goes to a terminal, unless the lines themselves go to that terminal. */
+    if (e.path || isatty(STDOUT_FILENO) != 1)
+        e.progress = dm_progress_start("export", 0);
 
     Domicile__V1__ExportRequest r = DOMICILE__V1__EXPORT_REQUEST__INIT;
     r.request_id = (char *)o.request_id;
@@ -1519,9 +1936,10 @@ static int cmd_dsr_export(dm_client_t *c, int argc, char **argv)
                                               export_timeout(), export_chunk, &e);
     OPENSSL_cleanse(subject, strlen(subject));
     free(subject);
-    export_progress(&e, true);
+    export_progress(&e);
+    dm_progress_end(e.progress, true);
 
-    int rc = 0;
+    int rc = DM_EXIT_OK;
     bool keep = true;
     if (fflush(e.out) != 0 && !e.write_errno)
         e.write_errno = errno;
@@ -1532,13 +1950,13 @@ static int cmd_dsr_export(dm_client_t *c, int argc, char **argv)
         fprintf(stderr, "domicilectl: cannot write %s: %s\n", e.path ? e.path : "stdout",
                 strerror(e.write_errno));
         dm_status_free(st);
-        rc = 1;
+        rc = DM_EXIT_FAILURE;
         keep = false;
     } else if (e.bad_line) {
         fprintf(stderr, "domicilectl: export: lines from more than %d regions\n",
                 EXPORT_MAX_REGIONS);
         dm_status_free(st);
-        rc = DSR_EXIT_MISMATCH;
+        rc = DM_EXIT_MISMATCH;
         keep = false;
     } else if (st) {
         rc = fail(st);
@@ -1548,7 +1966,7 @@ static int cmd_dsr_export(dm_client_t *c, int argc, char **argv)
                 "domicilectl: export %s: the stream ended without a manifest: the "
                 "export cannot be verified\n",
                 id);
-        rc = DSR_EXIT_MISMATCH;
+        rc = DM_EXIT_MISMATCH;
         keep = false;
     } else {
         unsigned char digest[EVP_MAX_MD_SIZE];
@@ -1561,7 +1979,7 @@ static int cmd_dsr_export(dm_client_t *c, int argc, char **argv)
         if (!export_verify(&e, hex)) {
             fprintf(stderr, "domicilectl: export %s does NOT match its manifest%s\n", id,
                     e.path ? ": output removed" : "");
-            rc = DSR_EXIT_MISMATCH;
+            rc = DM_EXIT_MISMATCH;
             keep = false;
         } else if (!e.manifest->complete || e.manifest->n_unreachable_regions) {
             fprintf(stderr,
@@ -1574,7 +1992,7 @@ static int cmd_dsr_export(dm_client_t *c, int argc, char **argv)
                 free(region);
             }
             fprintf(stderr, "\n");
-            rc = DSR_EXIT_INCOMPLETE;
+            rc = DM_EXIT_INCOMPLETE;
         } else {
             fprintf(stderr,
                     "domicilectl: export %s: %lld records, %lld bytes, sha256 %s: "
@@ -1584,6 +2002,13 @@ static int cmd_dsr_export(dm_client_t *c, int argc, char **argv)
     }
     if (!keep && e.path)
         unlink(e.path);
+    if (keep && e.path) {
+        /* What was verified, for the script that filed the export. */
+        json_t *j = dm_output_message(&e.manifest->base);
+        json_object_set_new(j, "output_file", dm_output_string(e.path));
+        int wrc = out_one(DM_OUTPUT_ONE, export_cols, DM_ARRAY_LEN(export_cols), j);
+        rc = rc ? rc : wrc;
+    }
     free(id);
     export_free(&e);
     free(o.generated_id);
@@ -1592,10 +2017,8 @@ static int cmd_dsr_export(dm_client_t *c, int argc, char **argv)
 
 static int cmd_dsr(dm_client_t *c, int argc, char **argv)
 {
-    if (argc < 1) {
-        usage(stderr);
-        return 2;
-    }
+    if (argc < 1)
+        return bad_usage();
     const char *s = argv[0];
     if (strcmp(s, "erase") == 0 || strcmp(s, "restrict") == 0 || strcmp(s, "unrestrict") == 0 ||
         strcmp(s, "object") == 0 || strcmp(s, "withdraw") == 0)
@@ -1610,8 +2033,7 @@ static int cmd_dsr(dm_client_t *c, int argc, char **argv)
         return cmd_dsr_locate(c, argc, argv);
     if (strcmp(s, "extend") == 0)
         return cmd_dsr_extend(c, argc, argv);
-    usage(stderr);
-    return 2;
+    return bad_usage();
 }
 
 static char *slurp(const char *path, bool strip)
@@ -1619,7 +2041,7 @@ static char *slurp(const char *path, bool strip)
     FILE *f = fopen(path, "r");
     if (!f) {
         fprintf(stderr, "domicilectl: cannot read %s: %s\n", path, strerror(errno));
-        exit(2);
+        exit(DM_EXIT_USAGE);
     }
     size_t cap = 8192, n = 0;
     char *buf = dm_malloc(cap);
@@ -1636,6 +2058,104 @@ static char *slurp(const char *path, bool strip)
     return buf;
 }
 
+/* ---- the command line --------------------------------------------------------------------- */
+
+static bool is_report(const char *cmd, const char *sub)
+{
+    return strcmp(cmd, "transfers") == 0 && sub && strcmp(sub, "report") == 0;
+}
+
+/* A name --output takes in some command. */
+static bool any_format(const char *name)
+{
+    dm_output_format_t f;
+    dm_report_format_t rf;
+    return dm_output_format_parse(name, &f) || dm_report_format_parse(name, &rf);
+}
+
+/*
+ * Takes -o/--output FORMAT and --no-headers out of the command's arguments, wherever they are
+ * (kubectl takes them before and after the command), up to "--". In transfers report and dsr
+ * export, --output with a value that is no format name is their old spelling of --output-file
+ * and stays. Answers --help (drill has its own). Returns -1 to go on, else an exit status.
+ */
+static int take_output_options(const char *cmd, int *argc, char **argv)
+{
+    const char *sub = *argc > 0 ? argv[0] : NULL;
+    bool old_file =
+        is_report(cmd, sub) || (strcmp(cmd, "dsr") == 0 && sub && strcmp(sub, "export") == 0);
+    int w = 0, i;
+    for (i = 0; i < *argc; i++) {
+        const char *a = argv[i], *v;
+        if (strcmp(a, "--") == 0)
+            break;
+        if (strcmp(a, "--no-headers") == 0) {
+            out_g.no_headers = true;
+            continue;
+        }
+        if ((strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) && strcmp(cmd, "drill") != 0) {
+            usage(stdout);
+            return DM_EXIT_OK;
+        }
+        if (strcmp(a, "-o") == 0 || strcmp(a, "--output") == 0) {
+            if (i + 1 == *argc) {
+                fprintf(stderr, "domicilectl: %s needs a format: table, wide, tsv, json, jsonl\n",
+                        a);
+                return DM_EXIT_USAGE;
+            }
+            v = argv[i + 1];
+            if (a[1] == '-' && old_file && !any_format(v)) {
+                argv[w++] = argv[i++];
+                argv[w++] = argv[i];
+                continue;
+            }
+            i++;
+        } else if (strncmp(a, "--output=", 9) == 0) {
+            v = a + 9;
+            if (old_file && !any_format(v)) {
+                argv[w++] = argv[i];
+                continue;
+            }
+        } else if (strncmp(a, "-o", 2) == 0 && any_format(a + 2)) {
+            v = a + 2; /* -ojson */
+        } else {
+            argv[w++] = argv[i];
+            continue;
+        }
+        out_g.name = v;
+    }
+    while (i < *argc)
+        argv[w++] = argv[i++];
+    *argc = w;
+    return -1;
+}
+
+/* Checks out_g.name against what `cmd` prints. Returns -1 to go on, else an exit status. */
+static int check_format(const char *cmd, const char *sub)
+{
+    dm_report_format_t rf;
+    if (!out_g.name)
+        return -1;
+    if (dm_output_format_parse(out_g.name, &out_g.fmt)) {
+        if (strcmp(cmd, "drill") == 0 && out_g.fmt == DM_OUTPUT_TSV) {
+            fprintf(stderr, "domicilectl: drill: --output table, wide, json or jsonl\n");
+            return DM_EXIT_USAGE;
+        }
+        return -1;
+    }
+    if (dm_report_format_parse(out_g.name, &rf)) {
+        if (is_report(cmd, sub)) {
+            out_g.fmt = DM_OUTPUT_TABLE; /* the report renders it itself */
+            return -1;
+        }
+        fprintf(stderr, "domicilectl: --output %s: only transfers report writes it\n", out_g.name);
+        return DM_EXIT_USAGE;
+    }
+    fprintf(stderr, "domicilectl: --output: table, wide, tsv, json or jsonl, not \"%s\"\n",
+            out_g.name);
+    return DM_EXIT_USAGE;
+}
+
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -1643,6 +2163,7 @@ int main(int argc, char **argv)
         {"token", required_argument, NULL, 'T'},   {"token-file", required_argument, NULL, 'F'},
         {"purpose", required_argument, NULL, 'P'}, {"cacert", required_argument, NULL, 'C'},
         {"cert", required_argument, NULL, 'c'},    {"key", required_argument, NULL, 'k'},
+        {"output", required_argument, NULL, 'o'},  {"no-headers", no_argument, NULL, 'N'},
         {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
     };
     const char *addr = getenv("DOMICILE_ADDR") ? getenv("DOMICILE_ADDR") : "127.0.0.1:50051";
@@ -1650,7 +2171,7 @@ int main(int argc, char **argv)
     char *token = getenv("DOMICILE_TOKEN") ? dm_strdup(getenv("DOMICILE_TOKEN")) : NULL;
     const char *purpose = NULL, *cacert = NULL, *cert = NULL, *key = NULL;
 
-    while ((opt = getopt_long(argc, argv, "+a:t:h", opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "+a:t:ho:", opts, NULL)) != -1) {
         switch (opt) {
         case 'a':
             addr = optarg;
@@ -1660,7 +2181,8 @@ int main(int argc, char **argv)
             timeout_explicit_g = true;
             if (timeout_ms < 0 || timeout_ms > 3600000) {
                 fprintf(stderr, "domicilectl: --timeout must be 0..3600000 ms\n");
-                return 2;
+                free(token);
+                return DM_EXIT_USAGE;
             }
             break;
         case 'T':
@@ -1683,30 +2205,55 @@ int main(int argc, char **argv)
         case 'k':
             key = optarg;
             break;
+        case 'o':
+            out_g.name = optarg;
+            break;
+        case 'N':
+            out_g.no_headers = true;
+            break;
         case 'h':
             usage(stdout);
-            return 0;
+            free(token);
+            return DM_EXIT_OK;
         default:
             usage(stderr);
-            return 2;
+            free(token);
+            return DM_EXIT_USAGE;
         }
     }
     if ((cert != NULL) != (key != NULL) || (cert && !cacert)) {
         fprintf(stderr, "domicilectl: --cert and --key go together, with --cacert\n");
-        return 2;
+        free(token);
+        return DM_EXIT_USAGE;
     }
     timeout_g = timeout_ms;
     if (optind >= argc) {
-        usage(stderr);
-        return 2;
+        free(token);
+        return bad_usage();
     }
     const char *cmd = argv[optind++];
+    if (strcmp(cmd, "completion") == 0) {
+        free(token);
+        return dm_ctl_completion(argc - optind + 1, argv + optind - 1);
+    }
+    if (strcmp(cmd, "help") == 0) {
+        free(token);
+        usage(stdout);
+        return DM_EXIT_OK;
+    }
+    int sub_argc = argc - optind;
+    char **sub_argv = argv + optind;
+    if ((rc = take_output_options(cmd, &sub_argc, sub_argv)) >= 0 ||
+        (rc = check_format(cmd, sub_argc > 0 ? sub_argv[0] : NULL)) >= 0) {
+        free(token);
+        return rc;
+    }
     grpc_init();
     if (strcmp(cmd, "drill") == 0) {
         /* Its own clients, one per thread and principal; --token does not apply. */
         free(token);
-        rc = dm_ctl_drill(addr, cacert, cert, key, timeout_explicit_g ? timeout_ms : 0,
-                          argc - optind, argv + optind);
+        rc = dm_ctl_drill(&out_g, addr, cacert, cert, key, timeout_explicit_g ? timeout_ms : 0,
+                          sub_argc, sub_argv);
         grpc_shutdown();
         return rc;
     }
@@ -1724,29 +2271,30 @@ int main(int argc, char **argv)
     if (token) {
         char *h = dm_sprintf("Bearer %s", token);
         dm_client_add_metadata(c, "authorization", h);
+        OPENSSL_cleanse(h, strlen(h));
+        OPENSSL_cleanse(token, strlen(token));
         free(h);
         free(token);
     }
     if (purpose)
         dm_client_add_metadata(c, "x-purpose", purpose);
     if (strcmp(cmd, "health") == 0) {
-        rc = cmd_health(c, argc - optind, argv + optind, timeout_ms, false);
+        rc = cmd_health(c, sub_argc, sub_argv, timeout_ms, false);
     } else if (strcmp(cmd, "watch") == 0) {
-        rc = cmd_health(c, argc - optind, argv + optind, 0, true);
+        rc = cmd_health(c, sub_argc, sub_argv, 0, true);
     } else if (strcmp(cmd, "customer") == 0) {
-        rc = cmd_customer(c, argc - optind, argv + optind);
+        rc = cmd_customer(c, sub_argc, sub_argv);
     } else if (strcmp(cmd, "record") == 0) {
-        rc = cmd_record(c, argc - optind, argv + optind);
+        rc = cmd_record(c, sub_argc, sub_argv);
     } else if (strcmp(cmd, "regions") == 0) {
-        rc = cmd_regions(c, argc - optind, argv + optind);
+        rc = cmd_regions(c, sub_argc, sub_argv);
     } else if (strcmp(cmd, "transfers") == 0) {
-        rc = cmd_transfers(c, argc - optind, argv + optind);
+        rc = cmd_transfers(c, sub_argc, sub_argv);
     } else if (strcmp(cmd, "dsr") == 0) {
-        rc = cmd_dsr(c, argc - optind, argv + optind);
+        rc = cmd_dsr(c, sub_argc, sub_argv);
     } else {
         fprintf(stderr, "domicilectl: unknown command \"%s\"\n", cmd);
-        usage(stderr);
-        rc = 2;
+        rc = bad_usage();
     }
     dm_client_destroy(c);
     grpc_shutdown();

@@ -42,15 +42,14 @@
 #include <openssl/crypto.h>
 
 #include "domicile/client.h"
+#include "domicile/progress.h"
 #include "domicile/v1/customers.pb-c.h"
 #include "domicile/v1/records.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
 
-extern char **environ;
+#include "cli.h"
 
-/* Entry point, called by domicilectl's main (src/cli/domicilectl.c). */
-int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const char *key,
-                 int timeout_ms, int argc, char **argv);
+extern char **environ;
 
 #define PATH_REGISTER "/domicile.v1.CustomersService/RegisterCustomer"
 #define PATH_PUT      "/domicile.v1.RecordsService/PutRecord"
@@ -290,15 +289,20 @@ typedef struct drill {
     int clients;
     double rate;
     const char *state, *json_path;
-    char *local; /* domicile-local, owned */
+    const dm_ctl_output_t *out; /* -o: where the report goes and as what */
+    dm_progress_t *progress;    /* NULL: stderr is no terminal */
+    const char *phase;          /* what the progress line says the drill is doing */
+    int64_t load_end_us;        /* 0 while the load runs */
+    char *local;                /* domicile-local, owned */
     char *token_admin, *token_service[N_REGIONS];
     char run_id[64];
     char customer[N_REGIONS][96];
 
     atomic_bool stop;
-    atomic_llong kill_start_us;  /* 0 until the kill step began */
-    atomic_llong kill_end_us;    /* 0 until the kill step returned */
-    atomic_llong first_write_us; /* end of the first OK write started after kill_end_us */
+    atomic_long calls_ended, calls_failed; /* the load's, for the progress line */
+    atomic_llong kill_start_us;            /* 0 until the kill step began */
+    atomic_llong kill_end_us;              /* 0 until the kill step returned */
+    atomic_llong first_write_us;           /* end of the first OK write started after kill_end_us */
     int64_t t0_us;
 
     worker_t *workers; /* clients * N_REGIONS, owned */
@@ -427,6 +431,9 @@ static void call_end(worker_t *w, dclient_t *cl, const dm_status_t *st, const ch
                      int64_t started, int64_t ended)
 {
     drill_t *d = w->d;
+    atomic_fetch_add_explicit(&d->calls_ended, 1, memory_order_relaxed);
+    if (st)
+        atomic_fetch_add_explicit(&d->calls_failed, 1, memory_order_relaxed);
     if (cl->at != w->region)
         w->c.forwarded++;
     if (d->mode != MODE_GATEWAY)
@@ -1218,7 +1225,7 @@ static void drill_usage(FILE *f)
     fputs("usage: domicilectl [--addr H:P] [--timeout MS] drill failover|gateway --region REGION\n"
           "         [--duration 30s] [--state DIR] [--json FILE|-] [--clients N] [--rate N]\n"
           "         [--gateway REGION=H:P]... [--victim N] [--victim-pid PID]\n"
-          "         [--domicile-local PATH]\n"
+          "         [--domicile-local PATH] [-o table|json|jsonl]\n"
           "  Against the deploy/local regions (state DIR, default $DOMICILE_LOCAL_STATE or\n"
           "  " STATE_DEFAULT ") and their gateways: a mixed load on every region (N client\n"
           "  threads per region, default 2, each N calls per second, default 20; call deadline\n"
@@ -1234,8 +1241,12 @@ static void drill_usage(FILE *f)
           "  must serve. Restart it afterwards: domicile-local gateways start.\n"
           "  Then every acknowledged write is read back and every region checked. Tokens:\n"
           "  DIR/secrets/tokens/{admin,service-*}.token.\n"
-          "  Exit status: 0 every zero-goal met, 1 a goal missed, 2 usage or the regions are\n"
-          "  not healthy before the drill, 3 a drill step (kill, promote, rejoin) failed.\n",
+          "  Output: the report as a table on stdout; -o json|jsonl (or --json -) prints its\n"
+          "  JSON there instead (indented, or on one line) and the table on stderr; --json FILE\n"
+          "  also writes the JSON to FILE. On a terminal, a progress line on stderr.\n"
+          "  Exit status: 0 every zero-goal met, 1 a goal missed or the report not written,\n"
+          "  2 usage or the regions are not healthy before the drill, 3 a drill step (kill,\n"
+          "  promote, rejoin) failed.\n",
           f);
 }
 
@@ -1357,23 +1368,42 @@ static int parse_args(drill_t *d, int argc, char **argv)
     return 0;
 }
 
-static void main_wait_until(int64_t t)
+/* The progress line: phase, time into the load, calls and failures so far. */
+static void drill_progress(const drill_t *d)
 {
-    sleep_us(t - now_us());
+    if (!d->progress)
+        return;
+    double at = (double)((d->load_end_us ? d->load_end_us : now_us()) - d->t0_us) / 1e6;
+    dm_progress_status(d->progress, "%s %s, %s; load %.0f/%.0f s, %ld calls, %ld failed",
+                       d->mode == MODE_GATEWAY ? "gateway" : "failover", region_codes[d->target],
+                       d->phase, at < 0 ? 0 : at, (double)d->duration_ms / 1000,
+                       atomic_load(&d->calls_ended), atomic_load(&d->calls_failed));
+}
+
+static void main_wait_until(const drill_t *d, int64_t t)
+{
+    /* Awake every 200 ms for the progress line only when there is one. */
+    for (int64_t left = t - now_us(); left > 0; left = t - now_us()) {
+        sleep_us(d->progress && left > 200000 ? 200000 : left);
+        drill_progress(d);
+    }
 }
 
 /* A drill step through domicile-local; its start and end go to *t0 and *t1. */
-static bool step(const drill_t *d, const char *what, const char *node, int64_t *t0, int64_t *t1)
+static bool step(drill_t *d, const char *what, const char *node, int64_t *t0, int64_t *t1)
 {
     const char *args[] = {what, region_codes[d->target], node, NULL};
-    fprintf(stderr, "domicilectl: drill: %s %s%s%s at %.1f s\n", what, region_codes[d->target],
-            node ? " " : "", node ? node : "", (double)(now_us() - d->t0_us) / 1e6);
+    dm_progress_note(d->progress, "domicilectl: drill: %s %s%s%s at %.1f s", what,
+                     region_codes[d->target], node ? " " : "", node ? node : "",
+                     (double)(now_us() - d->t0_us) / 1e6);
+    d->phase = what;
+    drill_progress(d);
     *t0 = now_us();
     int rc = run_local(d, NULL, args);
     *t1 = now_us();
     if (rc != 0)
-        fprintf(stderr, "domicilectl: drill: `domicile-local %s %s` failed (exit %d)\n", what,
-                region_codes[d->target], rc);
+        dm_progress_note(d->progress, "domicilectl: drill: `domicile-local %s %s` failed (exit %d)",
+                         what, region_codes[d->target], rc);
     return rc == 0;
 }
 
@@ -1494,17 +1524,22 @@ static int drill_run(drill_t *d)
     if (!register_customers(d))
         return 2;
 
+    /* From here to the report, on a terminal: a progress line under the step messages. */
+    d->phase = "load";
+    d->progress = dm_progress_start("drill", DM_PROGRESS_TICK);
     if (gw_mode)
-        fprintf(stderr,
-                "domicilectl: drill: run %s, %d clients per region, %.0f s, %s gateway %d of %d "
-                "(%s, pid %ld) to be killed\n",
-                d->run_id, d->clients, (double)d->duration_ms / 1000, region_codes[d->target],
-                d->victim + 1, d->n_gw[d->target], d->gw[d->target][d->victim], d->victim_pid);
+        dm_progress_note(d->progress,
+                         "domicilectl: drill: run %s, %d clients per region, %.0f s, %s gateway "
+                         "%d of %d (%s, pid %ld) to be killed",
+                         d->run_id, d->clients, (double)d->duration_ms / 1000,
+                         region_codes[d->target], d->victim + 1, d->n_gw[d->target],
+                         d->gw[d->target][d->victim], d->victim_pid);
     else
-        fprintf(stderr,
-                "domicilectl: drill: run %s, %d clients per region, %.0f s, primary of %s: %s\n",
-                d->run_id, d->clients, (double)d->duration_ms / 1000, region_codes[d->target],
-                before.primary);
+        dm_progress_note(d->progress,
+                         "domicilectl: drill: run %s, %d clients per region, %.0f s, primary of "
+                         "%s: %s",
+                         d->run_id, d->clients, (double)d->duration_ms / 1000,
+                         region_codes[d->target], before.primary);
     d->n_workers = d->clients * N_REGIONS;
     d->workers = dm_calloc((size_t)d->n_workers, sizeof(worker_t));
     d->t0_us = now_us();
@@ -1522,11 +1557,13 @@ static int drill_run(drill_t *d)
 
     int64_t t_kill0 = 0, t_kill1 = 0, t_prom0 = 0, t_prom1 = 0, t_rej0 = 0, t_rej1 = 0;
     bool steps_ok;
-    main_wait_until(d->t0_us + d->duration_ms * 1000 / 3);
+    main_wait_until(d, d->t0_us + d->duration_ms * 1000 / 3);
     if (gw_mode) {
-        fprintf(stderr, "domicilectl: drill: kill -9 of %s gateway %d (pid %ld) at %.1f s\n",
-                region_codes[d->target], d->victim + 1, d->victim_pid,
-                (double)(now_us() - d->t0_us) / 1e6);
+        dm_progress_note(d->progress,
+                         "domicilectl: drill: kill -9 of %s gateway %d (pid %ld) at %.1f s",
+                         region_codes[d->target], d->victim + 1, d->victim_pid,
+                         (double)(now_us() - d->t0_us) / 1e6);
+        d->phase = "kill";
         t_kill0 = now_us();
         atomic_store(&d->kill_start_us, t_kill0);
         steps_ok = kill_gateway(d, d->victim_pid);
@@ -1544,11 +1581,16 @@ static int drill_run(drill_t *d)
         end = t_rej1 + TAIL_AFTER_MS * 1000;
     if (t_kill1 && t_kill1 + TAIL_AFTER_MS * 1000 > end)
         end = t_kill1 + TAIL_AFTER_MS * 1000;
-    main_wait_until(end);
+    d->phase = "load after the kill";
+    main_wait_until(d, end);
     int64_t load_end = now_us();
+    d->load_end_us = load_end;
     atomic_store(&d->stop, true);
-    fprintf(stderr, "domicilectl: drill: load stopped at %.1f s; draining and reading back\n",
-            (double)(load_end - d->t0_us) / 1e6);
+    dm_progress_note(d->progress,
+                     "domicilectl: drill: load stopped at %.1f s; draining and reading back",
+                     (double)(load_end - d->t0_us) / 1e6);
+    d->phase = "draining and reading back";
+    drill_progress(d);
     for (int i = 0; i < d->n_workers; i++)
         pthread_join(d->workers[i].thread, NULL);
 
@@ -1556,6 +1598,8 @@ static int drill_run(drill_t *d)
     memset(res, 0, sizeof(res));
     for (int i = 0; i < d->n_workers; i++)
         merge_counts(&res[d->workers[i].region].c, &d->workers[i].c);
+    d->phase = "checking the regions";
+    drill_progress(d);
     check_regions(d, res);
     bool after_ok = regions_state(d, all);
     after = all[d->target];
@@ -1571,8 +1615,9 @@ static int drill_run(drill_t *d)
                 if (g == d->target && k == d->victim)
                     continue;
                 if (!wait_serving(d, d->gw[g][k], service, SERVE_WAIT_MS)) {
-                    fprintf(stderr, "domicilectl: drill: %s is not SERVING at the %s gateway %s\n",
-                            service, region_codes[g], d->gw[g][k]);
+                    dm_progress_note(d->progress,
+                                     "domicilectl: drill: %s is not SERVING at the %s gateway %s",
+                                     service, region_codes[g], d->gw[g][k]);
                     survivors_serving = false;
                 }
             }
@@ -1744,8 +1789,12 @@ static int drill_run(drill_t *d)
     json_object_set_new(j, "recovered", json_boolean(recovered));
     json_object_set_new(j, "primary_changed", json_boolean(switched));
 
-    /* Table: on stdout, unless the JSON goes there. */
-    bool json_stdout = d->json_path && strcmp(d->json_path, "-") == 0;
+    dm_progress_end(d->progress, false);
+    d->progress = NULL;
+    /* Table: on stdout, unless the JSON goes there (-o json|jsonl, or --json -). */
+    bool jsonl = d->out->fmt == DM_OUTPUT_JSONL;
+    bool json_stdout =
+        (d->json_path && strcmp(d->json_path, "-") == 0) || jsonl || d->out->fmt == DM_OUTPUT_JSON;
     FILE *tf = json_stdout ? stderr : stdout;
     fprintf(tf, "%s drill of %s, run %s: %s\n", mode_name, region_codes[d->target], d->run_id,
             passed ? "PASSED" : "FAILED");
@@ -1822,16 +1871,21 @@ static int drill_run(drill_t *d)
                 d->state);
 
     int rc = 0;
-    if (d->json_path) {
-        char *text = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9));
-        if (json_stdout) {
-            printf("%s\n", text);
-        } else {
-            FILE *f = fopen(d->json_path, "w");
-            if (!f || fprintf(f, "%s\n", text) < 0 || fclose(f) != 0) {
-                fprintf(stderr, "domicilectl: cannot write %s\n", d->json_path);
-                rc = 2;
-            }
+    size_t flags = JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9);
+    if (json_stdout) {
+        char *text = json_dumps(j, flags | (jsonl ? JSON_COMPACT : JSON_INDENT(2)));
+        if (printf("%s\n", text) < 0 || fflush(stdout) != 0) {
+            fprintf(stderr, "domicilectl: cannot write the output: %s\n", strerror(errno));
+            rc = DM_EXIT_FAILURE;
+        }
+        free(text);
+    }
+    if (d->json_path && strcmp(d->json_path, "-") != 0) {
+        char *text = json_dumps(j, flags | JSON_INDENT(2));
+        FILE *f = fopen(d->json_path, "w");
+        if (!f || fprintf(f, "%s\n", text) < 0 || fclose(f) != 0) {
+            fprintf(stderr, "domicilectl: cannot write %s\n", d->json_path);
+            rc = DM_EXIT_FAILURE;
         }
         free(text);
     }
@@ -1845,8 +1899,8 @@ static int drill_run(drill_t *d)
     return passed ? 0 : 1;
 }
 
-int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const char *key,
-                 int timeout_ms, int argc, char **argv)
+int dm_ctl_drill(const dm_ctl_output_t *out, const char *addr, const char *cacert, const char *cert,
+                 const char *key, int timeout_ms, int argc, char **argv)
 {
     if (argc >= 1 && (strcmp(argv[0], "--help") == 0 || strcmp(argv[0], "-h") == 0)) {
         drill_usage(stdout);
@@ -1858,6 +1912,7 @@ int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const c
     }
     drill_t *d = dm_calloc(1, sizeof(*d));
     d->mode = strcmp(argv[0], "gateway") == 0 ? MODE_GATEWAY : MODE_FAILOVER;
+    d->out = out;
     d->addr = addr;
     d->call_ms = timeout_ms > 0 ? timeout_ms : 2000;
     d->duration_ms = 30000;

@@ -196,6 +196,11 @@ char *dm_report_plain(const char *s)
     return clean(s, TEXT_PLAIN, NULL);
 }
 
+char *dm_report_utf8(const char *s)
+{
+    return clean(s, TEXT_RAW, NULL);
+}
+
 /* ---- dates ------------------------------------------------------------------------------- */
 
 bool dm_report_format_parse(const char *name, dm_report_format_t *out)

@@ -440,3 +440,43 @@ class NodeClient:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
         self.stderr.close()
+
+
+def run_on_pty(cmd, timeout=120, env=None, stdin=subprocess.DEVNULL):
+    """Runs `cmd` with its stderr on a pseudo-terminal (stdout on a pipe) and returns
+    (returncode, stdout bytes, what reached the terminal). The terminal is read while the
+    command runs, so a long progress line never fills its buffer and blocks the command."""
+    import pty
+    import threading
+
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=slave, env=env)
+    finally:
+        os.close(slave)
+    out = []
+    reader = threading.Thread(target=lambda: out.append(p.stdout.read()), daemon=True)
+    reader.start()
+    tty = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([master], [], [], 0.2)
+            if r:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every writer closed the terminal
+                    break
+                if not chunk:
+                    break
+                tty += chunk
+            elif p.poll() is not None:
+                break
+        p.wait(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+    reader.join(timeout=10)
+    return p.returncode, out[0] if out else b"", tty

@@ -27,7 +27,7 @@ import os
 import subprocess
 
 from conftest import BUILD_DIR, DOMICILE_LOCAL, REGION_CODES, REGIONS_STATE, SERVING, wait_health
-from helpers import region_layout
+from helpers import region_layout, run_on_pty
 
 DOMICILECTL = os.path.join(BUILD_DIR, "domicilectl")
 GOALS = ("lost", "duplicates", "misplaced", "ledger_missing", "other_region_errors", "read_anomalies")
@@ -63,24 +63,38 @@ def _gateway_args(fed):
     return args
 
 
-def _run(kind, gw, state, region, *extra):
+def _run(kind, gw, state, region, *extra, tty=False):
+    """The drill with its JSON report on stdout (--json -, or with `tty` -o json) and stderr on a
+    pipe, or with `tty` on a terminal: there, and only there, a progress line (issue 18)."""
+    json_arg = ["-o", "json"] if tty else ["--json", "-"]
     cmd = [DOMICILECTL, "--addr", gw.address, "--timeout", CALL_TIMEOUT_MS, "drill", kind,
-           "--region", region, "--duration", "20s", "--state", state, "--json", "-",
+           "--region", region, "--duration", "20s", "--state", state, *json_arg,
            "--domicile-local", DOMICILE_LOCAL, *_gateway_args(gw.federation), *extra]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    if tty:
+        rc, out, err = run_on_pty(cmd, timeout=240)
+        stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+    else:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+        rc, stdout, stderr = p.returncode, p.stdout, p.stderr
     try:
-        report = json.loads(p.stdout)
+        report = json.loads(stdout)
     except ValueError:
         report = None
-    where = f"\n--- stderr (the report's table)\n{p.stderr}\n--- stdout\n{p.stdout}"
-    assert report is not None, f"{kind} drill of {region} printed no JSON report (exit {p.returncode}){where}"
+    where = f"\n--- stderr (the report's table)\n{stderr}\n--- stdout\n{stdout}"
+    assert report is not None, f"{kind} drill of {region} printed no JSON report (exit {rc}){where}"
+    if tty:
+        # Redrawn in place under the step messages, cleared before the table.
+        assert f"\rdrill: {kind} {region}, load; load " in stderr, where
+        assert f"\r\x1b[K{kind} drill of {region}, run" in stderr, where
+    else:
+        assert "\r" not in stderr and "\x1b" not in stderr, f"progress on a pipe{where}"
     # The figures, in the test's output (pytest -s) and in a failure's report.
-    print(p.stderr)
+    print(stderr)
     missed = {g: report[g] for g in GOALS if report[g] != 0}
     first = {r["region"]: r["first_errors"] for r in report["regions"] if r["first_errors"]}
     assert not missed, f"{kind} drill of {region}: zero-goals missed {missed}; first errors {first}{where}"
     assert report["recovered"], f"{kind} drill of {region}: no write succeeded after the kill{where}"
-    assert p.returncode == 0, f"{kind} drill of {region} exited {p.returncode}{where}"
+    assert rc == 0, f"{kind} drill of {region} exited {rc}{where}"
     assert report["passed"] and report["region"] == region and report["drill"] == kind
     assert report["gateways_from"] == "--gateway"
     for r in report["regions"]:
@@ -124,7 +138,7 @@ def test_gateway_drill_kills_one_of_two_eu_gateways(regions, gateways):
     fed = gw.federation
     eu1, eu2 = fed.replicas["eu"]
     primaries = {r: region_layout(regions, r)[0] for r in REGION_CODES}
-    report, where = _run("gateway", gw, state, "eu", "--victim", "2", "--victim-pid", str(eu2.pid))
+    report, where = _run("gateway", gw, state, "eu", "--victim", "2", "--victim-pid", str(eu2.pid), tty=True)
     # The victim is dead (SIGKILL), the other eu gateway and every other gateway still run.
     assert eu2.wait(timeout=10) == -9, f"eu gateway 2 exited {eu2.returncode}{where}"
     for g in fed.all_gateways():

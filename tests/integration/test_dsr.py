@@ -1197,10 +1197,10 @@ def test_cli_dsr_commands(regions, admin, po, ctl_env, holds):
         put(admin, cid, "b", b"\x00\x01binary", subject=s, content_type="application/octet-stream")
 
     # locate
-    out = ctl(ctl_env, "dsr", "locate", s).stdout.decode().splitlines()
-    assert out == ["eu\t2\t12", "in\t2\t12", "us\t2\t12", "total\t6\t36"], out
-    out = ctl(ctl_env, "dsr", "locate", "--customer", cids["in"], "-", stdin=s.encode()).stdout.decode().splitlines()
-    assert out[-1] == "total\t2\t12"
+    out = ctl(ctl_env, "-o", "tsv", "dsr", "locate", s).stdout.decode().splitlines()
+    assert out == ["eu\t2\t12\treachable", "in\t2\t12\treachable", "us\t2\t12\treachable", "total\t6\t36\tcomplete"], out
+    out = ctl(ctl_env, "-o", "tsv", "dsr", "locate", "--customer", cids["in"], "-", stdin=s.encode()).stdout.decode().splitlines()
+    assert out[-1] == "total\t2\t12\tcomplete"
 
     # export to a file: the same lines as the API streams, mode 0600, verified
     path = ctl_env["dir"] / f"export-{uid()}.jsonl"
@@ -1251,11 +1251,11 @@ def test_cli_dsr_commands(regions, admin, po, ctl_env, holds):
     assert f["state"] == "done" and f["customer"].startswith("*")
     for region in ("eu", "in", "us"):
         assert f[f"leg {region}"].startswith("done, 1 attempts, matched 2, deleted 2, keys destroyed 1"), f
-    lines_ = ctl(ctl_env, "dsr", "list", "--state", "done", "--kind", "erase").stdout.decode().splitlines()
+    lines_ = ctl(ctl_env, "-o", "tsv", "dsr", "list", "--state", "done", "--kind", "erase").stdout.decode().splitlines()
     mine = [l.split("\t") for l in lines_ if l.startswith(rid + "\t")]
     assert len(mine) == 1 and mine[0][1:3] == ["erase", "done"] and mine[0][5] == "-" and mine[0][6] == "*"
     assert mine[0][7] == "eu:done,in:done,us:done"
-    assert ctl(ctl_env, "dsr", "locate", s).stdout.decode().splitlines()[-1] == "total\t0\t0"
+    assert ctl(ctl_env, "-o", "tsv", "dsr", "locate", s).stdout.decode().splitlines()[-1] == "total\t0\t0\tcomplete"
     # a done request cannot be extended: the gRPC status is the exit code (10 + code)
     p = ctl(ctl_env, "dsr", "extend", rid, "late", check=False)
     assert p.returncode == 10 + SC.FAILED_PRECONDITION.value[0], (p.returncode, p.stderr)
@@ -1266,11 +1266,11 @@ def test_cli_dsr_commands(regions, admin, po, ctl_env, holds):
     f = fields(ctl(ctl_env, "dsr", "extend", held.request_id, "complex").stdout)
     assert f["extended_due_at"].endswith("complex)") and f["state"] == "in_progress"
     assert f[f"leg {HOLD_REGION}"].startswith(("failed, ", "running, ")), f
-    ids = [l.split("\t")[0] for l in ctl(ctl_env, "dsr", "list", "--due-within", "366", "--customer", held.customer_id).stdout.decode().splitlines()]
+    ids = [l.split("\t")[0] for l in ctl(ctl_env, "-o", "tsv", "dsr", "list", "--due-within", "366", "--customer", held.customer_id).stdout.decode().splitlines()]
     assert ids == [held.request_id]
-    ids = [l.split("\t")[0] for l in ctl(ctl_env, "dsr", "list", "--overdue", "--customer", held.customer_id).stdout.decode().splitlines()]
+    ids = [l.split("\t")[0] for l in ctl(ctl_env, "-o", "tsv", "dsr", "list", "--overdue", "--customer", held.customer_id).stdout.decode().splitlines()]
     assert ids == []
-    listed = ctl(ctl_env, "dsr", "list", "--limit", "1").stdout.decode().splitlines()
+    listed = ctl(ctl_env, "-o", "tsv", "dsr", "list", "--limit", "1").stdout.decode().splitlines()
     assert len(listed) == 1
 
     # restrict / unrestrict / object / withdraw

@@ -213,7 +213,8 @@ def test_bad_fence_requests_change_nothing(ops, regions, call, field):
 def test_domicilectl_regions(gateway, regions, lift):
     def ctl(*args):
         env = dict(os.environ, DOMICILE_TOKEN=demo_token(gateway.config, "operator"))
-        return subprocess.run([DOMICILECTL, "--addr", gateway.address, "regions", *args], capture_output=True, text=True, timeout=30, env=env)
+        # -o tsv: the table's cells, tab-separated (docs/cli.md)
+        return subprocess.run([DOMICILECTL, "--addr", gateway.address, "-o", "tsv", "regions", *args], capture_output=True, text=True, timeout=30, env=env)
 
     out = ctl("list")
     assert out.returncode == 0, out.stderr

@@ -268,7 +268,7 @@ def test_json_totals_equal_csv_totals(traffic):
 
 def test_list_by_basis(traffic):
     t = traffic
-    p = ctl(t, "transfers", "list", "--basis", DPF)
+    p = ctl(t, "-o", "tsv", "transfers", "list", "--basis", DPF)
     lines = [line.split("\t") for line in p.stdout.splitlines()]
     assert lines and all(len(f) == 11 for f in lines), p.stdout
     # region seq time route basis purpose outcome records bytes method principal
@@ -284,22 +284,22 @@ def test_list_by_basis(traffic):
         assert f[1] == "-" or int(f[1]) > 0
 
     # The other filters and the limit.
-    p = ctl(t, "transfers", "list", "--customer", t["customer"], "--purpose", t["purpose"], "--region", "eu")
+    p = ctl(t, "-o", "tsv", "transfers", "list", "--customer", t["customer"], "--purpose", t["purpose"], "--region", "eu")
     got = sorted((f[3], f[4]) for f in (line.split("\t") for line in p.stdout.splitlines()))
     assert got == sorted([(f"eu{ARROW}us", DPF)] * 2 + [(f"eu{ARROW}in", SCC2), (f"us{ARROW}eu", US_OUT)])
-    p = ctl(t, "transfers", "list", "--customer", t["customer"], "--purpose", t["purpose"], "--limit", "1")
+    p = ctl(t, "-o", "tsv", "transfers", "list", "--customer", t["customer"], "--purpose", t["purpose"], "--limit", "1")
     assert len(p.stdout.splitlines()) == 1 and "raise --limit" in p.stderr
-    p = ctl(t, "transfers", "list", "--customer", t["customer"], "--outcome", "refused")
+    p = ctl(t, "-o", "tsv", "transfers", "list", "--customer", t["customer"], "--outcome", "refused")
     refused = [line.split("\t") for line in p.stdout.splitlines()]
     assert len(refused) == 1 and refused[0][5] == "model-training" and refused[0][6] == "refused"
-    p = ctl(t, "transfers", "list", "--customer", t["customer"], "--outcome", "allowed", "--region", "in")
+    p = ctl(t, "-o", "tsv", "transfers", "list", "--customer", t["customer"], "--outcome", "allowed", "--region", "in")
     assert p.stdout == ""  # the EU customer's transfers are in the EU ledger
     # principal and direction: the reads by service-us are the eu -> us entries
-    p = ctl(t, "transfers", "list", "--customer", t["customer"], "--purpose", t["purpose"],
+    p = ctl(t, "-o", "tsv", "transfers", "list", "--customer", t["customer"], "--purpose", t["purpose"],
             "--principal", "service-us", "--direction", "read")
     got = [line.split("\t") for line in p.stdout.splitlines()]
     assert len(got) == 2 and {f[3] for f in got} == {f"eu{ARROW}us"} and {f[10] for f in got} == {"service-us"}, p.stdout
-    p = ctl(t, "transfers", "list", "--customer", t["customer"], "--direction", "sideways", check=False)
+    p = ctl(t, "-o", "tsv", "transfers", "list", "--customer", t["customer"], "--direction", "sideways", check=False)
     assert p.returncode == 2 and "--direction: read or write" in p.stderr
 
 
@@ -309,15 +309,15 @@ def test_verify(traffic):
     verify = unary(ch, "/domicile.v1.TransfersService/VerifyLedger", transfers_pb2.VerifyLedgerRequest, transfers_pb2.VerifyLedgerResponse)
     for region in ("eu", "in", "us"):
         want = verify(transfers_pb2.VerifyLedgerRequest(region=region), timeout=60)
-        p = ctl(t, "transfers", "verify", region, check=False)
-        fields = dict(line.split(None, 1) for line in p.stdout.splitlines())
+        p = ctl(t, "transfers", "verify", region, "-o", "json", check=False)
+        fields = json.loads(p.stdout)
         assert fields["region"] == region
-        assert fields["ok"] == ("yes" if want.ok else "NO")
+        assert fields["ok"] == want.ok and fields["first_bad_seq"] == want.first_bad_seq
         assert p.returncode == (0 if want.ok else 4), (p.stdout, p.stderr)
         if region == "eu":
             # Nothing in this session may damage the EU ledger before this test: it must verify.
             assert want.ok and p.returncode == 0, p.stdout
-            assert fields["damage"] == "none" and fields["first_bad_seq"] == "0"
+            assert fields["damage"] == "none" and fields["first_bad_seq"] == 0
     p = ctl(t, "transfers", "verify", "zz", check=False)
     assert p.returncode == 10 + grpc.StatusCode.INVALID_ARGUMENT.value[0], p.stderr
     assert "INVALID_ARGUMENT" in p.stderr
