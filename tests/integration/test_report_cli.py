@@ -50,7 +50,9 @@ def traffic(session_gateway, tmp_path_factory):
     gw = session_gateway
     purpose = f"rpt-{uid()[:12]}"
     md = (("x-purpose", purpose),)
-    eu, us, inn = gw.channel(token="service-eu"), gw.channel(token="service-us"), gw.channel(token="service-in")
+    # Each principal calls its own region's gateway, as services do (a call through a third
+    # region's gateway adds a transit entry, test_sovereign.py).
+    eu, us, inn = (gw.peers[r].channel(token=f"service-{r}") for r in ("eu", "us", "in"))
     cid = f"cust-rpt-{uid()}"
     months = {month_now()}
 
