@@ -20,7 +20,7 @@ import uuid
 import grpc
 import pytest
 
-from conftest import BUILD_DIR, SOURCE_DIR
+from conftest import BUILD_DIR, REGIONS_STATE, SOURCE_DIR
 from domicile.v1 import customers_pb2, records_pb2, transfers_pb2
 
 
@@ -480,3 +480,28 @@ def run_on_pty(cmd, timeout=120, env=None, stdin=subprocess.DEVNULL):
         os.close(master)
     reader.join(timeout=10)
     return p.returncode, out[0] if out else b"", tty
+
+
+def principal_region(name):
+    """The region of a demo principal, as deploy/local's principals.conf says."""
+    with open(os.path.join(REGIONS_STATE[0], "etc", "principals.conf")) as f:
+        m = re.search(r'name = "' + re.escape(name) + r'";[^}]*region = "([a-z]+)"', f.read())
+    assert m, f"principal {name} not in principals.conf"
+    return m.group(1)
+
+
+class Principals:
+    """One Api per demo principal: `p["service-us"].get(...)`. Each calls the gateway of its own
+    region in `gateway`'s federation, as a service does in production (a call through a third
+    region's gateway is a transfer there too, test_sovereign.py); `gateway` itself when the
+    federation has no gateway for that region."""
+
+    def __init__(self, gateway):
+        self.gateway = gateway
+        self._apis = {}
+
+    def __getitem__(self, name):
+        if name not in self._apis:
+            gw = (getattr(self.gateway, "peers", None) or {}).get(principal_region(name), self.gateway)
+            self._apis[name] = Api(gw.channel(token=name))
+        return self._apis[name]

@@ -32,7 +32,7 @@ import grpc
 import pytest
 
 from conftest import REGION_CODES, REGIONS_STATE, SERVING, wait_health, wait_until
-from helpers import Api, bulk_stream, get, list_once, lit, md, now_ms, paged, put, register, rpc_error, scalar, uid
+from helpers import Api, Principals, bulk_stream, get, list_once, lit, md, now_ms, paged, put, register, rpc_error, scalar, uid
 from domicile.v1 import records_pb2, transfers_pb2
 
 SC = grpc.StatusCode
@@ -58,31 +58,6 @@ WRITE = T.TRANSFER_DIRECTION_WRITE
 
 # --------------------------------------------------------------------------------------------
 # API (helpers.Api: Customers, Records and Transfers)
-
-
-def principal_region(name):
-    """The region of a demo principal, as deploy/local's principals.conf says."""
-    with open(os.path.join(REGIONS_STATE[0], "etc", "principals.conf")) as f:
-        m = re.search(r'name = "' + re.escape(name) + r'";[^}]*region = "([a-z]+)"', f.read())
-    assert m, f"principal {name} not in principals.conf"
-    return m.group(1)
-
-
-class Principals:
-    """One Api per demo principal: `p["service-us"].get(...)`. Each calls the gateway of its own
-    region in `gateway`'s federation, as a service does in production (a call through a third
-    region's gateway is a transfer there too, test_sovereign.py); `gateway` itself when the
-    federation has no gateway for that region."""
-
-    def __init__(self, gateway):
-        self.gateway = gateway
-        self._apis = {}
-
-    def __getitem__(self, name):
-        if name not in self._apis:
-            gw = (getattr(self.gateway, "peers", None) or {}).get(principal_region(name), self.gateway)
-            self._apis[name] = Api(gw.channel(token=name))
-        return self._apis[name]
 
 
 def serving(gw):

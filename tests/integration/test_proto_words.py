@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from conftest import SERVING, wait_health, wait_until
-from helpers import Api, get, list_once, lit, md, paged, put, register, rpc_error, stream_stub, uid, unary_stub
+from helpers import Api, Principals, get, list_once, lit, md, paged, put, register, rpc_error, stream_stub, uid, unary_stub
 from domicile.v1 import customers_pb2 as C
 from domicile.v1 import records_pb2 as R
 from domicile.v1 import regions_pb2 as G
@@ -90,25 +90,12 @@ class Ops:
         return self.unfence_stub(G.UnfenceRequest(region=region, request_id=request_id or f"unfence-{uid()}"), timeout=15).region
 
 
-class As:
-    """helpers.Api per demo principal on one gateway: `who["service-us"]`."""
-
-    def __init__(self, gateway):
-        self.gateway = gateway
-        self._apis = {}
-
-    def __getitem__(self, name):
-        if name not in self._apis:
-            self._apis[name] = Api(self.gateway.channel(token=name))
-        return self._apis[name]
-
-
 @pytest.fixture(scope="module")
 def who(session_gateway):
     ch = session_gateway.channel(token=None)
     for r in REGION_ORDER:
         wait_health(ch, f"domicile.region.{r}", SERVING, timeout=60)
-    return As(session_gateway)
+    return Principals(session_gateway)
 
 
 @pytest.fixture(scope="module")

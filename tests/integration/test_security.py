@@ -619,6 +619,10 @@ def test_mtls_require(regions, gateways, pki, channels, workdir):
     assert ok and alpn == "h2", out
     svc = Api(channels.tls(g, pki.ca_crt, *pki.svc))
     assert health_check(svc.channel, "", timeout=10) == SERVING
+    # The harness cannot wait for the gateways to see each other over a TLS-only data port
+    # (Federation.converge asks in plaintext): ask here, with the certificate.
+    for r in REGION_CODES:
+        wait_health(svc.channel, f"domicile.region.{r}", SERVING, timeout=60)
     cid = register(svc, "in", prefix="sec")
     rep = put(svc, cid, "by-cert", b"written by a certificate")
     assert rep.created and rep.record.region == "in"
