@@ -13,11 +13,13 @@ very call with Debian's python3-grpcio (the kubelet's client is grpc-go; both sp
 prior knowledge).
 """
 
+import errno
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -295,6 +297,39 @@ def test_the_probe_listener_is_bounded(mtls_gateway):
     assert kubelet_probe(probe, "") == SERVING
     assert kubelet_probe(probe, READY) == SERVING
     g.federation.check_alive()
+    # No other process can bind the probe port beside the gateway and answer some probes in
+    # its place: the listener does without SO_REUSEPORT, which gRPC core sets by default (on
+    # the data port a second bind with SO_REUSEPORT succeeds: the control).
+    def bind_reuseport(port):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("127.0.0.1", port))
+        finally:
+            s.close()
+
+    bind_reuseport(g.port)
+    with pytest.raises(OSError) as ei:
+        bind_reuseport(int(probe.rpartition(":")[2]))
+    assert ei.value.errno == errno.EADDRINUSE, ei.value
+
+
+def test_a_taken_probe_port_fails_the_start(gateways, tmp_path):
+    """Bad input at start: the probe port is taken. The gateway says so, naming probe_listen,
+    and exits 1 (not an abort), having answered nothing."""
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        conf = gateways.config({"probe_listen": f"127.0.0.1:{port}"}, name="probe-taken")
+        p = subprocess.run([DOMICILED, "--config", conf, "--listen", "127.0.0.1:0"], capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+    finally:
+        taken.close()
+    assert p.returncode == 1, (p.returncode, p.stderr[-3000:])
+    assert f"cannot start: cannot listen on 127.0.0.1:{port} (probe_listen)" in p.stderr, p.stderr[-3000:]
+    assert "serving on" not in p.stderr and "assertion failed" not in p.stderr, p.stderr[-3000:]
 
 
 def test_readiness_waits_for_the_own_region_then_holds(regions, gateways, pki, channels, tmp_path):
