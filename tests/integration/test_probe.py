@@ -423,6 +423,7 @@ def test_probes_say_not_serving_while_the_gateway_drains(regions, gateways, pki,
         held.cancel()
     channels.close()
     assert g.wait(timeout=60) == 0, g.log
+    assert "still alive at destroy" not in g.log, g.log  # every probe call was freed too
     # Gone: the kubelet's probe fails to connect.
     e = rpc_error(kubelet_probe, probe, "")
     assert e.code() == SC.UNAVAILABLE, (e.code(), e.details())
