@@ -21,7 +21,17 @@ void dm_health_destroy(dm_health_t *h);
 /** Region-change listener to pass to dm_regions_on_change(). */
 void dm_health_region_changed(void *health, dm_region_t *region, bool serving);
 
+/** Health service name of readiness (src/api/health.c): the own region has answered once. */
+#define DM_HEALTH_READY_SERVICE "domicile.gateway.ready"
 void dm_health_check(dm_call_t *call);
+/**
+ * grpc.health.v1.Health/Check as the probe listener serves it: services "" and
+ * DM_HEALTH_READY_SERVICE, with the same meaning as on the main listener; any other name is
+ * NOT_FOUND with one message.
+ */
+void dm_health_probe_check(dm_call_t *call);
+/** The method table row of the probe listener (dm_server_add_probe). Static storage. */
+const dm_method_t *dm_api_probe_method(void);
 void dm_records_put(dm_call_t *call);
 void dm_records_get(dm_call_t *call);
 void dm_records_list(dm_call_t *call);

@@ -79,6 +79,7 @@ typedef struct dm_config {
     char *webhook_secret_file;
     char *customer_webhooks_file; /* "" = none; read by src/dsr/webhook.c */
     int webhook_timeout_ms;
+    char *probe_listen;   /* "" = off: plaintext, grpc.health.v1.Health/Check only */
     char *metrics_listen; /* "" = off */
     int customer_retention_days;
     int directory_cache_entries;

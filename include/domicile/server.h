@@ -52,6 +52,20 @@ typedef struct dm_method {
  */
 dm_status_t *dm_server_create(const dm_config_t *cfg, const dm_method_t *methods, size_t n_methods,
                               void *app, dm_server_t **out) DM_WARN_UNUSED;
+/**
+ * Serve `method` (a unary rpc, e.g. grpc.health.v1.Health/Check) and nothing else on a second,
+ * plaintext listener at `listen` (host:port, port 0 = any), for callers that cannot speak the
+ * main listener's TLS: Kubernetes' grpc probes. Its calls run on the same completion-queue
+ * threads as every other call; they skip the authorizer, carry no trailing metadata, are held
+ * to small fixed limits (message 1 KiB, metadata 2 KiB, 4 streams per connection, connection
+ * age 60 s, handshake 5 s, 8 MiB of memory), and any other path answers UNIMPLEMENTED with
+ * one message. It stays open until the main listener has drained on shutdown. `method` must
+ * outlive the server. Call once, before dm_server_start().
+ */
+dm_status_t *dm_server_add_probe(dm_server_t *srv, const char *listen,
+                                 const dm_method_t *method) DM_WARN_UNUSED;
+/** The bound port of the probe listener (0 when there is none, or before start). */
+int dm_server_probe_port(dm_server_t *srv);
 /** Bind, start the threads, post the requests. *port receives the bound port. */
 dm_status_t *dm_server_start(dm_server_t *srv, int *port) DM_WARN_UNUSED;
 /**

@@ -3,8 +3,14 @@
  *   ""                        the gateway itself: SERVING until shutdown begins
  *   "grpc.health.v1.Health",
  *   "domicile.v1.<Service>"   the same as ""
+ *   "domicile.gateway.ready"  ready for traffic: SERVING once the gateway's own region has
+ *                             answered (a verified connection to its primary) since start,
+ *                             and from then on until shutdown begins
  *   "domicile.region.<code>"  SERVING only while that region's primary answers
  * Anything else: Check -> NOT_FOUND, Watch -> SERVICE_UNKNOWN (per the health protocol).
+ *
+ * The probe listener (probe_listen) answers Check for "" and "domicile.gateway.ready" only
+ * (dm_health_probe_check): what Kubernetes' liveness, startup and readiness probes ask.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -33,10 +39,16 @@ typedef struct watcher {
 
 struct dm_health {
     dm_app_t *app;
-    pthread_mutex_t mu; /* watchers, n_watchers, shutting_down */
+    pthread_mutex_t mu; /* watchers, n_watchers, shutting_down, own_answered */
     watcher_t *watchers;
     int n_watchers;
     bool shutting_down;
+    /* The own region has answered since start. Latched, on purpose: all of a region's
+     * gateways share its database, so unreadying them when it fails would help no caller and
+     * would withdraw the other regions' data they still serve (DESIGN.md promise 1); before
+     * that first answer, a gateway is more likely misconfigured than unlucky, and a rollout
+     * should stop at it. */
+    bool own_answered;
 };
 
 dm_health_t *dm_health_create(dm_app_t *app)
@@ -73,9 +85,21 @@ static bool is_gateway_service(const char *s)
     return false;
 }
 
+/* Called with h->mu held. */
+static bool own_region_answered(dm_health_t *h)
+{
+    if (!h->own_answered) {
+        dm_region_t *own = dm_regions_find(h->app->regions, h->app->cfg->gateway_region);
+        h->own_answered = own && dm_region_serving(own);
+    }
+    return h->own_answered;
+}
+
 /* Called with h->mu held (reads shutting_down). */
 static serving_t status_of(dm_health_t *h, const char *service)
 {
+    if (strcmp(service, DM_HEALTH_READY_SERVICE) == 0)
+        return !h->shutting_down && own_region_answered(h) ? ST_SERVING : ST_NOT_SERVING;
     if (strncmp(service, REGION_PREFIX, strlen(REGION_PREFIX)) == 0) {
         dm_region_t *r = dm_regions_find(h->app->regions, service + strlen(REGION_PREFIX));
         if (!r)
@@ -100,6 +124,27 @@ static dm_status_t *check_service_name(const char *s)
         return dm_status_new(GRPC_STATUS_INVALID_ARGUMENT, "service: must be at most %d bytes",
                              MAX_SERVICE_NAME);
     return NULL;
+}
+
+void dm_health_probe_check(dm_call_t *call)
+{
+    dm_health_t *h = ((dm_app_t *)dm_call_app(call))->health;
+    const Grpc__Health__V1__HealthCheckRequest *req =
+        (const Grpc__Health__V1__HealthCheckRequest *)dm_call_request(call);
+    /* The same answer for every other name, known to the main listener or not: no list of
+     * regions or services leaves through the probe listener. */
+    if (req->service[0] != '\0' && strcmp(req->service, DM_HEALTH_READY_SERVICE) != 0) {
+        dm_call_finish(call, dm_status_new(GRPC_STATUS_NOT_FOUND,
+                                           "the probe listener answers services \"\" and "
+                                           "\"" DM_HEALTH_READY_SERVICE "\" only"));
+        return;
+    }
+    pthread_mutex_lock(&h->mu);
+    serving_t st = status_of(h, req->service);
+    pthread_mutex_unlock(&h->mu);
+    Grpc__Health__V1__HealthCheckResponse rep = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    rep.status = st;
+    dm_call_reply(call, &rep.base);
 }
 
 void dm_health_check(dm_call_t *call)
@@ -207,6 +252,8 @@ void dm_health_region_changed(void *arg, dm_region_t *region, bool serving)
 {
     dm_health_t *h = arg;
     pthread_mutex_lock(&h->mu);
+    if (serving && dm_region_is_local(region))
+        h->own_answered = true;
     for (watcher_t *w = h->watchers; w; w = w->next) {
         serving_t now = status_of(h, w->service);
         if (now != w->last) {

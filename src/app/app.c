@@ -186,6 +186,7 @@ static void name_restart_only(const dm_config_t *old, const dm_config_t *new)
                 {"mtls", offsetof(dm_config_t, mtls)},
                 {"gateway_region", offsetof(dm_config_t, gateway_region)},
                 {"metrics_listen", offsetof(dm_config_t, metrics_listen)},
+                {"probe_listen", offsetof(dm_config_t, probe_listen)},
                 {"webhook_url", offsetof(dm_config_t, webhook_url)}};
     for (size_t i = 0; i < DM_ARRAY_LEN(strs); i++) {
         const char *a = *(char *const *)((const char *)old + strs[i].off);

@@ -115,6 +115,9 @@ static const key_desc_t gateway_keys[] = {
      false,
      "per-customer webhook URLs and secrets (libconfig: webhooks = ({customer; url; "
      "secret_file},...))"},
+    {"probe_listen", KT_STRING, GW(probe_listen), NOCOUNT, "", 0, 256, NULL, false,
+     "host:port of a plaintext listener serving grpc.health.v1.Health/Check only, for "
+     "Kubernetes' grpc probes (\"\" = off; port 0 = any)"},
     {"metrics_listen", KT_STRING, GW(metrics_listen), NOCOUNT, "", 0, 64, NULL, false,
      "host:port serving Prometheus /metrics over HTTP (\"\" = off; port 0 = any)"},
     {"customer_retention_days", KT_INT, GW(customer_retention_days), NOCOUNT, "30", 0, 3650, NULL,
@@ -458,6 +461,34 @@ static dm_status_t *check_host_port(const char *file, int line, const char *key,
     return NULL;
 }
 
+static long port_of(const char *hp)
+{
+    const char *colon = strrchr(hp, ':');
+    return colon ? strtol(colon + 1, NULL, 10) : 0;
+}
+
+/* The probe listener must be a port of its own: it serves one method, without TLS and without
+ * authentication, and sharing a port with another listener would fail at bind time anyway. */
+static dm_status_t *check_probe_listen(const char *path, int line, const dm_config_t *cfg)
+{
+    dm_status_t *st = check_host_port(path, line, "probe_listen", cfg->probe_listen, true);
+    if (st)
+        return st;
+    long port = port_of(cfg->probe_listen);
+    const struct {
+        const char *key, *value;
+    } others[] = {{"listen", cfg->listen},
+                  {"peer_listen", cfg->peer_listen},
+                  {"metrics_listen", cfg->metrics_listen}};
+    for (size_t i = 0; port != 0 && i < DM_ARRAY_LEN(others); i++)
+        if (others[i].value[0] && port_of(others[i].value) == port)
+            return cf_error(path, line, "probe_listen",
+                            "\"%s\": port %ld is also %s's (\"%s\"); the probe listener needs a "
+                            "port of its own",
+                            cfg->probe_listen, port, others[i].key, others[i].value);
+    return NULL;
+}
+
 #define KEY_LEN 32 /* kek_file and ledger_key_file: AES-256 and HMAC-SHA256 keys, raw bytes */
 
 static int key_index(const key_desc_t *keys, size_t n, const char *name)
@@ -650,6 +681,8 @@ dm_status_t *dm_config_load(const char *path, dm_config_t **out)
         goto fail;
     if (cfg->peer_listen[0] &&
         (st = check_host_port(path, GL("peer_listen"), "peer_listen", cfg->peer_listen, true)))
+        goto fail;
+    if (cfg->probe_listen[0] && (st = check_probe_listen(path, GL("probe_listen"), cfg)))
         goto fail;
     cfg->region_cfgs = dm_calloc(cfg->n_regions, sizeof(dm_region_config_t));
     for (size_t i = 0; i < cfg->n_regions; i++) {

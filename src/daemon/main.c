@@ -227,6 +227,9 @@ int main(int argc, char **argv)
     dm_regions_on_change(app.regions, dm_health_region_changed, app.health);
     if ((st = dm_server_create(app.cfg, methods, n_methods, &app, &app.server)))
         goto out;
+    if (app.cfg->probe_listen[0] &&
+        (st = dm_server_add_probe(app.server, app.cfg->probe_listen, dm_api_probe_method())))
+        goto out;
     dm_metrics_init(n_methods);
     if ((st = dm_metrics_start(&app, app.cfg->metrics_listen)))
         goto out;

@@ -39,12 +39,31 @@
 #define METADATA_BACKSTOP_MIN   (1 << 20)
 #define METADATA_BACKSTOP_RATIO 8
 
+/* The probe listener (dm_server_add_probe) is plaintext and unauthenticated, so everything a
+ * caller can make it hold is small and bounded. A HealthCheckRequest whose service name is at
+ * the health service's own limit (256 bytes) packs into 259 bytes; kubelet's request metadata
+ * is its user-agent (about 40 bytes). Core 1.51 cannot count connections
+ * (grpc.max_allowed_incoming_connections came later): each one is bounded instead by its age,
+ * its streams and the listener's memory quota, and who may connect is the network's business
+ * (deploy/kubernetes: the node only). */
+#define PROBE_MAX_MESSAGE       1024
+#define PROBE_MAX_METADATA      2048 /* per call, as max_metadata_bytes counts it */
+#define PROBE_METADATA_BACKSTOP 8192 /* the transport's limit on a header block */
+#define PROBE_MAX_STREAMS       4
+#define PROBE_HANDSHAKE_MS      5000  /* HTTP/2 preface and settings (core's default: 120 s) */
+#define PROBE_IDLE_MS           10000 /* no call in flight: closed */
+#define PROBE_MAX_AGE_MS        60000 /* any connection, then 5 s to finish its calls */
+#define PROBE_AGE_GRACE_MS      5000
+#define PROBE_MEMORY_BYTES      (8 << 20)
+#define POSTED_PROBE            1 /* per completion queue, for the method and for the rest */
+
 typedef enum {
-    TAG_NEW,      /* request_(registered_)call completed: a new call or shutdown */
-    TAG_CLOSE,    /* RECV_CLOSE_ON_SERVER completed */
-    TAG_SEND,     /* a send batch (message and/or status) completed */
-    TAG_RECV,     /* RECV_MESSAGE completed (client and bidi streaming) */
-    TAG_SHUTDOWN, /* grpc_server_shutdown_and_notify completed */
+    TAG_NEW,            /* request_(registered_)call completed: a new call or shutdown */
+    TAG_CLOSE,          /* RECV_CLOSE_ON_SERVER completed */
+    TAG_SEND,           /* a send batch (message and/or status) completed */
+    TAG_RECV,           /* RECV_MESSAGE completed (client and bidi streaming) */
+    TAG_SHUTDOWN,       /* grpc_server_shutdown_and_notify completed */
+    TAG_PROBE_SHUTDOWN, /* the same, for the probe listener's server */
 } tag_kind_t;
 
 typedef struct {
@@ -90,6 +109,17 @@ struct dm_server {
     void *authorize_arg;
     grpc_metadata answered_md; /* x-domicile-region: on every status (src/peer) */
     size_t max_metadata_bytes; /* per call; cfg->max_metadata_bytes */
+
+    /* dm_server_add_probe(): a second grpc_server on the same completion queues, so that a
+     * probe's answer comes from the threads that serve every other call. NULL when off. */
+    grpc_server *probe;
+    const dm_method_t *probe_method; /* the one method it serves */
+    void *probe_registered;
+    char *probe_listen;
+    int probe_port;
+    bool probe_shutting_down; /* under post_lock, like shutting_down */
+    bool probe_shutdown_done; /* under mu */
+    dm_tag_t probe_shutdown_tag;
 };
 
 struct dm_call {
@@ -97,6 +127,7 @@ struct dm_call {
     cq_worker_t *worker;
     const dm_method_t *method; /* NULL for an unregistered (generic) call */
     size_t method_index;
+    bool probe; /* arrived on the probe listener */
     grpc_call *call;
     gpr_timespec deadline;
     grpc_metadata_array md;
@@ -143,7 +174,7 @@ struct dm_call {
     struct timespec started;
 };
 
-static void post_request(cq_worker_t *w, size_t method_index, bool generic);
+static void post_request(cq_worker_t *w, size_t method_index, bool generic, bool probe);
 
 /* Methods whose client sends a stream: no initial payload, the handler reads with
  * dm_call_recv() (GRPC_SRM_PAYLOAD_NONE + RECV_MESSAGE batches). */
@@ -189,13 +220,14 @@ static void call_unref(dm_call_t *c)
     free(c);
 }
 
-static dm_call_t *call_new(cq_worker_t *w, size_t method_index, bool generic)
+static dm_call_t *call_new(cq_worker_t *w, size_t method_index, bool generic, bool probe)
 {
     dm_call_t *c = dm_calloc(1, sizeof(*c));
     c->srv = w->srv;
     c->worker = w;
     c->method_index = method_index;
-    c->method = generic ? NULL : &w->srv->methods[method_index];
+    c->probe = probe;
+    c->method = generic ? NULL : probe ? w->srv->probe_method : &w->srv->methods[method_index];
     c->t_new = (dm_tag_t){TAG_NEW, c};
     c->t_close = (dm_tag_t){TAG_CLOSE, c};
     c->t_send = (dm_tag_t){TAG_SEND, c};
@@ -259,8 +291,9 @@ static void pump_locked(dm_call_t *c)
         ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
         ops[n].data.send_status_from_server.status = c->final_code;
         ops[n].data.send_status_from_server.status_details = &c->final_details;
-        /* Which region answered: a peer gateway tells an answer from a lost connection. */
-        ops[n].data.send_status_from_server.trailing_metadata_count = 1;
+        /* Which region answered: a peer gateway tells an answer from a lost connection. Not
+         * on the probe listener: it tells a stranger nothing it does not need. */
+        ops[n].data.send_status_from_server.trailing_metadata_count = c->probe ? 0 : 1;
         ops[n].data.send_status_from_server.trailing_metadata = &c->srv->answered_md;
         n++;
         c->status_sent = true;
@@ -335,7 +368,7 @@ static void call_ended(dm_call_t *c, grpc_status_code code)
     clock_gettime(CLOCK_MONOTONIC, &now);
     int64_t us = (int64_t)(now.tv_sec - c->started.tv_sec) * 1000000 +
                  (now.tv_nsec - c->started.tv_nsec) / 1000;
-    if (c->method)
+    if (c->method && !c->probe) /* the counters are per method of the main table */
         dm_metrics_call(c->method_index, code, us);
     dm_log_level_t level = code == GRPC_STATUS_OK         ? DM_LOG_DEBUG
                            : code == GRPC_STATUS_INTERNAL ? DM_LOG_ERROR
@@ -356,8 +389,9 @@ static void call_ended(dm_call_t *c, grpc_status_code code)
         DM_LOG_STR("principal", c->principal_name),
         DM_LOG_STR("region", c->region),
         DM_LOG_STR("request_id", request_id),
+        DM_LOG_STR("listener", "probe"), /* probe calls only */
     };
-    dm_log_fields(level, "call", f, DM_ARRAY_LEN(f), "call ended");
+    dm_log_fields(level, "call", f, DM_ARRAY_LEN(f) - (c->probe ? 0 : 1), "call ended");
 }
 
 void dm_call_set_log_principal(dm_call_t *c, const char *name)
@@ -776,10 +810,24 @@ static void start_call(dm_call_t *c)
 
     /* First, so that a refused call is neither authorised nor routed and writes nothing. */
     size_t md_bytes = metadata_bytes(&c->md);
-    if (md_bytes > c->srv->max_metadata_bytes) {
+    size_t md_limit = c->probe ? PROBE_MAX_METADATA : c->srv->max_metadata_bytes;
+    if (md_bytes > md_limit) {
         dm_call_finish(c, dm_status_new(GRPC_STATUS_RESOURCE_EXHAUSTED,
                                         "request metadata is %zu bytes, limit %zu", md_bytes,
-                                        c->srv->max_metadata_bytes));
+                                        md_limit));
+        return;
+    }
+    if (c->probe) {
+        /* One answer for every other path, whether or not the main listener serves it: the
+         * probe listener is no oracle of the API, and it authenticates nobody. */
+        if (!c->method) {
+            dm_call_finish(c, dm_status_new(GRPC_STATUS_UNIMPLEMENTED,
+                                            "the probe listener serves %s only",
+                                            c->srv->probe_method->path));
+            return;
+        }
+        if (decode_request(c))
+            c->method->handler(c);
         return;
     }
     if (!c->method) {
@@ -822,7 +870,7 @@ static void handle_new(cq_worker_t *w, dm_call_t *c, bool ok)
     atomic_fetch_add(&w->srv->active_calls, 1);
     if (!c->method)
         c->deadline = c->details.deadline;
-    post_request(w, c->method_index, c->method == NULL);
+    post_request(w, c->method_index, c->method == NULL, c->probe);
     start_call(c);
 }
 
@@ -855,10 +903,14 @@ static void *worker_main(void *arg)
             on_recv_done(c, ev.success);
             call_unref(c);
             break;
-        case TAG_SHUTDOWN: {
+        case TAG_SHUTDOWN:
+        case TAG_PROBE_SHUTDOWN: {
             dm_server_t *srv = w->srv;
             pthread_mutex_lock(&srv->mu);
-            srv->shutdown_done = true;
+            if (t->kind == TAG_SHUTDOWN)
+                srv->shutdown_done = true;
+            else
+                srv->probe_shutdown_done = true;
             pthread_cond_broadcast(&srv->cond);
             pthread_mutex_unlock(&srv->mu);
             break;
@@ -868,20 +920,23 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-static void post_request(cq_worker_t *w, size_t method_index, bool generic)
+static void post_request(cq_worker_t *w, size_t method_index, bool generic, bool probe)
 {
     dm_server_t *srv = w->srv;
     grpc_call_error err;
 
     pthread_rwlock_rdlock(&srv->post_lock);
-    if (srv->shutting_down) {
+    if (probe ? srv->probe_shutting_down : srv->shutting_down) {
         pthread_rwlock_unlock(&srv->post_lock);
         return;
     }
-    dm_call_t *c = call_new(w, method_index, generic);
+    dm_call_t *c = call_new(w, method_index, generic, probe);
+    grpc_server *gs = probe ? srv->probe : srv->server;
     if (generic) {
-        err = grpc_server_request_call(srv->server, &c->call, &c->details, &c->md, w->cq, w->cq,
-                                       &c->t_new);
+        err = grpc_server_request_call(gs, &c->call, &c->details, &c->md, w->cq, w->cq, &c->t_new);
+    } else if (probe) {
+        err = grpc_server_request_registered_call(gs, srv->probe_registered, &c->call, &c->deadline,
+                                                  &c->md, &c->payload, w->cq, w->cq, &c->t_new);
     } else {
         bool with_payload = !client_streams(&srv->methods[method_index]);
         err = grpc_server_request_registered_call(
@@ -913,6 +968,7 @@ dm_status_t *dm_server_create(const dm_config_t *cfg, const dm_method_t *methods
     atomic_init(&srv->live_calls, 0);
     atomic_init(&srv->active_calls, 0);
     srv->shutdown_tag = (dm_tag_t){TAG_SHUTDOWN, NULL};
+    srv->probe_shutdown_tag = (dm_tag_t){TAG_PROBE_SHUTDOWN, NULL};
     srv->answered_md.key = grpc_slice_from_static_string("x-domicile-region");
     srv->answered_md.value = grpc_slice_from_copied_string(cfg->gateway_region);
 
@@ -957,6 +1013,85 @@ dm_status_t *dm_server_create(const dm_config_t *cfg, const dm_method_t *methods
     }
     *out = srv;
     return NULL;
+}
+
+dm_status_t *dm_server_add_probe(dm_server_t *srv, const char *listen, const dm_method_t *method)
+{
+    if (srv->probe || method->kind != DM_RPC_UNARY || !method->handler)
+        return dm_status_new(GRPC_STATUS_INTERNAL, "probe listener: one unary method, once");
+    grpc_resource_quota *quota = grpc_resource_quota_create("domicile-probe");
+    grpc_resource_quota_resize(quota, PROBE_MEMORY_BYTES);
+    grpc_arg args[11];
+    memset(args, 0, sizeof(args));
+    static const struct {
+        const char *key;
+        int value;
+    } ints[] = {
+        {GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, PROBE_MAX_MESSAGE},
+        {GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, PROBE_MAX_MESSAGE},
+        {GRPC_ARG_MAX_METADATA_SIZE, PROBE_METADATA_BACKSTOP},
+        {GRPC_ARG_MAX_CONCURRENT_STREAMS, PROBE_MAX_STREAMS},
+        {GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS, PROBE_HANDSHAKE_MS},
+        {GRPC_ARG_MAX_CONNECTION_IDLE_MS, PROBE_IDLE_MS},
+        {GRPC_ARG_MAX_CONNECTION_AGE_MS, PROBE_MAX_AGE_MS},
+        {GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, PROBE_AGE_GRACE_MS},
+        /* A probe is one small message: nothing to decompress into something larger. */
+        {GRPC_ARG_ENABLE_PER_MESSAGE_DECOMPRESSION, 0},
+        /* Core sets SO_REUSEPORT by default: another process of the same user could then bind
+         * the port too and answer some of the probes. A taken port must fail the start. */
+        {GRPC_ARG_ALLOW_REUSEPORT, 0},
+    };
+    size_t n = 0;
+    for (; n < DM_ARRAY_LEN(ints); n++) {
+        args[n].type = GRPC_ARG_INTEGER;
+        args[n].key = (char *)ints[n].key;
+        args[n].value.integer = ints[n].value;
+    }
+    args[n].type = GRPC_ARG_POINTER;
+    args[n].key = GRPC_ARG_RESOURCE_QUOTA;
+    args[n].value.pointer.p = quota;
+    args[n].value.pointer.vtable = grpc_resource_quota_arg_vtable();
+    n++;
+    grpc_channel_args chargs = {n, args};
+    srv->probe = grpc_server_create(&chargs, NULL);
+    grpc_resource_quota_unref(quota); /* the server holds its own reference */
+    for (int i = 0; i < srv->n_workers; i++)
+        grpc_server_register_completion_queue(srv->probe, srv->workers[i].cq, NULL);
+    srv->probe_method = method;
+    srv->probe_registered = grpc_server_register_method(
+        srv->probe, method->path, NULL, GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+    srv->probe_listen = dm_strdup(listen);
+    if (!srv->probe_registered)
+        return dm_status_new(GRPC_STATUS_INTERNAL, "cannot register method %s (probe listener)",
+                             method->path);
+    return NULL;
+}
+
+int dm_server_probe_port(dm_server_t *srv)
+{
+    return srv->probe_port;
+}
+
+static char *read_pem(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return NULL;
+    char *buf = NULL;
+    size_t cap = 0, n = 0;
+    for (;;) {
+        if (n + 4096 + 1 > cap) {
+            cap = cap ? cap * 2 : 8192;
+            buf = dm_realloc(buf, cap);
+        }
+        size_t r = fread(buf + n, 1, 4096, f);
+        n += r;
+        if (r == 0 || n > (1 << 20))
+            break;
+    }
+    fclose(f);
+    buf[n] = '\0';
+    return buf;
 }
 
 static grpc_server_credentials *make_credentials(const dm_config_t *cfg, dm_status_t **st)
@@ -1037,14 +1172,30 @@ dm_status_t *dm_server_start(dm_server_t *srv, int *port)
                                  srv->cfg->peer_listen);
         dm_info("server", "peer listener (mutual TLS) on port %d", pport);
     }
+    if (srv->probe) {
+        grpc_server_credentials *ic = grpc_insecure_server_credentials_create();
+        srv->probe_port = grpc_server_add_http2_port(srv->probe, srv->probe_listen, ic);
+        grpc_server_credentials_release(ic);
+        if (srv->probe_port == 0)
+            return dm_status_new(GRPC_STATUS_UNAVAILABLE, "cannot listen on %s (probe_listen)",
+                                 srv->probe_listen);
+        dm_info("server", "probe listener (plaintext, %s only) on port %d", srv->probe_method->path,
+                srv->probe_port);
+    }
     grpc_server_start(srv->server);
+    if (srv->probe)
+        grpc_server_start(srv->probe);
     for (int i = 0; i < srv->n_workers; i++) {
         cq_worker_t *w = &srv->workers[i];
         for (size_t m = 0; m < srv->n_methods; m++)
             for (int k = 0; k < POSTED_PER_METHOD; k++)
-                post_request(w, m, false);
+                post_request(w, m, false, false);
         for (int k = 0; k < POSTED_GENERIC; k++)
-            post_request(w, 0, true);
+            post_request(w, 0, true, false);
+        for (int k = 0; srv->probe && k < POSTED_PROBE; k++) {
+            post_request(w, 0, false, true);
+            post_request(w, 0, true, true);
+        }
         if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
             abort();
     }
@@ -1058,17 +1209,39 @@ void dm_server_on_shutdown(dm_server_t *srv, void (*fn)(void *arg), void *arg)
         srv->hooks[srv->n_hooks++] = (struct hook){fn, arg};
 }
 
-static bool wait_shutdown_tag(dm_server_t *srv, int timeout_ms)
+/* Wait for *flag (shutdown_done or probe_shutdown_done, set under srv->mu). */
+static bool wait_flag(dm_server_t *srv, const bool *flag, int timeout_ms)
 {
     struct timespec until = dm_abstime_in_ms(timeout_ms);
     pthread_mutex_lock(&srv->mu);
-    while (!srv->shutdown_done) {
+    while (!*flag) {
         if (pthread_cond_timedwait(&srv->cond, &srv->mu, &until) == ETIMEDOUT)
             break;
     }
-    bool done = srv->shutdown_done;
+    bool done = *flag;
     pthread_mutex_unlock(&srv->mu);
     return done;
+}
+
+static bool wait_shutdown_tag(dm_server_t *srv, int timeout_ms)
+{
+    return wait_flag(srv, &srv->shutdown_done, timeout_ms);
+}
+
+/* After the main listener: until then a probe learns that the gateway is going (NOT_SERVING)
+ * instead of finding the port closed. Its calls are answered at once, so none is waited for;
+ * cancelling releases the idle connections that would hold the tag back. */
+static void shutdown_probe(dm_server_t *srv)
+{
+    if (!srv->probe)
+        return;
+    pthread_rwlock_wrlock(&srv->post_lock);
+    srv->probe_shutting_down = true;
+    grpc_server_shutdown_and_notify(srv->probe, srv->workers[0].cq, &srv->probe_shutdown_tag);
+    pthread_rwlock_unlock(&srv->post_lock);
+    grpc_server_cancel_all_calls(srv->probe);
+    while (!wait_flag(srv, &srv->probe_shutdown_done, 1000))
+        dm_warn("server", "still waiting for the probe listener to stop");
 }
 
 void dm_server_shutdown(dm_server_t *srv, int grace_ms)
@@ -1100,6 +1273,7 @@ void dm_server_shutdown(dm_server_t *srv, int grace_ms)
         while (!wait_shutdown_tag(srv, 1000))
             dm_warn("server", "still waiting for %d calls to end", atomic_load(&srv->active_calls));
     }
+    shutdown_probe(srv);
     dm_info("server", "server stopped");
 }
 
@@ -1117,7 +1291,13 @@ void dm_server_destroy(dm_server_t *srv)
         for (int i = 0; i < srv->n_workers; i++)
             pthread_join(srv->workers[i].thread, NULL);
     } else if (srv->workers) {
-        /* Never started: drain what is there. */
+        /* Never started (a listener could not bind): core still wants a shutdown before it
+         * destroys a server that has listeners; then drain what is there. */
+        if (srv->server)
+            grpc_server_shutdown_and_notify(srv->server, srv->workers[0].cq, &srv->shutdown_tag);
+        if (srv->probe)
+            grpc_server_shutdown_and_notify(srv->probe, srv->workers[0].cq,
+                                            &srv->probe_shutdown_tag);
         for (int i = 0; i < srv->n_workers; i++) {
             grpc_completion_queue_shutdown(srv->workers[i].cq);
             while (grpc_completion_queue_next(srv->workers[i].cq,
@@ -1130,10 +1310,13 @@ void dm_server_destroy(dm_server_t *srv)
         dm_error("server", "%d calls still alive at destroy (bug)", atomic_load(&srv->live_calls));
     if (srv->server)
         grpc_server_destroy(srv->server);
+    if (srv->probe)
+        grpc_server_destroy(srv->probe);
     for (int i = 0; i < srv->n_workers; i++)
         grpc_completion_queue_destroy(srv->workers[i].cq);
     free(srv->workers);
     free(srv->registered);
+    free(srv->probe_listen);
     grpc_slice_unref(srv->answered_md.value);
     pthread_rwlock_destroy(&srv->post_lock);
     pthread_mutex_destroy(&srv->mu);

@@ -779,7 +779,7 @@ _REPORTED = []  # processes whose logs a failure report shows (those of the runn
 # Keys of a gateway's configuration that name something only one gateway can have (a port to
 # bind, its own view of the regions): in `overrides` of a federation they go to the entry
 # gateway only.
-ENTRY_ONLY_KEYS = ("listen", "metrics_listen", "regions_dir", "gateway_region", "peer_listen")
+ENTRY_ONLY_KEYS = ("listen", "metrics_listen", "probe_listen", "regions_dir", "gateway_region", "peer_listen")
 
 # What a gateway logs when a port it was given is taken (then the federation starts again on
 # other ports).

@@ -9,7 +9,8 @@ gateway Deployment per region (issue 15, sovereign regions): each region's pods 
 region's Secrets and the shared pepper only, load other regions' files that say only where
 their gateways are, reach only their own CloudNativePG cluster, and find the other regions'
 gateways by Service DNS, verified by a certificate naming the region. Checked: one image tag,
-the `listen`, `peer_listen` and `metrics_listen` ports everywhere a port is named, grpc probes, selectors,
+the `listen`, `peer_listen`, `probe_listen` and `metrics_listen` ports everywhere a port is
+named, native grpc probes on the probe listener (also with the TLS variant of the public port), selectors,
 NetworkPolicies, `domiciled --check-config` on each region's configuration (its files and
 placeholder secrets laid out as the pod sees them) and its refusal of another region's
 secret, the keys of src/config/config.c, the certificates, and the CloudNativePG clusters'
@@ -392,28 +393,43 @@ def test_one_gateway_deployment_per_region(objects, region_gateways):
                 assert not selects(g.deployment["spec"]["selector"], other.labels), f"{g.name} selects {other.name}'s pods"
 
 
+def ready_service_name():
+    """The readiness service name of the daemon's health service (include/domicile/api.h)."""
+    with open(os.path.join(SOURCE_DIR, "include", "domicile", "api.h")) as f:
+        (name,) = re.findall(r'#define DM_HEALTH_READY_SERVICE "([^"]+)"', f.read())
+    return name
+
+
+# What each probe asks (deploy/kubernetes/README.md, "Probes"): startup and liveness, that the
+# gateway serves; readiness, that its region has answered once since it started.
+PROBE_SERVICES = {"startupProbe": "", "livenessProbe": "", "readinessProbe": ready_service_name()}
+
+
 @pytest.mark.parametrize("code", CODES)
 def test_container_ports_probes_and_service(objects, region_gateways, code):
     g = region_gateways[code]
     ports = {p["name"]: p["containerPort"] for p in g.container["ports"]}
-    assert ports == {"grpc": g.port("listen"), "peer": g.port("peer_listen"), "metrics": g.port("metrics_listen")}, (
+    assert ports == {"grpc": g.port("listen"), "peer": g.port("peer_listen"), "probe": g.port("probe_listen"),
+                     "metrics": g.port("metrics_listen")}, (
         f"{g.name}: container ports {ports} are not listen ({g.conf['listen']}), peer_listen "
-        f"({g.conf['peer_listen']}) and metrics_listen ({g.conf.get('metrics_listen')}: "
-        "monitoring/podmonitor.yaml scrapes the port named metrics)")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        f"({g.conf['peer_listen']}), probe_listen ({g.conf.get('probe_listen')}) and metrics_listen "
+        f"({g.conf.get('metrics_listen')}: monitoring/podmonitor.yaml scrapes the port named metrics)")
+    assert len(set(ports.values())) == 4, ports
+    # The kubelet dials grpc probes without TLS and without credentials: they go to the probe
+    # listener, which is plaintext and serves the health check only, whatever the public
+    # port's transport (a grpc probe on a TLS port would fail every time).
+    for probe, service in PROBE_SERVICES.items():
         p = g.container.get(probe)
         assert p, f"{g.name}: the gateway container has no {probe}"
         assert set(p) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, f"{probe} must be a native grpc probe"
-        assert p["grpc"]["port"] == ports["grpc"], f"{g.name}: {probe} port {p['grpc']['port']} != listen port {ports['grpc']}"
-        assert p["grpc"].get("service") == "", f"{probe} must check service \"\" (the gateway itself)"
-    # The kubelet dials grpc probes without TLS: a TLS-only port would fail every probe.
-    assert g.conf["transport"] == "plaintext", (
-        "grpc probes need transport = \"plaintext\" on the probed port (the kubelet's grpc prober has no TLS); "
-        "with transport = \"tls\" use exec probes (deploy/kubernetes/README.md, Transport)"
-    )
+        assert p["grpc"]["port"] == ports["probe"], (
+            f"{g.name}: {probe} port {p['grpc']['port']} is not the probe listener's ({ports['probe']})")
+        assert p["grpc"].get("service", "") == service, f"{g.name}: {probe} must check service {service!r}"
+    assert g.conf["transport"] in ("plaintext", "tls")
     svc = one(objects, "Service", g.name)
     assert region_of(svc) == code
     sports = {p["name"]: p for p in svc["spec"]["ports"]}
+    # No Service publishes the probe port: the kubelet probes the pod itself.
     assert set(sports) == {"grpc", "peer"}, f"Service {g.name}: ports {sorted(sports)}"
     for name, sp in sports.items():
         target = sp["targetPort"]
@@ -498,6 +514,9 @@ def test_network_policy_reaches_only_its_own_cluster_and_the_peers(objects, regi
         ingress[p["port"]] = rule["from"]
     assert set(ingress) == {listen, peer_port, metrics}, (
         f"ingress ports {sorted(ingress)} != listen {listen}, peer {peer_port}, metrics {metrics}")
+    # The probe port is in no rule: no pod may reach it. The kubelet probes from the pod's own
+    # node, which a NetworkPolicy cannot block.
+    assert g.port("probe_listen") not in ingress
     assert ingress[listen] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "platform"}}}]
     assert ingress[metrics] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     (peer_from,) = ingress[peer_port]
@@ -946,6 +965,27 @@ def test_daemon_accepts_the_regions_configuration(configmaps, region_gateways, c
     _, cm, key = g.files[g.conf["principals_file"]]
     n = len(parse_libconfig(configmaps[cm][key])["principals"])
     assert f"# {n} principals" in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_the_tls_variant_keeps_the_same_probes(configmaps, region_gateways, code, tmp_path):
+    """README "Transport", without a mesh: the commented lines of domiciled.conf switch the
+    public port to TLS. The daemon accepts that configuration as the pod sees it, and the probes
+    need no change: they go to probe_listen, plaintext either way."""
+    g = region_gateways[code]
+    _, cm, key = g.files[g.conf_path]
+    text = configmaps[cm][key]
+    tls = re.findall(r'^\s*#\s+((?:transport|tls_cert_file|tls_key_file) = "[^"]*";)\s*$', text, re.M)
+    assert [line.split()[0] for line in tls] == ["transport", "tls_cert_file", "tls_key_file"], tls
+    tls_text, n = re.subn(r'^(\s*)transport = "plaintext";\s*$', lambda m: "\n".join(m.group(1) + line for line in tls),
+                          text, flags=re.M)
+    assert n == 1, text
+    for path in (parse_libconfig(tls_text)["tls_cert_file"], parse_libconfig(tls_text)["tls_key_file"]):
+        assert g.files.get(path, ("",))[0] == "secret", f"{g.name}: {path} is not mounted from a Secret"
+    variant = {**configmaps, cm: {**configmaps[cm], key: tls_text}}
+    p = check_config(lay_out_pod_files(str(tmp_path / "pod"), variant, g, placeholder_secrets=False))
+    assert p.returncode == 0, f"the TLS variant of the {code} configuration is refused:\n{p.stderr}"
+    assert 'transport = "tls";' in p.stdout and f'probe_listen = "{g.conf["probe_listen"]}";' in p.stdout, p.stdout
 
 
 @pytest.mark.parametrize("code", CODES)

@@ -547,6 +547,65 @@ static void test_secret_sizes(void **state)
     dm_config_free(cfg);
 }
 
+/* probe_listen: off by default; host:port of a port of its own, else file:line:key. */
+static void test_probe_listen(void **state)
+{
+    static const struct {
+        const char *extra; /* appended to gw_good: the probe_listen line is line 14 */
+        const char *needle;
+    } bad[] = {
+        {"probe_listen = \"50060\";\n",
+         "gw.conf:14: key \"probe_listen\": \"50060\" must be host:port"},
+        {"probe_listen = \":50060\";\n",
+         "gw.conf:14: key \"probe_listen\": \":50060\" must be host:port"},
+        {"probe_listen = \"0.0.0.0:65536\";\n",
+         "gw.conf:14: key \"probe_listen\": \"0.0.0.0:65536\": port must be 0..65535"},
+        {"probe_listen = \"0.0.0.0:http\";\n",
+         "gw.conf:14: key \"probe_listen\": \"0.0.0.0:http\": port must be"},
+        {"probe_listen = \"0.0.0.0:-1\";\n",
+         "gw.conf:14: key \"probe_listen\": \"0.0.0.0:-1\": port must be"},
+        {"probe_listen = 50060;\n", "gw.conf:14: key \"probe_listen\": must be a string"},
+        {"probe_listen = [ \"0.0.0.0:50060\" ];\n", "gw.conf:14: key \"probe_listen\""},
+        {"probe_listen = \"127.0.0.1:7100\";\nmetrics_listen = \"127.0.0.1:7100\";\n",
+         "gw.conf:14: key \"probe_listen\": \"127.0.0.1:7100\": port 7100 is also "
+         "metrics_listen's (\"127.0.0.1:7100\")"},
+    };
+    char buf[1024];
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        snprintf(buf, sizeof(buf), "%s%s", gw_good, bad[i].extra);
+        expect_error(buf, bad[i].needle, NULL);
+    }
+    /* peer_listen's port, on another address: one port, one listener. */
+    const char *pl = strstr(gw_good, "peer_listen");
+    const char *after = strchr(pl, '\n') + 1;
+    snprintf(buf, sizeof(buf),
+             "%.*speer_listen = \"127.0.0.1:7101\";\n%sprobe_listen = \"0.0.0.0:7101\";\n",
+             (int)(pl - gw_good), gw_good, after);
+    expect_error(
+        buf, "gw.conf:14: key \"probe_listen\": \"0.0.0.0:7101\": port 7101 is also peer_listen's",
+        NULL);
+    /* listen's port: listen is the first line of gw_good, so write a file of its own. */
+    snprintf(buf, sizeof(buf), "listen = \"0.0.0.0:7102\";\n%sprobe_listen = \"0.0.0.0:7102\";\n",
+             gw_good + strlen("listen = \"127.0.0.1:0\";\n"));
+    expect_error(buf, "gw.conf:14: key \"probe_listen\"", "port 7102 is also listen's");
+
+    dm_config_t *cfg = NULL;
+    assert_null(load(&cfg));
+    assert_string_equal(cfg->probe_listen, ""); /* off unless asked for */
+    dm_config_free(cfg);
+    static const char *const good[] = {"0.0.0.0:50060", "[::]:50060", "127.0.0.1:0"};
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        snprintf(buf, sizeof(buf), "%sprobe_listen = \"%s\";\n", gw_good, good[i]);
+        write_file("gw.conf", buf, 0644);
+        dm_status_t *st = load(&cfg);
+        if (st)
+            fail_msg("probe_listen = \"%s\": %s", good[i], st->message);
+        assert_string_equal(cfg->probe_listen, good[i]);
+        dm_config_free(cfg);
+    }
+    write_good();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -557,6 +616,7 @@ int main(void)
         cmocka_unit_test(test_shapes),
         cmocka_unit_test(test_secret_sizes),
         cmocka_unit_test(test_foreign_regions),
+        cmocka_unit_test(test_probe_listen),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
