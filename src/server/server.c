@@ -1072,28 +1072,6 @@ int dm_server_probe_port(dm_server_t *srv)
     return srv->probe_port;
 }
 
-static char *read_pem(const char *path)
-{
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return NULL;
-    char *buf = NULL;
-    size_t cap = 0, n = 0;
-    for (;;) {
-        if (n + 4096 + 1 > cap) {
-            cap = cap ? cap * 2 : 8192;
-            buf = dm_realloc(buf, cap);
-        }
-        size_t r = fread(buf + n, 1, 4096, f);
-        n += r;
-        if (r == 0 || n > (1 << 20))
-            break;
-    }
-    fclose(f);
-    buf[n] = '\0';
-    return buf;
-}
-
 static grpc_server_credentials *make_credentials(const dm_config_t *cfg, dm_status_t **st)
 {
     if (strcmp(cfg->transport, "tls") != 0) {
