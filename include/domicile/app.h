@@ -13,6 +13,7 @@
 #include "domicile/keycache.h"
 #include "domicile/ledger.h"
 #include "domicile/region.h"
+#include "domicile/restore.h"
 #include "domicile/server.h"
 
 #include <stdatomic.h>
@@ -38,8 +39,9 @@ typedef struct dm_app {
     unsigned char ledger_keys[DM_MAX_REGIONS][32]; /* by region index (cleansed at exit) */
     dm_ledger_ctx_t ledger;                        /* the sealer's view of the above */
     dm_dsr_ctx_t dsr;                              /* the data-subject request worker */
-    dm_webhooks_t *webhooks;                       /* NULL without webhook_url */
-    int64_t fences_read_ms[DM_MAX_REGIONS];        /* maintenance: last read of each region */
+    dm_restore_t *restore;                  /* the own region's restore watch (src/restore) */
+    dm_webhooks_t *webhooks;                /* NULL without webhook_url */
+    int64_t fences_read_ms[DM_MAX_REGIONS]; /* maintenance: last read of each region */
     dm_health_t *health;
     dm_server_t *server;
     dm_peers_t *peers; /* gateways of the other regions (src/peer) */

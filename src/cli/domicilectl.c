@@ -773,6 +773,12 @@ static int cmd_transfers_verify(dm_client_t *c, int argc, char **argv)
            dm_report_time_iso(v->verified_at_unix_ms, when, sizeof(when)));
     if (detail[0])
         printf("detail            %s\n", detail);
+    for (size_t i = 0; i < v->n_restore_cuts; i++) {
+        char *note = dm_report_plain(v->restore_cuts[i]->note);
+        printf("restore_cut       %s (signature %s)\n", note,
+               v->restore_cuts[i]->valid ? "valid" : "INVALID");
+        free(note);
+    }
     int rc = v->ok ? 0 : 4;
     free(region);
     free(detail);
