@@ -99,6 +99,11 @@ static void usage(FILE *f)
           "      duplicated or misplaced, that the ledger has every cross-border read and\n"
           "      that the other regions saw no error. Uses the tokens of DIR (not --token);\n"
           "      --timeout is the call deadline (default 2000).\n"
+          "  drill restore --region R [--state DIR] [--json FILE|-] [--rate N]\n"
+          "      under load: backup of R, then writes, erasures, a restriction, an objection,\n"
+          "      a closure; restore of R to the backup; checks that nothing erased comes back,\n"
+          "      exactly the writes after the restore point are lost, the others see no error\n"
+          "      (drill restore --help)\n"
           "      Exit status 1 when a goal is missed, 3 when a step failed (drill --help)\n"
           "(calls that read whole ledgers default to a 60 s deadline unless --timeout is given)\n",
           f);

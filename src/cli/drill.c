@@ -51,6 +51,9 @@ extern char **environ;
 /* Entry point, called by domicilectl's main (src/cli/domicilectl.c). */
 int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const char *key,
                  int timeout_ms, int argc, char **argv);
+/* src/cli/drill_restore.c: `drill restore`. */
+int dm_ctl_drill_restore(const char *addr, const char *cacert, const char *cert, const char *key,
+                         int timeout_ms, int argc, char **argv);
 
 #define PATH_REGISTER "/domicile.v1.CustomersService/RegisterCustomer"
 #define PATH_PUT      "/domicile.v1.RecordsService/PutRecord"
@@ -1852,6 +1855,8 @@ int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const c
         drill_usage(stdout);
         return 0;
     }
+    if (argc >= 1 && strcmp(argv[0], "restore") == 0)
+        return dm_ctl_drill_restore(addr, cacert, cert, key, timeout_ms, argc, argv);
     if (argc < 1 || (strcmp(argv[0], "failover") != 0 && strcmp(argv[0], "gateway") != 0)) {
         drill_usage(stderr);
         return 2;
