@@ -269,10 +269,11 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                                 "WHERE state <> 'reconciled'",
                              0},
     [DM_SQL_RESTORE_RECORD] = {"restore_record",
-                               "INSERT INTO domicile.restores (state, source, restore_point) "
-                               "VALUES ('fenced', $1, " MS("$2") ") ON CONFLICT DO NOTHING "
-                                                                 "RETURNING restore_id",
-                               2},
+                               "INSERT INTO domicile.restores (state, source, restore_point, "
+                               "target) VALUES ('fenced', $1, " MS("$2") ", $3) "
+                                                                         "ON CONFLICT DO NOTHING "
+                                                                         "RETURNING restore_id",
+                               3},
     [DM_SQL_RESTORE_FINISH] = {"restore_finish",
                                "UPDATE domicile.restores SET state = 'reconciled', "
                                "reconciled_at = now(), reconciled_by = $2, report = $3::jsonb "

@@ -342,15 +342,21 @@ static void judge_marks(dm_restore_t *rst, dm_exec_t *x)
         return;
     char a[40], b[40];
     fmt_time(mine_ms, a, sizeof(a));
-    fmt_time(seen_ms, b, sizeof(b));
+    fmt_iso(seen_ms, b, sizeof(b));
     dm_error("restore",
              "region %s went back in time: its high-water mark is %lld (%s) but region %s "
              "witnessed %lld (%s); recording a restore and holding the region",
              dm_region_code(rst->own), (long long)mine, a, who, (long long)seen, b);
-    char point[24];
-    snprintf(point, sizeof(point), "%lld", (long long)mine_ms);
-    const char *v[2] = {"witness", point};
-    PQclear(run(x, DM_SQL_RESTORE_RECORD, 2, v, NULL, NULL, "recording the restore"));
+    /* The restore point lies before the witnessed mark was written (its content is older):
+     * that time is what is known of it, an upper bound. */
+    char point[24], target[320];
+    snprintf(point, sizeof(point), "%lld", (long long)seen_ms);
+    snprintf(target, sizeof(target),
+             "found by the marks: mark %lld here, %lld witnessed by region %s at %s; restored "
+             "to a point before that",
+             (long long)mine, (long long)seen, who, b);
+    const char *v[3] = {"witness", point, target};
+    PQclear(run(x, DM_SQL_RESTORE_RECORD, 3, v, NULL, NULL, "recording the restore"));
     rst->next_open_ms = 0;
 }
 
