@@ -117,7 +117,7 @@ void dm_ledger_checkpoint_mac(const unsigned char key[32], int64_t upto_seq,
                               const unsigned char hash[32], int64_t before_ms,
                               unsigned char out[32]);
 /**
- * MAC of a restore cut (regions/schema/008_restores.sql): the restored chain ended at
+ * MAC of a restore cut (regions/schema/009_restores.sql): the restored chain ended at
  * restored_seq with restored_hash; it continues after resumed_seq from resumed_hash (the head
  * region `witnessed_by` witnessed); point_ms is the restore point.
  */

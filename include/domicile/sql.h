@@ -63,7 +63,7 @@ typedef enum {
     DM_SQL_DSR_CLAIM_ONE,     /* (request_id, me, lease_s) -> request_id, kind, attempts */
     DM_SQL_DSR_RECEIVE_CLAIM, /* DM_SQL_DSR_RECEIVE's 13, claimant, lease_s -> DSR_COLUMNS,
                                  status */
-    /* Restores (regions/schema/008_restores.sql, src/restore/) */
+    /* Restores (regions/schema/009_restores.sql, src/restore/) */
     DM_SQL_RESTORE_OPEN,     /* () -> restore_id, state, source, target, label, point_ms,
                                 recorded_ms of the restore not reconciled yet, or no row */
     DM_SQL_RESTORE_RECORD,   /* (source, point_ms) -> restore_id: a restore found by a gateway */

@@ -86,7 +86,7 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                         "RETURNING entry_id",
                               18},
     /* The last link, or the last retention checkpoint, or the last restore cut (the chain
-     * continues after the head the other regions witnessed: 008_restores.sql). */
+     * continues after the head the other regions witnessed: 009_restores.sql). */
     [DM_SQL_LEDGER_HEAD] = {"ledger_head",
                             "SELECT seq, chain_hash FROM (SELECT seq, chain_hash FROM "
                             "domicile.ledger_chain ORDER BY seq DESC LIMIT 1) c UNION ALL "

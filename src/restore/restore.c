@@ -1,6 +1,6 @@
 /*
  * A restored region: found, held, reconciled from the other regions' copies, released.
- * See src/restore/README.md and regions/schema/008_restores.sql.
+ * See src/restore/README.md and regions/schema/009_restores.sql.
  */
 #include <pthread.h>
 #include <stdatomic.h>

@@ -1,4 +1,5 @@
--- 008_restores: a region restored from a backup is fenced and reconciled before it serves.
+-- 009_restores: a region restored from a backup is fenced and reconciled before it serves.
+-- (Version 9: 008 is issue 17's key custody, on branch keys.)
 --
 -- A restore takes a region back in time: every data-subject request whose leg here finished
 -- after the restore point is undone, and so are closures and purges of its customers. The
