@@ -9,7 +9,8 @@
 #                                             the function domicile_deps)
 #
 # build: compiler, CMake, gRPC core, protobuf-c, libpq, OpenSSL, libcurl, libconfig, jansson
-# run:   PostgreSQL 15 server and client, the openssl CLI, CA certificates
+# run:   PostgreSQL 15 server and client, the openssl CLI, CA certificates, pgBackRest
+#        (deploy/local backups: domicile-local backup/restore)
 # test:  build + run + Python gRPC client, pytest, PyYAML (deployment manifests), cmocka,
 #        valgrind, clang and its sanitizer runtime (libFuzzer, LeakSanitizer) for tests/fuzz,
 #        Node.js and npm from Debian when no npm is on PATH (for buf, and for the second gRPC
@@ -30,7 +31,7 @@
 DOMICILE_DEPS_BUILD="build-essential cmake pkg-config libgrpc-dev protobuf-c-compiler
 libprotobuf-c-dev protobuf-compiler libpq-dev libssl-dev libcurl4-openssl-dev libconfig-dev
 libjansson-dev libmicrohttpd-dev"
-DOMICILE_DEPS_RUN="postgresql-15 postgresql-client-15 openssl ca-certificates"
+DOMICILE_DEPS_RUN="postgresql-15 postgresql-client-15 openssl ca-certificates pgbackrest"
 DOMICILE_DEPS_TEST="python3-grpcio python3-protobuf python3-pytest python3-yaml python3-jsonschema
 libcmocka-dev valgrind clang libclang-rt-14-dev"
 # buf is not packaged by Debian; the npm package ships the release binary.

@@ -13,6 +13,7 @@
 #include "domicile/keycache.h"
 #include "domicile/ledger.h"
 #include "domicile/region.h"
+#include "domicile/restore.h"
 #include "domicile/server.h"
 
 #include <stdatomic.h>
@@ -41,6 +42,7 @@ typedef struct dm_app {
     dm_webhooks_t *webhooks;                       /* NULL without webhook_url */
     int64_t fences_read_ms[DM_MAX_REGIONS];        /* maintenance: last read of each region */
     int64_t replication_read_ms[DM_MAX_REGIONS];   /* maintenance: pg_stat_replication */
+    dm_restore_t *restore; /* the own region's restore watch (src/restore) */
     dm_health_t *health;
     dm_server_t *server;
     dm_peers_t *peers; /* gateways of the other regions (src/peer) */

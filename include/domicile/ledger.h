@@ -116,6 +116,15 @@ void dm_ledger_chain_hash(const unsigned char key[32], const unsigned char prev[
 void dm_ledger_checkpoint_mac(const unsigned char key[32], int64_t upto_seq,
                               const unsigned char hash[32], int64_t before_ms,
                               unsigned char out[32]);
+/**
+ * MAC of a restore cut (regions/schema/009_restores.sql): the restored chain ended at
+ * restored_seq with restored_hash; it continues after resumed_seq from resumed_hash (the head
+ * region `witnessed_by` witnessed); point_ms is the restore point.
+ */
+void dm_ledger_restore_mac(const unsigned char key[32], int64_t restored_seq,
+                           const unsigned char restored_hash[32], int64_t resumed_seq,
+                           const unsigned char resumed_hash[32], const char *witnessed_by,
+                           int64_t point_ms, unsigned char out[32]);
 
 /** What the sealer needs (the app owns it). last_purge_ms is touched by executor threads,
  * one region each. */

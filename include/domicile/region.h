@@ -112,8 +112,18 @@ void dm_regions_set_remote(dm_regions_t *rs, dm_remote_submit_fn fn, void *arg);
  * (`ops` static storage). Without it, owners are never asked. Set before start.
  */
 void dm_regions_set_owner_ops(dm_regions_t *rs, const dm_job_owner_ops_t *ops);
-/** UNAVAILABLE naming the reason while r is fenced (as its jobs fail), else NULL. */
+/** UNAVAILABLE naming the reason while r is fenced or held (as its jobs fail), else NULL. */
 dm_status_t *dm_region_fence_check(dm_region_t *r) DM_WARN_UNUSED;
+/**
+ * Hold the own region r: a restore took it back in time (src/restore). While held, every job
+ * that serves a call (a job with an owner) fails UNAVAILABLE naming `reason`, except the
+ * statements the federation's own upkeep needs (fences, witnesses, marks, request delivery);
+ * the gateway's maintenance (jobs without an owner) goes on. `reason` NULL or "" releases it.
+ * Thread-safe.
+ */
+void dm_region_hold(dm_region_t *r, const char *reason);
+/** Whether r is held, and why (into reason, when given). Thread-safe. */
+bool dm_region_held(dm_region_t *r, char *reason, size_t len);
 /** True for the gateway's own region (database and secrets here); false for a peer region. */
 bool dm_region_is_local(const dm_region_t *r);
 /**

@@ -65,6 +65,24 @@ typedef enum {
     DM_SQL_DSR_RECEIVE_CLAIM, /* DM_SQL_DSR_RECEIVE's 13, claimant, lease_s -> DSR_COLUMNS,
                                  status */
     DM_SQL_REPLICATION_SUMMARY, /* () -> standbys, sync standbys, largest replay lag bytes */
+    /* Restores (regions/schema/009_restores.sql, src/restore/) */
+    DM_SQL_RESTORE_OPEN,     /* () -> restore_id, state, source, target, label, point_ms,
+                                recorded_ms of the restore not reconciled yet, or no row */
+    DM_SQL_RESTORE_RECORD,   /* (source, point_ms) -> restore_id: a restore found by a gateway */
+    DM_SQL_RESTORE_FINISH,   /* (restore_id, me, report) */
+    DM_SQL_MARK_ADVANCE,     /* () -> mark, at_ms */
+    DM_SQL_MARK_READ,        /* () -> mark, at_ms */
+    DM_SQL_MARK_RAISE,       /* (above) -> mark */
+    DM_SQL_MARK_WITNESS_PUT, /* (region, mark, mark_ms) -> mark, mark_ms stored */
+    DM_SQL_DSR_HEADERS,      /* (after_ms, after_id, limit) -> headers (dsr_headers_after) */
+    DM_SQL_RESTORE_REAPPLY,  /* header (12 fields), me -> status, state, stored */
+    DM_SQL_CLOSURE_COPY_PUT, /* (customer, region, request_id, reason, closed_ms, purge_ms) */
+    DM_SQL_CLOSURE_COPIES,   /* (region) -> customer, request_id, reason, closed_ms, purge_ms */
+    DM_SQL_CLOSURE_REAPPLY,  /* (customer, request_id, reason, closed_ms, purge_ms) -> status */
+    DM_SQL_LEDGER_CUT_PUT,   /* (restore_id, restored_seq, restored_hash, resumed_seq,
+                                resumed_hash, witnessed_by, point_ms, mac) */
+    DM_SQL_LEDGER_CUTS,      /* () -> restored_seq, restored_hash, resumed_seq, resumed_hash,
+                                witnessed_by, point_ms, recorded_ms, mac, restore_id */
     DM_SQL__COUNT
 } dm_sql_id_t;
 

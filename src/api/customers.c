@@ -11,6 +11,7 @@
 
 #include "domicile/v1/customers.pb-c.h"
 
+#include "domicile/fanout.h"
 #include "domicile/log.h"
 #include "internal.h"
 
@@ -27,6 +28,8 @@ typedef struct cust_ctx {
     char retention_s[32];
     dm_status_t *pending_err; /* reported after the pending row is aborted */
     dm_job_t job;
+    PGresult *closed;                 /* CloseCustomer: the closed row, answered once copied */
+    char closed_ms[24], purge_ms[24]; /* its times, for the copies */
 } cust_ctx_t;
 
 static void ctx_free(void *p)
@@ -34,6 +37,7 @@ static void ctx_free(void *p)
     cust_ctx_t *c = p;
     free(c->labels_json);
     dm_status_free(c->pending_err);
+    PQclear(c->closed);
     free(c);
 }
 
@@ -64,14 +68,9 @@ static int has_status(const PGresult *res, const char *want)
 
 /* ---- GetCustomer (also the reply of Register and Close) ------------------------------ */
 
-static void get_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+static void reply_customer(cust_ctx_t *c, const PGresult *res)
 {
-    cust_ctx_t *c = job->arg;
     int len;
-    if (err) {
-        dm_call_finish(c->call, err);
-        return;
-    }
     if (PQntuples(res) != 1) {
         dm_call_finish(c->call, dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found"));
         return;
@@ -99,6 +98,16 @@ static void get_done(dm_job_t *job, PGresult *res, dm_status_t *err)
     cu.purged_at_unix_ms = dm_pg_time_ms(res, 0, 9);
     dm_api_reply_wrapped(c->call, &cu.base);
     dm_labels_free(n, entries);
+}
+
+static void get_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    cust_ctx_t *c = job->arg;
+    if (err) {
+        dm_call_finish(c->call, err);
+        return;
+    }
+    reply_customer(c, res);
 }
 
 static void submit_get(cust_ctx_t *c)
@@ -292,6 +301,49 @@ void dm_customers_register(dm_call_t *call)
 
 /* ---- CloseCustomer ------------------------------------------------------------------- */
 
+/* The copies of the closure are stored (or could not be: a region down keeps none, and a
+ * restore of this region while it is down cannot re-apply the closure from it). */
+static void close_copied(dm_fanout_t *f, void *arg)
+{
+    cust_ctx_t *c = arg;
+    for (size_t i = 0; i < f->n; i++)
+        if (f->err[i])
+            dm_warn("customers",
+                    "customer %s: no copy of its closure in region %s (%s): a restore of region "
+                    "%s cannot re-apply the closure from there",
+                    c->customer_id, dm_region_code(f->region[i]), f->err[i]->message,
+                    dm_region_code(c->region));
+    dm_fanout_free(f);
+    reply_customer(c, c->closed);
+}
+
+/* The closed row: copy the closure into every other region before answering (a restore of
+ * this region re-applies it from there: src/restore). */
+static void close_got(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    cust_ctx_t *c = job->arg;
+    const Domicile__V1__CloseCustomerRequest *req =
+        (const Domicile__V1__CloseCustomerRequest *)dm_call_request(c->call);
+    if (err) {
+        dm_call_finish(c->call, err);
+        return;
+    }
+    if (PQntuples(res) != 1 || dm_pg_isnull(res, 0, 6)) {
+        reply_customer(c, res);
+        return;
+    }
+    c->closed = PQcopyResult(res, PG_COPYRES_ATTRS | PG_COPYRES_TUPLES);
+    snprintf(c->closed_ms, sizeof(c->closed_ms), "%lld", (long long)dm_pg_time_ms(res, 0, 6));
+    snprintf(c->purge_ms, sizeof(c->purge_ms), "%lld", (long long)dm_pg_time_ms(res, 0, 7));
+    int len;
+    const char *reason = dm_pg_isnull(res, 0, 8) ? "" : dm_pg_bytes(res, 0, 8, &len);
+    const char *v[6] = {c->customer_id,  dm_region_code(c->region),
+                        req->request_id, reason,
+                        c->closed_ms,    c->purge_ms};
+    dm_fanout_start(c->call, c->app->regions, DM_SQL_CLOSURE_COPY_PUT, 6, v, NULL, NULL,
+                    close_copied, c);
+}
+
 static void close_done(dm_job_t *job, PGresult *res, dm_status_t *err)
 {
     cust_ctx_t *c = job->arg;
@@ -300,7 +352,9 @@ static void close_done(dm_job_t *job, PGresult *res, dm_status_t *err)
         return;
     }
     if (has_status(res, "ok") || has_status(res, "replayed")) {
-        submit_get(c);
+        job_init(c, DM_SQL_GET_CUSTOMER, close_got);
+        dm_job_param_text(&c->job, 0, c->customer_id);
+        dm_region_submit(c->region, &c->job);
     } else if (has_status(res, "not_active")) {
         dm_call_finish(
             c->call, dm_status_new(GRPC_STATUS_FAILED_PRECONDITION, "customer is already closed"));

@@ -16,15 +16,17 @@
 
 #include "domicile/log.h"
 #include "domicile/metrics.h"
+#include "domicile/report.h"
 #include "internal.h"
 
-#define VERIFY_PAGE  1000
-#define LOOSE_LIMIT  100000
-#define LIST_DEFAULT 100
-#define LIST_MAX     1000
-#define LIST_CHUNK   200
-#define TOKEN_PREFIX "t3."
-#define TOKEN_TAG    16 /* hex digits of the filters' digest in a token */
+#define VERIFY_PAGE     1000
+#define VERIFY_CUTS_MAX 32
+#define LOOSE_LIMIT     100000
+#define LIST_DEFAULT    100
+#define LIST_MAX        1000
+#define LIST_CHUNK      200
+#define TOKEN_PREFIX    "t3."
+#define TOKEN_TAG       16 /* hex digits of the filters' digest in a token */
 
 /* ---- verification -------------------------------------------------------------------- */
 
@@ -75,6 +77,16 @@ struct verify {
     bool has_checkpoint;
     Domicile__V1__LedgerCheckpoint cp;
     char cp_hash_hex[65];
+    /* Restore cuts after the checkpoint, in chain order; the walk crosses each (jump()). */
+    struct cut {
+        int64_t restored_seq, resumed_seq;
+        unsigned char restored_hash[32], resumed_hash[32];
+        char witnessed_by[DM_REGION_CODE_MAX + 1];
+        char note[320];
+    } cuts[VERIFY_CUTS_MAX];
+    Domicile__V1__LedgerRestoreCut cut_msgs[VERIFY_CUTS_MAX];
+    Domicile__V1__LedgerRestoreCut *cut_ptrs[VERIFY_CUTS_MAX];
+    size_t n_cuts, next_cut;
 };
 
 static void verify_page(verify_t *v);
@@ -278,6 +290,33 @@ static void verify_link(verify_t *v, const link_t *l)
         memcpy(v->prev, l->hash, 32); /* continue from the stored link */
 }
 
+/* Where the walk has verified the chain up to a restore cut's restored head, it goes on after
+ * the cut's resumed head (the head another region had witnessed), as after a checkpoint. */
+static void jump(verify_t *v)
+{
+    while (v->next_cut < v->n_cuts && v->cuts[v->next_cut].restored_seq == v->expected - 1) {
+        struct cut *c = &v->cuts[v->next_cut];
+        Domicile__V1__LedgerRestoreCut *m = &v->cut_msgs[v->next_cut];
+        v->next_cut++;
+        settle(v, NULL);
+        if (!m->valid)
+            set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_CHECKPOINT_INVALID,
+                       c->restored_seq,
+                       "the restore cut after link %lld is not signed by this region's ledger key",
+                       (long long)c->restored_seq);
+        else if (!same32(v->prev, c->restored_hash))
+            set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_REORDERED, c->restored_seq,
+                       "link %lld is not the restored head the restore cut records",
+                       (long long)c->restored_seq);
+        else if (v->witness_seq == c->resumed_seq && !same32(v->witness_hash, c->resumed_hash))
+            set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, c->resumed_seq,
+                       "the restore cut resumes at link %lld, which region %s witnessed otherwise",
+                       (long long)c->resumed_seq, v->witness_region);
+        memcpy(v->prev, c->resumed_hash, 32);
+        v->expected = c->resumed_seq + 1;
+    }
+}
+
 static void verify_chain_done(dm_job_t *job, PGresult *res, dm_status_t *err)
 {
     verify_t *v = job->arg;
@@ -306,6 +345,7 @@ static void verify_chain_done(dm_job_t *job, PGresult *res, dm_status_t *err)
         verify_link(v, &l);
         v->expected = l.seq + 1;
         v->checked++;
+        jump(v);
     }
     /* A short page also carried the unsealed rows, read in the same snapshot as its links:
      * an entry sealed meanwhile is counted exactly once. */
@@ -314,9 +354,14 @@ static void verify_chain_done(dm_job_t *job, PGresult *res, dm_status_t *err)
         return;
     }
     settle(v, NULL);
+    char buf[64];
+    if (v->next_cut < v->n_cuts)
+        set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, v->expected,
+                   "%s missing: the chain ends before the restore cut after link %lld",
+                   links_are(buf, v->expected, v->cuts[v->next_cut].restored_seq),
+                   (long long)v->cuts[v->next_cut].restored_seq);
     /* The witnesses were read before the chain, after their links had been committed here:
      * a chain ending before the witnessed head lost its tail. */
-    char buf[64];
     if (v->witness_seq > v->expected - 1)
         set_damage(v, DOMICILE__V1__LEDGER_DAMAGE__LEDGER_DAMAGE_DELETED, v->expected,
                    "%s missing: region %s witnessed the chain up to link %lld",
@@ -341,6 +386,66 @@ static void verify_page(verify_t *v)
     dm_job_param_text(&v->job, 1, v->limit_s);
     dm_job_param_text(&v->job, 2, v->loose_s);
     dm_region_submit(v->region, &v->job);
+}
+
+/* The restore cuts past the checkpoint (those before it were purged with their links). */
+static void verify_cuts_done(dm_job_t *job, PGresult *res, dm_status_t *err)
+{
+    verify_t *v = job->arg;
+    if (err) {
+        v->done(v, err);
+        return;
+    }
+    v->n_cuts = v->next_cut = 0;
+    for (int i = 0; i < PQntuples(res) && v->n_cuts < VERIFY_CUTS_MAX; i++) {
+        int64_t rseq = dm_pg_int8(res, i, 0), wseq = dm_pg_int8(res, i, 2);
+        if (rseq < v->expected - 1)
+            continue;
+        int hl = 0, wl = 0, ml = 0, bl = 0;
+        const char *rh = dm_pg_bytes(res, i, 1, &hl), *wh = dm_pg_bytes(res, i, 3, &wl);
+        const char *by = dm_pg_bytes(res, i, 4, &bl), *mac = dm_pg_bytes(res, i, 7, &ml);
+        if (hl != 32 || wl != 32)
+            continue;
+        struct cut *c = &v->cuts[v->n_cuts];
+        Domicile__V1__LedgerRestoreCut *m = &v->cut_msgs[v->n_cuts];
+        domicile__v1__ledger_restore_cut__init(m);
+        c->restored_seq = rseq;
+        c->resumed_seq = wseq;
+        memcpy(c->restored_hash, rh, 32);
+        memcpy(c->resumed_hash, wh, 32);
+        snprintf(c->witnessed_by, sizeof(c->witnessed_by), "%.*s", bl, by);
+        m->restored_seq = rseq;
+        m->resumed_seq = wseq;
+        m->links_lost = wseq - rseq;
+        m->witnessed_by = c->witnessed_by;
+        m->restore_point_unix_ms = dm_pg_int8(res, i, 5);
+        m->recorded_at_unix_ms = dm_pg_int8(res, i, 6);
+        unsigned char want[32];
+        dm_ledger_restore_mac(v->key, rseq, c->restored_hash, wseq, c->resumed_hash,
+                              c->witnessed_by, m->restore_point_unix_ms, want);
+        m->valid = ml == 32 && CRYPTO_memcmp(want, mac, 32) == 0;
+        char when[40], who[DM_REGION_CODE_MAX + 1], note[sizeof(c->note)];
+        dm_report_time_iso(m->restore_point_unix_ms, when, sizeof(when));
+        snprintf(who, sizeof(who), "%s", c->witnessed_by);
+        if (wseq > rseq)
+            snprintf(note, sizeof(note),
+                     "history cut by a restore to %s: the restored chain ends at link %lld; "
+                     "links %lld to %lld, sealed after the restore point, were lost (region %s "
+                     "had witnessed link %lld); the chain continues after it",
+                     when, (long long)rseq, (long long)rseq + 1, (long long)wseq, c->witnessed_by,
+                     (long long)wseq);
+        else
+            snprintf(note, sizeof(note),
+                     "history cut by a restore to %s after link %lld: no sealed link was lost "
+                     "(entries appended after the restore point and not sealed yet were)",
+                     when, (long long)rseq);
+        memcpy(c->note, note, sizeof(note));
+        m->note = c->note;
+        v->cut_ptrs[v->n_cuts] = m;
+        v->n_cuts++;
+    }
+    jump(v);
+    verify_page(v);
 }
 
 static void verify_checkpoint_done(dm_job_t *job, PGresult *res, dm_status_t *err)
@@ -379,7 +484,12 @@ static void verify_checkpoint_done(dm_job_t *job, PGresult *res, dm_status_t *er
                        (long long)upto);
         v->expected = upto + 1;
     }
-    verify_page(v);
+    memset(&v->job, 0, sizeof(v->job));
+    v->job.stmt = DM_SQL_LEDGER_CUTS;
+    v->job.done = verify_cuts_done;
+    v->job.arg = v;
+    v->job.owner = v->call;
+    dm_region_submit(v->region, &v->job);
 }
 
 static void verify_read(verify_t *v)
@@ -488,6 +598,8 @@ static void verify_reply(verify_t *v, dm_status_t *err)
     rep.checkpoint = v->has_checkpoint ? &v->cp : NULL;
     rep.unsealed_entries = v->unsealed;
     rep.verified_at_unix_ms = dm_now_ms();
+    rep.n_restore_cuts = v->n_cuts;
+    rep.restore_cuts = v->cut_ptrs;
     if (!rep.ok)
         dm_warn("transfers", "ledger of region %s does not verify: %s", rep.region, v->detail);
     dm_call_reply(call, &rep.base);

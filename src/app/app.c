@@ -34,9 +34,13 @@ static void app_idle(dm_region_t *r, dm_exec_t *x, void *arg)
 {
     dm_app_t *app = arg;
     size_t i = dm_app_region_index(app, r);
+    /* A restored region is held until reconciled; its sealer waits meanwhile (the restore
+     * cut must be recorded before any new link: src/restore). */
+    bool held = dm_restore_idle(app->restore, r, x);
     /* Data-subject legs first: a poke means a request is waiting; sealing can follow. */
     dm_dsr_idle(&app->dsr, r, i, x);
-    dm_ledger_idle(r, x, &app->ledger);
+    if (!held)
+        dm_ledger_idle(r, x, &app->ledger);
     if (dm_mono_ms() - app->fences_read_ms[i] >= FENCE_REFRESH_MS) {
         app->fences_read_ms[i] = dm_mono_ms();
         dm_regions_poll_peer_fences(app->regions);
@@ -131,6 +135,11 @@ dm_status_t *dm_app_init(dm_app_t *app)
     app->ledger.keys = (const unsigned char(*)[32])app->ledger_keys;
     app->ledger.retention_days = app->cfg->ledger_retention_days;
     dm_dsr_ctx_init(&app->dsr, app->regions);
+    for (size_t i = 0; i < dm_regions_count(app->regions); i++) {
+        dm_region_t *r = dm_regions_at(app->regions, i);
+        if (dm_region_is_local(r) && !app->restore)
+            app->restore = dm_restore_create(app->regions, r, app->ledger_keys[i], app->dsr.me);
+    }
     if ((st = dm_webhooks_create(app->cfg, app->regions, &app->webhooks)))
         return st;
     app->dsr.webhooks = app->webhooks;
@@ -165,6 +174,8 @@ void dm_app_dispose(dm_app_t *app)
     app->directory = NULL;
     dm_keycache_destroy(app->keys);
     app->keys = NULL;
+    dm_restore_destroy(app->restore);
+    app->restore = NULL;
 }
 
 size_t dm_app_region_index(dm_app_t *app, dm_region_t *r)

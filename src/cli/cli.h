@@ -38,6 +38,10 @@ typedef struct dm_ctl_output {
 int dm_ctl_drill(const dm_ctl_output_t *out, const char *addr, const char *cacert, const char *cert,
                  const char *key, int timeout_ms, int argc, char **argv);
 
+/** `domicilectl drill restore ...` (src/cli/drill_restore.c), called by dm_ctl_drill. */
+int dm_ctl_drill_restore(const char *addr, const char *cacert, const char *cert, const char *key,
+                         int timeout_ms, int argc, char **argv);
+
 /** `domicilectl completion bash` (src/cli/completion.c): argv[0] is "completion". */
 int dm_ctl_completion(int argc, char **argv);
 

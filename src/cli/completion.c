@@ -70,6 +70,8 @@ static const command_t commands[] = {
     {"drill", ""},
     {"drill failover", DRILL_OPTS " --output=table|wide|json|jsonl"},
     {"drill gateway", DRILL_OPTS " --output=table|wide|json|jsonl"},
+    {"drill restore", "--region= --state=@dir --json=@file --rate= --gateway= "
+                      "--domicile-local=@file --help"},
     {"completion", ""},
     {"completion bash", ""},
 };

@@ -107,6 +107,11 @@ static void usage(FILE *f)
           "      duplicated or misplaced, that the ledger has every cross-border read and\n"
           "      that the other regions saw no error. Uses the tokens of DIR (not --token);\n"
           "      --timeout is the call deadline (default 2000). More: drill --help\n"
+          "  drill restore --region R [--state DIR] [--json FILE|-] [--rate N]\n"
+          "      under load: backup of R, then writes, erasures, a restriction, an objection,\n"
+          "      a closure; restore of R to the backup; checks that nothing erased comes back,\n"
+          "      exactly the writes after the restore point are lost, the others see no error\n"
+          "      (drill restore --help)\n"
           "  completion bash    print a bash completion script:\n"
           "      source <(domicilectl completion bash)\n"
           "(calls that read whole ledgers default to a 60 s deadline unless --timeout is given)\n"
@@ -1051,6 +1056,26 @@ static char *verify_checkpoint_cell(const json_t *v, const json_t *rec)
                       json_is_true(json_object_get(v, "valid")) ? "valid" : "INVALID");
 }
 
+static char *verify_cuts_cell(const json_t *v, const json_t *rec)
+{
+    (void)rec;
+    if (!json_is_array(v) || json_array_size(v) == 0)
+        return dm_strdup("none");
+    char *out = NULL;
+    size_t i;
+    const json_t *cut;
+    json_array_foreach(v, i, cut)
+    {
+        const json_t *note = json_object_get(cut, "note");
+        char *next = dm_sprintf("%s%s%s (signature %s)", out ? out : "", out ? "; " : "",
+                                json_is_string(note) ? json_string_value(note) : "-",
+                                json_is_true(json_object_get(cut, "valid")) ? "valid" : "INVALID");
+        free(out);
+        out = next;
+    }
+    return out;
+}
+
 static const dm_output_column_t verify_cols[] = {
     {"REGION", "region", NULL, 0},
     {"OK", "ok", verify_ok_cell, 0},
@@ -1062,6 +1087,7 @@ static const dm_output_column_t verify_cols[] = {
     {"VERIFIED_AT", "verified_at", NULL, 0},
     {"CHECKPOINT", "checkpoint", verify_checkpoint_cell, DM_OUTPUT_COL_WIDE},
     {"DETAIL", "detail", NULL, DM_OUTPUT_COL_WIDE},
+    {"RESTORE_CUTS", "restore_cuts", verify_cuts_cell, DM_OUTPUT_COL_WIDE},
 };
 
 static int cmd_transfers_verify(dm_client_t *c, int argc, char **argv)

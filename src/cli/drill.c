@@ -1906,6 +1906,8 @@ int dm_ctl_drill(const dm_ctl_output_t *out, const char *addr, const char *cacer
         drill_usage(stdout);
         return 0;
     }
+    if (argc >= 1 && strcmp(argv[0], "restore") == 0)
+        return dm_ctl_drill_restore(addr, cacert, cert, key, timeout_ms, argc, argv);
     if (argc < 1 || (strcmp(argv[0], "failover") != 0 && strcmp(argv[0], "gateway") != 0)) {
         drill_usage(stderr);
         return 2;

@@ -93,6 +93,23 @@ void dm_ledger_checkpoint_mac(const unsigned char key[32], int64_t upto_seq,
     free(enc);
 }
 
+void dm_ledger_restore_mac(const unsigned char key[32], int64_t restored_seq,
+                           const unsigned char restored_hash[32], int64_t resumed_seq,
+                           const unsigned char resumed_hash[32], const char *witnessed_by,
+                           int64_t point_ms, unsigned char out[32])
+{
+    char a[24], b[24], p[24];
+    size_t len;
+    snprintf(a, sizeof(a), "%lld", (long long)restored_seq);
+    snprintf(b, sizeof(b), "%lld", (long long)resumed_seq);
+    snprintf(p, sizeof(p), "%lld", (long long)point_ms);
+    unsigned char *enc = DM_AAD(
+        &len, DM_AAD_STR("domicile-restore-cut-v1"), DM_AAD_STR(a), DM_AAD_BYTES(restored_hash, 32),
+        DM_AAD_STR(b), DM_AAD_BYTES(resumed_hash, 32), DM_AAD_STR(witnessed_by), DM_AAD_STR(p));
+    hmac(key, enc, len, out);
+    free(enc);
+}
+
 /* ---- append -------------------------------------------------------------------------- */
 
 typedef struct append {

@@ -235,6 +235,11 @@ static const struct {
     {DM_SQL_FENCE_PUT, true},
     {DM_SQL_FENCE_LIST, true},
     {DM_SQL_REPLICATION, false},
+    /* A restored region's reconciliation (src/restore) and the copies it reads. */
+    {DM_SQL_MARK_WITNESS_PUT, true},
+    {DM_SQL_DSR_HEADERS, true},
+    {DM_SQL_CLOSURE_COPIES, true},
+    {DM_SQL_CLOSURE_COPY_PUT, true},
 };
 
 typedef struct exec_ctx {

@@ -91,6 +91,8 @@ struct dm_region {
     dm_fence_t fence_rows[DM_MAX_REGIONS + 1];
     bool has_row[DM_MAX_REGIONS + 1];
     atomic_bool poked; /* run the maintenance task now */
+    /* Held after a restore until reconciled (dm_region_hold): held_reason is non-empty. */
+    char held_reason[DM_FENCE_REASON_MAX + 160];
 };
 
 struct dm_regions {
@@ -343,6 +345,25 @@ static bool exec_connect(executor_t *e)
                  PQntuples(res) == 1 ? PQgetvalue(res, 0, 0) : "(none)", r->cfg->code);
         dm_error(r->component, "%s", msg);
         goto fail;
+    }
+    PQclear(res);
+    /* A restore recorded in the database holds the region before this connection serves
+     * anything (the maintenance task reconciles and releases it: src/restore). */
+    res = PQexec(conn, "SELECT target, coalesce(to_char(restore_point AT TIME ZONE 'UTC', "
+                       "'YYYY-MM-DD HH24:MI:SS+00'), '?') FROM domicile.restores "
+                       "WHERE state <> 'reconciled'");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        snprintf(msg, sizeof(msg), "cannot read domicile.restores: %s (schema not migrated?)",
+                 PQresultErrorMessage(res));
+        goto fail;
+    }
+    if (PQntuples(res) > 0) {
+        char why[sizeof(r->held_reason)];
+        snprintf(why, sizeof(why),
+                 "restored from a backup (to %s): reconciling with the other regions before it "
+                 "serves again",
+                 PQgetvalue(res, 0, 1));
+        dm_region_hold(r, why);
     }
     PQclear(res);
     res = NULL;
@@ -1015,6 +1036,52 @@ void dm_regions_destroy(dm_regions_t *rs)
     free(rs);
 }
 
+/* While a restored region is held, the other regions' gateways still keep the federation in
+ * step with it: fences, ledger and mark witnesses, delivery of requests it missed, and the
+ * copies a restored region reads to reconcile. Nothing that reads or writes its data. */
+static bool passes_hold(dm_sql_id_t stmt)
+{
+    switch (stmt) {
+    case DM_SQL_PROBE:
+    case DM_SQL_FENCE_PUT:
+    case DM_SQL_FENCE_LIST:
+    case DM_SQL_REPLICATION:
+    case DM_SQL_WITNESS_PUT:
+    case DM_SQL_WITNESS_GET:
+    case DM_SQL_MARK_WITNESS_PUT:
+    case DM_SQL_DSR_RECEIVE:
+    case DM_SQL_DSR_DROP_MISSING:
+    case DM_SQL_DSR_HEADERS:
+    case DM_SQL_CLOSURE_COPY_PUT:
+    case DM_SQL_CLOSURE_COPIES:
+        return true;
+    default:
+        return false;
+    }
+}
+
+void dm_region_hold(dm_region_t *r, const char *reason)
+{
+    pthread_mutex_lock(&r->mu);
+    bool was = r->held_reason[0] != '\0';
+    snprintf(r->held_reason, sizeof(r->held_reason), "%s", reason ? reason : "");
+    bool now = r->held_reason[0] != '\0';
+    pthread_mutex_unlock(&r->mu);
+    if (now != was)
+        dm_warn(r->component, "region %s %s%s", r->cfg->code, now ? "held: " : "released",
+                now ? reason : "");
+}
+
+bool dm_region_held(dm_region_t *r, char *reason, size_t len)
+{
+    pthread_mutex_lock(&r->mu);
+    bool held = r->held_reason[0] != '\0';
+    if (reason && len)
+        snprintf(reason, len, "%s", r->held_reason);
+    pthread_mutex_unlock(&r->mu);
+    return held;
+}
+
 void dm_region_submit(dm_region_t *r, dm_job_t *job)
 {
     job->next = NULL;
@@ -1026,6 +1093,13 @@ void dm_region_submit(dm_region_t *r, dm_job_t *job)
     if (r->fenced && !control) {
         dm_status_t *st = dm_status_new(GRPC_STATUS_UNAVAILABLE, "region \"%s\" is fenced: %s",
                                         r->cfg->code, r->fence_reason);
+        pthread_mutex_unlock(&r->mu);
+        fail_job(job, st);
+        return;
+    }
+    if (r->held_reason[0] && job->owner && !passes_hold(job->stmt)) {
+        dm_status_t *st = dm_status_new(GRPC_STATUS_UNAVAILABLE, "region \"%s\" is unavailable: %s",
+                                        r->cfg->code, r->held_reason);
         pthread_mutex_unlock(&r->mu);
         fail_job(job, st);
         return;
@@ -1068,6 +1142,9 @@ dm_status_t *dm_region_fence_check(dm_region_t *r)
     if (r->fenced)
         st = dm_status_new(GRPC_STATUS_UNAVAILABLE, "region \"%s\" is fenced: %s", r->cfg->code,
                            r->fence_reason);
+    else if (r->held_reason[0])
+        st = dm_status_new(GRPC_STATUS_UNAVAILABLE, "region \"%s\" is unavailable: %s",
+                           r->cfg->code, r->held_reason);
     pthread_mutex_unlock(&r->mu);
     return st;
 }

@@ -85,11 +85,16 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                         "domicile.ledger_seal_queue SELECT entry_id FROM e "
                                         "RETURNING entry_id",
                               18},
+    /* The last link, or the last retention checkpoint, or the last restore cut (the chain
+     * continues after the head the other regions witnessed: 009_restores.sql). */
     [DM_SQL_LEDGER_HEAD] = {"ledger_head",
                             "SELECT seq, chain_hash FROM (SELECT seq, chain_hash FROM "
                             "domicile.ledger_chain ORDER BY seq DESC LIMIT 1) c UNION ALL "
                             "SELECT upto_seq, chain_hash FROM (SELECT upto_seq, chain_hash FROM "
                             "domicile.ledger_checkpoints ORDER BY upto_seq DESC LIMIT 1) k "
+                            "UNION ALL SELECT resumed_seq, resumed_hash FROM (SELECT "
+                            "resumed_seq, resumed_hash FROM domicile.ledger_restores ORDER BY "
+                            "resumed_seq DESC LIMIT 1) x "
                             "ORDER BY 1 DESC LIMIT 1",
                             0},
     [DM_SQL_LEDGER_UNSEALED] = {"ledger_unsealed",
@@ -276,6 +281,62 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                     "coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), "
                                     "replay_lsn)), 0)::bigint FROM pg_stat_replication",
                                     0},
+    [DM_SQL_RESTORE_OPEN] = {"restore_open",
+                             "SELECT restore_id, state, source, target, backup_label, "
+                             "coalesce(" EPOCH_MS("restore_point") ", 0), " EPOCH_MS(
+                                 "recorded_at") " FROM domicile.restores "
+                                                "WHERE state <> 'reconciled'",
+                             0},
+    [DM_SQL_RESTORE_RECORD] = {"restore_record",
+                               "INSERT INTO domicile.restores (state, source, restore_point, "
+                               "target) VALUES ('fenced', $1, " MS("$2") ", $3) "
+                                                                         "ON CONFLICT DO NOTHING "
+                                                                         "RETURNING restore_id",
+                               3},
+    [DM_SQL_RESTORE_FINISH] = {"restore_finish",
+                               "UPDATE domicile.restores SET state = 'reconciled', "
+                               "reconciled_at = now(), reconciled_by = $2, report = $3::jsonb "
+                               "WHERE restore_id = $1 AND state = 'fenced'",
+                               3},
+    [DM_SQL_MARK_ADVANCE] = {"mark_advance",
+                             "SELECT mark, " EPOCH_MS("at") " FROM domicile.region_mark_advance()",
+                             0},
+    [DM_SQL_MARK_READ] = {"mark_read", "SELECT mark, " EPOCH_MS("at") " FROM domicile.region_mark",
+                          0},
+    [DM_SQL_MARK_RAISE] = {"mark_raise", "SELECT domicile.region_mark_raise($1)", 1},
+    [DM_SQL_MARK_WITNESS_PUT] = {"mark_witness_put",
+                                 "SELECT mark, " EPOCH_MS(
+                                     "mark_at") " FROM domicile.mark_witness_put($1, $2, $3)",
+                                 3},
+    [DM_SQL_DSR_HEADERS] = {"dsr_headers", "SELECT * FROM domicile.dsr_headers_after($1, $2, $3)",
+                            3},
+    [DM_SQL_RESTORE_REAPPLY] = {"restore_reapply",
+                                "SELECT * FROM domicile.restore_reapply($1, $2, $3, $4, $5, $6, "
+                                "$7, $8, $9, $10, $11, $12, $13)",
+                                13},
+    [DM_SQL_CLOSURE_COPY_PUT] = {"closure_copy_put",
+                                 "SELECT domicile.closure_copy_put($1, $2, $3, $4, $5, $6)", 6},
+    [DM_SQL_CLOSURE_COPIES] = {"closure_copies",
+                               "SELECT customer_id, request_id, reason, " EPOCH_MS(
+                                   "closed_at") ", " EPOCH_MS("purge_after") " FROM "
+                                                                             "domicile.closure_"
+                                                                             "copies WHERE "
+                                                                             "region = $1",
+                               1},
+    [DM_SQL_CLOSURE_REAPPLY] = {"closure_reapply",
+                                "SELECT domicile.restore_reapply_closure($1, $2, $3, $4, $5)", 5},
+    [DM_SQL_LEDGER_CUT_PUT] = {"ledger_cut_put",
+                               "INSERT INTO domicile.ledger_restores (restore_id, restored_seq, "
+                               "restored_hash, resumed_seq, resumed_hash, witnessed_by, "
+                               "restore_point, mac) VALUES ($1, $2, $3, $4, $5, $6, " MS(
+                                   "$7") ", $8) ON CONFLICT (restore_id) DO NOTHING",
+                               8},
+    [DM_SQL_LEDGER_CUTS] = {"ledger_cuts",
+                            "SELECT restored_seq, restored_hash, resumed_seq, resumed_hash, "
+                            "witnessed_by, " EPOCH_MS("restore_point") ", " EPOCH_MS(
+                                "recorded_at") ", mac, restore_id FROM domicile.ledger_restores "
+                                               "ORDER BY restored_seq, cut_id",
+                            0},
 };
 
 static uint64_t be64(const char *p)

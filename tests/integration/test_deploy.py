@@ -579,8 +579,25 @@ def test_cloudnativepg_clusters_are_synchronous_and_pinned(clusters, region_gate
 def test_one_region_file_per_region(manifests):
     for code in CODES:
         docs = manifests[f"region-{code}.yaml"]
-        assert [d["kind"] for d in docs] == ["Cluster"]
-        assert docs[0]["metadata"]["labels"][REGION_LABEL] == code
+        assert [d["kind"] for d in docs] == ["Cluster", "ScheduledBackup"]
+        assert all(d["metadata"]["labels"][REGION_LABEL] == code for d in docs)
+
+
+def test_each_region_is_backed_up_into_a_store_of_its_own_region(manifests):
+    """Issue 16: the backup section of each cluster, an object store named for its region and
+    credentials of its own, and a ScheduledBackup of that cluster."""
+    stores = set()
+    for code in CODES:
+        cluster, scheduled = manifests[f"region-{code}.yaml"]
+        store = cluster["spec"]["backup"]["barmanObjectStore"]
+        node_region = cluster["spec"]["affinity"]["nodeSelector"][NODE_REGION_LABEL]
+        assert code in store["destinationPath"] and node_region in store["endpointURL"], store
+        for k in ("accessKeyId", "secretAccessKey"):
+            assert store["s3Credentials"][k]["name"] == f"domicile-{code}-backup-store", store
+        assert cluster["spec"]["backup"]["retentionPolicy"], code
+        assert scheduled["spec"]["cluster"]["name"] == cluster["metadata"]["name"]
+        stores.add(store["destinationPath"])
+    assert len(stores) == len(CODES), f"regions share a backup store: {stores}"
 
 
 @pytest.mark.parametrize("code", CODES)

@@ -1,0 +1,211 @@
+"""
+Backups and restores (issue 16): pgBackRest through deploy/local/domicile-local, a restored
+region held until it is reconciled from the other regions' copies, and the restore drill.
+
+Each restore takes eu back to a backup taken by the same test, so the tests before and after
+this module keep their data (what a test writes between its backup and its restore is lost,
+by design). A base backup and a restore of eu cost a few seconds each here; the module runs
+three of each (about a minute with the drill).
+"""
+
+import json
+import os
+import subprocess
+import time
+
+import grpc
+import pytest
+
+from conftest import BUILD_DIR, DOMICILE_LOCAL, REGION_CODES, REGIONS_STATE, SERVING, wait_health
+from helpers import Api, get, put, register, rpc_error, uid, unary_stub
+
+from domicile.v1 import subject_rights_pb2 as SR
+from domicile.v1 import transfers_pb2
+
+DOMICILECTL = os.path.join(BUILD_DIR, "domicilectl")
+
+
+def _local(regions, *args, check=True):
+    p = subprocess.run([DOMICILE_LOCAL, "--state", REGIONS_STATE[0], *args], capture_output=True, text=True,
+                       timeout=300, stdin=subprocess.DEVNULL)
+    if check:
+        assert p.returncode == 0, f"domicile-local {' '.join(args)} exited {p.returncode}:\n{p.stderr}"
+    return p
+
+
+def _erase(channel, subject, cid):
+    erase = unary_stub(channel, "SubjectRightsService", "Erase", SR.EraseRequest, SR.EraseResponse)
+    status = unary_stub(channel, "SubjectRightsService", "GetRequest", SR.GetRequestRequest, SR.GetRequestResponse)
+    rid = f"erase-{uid()}"
+    erase(SR.EraseRequest(request_id=rid, subject=subject, customer_id=cid, reason="restore test"), timeout=15)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if status(SR.GetRequestRequest(request_id=rid), timeout=15).request.state == SR.DSR_STATE_DONE:
+            return rid
+        time.sleep(0.1)
+    raise AssertionError(f"erasure {rid} not done after 30 s")
+
+
+def _wait_serving(api, cid, rid, timeout=90):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            return get(api, cid, rid, timeout=5)
+        except grpc.RpcError as e:
+            last = e
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        time.sleep(0.1)
+    raise AssertionError(f"eu does not serve {timeout} s after the restore: {last.details() if last else ''}")
+
+
+def _last_restore(regions):
+    row = regions.psql("eu", "select source || '|' || state || '|' || coalesce(report::text, '') "
+                             "from domicile.restores order by restore_id desc limit 1").strip()
+    source, state, report = row.split("|", 2)
+    return source, state, json.loads(report) if report else None
+
+
+def test_backup_and_restore_refuse_bad_arguments(regions):
+    cases = [
+        (("backup",), "usage: domicile-local backup REGION"),
+        (("backup", "xx"), "unknown region 'xx'"),
+        (("backup", "eu", "--type", "weekly"), "backup type must be full, diff or incr, not 'weekly'"),
+        (("restore",), "usage: domicile-local restore REGION"),
+        (("restore", "mars"), "unknown region 'mars'"),
+        (("restore", "eu", "--to", "yesterday-ish"), "--to: 'yesterday-ish' is not a time"),
+        (("restore", "eu", "--to", "2999-01-01 00:00:00+00"), "is in the future"),
+        (("restore", "eu", "--to", "2001-01-01 00:00:00+00"), "no backup of eu ends before 2001-01-01"),
+        (("restore", "eu", "--set", "last-tuesday"), "--set: 'last-tuesday' is not a backup label"),
+        (("restore", "eu", "--set", "20010101-000000F"), "--set: no backup 20010101-000000F of eu"),
+        (("restore", "eu", "--bogus"), "unknown option --bogus"),
+    ]
+    _local(regions, "backup", "eu")  # so that the restore cases reach their own checks
+    before = regions.psql("eu", "select count(*) from domicile.restores").strip()
+    for args, message in cases:
+        p = _local(regions, *args, check=False)
+        assert p.returncode != 0, (args, p.stderr)
+        assert message in p.stderr, (args, p.stderr)
+    # Nothing was restored or recorded, and the region still runs with its standby.
+    assert regions.psql("eu", "select count(*) from domicile.restores").strip() == before
+    layout = {(e["region"], e["node"]): e for e in regions.status_json()}
+    assert all(layout[("eu", n)]["running"] for n in ("node1", "node2"))
+
+
+def test_restored_region_is_held_until_reconciled_and_erased_subject_stays_erased(regions, gateways):
+    g = gateways.start(name="restore")
+    api = Api(g.channel())
+    eu_api = Api(g.peers["eu"].channel())
+    in_api = Api(g.peers["in"].channel())
+    cid = register(api, "eu")
+    subject = f"{uid()}@example.com"
+    put(api, cid, "alice", payload=b"alice's data", subject=subject)
+    put(api, cid, "plain", payload=b"plain")
+    _local(regions, "backup", "eu")
+    # After the backup: the erasure (its copies are in us and in), and cross-border reads that
+    # seal ledger links the other regions witness.
+    rid = _erase(g.channel(token="privacy-officer"), subject, cid)
+    assert rpc_error(get, api, cid, "alice").code() == grpc.StatusCode.NOT_FOUND
+    for _ in range(3):
+        get(api, cid, "plain")
+    time.sleep(2.5)  # marks and chain heads are exchanged every second
+    # us down: the restored region cannot read us's copies, so it must stay held.
+    regions.stop("us")
+    try:
+        _local(regions, "restore", "eu")
+        # (At eu's own gateway: another region's gateway may not resolve the customer while us,
+        # which it must ask too, is down.)
+        e = rpc_error(get, eu_api, cid, "plain", timeout=10)
+        assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+        assert 'region "eu" is unavailable: restored from a backup' in e.details(), e.details()
+        deadline = time.monotonic() + 30
+        while True:
+            details = rpc_error(get, eu_api, cid, "plain", timeout=10).details()
+            if "waiting for region us" in details:
+                break
+            assert time.monotonic() < deadline, details
+            time.sleep(0.2)
+        assert _last_restore(regions)[1] == "fenced"
+    finally:
+        regions.start("us")
+    assert _wait_serving(eu_api, cid, "plain").payload == b"plain"
+    # The erasure was re-applied before eu served: the record is readable through no gateway,
+    # and neither it nor a key of the subject is left in the restored database.
+    for a in (api, eu_api, in_api):
+        assert rpc_error(get, a, cid, "alice").code() == grpc.StatusCode.NOT_FOUND
+    left = regions.psql("eu", f"select (select count(*) from domicile.records where customer_id = '{cid}' "
+                              f"and record_id = 'alice') + (select count(*) from domicile.data_keys "
+                              f"where customer_id = '{cid}' and subject_key <> ''::bytea)").strip()
+    assert left == "0"
+    source, state, report = _last_restore(regions)
+    assert (source, state) == ("domicile-local", "reconciled")
+    assert any(q["request_id"] == rid and q["kind"] == "erase" for q in report["requests"]["reapplied_requests"])
+    assert report["ledger"]["links_lost"] >= 1 and report["ledger"]["witnessed_by"] in ("us", "in")
+    # The ledger verifies again and names the cut.
+    v = api.verify_ledger(transfers_pb2.VerifyLedgerRequest(region="eu"), timeout=30)
+    assert v.ok, v.detail
+    assert v.restore_cuts and v.restore_cuts[-1].valid
+    cut = v.restore_cuts[-1]
+    assert cut.links_lost == report["ledger"]["links_lost"]
+    assert "history cut by a restore" in cut.note and "were lost" in cut.note
+    for code in REGION_CODES:
+        wait_health(g.channel(), f"domicile.region.{code}", SERVING, timeout=60)
+
+
+def test_a_region_that_went_back_in_time_is_found_by_the_others_marks(regions, gateways):
+    """No restore record (a restore done by hand): the region's high-water mark is lower than
+    the mark the other regions witnessed, and its gateway holds and reconciles it."""
+    g = gateways.start(name="marks")
+    api = Api(g.channel())
+    cid = register(api, "eu")
+    put(api, cid, "r1", payload=b"x")
+    time.sleep(2.5)
+    before = regions.psql("eu", "select count(*) from domicile.restores").strip()
+    regions.psql("eu", "update domicile.region_mark set mark = 1")
+    deadline = time.monotonic() + 30
+    while regions.psql("eu", "select count(*) from domicile.restores").strip() == before:
+        assert time.monotonic() < deadline, "the lowered mark was not noticed"
+        time.sleep(0.2)
+    deadline = time.monotonic() + 60
+    while _last_restore(regions)[1] != "reconciled":
+        assert time.monotonic() < deadline, _last_restore(regions)
+        time.sleep(0.2)
+    source, _, report = _last_restore(regions)
+    assert source == "witness"
+    # (The gateways raised the lowered mark a little before the answers showed it too low.)
+    assert report["marks"]["witnessed_mark"] > report["marks"]["restored_mark"]
+    assert "found by the marks" in report["target"]
+    assert int(regions.psql("eu", "select mark from domicile.region_mark").strip()) > report["marks"]["witnessed_mark"]
+    assert _wait_serving(api, cid, "r1").payload == b"x"
+
+
+def test_restore_drill(regions, gateways):
+    g = gateways.start(name="rdrill")
+    args = []
+    for code in REGION_CODES:
+        args += ["--gateway", f"{code}={g.federation.gateways[code].address}"]
+    cmd = [DOMICILECTL, "--timeout", "3000", "drill", "restore", "--region", "eu", "--state", REGIONS_STATE[0],
+           "--json", "-", "--domicile-local", DOMICILE_LOCAL, *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    where = f"\n--- stderr\n{p.stderr}\n--- stdout\n{p.stdout[-4000:]}"
+    report = json.loads(p.stdout) if p.stdout.strip().startswith("{") else None
+    assert report is not None, f"no JSON report (exit {p.returncode}){where}"
+    print(p.stderr)
+    assert report["drill"] == "restore" and report["region"] == "eu"
+    for goal in ("erased_readable", "erased_in_restored_data", "unexplained_missing", "unexpectedly_present",
+                 "other_region_errors", "other_regions_lost"):
+        assert report[goal] == 0, f"{goal} = {report[goal]}{where}"
+    for goal in ("restricted_refused", "objected_refused", "closed_account_closed", "ledger_verifies"):
+        assert report[goal] is True, f"{goal}{where}"
+    # The writes after the restore point are the ones listed lost (at least the registration
+    # made after the backup); every other acknowledged write was read back.
+    assert report["lost_writes_count"] == len(report["lost_writes"]) >= 1
+    assert any(w["method"] == "RegisterCustomer" for w in report["lost_writes"])
+    assert report["writes_before_restore_point_present"] > 0
+    assert report["restore_to_serving_ms"] >= 0 and "restored from a backup" in report["held_message"]
+    rec = report["reconciliation"]
+    assert rec["requests"]["by_kind"] == {"erase": 2, "restrict": 1, "object": 1}, rec["requests"]
+    assert rec["closures"]["reapplied"] >= 1
+    assert report["ledger_restore_cuts"], report
+    assert report["passed"] is True and p.returncode == 0, where
