@@ -43,7 +43,7 @@ TRANSFER_KEYS = {"region", "seq", "at", "request_id", "principal", "customer_id"
                  "record_count", "bytes", "from_region", "to_region", "direction", "purpose", "basis_id",
                  "outcome", "refusal_reason", "entry_hash_hex", "entry_id", "method", "record_ids"}
 VERIFY_KEYS = {"region", "ok", "entries_checked", "sealed_up_to_seq", "first_bad_seq", "damage", "detail",
-               "checkpoint", "unsealed_entries", "verified_at"}
+               "checkpoint", "unsealed_entries", "verified_at", "restore_cuts"}
 DSR_KEYS = {"request_id", "kind", "state", "subject_key_hex", "customer_id", "purpose", "reason",
             "received_at", "due_at", "gdpr_due_at", "extended", "extension_reason", "extended_due_at",
             "completed_at", "legs", "overdue", "principal", "extended_at", "webhook", "effective_due_at"}
