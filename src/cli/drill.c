@@ -730,15 +730,13 @@ static void *worker_main(void *arg)
 /* ------------------------------------------------------------------------------------------
  * domicile-local */
 
-/* Runs `domicile-local --state STATE args...`; its stderr goes to ours, its stdout into *out
- * (caller frees; may be NULL to discard). Returns the exit status (-1: could not run). */
-static int run_local(const drill_t *d, char **out, const char *const *args)
+int dm_ctl_run_local(const char *local, const char *state, char **out, const char *const *args)
 {
     const char *argv[24];
     int n = 0;
-    argv[n++] = d->local;
+    argv[n++] = local;
     argv[n++] = "--state";
-    argv[n++] = d->state;
+    argv[n++] = state;
     for (int i = 0; args[i] && n < 23; i++)
         argv[n++] = args[i];
     argv[n] = NULL;
@@ -752,12 +750,12 @@ static int run_local(const drill_t *d, char **out, const char *const *args)
     posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_adddup2(&fa, fds[1], 1);
     pid_t pid;
-    int rc = posix_spawn(&pid, d->local, &fa, NULL, (char *const *)argv, environ);
+    int rc = posix_spawn(&pid, local, &fa, NULL, (char *const *)argv, environ);
     posix_spawn_file_actions_destroy(&fa);
     close(fds[1]);
     if (rc != 0) {
         close(fds[0]);
-        fprintf(stderr, "domicilectl: cannot run %s: %s\n", d->local, strerror(rc));
+        fprintf(stderr, "domicilectl: cannot run %s: %s\n", local, strerror(rc));
         return -1;
     }
     size_t cap = 4096, len = 0;
@@ -777,6 +775,8 @@ static int run_local(const drill_t *d, char **out, const char *const *args)
     int status;
     while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
         ;
+    while (len && buf[len - 1] == '\n')
+        buf[--len] = '\0';
     if (out)
         *out = buf;
     else
@@ -784,8 +784,12 @@ static int run_local(const drill_t *d, char **out, const char *const *args)
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
-/* The script next to this build (build/ or build-x/ in the repository), else on PATH. */
-static char *find_local(void)
+static int run_local(const drill_t *d, char **out, const char *const *args)
+{
+    return dm_ctl_run_local(d->local, d->state, out, args);
+}
+
+char *dm_ctl_find_local(void)
 {
     char exe[PATH_MAX], buf[PATH_MAX + 64], real[PATH_MAX];
     ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
@@ -1926,7 +1930,7 @@ int dm_ctl_drill(const dm_ctl_output_t *out, const char *addr, const char *cacer
         goto out;
     rc = 2;
     if (!d->local)
-        d->local = find_local();
+        d->local = dm_ctl_find_local();
     if (!d->local || access(d->local, X_OK) != 0) {
         fprintf(stderr, "domicilectl: drill: domicile-local not found (give --domicile-local)\n");
         goto out;

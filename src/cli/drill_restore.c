@@ -149,59 +149,9 @@ static dm_client_t *client(const rdrill_t *d, int r)
     return c;
 }
 
-/* `domicile-local --state STATE args...`: stdout into *out (caller frees), stderr passed on. */
 static int run_local(const rdrill_t *d, char **out, const char *const *args)
 {
-    const char *argv[16];
-    int n = 0;
-    argv[n++] = d->local;
-    argv[n++] = "--state";
-    argv[n++] = d->state;
-    for (int i = 0; args[i] && n < 15; i++)
-        argv[n++] = args[i];
-    argv[n] = NULL;
-    if (out)
-        *out = NULL;
-    int fds[2];
-    if (pipe2(fds, O_CLOEXEC) != 0)
-        return -1;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_adddup2(&fa, fds[1], 1);
-    pid_t pid;
-    int rc = posix_spawn(&pid, d->local, &fa, NULL, (char *const *)argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    close(fds[1]);
-    if (rc != 0) {
-        close(fds[0]);
-        fprintf(stderr, "domicilectl: cannot run %s: %s\n", d->local, strerror(rc));
-        return -1;
-    }
-    size_t cap = 4096, len = 0;
-    char *buf = dm_malloc(cap);
-    for (;;) {
-        if (len + 1 >= cap)
-            buf = dm_realloc(buf, cap *= 2);
-        ssize_t r = read(fds[0], buf + len, cap - len - 1);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        len += (size_t)r;
-    }
-    buf[len] = '\0';
-    close(fds[0]);
-    int status;
-    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-        ;
-    while (len && buf[len - 1] == '\n')
-        buf[--len] = '\0';
-    if (out)
-        *out = buf;
-    else
-        free(buf);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    return dm_ctl_run_local(d->local, d->state, out, args);
 }
 
 static char *sql(const rdrill_t *d, const char *q)
@@ -630,26 +580,6 @@ static int parse(rdrill_t *d, int argc, char **argv)
     return 0;
 }
 
-static char *find_local(void)
-{
-    char exe[PATH_MAX], buf[PATH_MAX + 64], real[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-    if (n > 0) {
-        exe[n] = '\0';
-        char *slash = strrchr(exe, '/');
-        if (slash)
-            *slash = '\0';
-        static const char *const rel[] = {"../deploy/local/domicile-local",
-                                          "../../deploy/local/domicile-local"};
-        for (size_t i = 0; i < DM_ARRAY_LEN(rel); i++) {
-            snprintf(buf, sizeof(buf), "%s/%s", exe, rel[i]);
-            if (realpath(buf, real) && access(real, X_OK) == 0)
-                return dm_strdup(real);
-        }
-    }
-    return NULL;
-}
-
 /* Ack classes against the restore point P (wall clock ms): an attempt acknowledged before P
  * committed before it and must be there; one that started after P committed after it and
  * must be lost (unless it ran after the restore); one that straddles P may be either. */
@@ -931,7 +861,7 @@ int dm_ctl_drill_restore(const char *addr, const char *cacert, const char *cert,
         goto out;
     rc = 2;
     if (!d->local)
-        d->local = find_local();
+        d->local = dm_ctl_find_local();
     if (!d->local || access(d->local, X_OK) != 0) {
         fprintf(stderr, "domicilectl: drill: domicile-local not found (give --domicile-local)\n");
         goto out;
