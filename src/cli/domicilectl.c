@@ -30,6 +30,9 @@
 int dm_ctl_drill(const char *addr, const char *cacert, const char *cert, const char *key,
                  int timeout_ms, int argc, char **argv);
 
+/* src/cli/keys.c: `keys status|rotate|retire`. */
+int dm_ctl_keys(dm_client_t *c, int timeout_ms, int argc, char **argv);
+
 #define HEALTH_CHECK "/grpc.health.v1.Health/Check"
 #define HEALTH_WATCH "/grpc.health.v1.Health/Watch"
 
@@ -89,6 +92,11 @@ static void usage(FILE *f)
           "      status 3 when a region could not answer\n"
           "  dsr extend REQUEST_ID REASON   extend the deadline once, by two months\n"
           "      SUBJECT \"-\" reads the subject from the first line of stdin\n"
+          "  keys status REGION          KEK versions, data keys per version, the rotation\n"
+          "  keys rotate REGION [--wait|--no-wait]   a new KEK version, current at once; older\n"
+          "      data keys are re-wrapped in the background (followed with a progress line on\n"
+          "      a terminal, or with --wait, until done)\n"
+          "  keys retire REGION VERSION  destroy a KEK version that no data key uses any more\n"
           "  drill failover|gateway --region R [--duration 30s] [--state DIR] [--json FILE|-]\n"
           "                 [--clients N] [--rate N] [--gateway R=H:P]... [--victim N]\n"
           "                 [--victim-pid PID] [--domicile-local PATH]\n"
@@ -1743,6 +1751,8 @@ int main(int argc, char **argv)
         rc = cmd_transfers(c, argc - optind, argv + optind);
     } else if (strcmp(cmd, "dsr") == 0) {
         rc = cmd_dsr(c, argc - optind, argv + optind);
+    } else if (strcmp(cmd, "keys") == 0) {
+        rc = dm_ctl_keys(c, timeout_ms, argc - optind, argv + optind);
     } else {
         fprintf(stderr, "domicilectl: unknown command \"%s\"\n", cmd);
         usage(stderr);
