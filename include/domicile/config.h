@@ -46,7 +46,7 @@ typedef struct dm_region_config {
     size_t n_pkcs11_env;
     int pkcs11_sessions;        /* sessions in the pool */
     char *kek_label;            /* label prefix of the KEK versions ("" = domicile-kek-<code>) */
-    char *kek_test_extractable; /* "off" | "on": tests only, new versions extractable */
+    char *kek_test_extractable; /* "off" | "on" | "accept": tests only (src/custody) */
     char *ledger_key_file;      /* secret: mode 0600 checked */
     int pool_size;
     int connect_timeout_ms;
@@ -94,8 +94,9 @@ typedef struct dm_config {
     int directory_cache_entries;
     int key_cache_entries;
     int key_cache_ttl_ms;
-    int kek_rewrap_batch;    /* data keys re-wrapped per batch during a rotation */
-    int kek_rewrap_pause_ms; /* pause between two batches */
+    int kek_rewrap_batch;      /* data keys re-wrapped per batch during a rotation */
+    int kek_rewrap_pause_ms;   /* pause between two batches */
+    int kek_rotation_lease_ms; /* a silent rotation runner's claim expires after this */
 
     dm_region_config_t *region_cfgs; /* n_regions entries, in `regions` order */
 } dm_config_t;

@@ -69,8 +69,8 @@ typedef enum {
     DM_SQL_KEK_BOOTSTRAP_FILE,  /* (check, me): version 1 = the key file */
     DM_SQL_KEK_CLAIM,           /* (me, kind, label_prefix, lease_ms, request_id) -> status,
                                    version, label, claimed_by */
-    DM_SQL_KEK_ACTIVATE,        /* (version, check, me, by, rotate) -> status, rotation_id,
-                                   keys_total */
+    DM_SQL_KEK_ACTIVATE,        /* (version, check, me, by, rotate, lease_ms) -> status,
+                                   rotation_id, keys_total */
     DM_SQL_KEK_SET_CHECK,       /* (version, check) */
     DM_SQL_KEK_ROTATION_CLAIM,  /* (me, lease_ms) -> rotation_id, target, total, rewrapped,
                                    taken_over */

@@ -110,9 +110,10 @@ END $$;
 
 -- The claimed version's key exists in the token and opens `p_check`: make it active (the
 -- current one, being the highest) and, for a rotation, start re-wrapping every older data key
--- (an unfinished rotation is superseded: the new one re-wraps its keys too).
+-- (an unfinished rotation is superseded: the new one re-wraps its keys too). The gateway that
+-- made the version holds the rotation first.
 CREATE FUNCTION domicile.kek_activate(p_version integer, p_check bytea, p_me text, p_by text,
-                                      p_rotate boolean)
+                                      p_rotate boolean, p_lease_ms integer)
 RETURNS TABLE (status text, rotation_id bigint, keys_total bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -135,8 +136,10 @@ BEGIN
     UPDATE domicile.kek_rotations r SET state = 'superseded', finished_at = now()
     WHERE r.state = 'running';
     SELECT count(*) INTO n FROM domicile.data_keys k WHERE k.kek_version < p_version;
-    INSERT INTO domicile.kek_rotations (target_version, started_by, keys_total)
-    VALUES (p_version, p_by, n) RETURNING kek_rotations.rotation_id INTO rid;
+    INSERT INTO domicile.kek_rotations (target_version, started_by, keys_total, claimed_by,
+                                        lease_expires_at)
+    VALUES (p_version, p_by, n, p_me, now() + p_lease_ms * interval '1 millisecond')
+    RETURNING kek_rotations.rotation_id INTO rid;
     RETURN QUERY SELECT 'ok'::text, rid, n;
 END $$;
 

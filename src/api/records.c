@@ -426,6 +426,12 @@ static void put_with_key(rec_ctx_t *c)
     const put_req_t *req = c->put_req;
     const unsigned char *sk = c->has_subject ? c->subject_key : NULL;
     c->key_tries++;
+    /* Fail closed: no write under a cached key while the region's KEK cannot be used. */
+    dm_status_t *st = dm_custody_check(custody_of(c));
+    if (st) {
+        put_fail(c, st);
+        return;
+    }
     if (dm_keycache_get(c->app->keys, c->region_code, req->customer_id, sk, &c->key_id, c->dek)) {
         put_submit(c);
         return;
@@ -438,8 +444,8 @@ static void put_with_key(rec_ctx_t *c)
         dm_key_aad(c->region_code, req->customer_id, sk, sk ? DM_SUBJECT_KEY_LEN : 0, &aad_len);
     free(c->wrapped);
     c->wrapped = NULL;
-    dm_status_t *st = dm_custody_wrap(custody_of(c), cand, aad, aad_len, &c->wrapped,
-                                      &c->wrapped_len, &c->kek_version);
+    st = dm_custody_wrap(custody_of(c), cand, aad, aad_len, &c->wrapped, &c->wrapped_len,
+                         &c->kek_version);
     memcpy(c->dek, cand, sizeof(cand));
     OPENSSL_cleanse(cand, sizeof(cand));
     free(aad);

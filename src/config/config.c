@@ -127,6 +127,9 @@ static const key_desc_t gateway_keys[] = {
      "how long an unwrapped data key stays in memory"},
     {"kek_rewrap_batch", KT_INT, GW(kek_rewrap_batch), NOCOUNT, "200", 1, 10000, NULL, false,
      "data keys re-wrapped per batch while a KEK rotation runs"},
+    {"kek_rotation_lease_ms", KT_INT, GW(kek_rotation_lease_ms), NOCOUNT, "15000", 500, 600000,
+     NULL, false,
+     "a rotation's re-wrap is taken over from a gateway silent for this long (killed, hung)"},
     {"kek_rewrap_pause_ms", KT_INT, GW(kek_rewrap_pause_ms), NOCOUNT, "0", 0, 60000, NULL, false,
      "pause between two re-wrap batches (limits the rotation's share of the token)"},
 };
@@ -172,8 +175,10 @@ static const key_desc_t region_keys[] = {
      "token sessions kept open (each used by one thread at a time)"},
     {"kek_label", KT_STRING, RG(kek_label), NOCOUNT, "", 0, 64, NULL, false,
      "label prefix of the KEK versions in the token, <prefix>.v<N> (\"\" = domicile-kek-<code>)"},
-    {"kek_test_extractable", KT_ENUM, RG(kek_test_extractable), NOCOUNT, "off", 0, 0, "off|on",
-     false, "TESTS ONLY: new KEK versions are made extractable (logged as unsafe)"},
+    {"kek_test_extractable", KT_ENUM, RG(kek_test_extractable), NOCOUNT, "off", 0, 0,
+     "off|on|accept", false,
+     "TESTS ONLY: on = new KEK versions are made extractable; accept = extractable versions are "
+     "used (both logged as unsafe); off = an extractable KEK fails the region closed"},
     {"ledger_key_file", KT_PATH, RG(ledger_key_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
      "secret (0600): the 32-byte HMAC key of the region's transfer ledger (not in the database)"},
     {"pool_size", KT_INT, RG(pool_size), NOCOUNT, "3", 1, 16, NULL, false,

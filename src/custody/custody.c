@@ -29,6 +29,7 @@ dm_status_t *dm_custody_create(const dm_config_t *cfg, const dm_region_config_t 
     c->code = rc->code;
     c->is_file = strcmp(rc->kek_source, "file") == 0;
     c->extractable = strcmp(rc->kek_test_extractable, "on") == 0;
+    c->allow_extractable = strcmp(rc->kek_test_extractable, "off") != 0;
     /* Writers first: the custody thread's rare updates must not starve behind a steady
      * stream of wraps and unwraps (none of which takes the lock twice). */
     pthread_rwlockattr_t ra;
@@ -63,11 +64,11 @@ dm_status_t *dm_custody_create(const dm_config_t *cfg, const dm_region_config_t 
             free(name);
         }
         c->token = dm_token_create(rc, rc->pkcs11_sessions);
-        if (c->extractable)
+        if (c->allow_extractable)
             dm_warn("custody",
-                    "region %s: kek_test_extractable = \"on\": new KEK versions are made "
-                    "EXTRACTABLE (tests only; never in production)",
-                    c->code);
+                    "region %s: kek_test_extractable = \"%s\": extractable KEK versions are %s "
+                    "(tests only; never in production)",
+                    c->code, rc->kek_test_extractable, c->extractable ? "MADE and used" : "used");
         if (c->file_kek)
             dm_warn("custody",
                     "region %s: kek_file is set next to the token: data keys wrapped by the file "
@@ -252,7 +253,7 @@ static void learn_version(dm_custody_t *c, int32_t version)
     dm_token_obj_t objs[2];
     size_t n = 0;
     dm__custody_label(c, version, label, sizeof(label));
-    dm_status_t *st = dm_token_find(c->token, label, c->extractable, objs, 2, &n);
+    dm_status_t *st = dm_token_find(c->token, label, c->allow_extractable, objs, 2, &n);
     if (st) {
         dm_status_free(st);
         return;
@@ -297,6 +298,11 @@ dm_status_t *dm_custody_unwrap(dm_custody_t *c, const unsigned char *w, size_t l
         st = dm_status_new(GRPC_STATUS_DATA_LOSS, DATA_LOSS_KEK);
         dm_status_detail(st, "region %s: KEK version %d %s", c->code, version,
                          retired ? "is retired" : "is not in the token");
+        /* A key row from before a retirement (a restored backup?) or tampering. */
+        dm_error("custody",
+                 "region %s: a data key wrapped by KEK version %d does not open: the "
+                 "version %s",
+                 c->code, version, retired ? "is retired" : "is not in the token");
         return st;
     }
     if (v->is_file) {

@@ -28,8 +28,9 @@ struct dm_custody {
     const dm_region_config_t *rc;
     dm_region_t *region;
     const char *code;
-    bool is_file;     /* kek_source = "file" */
-    bool extractable; /* kek_test_extractable */
+    bool is_file;           /* kek_source = "file" */
+    bool extractable;       /* kek_test_extractable = "on": make extractable versions */
+    bool allow_extractable; /* "on" or "accept": use them */
     dm_kek_t *file_kek;
     dm_token_t *token; /* NULL with kek_source = "file" */
 

@@ -514,8 +514,16 @@ dm_status_t *dm_token_gcm(dm_token_t *t, bool encrypt, dm_token_obj_t key, const
     if (rv == CKR_OK && !encrypt)
         memcpy(out, dst, len - GCM_TAG);
     if (rv != CKR_OK) {
-        if (!encrypt && !rv_fatal(rv) && rv != CKR_KEY_HANDLE_INVALID &&
-            rv != CKR_OBJECT_HANDLE_INVALID) {
+        /* A tag that does not verify is CKR_ENCRYPTED_DATA_INVALID in the standard, but
+         * CKR_GENERAL_ERROR from SoftHSM2 (and CKR_FUNCTION_FAILED from others): once
+         * C_DecryptInit has accepted the session and key, a failed C_Decrypt is the data's
+         * fault, not the token's, and must not take the region out of service. */
+        bool data = rv != CKR_SESSION_HANDLE_INVALID && rv != CKR_SESSION_CLOSED &&
+                    rv != CKR_DEVICE_ERROR && rv != CKR_DEVICE_MEMORY && rv != CKR_DEVICE_REMOVED &&
+                    rv != CKR_TOKEN_NOT_PRESENT && rv != CKR_USER_NOT_LOGGED_IN &&
+                    rv != CKR_CRYPTOKI_NOT_INITIALIZED && rv != CKR_KEY_HANDLE_INVALID &&
+                    rv != CKR_OBJECT_HANDLE_INVALID && rv != CKR_HOST_MEMORY;
+        if (!encrypt && data) {
             /* A tag that does not verify: a different key, a different AAD, or tampering. */
             atomic_fetch_add(&t->failures, 1);
             st = dm_status_new(GRPC_STATUS_DATA_LOSS,

@@ -25,7 +25,6 @@
 #define REFRESH_MS        1000
 #define COUNT_MS          15000
 #define ROTATION_CHECK_MS 1000
-#define ROTATION_LEASE_MS 15000
 #define CLAIM_LEASE_MS    30000
 #define BACKOFF_MIN_MS    500
 #define BACKOFF_MAX_MS    10000
@@ -252,7 +251,7 @@ static bool resolve_version(worker_t *w, const row_view_t *rv, dm__kver_t *out, 
     }
     dm_token_obj_t objs[8];
     size_t n = 0;
-    if ((err = dm_token_find(c->token, rv->label, c->extractable, objs, 8, &n))) {
+    if ((err = dm_token_find(c->token, rv->label, c->allow_extractable, objs, 8, &n))) {
         snprintf(problem, plen, "%s", err->message);
         dm_status_free(err);
         return false;
@@ -332,6 +331,9 @@ static void refresh(worker_t *w)
 {
     dm_custody_t *c = w->c;
     dm_status_t *err = NULL;
+    /* A token that is not open: open_token() says why, and refreshes once it is. */
+    if (!c->is_file && !dm_token_ok(c->token))
+        return;
     PGresult *res = db(c, DM_SQL_KEK_VERSIONS, 0, NULL, NULL, &err);
     if (!res) {
         /* The region's database is down: its calls fail for that reason already. */
@@ -520,7 +522,7 @@ static dm_status_t *make_version(worker_t *w, const char *kind, const char *by,
     /* A gateway that died after generating the key left it in the token: use it. */
     dm_token_obj_t objs[8], key = 0;
     size_t n = 0;
-    if ((err = dm_token_find(c->token, label, c->extractable, objs, 8, &n)))
+    if ((err = dm_token_find(c->token, label, c->allow_extractable, objs, 8, &n)))
         return err;
     if (n == 0) {
         char id[16];
@@ -541,9 +543,11 @@ static dm_status_t *make_version(worker_t *w, const char *kind, const char *by,
         return err;
     char vs[16];
     snprintf(vs, sizeof(vs), "%d", version);
-    const char *avals[5] = {vs, (const char *)chk, w->me, by, rotate ? "true" : "false"};
-    int alens[5] = {0, (int)chk_len, 0, 0, 0};
-    res = db(c, DM_SQL_KEK_ACTIVATE, 5, avals, alens, &err);
+    char rlease[16];
+    snprintf(rlease, sizeof(rlease), "%d", c->cfg->kek_rotation_lease_ms);
+    const char *avals[6] = {vs, (const char *)chk, w->me, by, rotate ? "true" : "false", rlease};
+    int alens[6] = {0, (int)chk_len, 0, 0, 0, 0};
+    res = db(c, DM_SQL_KEK_ACTIVATE, 6, avals, alens, &err);
     free(chk);
     if (!res)
         return err;
@@ -757,7 +761,7 @@ static bool rotation_step(worker_t *w)
     rotation_t *r = &w->rot;
     dm_status_t *err = NULL;
     char lease[16];
-    snprintf(lease, sizeof(lease), "%d", ROTATION_LEASE_MS);
+    snprintf(lease, sizeof(lease), "%d", c->cfg->kek_rotation_lease_ms);
     if (!r->active) {
         if (dm_mono_ms() < w->rotation_check_at)
             return false;

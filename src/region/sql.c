@@ -269,7 +269,7 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
     [DM_SQL_KEK_CLAIM] = {"kek_claim",
                           "SELECT * FROM domicile.kek_claim_version($1, $2, $3, $4, $5)", 5},
     [DM_SQL_KEK_ACTIVATE] = {"kek_activate",
-                             "SELECT * FROM domicile.kek_activate($1, $2, $3, $4, $5)", 5},
+                             "SELECT * FROM domicile.kek_activate($1, $2, $3, $4, $5, $6)", 6},
     [DM_SQL_KEK_SET_CHECK] = {"kek_set_check",
                               "UPDATE domicile.kek_versions SET check_value = $2 "
                               "WHERE version = $1 AND check_value IS NULL AND state = 'active'",
