@@ -462,3 +462,32 @@ def test_kek_never_in_gateway_memory(session_federation, regions, gateways, tmp_
     assert not tok.keys()[f"domicile-kek-in.v{rep.status.current_version}"]["extractable"]
     wait_health(session_federation.gateways["in"].channel(token=None), "domicile.region.in", SERVING, timeout=30)
     check_all(Api(session_federation.entry.channel()), cid, records)
+
+
+def test_metrics_show_versions_and_token_work(session_federation, regions, gateways):
+    """/metrics: the region's KEK is usable, its current version, data keys per version, the
+    token's wraps and unwraps (a gateway without a key cache unwraps on every read), and the
+    re-wrap counter of a rotation this gateway ran."""
+    from test_metrics import free_port, scrape, value
+
+    port = free_port()
+    g = gateways.start(only="us", peers=session_federation,
+                       overrides={"metrics_listen": f"127.0.0.1:{port}", "key_cache_entries": 0})
+    api, keys = Api(g.channel()), Keys(g.channel())
+    cid, records = fill(api, "us", 3, f"met-{uid()}")
+    check_all(api, cid, records)
+    m = scrape(port)
+    assert value(m, "domicile_kek_ready", region="us") == 1
+    cur = keys.status("us").current_version
+    assert value(m, "domicile_kek_current_version", region="us") == cur
+    assert value(m, "domicile_kek_operations_total", region="us", op="wrap") >= 4  # 4 new data keys
+    assert value(m, "domicile_kek_operations_total", region="us", op="unwrap") >= 4  # every read
+    assert value(m, "domicile_kek_operation_seconds_total", region="us", op="unwrap") > 0
+    rep = keys.rotate("us")
+    keys.wait_rotation_done("us", rep.status.rotation.rotation_id)
+    m = wait_until(lambda: scrape(port), lambda t: value(t, "domicile_kek_current_version", region="us") == cur + 1)
+    assert value(m, "domicile_kek_rewrapped_total", region="us") >= 4
+    n = int(scalar(regions, "us", "SELECT count(*) FROM domicile.data_keys"))
+    m = wait_until(lambda: scrape(port),
+                   lambda t: value(t, "domicile_kek_data_keys", region="us", version=str(cur + 1)) == n, timeout=40)
+    assert value(m, "domicile_kek_data_keys", region="us", version=str(cur + 1)) == n
