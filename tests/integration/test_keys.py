@@ -491,3 +491,15 @@ def test_metrics_show_versions_and_token_work(session_federation, regions, gatew
     m = wait_until(lambda: scrape(port),
                    lambda t: value(t, "domicile_kek_data_keys", region="us", version=str(cur + 1)) == n, timeout=40)
     assert value(m, "domicile_kek_data_keys", region="us", version=str(cur + 1)) == n
+
+
+def test_file_kek_is_explicit_and_logged_unsafe(session_federation, gateways, customers, tmp_path):
+    """kek_source = "file" is an explicit choice, logged as unsafe at every start; and a region
+    whose data keys are wrapped in a token cannot be opened with a key file (fails closed)."""
+    kek = tmp_path / "kek"
+    kek.write_bytes(os.urandom(32))
+    os.chmod(kek, 0o600)
+    g = gateways.start(only="in", peers=session_federation, converge=False,
+                       region_files={"in": {"in": {"kek_source": "file", "kek_file": str(kek)}}})
+    _fails_closed(g, customers["in"], customers["us"], "in", 'is in a token, and kek_source = "file" cannot open it')
+    assert 'kek_source = "file"' in g.log and "UNSAFE" in g.log
