@@ -21,7 +21,7 @@ import pytest
 
 from conftest import NOT_SERVING, SERVING, wait_health, wait_until
 from domicile.v1 import keys_pb2, records_pb2
-from helpers import Api, get, put, register, rows, scalar, uid, unary_stub
+from helpers import Api, asan_build, get, put, register, rows, scalar, uid, unary_stub
 from tokens import RegionToken
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -421,12 +421,18 @@ def _contains(path, needle):
             prev = chunk
 
 
+@pytest.mark.skipif(asan_build(), reason="a core dump of an AddressSanitizer process holds its shadow "
+                    "memory: tens of GB")
 def test_kek_never_in_gateway_memory(session_federation, regions, gateways, tmp_path):
     """A core dump of a gateway that has just wrapped and unwrapped with its KEK holds the
     region's subject pepper (the scan finds secrets the gateway holds) but not the KEK's bytes.
     To know the bytes, the test makes a KEK version extractable (kek_test_extractable, tests
     only) and reads it out of the token; afterwards the region rotates to a non-extractable
     version and the extractable one is retired."""
+    if os.environ.get("ASAN_OPTIONS"):
+        # (lead) An ASan gateway's core holds its shadow memory: 80+ GB written to disk, which
+        # filled the machine twice. The property is checked in the normal pass.
+        pytest.skip("no core dumps of an AddressSanitizer build (its shadow memory is terabytes)")
     g = gateways.start(only="in", peers=session_federation, entry="in", overrides={"key_cache_entries": 0},
                        region_files={"in": {"in": {"kek_test_extractable": "on"}}})
     keys = Keys(g.channel())
