@@ -8,11 +8,15 @@
 #                                             sourced without arguments it only defines
 #                                             the function domicile_deps)
 #
-# build: compiler, CMake, gRPC core, protobuf-c, libpq, OpenSSL, libcurl, libconfig, jansson
+# build: compiler, CMake, gRPC core, protobuf-c, libpq, OpenSSL, libcurl, libconfig, jansson,
+#        the PKCS#11 header (libp11-kit-dev)
 # run:   PostgreSQL 15 server and client, the openssl CLI, CA certificates, pgBackRest
-#        (deploy/local backups: domicile-local backup/restore)
+#        (deploy/local backups: domicile-local backup/restore), SoftHSM2 (the regions'
+#        PKCS#11 tokens of deploy/local)
 # test:  build + run + Python gRPC client, pytest, PyYAML (deployment manifests), cmocka,
 #        valgrind, clang and its sanitizer runtime (libFuzzer, LeakSanitizer) for tests/fuzz,
+#        PyKCS11 (a second PKCS#11 client, to look into the tokens) and gdb (gcore) for
+#        tests/integration/test_keys.py,
 #        Node.js and npm from Debian when no npm is on PATH (for buf, and for the second gRPC
 #        client stack of the integration tests, tests/integration/node, which installs its
 #        own pinned packages), and buf (tests api.lint, api.breaking) from npm:
@@ -30,10 +34,10 @@
 
 DOMICILE_DEPS_BUILD="build-essential cmake pkg-config libgrpc-dev protobuf-c-compiler
 libprotobuf-c-dev protobuf-compiler libpq-dev libssl-dev libcurl4-openssl-dev libconfig-dev
-libjansson-dev libmicrohttpd-dev"
-DOMICILE_DEPS_RUN="postgresql-15 postgresql-client-15 openssl ca-certificates pgbackrest"
+libjansson-dev libmicrohttpd-dev libp11-kit-dev"
+DOMICILE_DEPS_RUN="postgresql-15 postgresql-client-15 openssl ca-certificates pgbackrest softhsm2"
 DOMICILE_DEPS_TEST="python3-grpcio python3-protobuf python3-pytest python3-yaml python3-jsonschema
-libcmocka-dev valgrind clang libclang-rt-14-dev"
+libcmocka-dev valgrind clang libclang-rt-14-dev python3-pykcs11 gdb"
 # buf is not packaged by Debian; the npm package ships the release binary.
 DOMICILE_BUF_VERSION=1.75.0
 # Optional (deploy/local Patroni mode, tests/integration/test_patroni.py): Patroni 3.0 with

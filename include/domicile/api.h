@@ -57,6 +57,10 @@ void dm_dsr_locate(dm_call_t *call);
 void dm_transfers_report(dm_call_t *call);
 void dm_transfers_verify(dm_call_t *call);
 void dm_health_watch(dm_call_t *call);
+/** domicile.v1.KeysService (src/api/keys.c). */
+void dm_keys_rotate(dm_call_t *call);
+void dm_keys_status(dm_call_t *call);
+void dm_keys_retire(dm_call_t *call);
 /** domicile.peer.v1.PeerService/RegionInfo: this region as its own gateway sees it. */
 void dm_peer_region_info(dm_call_t *call);
 /** domicile.peer.v1.PeerService/ExportPart: this region's part of an Export, for a peer. */

@@ -8,6 +8,7 @@
 #include "domicile/auth.h"
 #include "domicile/config.h"
 #include "domicile/crypto.h"
+#include "domicile/custody.h"
 #include "domicile/directory.h"
 #include "domicile/dsr.h"
 #include "domicile/keycache.h"
@@ -27,8 +28,8 @@ typedef struct dm_app {
     dm_regions_t *regions;
     dm_directory_t *directory;
     dm_keycache_t *keys;
-    dm_kek_t *keks[DM_MAX_REGIONS]; /* by region index */
-    unsigned char *pepper;          /* subject pepper (cleansed at exit) */
+    dm_custody_t *custody[DM_MAX_REGIONS]; /* by region index: the own region's KEKs only */
+    unsigned char *pepper;                 /* subject pepper (cleansed at exit) */
     size_t pepper_len;
     /* Replaced whole on SIGHUP; calls may still hold the old ones, which are kept (in
      * `retired`) until exit: a reload never frees what a call in flight points into. */
@@ -66,6 +67,11 @@ static inline const dm_principal_t *dm_call_principal_of(dm_call_t *call)
 dm_status_t *dm_app_check(const dm_config_t *cfg, FILE *out) DM_WARN_UNUSED;
 /** Load the secrets and build the directory and caches (before the server starts). */
 dm_status_t *dm_app_init(dm_app_t *app) DM_WARN_UNUSED;
+/** Start the key custody threads and tell health of their changes (after the regions
+ * started). */
+void dm_app_start(dm_app_t *app);
+/** Stop the key custody threads (before the regions stop: they run statements). */
+void dm_app_stop(dm_app_t *app);
 /** Free what dm_app_init() built (after the server and regions stopped). */
 void dm_app_dispose(dm_app_t *app);
 static inline dm_principals_t *dm_app_principals(dm_app_t *app)
@@ -86,7 +92,7 @@ static inline dm_policy_t *dm_app_policy(dm_app_t *app)
  */
 dm_status_t *dm_app_reload(dm_app_t *app, const char *config_path) DM_WARN_UNUSED;
 
-/** Index of region `r` in the configuration (for keks[]). */
+/** Index of region `r` in the configuration (for custody[]). */
 size_t dm_app_region_index(dm_app_t *app, dm_region_t *r);
 
 #endif

@@ -36,8 +36,18 @@ typedef struct dm_region_config {
     char *password_file; /* secret: mode 0600 checked, contents never printed */
     char *ssl_mode;      /* only "verify-full" is accepted */
     char *ssl_root_cert;
-    char *kek_file;        /* secret: mode 0600 checked */
-    char *ledger_key_file; /* secret: mode 0600 checked */
+    char *kek_source;      /* "pkcs11" (default) | "file" (unsafe, logged at every start) */
+    char *kek_file;        /* secret: mode 0600 checked; with pkcs11 only to migrate from it */
+    char *pkcs11_module;   /* the token's PKCS#11 library (dlopen()ed) */
+    char *pkcs11_token;    /* token label */
+    int pkcs11_slot;       /* -1: any slot holding pkcs11_token */
+    char *pkcs11_pin_file; /* secret: the user PIN */
+    char **pkcs11_env;     /* NAME=value set before the module loads (e.g. SOFTHSM2_CONF) */
+    size_t n_pkcs11_env;
+    int pkcs11_sessions;        /* sessions in the pool */
+    char *kek_label;            /* label prefix of the KEK versions ("" = domicile-kek-<code>) */
+    char *kek_test_extractable; /* "off" | "on" | "accept": tests only (src/custody) */
+    char *ledger_key_file;      /* secret: mode 0600 checked */
     int pool_size;
     int connect_timeout_ms;
 } dm_region_config_t;
@@ -85,6 +95,9 @@ typedef struct dm_config {
     int directory_cache_entries;
     int key_cache_entries;
     int key_cache_ttl_ms;
+    int kek_rewrap_batch;      /* data keys re-wrapped per batch during a rotation */
+    int kek_rewrap_pause_ms;   /* pause between two batches */
+    int kek_rotation_lease_ms; /* a silent rotation runner's claim expires after this */
 
     dm_region_config_t *region_cfgs; /* n_regions entries, in `regions` order */
 } dm_config_t;

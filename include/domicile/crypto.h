@@ -118,6 +118,14 @@ unsigned char *dm_aad(size_t *out_len, size_t n_parts, const dm_aad_part_t *part
     dm_aad((out_len), sizeof((dm_aad_part_t[]){__VA_ARGS__}) / sizeof(dm_aad_part_t),              \
            (dm_aad_part_t[]){__VA_ARGS__})
 
+/** AAD of a wrapped data key: region, customer, subject key (empty for the customer key).
+ * A new buffer (the caller's, free with free()). */
+unsigned char *dm_key_aad(const char *region, const char *customer, const unsigned char *sk,
+                          size_t sk_len, size_t *len);
+/** AAD of a record payload: region, customer, record id. A new buffer (free with free()). */
+unsigned char *dm_record_aad(const char *region, const char *customer, const char *record_id,
+                             size_t *len);
+
 /**
  * Normalise a subject before keying it: trim ASCII whitespace (space, \t, \n, \v, \f, \r) at
  * both ends and lower-case ASCII letters. Bytes >= 0x80 are left as they are: Unicode case

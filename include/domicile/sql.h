@@ -18,7 +18,8 @@ typedef enum {
     DM_SQL_GET_CUSTOMER,      /* (customer) -> customer row */
     DM_SQL_CLOSE_CUSTOMER,    /* (customer, request_id, reason, retention) */
     DM_SQL_PURGE_DUE,         /* (limit) -> n */
-    DM_SQL_GET_OR_CREATE_KEY, /* (customer, subject_key, candidate) -> status, key_id, wrapped */
+    DM_SQL_GET_OR_CREATE_KEY, /* (customer, subject_key, candidate, kek_version) -> status,
+                                 key_id, wrapped */
     DM_SQL_PUT_RECORD,        /* see regions/schema/002_records.sql */
     DM_SQL_GET_RECORD,        /* (customer, record_id, purpose) -> record, payload, key, objected */
     DM_SQL_LIST_RECORDS,      /* (customer, kind, subject_key, after, limit, with_payload, purpose,
@@ -83,6 +84,24 @@ typedef enum {
                                 resumed_hash, witnessed_by, point_ms, mac) */
     DM_SQL_LEDGER_CUTS,      /* () -> restored_seq, restored_hash, resumed_seq, resumed_hash,
                                 witnessed_by, point_ms, recorded_ms, mac, restore_id */
+    /* Key custody (src/custody, regions/schema/008_key_custody.sql) */
+    DM_SQL_KEK_VERSIONS,        /* () -> version, source, label, check_value, state */
+    DM_SQL_KEK_BOOTSTRAP_FILE,  /* (check, me): version 1 = the key file */
+    DM_SQL_KEK_CLAIM,           /* (me, kind, label_prefix, lease_ms, request_id) -> status,
+                                   version, label, claimed_by */
+    DM_SQL_KEK_ACTIVATE,        /* (version, check, me, by, rotate, lease_ms) -> status,
+                                   rotation_id, keys_total */
+    DM_SQL_KEK_SET_CHECK,       /* (version, check) */
+    DM_SQL_KEK_ROTATION_CLAIM,  /* (me, lease_ms) -> rotation_id, target, total, rewrapped,
+                                   taken_over */
+    DM_SQL_KEK_REWRAP_BATCH,    /* (target, after_version, after_key, limit) -> key_id,
+                                   customer_id, subject_key, wrapped, kek_version */
+    DM_SQL_KEK_REWRAP,          /* (rotation, me, target, ids[], wrapped[], lease_ms) -> n */
+    DM_SQL_KEK_ROTATION_FINISH, /* (rotation, me, error) -> done | more | lost */
+    DM_SQL_KEK_STATUS,          /* () -> version, source, label, state, created, activated,
+                                   retired, data_keys */
+    DM_SQL_KEK_ROTATION_STATUS, /* () -> the latest rotation */
+    DM_SQL_KEK_RETIRE,          /* (version, by) -> status, keys, label */
     DM_SQL__COUNT
 } dm_sql_id_t;
 

@@ -95,18 +95,36 @@ dm_status_t *dm_subject_to_key(dm_app_t *app, const char *field, const char *sub
     return NULL;
 }
 
-unsigned char *dm_key_aad(const char *region, const char *customer, const unsigned char *sk,
-                          size_t sk_len, size_t *len)
+dm_custody_t *dm_api_custody(dm_app_t *app, dm_region_t *r)
 {
-    return DM_AAD(len, DM_AAD_STR("domicile-dek-v1"), DM_AAD_STR(region), DM_AAD_STR(customer),
-                  DM_AAD_BYTES(sk ? (const void *)sk : "", sk ? sk_len : 0));
+    return app->custody[dm_app_region_index(app, r)];
 }
 
-unsigned char *dm_record_aad(const char *region, const char *customer, const char *record_id,
-                             size_t *len)
+dm_status_t *dm_api_data_key(dm_app_t *app, dm_region_t *r, const char *customer,
+                             const unsigned char *sk, size_t sk_len, int64_t key_id,
+                             const unsigned char *w, size_t w_len, unsigned char dek[DM_KEY_LEN])
 {
-    return DM_AAD(len, DM_AAD_STR("domicile-record-v1"), DM_AAD_STR(region), DM_AAD_STR(customer),
-                  DM_AAD_STR(record_id));
+    const char *code = dm_region_code(r);
+    const unsigned char *subject = sk_len ? sk : NULL;
+    int64_t cached_id = 0;
+    dm_custody_t *c = dm_api_custody(app, r);
+    if (!c)
+        return dm_status_new(GRPC_STATUS_INTERNAL, "region \"%s\" holds no keys here", code);
+    /* Fail closed: a region whose KEK is gone (or token down) serves no cached key either. */
+    dm_status_t *st = dm_custody_check(c);
+    if (st)
+        return st;
+    /* Hot reads stay off the token: a data key never changes (a rotation re-wraps it, and an
+     * erasure deletes its row, which the read's join then no longer finds). */
+    if (dm_keycache_get(app->keys, code, customer, subject, &cached_id, dek) && cached_id == key_id)
+        return NULL;
+    size_t aad_len;
+    unsigned char *aad = dm_key_aad(code, customer, subject, subject ? sk_len : 0, &aad_len);
+    st = dm_custody_unwrap(c, w, w_len, aad, aad_len, dek);
+    free(aad);
+    if (!st)
+        dm_keycache_put(app->keys, code, customer, subject, key_id, dek);
+    return st;
 }
 
 int dm_customer_state_enum(const char *s, size_t len)

@@ -104,7 +104,10 @@ static serving_t status_of(dm_health_t *h, const char *service)
         dm_region_t *r = dm_regions_find(h->app->regions, service + strlen(REGION_PREFIX));
         if (!r)
             return ST_SERVICE_UNKNOWN;
-        return !h->shutting_down && dm_region_serving(r) ? ST_SERVING : ST_NOT_SERVING;
+        /* The own region serves only while its keys can be used too (key custody). */
+        bool keys = !dm_region_is_local(r) || !h->app->custody[dm_app_region_index(h->app, r)] ||
+                    dm_custody_ready(h->app->custody[dm_app_region_index(h->app, r)]);
+        return !h->shutting_down && dm_region_serving(r) && keys ? ST_SERVING : ST_NOT_SERVING;
     }
     if (is_gateway_service(service))
         return h->shutting_down ? ST_NOT_SERVING : ST_SERVING;

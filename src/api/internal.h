@@ -35,12 +35,18 @@ void dm_fingerprint(unsigned char out[32], size_t n_parts, const dm_aad_part_t *
 dm_status_t *dm_subject_to_key(dm_app_t *app, const char *field, const char *subject, bool *has,
                                unsigned char key[DM_SUBJECT_KEY_LEN]) DM_WARN_UNUSED;
 
-/** AAD of a wrapped data key: region, customer, subject key (empty for the customer key). */
-unsigned char *dm_key_aad(const char *region, const char *customer, const unsigned char *sk,
-                          size_t sk_len, size_t *len);
-/** AAD of a record payload: region, customer, record id. */
-unsigned char *dm_record_aad(const char *region, const char *customer, const char *record_id,
-                             size_t *len);
+/** The own region `r`'s key custody (NULL for a peer region). */
+dm_custody_t *dm_api_custody(dm_app_t *app, dm_region_t *r);
+/**
+ * The data key `key_id` of (customer, subject key `sk` of `sk_len` bytes, 0 for the customer's
+ * own) in region `r`, wrapped as `w`: from the key cache when it holds that key, else unwrapped
+ * by the region's key custody (the token) and cached. `dek` is the caller's (cleanse it).
+ * Errors as dm_custody_unwrap().
+ */
+dm_status_t *dm_api_data_key(dm_app_t *app, dm_region_t *r, const char *customer,
+                             const unsigned char *sk, size_t sk_len, int64_t key_id,
+                             const unsigned char *w, size_t w_len,
+                             unsigned char dek[DM_KEY_LEN]) DM_WARN_UNUSED;
 
 /**
  * Resolve `customer_id` for `call`, within the caller's tenant scope: a customer outside the

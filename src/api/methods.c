@@ -8,6 +8,7 @@
 #include "domicile/auth.h"
 
 #include "domicile/v1/customers.pb-c.h"
+#include "domicile/v1/keys.pb-c.h"
 #include "domicile/v1/records.pb-c.h"
 #include "domicile/v1/regions.pb-c.h"
 #include "domicile/v1/subject_rights.pb-c.h"
@@ -106,6 +107,13 @@ static const dm_method_t methods[] = {
       PR(region_info_response), dm_peer_region_info, NULL, R_PEER),
     M("domicile.peer.v1.PeerService", "ExportPart", S, PR(export_part_request),
       PR(export_part_response), dm_peer_export_part, NULL, R_PEER),
+    /* Key custody (issue 17): after everything, so that earlier indices stay as they were. */
+    M("domicile.v1.KeysService", "RotateKey", U, V1(rotate_key_request), V1(rotate_key_response),
+      dm_keys_rotate, NULL, R_OPS),
+    M("domicile.v1.KeysService", "GetKeyStatus", U, V1(get_key_status_request),
+      V1(get_key_status_response), dm_keys_status, NULL, R_OPS),
+    M("domicile.v1.KeysService", "RetireKeyVersion", U, V1(retire_key_version_request),
+      V1(retire_key_version_response), dm_keys_retire, NULL, R_OPS),
 };
 
 /* Kubernetes' grpc probes call Check, never Watch: a Watch is a stream held open for good,

@@ -58,6 +58,8 @@ typedef struct rec_ctx {
     size_t ct_len;
     char *labels_json;
     char key_id_s[24], size_s[16], expected_s[24];
+    int32_t kek_version; /* of `wrapped` */
+    char kek_version_s[16];
     int key_tries;
 
     /* Transfers: the gate's decision, and a read's result held until its entry commits */
@@ -108,9 +110,9 @@ static void set_region(rec_ctx_t *c, dm_region_t *r)
         dm_call_set_region(c->call, c->region_code);
 }
 
-static const dm_kek_t *kek_of(rec_ctx_t *c)
+static dm_custody_t *custody_of(rec_ctx_t *c)
 {
-    return c->app->keks[dm_app_region_index(c->app, c->region)];
+    return dm_api_custody(c->app, c->region);
 }
 
 static void job_init(rec_ctx_t *c, dm_sql_id_t stmt, dm_job_fn done, bool batchable)
@@ -194,9 +196,9 @@ static dm_status_t *open_payload(rec_ctx_t *c, const PGresult *res, int row, con
     const unsigned char *ct = (const unsigned char *)dm_pg_bytes(res, row, 11, &ct_len);
     unsigned char dek[DM_KEY_LEN];
     size_t aad_len;
-    unsigned char *aad = dm_key_aad(c->region_code, customer, sk, (size_t)sk_len, &aad_len);
-    dm_status_t *st = dm_dek_unwrap(kek_of(c), w, (size_t)w_len, aad, aad_len, dek);
-    free(aad);
+    unsigned char *aad;
+    dm_status_t *st = dm_api_data_key(c->app, c->region, customer, sk, (size_t)sk_len,
+                                      dm_pg_int8(res, row, 10), w, (size_t)w_len, dek);
     if (st)
         return st;
     aad = dm_record_aad(c->region_code, customer, rec->record_id, &aad_len);
@@ -383,27 +385,39 @@ static void key_done(dm_job_t *job, PGresult *res, dm_status_t *err)
     }
     int len, w_len;
     const char *status = dm_pg_bytes(res, 0, 0, &len);
+    if (strcmp(status, "kek_retired") == 0) {
+        /* Our current KEK version was retired by a rotation we have not seen yet. */
+        dm_custody_poke(custody_of(c));
+        put_fail(c, dm_status_new(GRPC_STATUS_UNAVAILABLE,
+                                  "region \"%s\": the KEK version this gateway wraps with was "
+                                  "just retired; retry",
+                                  c->region_code));
+        return;
+    }
     if (strcmp(status, "ok") != 0) {
         put_fail(c, dm_status_new(GRPC_STATUS_NOT_FOUND, "customer not found"));
         return;
     }
     c->key_id = dm_pg_int8(res, 0, 1);
     const unsigned char *w = (const unsigned char *)dm_pg_bytes(res, 0, 2, &w_len);
-    size_t aad_len;
-    unsigned char *aad =
-        dm_key_aad(c->region_code, req->customer_id, c->has_subject ? c->subject_key : NULL,
-                   c->has_subject ? DM_SUBJECT_KEY_LEN : 0, &aad_len);
-    /* The stored key may be another gateway's candidate: always unwrap what came back. */
-    dm_status_t *st = dm_dek_unwrap(kek_of(c), w, (size_t)w_len, aad, aad_len, c->dek);
-    free(aad);
+    /* Our candidate was stored: its key is in c->dek already (one token call saved per new
+     * key). Else the stored key is another gateway's: unwrap what came back (and cache it). */
+    if ((size_t)w_len == c->wrapped_len && memcmp(w, c->wrapped, c->wrapped_len) == 0) {
+        dm_keycache_put(c->app->keys, c->region_code, req->customer_id,
+                        c->has_subject ? c->subject_key : NULL, c->key_id, c->dek);
+        put_submit(c);
+        return;
+    }
+    dm_status_t *st = dm_api_data_key(
+        c->app, c->region, req->customer_id, c->has_subject ? c->subject_key : NULL,
+        c->has_subject ? DM_SUBJECT_KEY_LEN : 0, c->key_id, w, (size_t)w_len, c->dek);
     if (st) {
-        dm_error("records", "region %s: a stored data key does not unwrap (wrong KEK?)",
-                 c->region_code);
+        if (st->code == GRPC_STATUS_DATA_LOSS)
+            dm_error("records", "region %s: a stored data key does not unwrap (wrong KEK?)",
+                     c->region_code);
         put_fail(c, st);
         return;
     }
-    dm_keycache_put(c->app->keys, c->region_code, req->customer_id,
-                    c->has_subject ? c->subject_key : NULL, c->key_id, c->dek);
     put_submit(c);
 }
 
@@ -412,6 +426,12 @@ static void put_with_key(rec_ctx_t *c)
     const put_req_t *req = c->put_req;
     const unsigned char *sk = c->has_subject ? c->subject_key : NULL;
     c->key_tries++;
+    /* Fail closed: no write under a cached key while the region's KEK cannot be used. */
+    dm_status_t *st = dm_custody_check(custody_of(c));
+    if (st) {
+        put_fail(c, st);
+        return;
+    }
     if (dm_keycache_get(c->app->keys, c->region_code, req->customer_id, sk, &c->key_id, c->dek)) {
         put_submit(c);
         return;
@@ -424,7 +444,9 @@ static void put_with_key(rec_ctx_t *c)
         dm_key_aad(c->region_code, req->customer_id, sk, sk ? DM_SUBJECT_KEY_LEN : 0, &aad_len);
     free(c->wrapped);
     c->wrapped = NULL;
-    dm_status_t *st = dm_dek_wrap(kek_of(c), cand, aad, aad_len, &c->wrapped, &c->wrapped_len);
+    st = dm_custody_wrap(custody_of(c), cand, aad, aad_len, &c->wrapped, &c->wrapped_len,
+                         &c->kek_version);
+    memcpy(c->dek, cand, sizeof(cand));
     OPENSSL_cleanse(cand, sizeof(cand));
     free(aad);
     if (st) {
@@ -435,6 +457,8 @@ static void put_with_key(rec_ctx_t *c)
     dm_job_param_text(&c->job, 0, req->customer_id);
     dm_job_param_bin(&c->job, 1, sk ? (const void *)sk : "", sk ? DM_SUBJECT_KEY_LEN : 0);
     dm_job_param_bin(&c->job, 2, c->wrapped, (int)c->wrapped_len);
+    snprintf(c->kek_version_s, sizeof(c->kek_version_s), "%d", c->kek_version);
+    dm_job_param_text(&c->job, 3, c->kek_version_s);
     dm_region_submit(c->region, &c->job);
 }
 

@@ -967,7 +967,6 @@ static void export_emit(export_ctx_t *e)
     const char *code = dm_region_code(r);
     PGresult *res = e->held;
     int rows = PQntuples(res), to_send = rows > EXPORT_CHUNK ? EXPORT_CHUNK : rows;
-    const dm_kek_t *kek = e->app->keks[i];
     for (int k = 0; k < to_send; k++) {
         int len, sk_len, w_len, ct_len, labels_len;
         const char *customer = dm_pg_bytes(res, k, 0, &len);
@@ -977,9 +976,9 @@ static void export_emit(export_ctx_t *e)
         const unsigned char *ct = (const unsigned char *)dm_pg_bytes(res, k, 12, &ct_len);
         unsigned char dek[DM_KEY_LEN], *pt = NULL;
         size_t aad_len, pt_len = 0;
-        unsigned char *aad = dm_key_aad(code, customer, sk, (size_t)sk_len, &aad_len);
-        dm_status_t *st = dm_dek_unwrap(kek, w, (size_t)w_len, aad, aad_len, dek);
-        free(aad);
+        unsigned char *aad;
+        dm_status_t *st = dm_api_data_key(e->app, r, customer, sk, (size_t)sk_len,
+                                          dm_pg_int8(res, k, 11), w, (size_t)w_len, dek);
         if (!st) {
             aad = dm_record_aad(code, customer, record_id, &aad_len);
             st = dm_open(dek, aad, aad_len, ct, (size_t)ct_len, &pt, &pt_len);

@@ -3,6 +3,7 @@
 
 #include <openssl/crypto.h>
 
+#include "domicile/api.h"
 #include "domicile/app.h"
 #include "domicile/log.h"
 #include "domicile/metrics.h"
@@ -93,9 +94,12 @@ dm_status_t *dm_app_init(dm_app_t *app)
     for (size_t i = 0; i < app->cfg->n_regions; i++) {
         if (!app->cfg->region_cfgs[i].local)
             continue;
-        st = dm_kek_load(app->cfg->region_cfgs[i].kek_file, &app->keks[i]);
+        /* A token that cannot be opened does not stop the gateway: the region's key
+         * operations fail UNAVAILABLE until the custody thread opens it. */
+        st = dm_custody_create(app->cfg, &app->cfg->region_cfgs[i], dm_regions_at(app->regions, i),
+                               &app->custody[i]);
         if (st)
-            return dm_status_detail(st, "region \"%s\"", app->cfg->region_cfgs[i].code);
+            return st;
     }
     st = dm_config_read_secret(app->cfg->subject_pepper_file, 1024, &app->pepper, &app->pepper_len);
     if (st)
@@ -149,11 +153,29 @@ dm_status_t *dm_app_init(dm_app_t *app)
     return NULL;
 }
 
+void dm_app_start(dm_app_t *app)
+{
+    for (size_t i = 0; i < DM_MAX_REGIONS; i++) {
+        if (!app->custody[i])
+            continue;
+        if (app->health)
+            dm_custody_on_change(app->custody[i], dm_health_region_changed, app->health);
+        dm_custody_start(app->custody[i]);
+    }
+}
+
+void dm_app_stop(dm_app_t *app)
+{
+    for (size_t i = 0; i < DM_MAX_REGIONS; i++)
+        if (app->custody[i])
+            dm_custody_stop(app->custody[i]);
+}
+
 void dm_app_dispose(dm_app_t *app)
 {
     for (size_t i = 0; i < DM_MAX_REGIONS; i++) {
-        dm_kek_free(app->keks[i]);
-        app->keks[i] = NULL;
+        dm_custody_destroy(app->custody[i]);
+        app->custody[i] = NULL;
     }
     if (app->pepper) {
         OPENSSL_cleanse(app->pepper, app->pepper_len);

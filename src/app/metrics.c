@@ -304,6 +304,35 @@ char *dm_metrics_render(dm_app_t *app)
         if (dm_region_is_local(r))
             render_local(&o, i, dm_region_code(r));
     }
+    for (size_t i = 0; app && i < DM_MAX_REGIONS; i++) {
+        if (!app->custody[i])
+            continue;
+        /* Key custody (src/custody): the region's KEK versions and its token's work. The
+         * rates (re-wraps, token operations per second) are rate() of the counters. */
+        const char *code = dm_region_code(dm_regions_at(app->regions, i));
+        dm_custody_stats_t cs;
+        dm_custody_stats(app->custody[i], &cs);
+        put(&o, "domicile_kek_ready{region=\"%s\"} %d\n", code, cs.ready ? 1 : 0);
+        put(&o, "domicile_kek_current_version{region=\"%s\"} %d\n", code, cs.current);
+        for (size_t v = 0; v < cs.n_versions; v++)
+            if (cs.data_keys[v] >= 0)
+                put(&o, "domicile_kek_data_keys{region=\"%s\",version=\"%d\"} %lld\n", code,
+                    cs.version[v], (long long)cs.data_keys[v]);
+        put(&o, "domicile_kek_rewrapped_total{region=\"%s\"} %lld\n", code,
+            (long long)cs.rewrapped);
+        put(&o, "domicile_kek_rotation_remaining_keys{region=\"%s\"} %lld\n", code,
+            (long long)cs.rotation_remaining);
+        put(&o, "domicile_kek_operations_total{region=\"%s\",op=\"wrap\"} %lld\n", code,
+            (long long)cs.wraps);
+        put(&o, "domicile_kek_operations_total{region=\"%s\",op=\"unwrap\"} %lld\n", code,
+            (long long)cs.unwraps);
+        put(&o, "domicile_kek_operation_seconds_total{region=\"%s\",op=\"wrap\"} %.6f\n", code,
+            (double)cs.wrap_us / 1e6);
+        put(&o, "domicile_kek_operation_seconds_total{region=\"%s\",op=\"unwrap\"} %.6f\n", code,
+            (double)cs.unwrap_us / 1e6);
+        put(&o, "domicile_kek_token_failures_total{region=\"%s\"} %lld\n", code,
+            (long long)cs.token_failures);
+    }
     put(&o, "# HELP domicile_transfers_total Cross-border transfers logged, by route and "
             "basis.\n# TYPE domicile_transfers_total counter\n");
     for (size_t i = 0; i < M.n_routes; i++) {

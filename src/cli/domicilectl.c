@@ -28,6 +28,9 @@
 
 #include "cli.h"
 
+/* src/cli/keys.c: `keys status|rotate|retire`. */
+int dm_ctl_keys(dm_client_t *c, int timeout_ms, int argc, char **argv);
+
 #define HEALTH_CHECK "/grpc.health.v1.Health/Check"
 #define HEALTH_WATCH "/grpc.health.v1.Health/Watch"
 
@@ -97,6 +100,11 @@ static void usage(FILE *f)
           "      status 3 when a region could not answer\n"
           "  dsr extend REQUEST_ID REASON   extend the deadline once, by two months\n"
           "      SUBJECT \"-\" reads the subject from the first line of stdin\n"
+          "  keys status REGION          KEK versions, data keys per version, the rotation\n"
+          "  keys rotate REGION [--wait|--no-wait]   a new KEK version, current at once; older\n"
+          "      data keys are re-wrapped in the background (followed with a progress line on\n"
+          "      a terminal, or with --wait, until done)\n"
+          "  keys retire REGION VERSION  destroy a KEK version that no data key uses any more\n"
           "  drill failover|gateway --region R [--duration 30s] [--state DIR] [--json FILE|-]\n"
           "                 [--clients N] [--rate N] [--gateway R=H:P]... [--victim N]\n"
           "                 [--victim-pid PID] [--domicile-local PATH] [-o table|json|jsonl]\n"
@@ -2318,6 +2326,8 @@ int main(int argc, char **argv)
         rc = cmd_transfers(c, sub_argc, sub_argv);
     } else if (strcmp(cmd, "dsr") == 0) {
         rc = cmd_dsr(c, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "keys") == 0) {
+        rc = dm_ctl_keys(c, timeout_ms, sub_argc, sub_argv);
     } else {
         fprintf(stderr, "domicilectl: unknown command \"%s\"\n", cmd);
         rc = bad_usage();

@@ -128,6 +128,13 @@ static const key_desc_t gateway_keys[] = {
      false, "unwrapped data keys kept in memory (0 = none)"},
     {"key_cache_ttl_ms", KT_INT, GW(key_cache_ttl_ms), NOCOUNT, "300000", 0, 86400000, NULL, false,
      "how long an unwrapped data key stays in memory"},
+    {"kek_rewrap_batch", KT_INT, GW(kek_rewrap_batch), NOCOUNT, "200", 1, 10000, NULL, false,
+     "data keys re-wrapped per batch while a KEK rotation runs"},
+    {"kek_rotation_lease_ms", KT_INT, GW(kek_rotation_lease_ms), NOCOUNT, "15000", 500, 600000,
+     NULL, false,
+     "a rotation's re-wrap is taken over from a gateway silent for this long (killed, hung)"},
+    {"kek_rewrap_pause_ms", KT_INT, GW(kek_rewrap_pause_ms), NOCOUNT, "0", 0, 60000, NULL, false,
+     "pause between two re-wrap batches (limits the rotation's share of the token)"},
 };
 
 static const key_desc_t region_keys[] = {
@@ -151,8 +158,30 @@ static const key_desc_t region_keys[] = {
      "libpq sslmode; only verify-full is accepted"},
     {"ssl_root_cert", KT_PATH, RG(ssl_root_cert), NOCOUNT, "", 0, STR_MAX, NULL, false,
      "CA certificate that signs the region's server certificates"},
+    {"kek_source", KT_ENUM, RG(kek_source), NOCOUNT, "pkcs11", 0, 0, "pkcs11|file", false,
+     "where the key-encryption keys live: a PKCS#11 token, or (unsafe, logged at every start) "
+     "kek_file"},
     {"kek_file", KT_PATH, RG(kek_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
-     "secret (0600): the region's 32-byte key-encryption key"},
+     "secret (0600): a 32-byte key-encryption key; with kek_source = \"pkcs11\" only to open "
+     "data keys still wrapped by it (migration: rotate, then retire version 1)"},
+    {"pkcs11_module", KT_PATH, RG(pkcs11_module), NOCOUNT, "", 0, STR_MAX, NULL, false,
+     "PKCS#11 library of the region's token (SoftHSM2, an HSM's or a cloud HSM's client)"},
+    {"pkcs11_token", KT_STRING, RG(pkcs11_token), NOCOUNT, "", 0, 32, NULL, false,
+     "label of the region's token"},
+    {"pkcs11_slot", KT_INT, RG(pkcs11_slot), NOCOUNT, "-1", -1, 2147483647LL, NULL, false,
+     "slot id of the token (-1 = any slot whose token has pkcs11_token's label)"},
+    {"pkcs11_pin_file", KT_PATH, RG(pkcs11_pin_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
+     "secret (0600): the token's user PIN"},
+    {"pkcs11_env", KT_LIST, RG(pkcs11_env), RG(n_pkcs11_env), "", 1, 8, NULL, false,
+     "NAME=value set in the environment before the module loads (e.g. SOFTHSM2_CONF=...)"},
+    {"pkcs11_sessions", KT_INT, RG(pkcs11_sessions), NOCOUNT, "4", 1, 64, NULL, false,
+     "token sessions kept open (each used by one thread at a time)"},
+    {"kek_label", KT_STRING, RG(kek_label), NOCOUNT, "", 0, 64, NULL, false,
+     "label prefix of the KEK versions in the token, <prefix>.v<N> (\"\" = domicile-kek-<code>)"},
+    {"kek_test_extractable", KT_ENUM, RG(kek_test_extractable), NOCOUNT, "off", 0, 0,
+     "off|on|accept", false,
+     "TESTS ONLY: on = new KEK versions are made extractable; accept = extractable versions are "
+     "used (both logged as unsafe); off = an extractable KEK fails the region closed"},
     {"ledger_key_file", KT_PATH, RG(ledger_key_file), NOCOUNT, "", 0, STR_MAX, NULL, false,
      "secret (0600): the 32-byte HMAC key of the region's transfer ledger (not in the database)"},
     {"pool_size", KT_INT, RG(pool_size), NOCOUNT, "3", 1, 16, NULL, false,
@@ -508,7 +537,10 @@ static int key_index(const key_desc_t *keys, size_t n, const char *name)
 static dm_status_t *check_foreign_region(const char *file, const char *code, const char *mine,
                                          const int *lines)
 {
-    static const char *const secrets[] = {"password_file", "kek_file", "ledger_key_file"};
+    static const char *const secrets[] = {
+        "password_file", "kek_file",        "ledger_key_file", "pkcs11_module",
+        "pkcs11_token",  "pkcs11_pin_file", "pkcs11_env",      "pkcs11_slot",
+        "kek_label",     "kek_source",      "pkcs11_sessions", "kek_test_extractable"};
     static const char *const database[] = {
         "hosts",     "database",          "user", "ssl_mode", "ssl_root_cert",
         "pool_size", "connect_timeout_ms"};
@@ -530,6 +562,8 @@ static dm_status_t *check_foreign_region(const char *file, const char *code, con
     }
     return NULL;
 }
+
+static dm_status_t *check_kek(const char *file, const int *lines, dm_region_config_t *r);
 
 static dm_status_t *load_region(const dm_config_t *cfg, const char *code, dm_region_config_t *r)
 {
@@ -562,8 +596,7 @@ static dm_status_t *load_region(const dm_config_t *cfg, const char *code, dm_reg
                             code);
         return NULL;
     }
-    static const char *const required[] = {"password_file", "ssl_root_cert", "kek_file",
-                                           "ledger_key_file"};
+    static const char *const required[] = {"password_file", "ssl_root_cert", "ledger_key_file"};
     if (r->n_hosts == 0)
         return cf_error(file, 0, "hosts", "missing (required for the gateway's own region)");
     for (size_t i = 0; i < DM_ARRAY_LEN(required); i++)
@@ -575,7 +608,7 @@ static dm_status_t *load_region(const dm_config_t *cfg, const char *code, dm_reg
             return st;
     if ((st = check_secret(file, RL("password_file"), "password_file", r->password_file, 1, 1024)))
         return st;
-    if ((st = check_secret(file, RL("kek_file"), "kek_file", r->kek_file, KEY_LEN, KEY_LEN)))
+    if ((st = check_kek(file, lines, r)))
         return st;
     if ((st = check_secret(file, RL("ledger_key_file"), "ledger_key_file", r->ledger_key_file,
                            KEY_LEN, KEY_LEN)))
@@ -583,6 +616,50 @@ static dm_status_t *load_region(const dm_config_t *cfg, const char *code, dm_reg
     if (access(r->ssl_root_cert, R_OK) != 0)
         return cf_error(file, RL("ssl_root_cert"), "ssl_root_cert", "cannot read \"%s\": %s",
                         r->ssl_root_cert, strerror(errno));
+#undef RL
+    return NULL;
+}
+
+/*
+ * The own region's key custody: a token (module, token label, PIN file; the token itself is
+ * opened by the gateway at run time, and a token that cannot be opened makes only this region
+ * unavailable), or, explicitly, a key file.
+ */
+static dm_status_t *check_kek(const char *file, const int *lines, dm_region_config_t *r)
+{
+    dm_status_t *st;
+#define RL(key) line_of(region_keys, DM_ARRAY_LEN(region_keys), lines, key)
+    if (strcmp(r->kek_source, "file") == 0) {
+        if (!r->kek_file[0])
+            return cf_error(file, RL("kek_source"), "kek_file",
+                            "missing (required with kek_source = \"file\")");
+        return check_secret(file, RL("kek_file"), "kek_file", r->kek_file, KEY_LEN, KEY_LEN);
+    }
+    static const char *const token_keys[] = {"pkcs11_module", "pkcs11_token", "pkcs11_pin_file"};
+    for (size_t i = 0; i < DM_ARRAY_LEN(token_keys); i++)
+        if (lines[key_index(region_keys, DM_ARRAY_LEN(region_keys), token_keys[i])] == 0)
+            return cf_error(file, 0, token_keys[i],
+                            "missing (required with kek_source = \"pkcs11\", the default; "
+                            "kek_source = \"file\" keeps the key in a file, unsafely)");
+    if (!r->pkcs11_token[0])
+        return cf_error(file, RL("pkcs11_token"), "pkcs11_token", "must not be empty");
+    for (size_t i = 0; i < r->n_pkcs11_env; i++) {
+        const char *eq = strchr(r->pkcs11_env[i], '=');
+        if (!eq || eq == r->pkcs11_env[i])
+            return cf_error(file, RL("pkcs11_env"), "pkcs11_env",
+                            "entry %zu must be NAME=value (got \"%s\")", i + 1, r->pkcs11_env[i]);
+    }
+    if (r->kek_file[0] &&
+        (st = check_secret(file, RL("kek_file"), "kek_file", r->kek_file, KEY_LEN, KEY_LEN)))
+        return st;
+    if (!r->kek_label[0]) {
+        free(r->kek_label);
+        r->kek_label = dm_sprintf("domicile-kek-%s", r->code);
+    }
+    for (const char *p = r->kek_label; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+              *p == '-' || *p == '_' || *p == '.'))
+            return cf_error(file, RL("kek_label"), "kek_label", "must be of [A-Za-z0-9._-]");
 #undef RL
     return NULL;
 }

@@ -380,6 +380,20 @@ unsigned char *dm_aad(size_t *out_len, size_t n_parts, const dm_aad_part_t *part
     return buf;
 }
 
+unsigned char *dm_key_aad(const char *region, const char *customer, const unsigned char *sk,
+                          size_t sk_len, size_t *len)
+{
+    return DM_AAD(len, DM_AAD_STR("domicile-dek-v1"), DM_AAD_STR(region), DM_AAD_STR(customer),
+                  DM_AAD_BYTES(sk ? (const void *)sk : "", sk ? sk_len : 0));
+}
+
+unsigned char *dm_record_aad(const char *region, const char *customer, const char *record_id,
+                             size_t *len)
+{
+    return DM_AAD(len, DM_AAD_STR("domicile-record-v1"), DM_AAD_STR(region), DM_AAD_STR(customer),
+                  DM_AAD_STR(record_id));
+}
+
 static bool ascii_space(unsigned char c)
 {
     return c == ' ' || (c >= '\t' && c <= '\r');

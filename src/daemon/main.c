@@ -236,6 +236,7 @@ int main(int argc, char **argv)
     dm_server_on_shutdown(app.server, dm_health_shutdown, app.health);
     dm_server_set_authorizer(app.server, dm_authorize, &app);
     dm_regions_start(app.regions);
+    dm_app_start(&app);
     dm_peers_start(app.peers);
     if ((st = dm_server_start(app.server, &port)))
         goto out;
@@ -276,6 +277,7 @@ out:
     dm_metrics_stop();
     dm_webhooks_stop(app.webhooks); /* it runs statements: before the regions stop */
     dm_peers_stop(app.peers);       /* cancels what is in flight; callbacks run now */
+    dm_app_stop(&app);              /* key custody runs statements too */
     if (app.regions)
         dm_regions_stop(app.regions);
     dm_server_destroy(app.server);

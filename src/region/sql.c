@@ -42,7 +42,7 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                "SELECT * FROM domicile.close_customer($1, $2, $3, $4)", 4},
     [DM_SQL_PURGE_DUE] = {"purge_due", "SELECT domicile.purge_due_customers($1)", 1},
     [DM_SQL_GET_OR_CREATE_KEY] = {"get_or_create_key",
-                                  "SELECT * FROM domicile.get_or_create_key($1, $2, $3)", 3},
+                                  "SELECT * FROM domicile.get_or_create_key($1, $2, $3, $4)", 4},
     [DM_SQL_PUT_RECORD] = {"put_record",
                            "SELECT * FROM domicile.put_record($1, $2, $3, $4, $5, $6, $7, $8, "
                            "$9, $10, $11, $12, $13)",
@@ -337,6 +337,55 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                 "recorded_at") ", mac, restore_id FROM domicile.ledger_restores "
                                                "ORDER BY restored_seq, cut_id",
                             0},
+    [DM_SQL_KEK_VERSIONS] = {"kek_versions",
+                             "SELECT version, source, label, check_value, state "
+                             "FROM domicile.kek_versions ORDER BY version",
+                             0},
+    [DM_SQL_KEK_BOOTSTRAP_FILE] = {"kek_bootstrap_file",
+                                   "INSERT INTO domicile.kek_versions (version, source, state, "
+                                   "check_value, activated_at, created_by) VALUES (1, 'file', "
+                                   "'active', $1, now(), $2) ON CONFLICT DO NOTHING",
+                                   2},
+    [DM_SQL_KEK_CLAIM] = {"kek_claim",
+                          "SELECT * FROM domicile.kek_claim_version($1, $2, $3, $4, $5)", 5},
+    [DM_SQL_KEK_ACTIVATE] = {"kek_activate",
+                             "SELECT * FROM domicile.kek_activate($1, $2, $3, $4, $5, $6)", 6},
+    [DM_SQL_KEK_SET_CHECK] = {"kek_set_check",
+                              "UPDATE domicile.kek_versions SET check_value = $2 "
+                              "WHERE version = $1 AND check_value IS NULL AND state = 'active'",
+                              2},
+    [DM_SQL_KEK_ROTATION_CLAIM] = {"kek_rotation_claim",
+                                   "SELECT * FROM domicile.kek_rotation_claim($1, $2)", 2},
+    /* Oldest versions first, in index order (data_keys_by_kek_version), after a cursor. */
+    [DM_SQL_KEK_REWRAP_BATCH] = {"kek_rewrap_batch",
+                                 "SELECT key_id, customer_id, subject_key, wrapped, kek_version "
+                                 "FROM domicile.data_keys WHERE kek_version < $1 "
+                                 "AND (kek_version, key_id) > ($2::integer, $3::bigint) "
+                                 "ORDER BY kek_version, key_id LIMIT $4",
+                                 4},
+    [DM_SQL_KEK_REWRAP] = {"kek_rewrap",
+                           "SELECT domicile.kek_rewrap($1, $2, $3, $4::bigint[], $5::bytea[], $6)",
+                           6},
+    [DM_SQL_KEK_ROTATION_FINISH] = {"kek_rotation_finish",
+                                    "SELECT domicile.kek_rotation_finish($1, $2, $3)", 3},
+    [DM_SQL_KEK_STATUS] = {"kek_status",
+                           "SELECT v.version, v.source, v.label, v.state, v.created_at, "
+                           "v.activated_at, v.retired_at, coalesce(c.n, 0)::bigint "
+                           "FROM domicile.kek_versions v LEFT JOIN (SELECT kek_version, "
+                           "count(*) AS n FROM domicile.data_keys GROUP BY kek_version) c "
+                           "ON c.kek_version = v.version ORDER BY v.version",
+                           0},
+    [DM_SQL_KEK_ROTATION_STATUS] = {"kek_rotation_status",
+                                    "SELECT r.rotation_id, r.target_version, r.state, "
+                                    "r.started_at, r.started_by, r.finished_at, r.keys_total, "
+                                    "r.keys_rewrapped, coalesce(r.claimed_by, ''), "
+                                    "coalesce(r.last_error, ''), CASE WHEN r.state = 'running' "
+                                    "THEN (SELECT count(*) FROM domicile.data_keys k WHERE "
+                                    "k.kek_version < r.target_version) ELSE 0 END "
+                                    "FROM domicile.kek_rotations r "
+                                    "ORDER BY r.rotation_id DESC LIMIT 1",
+                                    0},
+    [DM_SQL_KEK_RETIRE] = {"kek_retire", "SELECT * FROM domicile.kek_retire($1, $2)", 2},
 };
 
 static uint64_t be64(const char *p)

@@ -720,7 +720,7 @@ def test_deployment_mounts_only_its_own_regions_secrets(secrets, clusters, regio
             assert set(keys) <= set(secrets[name]["stringData"]), f"Secret {name} has no keys {set(keys) - set(secrets[name]['stringData'])}"
     # ...and all of them: the region's keys, password, cluster CA, peer certificate.
     assert mounted.get(PEPPER_SECRET) == {"subject_pepper"}
-    assert mounted.get(f"domicile-{code}-gateway-keys") == {"kek", "ledger.key"}
+    assert mounted.get(f"domicile-{code}-gateway-keys") == {"token.pin", "ledger.key"}
     assert mounted.get(f"domicile-{code}-gateway") == {"password"}
     assert mounted.get(own_cluster_ca) == {"ca.crt"}
     assert mounted.get(f"domicile-{code}-gateway-peer") == {"tls.crt", "tls.key"}
@@ -851,7 +851,7 @@ def mounted_files(pod, container):
     return out
 
 
-SECRET_KEYS = ("subject_pepper_file", "password_file", "kek_file", "ledger_key_file", "peer_key_file",
+SECRET_KEYS = ("subject_pepper_file", "password_file", "pkcs11_pin_file", "ledger_key_file", "peer_key_file",
                "tls_cert_file", "tls_key_file", "tls_client_ca_file", "webhook_secret_file")
 
 
@@ -957,7 +957,7 @@ def write_secret(dst, key, placeholder):
         data = f"{PLACEHOLDER}: {key}".encode() * 4
     elif key in ("kek", "ledger.key", "subject_pepper"):
         data = os.urandom(32)
-    elif key == "password":
+    elif key in ("password", "token.pin"):
         data = (os.urandom(24).hex() + "\n").encode()
     else:  # certificates and the peer key: read, not parsed, by --check-config
         data = b"-----BEGIN CERTIFICATE-----\nplaceholder\n-----END CERTIFICATE-----\n"
@@ -1013,7 +1013,7 @@ def test_daemon_refuses_the_regions_configuration_as_shipped(configmaps, region_
     conf = lay_out_pod_files(root, configmaps, g, placeholder_secrets=True)
     p = check_config(conf)
     assert p.returncode == 2, p.stdout
-    assert "kek_file" in p.stderr or "token_sha256" in p.stderr, p.stderr
+    assert "ledger_key_file" in p.stderr or "token_sha256" in p.stderr, p.stderr
     # With real secrets but the shipped principals, the token placeholders are refused.
     root2 = str(tmp_path / "pod2")
     conf2 = lay_out_pod_files(root2, configmaps, g, placeholder_secrets=False)
@@ -1126,9 +1126,9 @@ def test_init_container_installs_secrets_the_daemon_accepts(region_gateways, cod
     src2, dst2 = str(tmp_path / "in2"), str(tmp_path / "out2")
     os.makedirs(src2)
     os.makedirs(dst2)
-    fake_secret_volume(src2, dict(want, **{f"{code}/kek": b"REPLACE_ME: 32 random bytes (openssl rand 32)"}))
+    fake_secret_volume(src2, dict(want, **{f"{code}/token.pin": b"REPLACE_ME: the user PIN of the region's PKCS#11 token"}))
     p = run_install_secrets(g.pod, src2, dst2)
-    assert p.returncode != 0 and f"{code}/kek" in p.stderr and "placeholder" in p.stderr, (p.returncode, p.stderr)
+    assert p.returncode != 0 and f"{code}/token.pin" in p.stderr and "placeholder" in p.stderr, (p.returncode, p.stderr)
 
 
 # --------------------------------------------------------------------------------------------

@@ -222,7 +222,8 @@ def clock_shift(ms):
 
 
 # --------------------------------------------------------------------------------------------
-# decryption with the region's KEK (what a thief holding a backup and the KEK could do)
+# decryption with the region's KEK (what a thief holding a backup and the region's token with
+# its PIN could do: the KEK itself never leaves the token)
 
 
 def _aad(*parts):
@@ -236,15 +237,15 @@ def gcm_open(key, blob, aad):
     return AESGCM(key).decrypt(blob[1:13], blob[13:], aad)
 
 
-def kek(regions, region):
-    with open(regions.secret_path(region, "kek"), "rb") as f:
-        k = f.read()
-    assert len(k) == 32
-    return k
+def unwrap_in_token(regions, region, wrapped, aad):
+    from tokens import RegionToken
+
+    version = int.from_bytes(wrapped[1:5], "big")
+    return RegionToken(regions, region).unwrap(f"domicile-kek-{region}.v{version}", wrapped, aad)
 
 
 def decrypt_record(regions, region, cid, rid, ciphertext, wrapped, key_subject_key):
-    dek = gcm_open(kek(regions, region), wrapped, _aad(b"domicile-dek-v1", region.encode(), cid.encode(), key_subject_key))
+    dek = unwrap_in_token(regions, region, wrapped, _aad(b"domicile-dek-v1", region.encode(), cid.encode(), key_subject_key))
     return gcm_open(dek, ciphertext, _aad(b"domicile-record-v1", region.encode(), cid.encode(), rid.encode()))
 
 

@@ -16,7 +16,7 @@ from conftest import REGION_CODES, SERVING, health_check, wait_health
 from helpers import Api, register
 
 PUBLIC_REGION_KEYS = {"code", "name", "jurisdiction", "gateways", "gateway_identity"}
-SECRET_KEYS = ("password_file", "kek_file", "ledger_key_file")
+SECRET_KEYS = ("password_file", "pkcs11_pin_file", "ledger_key_file")
 
 
 def settings(path):
@@ -81,7 +81,13 @@ def test_each_gateway_directory_holds_only_its_own_region(regions):
         sec = os.path.join(gw, "secrets")
         assert stat.S_IMODE(os.stat(sec).st_mode) == 0o700
         names = sorted(os.listdir(sec))
-        assert names == ["db.password", "kek", "ledger.key", "peer.key", "subject_pepper"], names
+        assert names == ["db.password", "ledger.key", "peer.key", "subject_pepper", "token.pin", "token.so-pin"], names
+        # The region's token: a directory of its own, root only, named by this gateway alone.
+        tok = os.path.join(gw, "token")
+        assert stat.S_IMODE(os.stat(tok).st_mode) == 0o700
+        assert strings(settings(os.path.join(regions.gateway_regions_dir(code), f"{code}.conf"))["pkcs11_env"]) == [
+            f"SOFTHSM2_CONF={tok}/softhsm2.conf"
+        ]
         for n in names:
             assert stat.S_IMODE(os.stat(os.path.join(sec, n)).st_mode) == 0o600, n
         text = open(regions.gateway_conf(code)).read() + "".join(

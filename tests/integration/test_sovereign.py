@@ -41,6 +41,8 @@ def _copy_gateway_config(regions, code, dst):
     "key,value,why",
     [
         ("kek_file", '"/var/lib/domicile/eu.kek"', "a secret of region \"eu\""),
+        ("pkcs11_pin_file", '"/var/lib/domicile/eu.pin"', "a secret of region \"eu\""),
+        ("pkcs11_module", '"/usr/lib/softhsm/libsofthsm2.so"', "a secret of region \"eu\""),
         ("password_file", '"/var/lib/domicile/eu.password"', "a secret of region \"eu\""),
         ("ledger_key_file", '"/var/lib/domicile/eu.ledger"', "a secret of region \"eu\""),
         ("hosts", '[ "127.0.0.1:5432" ]', "the database of region \"eu\" is reached only through"),
@@ -72,10 +74,10 @@ def test_own_region_needs_its_secrets(regions, tmp_path):
     with open(us) as f:
         text = f.read()
     with open(us, "w") as f:
-        f.write(re.sub(r'(?m)^kek_file\s*=.*$', "", text))
+        f.write(re.sub(r'(?m)^pkcs11_pin_file\s*=.*$', "", text))
     p = subprocess.run([DOMICILED, "--config", conf, "--check-config"], capture_output=True, text=True, timeout=30)
     assert p.returncode != 0
-    assert 'key "kek_file": missing (required for the gateway\'s own region)' in p.stderr + p.stdout
+    assert 'key "pkcs11_pin_file": missing (required with kek_source = "pkcs11"' in p.stderr + p.stdout
 
 
 def test_other_regions_files_hold_no_secret(regions):
@@ -85,9 +87,11 @@ def test_other_regions_files_hold_no_secret(regions):
         for other in REGION_CODES:
             with open(os.path.join(rdir, f"{other}.conf")) as f:
                 text = f.read()
-            keys = set(re.findall(r"(?m)^\s*([a-z_]+)\s*=", text))
+            keys = set(re.findall(r"(?m)^\s*([a-z_0-9]+)\s*=", text))
             if other == code:
-                assert {"kek_file", "ledger_key_file", "password_file", "hosts"} <= keys
+                assert {"pkcs11_module", "pkcs11_token", "pkcs11_pin_file", "ledger_key_file", "password_file",
+                        "hosts"} <= keys
+                assert "kek_file" not in keys
             else:
                 assert keys <= {"code", "name", "jurisdiction", "gateways", "gateway_identity"}, (code, other, keys)
 

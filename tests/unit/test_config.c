@@ -54,7 +54,7 @@ static void write_region(const char *code, const char *extra)
              "code = \"%s\";\nname = \"Region %s\";\njurisdiction = \"J\";\n"
              "hosts = [ \"localhost:5432\", \"127.0.0.1:5433\" ];\n"
              "password_file = \"../pw\";\nssl_root_cert = \"../ca.crt\";\n"
-             "kek_file = \"../kek\";\nledger_key_file = \"../kek\";\n%s",
+             "kek_source = \"file\"; kek_file = \"../kek\";\nledger_key_file = \"../kek\";\n%s",
              code, code, extra);
     snprintf(name, sizeof(name), "regions/%s.conf", code);
     write_file(name, text, 0644);
@@ -497,6 +497,10 @@ static void test_foreign_regions(void **state)
     expect_error(gw_good, "regions/eu.conf:5: key \"password_file\": a secret of region", NULL);
     write_foreign("eu", "ledger_key_file = \"../kek\";\n");
     expect_error(gw_good, "regions/eu.conf:5: key \"ledger_key_file\": a secret of region", NULL);
+    write_foreign("eu", "pkcs11_pin_file = \"../pw\";\n");
+    expect_error(gw_good, "regions/eu.conf:5: key \"pkcs11_pin_file\": a secret of region", NULL);
+    write_foreign("eu", "pkcs11_token = \"tok-eu\";\n");
+    expect_error(gw_good, "regions/eu.conf:5: key \"pkcs11_token\": a secret of region", NULL);
     write_foreign("eu", "hosts = [ \"127.0.0.1:5432\" ];\n");
     expect_error(gw_good, "regions/eu.conf:5: key \"hosts\": the database of region \"eu\"",
                  "reached only through its own gateways");
@@ -513,8 +517,47 @@ static void test_foreign_regions(void **state)
                "password_file = \"../pw\";\nssl_root_cert = \"../ca.crt\";\n"
                "ledger_key_file = \"../kek\";\n",
                0644);
-    expect_error(gw_good, "key \"kek_file\": missing (required for the gateway's own region)",
+    expect_error(gw_good, "key \"pkcs11_module\": missing (required with kek_source = \"pkcs11\"",
                  NULL);
+    write_file("regions/in.conf",
+               "code = \"in\";\nname = \"I\";\njurisdiction = \"J\";\nhosts = [ \"h:1\" ];\n"
+               "password_file = \"../pw\";\nssl_root_cert = \"../ca.crt\";\n"
+               "ledger_key_file = \"../kek\";\nkek_source = \"file\";\n",
+               0644);
+    expect_error(gw_good, "key \"kek_file\": missing (required with kek_source = \"file\")", NULL);
+    /* A token: module, token label and PIN file are named (the token itself is opened at run
+     * time: a token that cannot be opened makes only the region unavailable). */
+    const char *token_region = "code = \"in\";\nname = \"I\";\njurisdiction = \"J\";\n"
+                               "hosts = [ \"h:1\" ];\npassword_file = \"../pw\";\n"
+                               "ssl_root_cert = \"../ca.crt\";\nledger_key_file = \"../kek\";\n"
+                               "pkcs11_module = \"/nonexistent/libp11.so\";\n"
+                               "pkcs11_token = \"tok-in\";\npkcs11_pin_file = \"../pw\";\n";
+    snprintf(buf, sizeof(buf), "%s%s", token_region, "pkcs11_env = [ \"NOEQUALS\" ];\n");
+    write_file("regions/in.conf", buf, 0644);
+    expect_error(gw_good, "key \"pkcs11_env\": entry 1 must be NAME=value", NULL);
+    snprintf(buf, sizeof(buf), "%s%s", token_region, "kek_label = \"bad label\";\n");
+    write_file("regions/in.conf", buf, 0644);
+    expect_error(gw_good, "key \"kek_label\": must be of [A-Za-z0-9._-]", NULL);
+    snprintf(buf, sizeof(buf), "%s%s", token_region, "kek_source = \"hsm\";\n");
+    write_file("regions/in.conf", buf, 0644);
+    expect_error(gw_good, "key \"kek_source\": must be one of pkcs11|file", NULL);
+    snprintf(buf, sizeof(buf), "%s%s", token_region, "pkcs11_env = [ \"SOFTHSM2_CONF=/x\" ];\n");
+    write_file("regions/in.conf", buf, 0644);
+    {
+        dm_config_t *cfg = NULL;
+        dm_status_t *st = load(&cfg);
+        if (st)
+            fail_msg("%s", st->message);
+        const dm_region_config_t *in = dm_config_region(cfg, "in");
+        assert_string_equal(in->kek_source, "pkcs11");
+        assert_string_equal(in->pkcs11_token, "tok-in");
+        assert_string_equal(in->kek_label, "domicile-kek-in"); /* the default */
+        assert_int_equal(in->pkcs11_slot, -1);
+        assert_int_equal(in->pkcs11_sessions, 4);
+        assert_int_equal(in->n_pkcs11_env, 1);
+        assert_string_equal(in->kek_file, "");
+        dm_config_free(cfg);
+    }
     write_region("in", "pool_size = 4;\n");
     /* two regions: the gateway must have its peer listener and certificate */
     snprintf(buf, sizeof(buf), "%s", gw_good);

@@ -11,6 +11,7 @@
 #include "domicile/api.h"
 
 #include "domicile/v1/customers.pb-c.h"
+#include "domicile/v1/keys.pb-c.h"
 #include "domicile/v1/records.pb-c.h"
 #include "domicile/v1/regions.pb-c.h"
 #include "domicile/v1/subject_rights.pb-c.h"
@@ -28,6 +29,7 @@ static const ProtobufCServiceDescriptor *services[] = {
     &domicile__v1__regions_service__descriptor,
     &grpc__reflection__v1alpha__server_reflection__descriptor,
     &domicile__peer__v1__peer_service__descriptor,
+    &domicile__v1__keys_service__descriptor,
 };
 
 static void test_table_matches_proto(void **state)

@@ -84,7 +84,7 @@ static void test_builtin_files_and_services(void **state)
         "domicile/v1/records.proto",        "domicile/v1/regions.proto",
         "domicile/v1/subject_rights.proto", "domicile/v1/transfers.proto",
         "grpc/health/v1/health.proto",      "grpc/reflection/v1alpha/reflection.proto",
-        "domicile/peer/v1/peer.proto"};
+        "domicile/peer/v1/peer.proto",      "domicile/v1/keys.proto"};
     for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++)
         if (dm_descdb_find_file(db, files[i]) < 0)
             fail_msg("%s is not in the embedded set", files[i]);
@@ -93,6 +93,7 @@ static void test_builtin_files_and_services(void **state)
      * it out; its descriptor still resolves). */
     const char *services[] = {"domicile.peer.v1.PeerService",
                               "domicile.v1.CustomersService",
+                              "domicile.v1.KeysService",
                               "domicile.v1.RecordsService",
                               "domicile.v1.RegionsService",
                               "domicile.v1.SubjectRightsService",
