@@ -35,7 +35,7 @@ from conftest import (
 from helpers import rpc_error
 from grpc.reflection.v1alpha import reflection_pb2  # noqa: E402  (after conftest: grpc.__path__)
 
-V1_MODULES = ("common", "customers", "records", "subject_rights", "transfers", "regions")
+V1_MODULES = ("common", "customers", "records", "subject_rights", "transfers", "regions", "keys")
 
 
 def identity(b):

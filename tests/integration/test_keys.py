@@ -433,8 +433,12 @@ def test_kek_never_in_gateway_memory(session_federation, regions, gateways, tmp_
         # (lead) An ASan gateway's core holds its shadow memory: 80+ GB written to disk, which
         # filled the machine twice. The property is checked in the normal pass.
         pytest.skip("no core dumps of an AddressSanitizer build (its shadow memory is terabytes)")
-    g = gateways.start(only="in", peers=session_federation, entry="in", overrides={"key_cache_entries": 0},
-                       region_files={"in": {"in": {"kek_test_extractable": "on"}}})
+    # A small process, so that its core stays well under 1 GB: one completion-queue thread,
+    # one connection, one token session, two malloc arenas.
+    g = gateways.start(only="in", peers=session_federation, entry="in",
+                       overrides={"key_cache_entries": 0, "threads": 1}, env={"MALLOC_ARENA_MAX": "2"},
+                       region_files={"in": {"in": {"kek_test_extractable": "on", "pool_size": 1,
+                                                   "pkcs11_sessions": 1}}})
     keys = Keys(g.channel())
     rep = keys.rotate("in")
     v = rep.status.current_version
@@ -451,6 +455,9 @@ def test_kek_never_in_gateway_memory(session_federation, regions, gateways, tmp_
         pepper = f.read()
     core = _gcore(g.pid, str(tmp_path / "core"))
     try:
+        size = os.stat(core)
+        print(f"\ncore: {size.st_size >> 20} MiB, {size.st_blocks * 512 >> 20} MiB on disk")
+        assert size.st_size < 1 << 30, "the core dump is larger than 1 GiB"
         assert _contains(core, pepper), "the scan does not find the pepper the gateway holds"
         assert not _contains(core, kek), "the KEK's bytes are in the gateway's memory"
     finally:

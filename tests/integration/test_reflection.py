@@ -19,7 +19,7 @@ from conftest import SERVING, health_pb2  # noqa: F401  (conftest first: it exte
 from grpc.reflection.v1alpha import reflection_pb2 as R  # noqa: E402
 
 PATH = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
-V1_MODULES = ("common", "customers", "records", "subject_rights", "transfers", "regions")
+V1_MODULES = ("common", "customers", "records", "subject_rights", "transfers", "regions", "keys")
 NOT_FOUND, UNIMPLEMENTED = 5, 12
 
 
