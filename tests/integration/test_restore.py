@@ -16,7 +16,7 @@ import time
 import grpc
 import pytest
 
-from conftest import BUILD_DIR, DOMICILE_LOCAL, REGION_CODES, REGIONS_STATE, SERVING, wait_health
+from conftest import BUILD_DIR, DOMICILE_LOCAL, REGION_CODES, REGIONS_STATE, SERVING, wait_health, wait_until
 from helpers import Api, get, put, register, rpc_error, uid, unary_stub
 
 from domicile.v1 import subject_rights_pb2 as SR
@@ -38,26 +38,24 @@ def _erase(channel, subject, cid):
     status = unary_stub(channel, "SubjectRightsService", "GetRequest", SR.GetRequestRequest, SR.GetRequestResponse)
     rid = f"erase-{uid()}"
     erase(SR.EraseRequest(request_id=rid, subject=subject, customer_id=cid, reason="restore test"), timeout=15)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if status(SR.GetRequestRequest(request_id=rid), timeout=15).request.state == SR.DSR_STATE_DONE:
-            return rid
-        time.sleep(0.1)
-    raise AssertionError(f"erasure {rid} not done after 30 s")
+    state = wait_until(lambda: status(SR.GetRequestRequest(request_id=rid), timeout=15).request.state,
+                       lambda st: st == SR.DSR_STATE_DONE, timeout=30)
+    assert state == SR.DSR_STATE_DONE, f"erasure {rid} not done after 30 s"
+    return rid
 
 
 def _wait_serving(api, cid, rid, timeout=90):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
+    def attempt():
         try:
             return get(api, cid, rid, timeout=5)
         except grpc.RpcError as e:
-            last = e
             if e.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-        time.sleep(0.1)
-    raise AssertionError(f"eu does not serve {timeout} s after the restore: {last.details() if last else ''}")
+            return e
+
+    got = wait_until(attempt, lambda r: not isinstance(r, grpc.RpcError), timeout=timeout)
+    assert not isinstance(got, grpc.RpcError), f"eu does not serve {timeout} s after the restore: {got.details()}"
+    return got
 
 
 def _last_restore(regions):
