@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 
+#include "domicile/client.h"
 #include "domicile/output.h"
 
 /*
@@ -50,6 +51,9 @@ char *dm_ctl_find_local(void);
 /** `domicilectl drill restore ...` (src/cli/drill_restore.c), called by dm_ctl_drill. */
 int dm_ctl_drill_restore(const char *addr, const char *cacert, const char *cert, const char *key,
                          int timeout_ms, int argc, char **argv);
+
+/** `domicilectl keys status|rotate|retire ...` (src/cli/keys.c); `out`: status as JSON. */
+int dm_ctl_keys(const dm_ctl_output_t *out, dm_client_t *c, int timeout_ms, int argc, char **argv);
 
 /** `domicilectl completion bash` (src/cli/completion.c): argv[0] is "completion". */
 int dm_ctl_completion(int argc, char **argv);

@@ -29,7 +29,6 @@
 #include "cli.h"
 
 /* src/cli/keys.c: `keys status|rotate|retire`. */
-int dm_ctl_keys(dm_client_t *c, int timeout_ms, int argc, char **argv);
 
 #define HEALTH_CHECK "/grpc.health.v1.Health/Check"
 #define HEALTH_WATCH "/grpc.health.v1.Health/Watch"
@@ -2327,7 +2326,7 @@ int main(int argc, char **argv)
     } else if (strcmp(cmd, "dsr") == 0) {
         rc = cmd_dsr(c, sub_argc, sub_argv);
     } else if (strcmp(cmd, "keys") == 0) {
-        rc = dm_ctl_keys(c, timeout_ms, sub_argc, sub_argv);
+        rc = dm_ctl_keys(&out_g, c, timeout_ms, sub_argc, sub_argv);
     } else {
         fprintf(stderr, "domicilectl: unknown command \"%s\"\n", cmd);
         rc = bad_usage();

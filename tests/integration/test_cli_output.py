@@ -363,3 +363,19 @@ def test_progress_on_a_terminal_only(cli):
     for cmd in (report, export):
         p = subprocess.run(cmd, capture_output=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
         assert p.returncode == 0 and b"\r" not in p.stderr and b"\x1b" not in p.stderr, p.stderr
+
+
+def test_keys_status_as_json(cli):
+    """`keys status` (issue 17's command) speaks the same JSON contract: one KeyStatus object
+    for json and one line for jsonl, proto field names, times in RFC 3339; the table stays the
+    view of one thing, a line per field."""
+    for region in ("us", "eu"):  # eu: forwarded to eu's gateway
+        s = as_json(ctl(cli, "-o", "json", "keys", "status", region))
+        assert s["region"] == region and s["available"] is True and s["current_version"] >= 1, s
+        assert {"kek_source", "token", "unavailable_reason", "versions"} <= set(s), s
+        current = [v for v in s["versions"] if v["version"] == s["current_version"]]
+        assert len(current) == 1 and is_time(current[0]["created_at"]), s["versions"]
+        (line,) = as_jsonl(ctl(cli, "-o", "jsonl", "keys", "status", region))
+        assert line["region"] == region and line["current_version"] == s["current_version"]
+    text = ctl(cli, "keys", "status", "us").stdout.decode()
+    assert re.search(r"^current_version\s+\d+$", text, re.M), text
