@@ -72,6 +72,10 @@ static const command_t commands[] = {
     {"drill gateway", DRILL_OPTS " --output=table|wide|json|jsonl"},
     {"drill restore", "--region= --state=@dir --json=@file --rate= --gateway= "
                       "--domicile-local=@file --help"},
+    {"keys", ""},
+    {"keys status", ""},
+    {"keys rotate", "--wait --no-wait"},
+    {"keys retire", ""},
     {"completion", ""},
     {"completion bash", ""},
 };

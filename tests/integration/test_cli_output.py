@@ -320,7 +320,7 @@ def test_completion_bash(tmp_path):
     script.write_text(p.stdout)
     assert subprocess.run(["bash", "-n", str(script)], timeout=30).returncode == 0
     assert complete(script, "domicilectl", "") == ["health", "watch", "customer", "regions", "record", "transfers", "dsr",
-                                                   "drill", "completion"]
+                                                   "drill", "keys", "completion"]
     assert complete(script, "domicilectl", "d") == ["dsr", "drill"]
     assert complete(script, "domicilectl", "--addr", "h:1", "dsr", "l") == ["list", "locate"]
     assert set(complete(script, "domicilectl", "dsr", "list", "--")) == {
