@@ -78,7 +78,12 @@ def test_metrics_count_a_known_workload(gateways):
                        lambda a: value(a, "domicile_call_duration_seconds_count", method=get)
                        - value(before, "domicile_call_duration_seconds_count", method=get) >= 5
                        and value(a, "domicile_calls_total", method=put, status="OK")
-                       - value(before, "domicile_calls_total", method=put, status="OK") >= 5,
+                       - value(before, "domicile_calls_total", method=put, status="OK") >= 5
+                       # (a call's duration and its status are two counters: wait for both)
+                       and value(a, "domicile_calls_total", method=get, status="NOT_FOUND")
+                       - value(before, "domicile_calls_total", method=get, status="NOT_FOUND") >= 2
+                       and value(a, "domicile_calls_total", method=get, status="OK")
+                       - value(before, "domicile_calls_total", method=get, status="OK") >= 3,
                        timeout=10)
 
     def delta(name, **labels):
