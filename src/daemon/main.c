@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <grpc/grpc.h>
+#include <openssl/crypto.h>
 
 #include "domicile/api.h"
 #include "domicile/log.h"
@@ -129,6 +130,12 @@ int main(int argc, char **argv)
     dm_app_t app = {0};
     dm_status_t *st = NULL;
     sigset_t sigs;
+
+    /* No OpenSSL tear-down at exit: gRPC 1.51 may still be finishing a peer channel's TLS
+     * set-up on a thread of its own after grpc_shutdown_blocking() (a gateway that exits
+     * while a peer is connecting), and OPENSSL_cleanup() would free what that thread reads.
+     * The process is ending: the kernel takes the memory back. First OpenSSL call. */
+    OPENSSL_init_crypto(OPENSSL_INIT_NO_ATEXIT, NULL);
 
     while ((opt = getopt_long(argc, argv, "c:Vh", opts, NULL)) != -1) {
         switch (opt) {
