@@ -335,4 +335,6 @@ def test_webhook_failing_then_delivered(monitored):
                       lambda t: value(t, "domicile_webhook_failing_receivers") == 0, timeout=60)
     assert value(text, "domicile_webhook_failing_receivers") == 0, monitored.log
     assert value(text, "domicile_webhook_failing_since_timestamp_seconds") == 0
-    assert value(text, "domicile_webhook_deliveries_total", outcome="delivered") == delivered + 1
+    # At least once: an attempt that timed out while the receiver was slow (the sanitizer
+    # build) is sent again, and both may be answered 200.
+    assert value(text, "domicile_webhook_deliveries_total", outcome="delivered") >= delivered + 1
