@@ -701,8 +701,9 @@ PGresult *dm_region_exec(dm_exec_t *x, dm_sql_id_t stmt, int n, const char *cons
                          const int *lengths, const int *formats, dm_status_t **err)
 {
     executor_t *e = x->e;
-    bool timed_out = false;
+    bool timed_out = false, synced;
     PGresult *res = NULL, *r;
+    char why[256];
     *err = NULL;
     e->wait_ms = MAINTENANCE_TIMEOUT_MS;
     if (!e->conn) {
@@ -719,24 +720,39 @@ PGresult *dm_region_exec(dm_exec_t *x, dm_sql_id_t stmt, int n, const char *cons
         *err = status_from_result(e->region, res, e->conn);
         PQclear(res);
         res = NULL;
+        /* As in run_round: 57P01 (the server is shutting down), 25006 (a standby that was
+         * the primary)... this connection cannot serve the region any more. */
+        if ((*err)->code == GRPC_STATUS_UNAVAILABLE)
+            goto broken;
     }
-    /* Drain to the Sync that ends this statement's transaction. */
-    while ((r = next_result(e->conn, &timed_out, e->wait_ms)) != NULL || !timed_out) {
-        if (!r)
-            continue;
-        bool sync = PQresultStatus(r) == PGRES_PIPELINE_SYNC;
+    /* The NULL that ends the statement's results, then the Sync that ends its transaction,
+     * and nothing else. Not a loop until the Sync: once the server has closed the
+     * connection libpq answers NULL at once, forever, without a timeout, so such a loop
+     * spun and kept this executor counted as up while its region was down. */
+    r = next_result(e->conn, &timed_out, e->wait_ms);
+    if (r) {
         PQclear(r);
-        if (sync) {
-            clock_gettime(CLOCK_MONOTONIC, &e->last_activity);
-            return res;
-        }
+        goto broken;
     }
+    r = next_result(e->conn, &timed_out, e->wait_ms);
+    synced = r && PQresultStatus(r) == PGRES_PIPELINE_SYNC;
+    PQclear(r);
+    if (!synced)
+        goto broken;
+    clock_gettime(CLOCK_MONOTONIC, &e->last_activity);
+    return res;
 broken:
     PQclear(res);
     dm_status_free(*err);
     *err = dm_status_new(GRPC_STATUS_UNAVAILABLE, "region \"%s\" is unavailable",
                          e->region->cfg->code);
-    drop_conn(e, timed_out ? "region did not answer in time" : PQerrorMessage(e->conn));
+    snprintf(why, sizeof(why), "%s",
+             timed_out ? "region did not answer in time" : PQerrorMessage(e->conn));
+    if (!why[0])
+        snprintf(why, sizeof(why), "connection lost");
+    dm_warn(e->region->component, "executor %d: connection lost during %s: %s", e->index,
+            dm_sql[stmt].name, why);
+    drop_conn(e, why);
     return NULL;
 }
 

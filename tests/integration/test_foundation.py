@@ -8,6 +8,7 @@ import concurrent.futures
 import importlib
 import os
 import re
+import select
 import shutil
 import signal
 import stat
@@ -18,6 +19,7 @@ import grpc
 import pytest
 
 from conftest import (
+    DOMICILE_LOCAL,
     DOMICILED,
     NOT_SERVING,
     REGION_CODES,
@@ -30,6 +32,7 @@ from conftest import (
     read_until,
     region_ports,
     wait_health,
+    wait_until,
     write_config_copy,
 )
 from helpers import rpc_error
@@ -146,6 +149,79 @@ def test_region_outage_and_recovery(regions, gateway, channel):
     assert any("eu" in l and "region is not serving" in l for l in gateway.log.splitlines()), "no outage logged"
     # The stream reported changes only: SERVING, NOT_SERVING, SERVING.
     assert seen == [SERVING, NOT_SERVING, SERVING], [STATUS_NAME(s) for s in seen]
+
+
+class TableLock:
+    """A psql session on a region's primary holding ACCESS EXCLUSIVE on `table` until
+    release() (or until the server ends the session)."""
+
+    def __init__(self, regions, region, table):
+        self.proc = subprocess.Popen(
+            [DOMICILE_LOCAL, "--state", regions.state, "psql", region, "-At", "-q"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.proc.stdin.write(f"BEGIN;\nLOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;\nSELECT pg_backend_pid();\n")
+        self.proc.stdin.flush()
+        r, _, _ = select.select([self.proc.stdout], [], [], 30)
+        assert r, f"psql did not lock {table} within 30 s"
+        line = self.proc.stdout.readline().strip()
+        assert line.isdigit(), (line, self.proc.poll())
+        self.pid = int(line)
+
+    def release(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            self.proc.wait(timeout=30)
+
+
+def test_maintenance_cut_off_inside_a_statement_reconnects_and_outage_is_seen(regions, session_federation, gateway):
+    """The regions' maintenance (sealer, fences, request legs: one executor of each region's
+    pool, between calls) meets a lost connection inside a statement: that executor reconnects
+    and the maintenance goes on; and when the whole region stops while a maintenance
+    statement runs, the region's own gateway and the others report it NOT_SERVING.
+
+    The sealer's first statement reads domicile.ledger_chain: a lock on it holds the
+    statement on the server, so the connection is cut while it runs (before the fix, libpq's
+    endless NULLs after a lost connection kept that executor spinning, counted as up: `in`
+    stayed SERVING after its database stopped; test_regions met it under load)."""
+    region = "in"
+    own = session_federation[region].channel(token=None)
+    health = gateway.channel(token=None)
+    service = f"domicile.region.{region}"
+
+    def waiting(lock):
+        """Backends of the region's gateways blocked on the lock."""
+        out = regions.psql(region, "SELECT pid FROM pg_stat_activity WHERE application_name = 'domiciled' "
+                                   f"AND {lock.pid} = ANY(pg_blocking_pids(pid))")
+        return {int(p) for p in out.split()}
+
+    lock = TableLock(regions, region, "domicile.ledger_chain")
+    stopped = False
+    try:
+        cut = wait_until(lambda: waiting(lock), bool, timeout=30)
+        assert cut, "no gateway's maintenance waits on the ledger_chain lock"
+        ended = regions.psql(region, "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                     f"WHERE pid IN ({', '.join(map(str, cut))})")
+        assert ended == str(len(cut)), (ended, cut)
+        # Each cut executor connects again, and its next maintenance run waits on the lock anew.
+        again = wait_until(lambda: waiting(lock) - cut, lambda w: len(w) >= len(cut), timeout=30)
+        assert len(again) >= len(cut), f"the maintenance did not come back: {cut} cut, {again} waiting"
+        assert health_check(own, service) == SERVING
+
+        # A maintenance statement runs when the region stops.
+        regions.stop(region)
+        stopped = True
+        wait_health(own, service, NOT_SERVING, timeout=30)
+        wait_health(health, service, NOT_SERVING, timeout=30)
+    finally:
+        lock.release()
+        if stopped:
+            regions.start(region)
+    wait_health(own, service, SERVING, timeout=60)
+    wait_health(health, service, SERVING, timeout=60)
 
 
 # --------------------------------------------------------------------------------------------
