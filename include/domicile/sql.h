@@ -102,6 +102,8 @@ typedef enum {
                                    retired, data_keys */
     DM_SQL_KEK_ROTATION_STATUS, /* () -> the latest rotation */
     DM_SQL_KEK_RETIRE,          /* (version, by) -> status, keys, label */
+    DM_SQL_KEK_SCHEDULE,        /* () -> version, current, active_ms, superseded_ms, in_use,
+                                   rotating (010_crypto_period.sql) */
     DM_SQL__COUNT
 } dm_sql_id_t;
 

@@ -386,6 +386,7 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                     "ORDER BY r.rotation_id DESC LIMIT 1",
                                     0},
     [DM_SQL_KEK_RETIRE] = {"kek_retire", "SELECT * FROM domicile.kek_retire($1, $2)", 2},
+    [DM_SQL_KEK_SCHEDULE] = {"kek_schedule", "SELECT * FROM domicile.kek_schedule()", 0},
 };
 
 static uint64_t be64(const char *p)

@@ -17,7 +17,8 @@ import grpc
 import pytest
 
 from conftest import BUILD_DIR, DOMICILE_LOCAL, REGION_CODES, REGIONS_STATE, SERVING, wait_health, wait_until
-from helpers import Api, get, put, register, rpc_error, uid, unary_stub
+from helpers import Api, get, key_aad, put, register, rows, rpc_error, scalar, uid, unary_stub
+from tokens import RegionToken
 
 from domicile.v1 import subject_rights_pb2 as SR
 from domicile.v1 import transfers_pb2
@@ -207,3 +208,63 @@ def test_restore_drill(regions, gateways):
     assert rec["closures"]["reapplied"] >= 1
     assert report["ledger_restore_cuts"], report
     assert report["passed"] is True and p.returncode == 0, where
+
+
+def test_a_backups_copy_of_an_erased_subjects_key_opens_nothing_after_the_crypto_period(regions, gateways,
+                                                                                       session_federation):
+    """Keys outside the data's backups (docs/backups.md): a data backup holds the data keys as
+    they were wrapped then, under the KEK version current then. A gateway with a crypto-period
+    rotates the KEK and destroys the superseded version once no data key uses it, so the backup's
+    copy of an erased subject's key opens nothing any more, in the token or anywhere. A restore
+    of that backup still reads every subject not erased: the restored database takes the live
+    key store's re-wrapped keys (without them, every restored record would be DATA_LOSS)."""
+    api = Api(session_federation.entry.channel())
+    cid = register(api, "eu")
+    erased, kept = f"erased-{uid()}@example.com", f"kept-{uid()}@example.com"
+    put(api, cid, "erased", payload=b"erased subject's data", subject=erased)
+    put(api, cid, "kept", payload=b"kept subject's data", subject=kept)
+    key_sql = ("select r.record_id, encode(k.subject_key, 'hex'), encode(k.wrapped, 'hex'), k.kek_version "
+               f"from domicile.records r join domicile.data_keys k using (key_id) where r.customer_id = '{cid}'")
+    # What the backup holds of the two keys (nothing of this customer is written after it).
+    in_backup = {r[0]: (bytes.fromhex(r[1]), bytes.fromhex(r[2]), int(r[3])) for r in rows(regions, "eu", key_sql)}
+    assert set(in_backup) == {"erased", "kept"}
+    _local(regions, "backup", "eu")
+    _erase(session_federation.entry.channel(token="privacy-officer"), erased, cid)
+
+    tok = RegionToken(regions, "eu")
+    old = in_backup["erased"][2]
+    label = f"domicile-kek-eu.v{old}"
+    sk, wrapped, _ = in_backup["erased"]
+    # Before the crypto-period ends: the backup's copy opens (a thief with the backup and the token).
+    assert len(tok.unwrap(label, wrapped, key_aad("eu", cid, sk))) == 32
+    period = gateways.start(only="eu", peers=session_federation, entry="eu",
+                            overrides={"kek_rotate_every_s": 2, "kek_retire_after_s": 1})
+    try:
+        wait_until(lambda: scalar(regions, "eu", f"select state from domicile.kek_versions where version = {old}"),
+                   lambda s: s == "retired", timeout=90, interval=0.2)
+        assert label not in tok.keys(), period.log
+        assert f"KEK version {old} retired by domicile (crypto-period)" in period.log, period.log
+        for rid, (sk, wrapped, version) in in_backup.items():
+            with pytest.raises(RuntimeError):
+                tok.unwrap(f"domicile-kek-eu.v{version}", wrapped, key_aad("eu", cid, sk))
+        # The live store has no key of the erased subject, and the kept subject's key, re-wrapped
+        # under a version that exists, opens.
+        live = {r[0]: (bytes.fromhex(r[1]), bytes.fromhex(r[2]), int(r[3])) for r in rows(regions, "eu", key_sql)}
+        assert set(live) == {"kept"}
+        sk, wrapped, version = live["kept"]
+        assert version > old
+    finally:
+        period.stop()
+    assert len(tok.unwrap(f"domicile-kek-eu.v{version}", wrapped, key_aad("eu", cid, sk))) == 32
+
+    p = _local(regions, "restore", "eu")
+    assert "data keys erased since the restore point dropped" in p.stderr, p.stderr
+    eu_api = Api(session_federation.gateways["eu"].channel())
+    assert _wait_serving(eu_api, cid, "kept").payload == b"kept subject's data"
+    for a in (api, eu_api):
+        assert rpc_error(get, a, cid, "erased").code() == grpc.StatusCode.NOT_FOUND
+    restored = {r[0]: int(r[3]) for r in rows(regions, "eu", key_sql)}
+    assert restored == {"kept": version}
+    assert scalar(regions, "eu", f"select count(*) from domicile.data_keys where customer_id = '{cid}' "
+                                 f"and subject_key = '\\x{in_backup['erased'][0].hex()}'") == "0"
+    assert scalar(regions, "eu", f"select state from domicile.kek_versions where version = {old}") == "retired"
