@@ -118,7 +118,10 @@ def test_restored_region_is_held_until_reconciled_and_erased_subject_stays_erase
         e = rpc_error(get, eu_api, cid, "plain", timeout=10)
         assert e.code() == grpc.StatusCode.UNAVAILABLE, e
         assert 'region "eu" is unavailable: restored from a backup' in e.details(), e.details()
-        deadline = time.monotonic() + 30
+        # Every gateway of eu gathers on its own; one whose statement reached us's gateway
+        # before that gateway saw its database go waits for it up to peer_timeout_ms (30 s)
+        # before its next round names us.
+        deadline = time.monotonic() + 75
         while True:
             details = rpc_error(get, eu_api, cid, "plain", timeout=10).details()
             if "waiting for region us" in details:
