@@ -298,6 +298,10 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                "reconciled_at = now(), reconciled_by = $2, report = $3::jsonb "
                                "WHERE restore_id = $1 AND state = 'fenced'",
                                3},
+    /* One gateway of the region reconciles at a time: a session lock on the connection of
+     * the executor that runs it (released by RESTORE_UNLOCK, or when the connection goes). */
+    [DM_SQL_RESTORE_LOCK] = {"restore_lock", "SELECT pg_try_advisory_lock(7011617181912)", 0},
+    [DM_SQL_RESTORE_UNLOCK] = {"restore_unlock", "SELECT pg_advisory_unlock(7011617181912)", 0},
     [DM_SQL_MARK_ADVANCE] = {"mark_advance",
                              "SELECT mark, " EPOCH_MS("at") " FROM domicile.region_mark_advance()",
                              0},

@@ -66,6 +66,27 @@ def _last_restore(regions):
     return source, state, json.loads(report) if report else None
 
 
+def _wait_witnessed(regions, region="eu", by=("us", "in"), timeout=30):
+    """Waits until every region of `by` has stored `region`'s current high-water mark and the
+    head of its ledger chain, after every entry committed so far is sealed (the gateways
+    exchange them every second): what a restore of `region` must then find it lost."""
+    entries = int(scalar(regions, region, "select count(*) from domicile.ledger"))
+    mark = int(scalar(regions, region, "select mark from domicile.region_mark"))
+
+    def head():
+        return int(scalar(regions, region, "select coalesce(max(seq), 0) from domicile.ledger_chain"))
+
+    assert wait_until(head, lambda h: h >= entries, timeout=timeout) >= entries, "not sealed"
+    seq = head()
+    for other in by:
+        seen = wait_until(
+            lambda: rows(regions, other, "select (select coalesce(max(seq), 0) from domicile.ledger_witness where "
+                                         f"region = '{region}'), (select coalesce(max(mark), 0) from "
+                                         f"domicile.mark_witness where region = '{region}')")[0],
+            lambda r: int(r[0]) >= seq and int(r[1]) >= mark, timeout=timeout)
+        assert int(seen[0]) >= seq and int(seen[1]) >= mark, (other, seen, seq, mark)
+
+
 def test_backup_and_restore_refuse_bad_arguments(regions):
     cases = [
         (("backup",), "usage: domicile-local backup REGION"),
@@ -108,7 +129,7 @@ def test_restored_region_is_held_until_reconciled_and_erased_subject_stays_erase
     assert rpc_error(get, api, cid, "alice").code() == grpc.StatusCode.NOT_FOUND
     for _ in range(3):
         get(api, cid, "plain")
-    time.sleep(2.5)  # marks and chain heads are exchanged every second
+    _wait_witnessed(regions)
     # us down: the restored region cannot read us's copies, so it must stay held.
     regions.stop("us")
     try:
@@ -162,7 +183,7 @@ def test_a_region_that_went_back_in_time_is_found_by_the_others_marks(regions, g
     api = Api(g.channel())
     cid = register(api, "eu")
     put(api, cid, "r1", payload=b"x")
-    time.sleep(2.5)
+    _wait_witnessed(regions)
     before = regions.psql("eu", "select count(*) from domicile.restores").strip()
     regions.psql("eu", "update domicile.region_mark set mark = 1")
     deadline = time.monotonic() + 30
