@@ -20,6 +20,9 @@
 #define DM_MAX_REGION_GATEWAYS 8
 #define DM_REGION_CODE_MAX     16
 
+/* kek_rotate_every_s + kek_retire_after_s at most: 28 days (docs/backups.md). */
+#define DM_KEK_PERIOD_MAX_S (28 * 86400)
+
 typedef struct dm_region_config {
     char *source; /* file it was read from */
     char *code;   /* [a-z][a-z0-9]{1,15}, equals the file's base name */
@@ -98,6 +101,8 @@ typedef struct dm_config {
     int kek_rewrap_batch;      /* data keys re-wrapped per batch during a rotation */
     int kek_rewrap_pause_ms;   /* pause between two batches */
     int kek_rotation_lease_ms; /* a silent rotation runner's claim expires after this */
+    int kek_rotate_every_s;    /* crypto-period of a KEK version (0 = never rotated) */
+    int kek_retire_after_s;    /* a superseded, unused version is destroyed after this */
 
     dm_region_config_t *region_cfgs; /* n_regions entries, in `regions` order */
 } dm_config_t;

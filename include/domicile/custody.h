@@ -145,6 +145,7 @@ typedef struct dm_custody_stats {
     int64_t wraps, unwraps, token_failures, wrap_us, unwrap_us;
     int64_t rewrapped;          /* data keys re-wrapped by this gateway since start */
     int64_t rotation_remaining; /* -1 when no rotation runs */
+    int64_t oldest_active_ms;   /* since the oldest version not retired became active; -1 */
     size_t n_versions;
     int32_t version[DM_CUSTODY_MAX_VERSIONS];
     int64_t data_keys[DM_CUSTODY_MAX_VERSIONS]; /* -1 while not counted yet */

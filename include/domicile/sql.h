@@ -71,6 +71,8 @@ typedef enum {
                                 recorded_ms of the restore not reconciled yet, or no row */
     DM_SQL_RESTORE_RECORD,   /* (source, point_ms) -> restore_id: a restore found by a gateway */
     DM_SQL_RESTORE_FINISH,   /* (restore_id, me, report) */
+    DM_SQL_RESTORE_LOCK,     /* () -> bool: this connection reconciles (session lock) */
+    DM_SQL_RESTORE_UNLOCK,   /* () */
     DM_SQL_MARK_ADVANCE,     /* () -> mark, at_ms */
     DM_SQL_MARK_READ,        /* () -> mark, at_ms */
     DM_SQL_MARK_RAISE,       /* (above) -> mark */
@@ -102,6 +104,8 @@ typedef enum {
                                    retired, data_keys */
     DM_SQL_KEK_ROTATION_STATUS, /* () -> the latest rotation */
     DM_SQL_KEK_RETIRE,          /* (version, by) -> status, keys, label */
+    DM_SQL_KEK_SCHEDULE,        /* () -> version, current, active_ms, superseded_ms, in_use,
+                                   rotating (010_crypto_period.sql) */
     DM_SQL__COUNT
 } dm_sql_id_t;
 

@@ -322,6 +322,11 @@ char *dm_metrics_render(dm_app_t *app)
             (long long)cs.rewrapped);
         put(&o, "domicile_kek_rotation_remaining_keys{region=\"%s\"} %lld\n", code,
             (long long)cs.rotation_remaining);
+        /* The crypto-period (docs/backups.md): above 28 days, a data backup may still hold
+         * an erased subject's key under a version that opens. */
+        if (cs.oldest_active_ms >= 0)
+            put(&o, "domicile_kek_oldest_version_age_seconds{region=\"%s\"} %.3f\n", code,
+                (double)cs.oldest_active_ms / 1e3);
         put(&o, "domicile_kek_operations_total{region=\"%s\",op=\"wrap\"} %lld\n", code,
             (long long)cs.wraps);
         put(&o, "domicile_kek_operations_total{region=\"%s\",op=\"unwrap\"} %lld\n", code,

@@ -135,6 +135,14 @@ static const key_desc_t gateway_keys[] = {
      "a rotation's re-wrap is taken over from a gateway silent for this long (killed, hung)"},
     {"kek_rewrap_pause_ms", KT_INT, GW(kek_rewrap_pause_ms), NOCOUNT, "0", 0, 60000, NULL, false,
      "pause between two re-wrap batches (limits the rotation's share of the token)"},
+    {"kek_rotate_every_s", KT_INT, GW(kek_rotate_every_s), NOCOUNT, "604800", 0, 2419200, NULL,
+     false,
+     "the KEK's crypto-period: a version current this long is rotated (0 = never: erased "
+     "subjects stay readable in old data backups, docs/backups.md)"},
+    {"kek_retire_after_s", KT_INT, GW(kek_retire_after_s), NOCOUNT, "86400", 0, 2419200, NULL,
+     false,
+     "a superseded KEK version no data key uses any more is retired (destroyed) this long "
+     "after it stopped being current"},
 };
 
 static const key_desc_t region_keys[] = {
@@ -704,6 +712,18 @@ dm_status_t *dm_config_load(const char *path, dm_config_t **out)
         st = cf_error(path, GL("ledger_retention_days"), "ledger_retention_days",
                       "must be 0 (keep forever) or at least 365 (got %d)",
                       cfg->ledger_retention_days);
+        goto fail;
+    }
+    if (cfg->kek_rotate_every_s > 0 &&
+        (int64_t)cfg->kek_rotate_every_s + cfg->kek_retire_after_s > DM_KEK_PERIOD_MAX_S) {
+        /* A data backup taken just before an erasure holds the subject's key under the
+         * version current then; it must be destroyed within the erasure deadline (30 days),
+         * with two left for the re-wrap and the token's own backups (docs/backups.md). */
+        st = cf_error(path, GL("kek_rotate_every_s"), "kek_rotate_every_s",
+                      "kek_rotate_every_s + kek_retire_after_s must be at most %d s (28 days) "
+                      "to destroy an erased subject's key within the erasure deadline (got %d + "
+                      "%d)",
+                      DM_KEK_PERIOD_MAX_S, cfg->kek_rotate_every_s, cfg->kek_retire_after_s);
         goto fail;
     }
     if (strcmp(cfg->transport, "tls") == 0) {

@@ -333,6 +333,7 @@ void dm_custody_stats(dm_custody_t *c, dm_custody_stats_t *out)
     out->token = !c->is_file;
     out->rewrapped = atomic_load(&c->rewrapped);
     out->rotation_remaining = atomic_load(&c->rotation_remaining);
+    out->oldest_active_ms = atomic_load(&c->oldest_active_ms);
     if (c->token) {
         dm_token_stats_t ts;
         dm_token_stats(c->token, &ts);

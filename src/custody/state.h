@@ -59,6 +59,7 @@ struct dm_custody {
     atomic_llong wraps, unwraps; /* key file only (the token counts its own) */
     atomic_llong rewrapped;
     atomic_llong rotation_remaining;
+    atomic_llong oldest_active_ms; /* age of the oldest version not retired (-1: not read) */
     _Atomic double rewrap_rate;
 };
 

@@ -29,6 +29,7 @@
 #define BACKOFF_MIN_MS    500
 #define BACKOFF_MAX_MS    10000
 #define STUCK_RETRY_MS    30000
+#define PERIOD_CHECK_MS   1000
 
 typedef enum { REQ_ROTATE, REQ_STATUS, REQ_RETIRE } req_kind_t;
 
@@ -60,8 +61,9 @@ typedef struct worker {
     int64_t token_retry_at, backoff_ms;
     bool pin_refused;
     struct stat pin_seen;
-    int64_t refresh_at, count_at, rotation_check_at;
+    int64_t refresh_at, count_at, rotation_check_at, period_at;
     bool legacy_warned;
+    bool period_failing; /* the crypto-period's last read failed (logged once) */
     bool last_ready;
     rotation_t rot;
 } worker_t;
@@ -685,50 +687,129 @@ static void do_rotate(worker_t *w, dm__req_t *q)
     answer(w, q, NULL);
 }
 
-static void do_retire(worker_t *w, dm__req_t *q)
+/* Retire `version` (by `by`): NULL when it is retired now or was before (its token object is
+ * then destroyed), else why not. */
+static dm_status_t *retire_version(worker_t *w, int32_t version, const char *by)
 {
     dm_custody_t *c = w->c;
     dm_status_t *err = NULL;
     char vs[16], status[16], label[96];
-    snprintf(vs, sizeof(vs), "%d", q->version);
-    const char *vals[2] = {vs, q->by};
+    snprintf(vs, sizeof(vs), "%d", version);
+    const char *vals[2] = {vs, by};
     PGresult *res = db(c, DM_SQL_KEK_RETIRE, 2, vals, NULL, &err);
-    if (!res) {
-        answer(w, q, err);
-        return;
-    }
+    if (!res)
+        return err;
     text_of(res, 0, 0, status, sizeof(status));
     int64_t keys = dm_pg_int8(res, 0, 1);
     text_of(res, 0, 2, label, sizeof(label));
     PQclear(res);
-    if (strcmp(status, "no_version") == 0) {
-        answer(w, q,
-               dm_status_new(GRPC_STATUS_NOT_FOUND, "region \"%s\" has no KEK version %d", c->code,
-                             q->version));
-        return;
-    }
-    if (strcmp(status, "current") == 0 || strcmp(status, "creating") == 0) {
-        answer(w, q,
-               dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+    if (strcmp(status, "no_version") == 0)
+        return dm_status_new(GRPC_STATUS_NOT_FOUND, "region \"%s\" has no KEK version %d", c->code,
+                             version);
+    if (strcmp(status, "current") == 0 || strcmp(status, "creating") == 0)
+        return dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
                              "region \"%s\": KEK version %d is the current one (rotate first)",
-                             c->code, q->version));
-        return;
-    }
-    if (strcmp(status, "in_use") == 0) {
-        answer(w, q,
-               dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
+                             c->code, version);
+    if (strcmp(status, "in_use") == 0)
+        return dm_status_new(GRPC_STATUS_FAILED_PRECONDITION,
                              "region \"%s\": KEK version %d still wraps %lld data keys (a "
                              "rotation re-wraps them: see `keys status`)",
-                             c->code, q->version, (long long)keys));
-        return;
-    }
+                             c->code, version, (long long)keys);
     if (strcmp(status, "ok") == 0)
-        dm_info("custody", "region %s: KEK version %d retired by %s", c->code, q->version, q->by);
+        dm_info("custody", "region %s: KEK version %d retired by %s", c->code, version, by);
     /* ok, or retired before: make sure nothing of it is left in the token. */
     if (!c->is_file && label[0] && dm_token_ok(c->token))
         clean_retired(w, label);
     refresh(w);
-    answer(w, q, NULL);
+    return NULL;
+}
+
+static void do_retire(worker_t *w, dm__req_t *q)
+{
+    answer(w, q, retire_version(w, q->version, q->by));
+}
+
+/* ---- the crypto-period (regions/schema/010_crypto_period.sql, docs/backups.md) ------------- */
+
+#define PERIOD_BY "domicile (crypto-period)"
+
+/*
+ * Rotate the current version once it has been current kek_rotate_every_s, and retire a
+ * superseded version kek_retire_after_s after it stopped being current, once no data key uses
+ * it. Every gateway of the region runs this; the database decides: a rotation's request id
+ * names the version it supersedes (a second gateway's is a replay), and a retirement re-checks
+ * under the lock that key creation takes.
+ */
+static void period_step(worker_t *w)
+{
+    dm_custody_t *c = w->c;
+    const dm_config_t *cfg = c->cfg;
+    if (c->is_file || cfg->kek_rotate_every_s <= 0 || dm_mono_ms() < w->period_at)
+        return;
+    w->period_at = dm_mono_ms() + PERIOD_CHECK_MS;
+    dm_status_t *err = NULL;
+    PGresult *res = db(c, DM_SQL_KEK_SCHEDULE, 0, NULL, NULL, &err);
+    if (!res) {
+        if (!w->period_failing)
+            dm_warn("custody", "region %s: crypto-period: cannot read the KEK versions: %s",
+                    c->code, err ? err->message : "?");
+        w->period_failing = true;
+        dm_status_free(err);
+        return;
+    }
+    w->period_failing = false;
+    int32_t rotate_after = 0, retire[8];
+    size_t n_retire = 0;
+    int64_t oldest_ms = -1;
+    for (int i = 0; i < PQntuples(res); i++) {
+        int32_t v = dm_pg_int4(res, i, 0);
+        bool current = dm_pg_bool(res, i, 1), in_use = dm_pg_bool(res, i, 4);
+        bool rotating = dm_pg_bool(res, i, 5);
+        int64_t active_ms = PQgetisnull(res, i, 2) ? 0 : dm_pg_int8(res, i, 2);
+        int64_t superseded_ms = PQgetisnull(res, i, 3) ? -1 : dm_pg_int8(res, i, 3);
+        if (active_ms > oldest_ms)
+            oldest_ms = active_ms;
+        if (current && !rotating && active_ms >= (int64_t)cfg->kek_rotate_every_s * 1000)
+            rotate_after = v;
+        else if (!current && !in_use && superseded_ms >= (int64_t)cfg->kek_retire_after_s * 1000 &&
+                 n_retire < DM_ARRAY_LEN(retire))
+            retire[n_retire++] = v;
+    }
+    PQclear(res);
+    atomic_store(&c->oldest_active_ms, oldest_ms);
+    for (size_t i = 0; i < n_retire; i++) {
+        dm_status_t *st = retire_version(w, retire[i], PERIOD_BY);
+        if (st) {
+            dm_warn("custody", "region %s: crypto-period: KEK version %d not retired: %s", c->code,
+                    retire[i], st->message);
+            dm_status_free(st);
+        }
+    }
+    if (rotate_after == 0)
+        return;
+    char request_id[64];
+    snprintf(request_id, sizeof(request_id), "crypto-period:after-v%d", rotate_after);
+    int32_t made = 0;
+    int64_t rid = 0, total = 0;
+    bool replayed = false;
+    dm_status_t *st =
+        make_version(w, "rotate", PERIOD_BY, request_id, true, &made, &rid, &total, &replayed);
+    if (st) {
+        /* ABORTED: another gateway of the region is making it. */
+        if (st->code != GRPC_STATUS_ABORTED)
+            dm_warn("custody", "region %s: crypto-period: rotation after KEK version %d: %s",
+                    c->code, rotate_after, st->message);
+        dm_status_free(st);
+        return;
+    }
+    if (!replayed && made > 0)
+        dm_info("custody",
+                "region %s: KEK version %d was current for %d s (kek_rotate_every_s): version "
+                "%d made and current; rotation %lld re-wraps %lld data keys in the background",
+                c->code, rotate_after, cfg->kek_rotate_every_s, made, (long long)rid,
+                (long long)total);
+    refresh(w);
+    w->rotation_check_at = 0;
 }
 
 /* ---- rotation ----------------------------------------------------------------------------- */
@@ -1019,6 +1100,13 @@ static void *run(void *arg)
              rnd[2], rnd[3]);
     w->backoff_ms = BACKOFF_MIN_MS;
     atomic_store(&c->rotation_remaining, -1);
+    atomic_store(&c->oldest_active_ms, -1);
+    if (!c->is_file && c->cfg->kek_rotate_every_s == 0)
+        dm_warn("custody",
+                "region %s: kek_rotate_every_s = 0: the KEK is never rotated, so a data backup "
+                "taken before an erasure keeps the erased subject's records readable to whoever "
+                "holds it and the token (docs/backups.md)",
+                c->code);
     bool busy = false;
     for (;;) {
         pthread_mutex_lock(&c->qmu);
@@ -1075,6 +1163,8 @@ static void *run(void *arg)
                 answer(w, q, NULL);
             free(q);
         }
+        if (dm_custody_ready(c))
+            period_step(w);
         busy = dm_custody_ready(c) && !c->is_file && rotation_step(w);
         if (busy && c->cfg->kek_rewrap_pause_ms > 0) {
             /* A pause between batches, cut short by a request or by stop. */

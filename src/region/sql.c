@@ -298,6 +298,10 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                "reconciled_at = now(), reconciled_by = $2, report = $3::jsonb "
                                "WHERE restore_id = $1 AND state = 'fenced'",
                                3},
+    /* One gateway of the region reconciles at a time: a session lock on the connection of
+     * the executor that runs it (released by RESTORE_UNLOCK, or when the connection goes). */
+    [DM_SQL_RESTORE_LOCK] = {"restore_lock", "SELECT pg_try_advisory_lock(7011617181912)", 0},
+    [DM_SQL_RESTORE_UNLOCK] = {"restore_unlock", "SELECT pg_advisory_unlock(7011617181912)", 0},
     [DM_SQL_MARK_ADVANCE] = {"mark_advance",
                              "SELECT mark, " EPOCH_MS("at") " FROM domicile.region_mark_advance()",
                              0},
@@ -386,6 +390,7 @@ const dm_sql_t dm_sql[DM_SQL__COUNT] = {
                                     "ORDER BY r.rotation_id DESC LIMIT 1",
                                     0},
     [DM_SQL_KEK_RETIRE] = {"kek_retire", "SELECT * FROM domicile.kek_retire($1, $2)", 2},
+    [DM_SQL_KEK_SCHEDULE] = {"kek_schedule", "SELECT * FROM domicile.kek_schedule()", 0},
 };
 
 static uint64_t be64(const char *p)

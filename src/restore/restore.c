@@ -705,7 +705,33 @@ static bool raise_mark(dm_restore_t *rst, dm_exec_t *x, json_t *report)
     return true;
 }
 
+static void apply_locked(dm_restore_t *rst, dm_exec_t *x);
+
+/*
+ * Every gateway of the region gathers on its own, but one at a time applies: two that
+ * re-applied the same requests side by side would each report half of them (the second finds
+ * the first's work "present"). The one that waited finds the restore closed (read_open) or,
+ * if the first failed, applies with what it gathered.
+ */
 static void apply(dm_restore_t *rst, dm_exec_t *x)
+{
+    PGresult *res = run(x, DM_SQL_RESTORE_LOCK, 0, NULL, NULL, NULL, "locking the reconciliation");
+    bool locked = res && PQntuples(res) == 1 && dm_pg_bool(res, 0, 0);
+    PQclear(res);
+    if (locked && read_open(rst, x) && rst->phase == RS_APPLY)
+        apply_locked(rst, x);
+    else if (rst->phase == RS_APPLY) {
+        free_gathered(rst);
+        rst->phase = RS_GATHER;
+        rst->retry_at_ms = dm_mono_ms() + RETRY_MS;
+    }
+    if (locked) {
+        res = run(x, DM_SQL_RESTORE_UNLOCK, 0, NULL, NULL, NULL, "unlocking the reconciliation");
+        PQclear(res);
+    }
+}
+
+static void apply_locked(dm_restore_t *rst, dm_exec_t *x)
 {
     int64_t t0 = dm_mono_ms();
     char point[40], rec[40];
@@ -734,6 +760,11 @@ static void apply(dm_restore_t *rst, dm_exec_t *x)
     int_text(id_s, sizeof(id_s), rst->restore_id);
     const char *v[3] = {id_s, rst->me, text};
     PGresult *res = run(x, DM_SQL_RESTORE_FINISH, 3, v, NULL, NULL, "closing the restore");
+    if (res && strcmp(PQcmdTuples(res), "1") != 0) {
+        /* Closed meanwhile by another gateway (it did not hold the lock: an older version). */
+        PQclear(res);
+        res = NULL;
+    }
     if (res) {
         dm_warn("restore", "region %s reconciled after its restore; serving again. Report: %s",
                 dm_region_code(rst->own), text);

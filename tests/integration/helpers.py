@@ -238,6 +238,13 @@ def rows(regions, region, sql):
     return [line.split("|") for line in out.splitlines()] if out else []
 
 
+def key_aad(region, cid, subject_key=b""):
+    """The AAD a data key is wrapped with (dm_key_aad): region, customer, subject key, each
+    length-prefixed (tests/integration/tokens.py's unwrap adds the wrapped key's header)."""
+    parts = (b"domicile-dek-v1", region.encode(), cid.encode(), subject_key)
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
 def scalar(regions, region, sql):
     return regions.psql(region, sql)
 

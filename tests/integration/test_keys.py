@@ -21,7 +21,7 @@ import pytest
 
 from conftest import NOT_SERVING, SERVING, wait_health, wait_until
 from domicile.v1 import keys_pb2, records_pb2
-from helpers import Api, asan_build, get, put, register, rows, scalar, uid, unary_stub
+from helpers import Api, asan_build, get, key_aad, put, register, rows, scalar, uid, unary_stub
 from tokens import RegionToken
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -55,10 +55,6 @@ class Keys:
         )
         assert st.rotation.rotation_id == rotation_id and st.rotation.state == "done", st
         return st
-
-
-def _aad(*parts):
-    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
 
 
 def counts(status):
@@ -229,7 +225,7 @@ def test_retired_version_opens_nothing(session_federation, regions, gateways):
     assert len(saved) == 4
     old = int(saved[0][2])
     tok = RegionToken(regions, "us")
-    aad = _aad(b"domicile-dek-v1", b"us", cid.encode(), bytes.fromhex(saved[0][4]))
+    aad = key_aad("us", cid, bytes.fromhex(saved[0][4]))
     # Before: the saved wrapped key opens in the token (a thief with the backup and the token).
     assert len(tok.unwrap(f"domicile-kek-us.v{old}", bytes.fromhex(saved[0][1]), aad)) == 32
     rep = keys.rotate("us")

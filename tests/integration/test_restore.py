@@ -17,7 +17,8 @@ import grpc
 import pytest
 
 from conftest import BUILD_DIR, DOMICILE_LOCAL, REGION_CODES, REGIONS_STATE, SERVING, wait_health, wait_until
-from helpers import Api, get, put, register, rpc_error, uid, unary_stub
+from helpers import Api, get, key_aad, put, register, rows, rpc_error, scalar, uid, unary_stub
+from tokens import RegionToken
 
 from domicile.v1 import subject_rights_pb2 as SR
 from domicile.v1 import transfers_pb2
@@ -65,6 +66,27 @@ def _last_restore(regions):
     return source, state, json.loads(report) if report else None
 
 
+def _wait_witnessed(regions, region="eu", by=("us", "in"), timeout=30):
+    """Waits until every region of `by` has stored `region`'s current high-water mark and the
+    head of its ledger chain, after every entry committed so far is sealed (the gateways
+    exchange them every second): what a restore of `region` must then find it lost."""
+    entries = int(scalar(regions, region, "select count(*) from domicile.ledger"))
+    mark = int(scalar(regions, region, "select mark from domicile.region_mark"))
+
+    def head():
+        return int(scalar(regions, region, "select coalesce(max(seq), 0) from domicile.ledger_chain"))
+
+    assert wait_until(head, lambda h: h >= entries, timeout=timeout) >= entries, "not sealed"
+    seq = head()
+    for other in by:
+        seen = wait_until(
+            lambda: rows(regions, other, "select (select coalesce(max(seq), 0) from domicile.ledger_witness where "
+                                         f"region = '{region}'), (select coalesce(max(mark), 0) from "
+                                         f"domicile.mark_witness where region = '{region}')")[0],
+            lambda r: int(r[0]) >= seq and int(r[1]) >= mark, timeout=timeout)
+        assert int(seen[0]) >= seq and int(seen[1]) >= mark, (other, seen, seq, mark)
+
+
 def test_backup_and_restore_refuse_bad_arguments(regions):
     cases = [
         (("backup",), "usage: domicile-local backup REGION"),
@@ -107,7 +129,7 @@ def test_restored_region_is_held_until_reconciled_and_erased_subject_stays_erase
     assert rpc_error(get, api, cid, "alice").code() == grpc.StatusCode.NOT_FOUND
     for _ in range(3):
         get(api, cid, "plain")
-    time.sleep(2.5)  # marks and chain heads are exchanged every second
+    _wait_witnessed(regions)
     # us down: the restored region cannot read us's copies, so it must stay held.
     regions.stop("us")
     try:
@@ -117,7 +139,10 @@ def test_restored_region_is_held_until_reconciled_and_erased_subject_stays_erase
         e = rpc_error(get, eu_api, cid, "plain", timeout=10)
         assert e.code() == grpc.StatusCode.UNAVAILABLE, e
         assert 'region "eu" is unavailable: restored from a backup' in e.details(), e.details()
-        deadline = time.monotonic() + 30
+        # Every gateway of eu gathers on its own; one whose statement reached us's gateway
+        # before that gateway saw its database go waits for it up to peer_timeout_ms (30 s)
+        # before its next round names us.
+        deadline = time.monotonic() + 75
         while True:
             details = rpc_error(get, eu_api, cid, "plain", timeout=10).details()
             if "waiting for region us" in details:
@@ -158,7 +183,7 @@ def test_a_region_that_went_back_in_time_is_found_by_the_others_marks(regions, g
     api = Api(g.channel())
     cid = register(api, "eu")
     put(api, cid, "r1", payload=b"x")
-    time.sleep(2.5)
+    _wait_witnessed(regions)
     before = regions.psql("eu", "select count(*) from domicile.restores").strip()
     regions.psql("eu", "update domicile.region_mark set mark = 1")
     deadline = time.monotonic() + 30
@@ -207,3 +232,63 @@ def test_restore_drill(regions, gateways):
     assert rec["closures"]["reapplied"] >= 1
     assert report["ledger_restore_cuts"], report
     assert report["passed"] is True and p.returncode == 0, where
+
+
+def test_a_backups_copy_of_an_erased_subjects_key_opens_nothing_after_the_crypto_period(regions, gateways,
+                                                                                       session_federation):
+    """Keys outside the data's backups (docs/backups.md): a data backup holds the data keys as
+    they were wrapped then, under the KEK version current then. A gateway with a crypto-period
+    rotates the KEK and destroys the superseded version once no data key uses it, so the backup's
+    copy of an erased subject's key opens nothing any more, in the token or anywhere. A restore
+    of that backup still reads every subject not erased: the restored database takes the live
+    key store's re-wrapped keys (without them, every restored record would be DATA_LOSS)."""
+    api = Api(session_federation.entry.channel())
+    cid = register(api, "eu")
+    erased, kept = f"erased-{uid()}@example.com", f"kept-{uid()}@example.com"
+    put(api, cid, "erased", payload=b"erased subject's data", subject=erased)
+    put(api, cid, "kept", payload=b"kept subject's data", subject=kept)
+    key_sql = ("select r.record_id, encode(k.subject_key, 'hex'), encode(k.wrapped, 'hex'), k.kek_version "
+               f"from domicile.records r join domicile.data_keys k using (key_id) where r.customer_id = '{cid}'")
+    # What the backup holds of the two keys (nothing of this customer is written after it).
+    in_backup = {r[0]: (bytes.fromhex(r[1]), bytes.fromhex(r[2]), int(r[3])) for r in rows(regions, "eu", key_sql)}
+    assert set(in_backup) == {"erased", "kept"}
+    _local(regions, "backup", "eu")
+    _erase(session_federation.entry.channel(token="privacy-officer"), erased, cid)
+
+    tok = RegionToken(regions, "eu")
+    old = in_backup["erased"][2]
+    label = f"domicile-kek-eu.v{old}"
+    sk, wrapped, _ = in_backup["erased"]
+    # Before the crypto-period ends: the backup's copy opens (a thief with the backup and the token).
+    assert len(tok.unwrap(label, wrapped, key_aad("eu", cid, sk))) == 32
+    period = gateways.start(only="eu", peers=session_federation, entry="eu",
+                            overrides={"kek_rotate_every_s": 2, "kek_retire_after_s": 1})
+    try:
+        wait_until(lambda: scalar(regions, "eu", f"select state from domicile.kek_versions where version = {old}"),
+                   lambda s: s == "retired", timeout=90, interval=0.2)
+        assert label not in tok.keys(), period.log
+        assert f"KEK version {old} retired by domicile (crypto-period)" in period.log, period.log
+        for rid, (sk, wrapped, version) in in_backup.items():
+            with pytest.raises(RuntimeError):
+                tok.unwrap(f"domicile-kek-eu.v{version}", wrapped, key_aad("eu", cid, sk))
+        # The live store has no key of the erased subject, and the kept subject's key, re-wrapped
+        # under a version that exists, opens.
+        live = {r[0]: (bytes.fromhex(r[1]), bytes.fromhex(r[2]), int(r[3])) for r in rows(regions, "eu", key_sql)}
+        assert set(live) == {"kept"}
+        sk, wrapped, version = live["kept"]
+        assert version > old
+    finally:
+        period.stop()
+    assert len(tok.unwrap(f"domicile-kek-eu.v{version}", wrapped, key_aad("eu", cid, sk))) == 32
+
+    p = _local(regions, "restore", "eu")
+    assert "data keys erased since the restore point dropped" in p.stderr, p.stderr
+    eu_api = Api(session_federation.gateways["eu"].channel())
+    assert _wait_serving(eu_api, cid, "kept").payload == b"kept subject's data"
+    for a in (api, eu_api):
+        assert rpc_error(get, a, cid, "erased").code() == grpc.StatusCode.NOT_FOUND
+    restored = {r[0]: int(r[3]) for r in rows(regions, "eu", key_sql)}
+    assert restored == {"kept": version}
+    assert scalar(regions, "eu", f"select count(*) from domicile.data_keys where customer_id = '{cid}' "
+                                 f"and subject_key = '\\x{in_backup['erased'][0].hex()}'") == "0"
+    assert scalar(regions, "eu", f"select state from domicile.kek_versions where version = {old}") == "retired"

@@ -137,6 +137,8 @@ static void test_good(void **state)
     assert_string_equal(cfg->listen, "127.0.0.1:0");
     assert_int_equal(cfg->threads, 3);
     assert_int_equal(cfg->max_receive_message_bytes, 4194304); /* default */
+    assert_int_equal(cfg->kek_rotate_every_s, 7 * 86400);      /* the crypto-period's defaults */
+    assert_int_equal(cfg->kek_retire_after_s, 86400);
     assert_string_equal(cfg->log_level, "info");
     assert_int_equal(cfg->n_regions, 2);
     const dm_region_config_t *in = dm_config_region(cfg, "in");
@@ -197,6 +199,14 @@ static void test_cross_checks(void **state)
     snprintf(buf, sizeof(buf), "listen = \"127.0.0.1\";\n%s",
              gw_good + strlen("listen = \"127.0.0.1:0\";\n"));
     expect_error(buf, "key \"listen\"", "host:port");
+    /* The KEK's crypto-period: a version must be gone within the erasure deadline. */
+    snprintf(buf, sizeof(buf), "%skek_rotate_every_s = 2000000;\nkek_retire_after_s = 500000;\n",
+             gw_good);
+    expect_error(buf, "key \"kek_rotate_every_s\"", "at most 2419200 s (28 days)");
+    snprintf(buf, sizeof(buf), "%skek_rotate_every_s = 2419201;\n", gw_good);
+    expect_error(buf, "key \"kek_rotate_every_s\"", "between 0 and 2419200");
+    snprintf(buf, sizeof(buf), "%skek_retire_after_s = -1;\n", gw_good);
+    expect_error(buf, "key \"kek_retire_after_s\"", "between 0 and 2419200");
 }
 
 static void test_region_errors(void **state)
