@@ -40,13 +40,10 @@ int dm_ctl_drill(const dm_ctl_output_t *out, const char *addr, const char *cacer
                  const char *key, int timeout_ms, int argc, char **argv);
 
 /**
- * Runs `LOCAL --state STATE args...` (deploy/local/domicile-local); its stderr goes to ours,
- * its stdout, trailing newlines removed, into *out (caller frees; out may be NULL to discard).
- * Returns the exit status (-1: could not run).
+ * Reads the whole file at `path`; `strip`: trailing newlines, carriage returns and spaces
+ * removed. Caller frees. NULL, errno set, if it cannot be opened (src/cli/domicilectl.c).
  */
-int dm_ctl_run_local(const char *local, const char *state, char **out, const char *const *args);
-/** domicile-local next to this build (build/ or build-x/ in the repository), else on PATH. */
-char *dm_ctl_find_local(void);
+char *dm_ctl_read_file(const char *path, bool strip);
 
 /** `domicilectl drill restore ...` (src/cli/drill_restore.c), called by dm_ctl_drill. */
 int dm_ctl_drill_restore(const char *addr, const char *cacert, const char *cert, const char *key,

@@ -2069,13 +2069,11 @@ static int cmd_dsr(dm_client_t *c, int argc, char **argv)
     return bad_usage();
 }
 
-static char *slurp(const char *path, bool strip)
+char *dm_ctl_read_file(const char *path, bool strip)
 {
     FILE *f = fopen(path, "r");
-    if (!f) {
-        fprintf(stderr, "domicilectl: cannot read %s: %s\n", path, strerror(errno));
-        exit(DM_EXIT_USAGE);
-    }
+    if (!f)
+        return NULL;
     size_t cap = 8192, n = 0;
     char *buf = dm_malloc(cap);
     size_t r;
@@ -2088,6 +2086,17 @@ static char *slurp(const char *path, bool strip)
     buf[n] = '\0';
     while (strip && n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
         buf[--n] = '\0';
+    return buf;
+}
+
+/* A file the command line names: one that cannot be read ends the command. */
+static char *slurp(const char *path, bool strip)
+{
+    char *buf = dm_ctl_read_file(path, strip);
+    if (!buf) {
+        fprintf(stderr, "domicilectl: cannot read %s: %s\n", path, strerror(errno));
+        exit(DM_EXIT_USAGE);
+    }
     return buf;
 }
 

@@ -21,20 +21,16 @@
  * they are joined; everything else a worker owns.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <pthread.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -48,53 +44,30 @@
 #include "grpc/health/v1/health.pb-c.h"
 
 #include "cli.h"
-
-extern char **environ;
+#include "drill_common.h"
 
 #define PATH_REGISTER "/domicile.v1.CustomersService/RegisterCustomer"
-#define PATH_PUT      "/domicile.v1.RecordsService/PutRecord"
-#define PATH_GET      "/domicile.v1.RecordsService/GetRecord"
 #define PATH_HEALTH   "/grpc.health.v1.Health/Check"
 
-#define N_REGIONS      3
-#define N_CODES        17     /* gRPC status codes 0..16 */
 #define DRAIN_MS       30000  /* retrying unacknowledged writes after the load */
 #define VERIFY_MS      90000  /* reading every acknowledged write back, per worker */
 #define RETRY_PAUSE_US 200000 /* between retries of a region that does not answer */
 #define TAIL_AFTER_MS  2000   /* load kept running after the rejoin at least this long */
-#define STATE_DEFAULT  "/var/lib/domicile-local"
-#define MAX_GW         8     /* gateways per region (a region file lists up to 8) */
-#define MAX_FAILS      8     /* failures of the gateway drill kept per worker for the report */
-#define SERVE_WAIT_MS  15000 /* gateway drill: until the survivors answer SERVING */
+#define MAX_GW         8      /* gateways per region (a region file lists up to 8) */
+#define MAX_FAILS      8      /* failures of the gateway drill kept per worker for the report */
+#define SERVE_WAIT_MS  15000  /* gateway drill: until the survivors answer SERVING */
 
 enum { MODE_FAILOVER, MODE_GATEWAY };
 
-/* The deploy/local regions and demo principals (domicile-local's DEMO_PRINCIPALS). */
-static const char *const region_codes[N_REGIONS] = {"us", "eu", "in"};
-/* admin is in us: its reads of eu and in records are cross-border, so are its writes. */
+/* The deploy/local regions' demo principals (domicile-local's DEMO_PRINCIPALS). admin is in
+ * us: its reads of eu and in records are cross-border, so are its writes. */
 #define ADMIN_REGION 0
 /* The cross-border reader of the drilled region's data (a principal of another region). */
-static const int xb_region_of[N_REGIONS] = {2, 2, 1};
-static const char *const service_of[N_REGIONS] = {"service-us", "service-eu", "service-in"};
+static const int xb_region_of[DM_CTL_N_REGIONS] = {2, 2, 1};
+static const char *const service_of[DM_CTL_N_REGIONS] = {"service-us", "service-eu", "service-in"};
 
 /* ------------------------------------------------------------------------------------------
  * small helpers */
-
-static int64_t now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
-static void sleep_us(int64_t us)
-{
-    if (us <= 0)
-        return;
-    struct timespec ts = {(time_t)(us / 1000000), (long)(us % 1000000) * 1000};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
 
 static uint64_t rng_next(uint64_t *s)
 {
@@ -103,26 +76,6 @@ static uint64_t rng_next(uint64_t *s)
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
     return z ^ (z >> 31);
-}
-
-/* Reads a whole file; NULL (errno set) if it cannot. Caller frees. */
-static char *read_file(const char *path, bool strip)
-{
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return NULL;
-    size_t cap = 4096, n = 0, r;
-    char *buf = dm_malloc(cap);
-    while ((r = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += r;
-        if (n + 1 >= cap)
-            buf = dm_realloc(buf, cap *= 2);
-    }
-    fclose(f);
-    buf[n] = '\0';
-    while (strip && n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
-        buf[--n] = '\0';
-    return buf;
 }
 
 /* "30s", "30", "1500ms", "2m" -> milliseconds; -1 if malformed. */
@@ -226,12 +179,12 @@ typedef struct {
 /* Counts of one worker, later of one region. */
 typedef struct {
     long calls, puts_ok, replays, reads_ok, xb_reads_ok;
-    long forwarded;        /* calls made at a gateway of another region than the data's */
-    long anomalies;        /* an acknowledged record read back missing or different */
-    long err[N_CODES];     /* non-OK statuses of the load (and the drain), by code */
-    long errors_after_rec; /* of those, in calls started after the first recovered write */
-    long unresolved;       /* writes never acknowledged, not even by the drain */
-    char *sample[N_CODES]; /* the first error message of each code, owned */
+    long forwarded;               /* calls made at a gateway of another region than the data's */
+    long anomalies;               /* an acknowledged record read back missing or different */
+    long err[DM_CTL_N_CODES];     /* non-OK statuses of the load (and the drain), by code */
+    long errors_after_rec;        /* of those, in calls started after the first recovered write */
+    long unresolved;              /* writes never acknowledged, not even by the drain */
+    char *sample[DM_CTL_N_CODES]; /* the first error message of each code, owned */
     long verified, lost, mismatched, unverified, dup_readback;
     lat_t put_lat, get_lat;
     /* Gateway drill. "At the target": calls made at the drilled region's gateways; the others
@@ -272,31 +225,27 @@ typedef struct {
 } worker_t;
 
 typedef struct drill {
+    dm_ctl_drill_env_t env; /* env.target: the drilled region */
     const char *addr;
-    char *ca_pem, *cert_pem, *key_pem; /* owned; NULL for plaintext */
-    int call_ms;
-    int mode;   /* MODE_* */
-    int target; /* drilled region */
+    int mode; /* MODE_* */
     /* The federation: each region's gateways (public addresses), from --gateway, else from the
      * state's running gateways (domicile-local gateways start), else --addr for every region. */
-    char *gw[N_REGIONS][MAX_GW]; /* owned */
-    int n_gw[N_REGIONS];
+    char *gw[DM_CTL_N_REGIONS][MAX_GW]; /* owned */
+    int n_gw[DM_CTL_N_REGIONS];
     const char *gw_source;
     /* Gateway drill: the gateway killed (index into gw[target]) and its process. */
     int victim;
     long victim_pid; /* 0: from the state's pid file */
     int64_t duration_ms;
     int clients;
-    double rate;
-    const char *state, *json_path;
     const dm_ctl_output_t *out; /* -o: where the report goes and as what */
     dm_progress_t *progress;    /* NULL: stderr is no terminal */
     const char *phase;          /* what the progress line says the drill is doing */
     int64_t load_end_us;        /* 0 while the load runs */
-    char *local;                /* domicile-local, owned */
-    char *token_admin, *token_service[N_REGIONS];
+    /* the service principals' tokens, owned, cleansed when freed */
+    char *token_service[DM_CTL_N_REGIONS];
     char run_id[64];
-    char customer[N_REGIONS][96];
+    char customer[DM_CTL_N_REGIONS][96];
 
     atomic_bool stop;
     atomic_long calls_ended, calls_failed; /* the load's, for the progress line */
@@ -305,19 +254,9 @@ typedef struct drill {
     atomic_llong first_write_us;           /* end of the first OK write started after kill_end_us */
     int64_t t0_us;
 
-    worker_t *workers; /* clients * N_REGIONS, owned */
+    worker_t *workers; /* clients * DM_CTL_N_REGIONS, owned */
     int n_workers;
 } drill_t;
-
-static dm_client_t *client_at(const drill_t *d, const char *target, const char *token)
-{
-    dm_client_t *c = d->ca_pem ? dm_client_create_tls(target, d->ca_pem, d->cert_pem, d->key_pem)
-                               : dm_client_create(target);
-    char *h = dm_sprintf("Bearer %s", token);
-    dm_client_add_metadata(c, "authorization", h);
-    free(h);
-    return c;
-}
 
 /* "127.0.0.1:50051" and the like: an IPv4 literal with a port. */
 static bool ipv4_literal(const char *a)
@@ -337,7 +276,7 @@ static char *region_target(const drill_t *d, int r, int first)
 {
     int n = d->n_gw[r];
     first = first % n;
-    bool list = n > 1 && !d->ca_pem;
+    bool list = n > 1 && !d->env.ca_pem;
     for (int i = 0; i < n && list; i++)
         list = ipv4_literal(d->gw[r][i]);
     if (!list)
@@ -357,10 +296,10 @@ static dclient_t dclient(const drill_t *d, int at, int first, const char *token)
 {
     dclient_t c;
     c.at = at;
-    c.at_target = d->mode == MODE_GATEWAY && at == d->target;
+    c.at_target = d->mode == MODE_GATEWAY && at == d->env.target;
     c.called_after = false;
     c.target = region_target(d, at, first);
-    c.c = client_at(d, c.target, token);
+    c.c = dm_ctl_drill_client(&d->env, c.target, token);
     return c;
 }
 
@@ -381,7 +320,7 @@ static int main_gateway_region(const drill_t *d, int region, int idx)
         return region;
     if (region != 0)
         return 0;
-    return d->target == 1 ? 2 : 1;
+    return d->env.target == 1 ? 2 : 1;
 }
 
 /* The principal reading a region's data across the border: for the drilled region the usual
@@ -390,9 +329,9 @@ static int main_gateway_region(const drill_t *d, int region, int idx)
  * region's gateways. */
 static int xb_principal_region(const drill_t *d, int region)
 {
-    if (region == d->target)
+    if (region == d->env.target)
         return xb_region_of[region];
-    return N_REGIONS - region - d->target; /* indices 0 + 1 + 2 = 3 */
+    return DM_CTL_N_REGIONS - region - d->env.target; /* indices 0 + 1 + 2 = 3 */
 }
 
 /* Among the drilled region's gateways, which a worker's channel lists first: the victim for
@@ -400,26 +339,18 @@ static int xb_principal_region(const drill_t *d, int region)
  * rest. */
 static int first_gateway(const drill_t *d, int region, int idx)
 {
-    if (d->mode != MODE_GATEWAY || region != d->target)
+    if (d->mode != MODE_GATEWAY || region != d->env.target)
         return 0;
     int n = d->n_gw[region];
     return (idx / 2) % 2 == 0 ? d->victim : (d->victim + 1) % n;
 }
 
+/* What this drill retries: the transient statuses, and also RESOURCE_EXHAUSTED and INTERNAL
+ * (the restore drill does not retry those). */
 static bool retryable(grpc_status_code code)
 {
-    switch (code) {
-    case GRPC_STATUS_UNAVAILABLE:
-    case GRPC_STATUS_DEADLINE_EXCEEDED:
-    case GRPC_STATUS_ABORTED:
-    case GRPC_STATUS_RESOURCE_EXHAUSTED:
-    case GRPC_STATUS_CANCELLED:
-    case GRPC_STATUS_UNKNOWN:
-    case GRPC_STATUS_INTERNAL:
-        return true;
-    default:
-        return false;
-    }
+    return dm_ctl_transient(code) || code == GRPC_STATUS_RESOURCE_EXHAUSTED ||
+           code == GRPC_STATUS_INTERNAL;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -439,7 +370,7 @@ static void call_end(worker_t *w, dclient_t *cl, const dm_status_t *st, const ch
     if (d->mode != MODE_GATEWAY)
         return;
     long long ks = atomic_load(&d->kill_start_us), ke = atomic_load(&d->kill_end_us);
-    bool mine = w->region == d->target; /* the drilled region's data */
+    bool mine = w->region == d->env.target; /* the drilled region's data */
     bool in_flight = ks && ended >= ks && (!ke || started < ke);
     bool after = ke && started >= ke;
     /* A client learns that its gateway died from its first call after the kill: gRPC sees a
@@ -485,16 +416,16 @@ static void call_end(worker_t *w, dclient_t *cl, const dm_status_t *st, const ch
 static void count_error(worker_t *w, dclient_t *cl, const dm_status_t *st, const char *method,
                         int64_t started)
 {
-    int k = (int)st->code >= 0 && (int)st->code < N_CODES ? (int)st->code : GRPC_STATUS_UNKNOWN;
+    int k = dm_ctl_code_index(st->code);
     w->c.err[k]++;
     if (!w->c.sample[k])
         w->c.sample[k] = dm_sprintf("%s at %.1f s (at the %s gateway%s): %s", method,
-                                    (double)(started - w->d->t0_us) / 1e6, region_codes[cl->at],
+                                    (double)(started - w->d->t0_us) / 1e6, dm_ctl_regions[cl->at],
                                     w->d->n_gw[cl->at] > 1 ? "s" : "", st->message);
     long long rec = atomic_load(&w->d->first_write_us);
-    if (w->region == w->d->target && rec && started > rec)
+    if (w->region == w->d->env.target && rec && started > rec)
         w->c.errors_after_rec++;
-    call_end(w, cl, st, method, started, now_us());
+    call_end(w, cl, st, method, started, dm_ctl_mono_us());
 }
 
 /* One PutRecord attempt of `x`. Returns the status code; *replayed set on OK. (Versions are
@@ -503,29 +434,17 @@ static grpc_status_code put_once(worker_t *w, dclient_t *cl, const dwrite_t *x, 
                                  int64_t *started)
 {
     drill_t *d = w->d;
-    Domicile__V1__PutRecordRequest r = DOMICILE__V1__PUT_RECORD_REQUEST__INIT;
-    r.request_id = x->request_id;
-    r.customer_id = d->customer[w->region];
-    r.record_id = x->record_id;
-    r.kind = "drill";
-    r.payload.data = x->payload;
-    r.payload.len = x->len;
-    r.content_type = "application/octet-stream";
-    ProtobufCMessage *resp = NULL;
-    *started = now_us();
-    dm_status_t *st =
-        dm_client_unary(cl->c, PATH_PUT, &r.base, &domicile__v1__put_record_response__descriptor,
-                        d->call_ms, &resp);
+    dm_ctl_put_t put = {d->customer[w->region],     x->record_id, x->request_id, NULL,
+                        "application/octet-stream", x->payload,   x->len};
+    *started = dm_ctl_mono_us();
+    dm_status_t *st = dm_ctl_drill_put(&d->env, cl->c, &put, replayed);
     if (st) {
         grpc_status_code code = st->code;
         count_error(w, cl, st, "PutRecord", *started);
         dm_status_free(st);
         return code;
     }
-    call_end(w, cl, NULL, "PutRecord", *started, now_us());
-    Domicile__V1__PutRecordResponse *pr = (Domicile__V1__PutRecordResponse *)resp;
-    *replayed = pr->replayed;
-    protobuf_c_message_free_unpacked(resp, NULL);
+    call_end(w, cl, NULL, "PutRecord", *started, dm_ctl_mono_us());
     return GRPC_STATUS_OK;
 }
 
@@ -541,13 +460,13 @@ static bool try_write(worker_t *w, dclient_t *cl, dwrite_t *x, grpc_status_code 
     *code_out = code;
     if (code != GRPC_STATUS_OK)
         return false;
-    int64_t done = now_us();
+    int64_t done = dm_ctl_mono_us();
     lat_add(&w->c.put_lat, done - started);
     w->c.puts_ok++;
     if (replayed)
         w->c.replays++;
     long long ke = atomic_load(&d->kill_end_us);
-    if (w->region == d->target && ke && started >= ke) {
+    if (w->region == d->env.target && ke && started >= ke) {
         long long cur = atomic_load(&d->first_write_us);
         while ((cur == 0 || done < cur) &&
                !atomic_compare_exchange_weak(&d->first_write_us, &cur, done))
@@ -563,7 +482,7 @@ static dwrite_t new_write(worker_t *w)
     w->seq++;
     x.record_id = dm_sprintf("r%d-%ld", w->idx, w->seq);
     x.request_id =
-        dm_sprintf("%s-%s-w%d-%ld", w->d->run_id, region_codes[w->region], w->idx, w->seq);
+        dm_sprintf("%s-%s-w%d-%ld", w->d->run_id, dm_ctl_regions[w->region], w->idx, w->seq);
     x.len = 32 + rng_next(&w->rng) % 480;
     x.payload = dm_malloc(x.len);
     for (size_t i = 0; i < x.len; i++)
@@ -598,20 +517,20 @@ static bool write_retry(worker_t *w, dclient_t *cl)
     return ok;
 }
 
+static bool same_payload(const Domicile__V1__Record *rec, const dwrite_t *x)
+{
+    return rec && rec->payload.len == x->len && memcmp(rec->payload.data, x->payload, x->len) == 0;
+}
+
 /* GetRecord of one of this worker's acknowledged records as `principal_region`. */
 static void read_one(worker_t *w, dclient_t *cl, int principal_region)
 {
     drill_t *d = w->d;
     const dwrite_t *x = &w->acked.v[rng_next(&w->rng) % w->acked.n];
-    Domicile__V1__GetRecordRequest r = DOMICILE__V1__GET_RECORD_REQUEST__INIT;
-    r.customer_id = d->customer[w->region];
-    r.record_id = x->record_id;
-    ProtobufCMessage *resp = NULL;
+    Domicile__V1__GetRecordResponse *resp;
     w->c.calls++;
-    int64_t started = now_us();
-    dm_status_t *st =
-        dm_client_unary(cl->c, PATH_GET, &r.base, &domicile__v1__get_record_response__descriptor,
-                        d->call_ms, &resp);
+    int64_t started = dm_ctl_mono_us();
+    dm_status_t *st = dm_ctl_drill_get(&d->env, cl->c, d->customer[w->region], x->record_id, &resp);
     if (st) {
         count_error(w, cl, st, "GetRecord", started);
         if (st->code == GRPC_STATUS_NOT_FOUND)
@@ -619,16 +538,15 @@ static void read_one(worker_t *w, dclient_t *cl, int principal_region)
         dm_status_free(st);
         return;
     }
-    int64_t ended = now_us();
+    int64_t ended = dm_ctl_mono_us();
     call_end(w, cl, NULL, "GetRecord", started, ended);
     lat_add(&w->c.get_lat, ended - started);
-    const Domicile__V1__Record *rec = ((Domicile__V1__GetRecordResponse *)resp)->record;
-    if (!rec || rec->payload.len != x->len || memcmp(rec->payload.data, x->payload, x->len) != 0)
+    if (!same_payload(resp->record, x))
         w->c.anomalies++;
     w->c.reads_ok++;
     if (principal_region != w->region)
         w->c.xb_reads_ok++;
-    protobuf_c_message_free_unpacked(resp, NULL);
+    protobuf_c_message_free_unpacked(&resp->base, NULL);
 }
 
 /* Reads every acknowledged write back as a principal of the record's own region, at that
@@ -639,24 +557,20 @@ static void verify(worker_t *w)
     dclient_t own =
         dclient(d, w->region, first_gateway(d, w->region, w->idx), d->token_service[w->region]);
     dm_client_t *cl = own.c;
-    int64_t deadline = now_us() + (int64_t)VERIFY_MS * 1000;
+    int64_t deadline = dm_ctl_mono_us() + (int64_t)VERIFY_MS * 1000;
     for (size_t i = 0; i < w->acked.n; i++) {
         const dwrite_t *x = &w->acked.v[i];
-        Domicile__V1__GetRecordRequest r = DOMICILE__V1__GET_RECORD_REQUEST__INIT;
-        r.customer_id = d->customer[w->region];
-        r.record_id = x->record_id;
         for (;;) {
-            if (now_us() > deadline) {
+            if (dm_ctl_mono_us() > deadline) {
                 w->c.unverified++;
                 break;
             }
-            ProtobufCMessage *resp = NULL;
+            Domicile__V1__GetRecordResponse *resp;
             dm_status_t *st =
-                dm_client_unary(cl, PATH_GET, &r.base,
-                                &domicile__v1__get_record_response__descriptor, d->call_ms, &resp);
+                dm_ctl_drill_get(&d->env, cl, d->customer[w->region], x->record_id, &resp);
             if (st && retryable(st->code)) {
                 dm_status_free(st);
-                sleep_us(RETRY_PAUSE_US);
+                dm_ctl_sleep_us(RETRY_PAUSE_US);
                 continue;
             }
             if (st) {
@@ -667,15 +581,14 @@ static void verify(worker_t *w)
                 dm_status_free(st);
                 break;
             }
-            const Domicile__V1__Record *rec = ((Domicile__V1__GetRecordResponse *)resp)->record;
-            if (!rec || rec->payload.len != x->len ||
-                memcmp(rec->payload.data, x->payload, x->len) != 0)
+            const Domicile__V1__Record *rec = resp->record;
+            if (!same_payload(rec, x))
                 w->c.mismatched++;
             else
                 w->c.verified++;
             if (rec && rec->version != 1)
                 w->c.dup_readback++;
-            protobuf_c_message_free_unpacked(resp, NULL);
+            protobuf_c_message_free_unpacked(&resp->base, NULL);
             break;
         }
     }
@@ -688,16 +601,16 @@ static void *worker_main(void *arg)
     drill_t *d = w->d;
     int at = main_gateway_region(d, w->region, w->idx);
     int xr = xb_principal_region(d, w->region);
-    dclient_t main_cl = dclient(d, at, first_gateway(d, at, w->idx), d->token_admin);
+    dclient_t main_cl = dclient(d, at, first_gateway(d, at, w->idx), d->env.token_admin);
     dclient_t xb_cl = dclient(d, xr, first_gateway(d, xr, w->idx), d->token_service[xr]);
     dclient_t *admin = &main_cl, *xb = &xb_cl;
-    int64_t period = (int64_t)(1e6 / d->rate);
+    int64_t period = (int64_t)(1e6 / d->env.rate);
     /* Workers start out of step, so their calls spread over the period. */
-    int64_t next = now_us() + (int64_t)(rng_next(&w->rng) % (uint64_t)period);
+    int64_t next = dm_ctl_mono_us() + (int64_t)(rng_next(&w->rng) % (uint64_t)period);
     while (!atomic_load(&d->stop)) {
-        int64_t now = now_us();
+        int64_t now = dm_ctl_mono_us();
         if (next > now)
-            sleep_us(next - now);
+            dm_ctl_sleep_us(next - now);
         else if (now - next > period)
             next = now; /* a call waited out its deadline: no burst to catch up */
         next += period;
@@ -715,10 +628,10 @@ static void *worker_main(void *arg)
     }
     /* Drain: a write that was never acknowledged may still have committed; its retry (same
      * request_id) must then replay, not write again. */
-    int64_t deadline = now_us() + (int64_t)DRAIN_MS * 1000;
-    while (w->pending.n && now_us() < deadline) {
+    int64_t deadline = dm_ctl_mono_us() + (int64_t)DRAIN_MS * 1000;
+    while (w->pending.n && dm_ctl_mono_us() < deadline) {
         if (!write_retry(w, admin))
-            sleep_us(RETRY_PAUSE_US);
+            dm_ctl_sleep_us(RETRY_PAUSE_US);
     }
     w->c.unresolved = (long)w->pending.n;
     dclient_free(&main_cl);
@@ -730,106 +643,19 @@ static void *worker_main(void *arg)
 /* ------------------------------------------------------------------------------------------
  * domicile-local */
 
-int dm_ctl_run_local(const char *local, const char *state, char **out, const char *const *args)
-{
-    const char *argv[24];
-    int n = 0;
-    argv[n++] = local;
-    argv[n++] = "--state";
-    argv[n++] = state;
-    for (int i = 0; args[i] && n < 23; i++)
-        argv[n++] = args[i];
-    argv[n] = NULL;
-    if (out)
-        *out = NULL;
-    int fds[2];
-    if (pipe2(fds, O_CLOEXEC) != 0)
-        return -1;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_adddup2(&fa, fds[1], 1);
-    pid_t pid;
-    int rc = posix_spawn(&pid, local, &fa, NULL, (char *const *)argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    close(fds[1]);
-    if (rc != 0) {
-        close(fds[0]);
-        fprintf(stderr, "domicilectl: cannot run %s: %s\n", local, strerror(rc));
-        return -1;
-    }
-    size_t cap = 4096, len = 0;
-    char *buf = dm_malloc(cap);
-    for (;;) {
-        if (len + 1 >= cap)
-            buf = dm_realloc(buf, cap *= 2);
-        ssize_t r = read(fds[0], buf + len, cap - len - 1);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        len += (size_t)r;
-    }
-    buf[len] = '\0';
-    close(fds[0]);
-    int status;
-    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-        ;
-    while (len && buf[len - 1] == '\n')
-        buf[--len] = '\0';
-    if (out)
-        *out = buf;
-    else
-        free(buf);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
-static int run_local(const drill_t *d, char **out, const char *const *args)
-{
-    return dm_ctl_run_local(d->local, d->state, out, args);
-}
-
-char *dm_ctl_find_local(void)
-{
-    char exe[PATH_MAX], buf[PATH_MAX + 64], real[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-    if (n > 0) {
-        exe[n] = '\0';
-        char *slash = strrchr(exe, '/');
-        if (slash)
-            *slash = '\0';
-        static const char *const rel[] = {"../deploy/local/domicile-local",
-                                          "../../deploy/local/domicile-local", "domicile-local"};
-        for (size_t i = 0; i < DM_ARRAY_LEN(rel); i++) {
-            snprintf(buf, sizeof(buf), "%s/%s", exe, rel[i]);
-            if (realpath(buf, real) && access(real, X_OK) == 0)
-                return dm_strdup(real);
-        }
-    }
-    const char *path = getenv("PATH");
-    while (path && *path) {
-        size_t len = strcspn(path, ":");
-        snprintf(buf, sizeof(buf), "%.*s/domicile-local", (int)len, path);
-        if (len && access(buf, X_OK) == 0)
-            return dm_strdup(buf);
-        path += len + (path[len] == ':');
-    }
-    return NULL;
-}
-
 typedef struct {
     char primary[16]; /* node running as primary, "" if none */
     char repl[32];    /* sync_state of the other node on the primary, "" if none */
     bool healthy;     /* both nodes run, the other one is the primary's sync standby */
 } region_state_t;
 
-/* Every region's layout, from `domicile-local status --json` (rs: N_REGIONS entries). */
+/* Every region's layout, from `domicile-local status --json` (rs: DM_CTL_N_REGIONS entries). */
 static bool regions_state(const drill_t *d, region_state_t *rs)
 {
-    memset(rs, 0, N_REGIONS * sizeof(*rs));
+    memset(rs, 0, DM_CTL_N_REGIONS * sizeof(*rs));
     char *out = NULL;
     const char *args[] = {"status", "--json", NULL};
-    int rc = run_local(d, &out, args);
+    int rc = dm_ctl_drill_local(&d->env, &out, args);
     json_error_t jerr;
     json_t *arr = rc == 0 && out ? json_loads(out, 0, &jerr) : NULL;
     free(out);
@@ -838,7 +664,7 @@ static bool regions_state(const drill_t *d, region_state_t *rs)
         fprintf(stderr, "domicilectl: drill: cannot read `domicile-local status --json`\n");
         return false;
     }
-    int running[N_REGIONS] = {0};
+    int running[DM_CTL_N_REGIONS] = {0};
     size_t i;
     json_t *e;
     json_array_foreach(arr, i, e)
@@ -847,9 +673,9 @@ static bool regions_state(const drill_t *d, region_state_t *rs)
         const char *node = json_string_value(json_object_get(e, "node"));
         const char *role = json_string_value(json_object_get(e, "role"));
         int r = 0;
-        while (r < N_REGIONS && (!reg || strcmp(reg, region_codes[r]) != 0))
+        while (r < DM_CTL_N_REGIONS && (!reg || strcmp(reg, dm_ctl_regions[r]) != 0))
             r++;
-        if (r == N_REGIONS || !json_is_true(json_object_get(e, "running")) || !node || !role)
+        if (r == DM_CTL_N_REGIONS || !json_is_true(json_object_get(e, "running")) || !node || !role)
             continue;
         running[r]++;
         if (strcmp(role, "primary") != 0)
@@ -860,21 +686,9 @@ static bool regions_state(const drill_t *d, region_state_t *rs)
         snprintf(rs[r].repl, sizeof(rs[r].repl), "%s", st ? st : "");
     }
     json_decref(arr);
-    for (int r = 0; r < N_REGIONS; r++)
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++)
         rs[r].healthy = running[r] == 2 && rs[r].primary[0] && strcmp(rs[r].repl, "sync") == 0;
     return true;
-}
-
-/* Runs one SQL query in `region` (psql -At, '|' separated); caller frees. NULL on failure. */
-static char *region_sql(const drill_t *d, int region, const char *sql)
-{
-    char *out = NULL;
-    const char *args[] = {"psql", region_codes[region], "-At", "-c", sql, NULL};
-    if (run_local(d, &out, args) != 0) {
-        free(out);
-        return NULL;
-    }
-    return out;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -882,34 +696,26 @@ static char *region_sql(const drill_t *d, int region, const char *sql)
 
 static bool register_customers(drill_t *d)
 {
-    dm_client_t *c = client_at(d, d->gw[0][0], d->token_admin);
+    dm_client_t *c = dm_ctl_drill_client(&d->env, d->gw[0][0], d->env.token_admin);
     bool ok = true;
-    for (int i = 0; i < N_REGIONS && ok; i++) {
+    for (int i = 0; i < DM_CTL_N_REGIONS && ok; i++) {
         Domicile__V1__RegisterCustomerRequest r = DOMICILE__V1__REGISTER_CUSTOMER_REQUEST__INIT;
-        char *rid = dm_sprintf("%s-register-%s", d->run_id, region_codes[i]);
+        char *rid = dm_sprintf("%s-register-%s", d->run_id, dm_ctl_regions[i]);
         r.request_id = rid;
         r.customer_id = d->customer[i];
-        r.residency = (char *)region_codes[i];
+        r.residency = (char *)dm_ctl_regions[i];
         r.display_name = "failover drill";
-        int64_t deadline = now_us() + 15 * 1000000LL;
-        for (;;) {
-            ProtobufCMessage *resp = NULL;
-            dm_status_t *st = dm_client_unary(c, PATH_REGISTER, &r.base,
-                                              &domicile__v1__register_customer_response__descriptor,
-                                              d->call_ms, &resp);
-            if (!st) {
-                protobuf_c_message_free_unpacked(resp, NULL);
-                break;
-            }
-            if (!retryable(st->code) || now_us() > deadline) {
-                fprintf(stderr, "domicilectl: drill: cannot register customer %s: %s: %s\n",
-                        d->customer[i], dm_status_code_name(st->code), st->message);
-                ok = false;
-                dm_status_free(st);
-                break;
-            }
+        ProtobufCMessage *resp = NULL;
+        dm_status_t *st = dm_ctl_drill_call(&d->env, c, PATH_REGISTER, &r.base,
+                                            &domicile__v1__register_customer_response__descriptor,
+                                            &resp, 15000, RETRY_PAUSE_US / 1000, retryable);
+        if (st) {
+            fprintf(stderr, "domicilectl: drill: cannot register customer %s: %s: %s\n",
+                    d->customer[i], dm_status_code_name(st->code), st->message);
+            ok = false;
             dm_status_free(st);
-            sleep_us(RETRY_PAUSE_US);
+        } else {
+            protobuf_c_message_free_unpacked(resp, NULL);
         }
         free(rid);
     }
@@ -919,20 +725,11 @@ static bool register_customers(drill_t *d)
 
 static bool load_tokens(drill_t *d)
 {
-    char *path = dm_sprintf("%s/secrets/tokens/admin.token", d->state);
-    d->token_admin = read_file(path, true);
-    bool ok = d->token_admin != NULL;
-    if (!ok)
-        fprintf(stderr, "domicilectl: drill: cannot read %s: %s\n", path, strerror(errno));
-    free(path);
-    for (int i = 0; i < N_REGIONS && ok; i++) {
-        path = dm_sprintf("%s/secrets/tokens/%s.token", d->state, service_of[i]);
-        d->token_service[i] = read_file(path, true);
-        if (!d->token_service[i]) {
-            fprintf(stderr, "domicilectl: drill: cannot read %s: %s\n", path, strerror(errno));
-            ok = false;
-        }
-        free(path);
+    d->env.token_admin = dm_ctl_drill_token(&d->env, "admin");
+    bool ok = d->env.token_admin != NULL;
+    for (int i = 0; i < DM_CTL_N_REGIONS && ok; i++) {
+        d->token_service[i] = dm_ctl_drill_token(&d->env, service_of[i]);
+        ok = d->token_service[i] != NULL;
     }
     return ok;
 }
@@ -943,7 +740,7 @@ static bool load_tokens(drill_t *d)
 /* The pid in `path` if that process runs and is a domiciled; 0 otherwise. */
 static long gateway_pid(const char *path)
 {
-    char *text = read_file(path, true);
+    char *text = dm_ctl_read_file(path, true);
     if (!text)
         return 0;
     char *end;
@@ -966,33 +763,33 @@ static long gateway_pid(const char *path)
 /* File of gateway k (0-based) of region r in the state: "listening", "listening-2", ... */
 static char *state_gw_file(const drill_t *d, int r, int k, const char *what)
 {
-    return k == 0 ? dm_sprintf("%s/gw/%s/%s", d->state, region_codes[r], what)
-                  : dm_sprintf("%s/gw/%s/%s-%d", d->state, region_codes[r], what, k + 1);
+    return k == 0 ? dm_sprintf("%s/gw/%s/%s", d->env.state, dm_ctl_regions[r], what)
+                  : dm_sprintf("%s/gw/%s/%s-%d", d->env.state, dm_ctl_regions[r], what, k + 1);
 }
 
 static char *state_pid_file(const drill_t *d, int r, int k)
 {
-    return k == 0 ? dm_sprintf("%s/gw/%s/domiciled.pid", d->state, region_codes[r])
-                  : dm_sprintf("%s/gw/%s/domiciled-%d.pid", d->state, region_codes[r], k + 1);
+    return k == 0 ? dm_sprintf("%s/gw/%s/domiciled.pid", d->env.state, dm_ctl_regions[r])
+                  : dm_sprintf("%s/gw/%s/domiciled-%d.pid", d->env.state, dm_ctl_regions[r], k + 1);
 }
 
 /* Each region's gateways: --gateway given, else the state's running gateways (the addresses
  * `domicile-local gateways start` wrote, only of those whose process runs), else --addr. A
  * region some of whose gateways are stopped keeps its numbering in the pid files: the index
  * of gateway k is remembered for the kill (gw_num). */
-static int gw_num[N_REGIONS][MAX_GW];
+static int gw_num[DM_CTL_N_REGIONS][MAX_GW];
 
 static bool discover_gateways(drill_t *d)
 {
     bool given = false;
-    for (int r = 0; r < N_REGIONS; r++)
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++)
         given = given || d->n_gw[r] > 0;
     if (given) {
         d->gw_source = "--gateway";
-        for (int r = 0; r < N_REGIONS; r++) {
+        for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
             if (d->n_gw[r] == 0) {
                 fprintf(stderr, "domicilectl: drill: --gateway: no gateway of %s given\n",
-                        region_codes[r]);
+                        dm_ctl_regions[r]);
                 return false;
             }
             for (int k = 0; k < d->n_gw[r]; k++)
@@ -1001,11 +798,11 @@ static bool discover_gateways(drill_t *d)
         return true;
     }
     int found = 0;
-    for (int r = 0; r < N_REGIONS; r++) {
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
         for (int k = 0; k < MAX_GW; k++) {
             char *lf = state_gw_file(d, r, k, "listening");
             char *pf = state_pid_file(d, r, k);
-            char *addr = gateway_pid(pf) ? read_file(lf, true) : NULL;
+            char *addr = gateway_pid(pf) ? dm_ctl_read_file(lf, true) : NULL;
             free(lf);
             free(pf);
             if (!addr || !addr[0]) {
@@ -1017,12 +814,12 @@ static bool discover_gateways(drill_t *d)
         }
         found += d->n_gw[r] > 0;
     }
-    if (found == N_REGIONS) {
+    if (found == DM_CTL_N_REGIONS) {
         d->gw_source = "state";
         return true;
     }
     /* No federation of the state's (or only part of one): one gateway serves everything. */
-    for (int r = 0; r < N_REGIONS; r++) {
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
         for (int k = 0; k < d->n_gw[r]; k++)
             free(d->gw[r][k]);
         d->n_gw[r] = 1;
@@ -1036,11 +833,11 @@ static bool discover_gateways(drill_t *d)
 static json_t *gateways_json(const drill_t *d)
 {
     json_t *o = json_object();
-    for (int r = 0; r < N_REGIONS; r++) {
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
         json_t *a = json_array();
         for (int k = 0; k < d->n_gw[r]; k++)
             json_array_append_new(a, json_string(d->gw[r][k]));
-        json_object_set_new(o, region_codes[r], a);
+        json_object_set_new(o, dm_ctl_regions[r], a);
     }
     return o;
 }
@@ -1048,14 +845,13 @@ static json_t *gateways_json(const drill_t *d)
 /* Health of `service` at one gateway: the serving status, -1 if it did not answer. */
 static int health_at(const drill_t *d, const char *addr, const char *service)
 {
-    dm_client_t *c = d->ca_pem ? dm_client_create_tls(addr, d->ca_pem, d->cert_pem, d->key_pem)
-                               : dm_client_create(addr);
+    dm_client_t *c = dm_ctl_drill_client(&d->env, addr, NULL);
     Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
     req.service = (char *)service;
     ProtobufCMessage *resp = NULL;
-    dm_status_t *st =
-        dm_client_unary(c, PATH_HEALTH, &req.base,
-                        &grpc__health__v1__health_check_response__descriptor, d->call_ms, &resp);
+    dm_status_t *st = dm_client_unary(c, PATH_HEALTH, &req.base,
+                                      &grpc__health__v1__health_check_response__descriptor,
+                                      d->env.call_ms, &resp);
     int out = -1;
     if (!st) {
         out = (int)((Grpc__Health__V1__HealthCheckResponse *)resp)->status;
@@ -1069,14 +865,14 @@ static int health_at(const drill_t *d, const char *addr, const char *service)
 /* Until `service` is SERVING at `addr`, at most `ms`. */
 static bool wait_serving(const drill_t *d, const char *addr, const char *service, int64_t ms)
 {
-    int64_t deadline = now_us() + ms * 1000;
+    int64_t deadline = dm_ctl_mono_us() + ms * 1000;
     for (;;) {
         if (health_at(d, addr, service) ==
             GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING)
             return true;
-        if (now_us() > deadline)
+        if (dm_ctl_mono_us() > deadline)
             return false;
-        sleep_us(100000);
+        dm_ctl_sleep_us(100000);
     }
 }
 
@@ -1102,13 +898,13 @@ static bool kill_gateway(const drill_t *d, long pid)
         fprintf(stderr, "domicilectl: drill: kill -9 %ld: %s\n", pid, strerror(errno));
         return false;
     }
-    int64_t deadline = now_us() + 30 * 1000000LL;
+    int64_t deadline = dm_ctl_mono_us() + 30 * 1000000LL;
     while (process_alive(pid)) {
-        if (now_us() > deadline) {
+        if (dm_ctl_mono_us() > deadline) {
             fprintf(stderr, "domicilectl: drill: gateway pid %ld survives SIGKILL\n", pid);
             return false;
         }
-        sleep_us(500);
+        dm_ctl_sleep_us(500);
     }
     (void)d;
     return true;
@@ -1138,11 +934,11 @@ static void check_regions(const drill_t *d, region_result_t *res)
                    " where method = 'GetRecord' and direction = 'read' and outcome = 'allowed'"
                    " and customer_id in (%s) group by customer_id",
                    ids, ids, ids);
-    for (int r = 0; r < N_REGIONS; r++) {
-        char *out = region_sql(d, r, sql);
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
+        char *out = dm_ctl_drill_sql(&d->env, r, sql);
         res[r].sql_ok = out != NULL;
         if (!out) {
-            fprintf(stderr, "domicilectl: drill: cannot query region %s\n", region_codes[r]);
+            fprintf(stderr, "domicilectl: drill: cannot query region %s\n", dm_ctl_regions[r]);
             continue;
         }
         char *save = NULL;
@@ -1181,7 +977,7 @@ static double ms_since(int64_t t0, int64_t t)
 static json_t *errors_json(const counts_t *c, bool samples)
 {
     json_t *o = json_object();
-    for (int k = 1; k < N_CODES; k++) {
+    for (int k = 1; k < DM_CTL_N_CODES; k++) {
         if (!c->err[k])
             continue;
         const char *name = dm_status_code_name((grpc_status_code)k);
@@ -1197,14 +993,14 @@ static void counts_free(counts_t *c)
 {
     free(c->put_lat.v);
     free(c->get_lat.v);
-    for (int k = 0; k < N_CODES; k++)
+    for (int k = 0; k < DM_CTL_N_CODES; k++)
         free(c->sample[k]);
 }
 
 static long errors_total(const counts_t *c)
 {
     long n = 0;
-    for (int k = 1; k < N_CODES; k++)
+    for (int k = 1; k < DM_CTL_N_CODES; k++)
         n += c->err[k];
     return n;
 }
@@ -1213,7 +1009,7 @@ static void errors_text(const counts_t *c, char *buf, size_t size)
 {
     size_t len = 0;
     buf[0] = '\0';
-    for (int k = 1; k < N_CODES && len < size; k++)
+    for (int k = 1; k < DM_CTL_N_CODES && len < size; k++)
         if (c->err[k])
             len += (size_t)snprintf(buf + len, size - len, "%s%s=%ld", len ? "," : "",
                                     dm_status_code_name((grpc_status_code)k), c->err[k]);
@@ -1231,7 +1027,7 @@ static void drill_usage(FILE *f)
           "         [--gateway REGION=H:P]... [--victim N] [--victim-pid PID]\n"
           "         [--domicile-local PATH] [-o table|json|jsonl]\n"
           "  Against the deploy/local regions (state DIR, default $DOMICILE_LOCAL_STATE or\n"
-          "  " STATE_DEFAULT ") and their gateways: a mixed load on every region (N client\n"
+          "  " DM_CTL_LOCAL_STATE ") and their gateways: a mixed load on every region (N client\n"
           "  threads per region, default 2, each N calls per second, default 20; call deadline\n"
           "  --timeout, default 2000 ms) through the federation: each region's data at its own\n"
           "  gateways and at another region's (forwarded), read across the border at a third.\n"
@@ -1256,40 +1052,33 @@ static void drill_usage(FILE *f)
 
 static int parse_args(drill_t *d, int argc, char **argv)
 {
+    /* The drill's own first: getopt lists an ambiguous abbreviation's candidates in this
+     * order (--d: --duration, --domicile-local). */
     static const struct option opts[] = {
-        {"region", required_argument, NULL, 'r'},
         {"duration", required_argument, NULL, 'd'},
-        {"state", required_argument, NULL, 's'},
-        {"json", required_argument, NULL, 'j'},
         {"clients", required_argument, NULL, 'c'},
-        {"rate", required_argument, NULL, 'R'},
-        {"domicile-local", required_argument, NULL, 'L'},
-        {"gateway", required_argument, NULL, 'g'},
         {"victim", required_argument, NULL, 'v'},
         {"victim-pid", required_argument, NULL, 'p'},
-        {"help", no_argument, NULL, 'h'},
+        DM_CTL_DRILL_OPTIONS,
         {NULL, 0, NULL, 0},
     };
     const char *region = NULL;
     int opt, victim = 0;
     optind = 0; /* GNU getopt: start over on this sub-argv */
     while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        int rc = dm_ctl_drill_option(&d->env, opt, optarg, &region, 1000, drill_usage);
+        if (rc != 1) {
+            if (rc)
+                return rc;
+            continue;
+        }
         switch (opt) {
-        case 'r':
-            region = optarg;
-            break;
         case 'd':
             d->duration_ms = parse_duration(optarg);
             if (d->duration_ms < 3000 || d->duration_ms > 3600000) {
                 fprintf(stderr, "domicilectl: --duration must be 3s..1h\n");
                 return 2;
             }
-            break;
-        case 's':
-            d->state = optarg;
-            break;
-        case 'j':
-            d->json_path = optarg;
             break;
         case 'c':
             d->clients = atoi(optarg);
@@ -1298,25 +1087,10 @@ static int parse_args(drill_t *d, int argc, char **argv)
                 return 2;
             }
             break;
-        case 'R':
-            d->rate = atof(optarg);
-            if (!(d->rate >= 1 && d->rate <= 1000)) {
-                fprintf(stderr, "domicilectl: --rate must be 1..1000 calls per second\n");
-                return 2;
-            }
-            break;
-        case 'L':
-            free(d->local);
-            d->local = dm_strdup(optarg);
-            break;
-        case 'g': {
-            const char *eq = strchr(optarg, '=');
-            int r = -1;
-            for (int i = 0; eq && i < N_REGIONS; i++)
-                if ((size_t)(eq - optarg) == strlen(region_codes[i]) &&
-                    strncmp(optarg, region_codes[i], (size_t)(eq - optarg)) == 0)
-                    r = i;
-            if (r < 0 || !eq[1]) {
+        case DM_CTL_DRILL_OPT_GATEWAY: {
+            const char *addr;
+            int r = dm_ctl_drill_gateway_arg(optarg, &addr);
+            if (r < 0) {
                 fprintf(stderr,
                         "domicilectl: --gateway wants REGION=HOST:PORT (us, eu, in), not "
                         "\"%s\"\n",
@@ -1327,7 +1101,7 @@ static int parse_args(drill_t *d, int argc, char **argv)
                 fprintf(stderr, "domicilectl: --gateway: at most %d gateways per region\n", MAX_GW);
                 return 2;
             }
-            d->gw[r][d->n_gw[r]++] = dm_strdup(eq + 1);
+            d->gw[r][d->n_gw[r]++] = dm_strdup(addr);
             break;
         }
         case 'v':
@@ -1344,26 +1118,14 @@ static int parse_args(drill_t *d, int argc, char **argv)
                 return 2;
             }
             break;
-        case 'h':
-            drill_usage(stdout);
-            return -1;
         default:
             drill_usage(stderr);
             return 2;
         }
     }
-    if (optind != argc || !region) {
-        drill_usage(stderr);
-        return 2;
-    }
-    d->target = -1;
-    for (int i = 0; i < N_REGIONS; i++)
-        if (strcmp(region, region_codes[i]) == 0)
-            d->target = i;
-    if (d->target < 0) {
-        fprintf(stderr, "domicilectl: unknown region \"%s\" (us, eu, in)\n", region);
-        return 2;
-    }
+    int rc = dm_ctl_drill_args_end(&d->env, argc, region, drill_usage);
+    if (rc)
+        return rc;
     if (d->mode != MODE_GATEWAY && (victim || d->victim_pid)) {
         fprintf(stderr, "domicilectl: --victim and --victim-pid are options of drill gateway\n");
         return 2;
@@ -1377,18 +1139,19 @@ static void drill_progress(const drill_t *d)
 {
     if (!d->progress)
         return;
-    double at = (double)((d->load_end_us ? d->load_end_us : now_us()) - d->t0_us) / 1e6;
+    double at = (double)((d->load_end_us ? d->load_end_us : dm_ctl_mono_us()) - d->t0_us) / 1e6;
     dm_progress_status(d->progress, "%s %s, %s; load %.0f/%.0f s, %ld calls, %ld failed",
-                       d->mode == MODE_GATEWAY ? "gateway" : "failover", region_codes[d->target],
-                       d->phase, at < 0 ? 0 : at, (double)d->duration_ms / 1000,
-                       atomic_load(&d->calls_ended), atomic_load(&d->calls_failed));
+                       d->mode == MODE_GATEWAY ? "gateway" : "failover",
+                       dm_ctl_regions[d->env.target], d->phase, at < 0 ? 0 : at,
+                       (double)d->duration_ms / 1000, atomic_load(&d->calls_ended),
+                       atomic_load(&d->calls_failed));
 }
 
 static void main_wait_until(const drill_t *d, int64_t t)
 {
     /* Awake every 200 ms for the progress line only when there is one. */
-    for (int64_t left = t - now_us(); left > 0; left = t - now_us()) {
-        sleep_us(d->progress && left > 200000 ? 200000 : left);
+    for (int64_t left = t - dm_ctl_mono_us(); left > 0; left = t - dm_ctl_mono_us()) {
+        dm_ctl_sleep_us(d->progress && left > 200000 ? 200000 : left);
         drill_progress(d);
     }
 }
@@ -1396,18 +1159,18 @@ static void main_wait_until(const drill_t *d, int64_t t)
 /* A drill step through domicile-local; its start and end go to *t0 and *t1. */
 static bool step(drill_t *d, const char *what, const char *node, int64_t *t0, int64_t *t1)
 {
-    const char *args[] = {what, region_codes[d->target], node, NULL};
+    const char *args[] = {what, dm_ctl_regions[d->env.target], node, NULL};
     dm_progress_note(d->progress, "domicilectl: drill: %s %s%s%s at %.1f s", what,
-                     region_codes[d->target], node ? " " : "", node ? node : "",
-                     (double)(now_us() - d->t0_us) / 1e6);
+                     dm_ctl_regions[d->env.target], node ? " " : "", node ? node : "",
+                     (double)(dm_ctl_mono_us() - d->t0_us) / 1e6);
     d->phase = what;
     drill_progress(d);
-    *t0 = now_us();
-    int rc = run_local(d, NULL, args);
-    *t1 = now_us();
+    *t0 = dm_ctl_mono_us();
+    int rc = dm_ctl_drill_local(&d->env, NULL, args);
+    *t1 = dm_ctl_mono_us();
     if (rc != 0)
         dm_progress_note(d->progress, "domicilectl: drill: `domicile-local %s %s` failed (exit %d)",
-                         what, region_codes[d->target], rc);
+                         what, dm_ctl_regions[d->env.target], rc);
     return rc == 0;
 }
 
@@ -1415,20 +1178,20 @@ static bool step(drill_t *d, const char *what, const char *node, int64_t *t0, in
  * gateway left. */
 static bool choose_victim(drill_t *d)
 {
-    int t = d->target, n = d->n_gw[t];
+    int t = d->env.target, n = d->n_gw[t];
     if (n < 2) {
         fprintf(stderr,
                 "domicilectl: drill gateway: %s has %d gateway(s) (from %s); it needs two or "
                 "more: domicile-local up --replicas %s=2, then gateways start (or --gateway "
                 "%s=H:P twice)\n",
-                region_codes[t], n, d->gw_source, region_codes[t], region_codes[t]);
+                dm_ctl_regions[t], n, d->gw_source, dm_ctl_regions[t], dm_ctl_regions[t]);
         return false;
     }
     if (d->victim < 0)
         d->victim = n - 1;
     if (d->victim >= n) {
         fprintf(stderr, "domicilectl: drill gateway: --victim %d, but %s has %d gateways\n",
-                d->victim + 1, region_codes[t], n);
+                d->victim + 1, dm_ctl_regions[t], n);
         return false;
     }
     if (!d->victim_pid) {
@@ -1474,7 +1237,7 @@ static void merge_counts(counts_t *t, const counts_t *c)
     t->fail_fwd += c->fail_fwd;
     t->ok_after += c->ok_after;
     t->ok_after_fwd += c->ok_after_fwd;
-    for (int k = 0; k < N_CODES; k++) {
+    for (int k = 0; k < DM_CTL_N_CODES; k++) {
         t->err[k] += c->err[k];
         if (!t->sample[k] && c->sample[k])
             t->sample[k] = dm_strdup(c->sample[k]);
@@ -1495,17 +1258,17 @@ static int drill_run(drill_t *d)
 {
     bool gw_mode = d->mode == MODE_GATEWAY;
     const char *mode_name = gw_mode ? "gateway" : "failover";
-    region_state_t all[N_REGIONS], before, after;
+    region_state_t all[DM_CTL_N_REGIONS], before, after;
     if (!regions_state(d, all))
         return 2;
-    before = all[d->target];
-    for (int r = 0; r < N_REGIONS; r++) {
+    before = all[d->env.target];
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
         const region_state_t *s = &all[r];
         if (!s->healthy) {
             fprintf(stderr,
                     "domicilectl: drill: region %s is not healthy (primary \"%s\", standby "
                     "\"%s\"): run domicile-local start %s, or rejoin %s\n",
-                    region_codes[r], s->primary, s->repl, region_codes[r], region_codes[r]);
+                    dm_ctl_regions[r], s->primary, s->repl, dm_ctl_regions[r], dm_ctl_regions[r]);
             return 2;
         }
     }
@@ -1513,15 +1276,15 @@ static int drill_run(drill_t *d)
         return 2;
     /* Every gateway sees every region serving before the load: a gateway learns a peer
      * region's state from its health checks, so one just started may not yet. */
-    for (int g = 0; g < N_REGIONS; g++)
+    for (int g = 0; g < DM_CTL_N_REGIONS; g++)
         for (int k = 0; k < d->n_gw[g]; k++)
-            for (int r = 0; r < N_REGIONS; r++) {
+            for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
                 char service[64];
-                snprintf(service, sizeof(service), "domicile.region.%s", region_codes[r]);
+                snprintf(service, sizeof(service), "domicile.region.%s", dm_ctl_regions[r]);
                 if (!wait_serving(d, d->gw[g][k], service, SERVE_WAIT_MS)) {
                     fprintf(stderr,
                             "domicilectl: drill: the %s gateway %s does not see %s serving\n",
-                            region_codes[g], d->gw[g][k], region_codes[r]);
+                            dm_ctl_regions[g], d->gw[g][k], dm_ctl_regions[r]);
                     return 2;
                 }
             }
@@ -1536,22 +1299,22 @@ static int drill_run(drill_t *d)
                          "domicilectl: drill: run %s, %d clients per region, %.0f s, %s gateway "
                          "%d of %d (%s, pid %ld) to be killed",
                          d->run_id, d->clients, (double)d->duration_ms / 1000,
-                         region_codes[d->target], d->victim + 1, d->n_gw[d->target],
-                         d->gw[d->target][d->victim], d->victim_pid);
+                         dm_ctl_regions[d->env.target], d->victim + 1, d->n_gw[d->env.target],
+                         d->gw[d->env.target][d->victim], d->victim_pid);
     else
         dm_progress_note(d->progress,
                          "domicilectl: drill: run %s, %d clients per region, %.0f s, primary of "
                          "%s: %s",
                          d->run_id, d->clients, (double)d->duration_ms / 1000,
-                         region_codes[d->target], before.primary);
-    d->n_workers = d->clients * N_REGIONS;
+                         dm_ctl_regions[d->env.target], before.primary);
+    d->n_workers = d->clients * DM_CTL_N_REGIONS;
     d->workers = dm_calloc((size_t)d->n_workers, sizeof(worker_t));
-    d->t0_us = now_us();
+    d->t0_us = dm_ctl_mono_us();
     for (int i = 0; i < d->n_workers; i++) {
         worker_t *w = &d->workers[i];
         w->d = d;
-        w->region = i % N_REGIONS;
-        w->idx = i / N_REGIONS;
+        w->region = i % DM_CTL_N_REGIONS;
+        w->idx = i / DM_CTL_N_REGIONS;
         w->rng = (uint64_t)d->t0_us * 2654435761u + (uint64_t)i * 0x9e3779b97f4a7c15ULL;
         if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
             fprintf(stderr, "domicilectl: drill: cannot start a thread\n");
@@ -1565,13 +1328,13 @@ static int drill_run(drill_t *d)
     if (gw_mode) {
         dm_progress_note(d->progress,
                          "domicilectl: drill: kill -9 of %s gateway %d (pid %ld) at %.1f s",
-                         region_codes[d->target], d->victim + 1, d->victim_pid,
-                         (double)(now_us() - d->t0_us) / 1e6);
+                         dm_ctl_regions[d->env.target], d->victim + 1, d->victim_pid,
+                         (double)(dm_ctl_mono_us() - d->t0_us) / 1e6);
         d->phase = "kill";
-        t_kill0 = now_us();
+        t_kill0 = dm_ctl_mono_us();
         atomic_store(&d->kill_start_us, t_kill0);
         steps_ok = kill_gateway(d, d->victim_pid);
-        t_kill1 = now_us();
+        t_kill1 = dm_ctl_mono_us();
         atomic_store(&d->kill_end_us, t_kill1);
     } else {
         steps_ok = step(d, "kill", before.primary, &t_kill0, &t_kill1);
@@ -1587,7 +1350,7 @@ static int drill_run(drill_t *d)
         end = t_kill1 + TAIL_AFTER_MS * 1000;
     d->phase = "load after the kill";
     main_wait_until(d, end);
-    int64_t load_end = now_us();
+    int64_t load_end = dm_ctl_mono_us();
     d->load_end_us = load_end;
     atomic_store(&d->stop, true);
     dm_progress_note(d->progress,
@@ -1598,7 +1361,7 @@ static int drill_run(drill_t *d)
     for (int i = 0; i < d->n_workers; i++)
         pthread_join(d->workers[i].thread, NULL);
 
-    region_result_t res[N_REGIONS];
+    region_result_t res[DM_CTL_N_REGIONS];
     memset(res, 0, sizeof(res));
     for (int i = 0; i < d->n_workers; i++)
         merge_counts(&res[d->workers[i].region].c, &d->workers[i].c);
@@ -1606,22 +1369,22 @@ static int drill_run(drill_t *d)
     drill_progress(d);
     check_regions(d, res);
     bool after_ok = regions_state(d, all);
-    after = all[d->target];
+    after = all[d->env.target];
 
     /* Gateway drill: the survivors serve the region, and every other region's gateways see it
      * serving through them. */
     bool survivors_serving = true;
     if (gw_mode) {
         char service[64];
-        snprintf(service, sizeof(service), "domicile.region.%s", region_codes[d->target]);
-        for (int g = 0; g < N_REGIONS; g++)
+        snprintf(service, sizeof(service), "domicile.region.%s", dm_ctl_regions[d->env.target]);
+        for (int g = 0; g < DM_CTL_N_REGIONS; g++)
             for (int k = 0; k < d->n_gw[g]; k++) {
-                if (g == d->target && k == d->victim)
+                if (g == d->env.target && k == d->victim)
                     continue;
                 if (!wait_serving(d, d->gw[g][k], service, SERVE_WAIT_MS)) {
                     dm_progress_note(d->progress,
                                      "domicilectl: drill: %s is not SERVING at the %s gateway %s",
-                                     service, region_codes[g], d->gw[g][k]);
+                                     service, dm_ctl_regions[g], d->gw[g][k]);
                     survivors_serving = false;
                 }
             }
@@ -1631,7 +1394,7 @@ static int drill_run(drill_t *d)
     long lost = 0, dups = 0, misplaced = 0, ledger_missing = 0, other_errors = 0, anomalies = 0;
     long unresolved = 0;
     bool sql_ok = true;
-    for (int r = 0; r < N_REGIONS; r++) {
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
         counts_t *c = &res[r].c;
         qsort(c->put_lat.v, c->put_lat.n, sizeof(int32_t), cmp_i32);
         qsort(c->get_lat.v, c->get_lat.n, sizeof(int32_t), cmp_i32);
@@ -1643,11 +1406,11 @@ static int drill_run(drill_t *d)
         ledger_missing += res[r].ledger_missing;
         anomalies += c->anomalies;
         unresolved += c->unresolved;
-        if (r != d->target)
+        if (r != d->env.target)
             other_errors += errors_total(c);
         sql_ok = sql_ok && res[r].sql_ok;
     }
-    const counts_t *tc = &res[d->target].c;
+    const counts_t *tc = &res[d->env.target].c;
     long long fw = atomic_load(&d->first_write_us);
     double kill_to_write = fw ? (double)(fw - t_kill0) / 1000.0 : -1;
     double promote_to_write = fw && t_prom1 ? (double)(fw - t_prom1) / 1000.0 : -1;
@@ -1678,14 +1441,14 @@ static int drill_run(drill_t *d)
     /* JSON. */
     json_t *j = json_object();
     json_object_set_new(j, "drill", json_string(mode_name));
-    json_object_set_new(j, "region", json_string(region_codes[d->target]));
+    json_object_set_new(j, "region", json_string(dm_ctl_regions[d->env.target]));
     json_object_set_new(j, "run_id", json_string(d->run_id));
     json_object_set_new(j, "passed", json_boolean(passed));
     json_object_set_new(j, "duration_ms", json_integer(d->duration_ms));
     json_object_set_new(j, "load_ms", json_real(ms_since(d->t0_us, load_end)));
     json_object_set_new(j, "clients_per_region", json_integer(d->clients));
-    json_object_set_new(j, "rate_per_client", json_real(d->rate));
-    json_object_set_new(j, "call_timeout_ms", json_integer(d->call_ms));
+    json_object_set_new(j, "rate_per_client", json_real(d->env.rate));
+    json_object_set_new(j, "call_timeout_ms", json_integer(d->env.call_ms));
     json_object_set_new(j, "gateways", gateways_json(d));
     json_object_set_new(j, "gateways_from", json_string(d->gw_source));
     json_object_set_new(j, "primary_before", json_string(before.primary));
@@ -1710,7 +1473,7 @@ static int drill_run(drill_t *d)
     if (gw_mode) {
         json_t *v = json_object();
         json_object_set_new(v, "index", json_integer(d->victim + 1));
-        json_object_set_new(v, "address", json_string(d->gw[d->target][d->victim]));
+        json_object_set_new(v, "address", json_string(d->gw[d->env.target][d->victim]));
         json_object_set_new(v, "pid", json_integer(d->victim_pid));
         json_object_set_new(j, "victim", v);
         json_object_set_new(j, "calls_in_flight_at_kill", json_integer(tc->in_flight));
@@ -1746,11 +1509,11 @@ static int drill_run(drill_t *d)
         json_object_set_new(j, "failures", fa);
     }
     json_t *regions = json_array();
-    for (int r = 0; r < N_REGIONS; r++) {
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
         const counts_t *c = &res[r].c;
         json_t *o = json_object();
-        json_object_set_new(o, "region", json_string(region_codes[r]));
-        json_object_set_new(o, "drilled", json_boolean(r == d->target));
+        json_object_set_new(o, "region", json_string(dm_ctl_regions[r]));
+        json_object_set_new(o, "drilled", json_boolean(r == d->env.target));
         json_object_set_new(o, "customer", json_string(d->customer[r]));
         json_object_set_new(o, "calls", json_integer(c->calls));
         json_object_set_new(o, "forwarded_calls", json_integer(c->forwarded));
@@ -1797,14 +1560,14 @@ static int drill_run(drill_t *d)
     d->progress = NULL;
     /* Table: on stdout, unless the JSON goes there (-o json|jsonl, or --json -). */
     bool jsonl = d->out->fmt == DM_OUTPUT_JSONL;
-    bool json_stdout =
-        (d->json_path && strcmp(d->json_path, "-") == 0) || jsonl || d->out->fmt == DM_OUTPUT_JSON;
+    bool json_stdout = (d->env.json_path && strcmp(d->env.json_path, "-") == 0) || jsonl ||
+                       d->out->fmt == DM_OUTPUT_JSON;
     FILE *tf = json_stdout ? stderr : stdout;
-    fprintf(tf, "%s drill of %s, run %s: %s\n", mode_name, region_codes[d->target], d->run_id,
+    fprintf(tf, "%s drill of %s, run %s: %s\n", mode_name, dm_ctl_regions[d->env.target], d->run_id,
             passed ? "PASSED" : "FAILED");
     fprintf(tf, "  gateways (%s):", d->gw_source);
-    for (int r = 0; r < N_REGIONS; r++) {
-        fprintf(tf, " %s", region_codes[r]);
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
+        fprintf(tf, " %s", dm_ctl_regions[r]);
         for (int k = 0; k < d->n_gw[r]; k++)
             fprintf(tf, "%c%s", k ? ',' : '=', d->gw[r][k]);
     }
@@ -1813,15 +1576,16 @@ static int drill_run(drill_t *d)
         fprintf(tf,
                 "  killed %s gateway %d of %d (%s, pid %ld) at %.1f s, dead after %.0f ms; primary "
                 "%s -> %s (standby %s)\n",
-                region_codes[d->target], d->victim + 1, d->n_gw[d->target],
-                d->gw[d->target][d->victim], d->victim_pid, ms_since(d->t0_us, t_kill0) / 1000.0,
-                t_kill1 ? ms_since(t_kill0, t_kill1) : -1, before.primary,
-                after.primary[0] ? after.primary : "?", after.repl[0] ? after.repl : "?");
+                dm_ctl_regions[d->env.target], d->victim + 1, d->n_gw[d->env.target],
+                d->gw[d->env.target][d->victim], d->victim_pid,
+                ms_since(d->t0_us, t_kill0) / 1000.0, t_kill1 ? ms_since(t_kill0, t_kill1) : -1,
+                before.primary, after.primary[0] ? after.primary : "?",
+                after.repl[0] ? after.repl : "?");
         fprintf(tf,
                 "  at the %s gateways: %ld calls in flight at the kill, %ld of them failed; %ld "
                 "failed as their client's first call after the kill; later calls failed %ld "
                 "(before the kill %ld); succeeded after the kill %ld\n",
-                region_codes[d->target], tc->in_flight, tc->fail_in_flight, tc->fail_unseen,
+                dm_ctl_regions[d->env.target], tc->in_flight, tc->fail_in_flight, tc->fail_unseen,
                 tc->fail_after, tc->fail_before, tc->ok_after);
         fprintf(tf,
                 "  forwarded by the other regions' gateways: %ld in flight at the kill, %ld "
@@ -1853,11 +1617,11 @@ static int drill_run(drill_t *d)
     fprintf(tf, "  %-6s %7s %7s %8s %7s %7s %5s %4s %9s %8s %8s %8s  %s\n", "REGION", "WRITES",
             "READS", "XB-READS", "LEDGER", "FWD", "LOST", "DUP", "MISPLACED", "LEDG-MISS",
             "W-P50ms", "W-P99ms", "ERRORS");
-    for (int r = 0; r < N_REGIONS; r++) {
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
         const counts_t *c = &res[r].c;
         char errs[256], label[8];
         errors_text(c, errs, sizeof(errs));
-        snprintf(label, sizeof(label), "%s%s", region_codes[r], r == d->target ? "*" : "");
+        snprintf(label, sizeof(label), "%s%s", dm_ctl_regions[r], r == d->env.target ? "*" : "");
         fprintf(tf, "  %-6s %7ld %7ld %8ld %7ld %7ld %5ld %4ld %9ld %8ld %8.1f %8.1f  %s\n", label,
                 c->puts_ok, c->reads_ok, c->xb_reads_ok, res[r].ledger, c->forwarded,
                 c->lost + c->mismatched + c->unverified, res[r].duplicates, res[r].misplaced,
@@ -1872,7 +1636,7 @@ static int drill_run(drill_t *d)
     fprintf(tf, "; writes never acknowledged %ld\n", unresolved);
     if (gw_mode && strcmp(d->gw_source, "state") == 0)
         fprintf(tf, "  restart the killed gateway: domicile-local --state %s gateways start\n",
-                d->state);
+                d->env.state);
 
     int rc = 0;
     size_t flags = JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9);
@@ -1884,17 +1648,17 @@ static int drill_run(drill_t *d)
         }
         free(text);
     }
-    if (d->json_path && strcmp(d->json_path, "-") != 0) {
+    if (d->env.json_path && strcmp(d->env.json_path, "-") != 0) {
         char *text = json_dumps(j, flags | JSON_INDENT(2));
-        FILE *f = fopen(d->json_path, "w");
+        FILE *f = fopen(d->env.json_path, "w");
         if (!f || fprintf(f, "%s\n", text) < 0 || fclose(f) != 0) {
-            fprintf(stderr, "domicilectl: cannot write %s\n", d->json_path);
+            fprintf(stderr, "domicilectl: cannot write %s\n", d->env.json_path);
             rc = DM_EXIT_FAILURE;
         }
         free(text);
     }
     json_decref(j);
-    for (int r = 0; r < N_REGIONS; r++)
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++)
         counts_free(&res[r].c);
     if (rc)
         return rc;
@@ -1920,26 +1684,20 @@ int dm_ctl_drill(const dm_ctl_output_t *out, const char *addr, const char *cacer
     d->mode = strcmp(argv[0], "gateway") == 0 ? MODE_GATEWAY : MODE_FAILOVER;
     d->out = out;
     d->addr = addr;
-    d->call_ms = timeout_ms > 0 ? timeout_ms : 2000;
+    dm_ctl_drill_env_init(&d->env, timeout_ms > 0 ? timeout_ms : 2000, 20);
     d->duration_ms = 30000;
     d->clients = 2;
-    d->rate = 20;
-    d->state = getenv("DOMICILE_LOCAL_STATE") ? getenv("DOMICILE_LOCAL_STATE") : STATE_DEFAULT;
     int rc = parse_args(d, argc, argv);
     if (rc)
         goto out;
     rc = 2;
-    if (!d->local)
-        d->local = dm_ctl_find_local();
-    if (!d->local || access(d->local, X_OK) != 0) {
-        fprintf(stderr, "domicilectl: drill: domicile-local not found (give --domicile-local)\n");
+    if (!dm_ctl_drill_find_local(&d->env))
         goto out;
-    }
     if (cacert) {
-        d->ca_pem = read_file(cacert, false);
-        d->cert_pem = cert ? read_file(cert, false) : NULL;
-        d->key_pem = key ? read_file(key, false) : NULL;
-        if (!d->ca_pem || (cert && !d->cert_pem) || (key && !d->key_pem)) {
+        d->env.ca_pem = dm_ctl_read_file(cacert, false);
+        d->env.cert_pem = cert ? dm_ctl_read_file(cert, false) : NULL;
+        d->env.key_pem = key ? dm_ctl_read_file(key, false) : NULL;
+        if (!d->env.ca_pem || (cert && !d->env.cert_pem) || (key && !d->env.key_pem)) {
             fprintf(stderr, "domicilectl: drill: cannot read the TLS files\n");
             goto out;
         }
@@ -1954,8 +1712,8 @@ int dm_ctl_drill(const dm_ctl_output_t *out, const char *addr, const char *cacer
     strftime(stamp, sizeof(stamp), "%Y%m%dT%H%M%S", &tm);
     snprintf(d->run_id, sizeof(d->run_id), "drill-%s-%d-%04lx", stamp, (int)getpid(),
              (unsigned long)(ts.tv_nsec / 1000) & 0xffff);
-    for (int i = 0; i < N_REGIONS; i++)
-        snprintf(d->customer[i], sizeof(d->customer[i]), "%s-%s", d->run_id, region_codes[i]);
+    for (int i = 0; i < DM_CTL_N_REGIONS; i++)
+        snprintf(d->customer[i], sizeof(d->customer[i]), "%s-%s", d->run_id, dm_ctl_regions[i]);
     rc = drill_run(d);
 out:
     if (d->workers) {
@@ -1966,17 +1724,11 @@ out:
         }
         free(d->workers);
     }
-    for (int r = 0; r < N_REGIONS; r++)
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++)
         for (int k = 0; k < d->n_gw[r]; k++)
             free(d->gw[r][k]);
-    free(d->local);
-    free(d->ca_pem);
-    free(d->cert_pem);
-    free(d->key_pem);
-    if (d->token_admin)
-        OPENSSL_cleanse(d->token_admin, strlen(d->token_admin));
-    free(d->token_admin);
-    for (int i = 0; i < N_REGIONS; i++) {
+    dm_ctl_drill_env_dispose(&d->env);
+    for (int i = 0; i < DM_CTL_N_REGIONS; i++) {
         if (d->token_service[i])
             OPENSSL_cleanse(d->token_service[i], strlen(d->token_service[i]));
         free(d->token_service[i]);

@@ -15,47 +15,36 @@
  * thread until joined), one prober of R during the restore; the main thread runs the steps.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
-#include <limits.h>
 #include <pthread.h>
-#include <spawn.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
-#include <openssl/crypto.h>
 
 #include "domicile/client.h"
+#include "domicile/clock.h"
 #include "domicile/v1/customers.pb-c.h"
 #include "domicile/v1/records.pb-c.h"
 #include "domicile/v1/subject_rights.pb-c.h"
 #include "domicile/v1/transfers.pb-c.h"
 
 #include "cli.h"
-
-extern char **environ;
+#include "drill_common.h"
 
 #define SVC_CUST    "/domicile.v1.CustomersService/"
-#define SVC_REC     "/domicile.v1.RecordsService/"
 #define SVC_DSR     "/domicile.v1.SubjectRightsService/"
 #define SVC_XFER    "/domicile.v1.TransfersService/"
-#define N_REGIONS   3
-#define N_CODES     17
-#define STATE_DEF   "/var/lib/domicile-local"
 #define SERVE_MS    120000 /* from the restore until R must serve again */
 #define DSR_WAIT_MS 30000
 #define LOST_MAX    500 /* lost writes listed in the report */
 #define N_SUBJECTS  4   /* erase, erase, restrict, object */
-
-static const char *const codes[N_REGIONS] = {"us", "eu", "in"};
 
 typedef struct {
     char *record_id, *request_id, *payload;
@@ -76,35 +65,23 @@ typedef struct {
     uint64_t rng;
     long seq;
     acks_t acked;
-    long calls, errors, err[N_CODES];
+    long calls, errors, err[DM_CTL_N_CODES];
     char *first_error; /* owned */
 } lworker_t;
 
 struct rdrill {
-    const char *state, *json_path;
-    char *local;
-    char *ca_pem, *cert_pem, *key_pem;
-    char *gw[N_REGIONS];
-    char *token;
-    int target, call_ms;
-    double rate;
-    char run_id[64], customer[N_REGIONS][96], c_new[96], c_close[96];
+    dm_ctl_drill_env_t env; /* env.token_admin: the principal of every call */
+    char *gw[DM_CTL_N_REGIONS];
+    char run_id[64], customer[DM_CTL_N_REGIONS][96], c_new[96], c_close[96];
     char subject[N_SUBJECTS][96], subject_key[N_SUBJECTS][65], dsr_id[N_SUBJECTS][96];
     atomic_bool stop, restoring;
-    lworker_t w[N_REGIONS];
+    lworker_t w[DM_CTL_N_REGIONS];
     /* the prober during the restore */
     pthread_t prober;
     atomic_bool probing;
     char held_message[512];
     long probe_unavailable;
 };
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static int64_t wall_ms(void)
 {
@@ -113,56 +90,15 @@ static int64_t wall_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void sleep_ms(int64_t ms)
-{
-    struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000};
-    while (ms > 0 && nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
-
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return NULL;
-    size_t cap = 4096, n = 0, r;
-    char *buf = dm_malloc(cap);
-    while ((r = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += r;
-        if (n + 1 >= cap)
-            buf = dm_realloc(buf, cap *= 2);
-    }
-    fclose(f);
-    while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
-        n--;
-    buf[n] = '\0';
-    return buf;
-}
-
+/* The admin at region r's gateway. */
 static dm_client_t *client(const rdrill_t *d, int r)
 {
-    dm_client_t *c = d->ca_pem ? dm_client_create_tls(d->gw[r], d->ca_pem, d->cert_pem, d->key_pem)
-                               : dm_client_create(d->gw[r]);
-    char *h = dm_sprintf("Bearer %s", d->token);
-    dm_client_add_metadata(c, "authorization", h);
-    free(h);
-    return c;
-}
-
-static int run_local(const rdrill_t *d, char **out, const char *const *args)
-{
-    return dm_ctl_run_local(d->local, d->state, out, args);
+    return dm_ctl_drill_client(&d->env, d->gw[r], d->env.token_admin);
 }
 
 static char *sql(const rdrill_t *d, const char *q)
 {
-    char *out = NULL;
-    const char *args[] = {"psql", codes[d->target], "-At", "-c", q, NULL};
-    if (run_local(d, &out, args) != 0) {
-        free(out);
-        return NULL;
-    }
-    return out;
+    return dm_ctl_drill_sql(&d->env, d->env.target, q);
 }
 
 /* "2026-12-06 23:02:37.019586+00" -> ms since the epoch; -1 if it is not that. */
@@ -192,25 +128,12 @@ static void iso(int64_t ms, char *out, size_t len)
     snprintf(out, len, "%s.%03dZ", base, (int)(ms % 1000));
 }
 
-static bool retryable(grpc_status_code c)
-{
-    return c == GRPC_STATUS_UNAVAILABLE || c == GRPC_STATUS_DEADLINE_EXCEEDED ||
-           c == GRPC_STATUS_ABORTED || c == GRPC_STATUS_CANCELLED || c == GRPC_STATUS_UNKNOWN;
-}
-
-/* A call repeated while it fails retryably, for up to `ms`. */
+/* A call repeated while it fails transiently, for up to `ms`. */
 static dm_status_t *call(dm_client_t *c, const rdrill_t *d, const char *path,
                          const ProtobufCMessage *req, const ProtobufCMessageDescriptor *desc,
                          ProtobufCMessage **resp, int64_t ms)
 {
-    int64_t until = mono_ms() + ms;
-    for (;;) {
-        dm_status_t *st = dm_client_unary(c, path, req, desc, d->call_ms, resp);
-        if (!st || !retryable(st->code) || mono_ms() > until)
-            return st;
-        dm_status_free(st);
-        sleep_ms(100);
-    }
+    return dm_ctl_drill_call(&d->env, c, path, req, desc, resp, ms, 100, dm_ctl_transient);
 }
 
 /* ---- the load ------------------------------------------------------------------------ */
@@ -219,22 +142,11 @@ static grpc_status_code put(dm_client_t *c, const rdrill_t *d, const char *custo
                             const char *record_id, const char *request_id, const char *subject,
                             const char *payload, char **why)
 {
-    Domicile__V1__PutRecordRequest r = DOMICILE__V1__PUT_RECORD_REQUEST__INIT;
-    r.request_id = (char *)request_id;
-    r.customer_id = (char *)customer;
-    r.record_id = (char *)record_id;
-    r.kind = "drill";
-    r.subject = (char *)(subject ? subject : "");
-    r.payload.data = (uint8_t *)payload;
-    r.payload.len = strlen(payload);
-    ProtobufCMessage *resp = NULL;
-    dm_status_t *st =
-        dm_client_unary(c, SVC_REC "PutRecord", &r.base,
-                        &domicile__v1__put_record_response__descriptor, d->call_ms, &resp);
-    if (!st) {
-        protobuf_c_message_free_unpacked(resp, NULL);
+    dm_ctl_put_t w = {customer, record_id, request_id,     subject ? subject : "",
+                      NULL,     payload,   strlen(payload)};
+    dm_status_t *st = dm_ctl_drill_put(&d->env, c, &w, NULL);
+    if (!st)
         return GRPC_STATUS_OK;
-    }
     grpc_status_code code = st->code;
     if (why)
         *why = dm_sprintf("PutRecord: %s: %s", dm_status_code_name(code), st->message);
@@ -246,13 +158,8 @@ static grpc_status_code put(dm_client_t *c, const rdrill_t *d, const char *custo
 static grpc_status_code get(dm_client_t *c, const rdrill_t *d, const char *customer,
                             const char *record_id, char **payload, char *msg, size_t msg_len)
 {
-    Domicile__V1__GetRecordRequest r = DOMICILE__V1__GET_RECORD_REQUEST__INIT;
-    r.customer_id = (char *)customer;
-    r.record_id = (char *)record_id;
-    ProtobufCMessage *resp = NULL;
-    dm_status_t *st =
-        dm_client_unary(c, SVC_REC "GetRecord", &r.base,
-                        &domicile__v1__get_record_response__descriptor, d->call_ms, &resp);
+    Domicile__V1__GetRecordResponse *resp;
+    dm_status_t *st = dm_ctl_drill_get(&d->env, c, customer, record_id, &resp);
     if (st) {
         grpc_status_code code = st->code;
         if (msg)
@@ -260,17 +167,17 @@ static grpc_status_code get(dm_client_t *c, const rdrill_t *d, const char *custo
         dm_status_free(st);
         return code;
     }
-    const Domicile__V1__Record *rec = ((Domicile__V1__GetRecordResponse *)resp)->record;
+    const Domicile__V1__Record *rec = resp->record;
     if (payload)
         *payload = rec ? dm_strndup((const char *)rec->payload.data, rec->payload.len) : NULL;
-    protobuf_c_message_free_unpacked(resp, NULL);
+    protobuf_c_message_free_unpacked(&resp->base, NULL);
     return GRPC_STATUS_OK;
 }
 
 static void count_error(lworker_t *w, grpc_status_code code, char *why)
 {
     w->errors++;
-    w->err[(int)code >= 0 && (int)code < N_CODES ? (int)code : GRPC_STATUS_UNKNOWN]++;
+    w->err[dm_ctl_code_index(code)]++;
     if (!w->first_error)
         w->first_error = why;
     else
@@ -285,7 +192,7 @@ static void *worker_main(void *arg)
     lworker_t *w = arg;
     rdrill_t *d = w->d;
     dm_client_t *c = client(d, w->region);
-    int64_t period = (int64_t)(1000.0 / d->rate);
+    int64_t period = (int64_t)(1000.0 / d->env.rate);
     if (period < 1)
         period = 1;
     while (!atomic_load(&d->stop)) {
@@ -295,8 +202,8 @@ static void *worker_main(void *arg)
             w->seq++;
             ack_t a;
             a.record_id = dm_sprintf("w-%ld", w->seq);
-            a.request_id = dm_sprintf("%s-%s-%ld", d->run_id, codes[w->region], w->seq);
-            a.payload = dm_sprintf("payload %s %ld", codes[w->region], w->seq);
+            a.request_id = dm_sprintf("%s-%s-%ld", d->run_id, dm_ctl_regions[w->region], w->seq);
+            a.payload = dm_sprintf("payload %s %ld", dm_ctl_regions[w->region], w->seq);
             a.started_ms = wall_ms();
             for (;;) {
                 char *why = NULL;
@@ -317,13 +224,13 @@ static void *worker_main(void *arg)
                     break;
                 }
                 count_error(w, code, why);
-                if (!retryable(code) || atomic_load(&d->stop)) {
+                if (!dm_ctl_transient(code) || atomic_load(&d->stop)) {
                     free(a.record_id);
                     free(a.request_id);
                     free(a.payload);
                     break;
                 }
-                sleep_ms(100);
+                dm_ctl_sleep_ms(100);
             }
         } else {
             const ack_t *a = &w->acked.v[(w->rng >> 33) % w->acked.n];
@@ -336,7 +243,7 @@ static void *worker_main(void *arg)
                 count_error(w, code,
                             dm_sprintf("GetRecord: %s: %s", dm_status_code_name(code), msg));
         }
-        sleep_ms(period);
+        dm_ctl_sleep_ms(period);
     }
     dm_client_destroy(c);
     return NULL;
@@ -346,16 +253,17 @@ static void *worker_main(void *arg)
 static void *prober_main(void *arg)
 {
     rdrill_t *d = arg;
-    dm_client_t *c = client(d, d->target);
+    dm_client_t *c = client(d, d->env.target);
     while (atomic_load(&d->probing)) {
         char msg[512];
-        grpc_status_code code = get(c, d, d->customer[d->target], "base-1", NULL, msg, sizeof(msg));
+        grpc_status_code code =
+            get(c, d, d->customer[d->env.target], "base-1", NULL, msg, sizeof(msg));
         if (code == GRPC_STATUS_UNAVAILABLE) {
             d->probe_unavailable++;
             if (strstr(msg, "restored from a backup") && !d->held_message[0])
                 snprintf(d->held_message, sizeof(d->held_message), "%s", msg);
         }
-        sleep_ms(50);
+        dm_ctl_sleep_ms(50);
     }
     dm_client_destroy(c);
     return NULL;
@@ -369,7 +277,7 @@ static bool register_customer(dm_client_t *c, const rdrill_t *d, const char *id,
     char *rid = dm_sprintf("%s-reg", id);
     r.request_id = rid;
     r.customer_id = (char *)id;
-    r.residency = (char *)codes[region];
+    r.residency = (char *)dm_ctl_regions[region];
     r.display_name = "restore drill";
     ProtobufCMessage *resp = NULL;
     dm_status_t *st = call(c, d, SVC_CUST "RegisterCustomer", &r.base,
@@ -395,7 +303,7 @@ static bool file_dsr(dm_client_t *c, rdrill_t *d, int i, int kind)
         Domicile__V1__EraseRequest r = DOMICILE__V1__ERASE_REQUEST__INIT;
         r.request_id = d->dsr_id[i];
         r.subject = d->subject[i];
-        r.customer_id = d->customer[d->target];
+        r.customer_id = d->customer[d->env.target];
         r.reason = "restore drill";
         st = call(c, d, SVC_DSR "Erase", &r.base, &domicile__v1__erase_response__descriptor, &resp,
                   15000);
@@ -403,7 +311,7 @@ static bool file_dsr(dm_client_t *c, rdrill_t *d, int i, int kind)
         Domicile__V1__RestrictProcessingRequest r = DOMICILE__V1__RESTRICT_PROCESSING_REQUEST__INIT;
         r.request_id = d->dsr_id[i];
         r.subject = d->subject[i];
-        r.customer_id = d->customer[d->target];
+        r.customer_id = d->customer[d->env.target];
         r.reason = "restore drill";
         st = call(c, d, SVC_DSR "RestrictProcessing", &r.base,
                   &domicile__v1__restrict_processing_response__descriptor, &resp, 15000);
@@ -411,7 +319,7 @@ static bool file_dsr(dm_client_t *c, rdrill_t *d, int i, int kind)
         Domicile__V1__ObjectRequest r = DOMICILE__V1__OBJECT_REQUEST__INIT;
         r.request_id = d->dsr_id[i];
         r.subject = d->subject[i];
-        r.customer_id = d->customer[d->target];
+        r.customer_id = d->customer[d->env.target];
         r.purpose = "support";
         r.reason = "restore drill";
         st = call(c, d, SVC_DSR "Object", &r.base, &domicile__v1__object_response__descriptor,
@@ -423,12 +331,13 @@ static bool file_dsr(dm_client_t *c, rdrill_t *d, int i, int kind)
         return false;
     }
     protobuf_c_message_free_unpacked(resp, NULL);
-    int64_t until = mono_ms() + DSR_WAIT_MS;
-    while (mono_ms() < until) {
+    int64_t until = dm_mono_ms() + DSR_WAIT_MS;
+    while (dm_mono_ms() < until) {
         Domicile__V1__GetRequestRequest g = DOMICILE__V1__GET_REQUEST_REQUEST__INIT;
         g.request_id = d->dsr_id[i];
-        st = dm_client_unary(c, SVC_DSR "GetRequest", &g.base,
-                             &domicile__v1__get_request_response__descriptor, d->call_ms, &resp);
+        st =
+            dm_client_unary(c, SVC_DSR "GetRequest", &g.base,
+                            &domicile__v1__get_request_response__descriptor, d->env.call_ms, &resp);
         if (!st) {
             const Domicile__V1__DsrRequest *q = ((Domicile__V1__GetRequestResponse *)resp)->request;
             bool done = q && q->state == DOMICILE__V1__DSR_STATE__DSR_STATE_DONE;
@@ -439,7 +348,7 @@ static bool file_dsr(dm_client_t *c, rdrill_t *d, int i, int kind)
                 return true;
         }
         dm_status_free(st);
-        sleep_ms(100);
+        dm_ctl_sleep_ms(100);
     }
     fprintf(stderr, "domicilectl: drill: request %s not done after %d ms\n", d->dsr_id[i],
             DSR_WAIT_MS);
@@ -510,74 +419,31 @@ static void usage(FILE *f)
 
 static int parse(rdrill_t *d, int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"region", required_argument, NULL, 'r'},  {"state", required_argument, NULL, 's'},
-        {"json", required_argument, NULL, 'j'},    {"rate", required_argument, NULL, 'R'},
-        {"gateway", required_argument, NULL, 'g'}, {"domicile-local", required_argument, NULL, 'L'},
-        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
-    };
+    static const struct option opts[] = {DM_CTL_DRILL_OPTIONS, {NULL, 0, NULL, 0}};
     const char *region = NULL;
     int opt;
     optind = 0;
     while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (opt) {
-        case 'r':
-            region = optarg;
-            break;
-        case 's':
-            d->state = optarg;
-            break;
-        case 'j':
-            d->json_path = optarg;
-            break;
-        case 'R':
-            d->rate = atof(optarg);
-            if (!(d->rate >= 1 && d->rate <= 500)) {
-                fprintf(stderr, "domicilectl: --rate must be 1..500 calls per second\n");
-                return 2;
-            }
-            break;
-        case 'L':
-            free(d->local);
-            d->local = dm_strdup(optarg);
-            break;
-        case 'g': {
-            const char *eq = strchr(optarg, '=');
-            int r = -1;
-            for (int i = 0; eq && i < N_REGIONS; i++)
-                if ((size_t)(eq - optarg) == strlen(codes[i]) &&
-                    strncmp(optarg, codes[i], (size_t)(eq - optarg)) == 0)
-                    r = i;
-            if (r < 0 || !eq[1]) {
-                fprintf(stderr, "domicilectl: --gateway wants REGION=HOST:PORT, not \"%s\"\n",
-                        optarg);
-                return 2;
-            }
-            if (!d->gw[r])
-                d->gw[r] = dm_strdup(eq + 1);
-            break;
+        int rc = dm_ctl_drill_option(&d->env, opt, optarg, &region, 500, usage);
+        if (rc != 1) {
+            if (rc)
+                return rc;
+            continue;
         }
-        case 'h':
-            usage(stdout);
-            return -1;
-        default:
+        if (opt != DM_CTL_DRILL_OPT_GATEWAY) {
             usage(stderr);
-            return 2;
+            return DM_EXIT_USAGE;
         }
+        const char *addr;
+        int r = dm_ctl_drill_gateway_arg(optarg, &addr);
+        if (r < 0) {
+            fprintf(stderr, "domicilectl: --gateway wants REGION=HOST:PORT, not \"%s\"\n", optarg);
+            return DM_EXIT_USAGE;
+        }
+        if (!d->gw[r])
+            d->gw[r] = dm_strdup(addr);
     }
-    if (optind != argc || !region) {
-        usage(stderr);
-        return 2;
-    }
-    d->target = -1;
-    for (int i = 0; i < N_REGIONS; i++)
-        if (strcmp(region, codes[i]) == 0)
-            d->target = i;
-    if (d->target < 0) {
-        fprintf(stderr, "domicilectl: unknown region \"%s\" (us, eu, in)\n", region);
-        return 2;
-    }
-    return 0;
+    return dm_ctl_drill_args_end(&d->env, argc, region, usage);
 }
 
 /* Ack classes against the restore point P (wall clock ms): an attempt acknowledged before P
@@ -592,11 +458,11 @@ static bool drill_run(rdrill_t *d, json_t *rep)
 {
     dm_client_t *c = client(d, 0);
     bool ok = true;
-    int t = d->target;
+    int t = d->env.target;
     char buf[512];
 
     /* set-up: customers, and the subjects' records that the backup will hold */
-    for (int r = 0; r < N_REGIONS && ok; r++)
+    for (int r = 0; r < DM_CTL_N_REGIONS && ok; r++)
         ok = register_customer(c, d, d->customer[r], r);
     ok = ok && register_customer(c, d, d->c_close, t);
     for (int i = 0; i < N_SUBJECTS && ok; i++) {
@@ -614,25 +480,26 @@ static bool drill_run(rdrill_t *d, json_t *rep)
     }
 
     /* the load */
-    for (int r = 0; r < N_REGIONS; r++) {
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
         d->w[r].d = d;
         d->w[r].region = r;
         d->w[r].rng = (uint64_t)wall_ms() * 2654435761u + (uint64_t)r;
         pthread_create(&d->w[r].thread, NULL, worker_main, &d->w[r]);
     }
-    sleep_ms(1500);
+    dm_ctl_sleep_ms(1500);
 
     /* the backup */
-    int64_t t0 = mono_ms();
+    int64_t t0 = dm_mono_ms();
     char *label = NULL;
-    const char *bargs[] = {"backup", codes[t], NULL};
-    int rc = run_local(d, &label, bargs);
-    int64_t backup_ms = mono_ms() - t0;
+    const char *bargs[] = {"backup", dm_ctl_regions[t], NULL};
+    int rc = dm_ctl_drill_local(&d->env, &label, bargs);
+    int64_t backup_ms = dm_mono_ms() - t0;
     json_object_set_new(rep, "backup_ms", json_integer(backup_ms));
     json_object_set_new(rep, "backup_label", json_string(label ? label : ""));
     free(label);
     if (rc != 0) {
-        fprintf(stderr, "domicilectl: drill: domicile-local backup %s failed (%d)\n", codes[t], rc);
+        fprintf(stderr, "domicilectl: drill: domicile-local backup %s failed (%d)\n",
+                dm_ctl_regions[t], rc);
         ok = false;
     }
 
@@ -642,27 +509,27 @@ static bool drill_run(rdrill_t *d, json_t *rep)
         ok = file_dsr(c, d, i, i < 2 ? 0 : i - 1);
     ok = ok && close_customer(c, d, d->c_close);
     /* the marks and the ledger heads of this activity reach the other regions (every second) */
-    sleep_ms(2500);
+    dm_ctl_sleep_ms(2500);
 
     /* the restore, under load */
     atomic_store(&d->probing, true);
     pthread_create(&d->prober, NULL, prober_main, d);
-    t0 = mono_ms();
+    t0 = dm_mono_ms();
     char *point_s = NULL;
-    const char *rargs[] = {"restore", codes[t], NULL};
-    rc = run_local(d, &point_s, rargs);
-    int64_t restored_at = mono_ms(), restored_wall = wall_ms();
+    const char *rargs[] = {"restore", dm_ctl_regions[t], NULL};
+    rc = dm_ctl_drill_local(&d->env, &point_s, rargs);
+    int64_t restored_at = dm_mono_ms(), restored_wall = wall_ms();
     int64_t restore_ms = restored_at - t0;
     int64_t point = point_s ? parse_point(point_s) : -1;
     /* R serves again: a record of the backup read back at R's gateway */
     dm_client_t *rc_cl = client(d, t);
     int64_t serving_ms = -1;
-    while (rc == 0 && mono_ms() - restored_at < SERVE_MS) {
+    while (rc == 0 && dm_mono_ms() - restored_at < SERVE_MS) {
         if (get(rc_cl, d, d->customer[t], "base-1", NULL, buf, sizeof(buf)) == GRPC_STATUS_OK) {
-            serving_ms = mono_ms() - restored_at;
+            serving_ms = dm_mono_ms() - restored_at;
             break;
         }
-        sleep_ms(20);
+        dm_ctl_sleep_ms(20);
     }
     atomic_store(&d->probing, false);
     pthread_join(d->prober, NULL);
@@ -674,12 +541,12 @@ static bool drill_run(rdrill_t *d, json_t *rep)
     free(point_s);
     if (rc != 0 || point < 0 || serving_ms < 0) {
         fprintf(stderr, "domicilectl: drill: restore of %s failed (exit %d) or it does not serve\n",
-                codes[t], rc);
+                dm_ctl_regions[t], rc);
         ok = false;
     }
-    sleep_ms(1500); /* load after the restore */
+    dm_ctl_sleep_ms(1500); /* load after the restore */
     atomic_store(&d->stop, true);
-    for (int r = 0; r < N_REGIONS; r++)
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++)
         pthread_join(d->w[r].thread, NULL);
     if (!ok) {
         dm_client_destroy(rc_cl);
@@ -691,14 +558,14 @@ static bool drill_run(rdrill_t *d, json_t *rep)
     long readable = 0, in_data = 0;
     json_t *erased = json_array();
     for (int i = 0; i < 2; i++) {
-        for (int g = 0; g < N_REGIONS; g++) {
+        for (int g = 0; g < DM_CTL_N_REGIONS; g++) {
             dm_client_t *gc = client(d, g);
             grpc_status_code code =
                 get(gc, d, d->customer[t], subject_record(i), NULL, buf, sizeof(buf));
             if (code != GRPC_STATUS_NOT_FOUND)
                 readable++;
             json_array_append_new(erased, json_pack("{s:s, s:s, s:s}", "record", subject_record(i),
-                                                    "gateway", codes[g], "status",
+                                                    "gateway", dm_ctl_regions[g], "status",
                                                     dm_status_code_name(code)));
             dm_client_destroy(gc);
         }
@@ -732,7 +599,7 @@ static bool drill_run(rdrill_t *d, json_t *rep)
     k.lost_list = json_array();
     long other_lost = 0, other_errors = 0;
     json_t *regions = json_array();
-    for (int r = 0; r < N_REGIONS; r++) {
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
         lworker_t *w = &d->w[r];
         dm_client_t *gc = client(d, r);
         long missing = 0;
@@ -740,11 +607,11 @@ static bool drill_run(rdrill_t *d, json_t *rep)
             ack_t *a = &w->acked.v[i];
             char *payload = NULL;
             grpc_status_code code = GRPC_STATUS_UNAVAILABLE;
-            int64_t until = mono_ms() + 15000;
+            int64_t until = dm_mono_ms() + 15000;
             while ((code = get(gc, d, d->customer[r], a->record_id, &payload, buf, sizeof(buf))) !=
                        GRPC_STATUS_OK &&
-                   code != GRPC_STATUS_NOT_FOUND && mono_ms() < until)
-                sleep_ms(100);
+                   code != GRPC_STATUS_NOT_FOUND && dm_mono_ms() < until)
+                dm_ctl_sleep_ms(100);
             bool present = code == GRPC_STATUS_OK && payload && strcmp(payload, a->payload) == 0;
             free(payload);
             missing += !present;
@@ -793,10 +660,10 @@ static bool drill_run(rdrill_t *d, json_t *rep)
         if (r != t)
             other_errors += w->errors;
         json_array_append_new(
-            regions, json_pack("{s:s, s:I, s:I, s:I, s:I, s:s?}", "region", codes[r], "calls",
-                               (json_int_t)w->calls, "writes_acked", (json_int_t)w->acked.n,
-                               "missing", (json_int_t)missing, "errors", (json_int_t)w->errors,
-                               "first_error", w->first_error));
+            regions, json_pack("{s:s, s:I, s:I, s:I, s:I, s:s?}", "region", dm_ctl_regions[r],
+                               "calls", (json_int_t)w->calls, "writes_acked",
+                               (json_int_t)w->acked.n, "missing", (json_int_t)missing, "errors",
+                               (json_int_t)w->errors, "first_error", w->first_error));
     }
     /* the registration after the backup is a lost write too */
     if (ns == -(int)GRPC_STATUS_NOT_FOUND) {
@@ -825,7 +692,7 @@ static bool drill_run(rdrill_t *d, json_t *rep)
     json_object_set_new(rep, "reconciliation", rj ? rj : json_null());
     free(report);
     Domicile__V1__VerifyLedgerRequest vr = DOMICILE__V1__VERIFY_LEDGER_REQUEST__INIT;
-    vr.region = (char *)codes[t];
+    vr.region = (char *)dm_ctl_regions[t];
     ProtobufCMessage *resp = NULL;
     dm_status_t *st = call(c, d, SVC_XFER "VerifyLedger", &vr.base,
                            &domicile__v1__verify_ledger_response__descriptor, &resp, 15000);
@@ -852,37 +719,27 @@ int dm_ctl_drill_restore(const char *addr, const char *cacert, const char *cert,
                          int timeout_ms, int argc, char **argv)
 {
     rdrill_t *d = dm_calloc(1, sizeof(*d));
-    d->call_ms = timeout_ms > 0 ? timeout_ms : 3000;
-    d->rate = 20;
-    d->state = getenv("DOMICILE_LOCAL_STATE") ? getenv("DOMICILE_LOCAL_STATE") : STATE_DEF;
+    dm_ctl_drill_env_init(&d->env, timeout_ms > 0 ? timeout_ms : 3000, 20);
     int rc = parse(d, argc, argv);
     json_t *rep = NULL;
     if (rc)
         goto out;
     rc = 2;
-    if (!d->local)
-        d->local = dm_ctl_find_local();
-    if (!d->local || access(d->local, X_OK) != 0) {
-        fprintf(stderr, "domicilectl: drill: domicile-local not found (give --domicile-local)\n");
+    if (!dm_ctl_drill_find_local(&d->env))
         goto out;
-    }
     if (cacert) {
-        d->ca_pem = slurp(cacert);
-        d->cert_pem = cert ? slurp(cert) : NULL;
-        d->key_pem = key ? slurp(key) : NULL;
+        d->env.ca_pem = dm_ctl_read_file(cacert, true);
+        d->env.cert_pem = cert ? dm_ctl_read_file(cert, true) : NULL;
+        d->env.key_pem = key ? dm_ctl_read_file(key, true) : NULL;
     }
-    char *path = dm_sprintf("%s/secrets/tokens/admin.token", d->state);
-    d->token = slurp(path);
-    if (!d->token)
-        fprintf(stderr, "domicilectl: drill: cannot read %s: %s\n", path, strerror(errno));
-    free(path);
-    if (!d->token)
+    d->env.token_admin = dm_ctl_drill_token(&d->env, "admin");
+    if (!d->env.token_admin)
         goto out;
-    for (int r = 0; r < N_REGIONS; r++) {
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
         if (d->gw[r])
             continue;
-        path = dm_sprintf("%s/gw/%s/listening", d->state, codes[r]);
-        d->gw[r] = slurp(path);
+        char *path = dm_sprintf("%s/gw/%s/listening", d->env.state, dm_ctl_regions[r]);
+        d->gw[r] = dm_ctl_read_file(path, true);
         free(path);
         if (!d->gw[r] || !d->gw[r][0]) {
             free(d->gw[r]);
@@ -892,14 +749,14 @@ int dm_ctl_drill_restore(const char *addr, const char *cacert, const char *cert,
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     snprintf(d->run_id, sizeof(d->run_id), "rdrill-%lld-%d", (long long)ts.tv_sec, (int)getpid());
-    for (int r = 0; r < N_REGIONS; r++)
-        snprintf(d->customer[r], sizeof(d->customer[r]), "%s-%s", d->run_id, codes[r]);
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++)
+        snprintf(d->customer[r], sizeof(d->customer[r]), "%s-%s", d->run_id, dm_ctl_regions[r]);
     snprintf(d->c_new, sizeof(d->c_new), "%s-new", d->run_id);
     snprintf(d->c_close, sizeof(d->c_close), "%s-close", d->run_id);
     for (int i = 0; i < N_SUBJECTS; i++)
         snprintf(d->subject[i], sizeof(d->subject[i]), "%s-person-%d@example.com", d->run_id, i);
-    rep = json_pack("{s:s, s:s, s:s}", "drill", "restore", "region", codes[d->target], "run_id",
-                    d->run_id);
+    rep = json_pack("{s:s, s:s, s:s}", "drill", "restore", "region", dm_ctl_regions[d->env.target],
+                    "run_id", d->run_id);
     if (!drill_run(d, rep)) {
         rc = 3;
     } else {
@@ -922,7 +779,7 @@ int dm_ctl_drill_restore(const char *addr, const char *cacert, const char *cert,
             "restore drill of %s: %s; backup %lld ms, restore %lld ms, restore to serving %lld "
             "ms; lost writes %lld (unexplained missing %lld, unexpectedly present %lld); erased "
             "readable %lld, in restored data %lld; other regions' errors %lld\n",
-            codes[d->target],
+            dm_ctl_regions[d->env.target],
             rc == 0   ? "passed"
             : rc == 1 ? "FAILED"
                       : "step failed",
@@ -935,24 +792,24 @@ int dm_ctl_drill_restore(const char *addr, const char *cacert, const char *cert,
             (long long)json_integer_value(json_object_get(rep, "erased_readable")),
             (long long)json_integer_value(json_object_get(rep, "erased_in_restored_data")),
             (long long)json_integer_value(json_object_get(rep, "other_region_errors")));
-    if (d->json_path) {
+    if (d->env.json_path) {
         char *text = json_dumps(rep, JSON_INDENT(2) | JSON_SORT_KEYS);
-        if (strcmp(d->json_path, "-") == 0) {
+        if (strcmp(d->env.json_path, "-") == 0) {
             printf("%s\n", text);
         } else {
-            FILE *f = fopen(d->json_path, "w");
+            FILE *f = fopen(d->env.json_path, "w");
             if (f) {
                 fprintf(f, "%s\n", text);
                 fclose(f);
             } else {
-                fprintf(stderr, "domicilectl: drill: cannot write %s\n", d->json_path);
+                fprintf(stderr, "domicilectl: drill: cannot write %s\n", d->env.json_path);
             }
         }
         free(text);
     }
 out:
     json_decref(rep);
-    for (int r = 0; r < N_REGIONS; r++) {
+    for (int r = 0; r < DM_CTL_N_REGIONS; r++) {
         free(d->gw[r]);
         for (size_t i = 0; i < d->w[r].acked.n; i++) {
             free(d->w[r].acked.v[i].record_id);
@@ -962,13 +819,7 @@ out:
         free(d->w[r].acked.v);
         free(d->w[r].first_error);
     }
-    free(d->local);
-    free(d->ca_pem);
-    free(d->cert_pem);
-    free(d->key_pem);
-    if (d->token)
-        OPENSSL_cleanse(d->token, strlen(d->token));
-    free(d->token);
+    dm_ctl_drill_env_dispose(&d->env);
     free(d);
     return rc < 0 ? 0 : rc;
 }
