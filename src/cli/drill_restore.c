@@ -136,6 +136,22 @@ static dm_status_t *call(dm_client_t *c, const rdrill_t *d, const char *path,
     return dm_ctl_drill_call(&d->env, c, path, req, desc, resp, ms, 100, dm_ctl_transient);
 }
 
+/* A step's call whose answer is only that it succeeded; on failure "cannot WHAT ID". */
+static bool call_done(dm_client_t *c, const rdrill_t *d, const char *path,
+                      const ProtobufCMessage *req, const ProtobufCMessageDescriptor *desc,
+                      const char *what, const char *id)
+{
+    ProtobufCMessage *resp = NULL;
+    dm_status_t *st = call(c, d, path, req, desc, &resp, 15000);
+    if (st) {
+        fprintf(stderr, "domicilectl: drill: cannot %s %s: %s\n", what, id, st->message);
+        dm_status_free(st);
+        return false;
+    }
+    protobuf_c_message_free_unpacked(resp, NULL);
+    return true;
+}
+
 /* ---- the load ------------------------------------------------------------------------ */
 
 static grpc_status_code put(dm_client_t *c, const rdrill_t *d, const char *customer,
@@ -279,17 +295,10 @@ static bool register_customer(dm_client_t *c, const rdrill_t *d, const char *id,
     r.customer_id = (char *)id;
     r.residency = (char *)dm_ctl_regions[region];
     r.display_name = "restore drill";
-    ProtobufCMessage *resp = NULL;
-    dm_status_t *st = call(c, d, SVC_CUST "RegisterCustomer", &r.base,
-                           &domicile__v1__register_customer_response__descriptor, &resp, 15000);
+    bool ok = call_done(c, d, SVC_CUST "RegisterCustomer", &r.base,
+                        &domicile__v1__register_customer_response__descriptor, "register", id);
     free(rid);
-    if (st) {
-        fprintf(stderr, "domicilectl: drill: cannot register %s: %s\n", id, st->message);
-        dm_status_free(st);
-        return false;
-    }
-    protobuf_c_message_free_unpacked(resp, NULL);
-    return true;
+    return ok;
 }
 
 /* File a data-subject request (kind 0 erase, 1 restrict, 2 object "support") and wait until
@@ -362,17 +371,10 @@ static bool close_customer(dm_client_t *c, const rdrill_t *d, const char *id)
     r.request_id = rid;
     r.customer_id = (char *)id;
     r.reason = "restore drill";
-    ProtobufCMessage *resp = NULL;
-    dm_status_t *st = call(c, d, SVC_CUST "CloseCustomer", &r.base,
-                           &domicile__v1__close_customer_response__descriptor, &resp, 15000);
+    bool ok = call_done(c, d, SVC_CUST "CloseCustomer", &r.base,
+                        &domicile__v1__close_customer_response__descriptor, "close", id);
     free(rid);
-    if (st) {
-        fprintf(stderr, "domicilectl: drill: cannot close %s: %s\n", id, st->message);
-        dm_status_free(st);
-        return false;
-    }
-    protobuf_c_message_free_unpacked(resp, NULL);
-    return true;
+    return ok;
 }
 
 /* The customer's state (a Customer.state value), -code on failure. */
