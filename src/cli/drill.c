@@ -1693,15 +1693,8 @@ int dm_ctl_drill(const dm_ctl_output_t *out, const char *addr, const char *cacer
     rc = 2;
     if (!dm_ctl_drill_find_local(&d->env))
         goto out;
-    if (cacert) {
-        d->env.ca_pem = dm_ctl_read_file(cacert, false);
-        d->env.cert_pem = cert ? dm_ctl_read_file(cert, false) : NULL;
-        d->env.key_pem = key ? dm_ctl_read_file(key, false) : NULL;
-        if (!d->env.ca_pem || (cert && !d->env.cert_pem) || (key && !d->env.key_pem)) {
-            fprintf(stderr, "domicilectl: drill: cannot read the TLS files\n");
-            goto out;
-        }
-    }
+    if (!dm_ctl_drill_read_tls(&d->env, "drill", cacert, cert, key))
+        goto out;
     if (!load_tokens(d) || !discover_gateways(d))
         goto out;
     struct timespec ts;

@@ -122,6 +122,21 @@ int dm_ctl_drill_gateway_arg(const char *arg, const char **addr)
 /* ------------------------------------------------------------------------------------------
  * domicile-local and its state */
 
+bool dm_ctl_drill_read_tls(dm_ctl_drill_env_t *env, const char *what, const char *cacert,
+                           const char *cert, const char *key)
+{
+    if (!cacert)
+        return true;
+    env->ca_pem = dm_ctl_read_file(cacert, false);
+    env->cert_pem = cert ? dm_ctl_read_file(cert, false) : NULL;
+    env->key_pem = key ? dm_ctl_read_file(key, false) : NULL;
+    if (!env->ca_pem || (cert && !env->cert_pem) || (key && !env->key_pem)) {
+        fprintf(stderr, "domicilectl: %s: cannot read the TLS files\n", what);
+        return false;
+    }
+    return true;
+}
+
 bool dm_ctl_drill_find_local(dm_ctl_drill_env_t *env)
 {
     if (!env->local)

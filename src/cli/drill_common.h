@@ -91,6 +91,13 @@ int dm_ctl_drill_gateway_arg(const char *arg, const char **addr);
  * message, if there is none that runs.
  */
 bool dm_ctl_drill_find_local(dm_ctl_drill_env_t *env);
+/**
+ * The TLS files of --cacert/--cert/--key into env (none when `cacert` is NULL: plaintext).
+ * False, after a message naming `what`, when one given cannot be read: a drill never falls
+ * back to plaintext.
+ */
+bool dm_ctl_drill_read_tls(dm_ctl_drill_env_t *env, const char *what, const char *cacert,
+                           const char *cert, const char *key);
 
 /** Runs `domicile-local --state STATE args...`: dm_ctl_run_local with env's. */
 int dm_ctl_drill_local(const dm_ctl_drill_env_t *env, char **out, const char *const *args);

@@ -729,11 +729,8 @@ int dm_ctl_drill_restore(const char *addr, const char *cacert, const char *cert,
     rc = 2;
     if (!dm_ctl_drill_find_local(&d->env))
         goto out;
-    if (cacert) {
-        d->env.ca_pem = dm_ctl_read_file(cacert, true);
-        d->env.cert_pem = cert ? dm_ctl_read_file(cert, true) : NULL;
-        d->env.key_pem = key ? dm_ctl_read_file(key, true) : NULL;
-    }
+    if (!dm_ctl_drill_read_tls(&d->env, "drill restore", cacert, cert, key))
+        goto out;
     d->env.token_admin = dm_ctl_drill_token(&d->env, "admin");
     if (!d->env.token_admin)
         goto out;

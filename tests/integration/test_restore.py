@@ -203,6 +203,19 @@ def test_a_region_that_went_back_in_time_is_found_by_the_others_marks(regions, g
     assert _wait_serving(api, cid, "r1").payload == b"x"
 
 
+@pytest.mark.parametrize("tls", [["--cacert", "/nonexistent/ca.pem"], ["--cacert", "/etc/hostname", "--cert", "/etc/hostname", "--key", "/nonexistent/key.pem"]],
+                         ids=["cacert", "key"])
+def test_restore_drill_never_falls_back_to_plaintext(regions, tls):
+    """A TLS file that cannot be read stops the drill before anything is done (it used to
+    carry on in plaintext)."""
+    before = regions.psql("eu", "select count(*) from domicile.restores").strip()
+    p = subprocess.run([DOMICILECTL, *tls, "drill", "restore", "--region", "eu", "--state", REGIONS_STATE[0],
+                        "--domicile-local", DOMICILE_LOCAL], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 2 and "drill restore: cannot read the TLS files" in p.stderr, (p.returncode, p.stderr)
+    assert regions.psql("eu", "select count(*) from domicile.restores").strip() == before
+
+
 def test_restore_drill(regions, gateways):
     g = gateways.start(name="rdrill")
     args = []
