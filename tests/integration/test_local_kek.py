@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -50,6 +51,13 @@ def region_file(regions, code):
         return f.read()
 
 
+def cpu_seconds(pid):
+    """utime + stime of process `pid` so far, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def kek_env(regions):
     with open(os.path.join(regions.state, "gw", "kek.env")) as f:
         return dict(line.strip().split("=", 1) for line in f if line.startswith("KEK_SOURCE_"))
@@ -58,8 +66,9 @@ def kek_env(regions):
 def test_a_region_with_its_kek_in_a_file(file_regions, file_gateways):
     """`up --kek-source us=file`: us's region file says kek_source = "file" and names a 32-byte
     key file (0600) in us's own secrets; eu and in keep their tokens and have no key file; the
-    us gateway serves with the file (KeyStatus, "UNSAFE" in its log) and counts the file's
-    wraps and unwraps in /metrics like a token's."""
+    us gateway serves with the file (KeyStatus, "UNSAFE" in its log), counts the file's wraps
+    and unwraps in /metrics like a token's, and idles idle (its custody thread once waited for
+    a rotation check that never comes with a key file, and spun a core)."""
     r = file_regions
     us = region_file(r, "us")
     kek = r.secret_path("us", "kek")
@@ -91,6 +100,12 @@ def test_a_region_with_its_kek_in_a_file(file_regions, file_gateways):
     assert value(m, "domicile_kek_operations_total", region="us", op="wrap") >= 1, m
     assert value(m, "domicile_kek_operations_total", region="us", op="unwrap") >= 5, m
     assert value(m, "domicile_kek_operation_seconds_total", region="us", op="unwrap") > 0, m
+    # Idle for 3 s: a few timer wake-ups cost milliseconds; the spinning thread took 0.5-3 s
+    # of CPU in that time even on a busy machine (2 cores, load 10).
+    c0 = cpu_seconds(g.proc.pid)
+    time.sleep(3)
+    idle = cpu_seconds(g.proc.pid) - c0
+    assert idle < 0.25, f"an idle gateway with a key file used {idle:.2f} s of CPU in 3 s"
 
 
 def test_up_refuses_to_move_a_token_region_to_a_file(file_regions, file_gateways):
