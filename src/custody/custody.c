@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/crypto.h>
 
@@ -17,6 +18,13 @@
 #include "state.h"
 
 #define DATA_LOSS_KEK "cannot unwrap data key: authentication failed"
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
 
 dm_status_t *dm_custody_create(const dm_config_t *cfg, const dm_region_config_t *rc, dm_region_t *r,
                                dm_custody_t **out)
@@ -200,7 +208,13 @@ dm_status_t *dm__custody_wrap_with(dm_custody_t *c, dm__kver_t *v, const unsigne
                                  "region \"%s\": keys unavailable: KEK version 1 is the key file, "
                                  "and kek_file is not set",
                                  c->code);
-        return dm_dek_wrap(c->file_kek, dek, aad, aad_len, out, out_len);
+        int64_t t0 = mono_us();
+        dm_status_t *st = dm_dek_wrap(c->file_kek, dek, aad, aad_len, out, out_len);
+        if (!st) {
+            atomic_fetch_add(&c->wrap_us, mono_us() - t0);
+            atomic_fetch_add(&c->wraps, 1);
+        }
+        return st;
     }
     unsigned char *w = dm_malloc(DM_CUSTODY_WRAPPED_LEN);
     uint32_t be = htonl((uint32_t)v->version);
@@ -218,7 +232,6 @@ dm_status_t *dm__custody_wrap_with(dm_custody_t *c, dm__kver_t *v, const unsigne
     }
     *out = w;
     *out_len = DM_CUSTODY_WRAPPED_LEN;
-    atomic_fetch_add(&c->wraps, 1);
     return NULL;
 }
 
@@ -306,12 +319,17 @@ dm_status_t *dm_custody_unwrap(dm_custody_t *c, const unsigned char *w, size_t l
         return st;
     }
     if (v->is_file) {
+        int64_t t0 = mono_us();
         st = c->file_kek ? dm_dek_unwrap(c->file_kek, w, len, aad, aad_len, dek)
                          : dm_status_new(GRPC_STATUS_UNAVAILABLE,
                                          "region \"%s\": keys unavailable: data key wrapped by "
                                          "the key file (KEK version 1), and kek_file is not set",
                                          c->code);
         pthread_rwlock_unlock(&c->mu);
+        if (!st) {
+            atomic_fetch_add(&c->unwrap_us, mono_us() - t0);
+            atomic_fetch_add(&c->unwraps, 1);
+        }
         return st;
     }
     size_t full_len;
@@ -322,7 +340,6 @@ dm_status_t *dm_custody_unwrap(dm_custody_t *c, const unsigned char *w, size_t l
     pthread_rwlock_unlock(&c->mu);
     if (st)
         return st->code == GRPC_STATUS_DATA_LOSS ? st : token_trouble(c, st, version);
-    atomic_fetch_add(&c->unwraps, 1);
     return NULL;
 }
 
@@ -342,10 +359,12 @@ void dm_custody_stats(dm_custody_t *c, dm_custody_stats_t *out)
         out->token_failures = ts.failures;
         out->wrap_us = ts.encrypt_us;
         out->unwrap_us = ts.decrypt_us;
-    } else {
-        out->wraps = atomic_load(&c->wraps);
-        out->unwraps = atomic_load(&c->unwraps);
     }
+    /* The key file's (kek_source = "file", or version 1 of a region moving into a token). */
+    out->wraps += atomic_load(&c->wraps);
+    out->unwraps += atomic_load(&c->unwraps);
+    out->wrap_us += atomic_load(&c->wrap_us);
+    out->unwrap_us += atomic_load(&c->unwrap_us);
     pthread_rwlock_rdlock(&c->mu);
     out->current = c->current;
     for (size_t i = 0; i < c->n_vers; i++) {

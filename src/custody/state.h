@@ -56,7 +56,8 @@ struct dm_custody {
     bool stopping, poked;
     dm__req_t *queue, *queue_tail;
 
-    atomic_llong wraps, unwraps; /* key file only (the token counts its own) */
+    /* Key-file operations only (the token counts its own): /metrics adds the two. */
+    atomic_llong wraps, unwraps, wrap_us, unwrap_us;
     atomic_llong rewrapped;
     atomic_llong rotation_remaining;
     atomic_llong oldest_active_ms; /* age of the oldest version not retired (-1: not read) */

@@ -1114,7 +1114,9 @@ static void *run(void *arg)
             int64_t due = w->refresh_at;
             if (c->token && !dm_token_ok(c->token) && w->token_retry_at < due)
                 due = w->token_retry_at;
-            if (w->rotation_check_at < due && atomic_load(&c->ready))
+            /* A key file is never rotated (rotation_step does not run, so rotation_check_at
+             * stays 0): waking for it would spin this thread. */
+            if (!c->is_file && w->rotation_check_at < due && atomic_load(&c->ready))
                 due = w->rotation_check_at;
             int64_t wait_ms = due - dm_mono_ms();
             if (wait_ms > 0) {
