@@ -1090,6 +1090,10 @@ static void open_token(worker_t *w)
 static void *run(void *arg)
 {
     dm_custody_t *c = arg;
+    /* Named for top -H, gdb and the tests (15 characters at most). */
+    char name[16];
+    snprintf(name, sizeof(name), "dm-custody-%.4s", c->code);
+    pthread_setname_np(pthread_self(), name);
     worker_t *w = dm_calloc(1, sizeof(*w));
     char host[64] = "";
     unsigned char rnd[4];
