@@ -620,9 +620,13 @@ def test_mtls_require(regions, gateways, pki, channels, workdir):
     svc = Api(channels.tls(g, pki.ca_crt, *pki.svc))
     assert health_check(svc.channel, "", timeout=10) == SERVING
     # The harness cannot wait for the gateways to see each other over a TLS-only data port
-    # (Federation.converge asks in plaintext): ask here, with the certificate.
-    for r in REGION_CODES:
-        wait_health(svc.channel, f"domicile.region.{r}", SERVING, timeout=60)
+    # (Federation.converge asks in plaintext): ask here, with the certificate, at every gateway
+    # of the federation. The registration below goes through in's gateway, which asks us too;
+    # in started before us, and until its next health check of us it knows us as down.
+    for gw in g.federation.all_gateways():
+        ch = channels.tls(gw, pki.ca_crt, *pki.svc)
+        for r in REGION_CODES:
+            wait_health(ch, f"domicile.region.{r}", SERVING, timeout=60)
     cid = register(svc, "in", prefix="sec")
     rep = put(svc, cid, "by-cert", b"written by a certificate")
     assert rep.created and rep.record.region == "in"
