@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "domicile/clock.h" /* dm_time_iso: the report's times */
 #include "domicile/mem.h"
 #include "domicile/v1/transfers.pb-c.h"
 
@@ -34,12 +35,6 @@ bool dm_report_format_parse(const char *name, dm_report_format_t *out) DM_WARN_U
  * milliseconds at 00:00 UTC. False when `s` is anything else.
  */
 bool dm_report_parse_date(const char *s, int64_t *ms) DM_WARN_UNUSED;
-
-/**
- * Format Unix milliseconds as RFC 3339 UTC, "2024-05-01T12:34:56.789Z", into `buf` (at least
- * 32 bytes). Returns `buf`.
- */
-char *dm_report_time_iso(int64_t ms, char *buf, size_t size);
 
 /**
  * A new string (the caller's to free): `s` with invalid UTF-8 and control characters (C0, DEL,

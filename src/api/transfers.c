@@ -425,7 +425,7 @@ static void verify_cuts_done(dm_job_t *job, PGresult *res, dm_status_t *err)
                               c->witnessed_by, m->restore_point_unix_ms, want);
         m->valid = ml == 32 && CRYPTO_memcmp(want, mac, 32) == 0;
         char when[40], who[DM_REGION_CODE_MAX + 1], note[sizeof(c->note)];
-        dm_report_time_iso(m->restore_point_unix_ms, when, sizeof(when));
+        dm_time_iso(m->restore_point_unix_ms, when, sizeof(when));
         snprintf(who, sizeof(who), "%s", c->witnessed_by);
         if (wseq > rseq)
             snprintf(note, sizeof(note),

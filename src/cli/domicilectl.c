@@ -892,9 +892,9 @@ static int cmd_transfers_report(dm_client_t *c, int argc, char **argv)
     dm_progress_t *progress = dm_progress_start("report", DM_PROGRESS_TICK);
     char from[32], to[32];
     dm_progress_status(progress, "waiting for the gateway (%s to %s)",
-                       r.from_unix_ms ? dm_report_time_iso(r.from_unix_ms, from, sizeof(from))
+                       r.from_unix_ms ? dm_time_iso(r.from_unix_ms, from, sizeof(from))
                                       : "the first entry",
-                       r.to_unix_ms ? dm_report_time_iso(r.to_unix_ms, to, sizeof(to)) : "now");
+                       r.to_unix_ms ? dm_time_iso(r.to_unix_ms, to, sizeof(to)) : "now");
     ProtobufCMessage *resp = NULL;
     dm_status_t *st =
         dm_client_unary(c, TRANSFERS "Report", &r.base, &domicile__v1__report_response__descriptor,

@@ -118,16 +118,6 @@ static int64_t parse_point(const char *s)
     return ms;
 }
 
-static void iso(int64_t ms, char *out, size_t len)
-{
-    time_t t = (time_t)(ms / 1000);
-    struct tm tm;
-    char base[32];
-    gmtime_r(&t, &tm);
-    strftime(base, sizeof(base), "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(out, len, "%s.%03dZ", base, (int)(ms % 1000));
-}
-
 /* A call repeated while it fails transiently, for up to `ms`. */
 static dm_status_t *call(dm_client_t *c, const rdrill_t *d, const char *path,
                          const ProtobufCMessage *req, const ProtobufCMessageDescriptor *desc,
@@ -638,8 +628,8 @@ static bool drill_run(rdrill_t *d, json_t *rep)
                     k.lost++;
                     if (json_array_size(k.lost_list) < LOST_MAX) {
                         char s[40], e[40];
-                        iso(a->started_ms, s, sizeof(s));
-                        iso(a->acked_ms, e, sizeof(e));
+                        dm_time_iso(a->started_ms, s, sizeof(s));
+                        dm_time_iso(a->acked_ms, e, sizeof(e));
                         json_array_append_new(k.lost_list,
                                               json_pack("{s:s, s:s, s:s, s:s, s:s}", "method",
                                                         "PutRecord", "customer", d->customer[r],

@@ -54,7 +54,7 @@ json_t *dm_output_time(int64_t unix_ms)
     char buf[40];
     if (unix_ms == 0)
         return json_null();
-    return dm_output_string(dm_report_time_iso(unix_ms, buf, sizeof(buf)));
+    return dm_output_string(dm_time_iso(unix_ms, buf, sizeof(buf)));
 }
 
 static json_t *base64(const uint8_t *data, size_t len)

@@ -249,27 +249,10 @@ bool dm_report_parse_date(const char *s, int64_t *ms)
     return true;
 }
 
-char *dm_report_time_iso(int64_t ms, char *buf, size_t size)
-{
-    int64_t sec = ms / 1000, frac = ms % 1000;
-    if (frac < 0) {
-        frac += 1000;
-        sec -= 1;
-    }
-    time_t t = (time_t)sec;
-    struct tm tm;
-    if (!gmtime_r(&t, &tm) || tm.tm_year + 1900 > 9999 || tm.tm_year + 1900 < 0)
-        snprintf(buf, size, "@%lld", (long long)ms);
-    else
-        snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
-                 tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)frac);
-    return buf;
-}
-
 /* A window bound: the date alone at midnight UTC, else the full time. */
 static char *bound_text(int64_t ms, char *buf, size_t size)
 {
-    dm_report_time_iso(ms, buf, size);
+    dm_time_iso(ms, buf, size);
     if (ms % DAY_MS == 0 && buf[0] != '@')
         buf[10] = '\0';
     return buf;
@@ -278,7 +261,7 @@ static char *bound_text(int64_t ms, char *buf, size_t size)
 /* "2024-05-01 12:34:56 UTC" */
 static char *generated_text(int64_t ms, char *buf, size_t size)
 {
-    dm_report_time_iso(ms, buf, size);
+    dm_time_iso(ms, buf, size);
     if (buf[0] != '@') {
         buf[10] = ' ';
         strcpy(buf + 19, " UTC");
@@ -611,7 +594,7 @@ static void render_json(sb_t *b, const Domicile__V1__ReportResponse *r)
     json_t *tot = json_object();
 
     json_object_set_new(o, "generated_at",
-                        jstr(dm_report_time_iso(r->generated_at_unix_ms, gen, sizeof(gen))));
+                        jstr(dm_time_iso(r->generated_at_unix_ms, gen, sizeof(gen))));
     json_object_set_new(o, "generated_at_unix_ms", json_integer(r->generated_at_unix_ms));
     json_object_set_new(o, "from", jbound(r->from_unix_ms));
     json_object_set_new(o, "to", jbound(r->to_unix_ms));
@@ -1031,7 +1014,7 @@ static void render_html(sb_t *b, const Domicile__V1__ReportResponse *r)
     sb_printf(b, "</title>\n<style>%s</style>\n</head>\n<body>\n", html_css);
     sb_puts(b, "<h1>Cross-border transfer report</h1>\n<p class=\"meta\">Generated <time "
                "datetime=\"");
-    put_text(b, dm_report_time_iso(r->generated_at_unix_ms, iso, sizeof(iso)), TEXT_XML);
+    put_text(b, dm_time_iso(r->generated_at_unix_ms, iso, sizeof(iso)), TEXT_XML);
     sb_puts(b, "\">");
     put_text(b, generated_text(r->generated_at_unix_ms, gen, sizeof(gen)), TEXT_XML);
     sb_puts(b, "</time> &#183; window: ");

@@ -1,4 +1,5 @@
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "domicile/clock.h"
@@ -36,4 +37,21 @@ struct timespec dm_abstime_in_ms(int64_t ms)
         t.tv_nsec -= 1000000000L;
     }
     return t;
+}
+
+char *dm_time_iso(int64_t ms, char *buf, size_t size)
+{
+    int64_t sec = ms / 1000, frac = ms % 1000;
+    if (frac < 0) {
+        frac += 1000;
+        sec -= 1;
+    }
+    time_t t = (time_t)sec;
+    struct tm tm;
+    if (!gmtime_r(&t, &tm) || tm.tm_year + 1900 > 9999 || tm.tm_year + 1900 < 0)
+        snprintf(buf, size, "@%lld", (long long)ms);
+    else
+        snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                 tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)frac);
+    return buf;
 }

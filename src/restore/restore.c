@@ -87,16 +87,6 @@ static void fmt_time(int64_t ms, char *out, size_t len)
     strftime(out, len, "%Y-%m-%d %H:%M:%S+00", &tm);
 }
 
-static void fmt_iso(int64_t ms, char *out, size_t len)
-{
-    time_t t = (time_t)(ms / 1000);
-    struct tm tm;
-    char base[32];
-    gmtime_r(&t, &tm);
-    strftime(base, sizeof(base), "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(out, len, "%s.%03dZ", base, (int)(ms % 1000));
-}
-
 dm_restore_t *dm_restore_create(dm_regions_t *regions, dm_region_t *own,
                                 const unsigned char *ledger_key, const char *me)
 {
@@ -342,7 +332,7 @@ static void judge_marks(dm_restore_t *rst, dm_exec_t *x)
         return;
     char a[40], b[40];
     fmt_time(mine_ms, a, sizeof(a));
-    fmt_iso(seen_ms, b, sizeof(b));
+    dm_time_iso(seen_ms, b, sizeof(b));
     dm_error("restore",
              "region %s went back in time: its high-water mark is %lld (%s) but region %s "
              "witnessed %lld (%s); recording a restore and holding the region",
@@ -690,9 +680,9 @@ static bool raise_mark(dm_restore_t *rst, dm_exec_t *x, json_t *report)
         return false;
     PQclear(res);
     char a[40], b[40], p[40];
-    fmt_iso(mine_ms, a, sizeof(a));
-    fmt_iso(seen_ms, b, sizeof(b));
-    fmt_iso(rst->point_ms, p, sizeof(p));
+    dm_time_iso(mine_ms, a, sizeof(a));
+    dm_time_iso(seen_ms, b, sizeof(b));
+    dm_time_iso(rst->point_ms, p, sizeof(p));
     json_object_set_new(report, "marks",
                         json_pack("{s:I, s:s, s:I, s:s, s:s}", "restored_mark", (json_int_t)mine,
                                   "restored_mark_at", a, "witnessed_mark", (json_int_t)seen,
@@ -735,8 +725,8 @@ static void apply_locked(dm_restore_t *rst, dm_exec_t *x)
 {
     int64_t t0 = dm_mono_ms();
     char point[40], rec[40];
-    fmt_iso(rst->point_ms, point, sizeof(point));
-    fmt_iso(rst->recorded_ms, rec, sizeof(rec));
+    dm_time_iso(rst->point_ms, point, sizeof(point));
+    dm_time_iso(rst->recorded_ms, rec, sizeof(rec));
     json_t *report =
         json_pack("{s:s, s:I, s:s, s:s, s:s, s:s, s:s, s:s}", "region", dm_region_code(rst->own),
                   "restore_id", (json_int_t)rst->restore_id, "source", rst->source, "target",
